@@ -1,0 +1,286 @@
+from ckpt.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HeldStore(_message.Message):
+    __slots__ = ("checkpoint", "version", "device", "segment", "nbytes")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    version: int
+    device: int
+    segment: str
+    nbytes: int
+    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., device: _Optional[int] = ..., segment: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("node_id", "host", "devices", "stores", "version", "pid", "ipc_dir")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    STORES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    IPC_DIR_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    host: str
+    devices: _containers.RepeatedCompositeFieldContainer[_types_pb2.Device]
+    stores: _containers.RepeatedCompositeFieldContainer[HeldStore]
+    version: str
+    pid: int
+    ipc_dir: str
+    def __init__(self, node_id: _Optional[str] = ..., host: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[_types_pb2.Device, _Mapping]]] = ..., stores: _Optional[_Iterable[_Union[HeldStore, _Mapping]]] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., ipc_dir: _Optional[str] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[_types_pb2.Device]
+    def __init__(self, devices: _Optional[_Iterable[_Union[_types_pb2.Device, _Mapping]]] = ...) -> None: ...
+
+class ScannedTensor(_message.Message):
+    __slots__ = ("meta", "data_offset")
+    META_FIELD_NUMBER: _ClassVar[int]
+    DATA_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    meta: _types_pb2.TensorMeta
+    data_offset: int
+    def __init__(self, meta: _Optional[_Union[_types_pb2.TensorMeta, _Mapping]] = ..., data_offset: _Optional[int] = ...) -> None: ...
+
+class ScannedFile(_message.Message):
+    __slots__ = ("path", "tensors", "size")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    tensors: _containers.RepeatedCompositeFieldContainer[ScannedTensor]
+    size: int
+    def __init__(self, path: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[ScannedTensor, _Mapping]]] = ..., size: _Optional[int] = ...) -> None: ...
+
+class ScanResult(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[ScannedFile]
+    def __init__(self, files: _Optional[_Iterable[_Union[ScannedFile, _Mapping]]] = ...) -> None: ...
+
+class GroupReady(_message.Message):
+    __slots__ = ("addr", "port")
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    addr: str
+    port: int
+    def __init__(self, addr: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class StoreReady(_message.Message):
+    __slots__ = ("segment", "nbytes", "seconds")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    nbytes: int
+    seconds: float
+    def __init__(self, segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class CommandResult(_message.Message):
+    __slots__ = ("command_id", "ok", "code", "message", "scan", "group", "store", "update")
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SCAN_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    command_id: int
+    ok: bool
+    code: str
+    message: str
+    scan: ScanResult
+    group: GroupReady
+    store: StoreReady
+    update: _types_pb2.RankResult
+    def __init__(self, command_id: _Optional[int] = ..., ok: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., scan: _Optional[_Union[ScanResult, _Mapping]] = ..., group: _Optional[_Union[GroupReady, _Mapping]] = ..., store: _Optional[_Union[StoreReady, _Mapping]] = ..., update: _Optional[_Union[_types_pb2.RankResult, _Mapping]] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("job_id", "device", "bucket", "bytes")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    device: int
+    bucket: int
+    bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., bucket: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class AgentMessage(_message.Message):
+    __slots__ = ("hello", "heartbeat", "result", "progress")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    heartbeat: Heartbeat
+    result: CommandResult
+    progress: Progress
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+
+class Scan(_message.Message):
+    __slots__ = ("paths",)
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    paths: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, paths: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LoadItem(_message.Message):
+    __slots__ = ("path", "file_offset", "nbytes", "store_offset")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    FILE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    STORE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    file_offset: int
+    nbytes: int
+    store_offset: int
+    def __init__(self, path: _Optional[str] = ..., file_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., store_offset: _Optional[int] = ...) -> None: ...
+
+class Load(_message.Message):
+    __slots__ = ("checkpoint", "version", "device", "nbytes", "items")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    version: int
+    device: int
+    nbytes: int
+    items: _containers.RepeatedCompositeFieldContainer[LoadItem]
+    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., device: _Optional[int] = ..., nbytes: _Optional[int] = ..., items: _Optional[_Iterable[_Union[LoadItem, _Mapping]]] = ...) -> None: ...
+
+class Drop(_message.Message):
+    __slots__ = ("checkpoint", "version", "device")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    version: int
+    device: int
+    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., device: _Optional[int] = ...) -> None: ...
+
+class PrepareGroup(_message.Message):
+    __slots__ = ("job_id", "device", "world_size")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    device: int
+    world_size: int
+    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+
+class BucketEntry(_message.Message):
+    __slots__ = ("tensor", "bucket_offset", "store_offset", "nbytes", "chunk_offset")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STORE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    tensor: int
+    bucket_offset: int
+    store_offset: int
+    nbytes: int
+    chunk_offset: int
+    def __init__(self, tensor: _Optional[int] = ..., bucket_offset: _Optional[int] = ..., store_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., chunk_offset: _Optional[int] = ...) -> None: ...
+
+class Bucket(_message.Message):
+    __slots__ = ("owner", "nbytes", "entries")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    owner: int
+    nbytes: int
+    entries: _containers.RepeatedCompositeFieldContainer[BucketEntry]
+    def __init__(self, owner: _Optional[int] = ..., nbytes: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[BucketEntry, _Mapping]]] = ...) -> None: ...
+
+class RunUpdate(_message.Message):
+    __slots__ = ("job_id", "device", "group_rank", "world_size", "master_addr", "master_port", "is_target", "checkpoint", "version", "bucket_bytes", "nbuf", "tensors", "buckets", "timeout_s", "receiver_timeout_s", "partial")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MASTER_ADDR_FIELD_NUMBER: _ClassVar[int]
+    MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
+    IS_TARGET_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NBUF_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    device: int
+    group_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    is_target: bool
+    checkpoint: str
+    version: int
+    bucket_bytes: int
+    nbuf: int
+    tensors: _containers.RepeatedCompositeFieldContainer[_types_pb2.TensorMeta]
+    buckets: _containers.RepeatedCompositeFieldContainer[Bucket]
+    timeout_s: float
+    receiver_timeout_s: float
+    partial: bool
+    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., group_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., is_target: _Optional[bool] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., bucket_bytes: _Optional[int] = ..., nbuf: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., timeout_s: _Optional[float] = ..., receiver_timeout_s: _Optional[float] = ..., partial: _Optional[bool] = ...) -> None: ...
+
+class Abort(_message.Message):
+    __slots__ = ("job_id", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("id", "scan", "load", "drop", "prepare_group", "run_update", "abort")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCAN_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_GROUP_FIELD_NUMBER: _ClassVar[int]
+    RUN_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    scan: Scan
+    load: Load
+    drop: Drop
+    prepare_group: PrepareGroup
+    run_update: RunUpdate
+    abort: Abort
+    def __init__(self, id: _Optional[int] = ..., scan: _Optional[_Union[Scan, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., drop: _Optional[_Union[Drop, _Mapping]] = ..., prepare_group: _Optional[_Union[PrepareGroup, _Mapping]] = ..., run_update: _Optional[_Union[RunUpdate, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("daemon_version", "heartbeat_s")
+    DAEMON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    daemon_version: str
+    heartbeat_s: float
+    def __init__(self, daemon_version: _Optional[str] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
+
+class DaemonMessage(_message.Message):
+    __slots__ = ("welcome", "command")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    command: Command
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ...) -> None: ...

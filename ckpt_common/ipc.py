@@ -1,0 +1,28 @@
+"""Where an agent worker listens for its engine: one ipc:// socket per device."""
+
+from __future__ import annotations
+
+import os
+import re
+
+IPC_DIR_ENV = "CKPT_IPC_DIR"
+DEFAULT_IPC_DIR = "/tmp/ckpt-ipc"
+
+
+def ipc_dir(override: str | None = None) -> str:
+    return override or os.environ.get(IPC_DIR_ENV) or DEFAULT_IPC_DIR
+
+
+def ensure_private_dir(path: str) -> str:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
+def worker_endpoint(node_id: str, device: int, directory: str | None = None) -> str:
+    """The ZMQ endpoint of the agent worker for (node, device)."""
+    return f"ipc://{os.path.join(ipc_dir(directory), f'{safe(node_id)}-{device}.sock')}"

@@ -1,0 +1,210 @@
+"""The agents' attach streams: who is attached, commands down, results and progress up.
+
+`AgentHub.command` sends one command to an agent and waits for its result with a timeout.
+A stream that closes, or an agent whose heartbeats stop, fails every command pending on it
+at once: a dead peer becomes an error with a reason, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from ckpt.v1 import agent_pb2 as apb
+from ckpt_common.errors import CkptError, DeadlineExceeded, Unavailable, error_for
+from ckpt_daemon.model import AgentInfo, DeviceInfo
+from ckpt_daemon.registry import Registry
+
+log = structlog.get_logger("ckptd.agents")
+
+ProgressFn = Callable[[str, apb.Progress], None]
+
+
+@dataclass(eq=False)
+class _Session:
+    node_id: str
+    outbox: asyncio.Queue[apb.DaemonMessage | None] = field(default_factory=asyncio.Queue)
+    pending: dict[int, asyncio.Future[apb.CommandResult]] = field(default_factory=dict)
+    last_seen: float = field(default_factory=time.monotonic)
+    closed: bool = False
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(Unavailable(f"agent {self.node_id} {reason}"))
+        self.pending.clear()
+        self.outbox.put_nowait(None)
+
+
+class AgentHub:
+    def __init__(self, registry: Registry, *, heartbeat_s: float, daemon_version: str) -> None:
+        self._registry = registry
+        self._heartbeat_s = heartbeat_s
+        self._daemon_version = daemon_version
+        self._sessions: dict[str, _Session] = {}
+        self._ids = itertools.count(1)
+        self._progress: dict[str, ProgressFn] = {}
+        self._attach_waiters: list[asyncio.Future[None]] = []
+
+    # ---------------------------------------------------------------- the stream
+
+    async def serve(
+        self, incoming: AsyncIterator[apb.AgentMessage]
+    ) -> AsyncIterator[apb.DaemonMessage]:
+        first = await anext(incoming, None)
+        if first is None or first.WhichOneof("body") != "hello":
+            raise Unavailable("an agent stream must start with Hello")
+        hello = first.hello
+        if not hello.node_id:
+            raise Unavailable("Hello without node_id")
+        old = self._sessions.get(hello.node_id)
+        if old:
+            old.close("re-attached on a new stream")
+        session = _Session(hello.node_id)
+        self._sessions[hello.node_id] = session
+        info = AgentInfo(
+            node_id=hello.node_id,
+            host=hello.host,
+            devices=[
+                DeviceInfo(
+                    index=d.index,
+                    kind=d.kind,
+                    uuid=d.uuid,
+                    total_bytes=d.total_bytes,
+                    free_bytes=d.free_bytes,
+                )
+                for d in hello.devices
+            ],
+            attached=True,
+            last_seen=time.time(),
+            version=hello.version,
+            pid=hello.pid,
+            ipc_dir=hello.ipc_dir,
+        )
+        held = {(s.checkpoint, s.version, s.device): s.nbytes for s in hello.stores}
+        await asyncio.to_thread(self._registry.agent_attached, info, held)
+        log.info("agent_attached", node=hello.node_id, devices=len(hello.devices), host=hello.host)
+        for w in self._attach_waiters:
+            if not w.done():
+                w.set_result(None)
+        reader = asyncio.create_task(self._read(session, incoming))
+        try:
+            yield apb.DaemonMessage(
+                welcome=apb.Welcome(
+                    daemon_version=self._daemon_version, heartbeat_s=self._heartbeat_s
+                )
+            )
+            while True:
+                msg = await session.outbox.get()
+                if msg is None:
+                    break
+                yield msg
+        finally:
+            reader.cancel()
+            session.close("detached")
+            if self._sessions.get(hello.node_id) is session:
+                del self._sessions[hello.node_id]
+                self._registry.agent_detached(hello.node_id)
+                log.warning("agent_detached", node=hello.node_id)
+
+    async def _read(self, session: _Session, incoming: AsyncIterator[apb.AgentMessage]) -> None:
+        try:
+            async for msg in incoming:
+                session.last_seen = time.monotonic()
+                kind = msg.WhichOneof("body")
+                if kind == "heartbeat":
+                    self._registry.agent_heartbeat(
+                        session.node_id, {d.index: d.free_bytes for d in msg.heartbeat.devices}
+                    )
+                elif kind == "result":
+                    fut = session.pending.pop(msg.result.command_id, None)
+                    if fut and not fut.done():
+                        fut.set_result(msg.result)
+                elif kind == "progress":
+                    fn = self._progress.get(msg.progress.job_id)
+                    if fn:
+                        fn(session.node_id, msg.progress)
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:  # the stream broke
+            log.warning("agent_stream_error", node=session.node_id, error=str(e))
+        session.close("stream closed")
+
+    async def monitor(self) -> None:
+        """Drops agents whose heartbeats stopped (3 missed)."""
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            now = time.monotonic()
+            for s in list(self._sessions.values()):
+                if now - s.last_seen > 3 * self._heartbeat_s:
+                    log.warning("agent_heartbeat_lost", node=s.node_id)
+                    s.close("stopped sending heartbeats")
+
+    # ---------------------------------------------------------------- commands
+
+    def attached(self, node_id: str) -> bool:
+        s = self._sessions.get(node_id)
+        return bool(s and not s.closed)
+
+    def attached_nodes(self) -> list[str]:
+        return sorted(n for n, s in self._sessions.items() if not s.closed)
+
+    async def wait_attached(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.attached_nodes()) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"fewer than {count} agents attached")
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._attach_waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, left)
+            except TimeoutError:
+                pass
+            finally:
+                self._attach_waiters.remove(fut)
+
+    async def command(self, node_id: str, cmd: apb.Command, timeout: float) -> apb.CommandResult:
+        """Sends cmd (its id is set here); returns the result or raises a CkptError."""
+        s = self._sessions.get(node_id)
+        if not s or s.closed:
+            raise Unavailable(f"agent {node_id} is not attached")
+        cmd.id = next(self._ids)
+        fut: asyncio.Future[apb.CommandResult] = asyncio.get_running_loop().create_future()
+        s.pending[cmd.id] = fut
+        s.outbox.put_nowait(apb.DaemonMessage(command=cmd))
+        try:
+            res = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"agent {node_id} did not answer {cmd.WhichOneof('body')} within {timeout:.0f}s"
+            ) from None
+        finally:
+            s.pending.pop(cmd.id, None)
+        if not res.ok:
+            raise error_for(res.code or "INTERNAL", res.message)
+        return res
+
+    def send(self, node_id: str, cmd: apb.Command) -> None:
+        """Fire and forget (Abort)."""
+        s = self._sessions.get(node_id)
+        if s and not s.closed:
+            cmd.id = next(self._ids)
+            s.outbox.put_nowait(apb.DaemonMessage(command=cmd))
+
+    def on_progress(self, job_id: str, fn: ProgressFn | None) -> None:
+        if fn is None:
+            self._progress.pop(job_id, None)
+        else:
+            self._progress[job_id] = fn
+
+
+__all__ = ["AgentHub", "CkptError"]

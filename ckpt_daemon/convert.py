@@ -1,0 +1,181 @@
+"""Wire types <-> core dataclasses. The only place in ckptd that builds _pb2 objects for
+the public API."""
+
+from __future__ import annotations
+
+from ckpt.v1 import ckptd_pb2 as cpb
+from ckpt.v1 import types_pb2 as tpb
+from ckpt_common.errors import InvalidArgument
+from ckpt_daemon.model import (
+    AgentInfo,
+    CheckpointVersion,
+    Instance,
+    InstanceKind,
+    Job,
+    RankRef,
+    SourceFile,
+    UpdateSpec,
+)
+
+_METHODS = {
+    tpb.UPDATE_METHOD_UNSPECIFIED: "broadcast",
+    tpb.UPDATE_BROADCAST: "broadcast",
+    tpb.UPDATE_P2P: "p2p",
+}
+_METHOD_PB = {"broadcast": tpb.UPDATE_BROADCAST, "p2p": tpb.UPDATE_P2P}
+
+
+def sources_from_pb(sources: list[tpb.Source]) -> list[SourceFile]:
+    return [SourceFile(path=s.path, node_id=s.node_id) for s in sources]
+
+
+def checkpoint_to_pb(
+    cv: CheckpointVersion, order: dict[RankRef, int], *, include_tensors: bool = False
+) -> tpb.Checkpoint:
+    out = tpb.Checkpoint(
+        name=cv.name,
+        version=cv.version,
+        state=int(cv.state),
+        reason=cv.reason,
+        total_bytes=cv.total_bytes,
+        tensor_count=len(cv.tensors),
+        created_unix=cv.created,
+        ready_unix=cv.ready,
+        shards=[
+            tpb.Shard(
+                node_id=s.owner.node_id,
+                device=s.owner.device,
+                rank=order.get(s.owner, -1),
+                nbytes=s.nbytes,
+                tensor_count=s.tensor_count,
+                state=int(s.state),
+                reason=s.reason,
+            )
+            for s in sorted(cv.shards.values(), key=lambda s: s.owner)
+        ],
+    )
+    if include_tensors:
+        out.tensors.extend(
+            tpb.TensorMeta(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes)
+            for t in cv.tensors
+        )
+    return out
+
+
+def update_spec_from_pb(req: cpb.UpdateRequest) -> UpdateSpec:
+    if req.method not in _METHODS:
+        raise InvalidArgument(f"unknown update method {req.method}")
+    if req.bucket_bytes < 0 or req.timeout_s < 0:
+        raise InvalidArgument("bucket_bytes and timeout_s must not be negative")
+    return UpdateSpec(
+        checkpoint=req.checkpoint,
+        version=req.version,
+        ranks=sorted(set(req.ranks)),
+        instances=list(req.instances),
+        method=_METHODS[req.method],
+        bucket_bytes=req.bucket_bytes,
+        tensors=list(req.tensors),
+        timeout_s=req.timeout_s,
+    )
+
+
+def job_to_pb(job: Job) -> tpb.Job:
+    return tpb.Job(
+        id=job.id,
+        kind=int(job.kind),
+        state=int(job.state),
+        reason=job.reason,
+        checkpoint=job.spec.checkpoint,
+        version=job.version,
+        ranks=job.target_ranks,
+        instances=job.spec.instances,
+        buckets_total=job.buckets_total,
+        buckets_done=job.buckets_done,
+        bytes_total=job.bytes_total,
+        bucket_bytes=job.bucket_bytes,
+        created_unix=job.created,
+        started_unix=job.started,
+        finished_unix=job.finished,
+        method=_METHOD_PB.get(job.spec.method, tpb.UPDATE_BROADCAST),
+        first_bucket_s=job.first_bucket_s,
+        results=[
+            tpb.RankResult(
+                rank=r.rank,
+                node_id=r.owner.node_id,
+                device=r.owner.device,
+                ok=r.ok,
+                reason=r.reason,
+                bytes=r.bytes,
+                times=tpb.PhaseTimes(
+                    copy_s=r.times.copy_s,
+                    broadcast_s=r.times.broadcast_s,
+                    reload_s=r.times.reload_s,
+                    setup_s=r.times.setup_s,
+                    total_s=r.times.total_s,
+                ),
+            )
+            for r in job.results
+        ],
+    )
+
+
+def agent_to_pb(a: AgentInfo, order: dict[RankRef, int]) -> tpb.Agent:
+    return tpb.Agent(
+        node_id=a.node_id,
+        host=a.host,
+        state=tpb.AGENT_ATTACHED if a.attached else tpb.AGENT_DETACHED,
+        last_seen_unix=a.last_seen,
+        version=a.version,
+        pid=a.pid,
+        devices=[
+            tpb.Device(
+                index=d.index,
+                kind=d.kind,
+                uuid=d.uuid,
+                total_bytes=d.total_bytes,
+                free_bytes=d.free_bytes,
+                rank=order.get(RankRef(a.node_id, d.index), -1),
+            )
+            for d in a.devices
+        ],
+    )
+
+
+def instance_from_pb(p: tpb.Instance) -> Instance:
+    if not p.name:
+        raise InvalidArgument("instance name is required")
+    kind = p.kind or tpb.INSTANCE_VLLM
+    if kind not in (tpb.INSTANCE_VLLM, tpb.INSTANCE_RECEIVER):
+        raise InvalidArgument(f"unknown instance kind {p.kind}")
+    if kind == tpb.INSTANCE_VLLM and not p.endpoint.startswith(("http://", "https://")):
+        raise InvalidArgument("a vLLM instance needs an http(s):// endpoint")
+    if not p.ranks:
+        raise InvalidArgument("an instance needs at least one rank (node_id, device)")
+    ranks = [RankRef(r.node_id, r.device) for r in p.ranks]
+    if len(set(ranks)) != len(ranks):
+        raise InvalidArgument("an instance lists the same device twice")
+    tp = p.tp_size or len(ranks)
+    if tp <= 0 or len(ranks) % tp:
+        raise InvalidArgument(f"{len(ranks)} ranks do not divide into tensor-parallel size {tp}")
+    return Instance(
+        name=p.name,
+        kind=InstanceKind(kind),
+        endpoint=p.endpoint,
+        tp_size=tp,
+        ranks=ranks,
+    )
+
+
+def instance_to_pb(i: Instance, order: dict[RankRef, int]) -> tpb.Instance:
+    return tpb.Instance(
+        name=i.name,
+        kind=int(i.kind),
+        endpoint=i.endpoint,
+        tp_size=i.tp_size,
+        ranks=[tpb.InstanceRank(node_id=r.node_id, device=r.device) for r in i.ranks],
+        checkpoint=i.checkpoint,
+        version=i.version,
+        ready=i.ready,
+        reason=i.reason,
+        global_ranks=[order.get(r, -1) for r in i.ranks],
+    )

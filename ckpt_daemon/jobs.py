@@ -1,0 +1,381 @@
+"""The job runner: validates an update, plans it (pure), drives agents and engines, and
+records the outcome. Every wait has a deadline; the first failure aborts the others."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from ckpt.v1 import agent_pb2 as apb
+from ckpt.v1 import types_pb2 as tpb
+from ckpt_common.errors import (
+    Aborted,
+    CkptError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+)
+from ckpt_daemon.agents import AgentHub
+from ckpt_daemon.config import DaemonConfig
+from ckpt_daemon.model import (
+    CheckpointState,
+    Instance,
+    InstanceKind,
+    Job,
+    JobKind,
+    JobState,
+    PhaseTimes,
+    RankRef,
+    RankResult,
+    UpdateSpec,
+)
+from ckpt_daemon.planner import Plan, PlanError, choose_bucket_bytes, plan_update, select_tensors
+from ckpt_daemon.registry import Registry
+
+log = structlog.get_logger("ckptd.jobs")
+PEER_FAILED = "another rank failed"  # how a worker says the failure was not its own
+
+EngineTrigger = Callable[[Instance, Job, float], Awaitable[None]]
+
+
+async def _no_trigger(instance: Instance, job: Job, timeout: float) -> None:
+    return None
+
+
+class JobRunner:
+    def __init__(
+        self,
+        registry: Registry,
+        hub: AgentHub,
+        config: DaemonConfig,
+        trigger: EngineTrigger = _no_trigger,
+    ) -> None:
+        self._registry = registry
+        self._hub = hub
+        self._config = config
+        self._trigger = trigger
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._busy_targets: dict[RankRef, str] = {}
+        self._busy_participants: dict[RankRef, str] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._participants_freed = asyncio.Event()
+
+    # ---------------------------------------------------------------- queries
+
+    def busy_checkpoints(self) -> set[tuple[str, int]]:
+        return {
+            (j.spec.checkpoint, j.version)
+            for j in self._registry.jobs.values()
+            if not j.state.done
+        }
+
+    def get(self, job_id: str) -> Job:
+        job = self._registry.jobs.get(job_id)
+        if not job:
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    async def watch(self, job_id: str):  # -> AsyncIterator[Job]
+        job = self.get(job_id)
+        while True:
+            ev = self._changed.setdefault(job_id, asyncio.Event())
+            ev.clear()
+            yield job
+            if job.state.done:
+                return
+            await ev.wait()
+
+    def _notify(self, job: Job) -> None:
+        ev = self._changed.get(job.id)
+        if ev:
+            ev.set()
+
+    # ---------------------------------------------------------------- submit
+
+    def resolve_targets(self, spec: UpdateSpec) -> tuple[list[RankRef], list[int]]:
+        order = self._registry.rank_order()
+        index = {r: i for i, r in enumerate(order)}
+        targets: set[RankRef] = set()
+        if spec.ranks:
+            bad = [r for r in spec.ranks if r < 0 or r >= len(order)]
+            if bad:
+                raise InvalidArgument(
+                    f"ranks {bad} out of range: {len(order)} ranks attached"
+                    + (f" (0-{len(order) - 1})" if order else "")
+                )
+            targets.update(order[r] for r in spec.ranks)
+        for name in spec.instances:
+            inst = self._registry.instances.get(name)
+            if not inst:
+                raise NotFound(f"instance {name!r} not found")
+            missing = [str(r) for r in inst.ranks if r not in index]
+            if missing:
+                raise FailedPrecondition(
+                    f"instance {name!r} sits on devices whose agent is not attached: {missing}"
+                )
+            targets.update(inst.ranks)
+        if not targets:
+            raise InvalidArgument("no target: give ranks or instances")
+        tl = sorted(targets)
+        return tl, [index[r] for r in tl]
+
+    async def submit_update(self, spec: UpdateSpec) -> Job:
+        if spec.method not in ("broadcast", ""):
+            raise Unimplemented(f"update method {spec.method!r} is not available yet")
+        cv = self._registry.get_checkpoint(spec.checkpoint, spec.version)
+        if cv is None:
+            if not self._registry.versions(spec.checkpoint):
+                raise NotFound(f"checkpoint {spec.checkpoint!r} not found")
+            raise NotFound(
+                f"checkpoint {spec.checkpoint}@{spec.version or 'latest'} not found"
+                + ("" if spec.version else " (no READY version)")
+            )
+        if cv.state != CheckpointState.READY:
+            raise FailedPrecondition(
+                f"checkpoint {cv.name}@{cv.version} is {cv.state.name}"
+                + (f": {cv.reason}" if cv.reason else "")
+            )
+        targets, target_ranks = self.resolve_targets(spec)
+        clash = sorted({self._busy_targets[r] for r in targets if r in self._busy_targets})
+        if clash:
+            raise FailedPrecondition(f"an update to some of these ranks is running: job {clash[0]}")
+        try:
+            tensors = select_tensors(cv.tensors, spec.tensors)
+        except PlanError as e:
+            raise InvalidArgument(str(e)) from None
+        owners = {t.owner for t in tensors}
+        gone = sorted(str(o) for o in owners if not self._hub.attached(o.node_id))
+        if gone:
+            raise Unavailable(f"agents holding checkpoint bytes are not attached: {gone}")
+        participants = set(targets) | owners
+        kinds = {self._device_kind(r) for r in participants}
+        cap = (
+            self._config.max_bucket_bytes_cuda
+            if "cuda" in kinds
+            else self._config.max_bucket_bytes_cpu
+        )
+        try:
+            bucket_bytes = choose_bucket_bytes(
+                [self._registry.free_bytes(r) for r in participants],
+                nbuf=self._config.nbuf,
+                cap=cap,
+                requested=spec.bucket_bytes,
+            )
+        except PlanError as e:
+            cls = InvalidArgument if spec.bucket_bytes else ResourceExhausted
+            raise cls(str(e)) from None
+        plan = await asyncio.to_thread(
+            plan_update,
+            tensors,
+            targets,
+            bucket_bytes=bucket_bytes,
+            nbuf=self._config.nbuf,
+            partial=len(tensors) != len(cv.tensors),
+        )
+        job = Job(
+            id=uuid.uuid4().hex[:12],
+            kind=JobKind.UPDATE,
+            state=JobState.PENDING,
+            spec=spec,
+            created=time.time(),
+            version=cv.version,
+            targets=targets,
+            target_ranks=target_ranks,
+            buckets_total=len(plan.buckets),
+            bytes_total=plan.total_bytes,
+            bucket_bytes=bucket_bytes,
+        )
+        for r in targets:
+            self._busy_targets[r] = job.id
+        self._registry.put_job(job)
+        self._changed[job.id] = asyncio.Event()
+        self._tasks[job.id] = asyncio.create_task(self._run(job, plan))
+        log.info("job_submitted", job=job.id, checkpoint=cv.name, version=cv.version,
+                 ranks=target_ranks, buckets=len(plan.buckets), bucket_bytes=bucket_bytes)
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        task = self._tasks.get(job_id)
+        if job.state.done or not task:
+            raise FailedPrecondition(f"job {job_id} is {job.state.name}")
+        task.cancel()
+        return job
+
+    def _device_kind(self, r: RankRef) -> str:
+        a = self._registry.agents.get(r.node_id)
+        if a:
+            for d in a.devices:
+                if d.index == r.device:
+                    return d.kind
+        return "cpu"
+
+    # ---------------------------------------------------------------- run
+
+    async def _acquire_participants(self, job: Job, plan: Plan, deadline: float) -> None:
+        while any(r in self._busy_participants for r in plan.participants):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Unavailable("timed out waiting for another job on the same ranks")
+            self._participants_freed.clear()
+            try:
+                await asyncio.wait_for(self._participants_freed.wait(), left)
+            except TimeoutError:
+                pass
+        for r in plan.participants:
+            self._busy_participants[r] = job.id
+
+    def _release(self, job: Job, plan: Plan) -> None:
+        for r in plan.participants:
+            if self._busy_participants.get(r) == job.id:
+                del self._busy_participants[r]
+        for r in job.targets:
+            if self._busy_targets.get(r) == job.id:
+                del self._busy_targets[r]
+        self._participants_freed.set()
+
+    async def _run(self, job: Job, plan: Plan) -> None:
+        timeout = job.spec.timeout_s or self._config.update_timeout_s
+        deadline = time.monotonic() + timeout
+        bind = structlog.contextvars.bound_contextvars(job=job.id, checkpoint=job.spec.checkpoint)
+        bind.__enter__()
+        try:
+            await self._acquire_participants(job, plan, deadline)
+            job.state = JobState.RUNNING
+            job.started = time.time()
+            self._registry.put_job(job)
+            self._notify(job)
+            await self._execute(job, plan, deadline)
+            job.state = JobState.SUCCEEDED
+            log.info("job_succeeded", seconds=round(time.time() - job.started, 4),
+                     bytes=job.bytes_total)
+        except asyncio.CancelledError:
+            job.state, job.reason = JobState.CANCELLED, "cancelled"
+            self._abort(job, plan, "cancelled")
+        except CkptError as e:
+            job.state, job.reason = JobState.FAILED, e.message
+            log.warning("job_failed", reason=e.message)
+        except Exception as e:  # a bug: still a failed job with a reason, never a hang
+            job.state, job.reason = JobState.FAILED, f"internal error: {e!r}"
+            log.exception("job_crashed")
+        finally:
+            job.finished = time.time()
+            self._hub.on_progress(job.id, None)
+            self._release(job, plan)
+            self._record_instances(job)
+            self._registry.put_job(job)
+            self._notify(job)
+            self._tasks.pop(job.id, None)
+            bind.__exit__(None, None, None)
+
+    def _record_instances(self, job: Job) -> None:
+        tset = set(job.targets)
+        for inst in list(self._registry.instances.values()):
+            if not set(inst.ranks) & tset:
+                continue
+            if job.state == JobState.SUCCEEDED and set(inst.ranks) <= tset and not job.spec.tensors:
+                inst.checkpoint, inst.version, inst.ready, inst.reason = (
+                    job.spec.checkpoint, job.version, True, "")
+            elif job.state != JobState.SUCCEEDED:
+                inst.reason = f"update job {job.id} failed: {job.reason}"
+            self._registry.put_instance(inst)
+
+    def _abort(self, job: Job, plan: Plan, reason: str) -> None:
+        for r in plan.participants:
+            self._hub.send(r.node_id, apb.Command(abort=apb.Abort(job_id=job.id, reason=reason)))
+
+    async def _execute(self, job: Job, plan: Plan, deadline: float) -> None:
+        left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
+        master = plan.participants[0]
+        res = await self._hub.command(
+            master.node_id,
+            apb.Command(prepare_group=apb.PrepareGroup(
+                job_id=job.id, device=master.device, world_size=len(plan.participants))),
+            min(self._config.command_timeout_s, left()),
+        )
+        addr, port = res.group.addr, res.group.port
+
+        done_per_target: dict[RankRef, int] = {r: 0 for r in plan.targets}
+
+        def progress(node_id: str, p: apb.Progress) -> None:
+            r = RankRef(node_id, p.device)
+            if r in done_per_target:
+                done_per_target[r] = max(done_per_target[r], p.bucket + 1)
+                new = min(done_per_target.values())
+                if job.first_bucket_s == 0.0 and p.bucket == 0:
+                    job.first_bucket_s = time.time() - job.created
+                if new != job.buckets_done:
+                    job.buckets_done = new
+                    self._notify(job)
+
+        self._hub.on_progress(job.id, progress)
+        tensors = [
+            tpb.TensorMeta(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes)
+            for t in plan.tensors
+        ]
+        buckets = [
+            apb.Bucket(owner=b.owner, nbytes=b.nbytes, entries=[
+                apb.BucketEntry(tensor=e.tensor, bucket_offset=e.bucket_offset,
+                                store_offset=e.store_offset, nbytes=e.nbytes,
+                                chunk_offset=e.chunk_offset)
+                for e in b.entries])
+            for b in plan.buckets
+        ]
+        order = {r: i for i, r in enumerate(self._registry.rank_order())}
+
+        async def run_rank(g: int, r: RankRef) -> RankResult:
+            cmd = apb.Command(run_update=apb.RunUpdate(
+                job_id=job.id, device=r.device, group_rank=g,
+                world_size=len(plan.participants), master_addr=addr, master_port=port,
+                is_target=plan.is_target(g), checkpoint=job.spec.checkpoint,
+                version=job.version, bucket_bytes=plan.bucket_bytes, nbuf=plan.nbuf,
+                tensors=tensors, buckets=buckets, timeout_s=left(),
+                receiver_timeout_s=min(self._config.receiver_timeout_s, left()),
+                partial=plan.partial))
+            try:
+                res = await self._hub.command(r.node_id, cmd, left() + 5.0)
+            except CkptError as e:
+                raise type(e)(f"rank {order.get(r, -1)} ({r}): {e.message}") from None
+            u = res.update
+            return RankResult(
+                rank=order.get(r, -1), owner=r, ok=u.ok, reason=u.reason, bytes=u.bytes,
+                times=PhaseTimes(copy_s=u.times.copy_s, broadcast_s=u.times.broadcast_s,
+                                 reload_s=u.times.reload_s, setup_s=u.times.setup_s,
+                                 total_s=u.times.total_s))
+
+        instances = [
+            inst for inst in self._registry.instances.values()
+            if inst.kind == InstanceKind.VLLM and set(inst.ranks) & set(plan.targets)
+        ]
+        rank_tasks = [asyncio.ensure_future(run_rank(g, r)) for g, r in enumerate(plan.participants)]
+        engine_tasks = [asyncio.ensure_future(self._trigger(i, job, left())) for i in instances]
+        everything = rank_tasks + engine_tasks
+        try:
+            pending = set(everything)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                failed = [t for t in done if t.exception() is not None]
+                if failed:
+                    err = failed[0].exception()
+                    self._abort(job, plan, str(err))
+                    # Give the others a bounded moment to report their own view.
+                    if pending:
+                        await asyncio.wait(pending, timeout=min(10.0, left()))
+                    raise err  # type: ignore[misc]
+        finally:
+            for t in everything:
+                if not t.done():
+                    t.cancel()
+            job.results = [t.result() for t in rank_tasks if t.done() and not t.cancelled()
+                           and t.exception() is None]
+        bad = sorted((r for r in job.results if not r.ok),
+                     key=lambda r: (r.reason.startswith(PEER_FAILED), r.rank))
+        if bad:
+            raise Aborted(f"rank {bad[0].rank} ({bad[0].owner}): {bad[0].reason}")

@@ -1,0 +1,71 @@
+"""ckptd entrypoint: set up logging, parse, build, run, close in finally."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+
+import structlog
+
+from ckpt_common.logs import setup_logging
+from ckpt_daemon.config import LISTEN_ENV, STATE_DIR_ENV, DaemonConfig
+from ckpt_daemon.server import start_daemon
+
+
+def parse_args(argv: list[str] | None = None) -> DaemonConfig:
+    d = DaemonConfig()
+    p = argparse.ArgumentParser(prog="ckptd", description="ckptd: live weight-update coordinator")
+    p.add_argument("--listen", default=os.environ.get(LISTEN_ENV, d.listen),
+                   help="host:port to serve gRPC on (port 0: pick one)")
+    p.add_argument("--state-dir", default=os.environ.get(STATE_DIR_ENV, d.state_dir))
+    p.add_argument("--heartbeat-s", type=float, default=d.heartbeat_s)
+    p.add_argument("--update-timeout-s", type=float, default=d.update_timeout_s)
+    p.add_argument("--receiver-timeout-s", type=float, default=d.receiver_timeout_s)
+    p.add_argument("--max-bucket-mib", type=int, default=0,
+                   help="cap on the bucket size (default: 64 on CPU, 512 on CUDA)")
+    p.add_argument("--port-file", default="", help="write the bound port here once serving")
+    a = p.parse_args(argv)
+    extra = {}
+    if a.max_bucket_mib:
+        extra = {"max_bucket_bytes_cpu": a.max_bucket_mib << 20,
+                 "max_bucket_bytes_cuda": a.max_bucket_mib << 20}
+    cfg = DaemonConfig(listen=a.listen, state_dir=a.state_dir, heartbeat_s=a.heartbeat_s,
+                       update_timeout_s=a.update_timeout_s,
+                       receiver_timeout_s=a.receiver_timeout_s, port_file=a.port_file, **extra)
+    return cfg
+
+
+async def _run(cfg: DaemonConfig) -> None:
+    daemon = await start_daemon(cfg)
+    port_file = cfg.port_file
+    if port_file:
+        tmp = port_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(str(daemon.port))
+        os.replace(tmp, port_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        structlog.get_logger("ckptd").info("ckptd_stopping")
+        await daemon.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging(json=True, service="ckptd")
+    cfg = parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.run(_run(cfg))
+    except ImportError:
+        asyncio.run(_run(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Plain data the core works on. The servicer converts wire types to these at its edge."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class CheckpointState(enum.IntEnum):
+    LOADING = 1
+    READY = 2
+    FAILED = 3
+    LOST = 4
+
+
+class ShardState(enum.IntEnum):
+    LOADING = 1
+    READY = 2
+    FAILED = 3
+    LOST = 4
+
+
+class JobState(enum.IntEnum):
+    PENDING = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def done(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobKind(enum.IntEnum):
+    UPDATE = 1
+    JOIN = 2
+
+
+class InstanceKind(enum.IntEnum):
+    VLLM = 1
+    RECEIVER = 2
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class RankRef:
+    """A device of an agent. Global rank order is (node_id, device)."""
+
+    node_id: str
+    device: int
+
+    def __str__(self) -> str:
+        return f"{self.node_id}/{self.device}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SourceFile:
+    path: str
+    node_id: str = ""  # empty: readable on every node
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TensorSpec:
+    """A tensor as found in a source file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    path: str
+    file_offset: int
+    node_id: str = ""  # the source's node pin
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TensorInfo:
+    """A tensor of a pushed checkpoint and where its bytes live."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    owner: RankRef
+    store_offset: int
+    path: str = ""
+    file_offset: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class Shard:
+    owner: RankRef
+    nbytes: int
+    tensor_count: int
+    state: ShardState = ShardState.LOADING
+    segment: str = ""
+    reason: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointVersion:
+    name: str
+    version: int
+    state: CheckpointState
+    tensors: list[TensorInfo]
+    shards: dict[RankRef, Shard]
+    created: float
+    ready: float = 0.0
+    reason: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(kw_only=True, slots=True)
+class DeviceInfo:
+    index: int
+    kind: str
+    uuid: str
+    total_bytes: int
+    free_bytes: int
+
+
+@dataclass(kw_only=True, slots=True)
+class AgentInfo:
+    node_id: str
+    host: str
+    devices: list[DeviceInfo]
+    attached: bool
+    last_seen: float
+    version: str = ""
+    pid: int = 0
+    ipc_dir: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
+class Instance:
+    name: str
+    kind: InstanceKind
+    endpoint: str
+    tp_size: int
+    ranks: list[RankRef]
+    checkpoint: str = ""
+    version: int = 0
+    ready: bool = False
+    reason: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
+class PhaseTimes:
+    copy_s: float = 0.0
+    broadcast_s: float = 0.0
+    reload_s: float = 0.0
+    setup_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass(kw_only=True, slots=True)
+class RankResult:
+    rank: int
+    owner: RankRef
+    ok: bool
+    reason: str = ""
+    times: PhaseTimes = field(default_factory=PhaseTimes)
+    bytes: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class UpdateSpec:
+    checkpoint: str
+    version: int = 0
+    ranks: list[int] = field(default_factory=list)
+    instances: list[str] = field(default_factory=list)
+    method: str = "broadcast"
+    bucket_bytes: int = 0
+    tensors: list[str] = field(default_factory=list)
+    timeout_s: float = 0.0
+
+
+@dataclass(kw_only=True, slots=True)
+class Job:
+    id: str
+    kind: JobKind
+    state: JobState
+    spec: UpdateSpec
+    created: float
+    reason: str = ""
+    version: int = 0  # resolved
+    targets: list[RankRef] = field(default_factory=list)
+    target_ranks: list[int] = field(default_factory=list)
+    buckets_total: int = 0
+    buckets_done: int = 0
+    bytes_total: int = 0
+    bucket_bytes: int = 0
+    started: float = 0.0
+    finished: float = 0.0
+    first_bucket_s: float = 0.0
+    results: list[RankResult] = field(default_factory=list)

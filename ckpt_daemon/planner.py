@@ -1,0 +1,291 @@
+"""Pure planning: where pushed tensors live, and how an update moves them.
+
+Nothing here does I/O or reads the clock. Two decisions:
+
+- ``place``: at push time, spread a checkpoint's tensors over the holding ranks by bytes,
+  keeping each decoder layer's tensors on one rank so update buckets can respect layers.
+- ``plan_update``: at update time, order the participants (targets first, in global rank
+  order, then owners that are not targets), and cut each owner's bytes into buckets that
+  never split a layer unless the layer alone exceeds a bucket (then tensors, and a tensor
+  larger than a bucket is cut into chunks). Buckets of different owners are interleaved so
+  the next bucket's copy can overlap the current broadcast.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ckpt_daemon.model import RankRef, TensorInfo, TensorSpec
+
+ALIGN = 256  # bytes; keeps every tensor view aligned for any dtype and for CUDA copies
+MIB = 1 << 20
+_LAYER_RE = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
+
+
+class PlanError(ValueError):
+    """The request cannot be planned; the message says why."""
+
+
+def align_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+def layer_key(name: str) -> str:
+    """'model.layers.12.mlp.up_proj.weight' -> 'model.layers.12'; other names map to themselves."""
+    m = _LAYER_RE.match(name)
+    return m.group(1) if m else name
+
+
+def rank_order(devices: Iterable[RankRef]) -> list[RankRef]:
+    """Global rank order: agents by node id, then device index."""
+    return sorted(set(devices))
+
+
+# --------------------------------------------------------------------------- placement
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Placement:
+    tensors: list[TensorInfo]  # every tensor, with its owner and offset in the owner's store
+    store_bytes: dict[RankRef, int]
+
+
+def _groups(specs: Sequence[TensorSpec]) -> list[list[TensorSpec]]:
+    by_key: dict[tuple[str, str], list[TensorSpec]] = {}
+    for s in specs:
+        by_key.setdefault((s.node_id, layer_key(s.name)), []).append(s)
+    return list(by_key.values())
+
+
+def place(specs: Sequence[TensorSpec], ranks: Sequence[RankRef]) -> Placement:
+    """Largest group first onto the least-loaded eligible rank (a node-pinned source only
+    onto that node's ranks). A group larger than a fair share is placed tensor by tensor."""
+    if not ranks:
+        raise PlanError("no ranks to hold the checkpoint")
+    seen: set[str] = set()
+    for s in specs:
+        if s.name in seen:
+            raise PlanError(f"tensor {s.name!r} appears in more than one source")
+        seen.add(s.name)
+    ranks = rank_order(ranks)
+    total = sum(s.nbytes for s in specs)
+    fair = max(1, total // len(ranks))
+    units: list[list[TensorSpec]] = []
+    for g in _groups(specs):
+        if sum(s.nbytes for s in g) > fair and len(g) > 1:
+            units.extend([s] for s in g)
+        else:
+            units.append(g)
+    units.sort(key=lambda g: (-sum(s.nbytes for s in g), g[0].name))
+
+    heaps: dict[str, list[tuple[int, int, RankRef]]] = {}
+    nodes = {r.node_id for r in ranks}
+
+    def heap_for(node: str) -> list[tuple[int, int, RankRef]]:
+        if node not in heaps:
+            members = [r for r in ranks if not node or r.node_id == node]
+            if not members:
+                raise PlanError(f"source pinned to node {node!r}, which has no attached ranks")
+            heaps[node] = [(0, i, r) for i, r in enumerate(members)]
+        return heaps[node]
+
+    for node in {s.node_id for s in specs}:
+        if node and node not in nodes:
+            raise PlanError(f"source pinned to node {node!r}, which has no attached ranks")
+
+    owner_of: dict[str, RankRef] = {}
+    # Loads are tracked per heap; a shared rank in two heaps is rare (mixed pinned and
+    # unpinned sources) and only makes the spread less even, never wrong.
+    for unit in units:
+        heap = heap_for(unit[0].node_id)
+        load, i, r = heapq.heappop(heap)
+        for s in unit:
+            owner_of[s.name] = r
+        heapq.heappush(heap, (load + sum(s.nbytes for s in unit), i, r))
+
+    # Offsets: per owner, in source order (layers stay contiguous).
+    cursor: dict[RankRef, int] = {r: 0 for r in ranks}
+    out: list[TensorInfo] = []
+    for s in sorted(specs, key=lambda s: (layer_key(s.name), s.name)):
+        r = owner_of[s.name]
+        off = cursor[r]
+        cursor[r] = align_up(off + s.nbytes)
+        out.append(
+            TensorInfo(
+                name=s.name,
+                dtype=s.dtype,
+                shape=s.shape,
+                nbytes=s.nbytes,
+                owner=r,
+                store_offset=off,
+                path=s.path,
+                file_offset=s.file_offset,
+            )
+        )
+    return Placement(tensors=out, store_bytes={r: n for r, n in cursor.items() if n})
+
+
+# --------------------------------------------------------------------------- update plan
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    tensor: int  # index into Plan.tensors
+    bucket_offset: int
+    store_offset: int
+    nbytes: int
+    chunk_offset: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BucketPlan:
+    owner: int  # group rank
+    nbytes: int
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    participants: list[RankRef]  # index = group rank
+    targets: list[RankRef]
+    tensors: list[TensorInfo]
+    buckets: list[BucketPlan]
+    bucket_bytes: int
+    nbuf: int
+    total_bytes: int
+    partial: bool
+
+    def is_target(self, group_rank: int) -> bool:
+        return group_rank < len(self.targets)
+
+
+def select_tensors(tensors: Sequence[TensorInfo], patterns: Sequence[str]) -> list[TensorInfo]:
+    """Every tensor whose name equals a pattern or starts with it (a prefix)."""
+    if not patterns:
+        return list(tensors)
+    chosen = [t for t in tensors if any(t.name == p or t.name.startswith(p) for p in patterns)]
+    if not chosen:
+        raise PlanError(f"no tensor matches {list(patterns)}")
+    return chosen
+
+
+def choose_bucket_bytes(
+    free_bytes: Sequence[int], *, nbuf: int, cap: int, floor: int = MIB, requested: int = 0
+) -> int:
+    """The largest bucket every participant can hold nbuf (+1 staging) of, capped."""
+    if requested:
+        if requested < floor:
+            raise PlanError(f"bucket_bytes {requested} is below the minimum {floor}")
+        return align_up(requested, ALIGN)
+    if not free_bytes:
+        raise PlanError("no participant reported free memory")
+    fit = min(free_bytes) // (nbuf + 1)
+    size = min(cap, fit) // MIB * MIB
+    if size < floor:
+        raise PlanError(
+            f"too little free memory for {nbuf} buffers: the smallest participant has "
+            f"{min(free_bytes)} bytes free"
+        )
+    return size
+
+
+def _owner_buckets(
+    owned: list[int], tensors: Sequence[TensorInfo], owner: int, bucket_bytes: int
+) -> list[BucketPlan]:
+    """Cut one owner's tensors (indices, in store order) into buckets, layer-aware."""
+    buckets: list[BucketPlan] = []
+    entries: list[Entry] = []
+    used = 0
+
+    def close() -> None:
+        nonlocal entries, used
+        if entries:
+            buckets.append(BucketPlan(owner=owner, nbytes=used, entries=tuple(entries)))
+        entries, used = [], 0
+
+    # Consecutive tensors with the same layer key form a group.
+    groups: list[list[int]] = []
+    last_key = None
+    for i in owned:
+        key = layer_key(tensors[i].name)
+        if key != last_key:
+            groups.append([])
+            last_key = key
+        groups[-1].append(i)
+
+    for group in groups:
+        need = sum(align_up(tensors[i].nbytes) for i in group)
+        if need <= bucket_bytes and used + need > bucket_bytes:
+            close()
+        for i in group:
+            t = tensors[i]
+            if t.nbytes == 0:
+                entries.append(Entry(i, used, t.store_offset, 0, 0))
+                continue
+            done = 0
+            while done < t.nbytes:
+                room = bucket_bytes - used
+                if room <= 0:
+                    close()
+                    room = bucket_bytes
+                piece = min(room, t.nbytes - done)
+                entries.append(Entry(i, used, t.store_offset + done, piece, done))
+                used = min(bucket_bytes, align_up(used + piece))
+                done += piece
+    close()
+    return buckets
+
+
+def plan_update(
+    tensors: Sequence[TensorInfo],
+    targets: Sequence[RankRef],
+    *,
+    bucket_bytes: int,
+    nbuf: int = 2,
+    partial: bool = False,
+) -> Plan:
+    if bucket_bytes < ALIGN or bucket_bytes % ALIGN:
+        raise PlanError(f"bucket_bytes must be a positive multiple of {ALIGN}")
+    if not targets:
+        raise PlanError("no target ranks")
+    if nbuf < 1:
+        raise PlanError("nbuf must be at least 1")
+    tlist = rank_order(targets)
+    owners = rank_order({t.owner for t in tensors})
+    tset = set(tlist)
+    participants = tlist + [o for o in owners if o not in tset]
+    index = {r: i for i, r in enumerate(participants)}
+
+    by_owner: dict[int, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_owner.setdefault(index[t.owner], []).append(i)
+    per_owner = []
+    for g in sorted(by_owner):
+        owned = sorted(by_owner[g], key=lambda i: tensors[i].store_offset)
+        per_owner.append(_owner_buckets(owned, tensors, g, bucket_bytes))
+
+    # Round-robin across owners so consecutive buckets come from different owners.
+    buckets: list[BucketPlan] = []
+    k = 0
+    while True:
+        added = False
+        for lst in per_owner:
+            if k < len(lst):
+                buckets.append(lst[k])
+                added = True
+        if not added:
+            break
+        k += 1
+    return Plan(
+        participants=participants,
+        targets=tlist,
+        tensors=list(tensors),
+        buckets=buckets,
+        bucket_bytes=bucket_bytes,
+        nbuf=nbuf,
+        total_bytes=sum(t.nbytes for t in tensors),
+        partial=partial,
+    )

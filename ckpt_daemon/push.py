@@ -1,0 +1,240 @@
+"""Push: scan the sources through agents, place tensors over ranks, load host stores."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from ckpt.v1 import agent_pb2 as apb
+from ckpt_common.errors import (
+    AlreadyExists,
+    CkptError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from ckpt_daemon.agents import AgentHub
+from ckpt_daemon.config import DaemonConfig
+from ckpt_daemon.model import (
+    CheckpointState,
+    CheckpointVersion,
+    RankRef,
+    Shard,
+    ShardState,
+    SourceFile,
+    TensorSpec,
+)
+from ckpt_daemon.planner import PlanError, place
+from ckpt_daemon.registry import Registry
+
+log = structlog.get_logger("ckptd.push")
+MAX_NAME = 200
+
+
+def validate_name(name: str) -> None:
+    if not name or len(name) > MAX_NAME or any(c in name for c in "/@ \t\n"):
+        raise InvalidArgument(
+            f"checkpoint name {name!r} must be 1-{MAX_NAME} characters without '/', '@' or spaces"
+        )
+
+
+class Pusher:
+    def __init__(self, registry: Registry, hub: AgentHub, config: DaemonConfig) -> None:
+        self._registry = registry
+        self._hub = hub
+        self._config = config
+        self._inflight: set[tuple[str, int]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def push(
+        self,
+        name: str,
+        version: int,
+        sources: list[SourceFile],
+        ranks: list[int],
+        *,
+        timeout_s: float,
+        wait: bool,
+    ) -> CheckpointVersion:
+        validate_name(name)
+        if version <= 0:
+            raise InvalidArgument("version must be positive")
+        if not sources:
+            raise InvalidArgument("no sources")
+        key = (name, version)
+        if key in self._registry.checkpoints or key in self._inflight:
+            raise AlreadyExists(f"checkpoint {name}@{version} already exists")
+        order = self._registry.rank_order()
+        if not order:
+            raise FailedPrecondition("no agents attached")
+        if ranks:
+            bad = [r for r in ranks if r < 0 or r >= len(order)]
+            if bad:
+                raise InvalidArgument(f"ranks {bad} out of range 0-{len(order) - 1}")
+            holders = [order[r] for r in sorted(set(ranks))]
+        else:
+            holders = order
+        self._inflight.add(key)
+        try:
+            specs = await self._scan(sources, holders)
+            try:
+                placement = await asyncio.to_thread(place, specs, holders)
+            except PlanError as e:
+                raise InvalidArgument(str(e)) from None
+            shards: dict[RankRef, Shard] = {}
+            for t in placement.tensors:
+                s = shards.get(t.owner)
+                if s is None:
+                    s = shards[t.owner] = Shard(owner=t.owner, nbytes=0, tensor_count=0)
+                s.tensor_count += 1
+            for r, n in placement.store_bytes.items():
+                shards[r].nbytes = n
+            cv = CheckpointVersion(
+                name=name,
+                version=version,
+                state=CheckpointState.LOADING,
+                tensors=placement.tensors,
+                shards=shards,
+                created=time.time(),
+            )
+            await asyncio.to_thread(self._registry.add_checkpoint, cv)
+        except BaseException:
+            self._inflight.discard(key)
+            raise
+        log.info("push_started", checkpoint=name, version=version, tensors=len(cv.tensors),
+                 bytes=cv.total_bytes, shards=len(shards))
+        timeout = timeout_s or self._config.load_timeout_s
+        if wait:
+            try:
+                await self._load(cv, timeout, remove_on_failure=True)
+            finally:
+                self._inflight.discard(key)
+        else:
+            task = asyncio.create_task(self._load_bg(cv, timeout))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return cv
+
+    async def _load_bg(self, cv: CheckpointVersion, timeout: float) -> None:
+        try:
+            await self._load(cv, timeout, remove_on_failure=False)
+        except CkptError:
+            pass
+        finally:
+            self._inflight.discard((cv.name, cv.version))
+
+    async def _scan(self, sources: list[SourceFile], holders: list[RankRef]) -> list[TensorSpec]:
+        holder_nodes = sorted({r.node_id for r in holders})
+        by_node: dict[str, list[str]] = {}
+        for s in sources:
+            if not s.path:
+                raise InvalidArgument("a source has an empty path")
+            node = s.node_id or holder_nodes[0]
+            if s.node_id and s.node_id not in holder_nodes:
+                raise InvalidArgument(f"source {s.path} names node {s.node_id!r}, "
+                                      "which holds none of the ranks")
+            by_node.setdefault(node, []).append(s.path)
+        pinned = {s.path: s.node_id for s in sources}
+        results = await asyncio.gather(
+            *(
+                self._hub.command(
+                    node, apb.Command(scan=apb.Scan(paths=paths)), self._config.command_timeout_s
+                )
+                for node, paths in by_node.items()
+            )
+        )
+        specs: list[TensorSpec] = []
+        for res, (_, paths) in zip(results, by_node.items(), strict=True):
+            for f in res.scan.files:
+                node = next((pinned[p] for p in paths if f.path.startswith(p)), "")
+                for t in f.tensors:
+                    specs.append(
+                        TensorSpec(
+                            name=t.meta.name,
+                            dtype=t.meta.dtype,
+                            shape=tuple(t.meta.shape),
+                            nbytes=t.meta.nbytes,
+                            path=f.path,
+                            file_offset=t.data_offset,
+                            node_id=node,
+                        )
+                    )
+        if not specs:
+            raise InvalidArgument("the sources hold no tensors")
+        return specs
+
+    async def _load(self, cv: CheckpointVersion, timeout: float, *, remove_on_failure: bool) -> None:
+        by_owner: dict[RankRef, list[apb.LoadItem]] = {}
+        for t in cv.tensors:
+            by_owner.setdefault(t.owner, []).append(
+                apb.LoadItem(path=t.path, file_offset=t.file_offset, nbytes=t.nbytes,
+                             store_offset=t.store_offset)
+            )
+
+        async def load_one(r: RankRef) -> None:
+            cmd = apb.Command(
+                load=apb.Load(checkpoint=cv.name, version=cv.version, device=r.device,
+                              nbytes=cv.shards[r].nbytes, items=by_owner[r])
+            )
+            try:
+                res = await self._hub.command(r.node_id, cmd, timeout)
+            except CkptError as e:
+                self._registry.set_shard(cv.name, cv.version, r, ShardState.FAILED,
+                                         reason=f"{r}: {e.message}")
+                raise
+            self._registry.set_shard(cv.name, cv.version, r, ShardState.READY,
+                                     segment=res.store.segment)
+
+        results = await asyncio.gather(*(load_one(r) for r in by_owner), return_exceptions=True)
+        errors = [e for e in results if isinstance(e, BaseException)]
+        if not errors:
+            log.info("push_ready", checkpoint=cv.name, version=cv.version)
+            return
+        first = errors[0]
+        log.warning("push_failed", checkpoint=cv.name, version=cv.version, error=str(first))
+        if remove_on_failure:
+            await self.drop(cv)
+            await asyncio.to_thread(self._registry.remove_checkpoint, cv.name, cv.version)
+        else:
+            self._registry.fail_checkpoint(cv.name, cv.version, str(first))
+        if isinstance(first, CkptError):
+            raise first
+        raise first
+
+    async def drop(self, cv: CheckpointVersion) -> None:
+        """Frees the host memory of every shard whose agent is attached (best effort)."""
+
+        async def drop_one(r: RankRef) -> None:
+            if not self._hub.attached(r.node_id):
+                return
+            try:
+                await self._hub.command(
+                    r.node_id,
+                    apb.Command(drop=apb.Drop(checkpoint=cv.name, version=cv.version,
+                                              device=r.device)),
+                    self._config.command_timeout_s,
+                )
+            except CkptError as e:
+                log.warning("drop_failed", checkpoint=cv.name, version=cv.version,
+                            rank=str(r), error=e.message)
+
+        await asyncio.gather(*(drop_one(r) for r in cv.shards))
+
+    async def delete(self, name: str, version: int, busy: set[tuple[str, int]]) -> list[CheckpointVersion]:
+        targets = [self._registry.checkpoints.get((name, version))] if version else \
+            self._registry.versions(name)
+        targets = [cv for cv in targets if cv]
+        if not targets:
+            raise NotFound(f"checkpoint {name}@{version or '*'} not found")
+        for cv in targets:
+            if (cv.name, cv.version) in busy or (cv.name, cv.version) in self._inflight:
+                raise FailedPrecondition(
+                    f"checkpoint {cv.name}@{cv.version} is in use by a running push or update"
+                )
+        for cv in targets:
+            await self.drop(cv)
+            await asyncio.to_thread(self._registry.remove_checkpoint, cv.name, cv.version)
+            log.info("checkpoint_deleted", checkpoint=cv.name, version=cv.version)
+        return targets

@@ -1,0 +1,450 @@
+"""The registry: checkpoints, their tensor layout per rank, agents, instances and jobs.
+
+In memory for reads, written through to SQLite under --state-dir so it survives a restart.
+All methods are synchronous and thread-safe; callers on the event loop hand the heavy ones
+(recording a whole checkpoint) to a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import asdict
+
+from ckpt_daemon.model import (
+    AgentInfo,
+    CheckpointState,
+    CheckpointVersion,
+    DeviceInfo,
+    Instance,
+    InstanceKind,
+    Job,
+    JobKind,
+    JobState,
+    PhaseTimes,
+    RankRef,
+    RankResult,
+    Shard,
+    ShardState,
+    TensorInfo,
+    UpdateSpec,
+)
+from ckpt_daemon.planner import rank_order
+
+DB_FILE = "registry.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+  name TEXT NOT NULL, version INTEGER NOT NULL, state INTEGER NOT NULL,
+  created REAL NOT NULL, ready REAL NOT NULL, reason TEXT NOT NULL,
+  PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS tensors (
+  name TEXT NOT NULL, version INTEGER NOT NULL, idx INTEGER NOT NULL, tensor TEXT NOT NULL,
+  dtype TEXT NOT NULL, shape TEXT NOT NULL, nbytes INTEGER NOT NULL, node TEXT NOT NULL,
+  device INTEGER NOT NULL, store_offset INTEGER NOT NULL, path TEXT NOT NULL,
+  file_offset INTEGER NOT NULL, PRIMARY KEY (name, version, idx));
+CREATE TABLE IF NOT EXISTS shards (
+  name TEXT NOT NULL, version INTEGER NOT NULL, node TEXT NOT NULL, device INTEGER NOT NULL,
+  nbytes INTEGER NOT NULL, tensor_count INTEGER NOT NULL, state INTEGER NOT NULL,
+  segment TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (name, version, node, device));
+CREATE TABLE IF NOT EXISTS agents (
+  node_id TEXT PRIMARY KEY, host TEXT NOT NULL, devices TEXT NOT NULL, last_seen REAL NOT NULL,
+  version TEXT NOT NULL, pid INTEGER NOT NULL, ipc_dir TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS instances (
+  name TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+  id TEXT PRIMARY KEY, created REAL NOT NULL, body TEXT NOT NULL);
+"""
+
+
+class Registry:
+    def __init__(self, state_dir: str) -> None:
+        os.makedirs(state_dir, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            os.path.join(state_dir, DB_FILE), check_same_thread=False, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self.checkpoints: dict[tuple[str, int], CheckpointVersion] = {}
+        self.agents: dict[str, AgentInfo] = {}
+        self.instances: dict[str, Instance] = {}
+        self.jobs: dict[str, Job] = {}
+        self._load()
+
+    # ------------------------------------------------------------------ loading
+
+    def _load(self) -> None:
+        db = self._db
+        tensors: dict[tuple[str, int], list[TensorInfo]] = {}
+        for row in db.execute(
+            "SELECT name, version, tensor, dtype, shape, nbytes, node, device, store_offset, "
+            "path, file_offset FROM tensors ORDER BY name, version, idx"
+        ):
+            name, version, tname, dtype, shape, nbytes, node, device, off, path, foff = row
+            tensors.setdefault((name, version), []).append(
+                TensorInfo(
+                    name=tname,
+                    dtype=dtype,
+                    shape=tuple(json.loads(shape)),
+                    nbytes=nbytes,
+                    owner=RankRef(node, device),
+                    store_offset=off,
+                    path=path,
+                    file_offset=foff,
+                )
+            )
+        shards: dict[tuple[str, int], dict[RankRef, Shard]] = {}
+        for row in db.execute(
+            "SELECT name, version, node, device, nbytes, tensor_count, state, segment, reason "
+            "FROM shards"
+        ):
+            name, version, node, device, nbytes, count, state, segment, reason = row
+            r = RankRef(node, device)
+            shards.setdefault((name, version), {})[r] = Shard(
+                owner=r,
+                nbytes=nbytes,
+                tensor_count=count,
+                state=ShardState(state),
+                segment=segment,
+                reason=reason,
+            )
+        for name, version, state, created, ready, reason in db.execute(
+            "SELECT name, version, state, created, ready, reason FROM checkpoints"
+        ):
+            key = (name, version)
+            self.checkpoints[key] = CheckpointVersion(
+                name=name,
+                version=version,
+                state=CheckpointState(state),
+                tensors=tensors.get(key, []),
+                shards=shards.get(key, {}),
+                created=created,
+                ready=ready,
+                reason=reason,
+            )
+        for node_id, host, devices, last_seen, version, pid, ipc_dir in db.execute(
+            "SELECT node_id, host, devices, last_seen, version, pid, ipc_dir FROM agents"
+        ):
+            self.agents[node_id] = AgentInfo(
+                node_id=node_id,
+                host=host,
+                devices=[DeviceInfo(**d) for d in json.loads(devices)],
+                attached=False,
+                last_seen=last_seen,
+                version=version,
+                pid=pid,
+                ipc_dir=ipc_dir,
+            )
+        for (body,) in db.execute("SELECT body FROM instances"):
+            inst = _instance_from_json(json.loads(body))
+            self.instances[inst.name] = inst
+        now = time.time()
+        for (body,) in db.execute("SELECT body FROM jobs ORDER BY created"):
+            job = _job_from_json(json.loads(body))
+            if not job.state.done:
+                job.state = JobState.FAILED
+                job.reason = "ckptd restarted while the job ran"
+                job.finished = now
+                self._save_job(job)
+            self.jobs[job.id] = job
+
+    # ------------------------------------------------------------------ agents
+
+    def rank_order(self, *, attached_only: bool = True) -> list[RankRef]:
+        with self._lock:
+            return rank_order(
+                RankRef(a.node_id, d.index)
+                for a in self.agents.values()
+                if a.attached or not attached_only
+                for d in a.devices
+            )
+
+    def agent_attached(self, info: AgentInfo, held: dict[tuple[str, int, int], int]) -> None:
+        """Records an attaching agent and reconciles the shards it should hold.
+
+        held maps (checkpoint, version, device) to the bytes the agent still has.
+        """
+        with self._lock:
+            self.agents[info.node_id] = info
+            self._db.execute(
+                "INSERT OR REPLACE INTO agents VALUES (?,?,?,?,?,?,?)",
+                (
+                    info.node_id,
+                    info.host,
+                    json.dumps([asdict(d) for d in info.devices]),
+                    info.last_seen,
+                    info.version,
+                    info.pid,
+                    info.ipc_dir,
+                ),
+            )
+            for cv in self.checkpoints.values():
+                changed = False
+                for r, shard in cv.shards.items():
+                    if r.node_id != info.node_id or shard.state != ShardState.READY:
+                        continue
+                    if held.get((cv.name, cv.version, r.device)) != shard.nbytes:
+                        shard.state = ShardState.LOST
+                        shard.reason = f"agent {info.node_id} no longer holds this shard"
+                        changed = True
+                if changed:
+                    self._save_shards(cv)
+                    self._refresh_state(cv)
+
+    def agent_detached(self, node_id: str) -> None:
+        with self._lock:
+            a = self.agents.get(node_id)
+            if a:
+                a.attached = False
+                a.last_seen = time.time()
+
+    def agent_heartbeat(self, node_id: str, free: dict[int, int]) -> None:
+        with self._lock:
+            a = self.agents.get(node_id)
+            if not a:
+                return
+            a.last_seen = time.time()
+            for d in a.devices:
+                if d.index in free:
+                    d.free_bytes = free[d.index]
+
+    def free_bytes(self, r: RankRef) -> int:
+        with self._lock:
+            a = self.agents.get(r.node_id)
+            if not a:
+                return 0
+            for d in a.devices:
+                if d.index == r.device:
+                    return d.free_bytes
+            return 0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def add_checkpoint(self, cv: CheckpointVersion) -> None:
+        with self._lock:
+            key = (cv.name, cv.version)
+            if key in self.checkpoints:
+                raise KeyError(key)
+            self.checkpoints[key] = cv
+            db = self._db
+            db.execute("BEGIN")
+            try:
+                db.execute(
+                    "INSERT INTO checkpoints VALUES (?,?,?,?,?,?)",
+                    (cv.name, cv.version, int(cv.state), cv.created, cv.ready, cv.reason),
+                )
+                db.executemany(
+                    "INSERT INTO tensors VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [
+                        (
+                            cv.name,
+                            cv.version,
+                            i,
+                            t.name,
+                            t.dtype,
+                            json.dumps(list(t.shape)),
+                            t.nbytes,
+                            t.owner.node_id,
+                            t.owner.device,
+                            t.store_offset,
+                            t.path,
+                            t.file_offset,
+                        )
+                        for i, t in enumerate(cv.tensors)
+                    ],
+                )
+                self._save_shards(cv)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                self.checkpoints.pop(key, None)
+                raise
+
+    def _save_shards(self, cv: CheckpointVersion) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO shards VALUES (?,?,?,?,?,?,?,?,?)",
+            [
+                (
+                    cv.name,
+                    cv.version,
+                    s.owner.node_id,
+                    s.owner.device,
+                    s.nbytes,
+                    s.tensor_count,
+                    int(s.state),
+                    s.segment,
+                    s.reason,
+                )
+                for s in cv.shards.values()
+            ],
+        )
+
+    def _refresh_state(self, cv: CheckpointVersion) -> None:
+        states = {s.state for s in cv.shards.values()}
+        if ShardState.FAILED in states:
+            new = CheckpointState.FAILED
+        elif ShardState.LOST in states:
+            new = CheckpointState.LOST
+        elif states <= {ShardState.READY}:
+            new = CheckpointState.READY
+        else:
+            new = CheckpointState.LOADING
+        if new == CheckpointState.READY and not cv.ready:
+            cv.ready = time.time()
+        if new != CheckpointState.READY and cv.state != new:
+            reasons = [s.reason for s in cv.shards.values() if s.reason]
+            cv.reason = reasons[0] if reasons else cv.reason
+        cv.state = new
+        self._db.execute(
+            "UPDATE checkpoints SET state=?, ready=?, reason=? WHERE name=? AND version=?",
+            (int(cv.state), cv.ready, cv.reason, cv.name, cv.version),
+        )
+
+    def set_shard(
+        self, name: str, version: int, r: RankRef, state: ShardState, segment: str = "",
+        reason: str = "",
+    ) -> CheckpointVersion | None:
+        with self._lock:
+            cv = self.checkpoints.get((name, version))
+            if not cv or r not in cv.shards:
+                return None
+            s = cv.shards[r]
+            s.state, s.reason = state, reason
+            if segment:
+                s.segment = segment
+            self._save_shards(cv)
+            self._refresh_state(cv)
+            return cv
+
+    def fail_checkpoint(self, name: str, version: int, reason: str) -> None:
+        with self._lock:
+            cv = self.checkpoints.get((name, version))
+            if not cv:
+                return
+            cv.state, cv.reason = CheckpointState.FAILED, reason
+            self._db.execute(
+                "UPDATE checkpoints SET state=?, reason=? WHERE name=? AND version=?",
+                (int(cv.state), reason, name, version),
+            )
+
+    def get_checkpoint(self, name: str, version: int = 0) -> CheckpointVersion | None:
+        """version 0: the newest READY version."""
+        with self._lock:
+            if version:
+                return self.checkpoints.get((name, version))
+            ready = [
+                cv
+                for (n, _), cv in self.checkpoints.items()
+                if n == name and cv.state == CheckpointState.READY
+            ]
+            return max(ready, key=lambda c: c.version) if ready else None
+
+    def versions(self, name: str) -> list[CheckpointVersion]:
+        with self._lock:
+            return sorted(
+                (cv for (n, _), cv in self.checkpoints.items() if n == name),
+                key=lambda c: c.version,
+            )
+
+    def list_checkpoints(self, name: str = "") -> list[CheckpointVersion]:
+        with self._lock:
+            return sorted(
+                (cv for (n, _), cv in self.checkpoints.items() if not name or n == name),
+                key=lambda c: (c.name, c.version),
+            )
+
+    def remove_checkpoint(self, name: str, version: int) -> CheckpointVersion | None:
+        with self._lock:
+            cv = self.checkpoints.pop((name, version), None)
+            if cv:
+                for table in ("checkpoints", "tensors", "shards"):
+                    self._db.execute(
+                        f"DELETE FROM {table} WHERE name=? AND version=?", (name, version)
+                    )
+            return cv
+
+    # ------------------------------------------------------------------ instances
+
+    def put_instance(self, inst: Instance) -> None:
+        with self._lock:
+            self.instances[inst.name] = inst
+            self._db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?)",
+                (inst.name, json.dumps(_instance_to_json(inst))),
+            )
+
+    def remove_instance(self, name: str) -> Instance | None:
+        with self._lock:
+            inst = self.instances.pop(name, None)
+            if inst:
+                self._db.execute("DELETE FROM instances WHERE name=?", (name,))
+            return inst
+
+    # ------------------------------------------------------------------ jobs
+
+    def put_job(self, job: Job) -> None:
+        with self._lock:
+            self.jobs[job.id] = job
+            self._save_job(job)
+
+    def _save_job(self, job: Job) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO jobs VALUES (?,?,?)",
+            (job.id, job.created, json.dumps(_job_to_json(job))),
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# ---------------------------------------------------------------------- json helpers
+
+
+def _instance_to_json(inst: Instance) -> dict:
+    d = asdict(inst)
+    d["kind"] = int(inst.kind)
+    d["ranks"] = [[r.node_id, r.device] for r in inst.ranks]
+    return d
+
+
+def _instance_from_json(d: dict) -> Instance:
+    d = dict(d)
+    d["kind"] = InstanceKind(d["kind"])
+    d["ranks"] = [RankRef(n, i) for n, i in d["ranks"]]
+    return Instance(**d)
+
+
+def _job_to_json(job: Job) -> dict:
+    d = asdict(job)
+    d["kind"] = int(job.kind)
+    d["state"] = int(job.state)
+    d["targets"] = [[r.node_id, r.device] for r in job.targets]
+    d["results"] = [
+        {**asdict(r), "owner": [r.owner.node_id, r.owner.device]} for r in job.results
+    ]
+    return d
+
+
+def _job_from_json(d: dict) -> Job:
+    d = dict(d)
+    d["kind"] = JobKind(d["kind"])
+    d["state"] = JobState(d["state"])
+    d["spec"] = UpdateSpec(**d["spec"])
+    d["targets"] = [RankRef(n, i) for n, i in d["targets"]]
+    d["results"] = [
+        RankResult(
+            **{
+                **r,
+                "owner": RankRef(*r["owner"]),
+                "times": PhaseTimes(**r["times"]),
+            }
+        )
+        for r in d["results"]
+    ]
+    return Job(**d)

@@ -1,0 +1,76 @@
+"""Builds and runs ckptd: registry, agent hub, pusher, job runner, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ckpt.v1 import agent_pb2_grpc, ckptd_pb2, ckptd_pb2_grpc
+from ckpt_daemon import __version__
+from ckpt_daemon.agents import AgentHub
+from ckpt_daemon.config import DaemonConfig
+from ckpt_daemon.engines import EngineTrigger
+from ckpt_daemon.jobs import JobRunner
+from ckpt_daemon.push import Pusher
+from ckpt_daemon.registry import Registry
+from ckpt_daemon.servicer import AgentLinkServicer, CkptServicer
+
+log = structlog.get_logger("ckptd")
+SERVICE_NAME = ckptd_pb2.DESCRIPTOR.services_by_name["Ckpt"].full_name
+MAX_MESSAGE = 512 << 20
+
+
+@dataclass
+class Daemon:
+    config: DaemonConfig
+    registry: Registry
+    hub: AgentHub
+    jobs: JobRunner
+    server: grpc.aio.Server
+    port: int
+    _monitor: asyncio.Task[None] | None = None
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._monitor:
+            self._monitor.cancel()
+        await self.server.stop(grace)
+        self.registry.close()
+
+
+async def start_daemon(config: DaemonConfig) -> Daemon:
+    registry = Registry(config.state_dir)
+    hub = AgentHub(registry, heartbeat_s=config.heartbeat_s, daemon_version=__version__)
+    pusher = Pusher(registry, hub, config)
+    trigger = EngineTrigger(registry)
+    jobs = JobRunner(registry, hub, config, trigger=trigger.trigger)
+    opts = [
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+    server = grpc.aio.server(options=opts)
+    ckptd_pb2_grpc.add_CkptServicer_to_server(CkptServicer(registry, hub, pusher, jobs), server)
+    agent_pb2_grpc.add_AgentLinkServicer_to_server(AgentLinkServicer(hub), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, "ckpt.v1.AgentLink", reflection.SERVICE_NAME, health.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    await server.start()
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    daemon = Daemon(config, registry, hub, jobs, server, port)
+    daemon._monitor = asyncio.create_task(hub.monitor())
+    log.info("ckptd_started", listen=config.listen, port=port, state_dir=config.state_dir,
+             version=__version__)
+    return daemon

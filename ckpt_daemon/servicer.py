@@ -1,0 +1,178 @@
+"""The gRPC edge: wire types in, core calls, wire types out; CkptError -> status in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import structlog
+
+from ckpt.v1 import agent_pb2 as apb
+from ckpt.v1 import agent_pb2_grpc
+from ckpt.v1 import ckptd_pb2 as cpb
+from ckpt.v1 import ckptd_pb2_grpc
+from ckpt.v1 import types_pb2 as tpb
+from ckpt_common.errors import CkptError, FailedPrecondition, NotFound, Unimplemented
+from ckpt_daemon import convert
+from ckpt_daemon.agents import AgentHub
+from ckpt_daemon.jobs import JobRunner
+from ckpt_daemon.push import Pusher
+from ckpt_daemon.registry import Registry
+
+log = structlog.get_logger("ckptd.servicer")
+
+
+def _status(err: CkptError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, err.code, grpc.StatusCode.UNKNOWN)
+
+
+def _unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except CkptError as e:
+            await context.abort(_status(e), e.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if isinstance(e, grpc.aio.AbortError):
+                raise
+            log.exception("rpc_crashed", rpc=fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e!r}")
+
+    return wrapper
+
+
+class CkptServicer(ckptd_pb2_grpc.CkptServicer):
+    def __init__(self, registry: Registry, hub: AgentHub, pusher: Pusher, jobs: JobRunner) -> None:
+        self._registry = registry
+        self._hub = hub
+        self._pusher = pusher
+        self._jobs = jobs
+
+    def _order(self) -> dict:
+        return {r: i for i, r in enumerate(self._registry.rank_order())}
+
+    @_unary
+    async def PushCheckpoint(self, request: cpb.PushCheckpointRequest, context) -> tpb.Checkpoint:
+        cv = await self._pusher.push(
+            request.name,
+            request.version,
+            convert.sources_from_pb(list(request.sources)),
+            list(request.ranks),
+            timeout_s=request.timeout_s,
+            wait=request.wait,
+        )
+        return convert.checkpoint_to_pb(cv, self._order())
+
+    @_unary
+    async def GetCheckpoint(self, request: cpb.GetCheckpointRequest, context) -> tpb.Checkpoint:
+        cv = self._registry.get_checkpoint(request.name, request.version)
+        if cv is None:
+            raise NotFound(f"checkpoint {request.name}@{request.version or 'latest'} not found")
+        return convert.checkpoint_to_pb(cv, self._order(), include_tensors=request.include_tensors)
+
+    @_unary
+    async def ListCheckpoints(self, request: cpb.ListCheckpointsRequest, context):
+        order = self._order()
+        return cpb.ListCheckpointsResponse(
+            checkpoints=[convert.checkpoint_to_pb(cv, order)
+                         for cv in self._registry.list_checkpoints(request.name)]
+        )
+
+    @_unary
+    async def DeleteCheckpoint(self, request: cpb.DeleteCheckpointRequest, context):
+        deleted = await self._pusher.delete(
+            request.name, request.version, self._jobs.busy_checkpoints()
+        )
+        order = self._order()
+        return cpb.DeleteCheckpointResponse(
+            deleted=[convert.checkpoint_to_pb(cv, order) for cv in deleted]
+        )
+
+    @_unary
+    async def Update(self, request: cpb.UpdateRequest, context) -> tpb.Job:
+        job = await self._jobs.submit_update(convert.update_spec_from_pb(request))
+        return convert.job_to_pb(job)
+
+    @_unary
+    async def GetJob(self, request: cpb.GetJobRequest, context) -> tpb.Job:
+        return convert.job_to_pb(self._jobs.get(request.id))
+
+    @_unary
+    async def CancelJob(self, request: cpb.GetJobRequest, context) -> tpb.Job:
+        return convert.job_to_pb(self._jobs.cancel(request.id))
+
+    @_unary
+    async def ListJobs(self, request: cpb.ListJobsRequest, context) -> cpb.ListJobsResponse:
+        jobs = sorted(self._registry.jobs.values(), key=lambda j: j.created, reverse=True)
+        return cpb.ListJobsResponse(
+            jobs=[convert.job_to_pb(j) for j in jobs[: request.limit or 50]]
+        )
+
+    async def WatchJob(self, request: cpb.GetJobRequest, context) -> AsyncIterator[tpb.Job]:
+        try:
+            async for job in self._jobs.watch(request.id):
+                yield convert.job_to_pb(job)
+        except CkptError as e:
+            await context.abort(_status(e), e.message)
+
+    @_unary
+    async def ListAgents(self, request: cpb.ListAgentsRequest, context):
+        order = self._order()
+        return cpb.ListAgentsResponse(
+            agents=[convert.agent_to_pb(a, order)
+                    for a in sorted(self._registry.agents.values(), key=lambda a: a.node_id)]
+        )
+
+    @_unary
+    async def RegisterInstance(self, request: tpb.Instance, context) -> tpb.Instance:
+        inst = convert.instance_from_pb(request)
+        old = self._registry.instances.get(inst.name)
+        if old:
+            inst.checkpoint, inst.version, inst.ready = old.checkpoint, old.version, old.ready
+        for other in self._registry.instances.values():
+            shared = set(other.ranks) & set(inst.ranks)
+            if other.name != inst.name and shared:
+                raise FailedPrecondition(
+                    f"instance {other.name!r} already uses devices {sorted(map(str, shared))}"
+                )
+        self._registry.put_instance(inst)
+        return convert.instance_to_pb(inst, self._order())
+
+    @_unary
+    async def JoinInstance(self, request: cpb.JoinInstanceRequest, context) -> tpb.Job:
+        raise Unimplemented("JoinInstance (P2P bootstrap) is not implemented yet")
+
+    @_unary
+    async def ListInstances(self, request: cpb.ListInstancesRequest, context):
+        order = self._order()
+        return cpb.ListInstancesResponse(
+            instances=[convert.instance_to_pb(i, order)
+                       for i in sorted(self._registry.instances.values(), key=lambda i: i.name)]
+        )
+
+    @_unary
+    async def RemoveInstance(self, request: cpb.RemoveInstanceRequest, context):
+        inst = self._registry.remove_instance(request.name)
+        if not inst:
+            raise NotFound(f"instance {request.name!r} not found")
+        return cpb.RemoveInstanceResponse(removed=convert.instance_to_pb(inst, self._order()))
+
+
+class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
+    def __init__(self, hub: AgentHub) -> None:
+        self._hub = hub
+
+    async def Attach(
+        self, request_iterator: AsyncIterator[apb.AgentMessage], context
+    ) -> AsyncIterator[apb.DaemonMessage]:
+        try:
+            async for msg in self._hub.serve(request_iterator):
+                yield msg
+        except CkptError as e:
+            await context.abort(_status(e), e.message)
