@@ -14,15 +14,14 @@ Nothing here does I/O or reads the clock. Two decisions:
 from __future__ import annotations
 
 import heapq
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ckpt_common.layers import layer_key
 from ckpt_daemon.model import RankRef, TensorInfo, TensorSpec
 
 ALIGN = 256  # bytes; keeps every tensor view aligned for any dtype and for CUDA copies
 MIB = 1 << 20
-_LAYER_RE = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
 
 
 class PlanError(ValueError):
@@ -31,12 +30,6 @@ class PlanError(ValueError):
 
 def align_up(n: int, align: int = ALIGN) -> int:
     return (n + align - 1) // align * align
-
-
-def layer_key(name: str) -> str:
-    """'model.layers.12.mlp.up_proj.weight' -> 'model.layers.12'; other names map to themselves."""
-    m = _LAYER_RE.match(name)
-    return m.group(1) if m else name
 
 
 def rank_order(devices: Iterable[RankRef]) -> list[RankRef]:

@@ -35,15 +35,25 @@ class ReceiverDone(_message.Message):
     version: int
     def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
+class Validated(_message.Message):
+    __slots__ = ("ok", "reason")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    reason: str
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class ReceiverMessage(_message.Message):
-    __slots__ = ("hello", "loaded", "done")
+    __slots__ = ("hello", "loaded", "done", "validated")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    VALIDATED_FIELD_NUMBER: _ClassVar[int]
     hello: ReceiverHello
     loaded: BucketLoaded
     done: ReceiverDone
-    def __init__(self, hello: _Optional[_Union[ReceiverHello, _Mapping]] = ..., loaded: _Optional[_Union[BucketLoaded, _Mapping]] = ..., done: _Optional[_Union[ReceiverDone, _Mapping]] = ...) -> None: ...
+    validated: Validated
+    def __init__(self, hello: _Optional[_Union[ReceiverHello, _Mapping]] = ..., loaded: _Optional[_Union[BucketLoaded, _Mapping]] = ..., done: _Optional[_Union[ReceiverDone, _Mapping]] = ..., validated: _Optional[_Union[Validated, _Mapping]] = ...) -> None: ...
 
 class Begin(_message.Message):
     __slots__ = ("job_id", "checkpoint", "version", "buffer", "slot_bytes", "nbuf", "bucket_count", "tensors", "partial", "device")
@@ -70,16 +80,18 @@ class Begin(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., buffer: _Optional[str] = ..., slot_bytes: _Optional[int] = ..., nbuf: _Optional[int] = ..., bucket_count: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., partial: _Optional[bool] = ..., device: _Optional[int] = ...) -> None: ...
 
 class IpcTensor(_message.Message):
-    __slots__ = ("tensor", "offset", "nbytes", "chunk_offset")
+    __slots__ = ("tensor", "offset", "nbytes", "chunk_offset", "copy")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    COPY_FIELD_NUMBER: _ClassVar[int]
     tensor: int
     offset: int
     nbytes: int
     chunk_offset: int
-    def __init__(self, tensor: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., chunk_offset: _Optional[int] = ...) -> None: ...
+    copy: bool
+    def __init__(self, tensor: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., chunk_offset: _Optional[int] = ..., copy: _Optional[bool] = ...) -> None: ...
 
 class BucketReady(_message.Message):
     __slots__ = ("bucket", "slot", "entries")

@@ -1,0 +1,37 @@
+PY ?= .venv/bin/python
+PROTOS := $(wildcard proto/ckpt/v1/*.proto)
+
+.PHONY: venv proto proto-check lint test test-fast demo clean
+
+venv: .venv/.done
+
+.venv/.done: pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+	touch $@
+
+proto: venv
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
+# CI: the committed stubs must match the .proto files.
+proto-check: venv
+	rm -rf .proto-check && mkdir -p .proto-check
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=.proto-check --pyi_out=.proto-check \
+		--grpc_python_out=.proto-check $(PROTOS)
+	diff -r -x __init__.py -x __pycache__ .proto-check/ckpt ckpt
+	rm -rf .proto-check
+
+lint: venv
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+test: venv proto-check lint
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q tests -m "not vllm and not slow"
+
+demo: venv
+	$(PY) -m demo.run
+
+clean:
+	rm -rf .venv .proto-check

@@ -1,0 +1,37 @@
+"""ckpt-agent configuration: one frozen dataclass, env vars declared here."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+DAEMON_ENV = "CKPTD_ADDR"
+NODE_ID_ENV = "CKPT_NODE_ID"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    daemon: str = "127.0.0.1:7601"
+    node_id: str = socket.gethostname()
+    host: str = "127.0.0.1"  # address peers reach this node at (rendezvous, P2P)
+    device: str = "cpu"       # "cpu" or "cuda"
+    slots: int = 1            # CPU: how many "devices" to play; CUDA: 0 means every GPU
+    ipc_dir: str = ""
+    heartbeat_s: float = 2.0
+    command_timeout_s: float = 30.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
+        if self.device == "cpu" and self.slots < 1:
+            raise ValueError("--slots must be at least 1 on cpu")
+        if not self.node_id or "/" in self.node_id:
+            raise ValueError("node id must be non-empty and without '/'")
+        if self.heartbeat_s <= 0:
+            raise ValueError("heartbeat_s must be positive")
+
+
+def default_daemon() -> str:
+    return os.environ.get(DAEMON_ENV, AgentConfig.daemon)

@@ -1,0 +1,107 @@
+"""One device's host store: the checkpoint bytes it owns, one shared segment per version."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+from ckpt.v1 import agent_pb2 as apb
+from ckpt_agent import shm
+from ckpt_common.ipc import safe
+
+
+class StoreError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Store:
+    checkpoint: str
+    version: int
+    segment: str
+    nbytes: int
+    mem: shared_memory.SharedMemory
+
+
+def segment_prefix(node_id: str) -> str:
+    return f"ckpt_{hashlib.sha1(node_id.encode()).hexdigest()[:8]}_"
+
+
+class HostStore:
+    def __init__(self, node_id: str, device: int) -> None:
+        self._prefix = f"{segment_prefix(node_id)}{device}_"
+        self._stores: dict[tuple[str, int], Store] = {}
+
+    def get(self, checkpoint: str, version: int) -> Store:
+        s = self._stores.get((checkpoint, version))
+        if s is None:
+            raise StoreError("NOT_FOUND", f"this device holds no bytes of {checkpoint}@{version}")
+        return s
+
+    def load(self, cmd: apb.Load) -> apb.StoreReady:
+        key = (cmd.checkpoint, cmd.version)
+        if key in self._stores:
+            self.drop(cmd.checkpoint, cmd.version)
+        t0 = time.monotonic()
+        name = f"{self._prefix}{safe(cmd.checkpoint)[:80]}_{cmd.version}"
+        mem = shm.create(name, cmd.nbytes)
+        try:
+            buf = mem.buf
+            files: dict[str, int] = {}
+            try:
+                for it in cmd.items:
+                    if it.store_offset + it.nbytes > cmd.nbytes:
+                        raise StoreError("INVALID_ARGUMENT", f"item beyond the store: {it}")
+                    fd = files.get(it.path)
+                    if fd is None:
+                        fd = files[it.path] = os.open(it.path, os.O_RDONLY)
+                    view = buf[it.store_offset : it.store_offset + it.nbytes]
+                    got = 0
+                    while got < it.nbytes:
+                        n = os.preadv(fd, [view[got:]], it.file_offset + got)
+                        if n <= 0:
+                            raise StoreError(
+                                "DATA_LOSS",
+                                f"{it.path}: short read at offset {it.file_offset + got}",
+                            )
+                        got += n
+                    view.release()
+            finally:
+                for fd in files.values():
+                    os.close(fd)
+        except FileNotFoundError as e:
+            self._discard(mem, name)
+            raise StoreError("NOT_FOUND", f"{e.filename}: no such file") from None
+        except OSError as e:
+            self._discard(mem, name)
+            raise StoreError("FAILED_PRECONDITION", f"reading the sources failed: {e}") from None
+        except BaseException:
+            self._discard(mem, name)
+            raise
+        self._stores[key] = Store(cmd.checkpoint, cmd.version, name, cmd.nbytes, mem)
+        return apb.StoreReady(segment=name, nbytes=cmd.nbytes, seconds=time.monotonic() - t0)
+
+    @staticmethod
+    def _discard(mem: shared_memory.SharedMemory, name: str) -> None:
+        try:
+            mem.close()
+        except BufferError:
+            pass
+        shm.unlink(name)
+
+    def drop(self, checkpoint: str, version: int) -> bool:
+        s = self._stores.pop((checkpoint, version), None)
+        if s is None:
+            return False
+        self._discard(s.mem, s.segment)
+        return True
+
+    def close(self) -> None:
+        for checkpoint, version in list(self._stores):
+            self.drop(checkpoint, version)

@@ -1,0 +1,96 @@
+"""The worker's side of the engine hand-off: a ZMQ ROUTER on ipc://, typed protobuf frames."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import zmq
+
+from ckpt.v1 import ipc_pb2 as ipb
+
+
+class LinkError(Exception):
+    pass
+
+
+class ReceiverLink:
+    def __init__(self, endpoint: str) -> None:
+        path = endpoint.removeprefix("ipc://")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.bind(endpoint)
+        os.chmod(path, 0o600)
+        self.endpoint = endpoint
+        self.peer: bytes | None = None
+
+    def recv(self, timeout_s: float) -> tuple[bytes, ipb.ReceiverMessage] | None:
+        if not self._sock.poll(max(0, int(timeout_s * 1000))):
+            return None
+        frames = self._sock.recv_multipart()
+        if len(frames) != 2:
+            return None
+        msg = ipb.ReceiverMessage()
+        try:
+            msg.ParseFromString(frames[1])
+        except Exception:
+            return None
+        return frames[0], msg
+
+    def wait_hello(self, job_id: str, timeout_s: float) -> ipb.ReceiverHello:
+        """Waits for an engine that wants this job (or any next job)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LinkError(f"no engine connected to {self.endpoint} within {timeout_s:.0f}s")
+            got = self.recv(min(left, 0.5))
+            if got is None:
+                continue
+            peer, msg = got
+            if msg.WhichOneof("body") != "hello":
+                continue  # left over from an earlier job
+            if msg.hello.job_id and msg.hello.job_id != job_id:
+                continue
+            self.peer = peer
+            return msg.hello
+
+    def send(self, msg: ipb.WorkerMessage) -> None:
+        if self.peer is None:
+            raise LinkError("no engine connected")
+        try:
+            self._sock.send_multipart([self.peer, msg.SerializeToString()], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            raise LinkError(f"engine went away: {e}") from None
+
+    def expect(self, kind: str, timeout_s: float) -> ipb.ReceiverMessage:
+        """The next message from the current engine; a ReceiverDone(ok=False) is an error."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LinkError(f"engine sent no {kind} within {timeout_s:.0f}s")
+            got = self.recv(min(left, 0.5))
+            if got is None:
+                continue
+            peer, msg = got
+            if peer != self.peer:
+                continue
+            body = msg.WhichOneof("body")
+            if body == "done" and kind != "done" and not msg.done.ok:
+                raise LinkError(f"engine failed: {msg.done.reason}")
+            if body == kind:
+                return msg
+
+    def close(self) -> None:
+        self._sock.close(0)
+        try:
+            os.unlink(self.endpoint.removeprefix("ipc://"))
+        except FileNotFoundError:
+            pass

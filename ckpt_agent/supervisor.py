@@ -1,0 +1,107 @@
+"""Starts one worker process per device, relays bytes both ways, notices deaths."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+import structlog
+
+from ckpt.v1 import agent_pb2 as apb
+from ckpt_agent.worker import READY_ID, worker_main
+
+log = structlog.get_logger("ckpt_agent.supervisor")
+
+
+class WorkerHandle:
+    def __init__(self, device: int, proc: mp.process.BaseProcess, conn: Connection) -> None:
+        self.device = device
+        self.proc = proc
+        self.conn = conn
+        self.ready = threading.Event()
+        self._lock = threading.Lock()
+
+    def send(self, cmd: apb.Command) -> None:
+        data = cmd.SerializeToString()
+        with self._lock:
+            self.conn.send_bytes(data)
+
+
+class Supervisor:
+    """on_message(device, AgentMessage) and on_death(device) run on the event loop."""
+
+    def __init__(self, *, node_id: str, kind: str, devices: list[int], ipc_dir: str, host: str,
+                 log_level: str, loop: asyncio.AbstractEventLoop,
+                 on_message: Callable[[int, apb.AgentMessage], None],
+                 on_death: Callable[[int], None]) -> None:
+        self._args = (node_id, kind, ipc_dir, host, log_level)
+        self._loop = loop
+        self._on_message = on_message
+        self._on_death = on_death
+        self._ctx = mp.get_context("spawn")
+        self.workers: dict[int, WorkerHandle] = {}
+        self._stopping = False
+        for d in devices:
+            self._start(d)
+
+    def _start(self, device: int) -> None:
+        node_id, kind, ipc_dir, host, log_level = self._args
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=worker_main, name=f"ckpt-worker-{device}", daemon=True,
+                                 args=(child, node_id, device, kind, ipc_dir, host, log_level))
+        proc.start()
+        child.close()
+        h = WorkerHandle(device, proc, parent)
+        self.workers[device] = h
+        threading.Thread(target=self._read, args=(h,), daemon=True,
+                         name=f"worker-reader-{device}").start()
+
+    def _read(self, h: WorkerHandle) -> None:
+        while True:
+            try:
+                data = h.conn.recv_bytes()
+            except (EOFError, OSError):
+                break
+            msg = apb.AgentMessage.FromString(data)
+            if msg.WhichOneof("body") == "result" and msg.result.command_id == READY_ID:
+                h.ready.set()
+                continue
+            self._loop.call_soon_threadsafe(self._on_message, h.device, msg)
+        h.proc.join(timeout=5)
+        if not self._stopping:
+            log.error("worker_died", device=h.device, exitcode=h.proc.exitcode)
+            self._loop.call_soon_threadsafe(self._restart, h.device)
+
+    def _restart(self, device: int) -> None:
+        if self._stopping:
+            return
+        self._on_death(device)
+        self._start(device)
+
+    async def wait_ready(self, timeout: float) -> None:
+        for h in list(self.workers.values()):
+            ok = await asyncio.to_thread(h.ready.wait, timeout)
+            if not ok:
+                raise TimeoutError(f"worker for device {h.device} did not start in {timeout}s")
+
+    def send(self, device: int, cmd: apb.Command) -> None:
+        h = self.workers.get(device)
+        if h is None:
+            raise KeyError(device)
+        h.send(cmd)
+
+    def stop(self) -> None:
+        self._stopping = True
+        for h in self.workers.values():
+            try:
+                h.conn.close()
+            except OSError:
+                pass
+        for h in self.workers.values():
+            h.proc.join(timeout=5)
+            if h.proc.is_alive():
+                h.proc.kill()
+                h.proc.join(timeout=5)

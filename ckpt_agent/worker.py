@@ -1,0 +1,177 @@
+"""One device's worker process: host store, engine hand-off socket, update pipeline.
+
+Talks to its agent over a pipe with protobuf bytes (Command down, AgentMessage up), never
+pickle. Dies with its agent: the pipe's EOF ends it, and PR_SET_PDEATHSIG backs that up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from typing import Any
+
+import structlog
+
+from ckpt.v1 import agent_pb2 as apb
+from ckpt_agent.host_store import HostStore, StoreError, segment_prefix
+from ckpt_agent.receiver_link import ReceiverLink
+from ckpt_common.ipc import worker_endpoint
+from ckpt_common.logs import setup_logging
+
+log = structlog.get_logger("ckpt_agent.worker")
+READY_ID = 0  # command_id of the result a worker sends once it is ready
+
+
+def die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Worker:
+    def __init__(self, conn: Connection, *, node_id: str, device: int, kind: str,
+                 ipc_dir: str, host: str) -> None:
+        self._conn = conn
+        self._send_lock = threading.Lock()
+        self.node_id, self.device, self.host = node_id, device, host
+        self.stores = HostStore(node_id, device)
+        if kind == "cuda":
+            from ckpt_agent.cuda_backend import CudaBackend
+
+            self.backend: Any = CudaBackend(device)
+        else:
+            from ckpt_agent.backend import CpuBackend
+
+            self.backend = CpuBackend(f"{segment_prefix(node_id)}{device}_")
+        self.link = ReceiverLink(worker_endpoint(node_id, device, ipc_dir))
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="store")
+        self._group_stores: dict[str, Any] = {}
+        self._aborts: dict[str, threading.Event] = {}
+        self._update_lock = threading.Lock()
+
+    def send(self, msg: apb.AgentMessage) -> None:
+        data = msg.SerializeToString()
+        with self._send_lock:
+            self._conn.send_bytes(data)
+
+    def reply(self, cid: int, **kw: Any) -> None:
+        self.send(apb.AgentMessage(result=apb.CommandResult(command_id=cid, **kw)))
+
+    def fail(self, cid: int, code: str, message: str) -> None:
+        self.reply(cid, ok=False, code=code, message=message)
+
+    def serve(self) -> None:
+        self.reply(READY_ID, ok=True)
+        while True:
+            try:
+                data = self._conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            cmd = apb.Command.FromString(data)
+            try:
+                self.handle(cmd)
+            except Exception as e:
+                log.exception("command_crashed", command=cmd.WhichOneof("body"))
+                self.fail(cmd.id, "INTERNAL", f"{type(e).__name__}: {e}")
+
+    def handle(self, cmd: apb.Command) -> None:
+        kind = cmd.WhichOneof("body")
+        if kind == "load":
+            self._io.submit(self._guard, cmd.id, self._load, cmd)
+        elif kind == "drop":
+            self._io.submit(self._guard, cmd.id, self._drop, cmd)
+        elif kind == "prepare_group":
+            self._prepare(cmd)
+        elif kind == "run_update":
+            threading.Thread(target=self._guard, args=(cmd.id, self._update, cmd),
+                             name=f"update-{cmd.run_update.job_id}", daemon=True).start()
+        elif kind == "abort":
+            ev = self._aborts.get(cmd.abort.job_id)
+            if ev:
+                ev.set()
+        else:
+            self.fail(cmd.id, "UNIMPLEMENTED", f"worker cannot {kind}")
+
+    def _guard(self, cid: int, fn: Any, cmd: apb.Command) -> None:
+        try:
+            fn(cmd)
+        except StoreError as e:
+            self.fail(cid, e.code, e.message)
+        except Exception as e:
+            log.error("command_failed", error=repr(e), tb=traceback.format_exc())
+            self.fail(cid, "INTERNAL", f"{type(e).__name__}: {e}")
+
+    def _load(self, cmd: apb.Command) -> None:
+        ready = self.stores.load(cmd.load)
+        log.info("store_loaded", checkpoint=cmd.load.checkpoint, version=cmd.load.version,
+                 bytes=ready.nbytes, seconds=round(ready.seconds, 4))
+        self.reply(cmd.id, ok=True, store=ready)
+
+    def _drop(self, cmd: apb.Command) -> None:
+        self.stores.drop(cmd.drop.checkpoint, cmd.drop.version)
+        self.reply(cmd.id, ok=True)
+
+    def _prepare(self, cmd: apb.Command) -> None:
+        import torch.distributed as dist
+
+        p = cmd.prepare_group
+        store = dist.TCPStore(self.host, 0, p.world_size, is_master=True,
+                              timeout=timedelta(seconds=60), wait_for_workers=False)
+        self._group_stores = {p.job_id: store}  # one job at a time per device
+        self.reply(cmd.id, ok=True, group=apb.GroupReady(addr=self.host, port=store.port))
+
+    def _update(self, cmd: apb.Command) -> None:
+        import torch.distributed as dist
+
+        from ckpt_agent.pipeline import run_update
+
+        u = cmd.run_update
+        abort = self._aborts.setdefault(u.job_id, threading.Event())
+        try:
+            with self._update_lock:
+                store = self._group_stores.pop(u.job_id, None)
+                if store is None:
+                    store = dist.TCPStore(u.master_addr, u.master_port, u.world_size,
+                                          is_master=False,
+                                          timeout=timedelta(seconds=max(5.0, u.timeout_s)))
+                # Scope keys by job so a reused store never mixes two groups.
+                store = dist.PrefixStore(f"job/{u.job_id}", store)
+
+                def progress(bucket: int, nbytes: int) -> None:
+                    self.send(apb.AgentMessage(progress=apb.Progress(
+                        job_id=u.job_id, device=self.device, bucket=bucket, bytes=nbytes)))
+
+                result = run_update(u, backend=self.backend, stores=self.stores,
+                                    link=self.link, group_store=store, abort=abort,
+                                    progress=progress)
+        finally:
+            self._aborts.pop(u.job_id, None)
+        result.node_id, result.device = self.node_id, self.device
+        self.reply(cmd.id, ok=True, update=result)
+
+    def close(self) -> None:
+        self.stores.close()
+        self.backend.close()
+        self.link.close()
+
+
+def worker_main(conn: Connection, node_id: str, device: int, kind: str, ipc_dir: str,
+                host: str, log_level: str) -> None:
+    die_with_parent()
+    setup_logging(json=True, level=log_level, service="ckpt-agent", node=node_id, device=device,
+                  pid=os.getpid())
+    import torch  # noqa: F401  (import once, before the first update, not during it)
+
+    w = Worker(conn, node_id=node_id, device=device, kind=kind, ipc_dir=ipc_dir, host=host)
+    try:
+        w.serve()
+    finally:
+        w.close()

@@ -1,0 +1,1 @@
+"""ckptctl: the operator CLI and the Python client of ckptd's API. No torch at import."""

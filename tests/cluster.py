@@ -1,0 +1,106 @@
+"""Real processes on loopback for integration tests: ckptd on port 0, agents, receivers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ckptctl.client import Client
+
+PY = sys.executable
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Cluster:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state_dir = root / "state"
+        self.ipc_dir = root / "ipc"
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.port = 0
+        self.client: Client | None = None
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "CKPT_IPC_DIR": str(self.ipc_dir),
+                    "CKPT_LOG_LEVEL": os.environ.get("CKPT_LOG_LEVEL", "info")}
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        p = subprocess.Popen([PY, *args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                             cwd=REPO, start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def start_daemon(self, *extra: str) -> None:
+        port_file = self.root / "ckptd.port"
+        if port_file.exists():
+            port_file.unlink()
+        listen = f"127.0.0.1:{self.port}" if self.port else "127.0.0.1:0"
+        self._spawn("ckptd", ["-m", "ckpt_daemon.main", "--listen", listen, "--state-dir",
+                              str(self.state_dir), "--port-file", str(port_file),
+                              "--heartbeat-s", "0.5", *extra])
+        wait_for(port_file.exists, 30, "ckptd to listen")
+        self.port = int(port_file.read_text())
+        if self.client:
+            self.client.close()
+        self.client = Client(self.addr)
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        p = self.procs.pop(name, None)
+        if p is None or p.poll() is not None:
+            return
+        os.killpg(p.pid, sig)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+    def start_agent(self, node_id: str, slots: int = 1) -> None:
+        self._spawn(f"agent-{node_id}", ["-m", "ckpt_agent.main", "--daemon", self.addr,
+                                         "--node-id", node_id, "--slots", str(slots),
+                                         "--heartbeat-s", "0.5"])
+
+    def start_receiver(self, node_id: str, device: int) -> Path:
+        report = self.root / f"report-{node_id}-{device}.json"
+        self._spawn(f"recv-{node_id}-{device}", ["-m", "vllm_ext.reference", "--node-id", node_id,
+                                                  "--device", str(device), "--report", str(report)])
+        return report
+
+    def wait_ranks(self, n: int, timeout: float = 60) -> None:
+        assert self.client
+        wait_for(lambda: sum(len(a.devices) for a in self.client.agents() if a.state == 1) >= n,
+                 timeout, f"{n} ranks attached")
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+        if self.client:
+            self.client.close()
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def read_report(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,165 @@
+"""The framework-agnostic receiving loop: what any engine runs to take one update from the
+agent worker on its device.
+
+    r = Receiver(worker_endpoint(node_id, device))
+    done = r.receive(validate=check_names, load=lambda info, tensors: model.load(tensors))
+
+`load` gets an iterator of (name, tensor) views into the shared buffer. A view is valid until
+the iterator advances past its bucket, except tensors the worker flags `copy` (their layer
+continues in a later bucket) and tensors cut into chunks, which are handed over as copies.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from ckpt.v1 import ipc_pb2 as ipb
+from ckpt.v1 import types_pb2 as tpb
+from ckpt_common.dtypes import torch_dtype
+from vllm_ext.buffers import MappedBuffer
+
+
+class ReceiveError(Exception):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateInfo:
+    job_id: str
+    checkpoint: str
+    version: int
+    tensors: list[tpb.TensorMeta]
+    partial: bool
+    device: int
+
+
+Validate = Callable[[UpdateInfo], str | None]
+Load = Callable[[UpdateInfo, Iterator[tuple[str, Any]]], None]
+
+
+class Receiver:
+    def __init__(self, endpoint: str, *, engine: str = "reference", device: Any = None) -> None:
+        self.endpoint = endpoint
+        self.engine = engine
+        self.device = device  # torch device for CUDA buffers
+        self._ctx = zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self.buffer = MappedBuffer()
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(self.endpoint)
+            self._sock = s
+        return self._sock
+
+    def _send(self, msg: ipb.ReceiverMessage) -> None:
+        self._socket().send(msg.SerializeToString())
+
+    def _recv(self, timeout_s: float, kinds: tuple[str, ...]) -> ipb.WorkerMessage | None:
+        sock = self._socket()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+                return None
+            msg = ipb.WorkerMessage.FromString(sock.recv())
+            kind = msg.WhichOneof("body")
+            if kind in kinds:
+                return msg
+            if kind == "end" and not msg.end.ok:
+                raise ReceiveError(f"the update failed: {msg.end.reason}")
+
+    def receive(self, *, load: Load, validate: Validate | None = None, job_id: str = "",
+                wait_s: float = 60.0, step_timeout_s: float = 300.0) -> ipb.ReceiverDone:
+        """Takes one update. Raises TimeoutError if none starts within wait_s."""
+        self._send(ipb.ReceiverMessage(hello=ipb.ReceiverHello(
+            engine=self.engine, pid=os.getpid(), job_id=job_id)))
+        msg = self._recv(wait_s, ("begin",))
+        if msg is None:
+            self.reset()
+            raise TimeoutError(f"no update started on {self.endpoint} within {wait_s:.0f}s")
+        b = msg.begin
+        info = UpdateInfo(job_id=b.job_id, checkpoint=b.checkpoint, version=b.version,
+                          tensors=list(b.tensors), partial=b.partial, device=b.device)
+        try:
+            problem = validate(info) if validate else None
+        except Exception as e:
+            problem = f"validation crashed: {e!r}"
+        self._send(ipb.ReceiverMessage(validated=ipb.Validated(ok=not problem,
+                                                               reason=problem or "")))
+        try:
+            go = self._recv(step_timeout_s, ("proceed",))
+        except ReceiveError as e:
+            return ipb.ReceiverDone(ok=False, reason=str(e))
+        if go is None:
+            return ipb.ReceiverDone(ok=False, reason="worker sent no go-ahead")
+        if not go.proceed.ok:
+            return ipb.ReceiverDone(ok=False, reason=problem or go.proceed.reason)
+        buf = self.buffer.map(b.buffer, self.device)
+        try:
+            it = self._tensors(info, buf, b.slot_bytes, step_timeout_s)
+            load(info, it)
+            for _ in it:  # a loader that stopped early still lets the worker finish
+                pass
+        except Exception as e:
+            done = ipb.ReceiverDone(ok=False, reason=f"{type(e).__name__}: {e}",
+                                    checkpoint=b.checkpoint, version=b.version)
+            self._send(ipb.ReceiverMessage(done=done))
+            return done
+        done = ipb.ReceiverDone(ok=True, checkpoint=b.checkpoint, version=b.version)
+        self._send(ipb.ReceiverMessage(done=done))
+        return done
+
+    def _tensors(self, info: UpdateInfo, buf: Any, slot_bytes: int,
+                 timeout_s: float) -> Iterator[tuple[str, Any]]:
+        import torch
+
+        partial: dict[int, tuple[Any, int]] = {}  # tensor index -> (bytes, received)
+        while True:
+            msg = self._recv(timeout_s, ("bucket", "end"))
+            if msg is None:
+                raise ReceiveError(f"no bucket within {timeout_s:.0f}s")
+            if msg.WhichOneof("body") == "end":
+                return
+            bk = msg.bucket
+            base = bk.slot * slot_bytes
+            for e in bk.entries:
+                meta = info.tensors[e.tensor]
+                dt = torch_dtype(meta.dtype)
+                if e.nbytes != meta.nbytes:  # a chunk of a large tensor
+                    whole, got = partial.get(e.tensor) or (
+                        torch.empty(meta.nbytes, dtype=torch.uint8, device=buf.device), 0)
+                    whole[e.chunk_offset : e.chunk_offset + e.nbytes].copy_(
+                        buf[base + e.offset : base + e.offset + e.nbytes])
+                    got += e.nbytes
+                    if got < meta.nbytes:
+                        partial[e.tensor] = (whole, got)
+                        continue
+                    partial.pop(e.tensor, None)
+                    yield meta.name, whole.view(dt).reshape(tuple(meta.shape))
+                    continue
+                if meta.nbytes == 0:
+                    yield meta.name, torch.empty(tuple(meta.shape), dtype=dt, device=buf.device)
+                    continue
+                view = buf[base + e.offset : base + e.offset + e.nbytes].view(dt)
+                view = view.reshape(tuple(meta.shape))
+                yield meta.name, (view.clone() if e.copy else view)
+            self._send(ipb.ReceiverMessage(loaded=ipb.BucketLoaded(bucket=bk.bucket)))
+
+    def reset(self) -> None:
+        """Drops the socket (queued hellos with it)."""
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    def close(self) -> None:
+        self.reset()
+        self.buffer.close()

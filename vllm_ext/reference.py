@@ -1,0 +1,123 @@
+"""ckpt-receiver: the reference engine. Keeps every received tensor in memory and writes a
+report (version and sha256 per tensor) after each update. It stands in for vLLM in data-plane
+tests and GPU benchmarks.
+
+Its devices: --node-id and --device name the agent worker it receives from (CPU: the slot;
+CUDA: the GPU index on that node)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import structlog
+
+from ckpt_common.ipc import worker_endpoint
+from ckpt_common.logs import setup_logging
+from vllm_ext.receiver import Receiver, UpdateInfo
+
+log = structlog.get_logger("ckpt_receiver")
+
+
+def tensor_sha256(t: Any) -> str:
+    import torch
+
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(flat.cpu().numpy().tobytes()).hexdigest()
+
+
+class ReferenceEngine:
+    """Holds tensors like an engine holds parameters. With preallocate, a tensor first seen
+    is allocated once and later updates copy into it (as vLLM's loader does)."""
+
+    def __init__(self, *, device: Any = None, expect: dict[str, tuple] | None = None) -> None:
+        self.tensors: dict[str, Any] = {}
+        self.checkpoint = ""
+        self.version = 0
+        self.job_id = ""
+        self.updates = 0
+        self.device = device
+        self.expect = expect  # name -> shape; validates like a real model would
+
+    def validate(self, info: UpdateInfo) -> str | None:
+        if self.expect is None:
+            return None
+        for t in info.tensors:
+            if t.name not in self.expect:
+                return f"unknown tensor {t.name!r}"
+            if tuple(t.shape) != tuple(self.expect[t.name]):
+                return f"tensor {t.name!r} has shape {list(t.shape)}, model wants {list(self.expect[t.name])}"
+        return None
+
+    def load(self, info: UpdateInfo, tensors: Iterator[tuple[str, Any]]) -> None:
+        for name, t in tensors:
+            cur = self.tensors.get(name)
+            if cur is not None and cur.shape == t.shape and cur.dtype == t.dtype:
+                cur.copy_(t)
+            else:
+                self.tensors[name] = t.clone() if self.device is None else t.to(self.device, copy=True)
+        self.checkpoint, self.version, self.job_id = info.checkpoint, info.version, info.job_id
+        self.updates += 1
+
+    def report(self) -> dict:
+        return {
+            "checkpoint": self.checkpoint,
+            "version": self.version,
+            "job_id": self.job_id,
+            "updates": self.updates,
+            "tensors": {n: tensor_sha256(t) for n, t in sorted(self.tensors.items())},
+        }
+
+
+def write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="ckpt-receiver", description=__doc__)
+    p.add_argument("--node-id", required=True)
+    p.add_argument("--device", type=int, default=0)
+    p.add_argument("--ipc-dir", default="")
+    p.add_argument("--report", default="", help="write version + sha256 per tensor here")
+    p.add_argument("--once", action="store_true", help="exit after one update")
+    p.add_argument("--cuda", action="store_true", help="keep tensors on the GPU")
+    a = p.parse_args(argv)
+    setup_logging(json=True, service="ckpt-receiver", node=a.node_id, device=a.device)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    device = None
+    if a.cuda:
+        import torch
+
+        device = torch.device("cuda", a.device)
+        torch.cuda.set_device(device)
+    engine = ReferenceEngine(device=device)
+    r = Receiver(worker_endpoint(a.node_id, a.device, a.ipc_dir or None), device=device)
+    log.info("receiver_ready", endpoint=r.endpoint)
+    if a.report:
+        write_json(a.report, engine.report())
+    while True:
+        try:
+            t0 = time.monotonic()
+            done = r.receive(load=engine.load, validate=engine.validate, wait_s=3600.0)
+        except TimeoutError:
+            continue
+        log.info("update_received", ok=done.ok, reason=done.reason, version=done.version,
+                 seconds=round(time.monotonic() - t0, 4))
+        if done.ok and a.report:
+            write_json(a.report, engine.report())
+        if a.once:
+            return
+
+
+if __name__ == "__main__":
+    main()
