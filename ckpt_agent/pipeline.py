@@ -76,6 +76,7 @@ def run_update(
     sent_bytes = 0
     coll: Collective | None = None
     local_fail = ""
+    told = False  # the engine already knows this update will not happen
 
     def check(flag_reason: str) -> None:
         """Everyone agrees; raises if anyone failed."""
@@ -89,6 +90,7 @@ def run_update(
         if worst != OK:
             raise UpdateFailed(local_fail or PEER_FAILED)
 
+    link.peer = None
     try:
         owns = any(b.owner == me for b in cmd.buckets)
         store_t = None
@@ -123,6 +125,7 @@ def run_update(
             check(problem)
         except UpdateFailed as e:
             if cmd.is_target and link.peer is not None:
+                told = True
                 try:
                     link.send(ipb.WorkerMessage(proceed=ipb.Proceed(ok=False, reason=str(e))))
                 except LinkError:
@@ -200,7 +203,7 @@ def run_update(
     finally:
         if coll is not None:
             coll.close()
-    if cmd.is_target and link.peer is not None:
+    if cmd.is_target and link.peer is not None and not told:
         try:
             link.send(ipb.WorkerMessage(end=ipb.End(ok=False, reason=reason)))
         except LinkError:

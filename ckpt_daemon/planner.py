@@ -16,12 +16,14 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ckpt_common.layers import layer_key
 from ckpt_daemon.model import RankRef, TensorInfo, TensorSpec
 
 ALIGN = 256  # bytes; keeps every tensor view aligned for any dtype and for CUDA copies
 MIB = 1 << 20
+MIN_REQUESTED_BUCKET = 4096
 
 
 class PlanError(ValueError):
@@ -124,8 +126,9 @@ def place(specs: Sequence[TensorSpec], ranks: Sequence[RankRef]) -> Placement:
 # --------------------------------------------------------------------------- update plan
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """A piece of a tensor in a bucket (a NamedTuple: plans hold one per tensor)."""
+
     tensor: int  # index into Plan.tensors
     bucket_offset: int
     store_offset: int
@@ -170,8 +173,9 @@ def choose_bucket_bytes(
 ) -> int:
     """The largest bucket every participant can hold nbuf (+1 staging) of, capped."""
     if requested:
-        if requested < floor:
-            raise PlanError(f"bucket_bytes {requested} is below the minimum {floor}")
+        if requested < MIN_REQUESTED_BUCKET:
+            raise PlanError(
+                f"bucket_bytes {requested} is below the minimum {MIN_REQUESTED_BUCKET}")
         return align_up(requested, ALIGN)
     if not free_bytes:
         raise PlanError("no participant reported free memory")
@@ -192,43 +196,45 @@ def _owner_buckets(
     buckets: list[BucketPlan] = []
     entries: list[Entry] = []
     used = 0
-
-    def close() -> None:
-        nonlocal entries, used
-        if entries:
-            buckets.append(BucketPlan(owner=owner, nbytes=used, entries=tuple(entries)))
-        entries, used = [], 0
+    mask = ALIGN - 1
 
     # Consecutive tensors with the same layer key form a group.
-    groups: list[list[int]] = []
+    groups: list[tuple[int, list[int]]] = []  # (aligned bytes, indices)
     last_key = None
     for i in owned:
-        key = layer_key(tensors[i].name)
+        t = tensors[i]
+        key = layer_key(t.name)
         if key != last_key:
-            groups.append([])
+            groups.append((0, []))
             last_key = key
-        groups[-1].append(i)
+        need, members = groups[-1]
+        members.append(i)
+        groups[-1] = (need + ((t.nbytes + mask) & ~mask), members)
 
-    for group in groups:
-        need = sum(align_up(tensors[i].nbytes) for i in group)
-        if need <= bucket_bytes and used + need > bucket_bytes:
-            close()
+    for need, group in groups:
+        if need <= bucket_bytes and used + need > bucket_bytes and entries:
+            buckets.append(BucketPlan(owner=owner, nbytes=used, entries=tuple(entries)))
+            entries, used = [], 0
         for i in group:
             t = tensors[i]
-            if t.nbytes == 0:
+            n = t.nbytes
+            if n == 0:
                 entries.append(Entry(i, used, t.store_offset, 0, 0))
                 continue
             done = 0
-            while done < t.nbytes:
+            while done < n:
                 room = bucket_bytes - used
                 if room <= 0:
-                    close()
-                    room = bucket_bytes
-                piece = min(room, t.nbytes - done)
+                    buckets.append(BucketPlan(owner=owner, nbytes=used, entries=tuple(entries)))
+                    entries, used, room = [], 0, bucket_bytes
+                piece = room if room < n - done else n - done
                 entries.append(Entry(i, used, t.store_offset + done, piece, done))
-                used = min(bucket_bytes, align_up(used + piece))
+                used = (used + piece + mask) & ~mask
+                if used > bucket_bytes:
+                    used = bucket_bytes
                 done += piece
-    close()
+    if entries:
+        buckets.append(BucketPlan(owner=owner, nbytes=used, entries=tuple(entries)))
     return buckets
 
 
@@ -253,8 +259,11 @@ def plan_update(
     index = {r: i for i, r in enumerate(participants)}
 
     by_owner: dict[int, list[int]] = {}
+    last_owner, last_g = None, -1
     for i, t in enumerate(tensors):
-        by_owner.setdefault(index[t.owner], []).append(i)
+        if t.owner is not last_owner:  # tensors of one owner come in runs: skip most hashing
+            last_owner, last_g = t.owner, index[t.owner]
+        by_owner.setdefault(last_g, []).append(i)
     per_owner = []
     for g in sorted(by_owner):
         owned = sorted(by_owner[g], key=lambda i: tensors[i].store_offset)

@@ -25,6 +25,9 @@ from ckpt_common.dtypes import torch_dtype
 from vllm_ext.buffers import MappedBuffer
 
 
+HELLO_EVERY_S = 2.0
+
+
 class ReceiveError(Exception):
     pass
 
@@ -68,21 +71,31 @@ class Receiver:
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+            if left <= 0:
                 return None
+            # Short polls, so signal handlers run while an engine waits for an update.
+            if not sock.poll(max(1, int(min(left, 0.5) * 1000))):
+                continue
             msg = ipb.WorkerMessage.FromString(sock.recv())
             kind = msg.WhichOneof("body")
             if kind in kinds:
                 return msg
-            if kind == "end" and not msg.end.ok:
+            if kind == "end" and not msg.end.ok and "begin" not in kinds:
                 raise ReceiveError(f"the update failed: {msg.end.reason}")
+            # anything else is left over from an earlier update: skip it
 
     def receive(self, *, load: Load, validate: Validate | None = None, job_id: str = "",
                 wait_s: float = 60.0, step_timeout_s: float = 300.0) -> ipb.ReceiverDone:
         """Takes one update. Raises TimeoutError if none starts within wait_s."""
-        self._send(ipb.ReceiverMessage(hello=ipb.ReceiverHello(
-            engine=self.engine, pid=os.getpid(), job_id=job_id)))
-        msg = self._recv(wait_s, ("begin",))
+        hello = ipb.ReceiverMessage(hello=ipb.ReceiverHello(
+            engine=self.engine, pid=os.getpid(), job_id=job_id))
+        deadline = time.monotonic() + wait_s
+        msg = None
+        while msg is None and time.monotonic() < deadline:
+            # Said again now and then: a worker that restarted never saw the first one.
+            self._send(hello)
+            msg = self._recv(min(HELLO_EVERY_S, max(0.0, deadline - time.monotonic())),
+                             ("begin",))
         if msg is None:
             self.reset()
             raise TimeoutError(f"no update started on {self.endpoint} within {wait_s:.0f}s")

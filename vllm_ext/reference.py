@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
 
         device = torch.device("cuda", a.device)
         torch.cuda.set_device(device)
+    import torch  # noqa: F401  (before announcing readiness, not during the first update)
+
     engine = ReferenceEngine(device=device)
     r = Receiver(worker_endpoint(a.node_id, a.device, a.ipc_dir or None), device=device)
     log.info("receiver_ready", endpoint=r.endpoint)
@@ -110,6 +112,10 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.monotonic()
             done = r.receive(load=engine.load, validate=engine.validate, wait_s=3600.0)
         except TimeoutError:
+            continue
+        except Exception as e:  # never die: the next update may work
+            log.error("receive_failed", error=repr(e))
+            r.reset()
             continue
         log.info("update_received", ok=done.ok, reason=done.reason, version=done.version,
                  seconds=round(time.monotonic() - t0, 4))

@@ -1,0 +1,237 @@
+"""End to end on real processes: ckptd on port 0, two agents x 2 slots, reference receivers
+on all four ranks. Push from files, broadcast updates, errors, restarts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ckpt.v1 import types_pb2 as tpb
+from ckpt_common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from tests.cluster import Cluster, read_report, wait_for
+from tests.tensors import digests, mixed_tensors, write_sharded
+
+pytestmark = pytest.mark.slow
+RANKS = [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    c = Cluster(root)
+    c.start_daemon("--receiver-timeout-s", "4")
+    c.start_agent("node-a", 2)
+    c.start_agent("node-b", 2)
+    c.reports = [c.start_receiver(n, d) for n in ("node-a", "node-b") for d in (0, 1)]
+    c.wait_ranks(4)
+    for r in c.reports:
+        wait_for(r.exists, 60, "receivers to start")
+    yield c
+    c.close()
+
+
+def versions(c: Cluster) -> list[int]:
+    return [read_report(r).get("version", 0) for r in c.reports]
+
+
+def hashes(c: Cluster, rank: int) -> dict:
+    return read_report(c.reports[rank]).get("tensors", {})
+
+
+def run(c: Cluster, *args, **kw) -> tpb.Job:
+    job = c.client.update(*args, **kw)
+    return c.client.wait(job.id, 120)
+
+
+def test_push_update_all_subset_and_v2(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    t1 = mixed_tensors(1)
+    cp = c.client.push("llama", 1, [str(write_sharded(t1, tmp_path / "v1"))])
+    assert cp.state == tpb.CHECKPOINT_READY and cp.tensor_count == len(t1)
+    assert sorted(s.rank for s in cp.shards) == RANKS  # spread over every rank
+
+    job = run(c, "llama", ranks=RANKS, bucket_bytes=1 << 20)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert job.buckets_done == job.buckets_total > 0
+    assert len(job.results) == 4 and all(r.ok for r in job.results)
+    want1 = digests(t1)
+    for r in RANKS:
+        assert hashes(c, r) == want1
+
+    # version 2 from two plain files, onto a subset only
+    t2 = mixed_tensors(2)
+    names = sorted(t2)
+    save_file({n: t2[n] for n in names[:7]}, str(tmp_path / "a.safetensors"))
+    save_file({n: t2[n] for n in names[7:]}, str(tmp_path / "b.safetensors"))
+    c.client.push("llama", 2, [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")])
+    job = run(c, "llama", 2, ranks=[1, 3], bucket_bytes=1 << 20)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert list(job.ranks) == [1, 3]
+    want2 = digests(t2)
+    assert versions(c) == [1, 2, 1, 2]
+    assert hashes(c, 1) == want2 and hashes(c, 0) == want1
+
+    # newest READY is the default; small buckets split tensors into chunks
+    job = run(c, "llama", ranks=RANKS, bucket_bytes=4096 * 4)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert job.version == 2 and job.buckets_total > 8
+    for r in RANKS:
+        assert hashes(c, r) == want2
+
+    # partial update: one layer of version 1
+    job = run(c, "llama", 1, ranks=RANKS, tensors=["model.layers.1."])
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    h = hashes(c, 2)
+    for n in t1:
+        assert h[n] == (want1[n] if n.startswith("model.layers.1.") else want2[n])
+
+
+def test_errors_are_precise_and_change_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    c.client.push("errs", 1, [str(write_sharded(mixed_tensors(5, layers=1), tmp_path / "e"))])
+    before = [(x.name, x.version, x.state) for x in c.client.checkpoints()]
+    njobs = len(c.client.jobs(1000))
+
+    with pytest.raises(NotFound, match="not found"):
+        c.client.update("no-such", ranks=[0])
+    with pytest.raises(NotFound, match="errs@9"):
+        c.client.update("errs", 9, ranks=[0])
+    with pytest.raises(InvalidArgument, match="out of range"):
+        c.client.update("errs", 1, ranks=[0, 4])
+    with pytest.raises(InvalidArgument, match="no target"):
+        c.client.update("errs", 1)
+    with pytest.raises(InvalidArgument, match="no tensor matches"):
+        c.client.update("errs", 1, ranks=[0], tensors=["zzz"])
+    with pytest.raises(NotFound, match="no such file"):
+        c.client.push("errs", 2, [str(tmp_path / "missing.safetensors")])
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(InvalidArgument, match="not JSON"):
+        c.client.push("errs", 2, [str(bad)])
+    with pytest.raises(AlreadyExists):
+        c.client.push("errs", 1, [str(tmp_path / "e")])
+    with pytest.raises(InvalidArgument, match="version must be positive"):
+        c.client.push("errs", 0, [str(tmp_path / "e")])
+    with pytest.raises(InvalidArgument, match="name"):
+        c.client.push("bad/name", 1, [str(tmp_path / "e")])
+    with pytest.raises(InvalidArgument, match="out of range"):
+        c.client.push("errs", 3, [str(tmp_path / "e")], ranks=[7])
+    with pytest.raises(NotFound):
+        c.client.job("nope")
+    with pytest.raises(NotFound):
+        c.client.delete("no-such")
+    with pytest.raises(NotFound):
+        c.client.remove_instance("no-such")
+
+    assert [(x.name, x.version, x.state) for x in c.client.checkpoints()] == before
+    assert len(c.client.jobs(1000)) == njobs
+
+
+def test_concurrent_update_is_refused_and_missing_engine_fails(cluster: Cluster,
+                                                                tmp_path: Path) -> None:
+    c = cluster
+    c.client.push("busy", 1, [str(write_sharded(mixed_tensors(7, layers=1), tmp_path / "b"))])
+    c.stop("recv-node-b-1")  # rank 3 has no engine now
+    try:
+        job = c.client.update("busy", ranks=[2, 3])
+        with pytest.raises(FailedPrecondition, match=job.id):
+            c.client.update("busy", ranks=[3])
+        t0 = time.monotonic()
+        done = c.client.wait(job.id, 60)
+        assert done.state == tpb.JOB_FAILED
+        assert "no engine connected" in done.reason and "rank 3" in done.reason
+        assert time.monotonic() - t0 < 30
+        # the ranks are free again, the engine on rank 2 kept its version
+        assert versions(c)[2] != 0
+    finally:
+        c.reports[3] = c.start_receiver("node-b", 1)
+    job = run(c, "busy", ranks=[2, 3])
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+
+
+def test_restart_between_push_and_update(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    t = mixed_tensors(11)
+    c.client.push("restart", 1, [str(write_sharded(t, tmp_path / "r"))])
+    c.stop("ckptd")
+    c.start_daemon("--receiver-timeout-s", "4")
+    c.wait_ranks(4)  # the agents re-attached by themselves
+    cp = c.client.get("restart", 1)
+    assert cp.state == tpb.CHECKPOINT_READY
+    job = run(c, "restart", ranks=RANKS)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert hashes(c, 0) == digests(t)
+
+
+def test_agent_restart_marks_shards_lost(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    c.client.push("lost", 1, [str(write_sharded(mixed_tensors(3, layers=2), tmp_path / "l"))])
+    c.stop("agent-node-b")
+    c.start_agent("node-b", 2)
+    wait_for(lambda: c.client.get("lost", 1).state == tpb.CHECKPOINT_LOST, 60, "LOST")
+    cp = c.client.get("lost", 1)
+    assert any(s.state == tpb.SHARD_LOST and s.node_id == "node-b" for s in cp.shards)
+    c.wait_ranks(4)
+    with pytest.raises(FailedPrecondition, match="LOST"):
+        c.client.update("lost", 1, ranks=[0])
+    assert [d.version for d in c.client.delete("lost")] == [1]
+    # a receiver that lost its worker reconnects to the new one
+    t = mixed_tensors(4)
+    c.client.push("after", 1, [str(write_sharded(t, tmp_path / "a"))])
+    job = run(c, "after", ranks=RANKS)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+
+
+def test_trainer_push_from_process_and_delete(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    t = {"model.layers.0.w": torch.randn(33, 17).to(torch.bfloat16),
+         "model.norm.weight": torch.randn(17)}
+    cp = c.client.push_tensors("trainer", 1, t, directory=str(tmp_path))
+    assert cp.state == tpb.CHECKPOINT_READY and cp.tensor_count == 2
+    assert not list(tmp_path.glob("ckpt-push-*"))  # the staging file is gone
+    job = run(c, "trainer", ranks=[0])
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    h = hashes(c, 0)
+    assert {k: h[k] for k in t} == digests(t)
+    deleted = c.client.delete("trainer", 1)
+    assert [d.version for d in deleted] == [1]
+    with pytest.raises(NotFound):
+        c.client.get("trainer", 1)
+
+
+def test_cli(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    d = write_sharded(mixed_tensors(9, layers=1), tmp_path / "cli")
+
+    def ctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ckptctl.cli", "--addr", c.addr, *args],
+                              capture_output=True, text=True, timeout=120)
+
+    r = ctl("push", "cli", "1", str(d))
+    assert r.returncode == 0, r.stderr
+    r = ctl("agents")
+    assert r.returncode == 0 and "node-a" in r.stdout and "RANK" in r.stdout
+    r = ctl("-o", "json", "update", "cli@1", "--ranks", "0-1,3", "--wait")
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)
+    assert job["state"] == "JOB_SUCCEEDED" and job["ranks"] == [0, 1, 3]
+    r = ctl("update", "cli@1", "--ranks", "0-9")
+    assert r.returncode == 2 and "INVALID_ARGUMENT" in r.stderr and "out of range" in r.stderr
+    r = ctl("-o", "json", "checkpoints", "cli")
+    assert json.loads(r.stdout)[0]["state"] == "CHECKPOINT_READY"
+    for sub in ("jobs", "instances", "status"):
+        assert ctl(sub).returncode == 0
+    r = ctl("status", job["id"])
+    assert r.returncode == 0 and "SUCCEEDED" in r.stdout
