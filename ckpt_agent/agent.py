@@ -45,9 +45,13 @@ class Agent:
             return devs[: self.cfg.slots] if self.cfg.slots else devs
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return [
-            tpb.Device(index=i, kind="cpu", uuid=f"{self.cfg.node_id}/{i}",
-                       total_bytes=total // self.cfg.slots,
-                       free_bytes=free_host_bytes() // self.cfg.slots)
+            tpb.Device(
+                index=i,
+                kind="cpu",
+                uuid=f"{self.cfg.node_id}/{i}",
+                total_bytes=total // self.cfg.slots,
+                free_bytes=free_host_bytes() // self.cfg.slots,
+            )
             for i in range(self.cfg.slots)
         ]
 
@@ -86,9 +90,14 @@ class Agent:
             body = getattr(cmd, cmd.WhichOneof("body"))
             if getattr(body, "device", -1) == device:
                 self._pending.pop(cid)
-                self._send_result(apb.CommandResult(
-                    command_id=cid, ok=False, code="UNAVAILABLE",
-                    message=f"worker of device {device} on {self.cfg.node_id} died"))
+                self._send_result(
+                    apb.CommandResult(
+                        command_id=cid,
+                        ok=False,
+                        code="UNAVAILABLE",
+                        message=f"worker of device {device} on {self.cfg.node_id} died",
+                    )
+                )
         self._reattach.set()  # tell ckptd what this node holds now
 
     def _send_result(self, res: apb.CommandResult) -> None:
@@ -102,8 +111,9 @@ class Agent:
                 result = await asyncio.to_thread(scan_paths, list(cmd.scan.paths))
                 self._send_result(apb.CommandResult(command_id=cmd.id, ok=True, scan=result))
             except StoreError as e:
-                self._send_result(apb.CommandResult(command_id=cmd.id, ok=False, code=e.code,
-                                                    message=e.message))
+                self._send_result(
+                    apb.CommandResult(command_id=cmd.id, ok=False, code=e.code, message=e.message)
+                )
             return
         body = getattr(cmd, kind)
         device = getattr(body, "device", None)
@@ -113,8 +123,14 @@ class Agent:
                 self.supervisor.send(d, cmd)
             return
         if device is None or device not in self.supervisor.workers:
-            self._send_result(apb.CommandResult(command_id=cmd.id, ok=False, code="NOT_FOUND",
-                                                message=f"no device {device} on this node"))
+            self._send_result(
+                apb.CommandResult(
+                    command_id=cmd.id,
+                    ok=False,
+                    code="NOT_FOUND",
+                    message=f"no device {device} on this node",
+                )
+            )
             return
         self._pending[cmd.id] = cmd
         self.supervisor.send(device, cmd)
@@ -122,11 +138,20 @@ class Agent:
     # ---------------------------------------------------------------- the stream
 
     def _hello(self) -> apb.AgentMessage:
-        return apb.AgentMessage(hello=apb.Hello(
-            node_id=self.cfg.node_id, host=self.cfg.host, devices=self._free(),
-            stores=[apb.HeldStore(checkpoint=c, version=v, device=d, nbytes=n, segment=s)
-                    for (c, v, d), (n, s) in self.held.items()],
-            version=__version__, pid=os.getpid(), ipc_dir=self.ipc_dir))
+        return apb.AgentMessage(
+            hello=apb.Hello(
+                node_id=self.cfg.node_id,
+                host=self.cfg.host,
+                devices=self._free(),
+                stores=[
+                    apb.HeldStore(checkpoint=c, version=v, device=d, nbytes=n, segment=s)
+                    for (c, v, d), (n, s) in self.held.items()
+                ],
+                version=__version__,
+                pid=os.getpid(),
+                ipc_dir=self.ipc_dir,
+            )
+        )
 
     async def _session(self, stub: agent_pb2_grpc.AgentLinkStub) -> None:
         outbox: asyncio.Queue[apb.AgentMessage] = asyncio.Queue()
@@ -172,21 +197,30 @@ class Agent:
             log.warning("stale_segments_removed", count=removed)
         loop = asyncio.get_running_loop()
         self.supervisor = Supervisor(
-            node_id=self.cfg.node_id, kind=self.cfg.device, ipc_dir=self.ipc_dir,
-            host=self.cfg.host, log_level=self.cfg.log_level, loop=loop,
+            node_id=self.cfg.node_id,
+            kind=self.cfg.device,
+            ipc_dir=self.ipc_dir,
+            host=self.cfg.host,
+            log_level=self.cfg.log_level,
+            loop=loop,
             devices=[d.index for d in self.devices],
-            on_message=self._on_worker_message, on_death=self._on_worker_death)
+            on_message=self._on_worker_message,
+            on_death=self._on_worker_death,
+        )
         try:
             await self.supervisor.wait_ready(120)
             log.info("workers_ready", devices=len(self.devices))
             backoff = 0.2
             while not self._stop.is_set():
                 started = time.monotonic()
-                async with grpc.aio.insecure_channel(self.cfg.daemon, options=[
-                    ("grpc.max_send_message_length", 512 << 20),
-                    ("grpc.max_receive_message_length", 512 << 20),
-                    ("grpc.keepalive_time_ms", 10_000),
-                ]) as channel:
+                async with grpc.aio.insecure_channel(
+                    self.cfg.daemon,
+                    options=[
+                        ("grpc.max_send_message_length", 512 << 20),
+                        ("grpc.max_receive_message_length", 512 << 20),
+                        ("grpc.keepalive_time_ms", 10_000),
+                    ],
+                ) as channel:
                     stub = agent_pb2_grpc.AgentLinkStub(channel)
                     session = asyncio.create_task(self._session(stub))
                     stop = asyncio.create_task(self._stop.wait())

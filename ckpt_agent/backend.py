@@ -29,6 +29,7 @@ class Collective(Protocol):
     def agree(self, flag: int) -> int:
         """All-reduce MAX of a small int over the group: everyone learns the worst."""
         ...
+
     def close(self) -> None: ...
 
 

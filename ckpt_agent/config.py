@@ -15,8 +15,8 @@ class AgentConfig:
     daemon: str = "127.0.0.1:7601"
     node_id: str = socket.gethostname()
     host: str = "127.0.0.1"  # address peers reach this node at (rendezvous, P2P)
-    device: str = "cpu"       # "cpu" or "cuda"
-    slots: int = 1            # CPU: how many "devices" to play; CUDA: 0 means every GPU
+    device: str = "cpu"  # "cpu" or "cuda"
+    slots: int = 1  # CPU: how many "devices" to play; CUDA: 0 means every GPU
     ipc_dir: str = ""
     heartbeat_s: float = 2.0
     command_timeout_s: float = 30.0

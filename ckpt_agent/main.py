@@ -19,16 +19,27 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     p.add_argument("--node-id", default=os.environ.get(NODE_ID_ENV, d.node_id))
     p.add_argument("--host", default=d.host, help="address peers reach this node at")
     p.add_argument("--device", choices=["cpu", "cuda"], default=d.device)
-    p.add_argument("--slots", type=int, default=None,
-                   help="cpu: devices to play (default 1); cuda: first N GPUs (default all)")
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=None,
+        help="cpu: devices to play (default 1); cuda: first N GPUs (default all)",
+    )
     p.add_argument("--ipc-dir", default=d.ipc_dir)
     p.add_argument("--heartbeat-s", type=float, default=d.heartbeat_s)
     p.add_argument("--log-level", default=d.log_level)
     a = p.parse_args(argv)
     slots = a.slots if a.slots is not None else (1 if a.device == "cpu" else 0)
-    return AgentConfig(daemon=a.daemon, node_id=a.node_id, host=a.host, device=a.device,
-                       slots=slots, ipc_dir=a.ipc_dir, heartbeat_s=a.heartbeat_s,
-                       log_level=a.log_level)
+    return AgentConfig(
+        daemon=a.daemon,
+        node_id=a.node_id,
+        host=a.host,
+        device=a.device,
+        slots=slots,
+        ipc_dir=a.ipc_dir,
+        heartbeat_s=a.heartbeat_s,
+        log_level=a.log_level,
+    )
 
 
 async def _run(cfg: AgentConfig) -> None:

@@ -44,8 +44,13 @@ class Timer:
     marks: dict[str, float] = field(default_factory=dict)
 
     def pb(self, total: float) -> tpb.PhaseTimes:
-        return tpb.PhaseTimes(copy_s=self.copy_s, broadcast_s=self.broadcast_s,
-                              reload_s=self.reload_s, setup_s=self.setup_s, total_s=total)
+        return tpb.PhaseTimes(
+            copy_s=self.copy_s,
+            broadcast_s=self.broadcast_s,
+            reload_s=self.reload_s,
+            setup_s=self.setup_s,
+            total_s=total,
+        )
 
 
 def copy_flags(cmd: apb.RunUpdate) -> list[list[bool]]:
@@ -54,8 +59,10 @@ def copy_flags(cmd: apb.RunUpdate) -> list[list[bool]]:
     for k, b in enumerate(cmd.buckets):
         for e in b.entries:
             last[layer_key(cmd.tensors[e.tensor].name)] = k
-    return [[last[layer_key(cmd.tensors[e.tensor].name)] > k for e in b.entries]
-            for k, b in enumerate(cmd.buckets)]
+    return [
+        [last[layer_key(cmd.tensors[e.tensor].name)] > k for e in b.entries]
+        for k, b in enumerate(cmd.buckets)
+    ]
 
 
 def run_update(
@@ -102,20 +109,29 @@ def run_update(
         problem = ""
         if cmd.is_target:
             try:
-                begin = ipb.WorkerMessage(begin=ipb.Begin(
-                    job_id=cmd.job_id, checkpoint=cmd.checkpoint, version=cmd.version,
-                    buffer=buf_name, slot_bytes=cmd.bucket_bytes, nbuf=nbuf,
-                    bucket_count=len(cmd.buckets), tensors=cmd.tensors, partial=cmd.partial,
-                    device=cmd.device))
+                begin = ipb.WorkerMessage(
+                    begin=ipb.Begin(
+                        job_id=cmd.job_id,
+                        checkpoint=cmd.checkpoint,
+                        version=cmd.version,
+                        buffer=buf_name,
+                        slot_bytes=cmd.bucket_bytes,
+                        nbuf=nbuf,
+                        bucket_count=len(cmd.buckets),
+                        tensors=cmd.tensors,
+                        partial=cmd.partial,
+                        device=cmd.device,
+                    )
+                )
                 deadline = time.monotonic() + cmd.receiver_timeout_s
                 while True:  # a hello from an engine that has since gone is skipped
-                    link.wait_hello(cmd.job_id, max(0.0, deadline - time.monotonic()))
+                    link.wait_hello(cmd.job_id, max(0.0, deadline - time.monotonic()), abort)
                     try:
                         link.send(begin)
                         break
                     except LinkError:
                         continue
-                v = link.expect("validated", cmd.receiver_timeout_s).validated
+                v = link.expect("validated", cmd.receiver_timeout_s, abort).validated
                 if not v.ok:
                     problem = f"engine refused the update: {v.reason}"
             except LinkError as e:
@@ -141,7 +157,7 @@ def run_update(
             nonlocal loaded
             t = time.monotonic()
             while loaded < k:
-                msg = link.expect("loaded", cmd.timeout_s)
+                msg = link.expect("loaded", cmd.timeout_s, abort)
                 loaded = max(loaded, msg.loaded.bucket)
                 progress(msg.loaded.bucket, cmd.buckets[msg.loaded.bucket].nbytes)
             timer.reload_s += time.monotonic() - t
@@ -160,8 +176,10 @@ def run_update(
                 t = time.monotonic()
                 assert store_t is not None
                 for e in b.entries:
-                    backend.copy(view[e.bucket_offset : e.bucket_offset + e.nbytes],
-                                 store_t[e.store_offset : e.store_offset + e.nbytes])
+                    backend.copy(
+                        view[e.bucket_offset : e.bucket_offset + e.nbytes],
+                        store_t[e.store_offset : e.store_offset + e.nbytes],
+                    )
                 timer.copy_s += time.monotonic() - t
             t = time.monotonic()
             coll.broadcast(view, b.owner)
@@ -170,12 +188,24 @@ def run_update(
             sent_bytes += b.nbytes
             if cmd.is_target:
                 try:
-                    link.send(ipb.WorkerMessage(bucket=ipb.BucketReady(
-                        bucket=k, slot=slot, entries=[
-                            ipb.IpcTensor(tensor=e.tensor, offset=e.bucket_offset,
-                                          nbytes=e.nbytes, chunk_offset=e.chunk_offset,
-                                          copy=flags[k][i])
-                            for i, e in enumerate(b.entries)])))
+                    link.send(
+                        ipb.WorkerMessage(
+                            bucket=ipb.BucketReady(
+                                bucket=k,
+                                slot=slot,
+                                entries=[
+                                    ipb.IpcTensor(
+                                        tensor=e.tensor,
+                                        offset=e.bucket_offset,
+                                        nbytes=e.nbytes,
+                                        chunk_offset=e.chunk_offset,
+                                        copy=flags[k][i],
+                                    )
+                                    for i, e in enumerate(b.entries)
+                                ],
+                            )
+                        )
+                    )
                 except LinkError as e:
                     local_fail = local_fail or str(e)
         problem = ""
@@ -185,16 +215,22 @@ def run_update(
                 if cmd.buckets:
                     wait_loaded(len(cmd.buckets) - 1)
                 link.send(ipb.WorkerMessage(end=ipb.End(ok=True)))
-                done = link.expect("done", cmd.timeout_s).done
+                done = link.expect("done", cmd.timeout_s, abort).done
                 if not done.ok:
                     problem = f"engine failed: {done.reason}"
                 version_seen = done.version
             except LinkError as e:
                 problem = str(e)
         check(problem)
-        log.info("update_done", job=cmd.job_id, rank=me, buckets=len(cmd.buckets),
-                 bytes=sent_bytes, seconds=round(time.monotonic() - t0, 4),
-                 engine_version=version_seen)
+        log.info(
+            "update_done",
+            job=cmd.job_id,
+            rank=me,
+            buckets=len(cmd.buckets),
+            bytes=sent_bytes,
+            seconds=round(time.monotonic() - t0, 4),
+            engine_version=version_seen,
+        )
         return tpb.RankResult(ok=True, bytes=sent_bytes, times=timer.pb(time.monotonic() - t0))
     except (UpdateFailed, StoreError, LinkError) as e:
         reason = getattr(e, "message", None) or str(e)
@@ -209,5 +245,6 @@ def run_update(
         except LinkError:
             pass
     log.warning("update_failed", job=cmd.job_id, rank=me, reason=reason)
-    return tpb.RankResult(ok=False, reason=reason, bytes=sent_bytes,
-                          times=timer.pb(time.monotonic() - t0))
+    return tpb.RankResult(
+        ok=False, reason=reason, bytes=sent_bytes, times=timer.pb(time.monotonic() - t0)
+    )

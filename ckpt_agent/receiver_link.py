@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import zmq
@@ -43,11 +44,15 @@ class ReceiverLink:
             return None
         return frames[0], msg
 
-    def wait_hello(self, job_id: str, timeout_s: float) -> ipb.ReceiverHello:
+    def wait_hello(
+        self, job_id: str, timeout_s: float, abort: threading.Event | None = None
+    ) -> ipb.ReceiverHello:
         """Waits for an engine that wants this job (or any next job)."""
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
+            if abort is not None and abort.is_set():
+                raise LinkError("aborted while waiting for the engine to connect")
             if left <= 0:
                 raise LinkError(f"no engine connected to {self.endpoint} within {timeout_s:.0f}s")
             got = self.recv(min(left, 0.5))
@@ -69,11 +74,16 @@ class ReceiverLink:
         except zmq.ZMQError as e:
             raise LinkError(f"engine went away: {e}") from None
 
-    def expect(self, kind: str, timeout_s: float) -> ipb.ReceiverMessage:
-        """The next message from the current engine; a ReceiverDone(ok=False) is an error."""
+    def expect(
+        self, kind: str, timeout_s: float, abort: threading.Event | None = None
+    ) -> ipb.ReceiverMessage:
+        """The next message from the current engine; a ReceiverDone(ok=False) is an error,
+        and so is `abort` being set while waiting."""
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
+            if abort is not None and abort.is_set():
+                raise LinkError(f"aborted while waiting for the engine's {kind}")
             if left <= 0:
                 raise LinkError(f"engine sent no {kind} within {timeout_s:.0f}s")
             got = self.recv(min(left, 0.5))

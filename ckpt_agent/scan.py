@@ -15,12 +15,21 @@ def scan_paths(paths: list[str]) -> apb.ScanResult:
             files = expand_source(path)
             for f in files:
                 tensors, size = read_header(f)
-                out.files.append(apb.ScannedFile(path=f, size=size, tensors=[
-                    apb.ScannedTensor(
-                        meta=tpb.TensorMeta(name=t.name, dtype=t.dtype, shape=list(t.shape),
-                                            nbytes=t.nbytes),
-                        data_offset=t.data_offset)
-                    for t in tensors]))
+                out.files.append(
+                    apb.ScannedFile(
+                        path=f,
+                        size=size,
+                        tensors=[
+                            apb.ScannedTensor(
+                                meta=tpb.TensorMeta(
+                                    name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes
+                                ),
+                                data_offset=t.data_offset,
+                            )
+                            for t in tensors
+                        ],
+                    )
+                )
         except FileNotFoundError as e:
             raise StoreError("NOT_FOUND", str(e).strip("'\"") or f"{path}: not found") from None
         except SafetensorsError as e:

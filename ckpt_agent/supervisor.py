@@ -33,10 +33,19 @@ class WorkerHandle:
 class Supervisor:
     """on_message(device, AgentMessage) and on_death(device) run on the event loop."""
 
-    def __init__(self, *, node_id: str, kind: str, devices: list[int], ipc_dir: str, host: str,
-                 log_level: str, loop: asyncio.AbstractEventLoop,
-                 on_message: Callable[[int, apb.AgentMessage], None],
-                 on_death: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        kind: str,
+        devices: list[int],
+        ipc_dir: str,
+        host: str,
+        log_level: str,
+        loop: asyncio.AbstractEventLoop,
+        on_message: Callable[[int, apb.AgentMessage], None],
+        on_death: Callable[[int], None],
+    ) -> None:
         self._args = (node_id, kind, ipc_dir, host, log_level)
         self._loop = loop
         self._on_message = on_message
@@ -50,14 +59,19 @@ class Supervisor:
     def _start(self, device: int) -> None:
         node_id, kind, ipc_dir, host, log_level = self._args
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=worker_main, name=f"ckpt-worker-{device}", daemon=True,
-                                 args=(child, node_id, device, kind, ipc_dir, host, log_level))
+        proc = self._ctx.Process(
+            target=worker_main,
+            name=f"ckpt-worker-{device}",
+            daemon=True,
+            args=(child, node_id, device, kind, ipc_dir, host, log_level),
+        )
         proc.start()
         child.close()
         h = WorkerHandle(device, proc, parent)
         self.workers[device] = h
-        threading.Thread(target=self._read, args=(h,), daemon=True,
-                         name=f"worker-reader-{device}").start()
+        threading.Thread(
+            target=self._read, args=(h,), daemon=True, name=f"worker-reader-{device}"
+        ).start()
 
     def _read(self, h: WorkerHandle) -> None:
         while True:

@@ -37,8 +37,9 @@ def die_with_parent() -> None:
 
 
 class Worker:
-    def __init__(self, conn: Connection, *, node_id: str, device: int, kind: str,
-                 ipc_dir: str, host: str) -> None:
+    def __init__(
+        self, conn: Connection, *, node_id: str, device: int, kind: str, ipc_dir: str, host: str
+    ) -> None:
         self._conn = conn
         self._send_lock = threading.Lock()
         self.node_id, self.device, self.host = node_id, device, host
@@ -91,8 +92,12 @@ class Worker:
         elif kind == "prepare_group":
             self._prepare(cmd)
         elif kind == "run_update":
-            threading.Thread(target=self._guard, args=(cmd.id, self._update, cmd),
-                             name=f"update-{cmd.run_update.job_id}", daemon=True).start()
+            threading.Thread(
+                target=self._guard,
+                args=(cmd.id, self._update, cmd),
+                name=f"update-{cmd.run_update.job_id}",
+                daemon=True,
+            ).start()
         elif kind == "abort":
             ev = self._aborts.get(cmd.abort.job_id)
             if ev:
@@ -111,8 +116,13 @@ class Worker:
 
     def _load(self, cmd: apb.Command) -> None:
         ready = self.stores.load(cmd.load)
-        log.info("store_loaded", checkpoint=cmd.load.checkpoint, version=cmd.load.version,
-                 bytes=ready.nbytes, seconds=round(ready.seconds, 4))
+        log.info(
+            "store_loaded",
+            checkpoint=cmd.load.checkpoint,
+            version=cmd.load.version,
+            bytes=ready.nbytes,
+            seconds=round(ready.seconds, 4),
+        )
         self.reply(cmd.id, ok=True, store=ready)
 
     def _drop(self, cmd: apb.Command) -> None:
@@ -123,8 +133,14 @@ class Worker:
         import torch.distributed as dist
 
         p = cmd.prepare_group
-        store = dist.TCPStore(self.host, 0, p.world_size, is_master=True,
-                              timeout=timedelta(seconds=60), wait_for_workers=False)
+        store = dist.TCPStore(
+            self.host,
+            0,
+            p.world_size,
+            is_master=True,
+            timeout=timedelta(seconds=60),
+            wait_for_workers=False,
+        )
         self._group_stores = {p.job_id: store}  # one job at a time per device
         self.reply(cmd.id, ok=True, group=apb.GroupReady(addr=self.host, port=store.port))
 
@@ -139,19 +155,34 @@ class Worker:
             with self._update_lock:
                 store = self._group_stores.pop(u.job_id, None)
                 if store is None:
-                    store = dist.TCPStore(u.master_addr, u.master_port, u.world_size,
-                                          is_master=False,
-                                          timeout=timedelta(seconds=max(5.0, u.timeout_s)))
+                    store = dist.TCPStore(
+                        u.master_addr,
+                        u.master_port,
+                        u.world_size,
+                        is_master=False,
+                        timeout=timedelta(seconds=max(5.0, u.timeout_s)),
+                    )
                 # Scope keys by job so a reused store never mixes two groups.
                 store = dist.PrefixStore(f"job/{u.job_id}", store)
 
                 def progress(bucket: int, nbytes: int) -> None:
-                    self.send(apb.AgentMessage(progress=apb.Progress(
-                        job_id=u.job_id, device=self.device, bucket=bucket, bytes=nbytes)))
+                    self.send(
+                        apb.AgentMessage(
+                            progress=apb.Progress(
+                                job_id=u.job_id, device=self.device, bucket=bucket, bytes=nbytes
+                            )
+                        )
+                    )
 
-                result = run_update(u, backend=self.backend, stores=self.stores,
-                                    link=self.link, group_store=store, abort=abort,
-                                    progress=progress)
+                result = run_update(
+                    u,
+                    backend=self.backend,
+                    stores=self.stores,
+                    link=self.link,
+                    group_store=store,
+                    abort=abort,
+                    progress=progress,
+                )
         finally:
             self._aborts.pop(u.job_id, None)
         result.node_id, result.device = self.node_id, self.device
@@ -163,11 +194,18 @@ class Worker:
         self.link.close()
 
 
-def worker_main(conn: Connection, node_id: str, device: int, kind: str, ipc_dir: str,
-                host: str, log_level: str) -> None:
+def worker_main(
+    conn: Connection, node_id: str, device: int, kind: str, ipc_dir: str, host: str, log_level: str
+) -> None:
     die_with_parent()
-    setup_logging(json=True, level=log_level, service="ckpt-agent", node=node_id, device=device,
-                  pid=os.getpid())
+    setup_logging(
+        json=True,
+        level=log_level,
+        service="ckpt-agent",
+        node=node_id,
+        device=device,
+        pid=os.getpid(),
+    )
     import torch  # noqa: F401  (import once, before the first update, not during it)
 
     w = Worker(conn, node_id=node_id, device=device, kind=kind, ipc_dir=ipc_dir, host=host)

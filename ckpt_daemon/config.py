@@ -14,9 +14,9 @@ class DaemonConfig:
     listen: str = "127.0.0.1:7601"
     state_dir: str = os.path.expanduser("~/.local/state/ckptd")
     heartbeat_s: float = 2.0
-    command_timeout_s: float = 30.0   # small agent commands (scan, drop, prepare)
-    load_timeout_s: float = 600.0     # loading a push into host memory
-    update_timeout_s: float = 300.0   # a whole update job, default
+    command_timeout_s: float = 30.0  # small agent commands (scan, drop, prepare)
+    load_timeout_s: float = 600.0  # loading a push into host memory
+    update_timeout_s: float = 300.0  # a whole update job, default
     receiver_timeout_s: float = 60.0  # for an engine to connect to its agent worker
     max_bucket_bytes_cpu: int = 64 << 20
     max_bucket_bytes_cuda: int = 512 << 20

@@ -127,6 +127,7 @@ def agent_to_pb(a: AgentInfo, order: dict[RankRef, int]) -> tpb.Agent:
         last_seen_unix=a.last_seen,
         version=a.version,
         pid=a.pid,
+        ipc_dir=a.ipc_dir,
         devices=[
             tpb.Device(
                 index=d.index,

@@ -1,18 +1,105 @@
-"""Triggers inference engines to pull an update from their agent workers.
+"""Triggers inference engines to take an update from their agent workers.
 
-INSTANCE_RECEIVER instances drive themselves (they wait on their worker's socket), so only
-vLLM servers are called, over their HTTP API.
+INSTANCE_RECEIVER instances drive themselves (they wait on their worker's socket). A vLLM
+server (VLLM_SERVER_DEV_MODE=1, --worker-extension-cls vllm_ext.WorkerExtension) is called
+over HTTP: pause new work (`/pause?mode=keep`: queued and running requests are kept and go on
+after `/resume`), `/collective_rpc` of `ckpt_update` on every worker, check every worker's
+result, record the version (`/update_weight_version`), resume. Resuming happens whatever
+the outcome.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import structlog
+
+from ckpt_common.errors import Aborted, DeadlineExceeded, Unavailable
+from ckpt_common.ipc import worker_endpoint
 from ckpt_daemon.model import Instance, Job
 from ckpt_daemon.registry import Registry
 
+log = structlog.get_logger("ckptd.engines")
+UPDATE_METHOD = "ckpt_update"  # vllm_ext.WorkerExtension.ckpt_update
+
+
+def http_json(url: str, body: dict | None, timeout: float, method: str = "POST") -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
 
 class EngineTrigger:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, control_timeout_s: float = 30.0) -> None:
         self._registry = registry
+        self._control_timeout = control_timeout_s
+
+    def endpoints(self, instance: Instance) -> list[str]:
+        out = []
+        for r in instance.ranks:
+            agent = self._registry.agents.get(r.node_id)
+            out.append(worker_endpoint(r.node_id, r.device, agent.ipc_dir if agent else None))
+        return out
+
+    async def _post(self, url: str, body: dict | None, timeout: float) -> Any:
+        return await asyncio.to_thread(http_json, url, body, timeout)
 
     async def trigger(self, instance: Instance, job: Job, timeout: float) -> None:
-        return None
+        base = instance.endpoint.rstrip("/")
+        bind = {"instance": instance.name, "job": job.id}
+        ctl = min(self._control_timeout, timeout)
+        paused = False
+        t_pause = time.monotonic()
+        try:
+            try:
+                await self._post(f"{base}/pause?mode=keep", None, ctl)
+                paused = True
+            except urllib.error.HTTPError as e:
+                if e.code != 404:  # servers without /pause: collective_rpc runs between steps
+                    raise
+            arg = json.dumps({"job_id": job.id, "endpoints": self.endpoints(instance),
+                              "timeout_s": timeout, "checkpoint": job.spec.checkpoint,
+                              "version": job.version})
+            res = await self._post(
+                f"{base}/collective_rpc",
+                {"method": UPDATE_METHOD, "args": [arg], "timeout": timeout},
+                timeout + 10,
+            )
+            results = (res or {}).get("results") or []
+            if len(results) != len(instance.ranks):
+                raise Aborted(f"instance {instance.name}: {len(results)} workers answered, "
+                              f"{len(instance.ranks)} expected")
+            bad = [r for r in results if not (isinstance(r, dict) and r.get("ok"))]
+            if bad:
+                r = bad[0]
+                reason = r.get("reason") if isinstance(r, dict) else str(r)
+                raise Aborted(f"instance {instance.name}: worker failed: {reason}")
+            try:
+                await self._post(f"{base}/update_weight_version",
+                                 {"new_version": f"{job.spec.checkpoint}@{job.version}"}, ctl)
+            except urllib.error.HTTPError as e:
+                if e.code != 404:
+                    raise
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")[:500]
+            raise Aborted(f"instance {instance.name}: HTTP {e.code} from {e.url}: {detail}") \
+                from None
+        except TimeoutError:
+            raise DeadlineExceeded(f"instance {instance.name} did not answer in time") from None
+        except (urllib.error.URLError, ConnectionError, OSError) as e:
+            raise Unavailable(f"instance {instance.name} at {base} unreachable: {e}") from None
+        finally:
+            if paused:
+                try:
+                    await self._post(f"{base}/resume", None, ctl)
+                except Exception as e:  # still report the update's own outcome
+                    log.error("engine_resume_failed", error=str(e), **bind)
+                log.info("engine_paused", seconds=round(time.monotonic() - t_pause, 4), **bind)

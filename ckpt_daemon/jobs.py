@@ -71,9 +71,7 @@ class JobRunner:
 
     def busy_checkpoints(self) -> set[tuple[str, int]]:
         return {
-            (j.spec.checkpoint, j.version)
-            for j in self._registry.jobs.values()
-            if not j.state.done
+            (j.spec.checkpoint, j.version) for j in self._registry.jobs.values() if not j.state.done
         }
 
     def get(self, job_id: str) -> Job:
@@ -197,8 +195,15 @@ class JobRunner:
         self._registry.put_job(job)
         self._changed[job.id] = asyncio.Event()
         self._tasks[job.id] = asyncio.create_task(self._run(job, plan))
-        log.info("job_submitted", job=job.id, checkpoint=cv.name, version=cv.version,
-                 ranks=target_ranks, buckets=len(plan.buckets), bucket_bytes=bucket_bytes)
+        log.info(
+            "job_submitted",
+            job=job.id,
+            checkpoint=cv.name,
+            version=cv.version,
+            ranks=target_ranks,
+            buckets=len(plan.buckets),
+            bucket_bytes=bucket_bytes,
+        )
         return job
 
     def cancel(self, job_id: str) -> Job:
@@ -254,8 +259,9 @@ class JobRunner:
             self._notify(job)
             await self._execute(job, plan, deadline)
             job.state = JobState.SUCCEEDED
-            log.info("job_succeeded", seconds=round(time.time() - job.started, 4),
-                     bytes=job.bytes_total)
+            log.info(
+                "job_succeeded", seconds=round(time.time() - job.started, 4), bytes=job.bytes_total
+            )
         except asyncio.CancelledError:
             job.state, job.reason = JobState.CANCELLED, "cancelled"
             self._abort(job, plan, "cancelled")
@@ -282,7 +288,11 @@ class JobRunner:
                 continue
             if job.state == JobState.SUCCEEDED and set(inst.ranks) <= tset and not job.spec.tensors:
                 inst.checkpoint, inst.version, inst.ready, inst.reason = (
-                    job.spec.checkpoint, job.version, True, "")
+                    job.spec.checkpoint,
+                    job.version,
+                    True,
+                    "",
+                )
             elif job.state != JobState.SUCCEEDED:
                 inst.reason = f"update job {job.id} failed: {job.reason}"
             self._registry.put_instance(inst)
@@ -296,8 +306,11 @@ class JobRunner:
         master = plan.participants[0]
         res = await self._hub.command(
             master.node_id,
-            apb.Command(prepare_group=apb.PrepareGroup(
-                job_id=job.id, device=master.device, world_size=len(plan.participants))),
+            apb.Command(
+                prepare_group=apb.PrepareGroup(
+                    job_id=job.id, device=master.device, world_size=len(plan.participants)
+                )
+            ),
             min(self._config.command_timeout_s, left()),
         )
         addr, port = res.group.addr, res.group.port
@@ -321,40 +334,73 @@ class JobRunner:
             for t in plan.tensors
         ]
         buckets = [
-            apb.Bucket(owner=b.owner, nbytes=b.nbytes, entries=[
-                apb.BucketEntry(tensor=e.tensor, bucket_offset=e.bucket_offset,
-                                store_offset=e.store_offset, nbytes=e.nbytes,
-                                chunk_offset=e.chunk_offset)
-                for e in b.entries])
+            apb.Bucket(
+                owner=b.owner,
+                nbytes=b.nbytes,
+                entries=[
+                    apb.BucketEntry(
+                        tensor=e.tensor,
+                        bucket_offset=e.bucket_offset,
+                        store_offset=e.store_offset,
+                        nbytes=e.nbytes,
+                        chunk_offset=e.chunk_offset,
+                    )
+                    for e in b.entries
+                ],
+            )
             for b in plan.buckets
         ]
         order = {r: i for i, r in enumerate(self._registry.rank_order())}
 
         async def run_rank(g: int, r: RankRef) -> RankResult:
-            cmd = apb.Command(run_update=apb.RunUpdate(
-                job_id=job.id, device=r.device, group_rank=g,
-                world_size=len(plan.participants), master_addr=addr, master_port=port,
-                is_target=plan.is_target(g), checkpoint=job.spec.checkpoint,
-                version=job.version, bucket_bytes=plan.bucket_bytes, nbuf=plan.nbuf,
-                tensors=tensors, buckets=buckets, timeout_s=left(),
-                receiver_timeout_s=min(self._config.receiver_timeout_s, left()),
-                partial=plan.partial))
+            cmd = apb.Command(
+                run_update=apb.RunUpdate(
+                    job_id=job.id,
+                    device=r.device,
+                    group_rank=g,
+                    world_size=len(plan.participants),
+                    master_addr=addr,
+                    master_port=port,
+                    is_target=plan.is_target(g),
+                    checkpoint=job.spec.checkpoint,
+                    version=job.version,
+                    bucket_bytes=plan.bucket_bytes,
+                    nbuf=plan.nbuf,
+                    tensors=tensors,
+                    buckets=buckets,
+                    timeout_s=left(),
+                    receiver_timeout_s=min(self._config.receiver_timeout_s, left()),
+                    partial=plan.partial,
+                )
+            )
             try:
                 res = await self._hub.command(r.node_id, cmd, left() + 5.0)
             except CkptError as e:
                 raise type(e)(f"rank {order.get(r, -1)} ({r}): {e.message}") from None
             u = res.update
             return RankResult(
-                rank=order.get(r, -1), owner=r, ok=u.ok, reason=u.reason, bytes=u.bytes,
-                times=PhaseTimes(copy_s=u.times.copy_s, broadcast_s=u.times.broadcast_s,
-                                 reload_s=u.times.reload_s, setup_s=u.times.setup_s,
-                                 total_s=u.times.total_s))
+                rank=order.get(r, -1),
+                owner=r,
+                ok=u.ok,
+                reason=u.reason,
+                bytes=u.bytes,
+                times=PhaseTimes(
+                    copy_s=u.times.copy_s,
+                    broadcast_s=u.times.broadcast_s,
+                    reload_s=u.times.reload_s,
+                    setup_s=u.times.setup_s,
+                    total_s=u.times.total_s,
+                ),
+            )
 
         instances = [
-            inst for inst in self._registry.instances.values()
+            inst
+            for inst in self._registry.instances.values()
             if inst.kind == InstanceKind.VLLM and set(inst.ranks) & set(plan.targets)
         ]
-        rank_tasks = [asyncio.ensure_future(run_rank(g, r)) for g, r in enumerate(plan.participants)]
+        rank_tasks = [
+            asyncio.ensure_future(run_rank(g, r)) for g, r in enumerate(plan.participants)
+        ]
         engine_tasks = [asyncio.ensure_future(self._trigger(i, job, left())) for i in instances]
         everything = rank_tasks + engine_tasks
         try:
@@ -373,9 +419,14 @@ class JobRunner:
             for t in everything:
                 if not t.done():
                     t.cancel()
-            job.results = [t.result() for t in rank_tasks if t.done() and not t.cancelled()
-                           and t.exception() is None]
-        bad = sorted((r for r in job.results if not r.ok),
-                     key=lambda r: (r.reason.startswith(PEER_FAILED), r.rank))
+            job.results = [
+                t.result()
+                for t in rank_tasks
+                if t.done() and not t.cancelled() and t.exception() is None
+            ]
+        bad = sorted(
+            (r for r in job.results if not r.ok),
+            key=lambda r: (r.reason.startswith(PEER_FAILED), r.rank),
+        )
         if bad:
             raise Aborted(f"rank {bad[0].rank} ({bad[0].owner}): {bad[0].reason}")

@@ -17,23 +17,38 @@ from ckpt_daemon.server import start_daemon
 def parse_args(argv: list[str] | None = None) -> DaemonConfig:
     d = DaemonConfig()
     p = argparse.ArgumentParser(prog="ckptd", description="ckptd: live weight-update coordinator")
-    p.add_argument("--listen", default=os.environ.get(LISTEN_ENV, d.listen),
-                   help="host:port to serve gRPC on (port 0: pick one)")
+    p.add_argument(
+        "--listen",
+        default=os.environ.get(LISTEN_ENV, d.listen),
+        help="host:port to serve gRPC on (port 0: pick one)",
+    )
     p.add_argument("--state-dir", default=os.environ.get(STATE_DIR_ENV, d.state_dir))
     p.add_argument("--heartbeat-s", type=float, default=d.heartbeat_s)
     p.add_argument("--update-timeout-s", type=float, default=d.update_timeout_s)
     p.add_argument("--receiver-timeout-s", type=float, default=d.receiver_timeout_s)
-    p.add_argument("--max-bucket-mib", type=int, default=0,
-                   help="cap on the bucket size (default: 64 on CPU, 512 on CUDA)")
+    p.add_argument(
+        "--max-bucket-mib",
+        type=int,
+        default=0,
+        help="cap on the bucket size (default: 64 on CPU, 512 on CUDA)",
+    )
     p.add_argument("--port-file", default="", help="write the bound port here once serving")
     a = p.parse_args(argv)
     extra = {}
     if a.max_bucket_mib:
-        extra = {"max_bucket_bytes_cpu": a.max_bucket_mib << 20,
-                 "max_bucket_bytes_cuda": a.max_bucket_mib << 20}
-    cfg = DaemonConfig(listen=a.listen, state_dir=a.state_dir, heartbeat_s=a.heartbeat_s,
-                       update_timeout_s=a.update_timeout_s,
-                       receiver_timeout_s=a.receiver_timeout_s, port_file=a.port_file, **extra)
+        extra = {
+            "max_bucket_bytes_cpu": a.max_bucket_mib << 20,
+            "max_bucket_bytes_cuda": a.max_bucket_mib << 20,
+        }
+    cfg = DaemonConfig(
+        listen=a.listen,
+        state_dir=a.state_dir,
+        heartbeat_s=a.heartbeat_s,
+        update_timeout_s=a.update_timeout_s,
+        receiver_timeout_s=a.receiver_timeout_s,
+        port_file=a.port_file,
+        **extra,
+    )
     return cfg
 
 

@@ -174,8 +174,7 @@ def choose_bucket_bytes(
     """The largest bucket every participant can hold nbuf (+1 staging) of, capped."""
     if requested:
         if requested < MIN_REQUESTED_BUCKET:
-            raise PlanError(
-                f"bucket_bytes {requested} is below the minimum {MIN_REQUESTED_BUCKET}")
+            raise PlanError(f"bucket_bytes {requested} is below the minimum {MIN_REQUESTED_BUCKET}")
         return align_up(requested, ALIGN)
     if not free_bytes:
         raise PlanError("no participant reported free memory")

@@ -103,8 +103,14 @@ class Pusher:
         except BaseException:
             self._inflight.discard(key)
             raise
-        log.info("push_started", checkpoint=name, version=version, tensors=len(cv.tensors),
-                 bytes=cv.total_bytes, shards=len(shards))
+        log.info(
+            "push_started",
+            checkpoint=name,
+            version=version,
+            tensors=len(cv.tensors),
+            bytes=cv.total_bytes,
+            shards=len(shards),
+        )
         timeout = timeout_s or self._config.load_timeout_s
         if wait:
             try:
@@ -133,8 +139,9 @@ class Pusher:
                 raise InvalidArgument("a source has an empty path")
             node = s.node_id or holder_nodes[0]
             if s.node_id and s.node_id not in holder_nodes:
-                raise InvalidArgument(f"source {s.path} names node {s.node_id!r}, "
-                                      "which holds none of the ranks")
+                raise InvalidArgument(
+                    f"source {s.path} names node {s.node_id!r}, which holds none of the ranks"
+                )
             by_node.setdefault(node, []).append(s.path)
         pinned = {s.path: s.node_id for s in sources}
         results = await asyncio.gather(
@@ -165,27 +172,40 @@ class Pusher:
             raise InvalidArgument("the sources hold no tensors")
         return specs
 
-    async def _load(self, cv: CheckpointVersion, timeout: float, *, remove_on_failure: bool) -> None:
+    async def _load(
+        self, cv: CheckpointVersion, timeout: float, *, remove_on_failure: bool
+    ) -> None:
         by_owner: dict[RankRef, list[apb.LoadItem]] = {}
         for t in cv.tensors:
             by_owner.setdefault(t.owner, []).append(
-                apb.LoadItem(path=t.path, file_offset=t.file_offset, nbytes=t.nbytes,
-                             store_offset=t.store_offset)
+                apb.LoadItem(
+                    path=t.path,
+                    file_offset=t.file_offset,
+                    nbytes=t.nbytes,
+                    store_offset=t.store_offset,
+                )
             )
 
         async def load_one(r: RankRef) -> None:
             cmd = apb.Command(
-                load=apb.Load(checkpoint=cv.name, version=cv.version, device=r.device,
-                              nbytes=cv.shards[r].nbytes, items=by_owner[r])
+                load=apb.Load(
+                    checkpoint=cv.name,
+                    version=cv.version,
+                    device=r.device,
+                    nbytes=cv.shards[r].nbytes,
+                    items=by_owner[r],
+                )
             )
             try:
                 res = await self._hub.command(r.node_id, cmd, timeout)
             except CkptError as e:
-                self._registry.set_shard(cv.name, cv.version, r, ShardState.FAILED,
-                                         reason=f"{r}: {e.message}")
+                self._registry.set_shard(
+                    cv.name, cv.version, r, ShardState.FAILED, reason=f"{r}: {e.message}"
+                )
                 raise
-            self._registry.set_shard(cv.name, cv.version, r, ShardState.READY,
-                                     segment=res.store.segment)
+            self._registry.set_shard(
+                cv.name, cv.version, r, ShardState.READY, segment=res.store.segment
+            )
 
         results = await asyncio.gather(*(load_one(r) for r in by_owner), return_exceptions=True)
         errors = [e for e in results if isinstance(e, BaseException)]
@@ -212,19 +232,30 @@ class Pusher:
             try:
                 await self._hub.command(
                     r.node_id,
-                    apb.Command(drop=apb.Drop(checkpoint=cv.name, version=cv.version,
-                                              device=r.device)),
+                    apb.Command(
+                        drop=apb.Drop(checkpoint=cv.name, version=cv.version, device=r.device)
+                    ),
                     self._config.command_timeout_s,
                 )
             except CkptError as e:
-                log.warning("drop_failed", checkpoint=cv.name, version=cv.version,
-                            rank=str(r), error=e.message)
+                log.warning(
+                    "drop_failed",
+                    checkpoint=cv.name,
+                    version=cv.version,
+                    rank=str(r),
+                    error=e.message,
+                )
 
         await asyncio.gather(*(drop_one(r) for r in cv.shards))
 
-    async def delete(self, name: str, version: int, busy: set[tuple[str, int]]) -> list[CheckpointVersion]:
-        targets = [self._registry.checkpoints.get((name, version))] if version else \
-            self._registry.versions(name)
+    async def delete(
+        self, name: str, version: int, busy: set[tuple[str, int]]
+    ) -> list[CheckpointVersion]:
+        targets = (
+            [self._registry.checkpoints.get((name, version))]
+            if version
+            else self._registry.versions(name)
+        )
         targets = [cv for cv in targets if cv]
         if not targets:
             raise NotFound(f"checkpoint {name}@{version or '*'} not found")

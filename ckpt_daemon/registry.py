@@ -306,7 +306,12 @@ class Registry:
         )
 
     def set_shard(
-        self, name: str, version: int, r: RankRef, state: ShardState, segment: str = "",
+        self,
+        name: str,
+        version: int,
+        r: RankRef,
+        state: ShardState,
+        segment: str = "",
         reason: str = "",
     ) -> CheckpointVersion | None:
         with self._lock:
@@ -425,9 +430,7 @@ def _job_to_json(job: Job) -> dict:
     d["kind"] = int(job.kind)
     d["state"] = int(job.state)
     d["targets"] = [[r.node_id, r.device] for r in job.targets]
-    d["results"] = [
-        {**asdict(r), "owner": [r.owner.node_id, r.owner.device]} for r in job.results
-    ]
+    d["results"] = [{**asdict(r), "owner": [r.owner.node_id, r.owner.device]} for r in job.results]
     return d
 
 

@@ -71,6 +71,11 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     daemon = Daemon(config, registry, hub, jobs, server, port)
     daemon._monitor = asyncio.create_task(hub.monitor())
-    log.info("ckptd_started", listen=config.listen, port=port, state_dir=config.state_dir,
-             version=__version__)
+    log.info(
+        "ckptd_started",
+        listen=config.listen,
+        port=port,
+        state_dir=config.state_dir,
+        version=__version__,
+    )
     return daemon

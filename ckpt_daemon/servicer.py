@@ -11,9 +11,8 @@ import grpc
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt.v1 import agent_pb2_grpc
+from ckpt.v1 import agent_pb2_grpc, ckptd_pb2_grpc
 from ckpt.v1 import ckptd_pb2 as cpb
-from ckpt.v1 import ckptd_pb2_grpc
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import CkptError, FailedPrecondition, NotFound, Unimplemented
 from ckpt_daemon import convert
@@ -80,8 +79,10 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
     async def ListCheckpoints(self, request: cpb.ListCheckpointsRequest, context):
         order = self._order()
         return cpb.ListCheckpointsResponse(
-            checkpoints=[convert.checkpoint_to_pb(cv, order)
-                         for cv in self._registry.list_checkpoints(request.name)]
+            checkpoints=[
+                convert.checkpoint_to_pb(cv, order)
+                for cv in self._registry.list_checkpoints(request.name)
+            ]
         )
 
     @_unary
@@ -125,8 +126,10 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
     async def ListAgents(self, request: cpb.ListAgentsRequest, context):
         order = self._order()
         return cpb.ListAgentsResponse(
-            agents=[convert.agent_to_pb(a, order)
-                    for a in sorted(self._registry.agents.values(), key=lambda a: a.node_id)]
+            agents=[
+                convert.agent_to_pb(a, order)
+                for a in sorted(self._registry.agents.values(), key=lambda a: a.node_id)
+            ]
         )
 
     @_unary
@@ -152,8 +155,10 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
     async def ListInstances(self, request: cpb.ListInstancesRequest, context):
         order = self._order()
         return cpb.ListInstancesResponse(
-            instances=[convert.instance_to_pb(i, order)
-                       for i in sorted(self._registry.instances.values(), key=lambda i: i.name)]
+            instances=[
+                convert.instance_to_pb(i, order)
+                for i in sorted(self._registry.instances.values(), key=lambda i: i.name)
+            ]
         )
 
     @_unary

@@ -13,9 +13,9 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from ckpt.v1 import types_pb2 as tpb
-from ckptctl.client import DEFAULT_ADDR, TERMINAL, Client
 from ckpt_common.errors import CkptError
 from ckpt_common.ranks import format_ranks, parse_ranks
+from ckptctl.client import DEFAULT_ADDR, TERMINAL, Client
 
 EXIT_FAILED = 1
 EXIT_ERROR = 2
@@ -42,8 +42,9 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def _json(msgs: Any) -> str:
     if isinstance(msgs, list):
-        return json.dumps([MessageToDict(m, preserving_proto_field_name=True) for m in msgs],
-                          indent=2)
+        return json.dumps(
+            [MessageToDict(m, preserving_proto_field_name=True) for m in msgs], indent=2
+        )
     return json.dumps(MessageToDict(msgs, preserving_proto_field_name=True), indent=2)
 
 
@@ -53,8 +54,10 @@ def _job_line(j: tpb.Job) -> str:
     gbps = j.bytes_total / took / 1e9 if took else 0
     extra = f"  {took:.3f}s {gbps:.2f} GB/s" if took else ""
     reason = f"  reason: {j.reason}" if j.reason else ""
-    return (f"job {j.id} {state} {j.checkpoint}@{j.version} ranks {format_ranks(list(j.ranks))} "
-            f"buckets {j.buckets_done}/{j.buckets_total} ({_size(j.bytes_total)}){extra}{reason}")
+    return (
+        f"job {j.id} {state} {j.checkpoint}@{j.version} ranks {format_ranks(list(j.ranks))} "
+        f"buckets {j.buckets_done}/{j.buckets_total} ({_size(j.bytes_total)}){extra}{reason}"
+    )
 
 
 def _print_jobs(jobs: list[tpb.Job], out: str) -> None:
@@ -64,12 +67,25 @@ def _print_jobs(jobs: list[tpb.Job], out: str) -> None:
     rows = []
     for j in jobs:
         took = (j.finished_unix - j.started_unix) if j.finished_unix and j.started_unix else 0
-        rows.append([j.id, _enum(tpb.JobKind, j.kind, "JOB_"), _enum(tpb.JobState, j.state, "JOB_"),
-                     f"{j.checkpoint}@{j.version}", format_ranks(list(j.ranks)) if j.ranks else "-",
-                     f"{j.buckets_done}/{j.buckets_total}", _size(j.bytes_total),
-                     f"{took:.3f}s" if took else "-", j.reason[:60]])
-    print(_table(rows, ["ID", "KIND", "STATE", "CHECKPOINT", "RANKS", "BUCKETS", "BYTES",
-                        "TIME", "REASON"]))
+        rows.append(
+            [
+                j.id,
+                _enum(tpb.JobKind, j.kind, "JOB_"),
+                _enum(tpb.JobState, j.state, "JOB_"),
+                f"{j.checkpoint}@{j.version}",
+                format_ranks(list(j.ranks)) if j.ranks else "-",
+                f"{j.buckets_done}/{j.buckets_total}",
+                _size(j.bytes_total),
+                f"{took:.3f}s" if took else "-",
+                j.reason[:60],
+            ]
+        )
+    print(
+        _table(
+            rows,
+            ["ID", "KIND", "STATE", "CHECKPOINT", "RANKS", "BUCKETS", "BYTES", "TIME", "REASON"],
+        )
+    )
 
 
 def _wait(c: Client, job: tpb.Job, out: str, timeout_s: float) -> int:
@@ -78,8 +94,9 @@ def _wait(c: Client, job: tpb.Job, out: str, timeout_s: float) -> int:
     for last in c.watch(job.id, timeout_s):
         if out != "json":
             line = _job_line(last)
-            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr,
-                  flush=True)
+            print(
+                ("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True
+            )
         if last.state in TERMINAL:
             break
     if out != "json" and tty:
@@ -94,14 +111,23 @@ def _wait(c: Client, job: tpb.Job, out: str, timeout_s: float) -> int:
 def cmd_push(c: Client, a: argparse.Namespace) -> int:
     ranks = parse_ranks(a.ranks) if a.ranks else []
     t0 = time.monotonic()
-    cp = c.push(a.name, a.version, a.paths, node_id=a.node, ranks=ranks, wait=not a.no_wait,
-                timeout_s=a.timeout)
+    cp = c.push(
+        a.name,
+        a.version,
+        a.paths,
+        node_id=a.node,
+        ranks=ranks,
+        wait=not a.no_wait,
+        timeout_s=a.timeout,
+    )
     if a.output == "json":
         print(_json(cp))
     else:
-        print(f"{cp.name}@{cp.version} {_enum(tpb.CheckpointState, cp.state, 'CHECKPOINT_')} "
-              f"{cp.tensor_count} tensors, {_size(cp.total_bytes)} on {len(cp.shards)} ranks "
-              f"in {time.monotonic() - t0:.2f}s")
+        print(
+            f"{cp.name}@{cp.version} {_enum(tpb.CheckpointState, cp.state, 'CHECKPOINT_')} "
+            f"{cp.tensor_count} tensors, {_size(cp.total_bytes)} on {len(cp.shards)} ranks "
+            f"in {time.monotonic() - t0:.2f}s"
+        )
     return 0
 
 
@@ -117,9 +143,16 @@ def cmd_update(c: Client, a: argparse.Namespace) -> int:
     ranks = parse_ranks(a.ranks) if a.ranks else []
     instances = a.instances.split(",") if a.instances else []
     method = tpb.UPDATE_P2P if a.method == "p2p" else tpb.UPDATE_BROADCAST
-    job = c.update(name, version, ranks=ranks, instances=instances,
-                   tensors=a.tensors.split(",") if a.tensors else [],
-                   bucket_bytes=a.bucket_mib << 20, timeout_s=a.timeout, method=method)
+    job = c.update(
+        name,
+        version,
+        ranks=ranks,
+        instances=instances,
+        tensors=a.tensors.split(",") if a.tensors else [],
+        bucket_bytes=a.bucket_mib << 20,
+        timeout_s=a.timeout,
+        method=method,
+    )
     if not a.wait:
         print(_json(job) if a.output == "json" else _job_line(job))
         return 0
@@ -135,10 +168,18 @@ def cmd_checkpoints(c: Client, a: argparse.Namespace) -> int:
     if a.output == "json":
         print(_json(cps))
         return 0
-    rows = [[cp.name, str(cp.version), _enum(tpb.CheckpointState, cp.state, "CHECKPOINT_"),
-             str(cp.tensor_count), _size(cp.total_bytes),
-             format_ranks([s.rank for s in cp.shards if s.rank >= 0]) or "-", cp.reason[:60]]
-            for cp in cps]
+    rows = [
+        [
+            cp.name,
+            str(cp.version),
+            _enum(tpb.CheckpointState, cp.state, "CHECKPOINT_"),
+            str(cp.tensor_count),
+            _size(cp.total_bytes),
+            format_ranks([s.rank for s in cp.shards if s.rank >= 0]) or "-",
+            cp.reason[:60],
+        ]
+        for cp in cps
+    ]
     print(_table(rows, ["NAME", "VERSION", "STATE", "TENSORS", "BYTES", "RANKS", "REASON"]))
     return 0
 
@@ -162,9 +203,18 @@ def cmd_agents(c: Client, a: argparse.Namespace) -> int:
     rows = []
     for ag in agents:
         for d in ag.devices:
-            rows.append([str(d.rank) if d.rank >= 0 else "-", ag.node_id, str(d.index), d.kind,
-                         _enum(tpb.AgentState, ag.state, "AGENT_"), ag.host,
-                         _size(d.free_bytes), d.uuid])
+            rows.append(
+                [
+                    str(d.rank) if d.rank >= 0 else "-",
+                    ag.node_id,
+                    str(d.index),
+                    d.kind,
+                    _enum(tpb.AgentState, ag.state, "AGENT_"),
+                    ag.host,
+                    _size(d.free_bytes),
+                    d.uuid,
+                ]
+            )
     print("global rank order: agents by node id, then device index")
     print(_table(rows, ["RANK", "NODE", "DEVICE", "KIND", "STATE", "HOST", "FREE", "UUID"]))
     return 0
@@ -175,10 +225,19 @@ def cmd_instances(c: Client, a: argparse.Namespace) -> int:
     if a.output == "json":
         print(_json(insts))
         return 0
-    rows = [[i.name, _enum(tpb.InstanceKind, i.kind, "INSTANCE_"), i.endpoint or "-",
-             str(i.tp_size), format_ranks([r for r in i.global_ranks if r >= 0]) or "-",
-             f"{i.checkpoint}@{i.version}" if i.checkpoint else "-", "yes" if i.ready else "no",
-             i.reason[:60]] for i in insts]
+    rows = [
+        [
+            i.name,
+            _enum(tpb.InstanceKind, i.kind, "INSTANCE_"),
+            i.endpoint or "-",
+            str(i.tp_size),
+            format_ranks([r for r in i.global_ranks if r >= 0]) or "-",
+            f"{i.checkpoint}@{i.version}" if i.checkpoint else "-",
+            "yes" if i.ready else "no",
+            i.reason[:60],
+        ]
+        for i in insts
+    ]
     print(_table(rows, ["NAME", "KIND", "ENDPOINT", "TP", "RANKS", "SERVES", "READY", "REASON"]))
     return 0
 
@@ -191,14 +250,18 @@ def _instance_from_args(a: argparse.Namespace) -> tpb.Instance:
             raise SystemExit(f"bad device {item!r}: want NODE/INDEX")
         ranks.append(tpb.InstanceRank(node_id=node, device=int(dev)))
     kind = tpb.INSTANCE_RECEIVER if a.kind == "receiver" else tpb.INSTANCE_VLLM
-    return tpb.Instance(name=a.name, kind=kind, endpoint=a.endpoint or "",
-                        tp_size=a.tp or len(ranks), ranks=ranks)
+    return tpb.Instance(
+        name=a.name, kind=kind, endpoint=a.endpoint or "", tp_size=a.tp or len(ranks), ranks=ranks
+    )
 
 
 def cmd_register(c: Client, a: argparse.Namespace) -> int:
     inst = c.register_instance(_instance_from_args(a))
-    print(_json(inst) if a.output == "json" else f"registered {inst.name} on ranks "
-          f"{format_ranks(list(inst.global_ranks))}")
+    print(
+        _json(inst)
+        if a.output == "json"
+        else f"registered {inst.name} on ranks {format_ranks(list(inst.global_ranks))}"
+    )
     return 0
 
 
@@ -225,14 +288,25 @@ def cmd_status(c: Client, a: argparse.Namespace) -> int:
         print(_json(j) if a.output == "json" else _job_line(j))
         return 0
     if a.output == "json":
-        print(json.dumps({
-            "agents": [MessageToDict(x, preserving_proto_field_name=True) for x in c.agents()],
-            "checkpoints": [MessageToDict(x, preserving_proto_field_name=True)
-                            for x in c.checkpoints()],
-            "instances": [MessageToDict(x, preserving_proto_field_name=True)
-                          for x in c.instances()],
-            "jobs": [MessageToDict(x, preserving_proto_field_name=True) for x in c.jobs(10)],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "agents": [
+                        MessageToDict(x, preserving_proto_field_name=True) for x in c.agents()
+                    ],
+                    "checkpoints": [
+                        MessageToDict(x, preserving_proto_field_name=True) for x in c.checkpoints()
+                    ],
+                    "instances": [
+                        MessageToDict(x, preserving_proto_field_name=True) for x in c.instances()
+                    ],
+                    "jobs": [
+                        MessageToDict(x, preserving_proto_field_name=True) for x in c.jobs(10)
+                    ],
+                },
+                indent=2,
+            )
+        )
         return 0
     for fn in (cmd_agents, cmd_checkpoints, cmd_instances, cmd_jobs):
         a.name, a.limit = "", 10
@@ -286,8 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("instances", help="list inference instances")
     s.set_defaults(fn=cmd_instances)
 
-    for name, fn, helptext in (("register", cmd_register, "register an inference instance"),
-                               ("join", cmd_join, "bring a new instance to the fleet version")):
+    for name, fn, helptext in (
+        ("register", cmd_register, "register an inference instance"),
+        ("join", cmd_join, "bring a new instance to the fleet version"),
+    ):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("name")
         s.add_argument("--devices", required=True, help="NODE/INDEX,... in engine rank order")

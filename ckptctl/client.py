@@ -27,10 +27,13 @@ class Client:
     def __init__(self, addr: str = DEFAULT_ADDR, *, timeout_s: float = 30.0) -> None:
         self.addr = addr
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(addr, options=[
-            ("grpc.max_send_message_length", 512 << 20),
-            ("grpc.max_receive_message_length", 512 << 20),
-        ])
+        self._channel = grpc.insecure_channel(
+            addr,
+            options=[
+                ("grpc.max_send_message_length", 512 << 20),
+                ("grpc.max_receive_message_length", 512 << 20),
+            ],
+        )
         self._stub = ckptd_pb2_grpc.CkptStub(self._channel)
 
     def close(self) -> None:
@@ -49,17 +52,38 @@ class Client:
             raise error_for(e.code().name, e.details() or str(e)) from None
 
     # trainers
-    def push(self, name: str, version: int, paths: list[str], *, node_id: str = "",
-             ranks: list[int] | None = None, wait: bool = True,
-             timeout_s: float = 600.0) -> tpb.Checkpoint:
+    def push(
+        self,
+        name: str,
+        version: int,
+        paths: list[str],
+        *,
+        node_id: str = "",
+        ranks: list[int] | None = None,
+        wait: bool = True,
+        timeout_s: float = 600.0,
+    ) -> tpb.Checkpoint:
         req = cpb.PushCheckpointRequest(
-            name=name, version=version, ranks=ranks or [], wait=wait, timeout_s=timeout_s,
-            sources=[tpb.Source(path=p, node_id=node_id) for p in paths])
+            name=name,
+            version=version,
+            ranks=ranks or [],
+            wait=wait,
+            timeout_s=timeout_s,
+            sources=[tpb.Source(path=p, node_id=node_id) for p in paths],
+        )
         return self._call("PushCheckpoint", req, timeout_s + 30)
 
-    def push_tensors(self, name: str, version: int, tensors: Mapping[str, Any], *,
-                     directory: str = "/dev/shm", node_id: str = "", keep_file: bool = False,
-                     timeout_s: float = 600.0) -> tpb.Checkpoint:
+    def push_tensors(
+        self,
+        name: str,
+        version: int,
+        tensors: Mapping[str, Any],
+        *,
+        directory: str = "/dev/shm",
+        node_id: str = "",
+        keep_file: bool = False,
+        timeout_s: float = 600.0,
+    ) -> tpb.Checkpoint:
         """Pushes in-memory torch tensors (written once to a safetensors file the agents read)."""
         from safetensors.torch import save_file
 
@@ -72,25 +96,49 @@ class Client:
                 os.unlink(path)
 
     def get(self, name: str, version: int = 0, *, tensors: bool = False) -> tpb.Checkpoint:
-        return self._call("GetCheckpoint", cpb.GetCheckpointRequest(
-            name=name, version=version, include_tensors=tensors))
+        return self._call(
+            "GetCheckpoint",
+            cpb.GetCheckpointRequest(name=name, version=version, include_tensors=tensors),
+        )
 
     def checkpoints(self, name: str = "") -> list[tpb.Checkpoint]:
-        return list(self._call("ListCheckpoints", cpb.ListCheckpointsRequest(name=name)).checkpoints)
+        return list(
+            self._call("ListCheckpoints", cpb.ListCheckpointsRequest(name=name)).checkpoints
+        )
 
     def delete(self, name: str, version: int = 0) -> list[tpb.Checkpoint]:
-        return list(self._call("DeleteCheckpoint", cpb.DeleteCheckpointRequest(
-            name=name, version=version)).deleted)
+        return list(
+            self._call(
+                "DeleteCheckpoint", cpb.DeleteCheckpointRequest(name=name, version=version)
+            ).deleted
+        )
 
     # operators
-    def update(self, checkpoint: str, version: int = 0, *, ranks: list[int] | None = None,
-               instances: list[str] | None = None, tensors: list[str] | None = None,
-               bucket_bytes: int = 0, timeout_s: float = 0.0,
-               method: int = tpb.UPDATE_BROADCAST) -> tpb.Job:
-        return self._call("Update", cpb.UpdateRequest(
-            checkpoint=checkpoint, version=version, ranks=ranks or [],
-            instances=instances or [], tensors=tensors or [], bucket_bytes=bucket_bytes,
-            timeout_s=timeout_s, method=method))
+    def update(
+        self,
+        checkpoint: str,
+        version: int = 0,
+        *,
+        ranks: list[int] | None = None,
+        instances: list[str] | None = None,
+        tensors: list[str] | None = None,
+        bucket_bytes: int = 0,
+        timeout_s: float = 0.0,
+        method: int = tpb.UPDATE_BROADCAST,
+    ) -> tpb.Job:
+        return self._call(
+            "Update",
+            cpb.UpdateRequest(
+                checkpoint=checkpoint,
+                version=version,
+                ranks=ranks or [],
+                instances=instances or [],
+                tensors=tensors or [],
+                bucket_bytes=bucket_bytes,
+                timeout_s=timeout_s,
+                method=method,
+            ),
+        )
 
     def job(self, job_id: str) -> tpb.Job:
         return self._call("GetJob", cpb.GetJobRequest(id=job_id))
@@ -132,7 +180,12 @@ class Client:
     def remove_instance(self, name: str) -> tpb.Instance:
         return self._call("RemoveInstance", cpb.RemoveInstanceRequest(name=name)).removed
 
-    def join(self, instance: tpb.Instance, checkpoint: str = "", version: int = 0,
-             timeout_s: float = 0.0) -> tpb.Job:
-        return self._call("JoinInstance", cpb.JoinInstanceRequest(
-            instance=instance, checkpoint=checkpoint, version=version, timeout_s=timeout_s))
+    def join(
+        self, instance: tpb.Instance, checkpoint: str = "", version: int = 0, timeout_s: float = 0.0
+    ) -> tpb.Job:
+        return self._call(
+            "JoinInstance",
+            cpb.JoinInstanceRequest(
+                instance=instance, checkpoint=checkpoint, version=version, timeout_s=timeout_s
+            ),
+        )

@@ -36,17 +36,27 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = 0
         self.client: Client | None = None
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "CKPT_IPC_DIR": str(self.ipc_dir),
-                    "CKPT_LOG_LEVEL": os.environ.get("CKPT_LOG_LEVEL", "info")}
+        self.env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "CKPT_IPC_DIR": str(self.ipc_dir),
+            "CKPT_LOG_LEVEL": os.environ.get("CKPT_LOG_LEVEL", "info"),
+        }
 
     @property
     def addr(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")
-        p = subprocess.Popen([PY, *args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                             cwd=REPO, start_new_session=True)
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps it)
+        p = subprocess.Popen(
+            [PY, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=REPO,
+            start_new_session=True,
+        )
         self.procs[name] = p
         return p
 
@@ -55,9 +65,22 @@ class Cluster:
         if port_file.exists():
             port_file.unlink()
         listen = f"127.0.0.1:{self.port}" if self.port else "127.0.0.1:0"
-        self._spawn("ckptd", ["-m", "ckpt_daemon.main", "--listen", listen, "--state-dir",
-                              str(self.state_dir), "--port-file", str(port_file),
-                              "--heartbeat-s", "0.5", *extra])
+        self._spawn(
+            "ckptd",
+            [
+                "-m",
+                "ckpt_daemon.main",
+                "--listen",
+                listen,
+                "--state-dir",
+                str(self.state_dir),
+                "--port-file",
+                str(port_file),
+                "--heartbeat-s",
+                "0.5",
+                *extra,
+            ],
+        )
         wait_for(port_file.exists, 30, "ckptd to listen")
         self.port = int(port_file.read_text())
         if self.client:
@@ -76,20 +99,46 @@ class Cluster:
             p.wait(10)
 
     def start_agent(self, node_id: str, slots: int = 1) -> None:
-        self._spawn(f"agent-{node_id}", ["-m", "ckpt_agent.main", "--daemon", self.addr,
-                                         "--node-id", node_id, "--slots", str(slots),
-                                         "--heartbeat-s", "0.5"])
+        self._spawn(
+            f"agent-{node_id}",
+            [
+                "-m",
+                "ckpt_agent.main",
+                "--daemon",
+                self.addr,
+                "--node-id",
+                node_id,
+                "--slots",
+                str(slots),
+                "--heartbeat-s",
+                "0.5",
+            ],
+        )
 
     def start_receiver(self, node_id: str, device: int) -> Path:
         report = self.root / f"report-{node_id}-{device}.json"
-        self._spawn(f"recv-{node_id}-{device}", ["-m", "vllm_ext.reference", "--node-id", node_id,
-                                                  "--device", str(device), "--report", str(report)])
+        self._spawn(
+            f"recv-{node_id}-{device}",
+            [
+                "-m",
+                "vllm_ext.reference",
+                "--node-id",
+                node_id,
+                "--device",
+                str(device),
+                "--report",
+                str(report),
+            ],
+        )
         return report
 
     def wait_ranks(self, n: int, timeout: float = 60) -> None:
         assert self.client
-        wait_for(lambda: sum(len(a.devices) for a in self.client.agents() if a.state == 1) >= n,
-                 timeout, f"{n} ranks attached")
+        wait_for(
+            lambda: sum(len(a.devices) for a in self.client.agents() if a.state == 1) >= n,
+            timeout,
+            f"{n} ranks attached",
+        )
 
     def close(self) -> None:
         for name in list(self.procs):

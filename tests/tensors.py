@@ -11,7 +11,9 @@ from safetensors.torch import save_file
 
 
 def sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(
+        t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
 
 
 def mixed_tensors(seed: int, layers: int = 3) -> dict[str, torch.Tensor]:
@@ -28,9 +30,11 @@ def mixed_tensors(seed: int, layers: int = 3) -> dict[str, torch.Tensor]:
         out[f"{p}.self_attn.qkv_proj.weight"] = torch.randn(144, 48, generator=g).to(torch.bfloat16)
         out[f"{p}.self_attn.o_proj.weight"] = torch.randn(48, 48, generator=g).to(torch.float16)
         out[f"{p}.mlp.up_proj.weight"] = (torch.randn(131, 48, generator=g) * 50).to(
-            torch.float8_e4m3fn)
-        out[f"{p}.mlp.down_proj.weight"] = torch.randint(-128, 127, (48, 131), generator=g,
-                                                         dtype=torch.int8)
+            torch.float8_e4m3fn
+        )
+        out[f"{p}.mlp.down_proj.weight"] = torch.randint(
+            -128, 127, (48, 131), generator=g, dtype=torch.int8
+        )
         out[f"{p}.input_layernorm.weight"] = torch.randn(48, generator=g)
         out[f"{p}.odd"] = torch.randn(3, 5, 7, generator=g)
     return out
@@ -47,7 +51,8 @@ def write_sharded(tensors: dict[str, torch.Tensor], directory: Path, shards: int
         save_file(part, str(directory / fname))
         weight_map.update({n: fname for n in part})
     (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}))
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return directory
 
 

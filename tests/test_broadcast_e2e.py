@@ -139,8 +139,9 @@ def test_errors_are_precise_and_change_nothing(cluster: Cluster, tmp_path: Path)
     assert len(c.client.jobs(1000)) == njobs
 
 
-def test_concurrent_update_is_refused_and_missing_engine_fails(cluster: Cluster,
-                                                                tmp_path: Path) -> None:
+def test_concurrent_update_is_refused_and_missing_engine_fails(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     c = cluster
     c.client.push("busy", 1, [str(write_sharded(mixed_tensors(7, layers=1), tmp_path / "b"))])
     c.stop("recv-node-b-1")  # rank 3 has no engine now
@@ -196,8 +197,10 @@ def test_agent_restart_marks_shards_lost(cluster: Cluster, tmp_path: Path) -> No
 
 def test_trainer_push_from_process_and_delete(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
-    t = {"model.layers.0.w": torch.randn(33, 17).to(torch.bfloat16),
-         "model.norm.weight": torch.randn(17)}
+    t = {
+        "model.layers.0.w": torch.randn(33, 17).to(torch.bfloat16),
+        "model.norm.weight": torch.randn(17),
+    }
     cp = c.client.push_tensors("trainer", 1, t, directory=str(tmp_path))
     assert cp.state == tpb.CHECKPOINT_READY and cp.tensor_count == 2
     assert not list(tmp_path.glob("ckpt-push-*"))  # the staging file is gone
@@ -216,8 +219,12 @@ def test_cli(cluster: Cluster, tmp_path: Path) -> None:
     d = write_sharded(mixed_tensors(9, layers=1), tmp_path / "cli")
 
     def ctl(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ckptctl.cli", "--addr", c.addr, *args],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "ckptctl.cli", "--addr", c.addr, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     r = ctl("push", "cli", "1", str(d))
     assert r.returncode == 0, r.stderr

@@ -23,13 +23,23 @@ MIB = 1 << 20
 
 
 def spec(name: str, nbytes: int, node: str = "") -> TensorSpec:
-    return TensorSpec(name=name, dtype="U8", shape=(nbytes,), nbytes=nbytes, path="/f",
-                      file_offset=0, node_id=node)
+    return TensorSpec(
+        name=name,
+        dtype="U8",
+        shape=(nbytes,),
+        nbytes=nbytes,
+        path="/f",
+        file_offset=0,
+        node_id=node,
+    )
 
 
 def llama_specs(layers: int, per: int = 1000) -> list[TensorSpec]:
-    out = [spec("model.embed_tokens.weight", 5 * per), spec("lm_head.weight", 5 * per),
-           spec("model.norm.weight", 10)]
+    out = [
+        spec("model.embed_tokens.weight", 5 * per),
+        spec("lm_head.weight", 5 * per),
+        spec("model.norm.weight", 10),
+    ]
     for i in range(layers):
         for t in ("q_proj", "k_proj", "v_proj", "o_proj"):
             out.append(spec(f"model.layers.{i}.self_attn.{t}.weight", per))
@@ -116,8 +126,12 @@ def test_plan_keeps_layers_in_one_bucket_when_they_fit() -> None:
 
 
 def test_plan_splits_a_layer_larger_than_a_bucket_and_chunks_huge_tensors() -> None:
-    specs = [spec("model.layers.0.a", 3000), spec("model.layers.0.b", 3000),
-             spec("huge", 10_000), spec("empty", 0)]
+    specs = [
+        spec("model.layers.0.a", 3000),
+        spec("model.layers.0.b", 3000),
+        spec("huge", 10_000),
+        spec("empty", 0),
+    ]
     p = place(specs, ranks(1))
     plan = plan_update(p.tensors, ranks(1), bucket_bytes=4096)
     assert covered(plan)[[t.name for t in plan.tensors].index("huge")] == 10_000
@@ -166,8 +180,14 @@ def test_plan_100k_tensors_1024_ranks_is_fast() -> None:
     nr = 1024
     rs = ranks(nr, nodes=128)
     tensors = [
-        TensorInfo(name=f"model.layers.{i // 10}.t{i % 10}.weight", dtype="BF16", shape=(4096,),
-                   nbytes=8192, owner=rs[(i // 10) % nr], store_offset=(i % 10) * 8192)
+        TensorInfo(
+            name=f"model.layers.{i // 10}.t{i % 10}.weight",
+            dtype="BF16",
+            shape=(4096,),
+            nbytes=8192,
+            owner=rs[(i // 10) % nr],
+            store_offset=(i % 10) * 8192,
+        )
         for i in range(100_000)
     ]
     t0 = time.perf_counter()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import InvalidArgument
@@ -26,21 +28,33 @@ from ckpt_daemon.model import (
 )
 from ckpt_daemon.registry import Registry
 
-import pytest
-
 
 def make_cv() -> CheckpointVersion:
     r0, r1 = RankRef("a", 0), RankRef("b", 1)
     tensors = [
-        TensorInfo(name="w0", dtype="BF16", shape=(2, 3), nbytes=12, owner=r0, store_offset=0,
-                   path="/x", file_offset=100),
+        TensorInfo(
+            name="w0",
+            dtype="BF16",
+            shape=(2, 3),
+            nbytes=12,
+            owner=r0,
+            store_offset=0,
+            path="/x",
+            file_offset=100,
+        ),
         TensorInfo(name="w1", dtype="F8_E4M3", shape=(), nbytes=1, owner=r1, store_offset=0),
     ]
     return CheckpointVersion(
-        name="m", version=3, state=CheckpointState.LOADING, tensors=tensors,
-        shards={r0: Shard(owner=r0, nbytes=256, tensor_count=1),
-                r1: Shard(owner=r1, nbytes=256, tensor_count=1)},
-        created=1.0)
+        name="m",
+        version=3,
+        state=CheckpointState.LOADING,
+        tensors=tensors,
+        shards={
+            r0: Shard(owner=r0, nbytes=256, tensor_count=1),
+            r1: Shard(owner=r1, nbytes=256, tensor_count=1),
+        },
+        created=1.0,
+    )
 
 
 def test_round_trip_through_restart(tmp_path) -> None:
@@ -49,18 +63,46 @@ def test_round_trip_through_restart(tmp_path) -> None:
     reg.add_checkpoint(cv)
     for r in cv.shards:
         reg.set_shard("m", 3, r, ShardState.READY, segment=f"seg-{r.device}")
-    reg.agent_attached(AgentInfo(node_id="a", host="h", devices=[
-        DeviceInfo(index=0, kind="cpu", uuid="a/0", total_bytes=10, free_bytes=5)],
-        attached=True, last_seen=2.0), {("m", 3, 0): 256})
-    reg.put_instance(Instance(name="i", kind=InstanceKind.VLLM, endpoint="http://x", tp_size=1,
-                              ranks=[RankRef("a", 0)], checkpoint="m", version=3, ready=True))
-    done = Job(id="j1", kind=JobKind.UPDATE, state=JobState.SUCCEEDED,
-               spec=UpdateSpec(checkpoint="m", ranks=[0]), created=1.0, version=3,
-               targets=[RankRef("a", 0)], target_ranks=[0],
-               results=[RankResult(rank=0, owner=RankRef("a", 0), ok=True,
-                                   times=PhaseTimes(total_s=1.5))])
-    running = Job(id="j2", kind=JobKind.UPDATE, state=JobState.RUNNING,
-                  spec=UpdateSpec(checkpoint="m"), created=2.0)
+    reg.agent_attached(
+        AgentInfo(
+            node_id="a",
+            host="h",
+            devices=[DeviceInfo(index=0, kind="cpu", uuid="a/0", total_bytes=10, free_bytes=5)],
+            attached=True,
+            last_seen=2.0,
+        ),
+        {("m", 3, 0): 256},
+    )
+    reg.put_instance(
+        Instance(
+            name="i",
+            kind=InstanceKind.VLLM,
+            endpoint="http://x",
+            tp_size=1,
+            ranks=[RankRef("a", 0)],
+            checkpoint="m",
+            version=3,
+            ready=True,
+        )
+    )
+    done = Job(
+        id="j1",
+        kind=JobKind.UPDATE,
+        state=JobState.SUCCEEDED,
+        spec=UpdateSpec(checkpoint="m", ranks=[0]),
+        created=1.0,
+        version=3,
+        targets=[RankRef("a", 0)],
+        target_ranks=[0],
+        results=[RankResult(rank=0, owner=RankRef("a", 0), ok=True, times=PhaseTimes(total_s=1.5))],
+    )
+    running = Job(
+        id="j2",
+        kind=JobKind.UPDATE,
+        state=JobState.RUNNING,
+        spec=UpdateSpec(checkpoint="m"),
+        created=2.0,
+    )
     reg.put_job(done)
     reg.put_job(running)
     assert reg.get_checkpoint("m").version == 3
@@ -77,8 +119,9 @@ def test_round_trip_through_restart(tmp_path) -> None:
     assert reg2.jobs["j1"].results[0].times.total_s == 1.5
     assert reg2.jobs["j2"].state == JobState.FAILED and "restarted" in reg2.jobs["j2"].reason
     # An agent that comes back without the bytes: its shard is lost, the checkpoint too.
-    reg2.agent_attached(AgentInfo(node_id="b", host="h", devices=[], attached=True,
-                                  last_seen=3.0), {})
+    reg2.agent_attached(
+        AgentInfo(node_id="b", host="h", devices=[], attached=True, last_seen=3.0), {}
+    )
     assert cv2.shards[RankRef("b", 1)].state == ShardState.LOST
     assert cv2.state == CheckpointState.LOST
     reg2.close()
@@ -109,28 +152,48 @@ def test_convert_round_trips() -> None:
     assert [s.rank for s in pb.shards] == [0, 1]
     assert list(pb.tensors[0].shape) == [2, 3]
 
-    spec = convert.update_spec_from_pb(cpb.UpdateRequest(
-        checkpoint="m", version=2, ranks=[3, 1, 3], tensors=["model.layers.0."], timeout_s=5))
+    spec = convert.update_spec_from_pb(
+        cpb.UpdateRequest(
+            checkpoint="m", version=2, ranks=[3, 1, 3], tensors=["model.layers.0."], timeout_s=5
+        )
+    )
     assert spec.ranks == [1, 3] and spec.method == "broadcast" and spec.version == 2
     with pytest.raises(InvalidArgument):
         convert.update_spec_from_pb(cpb.UpdateRequest(checkpoint="m", bucket_bytes=-1))
 
-    inst = convert.instance_from_pb(tpb.Instance(
-        name="x", endpoint="http://h:1", tp_size=2,
-        ranks=[tpb.InstanceRank(node_id="a", device=0), tpb.InstanceRank(node_id="a", device=1)]))
+    inst = convert.instance_from_pb(
+        tpb.Instance(
+            name="x",
+            endpoint="http://h:1",
+            tp_size=2,
+            ranks=[
+                tpb.InstanceRank(node_id="a", device=0),
+                tpb.InstanceRank(node_id="a", device=1),
+            ],
+        )
+    )
     assert inst.kind == InstanceKind.VLLM and inst.ranks[1] == RankRef("a", 1)
     back = convert.instance_to_pb(inst, {RankRef("a", 0): 4, RankRef("a", 1): 5})
     assert list(back.global_ranks) == [4, 5]
-    for bad in (tpb.Instance(name="x", endpoint="http://h"),
-                tpb.Instance(name="x", endpoint="nope", ranks=[tpb.InstanceRank(node_id="a")]),
-                tpb.Instance(name="x", endpoint="http://h", tp_size=2,
-                             ranks=[tpb.InstanceRank(node_id="a")])):
+    for bad in (
+        tpb.Instance(name="x", endpoint="http://h"),
+        tpb.Instance(name="x", endpoint="nope", ranks=[tpb.InstanceRank(node_id="a")]),
+        tpb.Instance(
+            name="x", endpoint="http://h", tp_size=2, ranks=[tpb.InstanceRank(node_id="a")]
+        ),
+    ):
         with pytest.raises(InvalidArgument):
             convert.instance_from_pb(bad)
 
-    job = Job(id="j", kind=JobKind.UPDATE, state=JobState.FAILED,
-              spec=UpdateSpec(checkpoint="m", instances=["x"]), created=1.0, reason="boom",
-              target_ranks=[0, 2],
-              results=[RankResult(rank=2, owner=RankRef("a", 1), ok=False, reason="r")])
+    job = Job(
+        id="j",
+        kind=JobKind.UPDATE,
+        state=JobState.FAILED,
+        spec=UpdateSpec(checkpoint="m", instances=["x"]),
+        created=1.0,
+        reason="boom",
+        target_ranks=[0, 2],
+        results=[RankResult(rank=2, owner=RankRef("a", 1), ok=False, reason="r")],
+    )
     jp = convert.job_to_pb(job)
     assert jp.state == tpb.JOB_FAILED and list(jp.ranks) == [0, 2] and jp.results[0].device == 1

@@ -24,7 +24,6 @@ from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.dtypes import torch_dtype
 from vllm_ext.buffers import MappedBuffer
 
-
 HELLO_EVERY_S = 2.0
 
 
@@ -84,30 +83,44 @@ class Receiver:
                 raise ReceiveError(f"the update failed: {msg.end.reason}")
             # anything else is left over from an earlier update: skip it
 
-    def receive(self, *, load: Load, validate: Validate | None = None, job_id: str = "",
-                wait_s: float = 60.0, step_timeout_s: float = 300.0) -> ipb.ReceiverDone:
+    def receive(
+        self,
+        *,
+        load: Load,
+        validate: Validate | None = None,
+        job_id: str = "",
+        wait_s: float = 60.0,
+        step_timeout_s: float = 300.0,
+    ) -> ipb.ReceiverDone:
         """Takes one update. Raises TimeoutError if none starts within wait_s."""
-        hello = ipb.ReceiverMessage(hello=ipb.ReceiverHello(
-            engine=self.engine, pid=os.getpid(), job_id=job_id))
+        hello = ipb.ReceiverMessage(
+            hello=ipb.ReceiverHello(engine=self.engine, pid=os.getpid(), job_id=job_id)
+        )
         deadline = time.monotonic() + wait_s
         msg = None
         while msg is None and time.monotonic() < deadline:
             # Said again now and then: a worker that restarted never saw the first one.
             self._send(hello)
-            msg = self._recv(min(HELLO_EVERY_S, max(0.0, deadline - time.monotonic())),
-                             ("begin",))
+            msg = self._recv(min(HELLO_EVERY_S, max(0.0, deadline - time.monotonic())), ("begin",))
         if msg is None:
             self.reset()
             raise TimeoutError(f"no update started on {self.endpoint} within {wait_s:.0f}s")
         b = msg.begin
-        info = UpdateInfo(job_id=b.job_id, checkpoint=b.checkpoint, version=b.version,
-                          tensors=list(b.tensors), partial=b.partial, device=b.device)
+        info = UpdateInfo(
+            job_id=b.job_id,
+            checkpoint=b.checkpoint,
+            version=b.version,
+            tensors=list(b.tensors),
+            partial=b.partial,
+            device=b.device,
+        )
         try:
             problem = validate(info) if validate else None
         except Exception as e:
             problem = f"validation crashed: {e!r}"
-        self._send(ipb.ReceiverMessage(validated=ipb.Validated(ok=not problem,
-                                                               reason=problem or "")))
+        self._send(
+            ipb.ReceiverMessage(validated=ipb.Validated(ok=not problem, reason=problem or ""))
+        )
         try:
             go = self._recv(step_timeout_s, ("proceed",))
         except ReceiveError as e:
@@ -123,16 +136,21 @@ class Receiver:
             for _ in it:  # a loader that stopped early still lets the worker finish
                 pass
         except Exception as e:
-            done = ipb.ReceiverDone(ok=False, reason=f"{type(e).__name__}: {e}",
-                                    checkpoint=b.checkpoint, version=b.version)
+            done = ipb.ReceiverDone(
+                ok=False,
+                reason=f"{type(e).__name__}: {e}",
+                checkpoint=b.checkpoint,
+                version=b.version,
+            )
             self._send(ipb.ReceiverMessage(done=done))
             return done
         done = ipb.ReceiverDone(ok=True, checkpoint=b.checkpoint, version=b.version)
         self._send(ipb.ReceiverMessage(done=done))
         return done
 
-    def _tensors(self, info: UpdateInfo, buf: Any, slot_bytes: int,
-                 timeout_s: float) -> Iterator[tuple[str, Any]]:
+    def _tensors(
+        self, info: UpdateInfo, buf: Any, slot_bytes: int, timeout_s: float
+    ) -> Iterator[tuple[str, Any]]:
         import torch
 
         partial: dict[int, tuple[Any, int]] = {}  # tensor index -> (bytes, received)
@@ -149,9 +167,12 @@ class Receiver:
                 dt = torch_dtype(meta.dtype)
                 if e.nbytes != meta.nbytes:  # a chunk of a large tensor
                     whole, got = partial.get(e.tensor) or (
-                        torch.empty(meta.nbytes, dtype=torch.uint8, device=buf.device), 0)
+                        torch.empty(meta.nbytes, dtype=torch.uint8, device=buf.device),
+                        0,
+                    )
                     whole[e.chunk_offset : e.chunk_offset + e.nbytes].copy_(
-                        buf[base + e.offset : base + e.offset + e.nbytes])
+                        buf[base + e.offset : base + e.offset + e.nbytes]
+                    )
                     got += e.nbytes
                     if got < meta.nbytes:
                         partial[e.tensor] = (whole, got)

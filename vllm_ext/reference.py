@@ -53,7 +53,8 @@ class ReferenceEngine:
             if t.name not in self.expect:
                 return f"unknown tensor {t.name!r}"
             if tuple(t.shape) != tuple(self.expect[t.name]):
-                return f"tensor {t.name!r} has shape {list(t.shape)}, model wants {list(self.expect[t.name])}"
+                want = list(self.expect[t.name])
+                return f"tensor {t.name!r} has shape {list(t.shape)}, model wants {want}"
         return None
 
     def load(self, info: UpdateInfo, tensors: Iterator[tuple[str, Any]]) -> None:
@@ -62,7 +63,9 @@ class ReferenceEngine:
             if cur is not None and cur.shape == t.shape and cur.dtype == t.dtype:
                 cur.copy_(t)
             else:
-                self.tensors[name] = t.clone() if self.device is None else t.to(self.device, copy=True)
+                self.tensors[name] = (
+                    t.clone() if self.device is None else t.to(self.device, copy=True)
+                )
         self.checkpoint, self.version, self.job_id = info.checkpoint, info.version, info.job_id
         self.updates += 1
 
@@ -117,8 +120,13 @@ def main(argv: list[str] | None = None) -> None:
             log.error("receive_failed", error=repr(e))
             r.reset()
             continue
-        log.info("update_received", ok=done.ok, reason=done.reason, version=done.version,
-                 seconds=round(time.monotonic() - t0, 4))
+        log.info(
+            "update_received",
+            ok=done.ok,
+            reason=done.reason,
+            version=done.version,
+            seconds=round(time.monotonic() - t0, 4),
+        )
         if done.ok and a.report:
             write_json(a.report, engine.report())
         if a.once:

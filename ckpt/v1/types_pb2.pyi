@@ -163,7 +163,7 @@ class Device(_message.Message):
     def __init__(self, index: _Optional[int] = ..., kind: _Optional[str] = ..., uuid: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class Agent(_message.Message):
-    __slots__ = ("node_id", "host", "state", "devices", "last_seen_unix", "version", "pid")
+    __slots__ = ("node_id", "host", "state", "devices", "last_seen_unix", "version", "pid", "ipc_dir")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class Agent(_message.Message):
     LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    IPC_DIR_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     host: str
     state: AgentState
@@ -178,7 +179,8 @@ class Agent(_message.Message):
     last_seen_unix: float
     version: str
     pid: int
-    def __init__(self, node_id: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., last_seen_unix: _Optional[float] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    ipc_dir: str
+    def __init__(self, node_id: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., last_seen_unix: _Optional[float] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., ipc_dir: _Optional[str] = ...) -> None: ...
 
 class InstanceRank(_message.Message):
     __slots__ = ("node_id", "device")

@@ -1,0 +1,131 @@
+"""The vLLM worker extension: `--worker-extension-cls vllm_ext.WorkerExtension`.
+
+vLLM mixes this class into its worker, so `self` is the worker (self.model_runner,
+self.rank, self.vllm_config). ckptd reaches `ckpt_update` through `/collective_rpc` (server,
+VLLM_SERVER_DEV_MODE=1) or `LLM.collective_rpc` (offline; see vllm_ext.offline). Every
+worker of the engine takes the update from the agent worker on its own device: ckptd passes
+the agents' endpoints in engine rank order, and worker `self.rank` takes its own.
+
+Loading goes through `model_runner.reload_weights(weights_iterator=...,
+is_checkpoint_format=True)`: vLLM's in-place path, which buffers a layer's tensors until the
+layer is complete and runs post-load processing (repacking on CPU, quantized layers on GPU).
+The receiver never reuses a buffer slot while a layer that points into it is incomplete: the
+planner keeps layers inside one bucket, and tensors whose layer spans buckets are copied.
+Where reload_weights is missing, `model.load_weights` + post-processing is the fallback.
+
+Method names start with `ckpt_`: vLLM worker methods (update_weights, reload_weights...)
+must not be shadowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from vllm_ext.receiver import Receiver, UpdateInfo
+
+
+class WorkerExtension:
+    # --------------------------------------------------------------- entry points
+
+    def ckpt_update(self, arg: str) -> dict:
+        """Takes one update. arg: JSON {job_id, endpoints, timeout_s, checkpoint, version}.
+        Returns a plain dict (JSON-safe) that ckptd checks for every worker."""
+        spec = json.loads(arg)
+        rank = int(getattr(self, "rank", 0))
+        t0 = time.monotonic()
+        endpoints = spec.get("endpoints") or []
+        if rank >= len(endpoints):
+            return {"ok": False, "rank": rank,
+                    "reason": f"worker rank {rank} has no endpoint ({len(endpoints)} given)"}
+        timeout = float(spec.get("timeout_s") or 300.0)
+        recv = self._ckpt_receiver(endpoints[rank])
+        try:
+            done = recv.receive(load=self._ckpt_load, validate=self._ckpt_validate,
+                                job_id=spec.get("job_id", ""), wait_s=min(60.0, timeout),
+                                step_timeout_s=timeout)
+        except Exception as e:  # never raise through collective_rpc: say what happened
+            recv.reset()
+            return {"ok": False, "rank": rank, "reason": f"{type(e).__name__}: {e}"}
+        return {"ok": bool(done.ok), "rank": rank, "reason": done.reason,
+                "checkpoint": done.checkpoint, "version": int(done.version),
+                "seconds": round(time.monotonic() - t0, 4)}
+
+    def ckpt_info(self) -> dict:
+        """What this worker serves, as far as ckptd's updates went."""
+        st = self._ckpt_state()
+        return {"rank": int(getattr(self, "rank", 0)), "checkpoint": st["checkpoint"],
+                "version": st["version"], "updates": st["updates"], "pid": os.getpid()}
+
+    # --------------------------------------------------------------- internals
+
+    def _ckpt_state(self) -> dict:
+        st = getattr(self, "_ckpt_st", None)
+        if st is None:
+            st = {"checkpoint": "", "version": 0, "updates": 0, "receiver": None,
+                  "expected": None}
+            self._ckpt_st = st
+        return st
+
+    def _ckpt_receiver(self, endpoint: str) -> Receiver:
+        st = self._ckpt_state()
+        r = st["receiver"]
+        if r is None or r.endpoint != endpoint:
+            if r is not None:
+                r.close()
+            device = getattr(self, "device", None)
+            if device is not None and getattr(device, "type", "cpu") == "cpu":
+                device = None
+            r = st["receiver"] = Receiver(endpoint, engine="vllm", device=device)
+        return r
+
+    def _ckpt_expected(self) -> dict[str, tuple[int, ...]] | None:
+        """Checkpoint-format names and shapes the model takes: the model directory's
+        safetensors headers when it has them (exact); None when unknown."""
+        st = self._ckpt_state()
+        if st["expected"] is None:
+            from vllm_ext.model_names import expected_from_model
+
+            st["expected"] = expected_from_model(self.vllm_config, self.model_runner.model)
+        return st["expected"] or None
+
+    def _ckpt_validate(self, info: UpdateInfo) -> str | None:
+        from vllm_ext.model_names import check_names
+
+        return check_names(info.tensors, self._ckpt_expected(),
+                           self.model_runner.model, partial=info.partial)
+
+    def _ckpt_load(self, info: UpdateInfo, tensors: Iterator[tuple[str, Any]]) -> None:
+        runner = self.model_runner
+        model = runner.model
+        if hasattr(runner, "reload_weights"):
+            runner.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
+        else:  # older vLLM
+            from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+            model.load_weights(tensors)
+            process_weights_after_loading(model, self.vllm_config.model_config, self.device)
+        _refresh_tied_lm_head(model)
+        st = self._ckpt_state()
+        st["checkpoint"], st["version"] = info.checkpoint, int(info.version)
+        st["updates"] += 1
+
+
+def _refresh_tied_lm_head(model: Any) -> bool:
+    """vLLM CPU packs a copy of lm_head's weight for its GEMM at start-up. With tied
+    embeddings no lm_head.* tensor is ever loaded, so reload_weights leaves that copy stale
+    and logits keep the old embedding. Re-running lm_head's post-load processing repacks it."""
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if lm_head is None or embed is None or not hasattr(lm_head, "weight"):
+        return False
+    if lm_head.weight is not embed.weight:
+        return False
+    qm = getattr(lm_head, "quant_method", None)
+    if qm is None or not hasattr(qm, "process_weights_after_loading"):
+        return False
+    qm.process_weights_after_loading(lm_head)
+    return True
