@@ -30,8 +30,9 @@ UPDATE_METHOD = "ckpt_update"  # vllm_ext.WorkerExtension.ckpt_update
 
 def http_json(url: str, body: dict | None, timeout: float, method: str = "POST") -> Any:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         raw = resp.read()
     return json.loads(raw) if raw else None
@@ -65,9 +66,15 @@ class EngineTrigger:
             except urllib.error.HTTPError as e:
                 if e.code != 404:  # servers without /pause: collective_rpc runs between steps
                     raise
-            arg = json.dumps({"job_id": job.id, "endpoints": self.endpoints(instance),
-                              "timeout_s": timeout, "checkpoint": job.spec.checkpoint,
-                              "version": job.version})
+            arg = json.dumps(
+                {
+                    "job_id": job.id,
+                    "endpoints": self.endpoints(instance),
+                    "timeout_s": timeout,
+                    "checkpoint": job.spec.checkpoint,
+                    "version": job.version,
+                }
+            )
             res = await self._post(
                 f"{base}/collective_rpc",
                 {"method": UPDATE_METHOD, "args": [arg], "timeout": timeout},
@@ -75,23 +82,29 @@ class EngineTrigger:
             )
             results = (res or {}).get("results") or []
             if len(results) != len(instance.ranks):
-                raise Aborted(f"instance {instance.name}: {len(results)} workers answered, "
-                              f"{len(instance.ranks)} expected")
+                raise Aborted(
+                    f"instance {instance.name}: {len(results)} workers answered, "
+                    f"{len(instance.ranks)} expected"
+                )
             bad = [r for r in results if not (isinstance(r, dict) and r.get("ok"))]
             if bad:
                 r = bad[0]
                 reason = r.get("reason") if isinstance(r, dict) else str(r)
                 raise Aborted(f"instance {instance.name}: worker failed: {reason}")
             try:
-                await self._post(f"{base}/update_weight_version",
-                                 {"new_version": f"{job.spec.checkpoint}@{job.version}"}, ctl)
+                await self._post(
+                    f"{base}/update_weight_version",
+                    {"new_version": f"{job.spec.checkpoint}@{job.version}"},
+                    ctl,
+                )
             except urllib.error.HTTPError as e:
                 if e.code != 404:
                     raise
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")[:500]
-            raise Aborted(f"instance {instance.name}: HTTP {e.code} from {e.url}: {detail}") \
-                from None
+            raise Aborted(
+                f"instance {instance.name}: HTTP {e.code} from {e.url}: {detail}"
+            ) from None
         except TimeoutError:
             raise DeadlineExceeded(f"instance {instance.name} did not answer in time") from None
         except (urllib.error.URLError, ConnectionError, OSError) as e:

@@ -10,9 +10,19 @@ import os
 from pathlib import Path
 
 VOCAB = 512
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=2, num_key_value_heads=2, head_dim=32,
-              max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+)
 ARCHS = ("llama", "qwen2")
 
 
@@ -26,14 +36,24 @@ def build_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
 
 
 def build_model(arch: str, seed: int):
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config
-    from transformers import Qwen2ForCausalLM
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     if arch == "llama":
@@ -73,8 +93,10 @@ def hf_greedy(model_dir: str | os.PathLike, prompts: list[list[int]], max_tokens
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p])
-            g = m.generate(ids, max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens)
-            out.append(g[0, len(p):].tolist())
+            g = m.generate(
+                ids, max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens
+            )
+            out.append(g[0, len(p) :].tolist())
     return out
 
 

