@@ -146,10 +146,8 @@ def main() -> int:
                 return 1
             got = complete(url, prompt, N)
             same = got == predicted[version]
-            print(
-                f"  vLLM now says {got}  "
-                f"{'== transformers v%d' % version if same else '!= transformers'}"
-            )
+            verdict = f"== transformers v{version}" if same else "!= transformers"
+            print(f"  vLLM now says {got}  {verdict}")
             ok &= same
         say("fleet state (ckptctl instances)")
         subprocess.run(
