@@ -29,7 +29,7 @@ class Agent:
         self.cfg = cfg
         self.ipc_dir = ensure_private_dir(ipc_dir(cfg.ipc_dir or None))
         self.devices = self._devices()
-        self.held: dict[tuple[str, int, int], tuple[int, str]] = {}
+        self.held: dict[tuple[str, int, int], tuple[int, str, apb.P2PSource]] = {}
         self._pending: dict[int, apb.Command] = {}
         self._outbox: asyncio.Queue[apb.AgentMessage] | None = None
         self._stop = asyncio.Event()
@@ -76,7 +76,8 @@ class Agent:
                 kind = cmd.WhichOneof("body")
                 if kind == "load":
                     key = (cmd.load.checkpoint, cmd.load.version, cmd.load.device)
-                    self.held[key] = (msg.result.store.nbytes, msg.result.store.segment)
+                    st = msg.result.store
+                    self.held[key] = (st.nbytes, st.segment, st.p2p)
                 elif kind == "drop":
                     self.held.pop((cmd.drop.checkpoint, cmd.drop.version, cmd.drop.device), None)
         if self._outbox is not None:
@@ -144,8 +145,8 @@ class Agent:
                 host=self.cfg.host,
                 devices=self._free(),
                 stores=[
-                    apb.HeldStore(checkpoint=c, version=v, device=d, nbytes=n, segment=s)
-                    for (c, v, d), (n, s) in self.held.items()
+                    apb.HeldStore(checkpoint=c, version=v, device=d, nbytes=n, segment=s, p2p=p)
+                    for (c, v, d), (n, s, p) in self.held.items()
                 ],
                 version=__version__,
                 pid=os.getpid(),
@@ -202,6 +203,7 @@ class Agent:
             ipc_dir=self.ipc_dir,
             host=self.cfg.host,
             log_level=self.cfg.log_level,
+            p2p=self._p2p_enabled(),
             loop=loop,
             devices=[d.index for d in self.devices],
             on_message=self._on_worker_message,
@@ -241,6 +243,17 @@ class Agent:
                 backoff = min(backoff * 2, 5.0)
         finally:
             self.supervisor.stop()
+
+    def _p2p_enabled(self) -> bool:
+        if self.cfg.p2p == "off":
+            return False
+        from ckpt_agent.p2p import available
+
+        if available():
+            return True
+        if self.cfg.p2p == "on":
+            raise RuntimeError("--p2p on, but Mooncake is not installed (pip install ckptd[p2p])")
+        return False
 
     def stop(self) -> None:
         self._stop.set()

@@ -21,6 +21,7 @@ class AgentConfig:
     heartbeat_s: float = 2.0
     command_timeout_s: float = 30.0
     log_level: str = "info"
+    p2p: str = "auto"  # register host stores for P2P reads: auto (if Mooncake is installed)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -29,6 +30,8 @@ class AgentConfig:
             raise ValueError("--slots must be at least 1 on cpu")
         if not self.node_id or "/" in self.node_id:
             raise ValueError("node id must be non-empty and without '/'")
+        if self.p2p not in ("auto", "on", "off"):
+            raise ValueError("p2p must be auto, on or off")
         if self.heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be positive")
 

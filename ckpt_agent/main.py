@@ -28,6 +28,12 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     p.add_argument("--ipc-dir", default=d.ipc_dir)
     p.add_argument("--heartbeat-s", type=float, default=d.heartbeat_s)
     p.add_argument("--log-level", default=d.log_level)
+    p.add_argument(
+        "--p2p",
+        choices=["auto", "on", "off"],
+        default=d.p2p,
+        help="register host stores with Mooncake for P2P joins (auto: if installed)",
+    )
     a = p.parse_args(argv)
     slots = a.slots if a.slots is not None else (1 if a.device == "cpu" else 0)
     return AgentConfig(
@@ -39,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         ipc_dir=a.ipc_dir,
         heartbeat_s=a.heartbeat_s,
         log_level=a.log_level,
+        p2p=a.p2p,
     )
 
 

@@ -42,11 +42,12 @@ class Supervisor:
         ipc_dir: str,
         host: str,
         log_level: str,
+        p2p: bool,
         loop: asyncio.AbstractEventLoop,
         on_message: Callable[[int, apb.AgentMessage], None],
         on_death: Callable[[int], None],
     ) -> None:
-        self._args = (node_id, kind, ipc_dir, host, log_level)
+        self._args = (node_id, kind, ipc_dir, host, log_level, p2p)
         self._loop = loop
         self._on_message = on_message
         self._on_death = on_death
@@ -57,13 +58,13 @@ class Supervisor:
             self._start(d)
 
     def _start(self, device: int) -> None:
-        node_id, kind, ipc_dir, host, log_level = self._args
+        node_id, kind, ipc_dir, host, log_level, p2p = self._args
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=worker_main,
             name=f"ckpt-worker-{device}",
             daemon=True,
-            args=(child, node_id, device, kind, ipc_dir, host, log_level),
+            args=(child, node_id, device, kind, ipc_dir, host, log_level, p2p),
         )
         proc.start()
         child.close()
@@ -77,7 +78,7 @@ class Supervisor:
         while True:
             try:
                 data = h.conn.recv_bytes()
-            except (EOFError, OSError):
+            except (EOFError, OSError, TypeError):  # TypeError: closed under us at stop
                 break
             msg = apb.AgentMessage.FromString(data)
             if msg.WhichOneof("body") == "result" and msg.result.command_id == READY_ID:

@@ -89,7 +89,10 @@ class AgentHub:
             pid=hello.pid,
             ipc_dir=hello.ipc_dir,
         )
-        held = {(s.checkpoint, s.version, s.device): s.nbytes for s in hello.stores}
+        held = {
+            (s.checkpoint, s.version, s.device): (s.nbytes, s.p2p.session, s.p2p.addr)
+            for s in hello.stores
+        }
         await asyncio.to_thread(self._registry.agent_attached, info, held)
         log.info("agent_attached", node=hello.node_id, devices=len(hello.devices), host=hello.host)
         for w in self._attach_waiters:

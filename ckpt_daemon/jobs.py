@@ -20,12 +20,12 @@ from ckpt_common.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
-    Unimplemented,
 )
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.model import (
     CheckpointState,
+    CheckpointVersion,
     Instance,
     InstanceKind,
     Job,
@@ -36,7 +36,14 @@ from ckpt_daemon.model import (
     RankResult,
     UpdateSpec,
 )
-from ckpt_daemon.planner import Plan, PlanError, choose_bucket_bytes, plan_update, select_tensors
+from ckpt_daemon.planner import (
+    Plan,
+    PlanError,
+    choose_bucket_bytes,
+    plan_p2p,
+    plan_update,
+    select_tensors,
+)
 from ckpt_daemon.registry import Registry
 
 log = structlog.get_logger("ckptd.jobs")
@@ -124,9 +131,7 @@ class JobRunner:
         tl = sorted(targets)
         return tl, [index[r] for r in tl]
 
-    async def submit_update(self, spec: UpdateSpec) -> Job:
-        if spec.method not in ("broadcast", ""):
-            raise Unimplemented(f"update method {spec.method!r} is not available yet")
+    def resolve_checkpoint(self, spec: UpdateSpec) -> CheckpointVersion:
         cv = self._registry.get_checkpoint(spec.checkpoint, spec.version)
         if cv is None:
             if not self._registry.versions(spec.checkpoint):
@@ -140,6 +145,12 @@ class JobRunner:
                 f"checkpoint {cv.name}@{cv.version} is {cv.state.name}"
                 + (f": {cv.reason}" if cv.reason else "")
             )
+        return cv
+
+    async def submit_update(self, spec: UpdateSpec, kind: JobKind = JobKind.UPDATE) -> Job:
+        if spec.method not in ("broadcast", "p2p", ""):
+            raise InvalidArgument(f"unknown update method {spec.method!r}")
+        cv = self.resolve_checkpoint(spec)
         targets, target_ranks = self.resolve_targets(spec)
         clash = sorted({self._busy_targets[r] for r in targets if r in self._busy_targets})
         if clash:
@@ -152,7 +163,16 @@ class JobRunner:
         gone = sorted(str(o) for o in owners if not self._hub.attached(o.node_id))
         if gone:
             raise Unavailable(f"agents holding checkpoint bytes are not attached: {gone}")
-        participants = set(targets) | owners
+        p2p = spec.method == "p2p"
+        sources: list[apb.P2PSource] = []
+        if p2p:
+            missing = sorted(str(o) for o in owners if not self._shard_p2p(cv, o)[0])
+            if missing:
+                raise FailedPrecondition(
+                    f"owners {missing} are not registered for P2P reads "
+                    "(agent without Mooncake, or --p2p off)"
+                )
+        participants = set(targets) if p2p else set(targets) | owners
         kinds = {self._device_kind(r) for r in participants}
         cap = (
             self._config.max_bucket_bytes_cuda
@@ -169,17 +189,31 @@ class JobRunner:
         except PlanError as e:
             cls = InvalidArgument if spec.bucket_bytes else ResourceExhausted
             raise cls(str(e)) from None
-        plan = await asyncio.to_thread(
-            plan_update,
-            tensors,
-            targets,
-            bucket_bytes=bucket_bytes,
-            nbuf=self._config.nbuf,
-            partial=len(tensors) != len(cv.tensors),
-        )
+        partial = len(tensors) != len(cv.tensors)
+        if p2p:
+            plan, owners_order = await asyncio.to_thread(
+                plan_p2p,
+                tensors,
+                targets,
+                bucket_bytes=bucket_bytes,
+                nbuf=self._config.nbuf,
+                partial=partial,
+            )
+            for o in owners_order:
+                session, addr = self._shard_p2p(cv, o)
+                sources.append(apb.P2PSource(session=session, addr=addr))
+        else:
+            plan = await asyncio.to_thread(
+                plan_update,
+                tensors,
+                targets,
+                bucket_bytes=bucket_bytes,
+                nbuf=self._config.nbuf,
+                partial=partial,
+            )
         job = Job(
             id=uuid.uuid4().hex[:12],
-            kind=JobKind.UPDATE,
+            kind=kind,
             state=JobState.PENDING,
             spec=spec,
             created=time.time(),
@@ -194,7 +228,7 @@ class JobRunner:
             self._busy_targets[r] = job.id
         self._registry.put_job(job)
         self._changed[job.id] = asyncio.Event()
-        self._tasks[job.id] = asyncio.create_task(self._run(job, plan))
+        self._tasks[job.id] = asyncio.create_task(self._run(job, plan, sources))
         log.info(
             "job_submitted",
             job=job.id,
@@ -205,6 +239,62 @@ class JobRunner:
             bucket_bytes=bucket_bytes,
         )
         return job
+
+    @staticmethod
+    def _shard_p2p(cv: CheckpointVersion, owner: RankRef) -> tuple[str, int]:
+        s = cv.shards.get(owner)
+        return (s.p2p_session, s.p2p_addr) if s else ("", 0)
+
+    def fleet_version(self) -> tuple[str, int]:
+        """What most ready instances serve."""
+        counts: dict[tuple[str, int], int] = {}
+        for inst in self._registry.instances.values():
+            if inst.ready and inst.checkpoint:
+                key = (inst.checkpoint, inst.version)
+                counts[key] = counts.get(key, 0) + 1
+        if not counts:
+            raise FailedPrecondition("no instance serves a checkpoint yet: name one to join at")
+        return max(counts, key=lambda k: (counts[k], k[1]))
+
+    async def submit_join(
+        self, inst: Instance, checkpoint: str, version: int, timeout_s: float
+    ) -> Job:
+        """Registers inst (not ready) and brings it to a version by P2P reads from the
+        owners' host memory; the instances already serving are not touched."""
+        if not checkpoint:
+            checkpoint, version = self.fleet_version()
+        spec = UpdateSpec(
+            checkpoint=checkpoint,
+            version=version,
+            instances=[inst.name],
+            method="p2p",
+            timeout_s=timeout_s,
+        )
+        self.resolve_checkpoint(spec)
+        order = set(self._registry.rank_order())
+        missing = [str(r) for r in inst.ranks if r not in order]
+        if missing:
+            raise FailedPrecondition(f"devices {missing} have no attached agent")
+        self.check_instance_devices(inst)
+        old = self._registry.instances.get(inst.name)
+        inst.ready, inst.reason = False, "joining"
+        self._registry.put_instance(inst)
+        try:
+            return await self.submit_update(spec, kind=JobKind.JOIN)
+        except BaseException:
+            if old is not None:
+                self._registry.put_instance(old)
+            else:
+                self._registry.remove_instance(inst.name)
+            raise
+
+    def check_instance_devices(self, inst: Instance) -> None:
+        for other in self._registry.instances.values():
+            shared = set(other.ranks) & set(inst.ranks)
+            if other.name != inst.name and shared:
+                raise FailedPrecondition(
+                    f"instance {other.name!r} already uses devices {sorted(map(str, shared))}"
+                )
 
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
@@ -246,7 +336,7 @@ class JobRunner:
                 del self._busy_targets[r]
         self._participants_freed.set()
 
-    async def _run(self, job: Job, plan: Plan) -> None:
+    async def _run(self, job: Job, plan: Plan, sources: list[apb.P2PSource]) -> None:
         timeout = job.spec.timeout_s or self._config.update_timeout_s
         deadline = time.monotonic() + timeout
         bind = structlog.contextvars.bound_contextvars(job=job.id, checkpoint=job.spec.checkpoint)
@@ -257,7 +347,7 @@ class JobRunner:
             job.started = time.time()
             self._registry.put_job(job)
             self._notify(job)
-            await self._execute(job, plan, deadline)
+            await self._execute(job, plan, deadline, sources)
             job.state = JobState.SUCCEEDED
             log.info(
                 "job_succeeded", seconds=round(time.time() - job.started, 4), bytes=job.bytes_total
@@ -294,14 +384,18 @@ class JobRunner:
                     "",
                 )
             elif job.state != JobState.SUCCEEDED:
-                inst.reason = f"update job {job.id} failed: {job.reason}"
+                inst.reason = f"{job.kind.name.lower()} job {job.id} failed: {job.reason}"
+                if job.kind == JobKind.JOIN:
+                    inst.ready = False
             self._registry.put_instance(inst)
 
     def _abort(self, job: Job, plan: Plan, reason: str) -> None:
         for r in plan.participants:
             self._hub.send(r.node_id, apb.Command(abort=apb.Abort(job_id=job.id, reason=reason)))
 
-    async def _execute(self, job: Job, plan: Plan, deadline: float) -> None:
+    async def _execute(
+        self, job: Job, plan: Plan, deadline: float, sources: list[apb.P2PSource]
+    ) -> None:
         left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
         master = plan.participants[0]
         res = await self._hub.command(
@@ -371,6 +465,7 @@ class JobRunner:
                     timeout_s=left(),
                     receiver_timeout_s=min(self._config.receiver_timeout_s, left()),
                     partial=plan.partial,
+                    p2p_sources=sources,
                 )
             )
             try:

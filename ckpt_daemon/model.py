@@ -94,6 +94,8 @@ class Shard:
     state: ShardState = ShardState.LOADING
     segment: str = ""
     reason: str = ""
+    p2p_session: str = ""  # transfer-engine session of the owner ("host:port"); "": none
+    p2p_addr: int = 0  # address of the store's first byte in the owner's process
 
 
 @dataclass(kw_only=True, slots=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ckpt_common.layers import layer_key
+from ckpt_common.p2p import encode as p2p_encode
 from ckpt_daemon.model import RankRef, TensorInfo, TensorSpec
 
 ALIGN = 256  # bytes; keeps every tensor view aligned for any dtype and for CUDA copies
@@ -290,3 +291,42 @@ def plan_update(
         total_bytes=sum(t.nbytes for t in tensors),
         partial=partial,
     )
+
+
+def plan_p2p(
+    tensors: Sequence[TensorInfo],
+    targets: Sequence[RankRef],
+    *,
+    bucket_bytes: int,
+    nbuf: int = 2,
+    partial: bool = False,
+) -> tuple[Plan, list[RankRef]]:
+    """A P2P plan: only the targets take part. Each bucket is read from its owner's host
+    memory by one target (spread round-robin over the targets, owners already interleaved),
+    then broadcast inside the targets. Returns the plan and the sources (owners) whose index
+    is encoded in each entry's store_offset (ckpt_common.p2p)."""
+    base = plan_update(tensors, targets, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial)
+    tlist = base.targets
+    sources = rank_order({t.owner for t in tensors})
+    src_index = {r: i for i, r in enumerate(sources)}
+    buckets = []
+    for k, b in enumerate(base.buckets):
+        src = src_index[base.participants[b.owner]]
+        entries = tuple(
+            Entry(
+                e.tensor, e.bucket_offset, p2p_encode(src, e.store_offset), e.nbytes, e.chunk_offset
+            )
+            for e in b.entries
+        )
+        buckets.append(BucketPlan(owner=k % len(tlist), nbytes=b.nbytes, entries=entries))
+    plan = Plan(
+        participants=list(tlist),
+        targets=list(tlist),
+        tensors=base.tensors,
+        buckets=buckets,
+        bucket_bytes=base.bucket_bytes,
+        nbuf=base.nbuf,
+        total_bytes=base.total_bytes,
+        partial=partial,
+    )
+    return plan, sources

@@ -204,7 +204,12 @@ class Pusher:
                 )
                 raise
             self._registry.set_shard(
-                cv.name, cv.version, r, ShardState.READY, segment=res.store.segment
+                cv.name,
+                cv.version,
+                r,
+                ShardState.READY,
+                segment=res.store.segment,
+                p2p=(res.store.p2p.session, res.store.p2p.addr),
             )
 
         results = await asyncio.gather(*(load_one(r) for r in by_owner), return_exceptions=True)

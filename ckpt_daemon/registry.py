@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS tensors (
 CREATE TABLE IF NOT EXISTS shards (
   name TEXT NOT NULL, version INTEGER NOT NULL, node TEXT NOT NULL, device INTEGER NOT NULL,
   nbytes INTEGER NOT NULL, tensor_count INTEGER NOT NULL, state INTEGER NOT NULL,
-  segment TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (name, version, node, device));
+  segment TEXT NOT NULL, reason TEXT NOT NULL, p2p_session TEXT NOT NULL,
+  p2p_addr INTEGER NOT NULL, PRIMARY KEY (name, version, node, device));
 CREATE TABLE IF NOT EXISTS agents (
   node_id TEXT PRIMARY KEY, host TEXT NOT NULL, devices TEXT NOT NULL, last_seen REAL NOT NULL,
   version TEXT NOT NULL, pid INTEGER NOT NULL, ipc_dir TEXT NOT NULL);
@@ -100,10 +101,10 @@ class Registry:
             )
         shards: dict[tuple[str, int], dict[RankRef, Shard]] = {}
         for row in db.execute(
-            "SELECT name, version, node, device, nbytes, tensor_count, state, segment, reason "
-            "FROM shards"
+            "SELECT name, version, node, device, nbytes, tensor_count, state, segment, reason, "
+            "p2p_session, p2p_addr FROM shards"
         ):
-            name, version, node, device, nbytes, count, state, segment, reason = row
+            name, version, node, device, nbytes, count, state, segment, reason, sess, addr = row
             r = RankRef(node, device)
             shards.setdefault((name, version), {})[r] = Shard(
                 owner=r,
@@ -112,6 +113,8 @@ class Registry:
                 state=ShardState(state),
                 segment=segment,
                 reason=reason,
+                p2p_session=sess,
+                p2p_addr=addr,
             )
         for name, version, state, created, ready, reason in db.execute(
             "SELECT name, version, state, created, ready, reason FROM checkpoints"
@@ -164,10 +167,13 @@ class Registry:
                 for d in a.devices
             )
 
-    def agent_attached(self, info: AgentInfo, held: dict[tuple[str, int, int], int]) -> None:
+    def agent_attached(
+        self, info: AgentInfo, held: dict[tuple[str, int, int], tuple[int, str, int]]
+    ) -> None:
         """Records an attaching agent and reconciles the shards it should hold.
 
-        held maps (checkpoint, version, device) to the bytes the agent still has.
+        held maps (checkpoint, version, device) to (bytes, p2p session, p2p address) of
+        what the agent still has.
         """
         with self._lock:
             self.agents[info.node_id] = info
@@ -188,9 +194,13 @@ class Registry:
                 for r, shard in cv.shards.items():
                     if r.node_id != info.node_id or shard.state != ShardState.READY:
                         continue
-                    if held.get((cv.name, cv.version, r.device)) != shard.nbytes:
+                    have = held.get((cv.name, cv.version, r.device))
+                    if have is None or have[0] != shard.nbytes:
                         shard.state = ShardState.LOST
                         shard.reason = f"agent {info.node_id} no longer holds this shard"
+                        changed = True
+                    elif (have[1], have[2]) != (shard.p2p_session, shard.p2p_addr):
+                        shard.p2p_session, shard.p2p_addr = have[1], have[2]
                         changed = True
                 if changed:
                     self._save_shards(cv)
@@ -267,7 +277,7 @@ class Registry:
 
     def _save_shards(self, cv: CheckpointVersion) -> None:
         self._db.executemany(
-            "INSERT OR REPLACE INTO shards VALUES (?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO shards VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             [
                 (
                     cv.name,
@@ -279,6 +289,8 @@ class Registry:
                     int(s.state),
                     s.segment,
                     s.reason,
+                    s.p2p_session,
+                    s.p2p_addr,
                 )
                 for s in cv.shards.values()
             ],
@@ -313,6 +325,7 @@ class Registry:
         state: ShardState,
         segment: str = "",
         reason: str = "",
+        p2p: tuple[str, int] = ("", 0),
     ) -> CheckpointVersion | None:
         with self._lock:
             cv = self.checkpoints.get((name, version))
@@ -322,6 +335,8 @@ class Registry:
             s.state, s.reason = state, reason
             if segment:
                 s.segment = segment
+            if p2p[0]:
+                s.p2p_session, s.p2p_addr = p2p
             self._save_shards(cv)
             self._refresh_state(cv)
             return cv

@@ -14,7 +14,7 @@ from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import agent_pb2_grpc, ckptd_pb2_grpc
 from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
-from ckpt_common.errors import CkptError, FailedPrecondition, NotFound, Unimplemented
+from ckpt_common.errors import CkptError, InvalidArgument, NotFound
 from ckpt_daemon import convert
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.jobs import JobRunner
@@ -138,18 +138,19 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         old = self._registry.instances.get(inst.name)
         if old:
             inst.checkpoint, inst.version, inst.ready = old.checkpoint, old.version, old.ready
-        for other in self._registry.instances.values():
-            shared = set(other.ranks) & set(inst.ranks)
-            if other.name != inst.name and shared:
-                raise FailedPrecondition(
-                    f"instance {other.name!r} already uses devices {sorted(map(str, shared))}"
-                )
+        self._jobs.check_instance_devices(inst)
         self._registry.put_instance(inst)
         return convert.instance_to_pb(inst, self._order())
 
     @_unary
     async def JoinInstance(self, request: cpb.JoinInstanceRequest, context) -> tpb.Job:
-        raise Unimplemented("JoinInstance (P2P bootstrap) is not implemented yet")
+        if request.timeout_s < 0:
+            raise InvalidArgument("timeout_s must not be negative")
+        inst = convert.instance_from_pb(request.instance)
+        job = await self._jobs.submit_join(
+            inst, request.checkpoint, request.version, request.timeout_s
+        )
+        return convert.job_to_pb(job)
 
     @_unary
     async def ListInstances(self, request: cpb.ListInstancesRequest, context):

@@ -71,7 +71,7 @@ def test_round_trip_through_restart(tmp_path) -> None:
             attached=True,
             last_seen=2.0,
         ),
-        {("m", 3, 0): 256},
+        {("m", 3, 0): (256, "h:1", 4096)},
     )
     reg.put_instance(
         Instance(

@@ -8,18 +8,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HeldStore(_message.Message):
-    __slots__ = ("checkpoint", "version", "device", "segment", "nbytes")
+    __slots__ = ("checkpoint", "version", "device", "segment", "nbytes", "p2p")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    P2P_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     version: int
     device: int
     segment: str
     nbytes: int
-    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., device: _Optional[int] = ..., segment: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    p2p: P2PSource
+    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., device: _Optional[int] = ..., segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., p2p: _Optional[_Union[P2PSource, _Mapping]] = ...) -> None: ...
+
+class P2PSource(_message.Message):
+    __slots__ = ("session", "addr")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    addr: int
+    def __init__(self, session: _Optional[str] = ..., addr: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("node_id", "host", "devices", "stores", "version", "pid", "ipc_dir")
@@ -78,14 +88,16 @@ class GroupReady(_message.Message):
     def __init__(self, addr: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class StoreReady(_message.Message):
-    __slots__ = ("segment", "nbytes", "seconds")
+    __slots__ = ("segment", "nbytes", "seconds", "p2p")
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    P2P_FIELD_NUMBER: _ClassVar[int]
     segment: str
     nbytes: int
     seconds: float
-    def __init__(self, segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    p2p: P2PSource
+    def __init__(self, segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., seconds: _Optional[float] = ..., p2p: _Optional[_Union[P2PSource, _Mapping]] = ...) -> None: ...
 
 class CommandResult(_message.Message):
     __slots__ = ("command_id", "ok", "code", "message", "scan", "group", "store", "update")
@@ -208,7 +220,7 @@ class Bucket(_message.Message):
     def __init__(self, owner: _Optional[int] = ..., nbytes: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[BucketEntry, _Mapping]]] = ...) -> None: ...
 
 class RunUpdate(_message.Message):
-    __slots__ = ("job_id", "device", "group_rank", "world_size", "master_addr", "master_port", "is_target", "checkpoint", "version", "bucket_bytes", "nbuf", "tensors", "buckets", "timeout_s", "receiver_timeout_s", "partial")
+    __slots__ = ("job_id", "device", "group_rank", "world_size", "master_addr", "master_port", "is_target", "checkpoint", "version", "bucket_bytes", "nbuf", "tensors", "buckets", "timeout_s", "receiver_timeout_s", "partial", "p2p_sources")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +237,7 @@ class RunUpdate(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    P2P_SOURCES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     device: int
     group_rank: int
@@ -241,7 +254,8 @@ class RunUpdate(_message.Message):
     timeout_s: float
     receiver_timeout_s: float
     partial: bool
-    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., group_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., is_target: _Optional[bool] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., bucket_bytes: _Optional[int] = ..., nbuf: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., timeout_s: _Optional[float] = ..., receiver_timeout_s: _Optional[float] = ..., partial: _Optional[bool] = ...) -> None: ...
+    p2p_sources: _containers.RepeatedCompositeFieldContainer[P2PSource]
+    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., group_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., is_target: _Optional[bool] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., bucket_bytes: _Optional[int] = ..., nbuf: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., timeout_s: _Optional[float] = ..., receiver_timeout_s: _Optional[float] = ..., partial: _Optional[bool] = ..., p2p_sources: _Optional[_Iterable[_Union[P2PSource, _Mapping]]] = ...) -> None: ...
 
 class Abort(_message.Message):
     __slots__ = ("job_id", "reason")

@@ -1,0 +1,150 @@
+"""P2P join over Mooncake (TCP on loopback): a new instance reads the owners' host memory,
+broadcasts inside itself, and its engines load; failures of owners are bounded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ckpt.v1 import types_pb2 as tpb
+from ckpt_common.errors import CkptError, FailedPrecondition
+from tests.cluster import Cluster, read_report, wait_for
+from tests.tensors import digests, mixed_tensors, write_sharded
+
+pytestmark = pytest.mark.slow
+OWNER, NEW = "a-own", "b-new"  # ranks 0-1 hold the bytes, ranks 2-3 join
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("p2p")
+    c = Cluster(root)
+    c.env["MC_LOG_LEVEL"] = "ERROR"
+    c.start_daemon("--receiver-timeout-s", "10")
+    c.start_agent(OWNER, 2)
+    saved = dict(c.env)
+    c.env["CKPT_FAULT"] = "p2p_delay:0.6"  # readers: every bucket takes >= 0.6 s
+    c.start_agent(NEW, 2)
+    c.env = saved
+    c.reports = [c.start_receiver(NEW, d) for d in (0, 1)]
+    c.wait_ranks(4)
+    for r in c.reports:
+        wait_for(r.exists, 60, "receivers")
+    yield c
+    c.close()
+
+
+def instance_b() -> tpb.Instance:
+    return tpb.Instance(
+        name="B",
+        kind=tpb.INSTANCE_RECEIVER,
+        tp_size=2,
+        ranks=[tpb.InstanceRank(node_id=NEW, device=d) for d in (0, 1)],
+    )
+
+
+def big(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"model.layers.{i}.w": torch.randn(128, 128, generator=g) for i in range(24)}
+
+
+def join(c: Cluster, *args, timeout: float = 120) -> tpb.Job:
+    return c.client.wait(c.client.join(instance_b(), *args).id, timeout)
+
+
+def test_join_two_owners_tp2_byte_exact(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    t = mixed_tensors(21)
+    cp = c.client.push("m", 1, [str(write_sharded(t, tmp_path / "m"))], ranks=[0, 1])
+    assert sorted(s.rank for s in cp.shards) == [0, 1]
+    job = join(c, "m", 1)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert job.kind == tpb.JOB_JOIN and list(job.ranks) == [2, 3]
+    assert {r.rank for r in job.results} == {2, 3}  # the owners took no part in the collective
+    for r in c.reports:
+        assert read_report(r)["tensors"] == digests(t)
+    inst = {i.name: i for i in c.client.instances()}["B"]
+    assert inst.ready and inst.checkpoint == "m" and inst.version == 1
+
+    # update --method p2p of a subset works the same way
+    t2 = mixed_tensors(22)
+    c.client.push("m", 2, [str(write_sharded(t2, tmp_path / "m2"))], ranks=[0, 1])
+    job = c.client.wait(c.client.update("m", 2, ranks=[3], method=tpb.UPDATE_P2P).id, 120)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert read_report(c.reports[1])["tensors"] == digests(t2)
+    assert read_report(c.reports[0])["tensors"] == digests(t)
+
+
+def test_join_defaults_to_what_the_fleet_serves(cluster: Cluster) -> None:
+    job = join(cluster)  # B serves m@1 (ready); the fleet version is m@1
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert job.checkpoint == "m" and job.version == 1
+
+
+def test_frozen_owner_fails_the_join_in_bounded_time_then_retry(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    c = cluster
+    t = big(5)
+    save_file(t, str(tmp_path / "big.safetensors"))
+    c.client.push("big", 1, [str(tmp_path / "big.safetensors")], ranks=[0, 1])
+    job = join(c, "big", 1)  # warms the connections
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    owner = c.procs[f"agent-{OWNER}"]
+    job = c.client.join(instance_b(), "big", 1)
+    time.sleep(0.3)
+    os.killpg(owner.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        done = c.client.wait(job.id, 120)
+        took = time.monotonic() - t0
+    finally:
+        os.killpg(owner.pid, signal.SIGCONT)
+    print(f"\nfrozen owner: join failed after {took:.1f}s: {done.reason}")
+    assert done.state == tpb.JOB_FAILED
+    assert took < 30
+    inst = {i.name: i for i in c.client.instances()}["B"]
+    assert not inst.ready and "failed" in inst.reason
+    # the owner thaws, re-attaches; a retry succeeds
+    wait_for(lambda: c.client.get("big", 1).state == tpb.CHECKPOINT_READY, 60, "ready again")
+    c.wait_ranks(4)
+    job = join(c, "big", 1)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    for r in c.reports:
+        got = read_report(r)["tensors"]
+        assert {k: got[k] for k in t} == digests(t)
+
+
+def test_killed_owner_fails_the_join_in_bounded_time(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    t = big(6)
+    save_file(t, str(tmp_path / "big2.safetensors"))
+    c.client.push("big", 2, [str(tmp_path / "big2.safetensors")], ranks=[0, 1])
+    owner = c.procs[f"agent-{OWNER}"]
+    job = c.client.join(instance_b(), "big", 2)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    os.killpg(owner.pid, signal.SIGKILL)
+    done = c.client.wait(job.id, 120)
+    took = time.monotonic() - t0
+    print(f"\nkilled owner: join failed after {took:.1f}s: {done.reason}")
+    assert done.state == tpb.JOB_FAILED and took < 30
+    # while the owner is gone a retry is refused at once with the reason
+    with pytest.raises(CkptError, match="not attached"):
+        c.client.join(instance_b(), "big", 2)
+    # it comes back without the bytes: the version is LOST, a new push serves the join
+    c.start_agent(OWNER, 2)
+    wait_for(lambda: c.client.get("big", 2).state == tpb.CHECKPOINT_LOST, 60, "LOST")
+    with pytest.raises(FailedPrecondition, match="LOST"):
+        c.client.join(instance_b(), "big", 2)
+    c.client.push("big", 3, [str(tmp_path / "big2.safetensors")], ranks=[0, 1])
+    job = join(c, "big", 3)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    got = read_report(c.reports[0])["tensors"]
+    assert {k: got[k] for k in t} == digests(t)
