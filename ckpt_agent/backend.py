@@ -4,7 +4,7 @@ copy into it, and the collective. CPU: shared memory + gloo. CUDA: see cuda_back
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing import shared_memory
 from typing import Any, Protocol
@@ -24,10 +24,32 @@ def free_host_bytes() -> int:
     return 0
 
 
+class InFlight(Protocol):
+    """One bucket's agreement + broadcast. wait() returns the agreed flag once delivered."""
+
+    events: list[Any]
+
+    def wait(self, deadline: float, abort: Any = None) -> int: ...
+
+
 class Collective(Protocol):
     def broadcast(self, tensor: Any, root: int) -> None: ...
     def agree(self, flag: int) -> int:
         """All-reduce MAX of a small int over the group: everyone learns the worst."""
+        ...
+
+    def step(
+        self,
+        flag: int,
+        tensor: Any,
+        root: int,
+        *,
+        after: Any = None,
+        side_copy: tuple[Any, Any] | None = None,
+    ) -> InFlight:
+        """agree(flag), then broadcast(tensor, root) unless someone failed; asynchronous on
+        devices with streams. `after`: an event the broadcast waits for (the root's H2D);
+        side_copy=(dst, src): the root's own copy into its engine's slot."""
         ...
 
     def close(self) -> None: ...
@@ -37,11 +59,35 @@ class Backend(Protocol):
     kind: str
 
     def store_tensor(self, store: Store) -> Any: ...
-    def ipc_buffer(self, nbytes: int) -> tuple[str, Any]: ...
-    def copy(self, dst: Any, src: Any) -> None: ...
-    def new_group(self, store: Any, rank: int, world: int, timeout_s: float) -> Collective: ...
-    def sync(self) -> None: ...
+    def plan_slots(self, nbuf: int, bucket_bytes: int, owns: bool) -> tuple[int, int]:
+        """(hand-off slots, owner staging slots); staging 0 = copy straight into the slot."""
+        ...
+
+    def ipc_buffer(self, nbytes: int, share: bool = True) -> tuple[str, Any]: ...
+    def device_buffer(self, nbytes: int) -> Any: ...
+    def h2d(self, dst: Any, src: Any, ranges: list[tuple[int, int, int]], after: list[Any]) -> Any:
+        """Copies src[o:o+n] into dst[d:d+n] for each (d, o, n); returns (done, start) events
+        (None on CPU, where it is synchronous)."""
+        ...
+
+    def end_update(self, shared_never_opened: bool = False) -> None: ...
+    def new_group(
+        self, store: Any, rank: int, world: int, timeout_s: float, job_id: str = ""
+    ) -> Collective: ...
     def close(self) -> None: ...
+
+
+@dataclass
+class Done:
+    """A step that completed synchronously."""
+
+    flag: int
+    events: list[Any] = field(default_factory=list)
+    t_start: Any = None
+    t_end: Any = None
+
+    def wait(self, deadline: float, abort: Any = None) -> int:
+        return self.flag
 
 
 class GlooCollective:
@@ -63,6 +109,22 @@ class GlooCollective:
         opts.reduceOp = self._dist.ReduceOp.MAX
         self._pg.allreduce([x], opts).wait()
         return int(x.item())
+
+    def step(
+        self,
+        flag: int,
+        tensor: Any,
+        root: int,
+        *,
+        after: Any = None,
+        side_copy: tuple[Any, Any] | None = None,
+    ) -> Done:
+        worst = self.agree(flag)
+        if worst == 0:
+            self.broadcast(tensor, root)
+            if side_copy is not None:
+                side_copy[0].copy_(side_copy[1])
+        return Done(worst)
 
     def close(self) -> None:
         self._pg = None
@@ -94,7 +156,23 @@ class CpuBackend:
             self._views = {store.segment: t}  # keep one: stores come and go
         return t
 
-    def ipc_buffer(self, nbytes: int) -> tuple[str, Any]:
+    def plan_slots(self, nbuf: int, bucket_bytes: int, owns: bool) -> tuple[int, int]:
+        return nbuf, 0
+
+    def device_buffer(self, nbytes: int) -> Any:
+        import torch
+
+        return torch.empty(max(1, nbytes), dtype=torch.uint8)
+
+    def h2d(self, dst: Any, src: Any, ranges: list[tuple[int, int, int]], after: list[Any]) -> Any:
+        for d, o, n in ranges:
+            dst[d : d + n].copy_(src[o : o + n])
+        return None, None
+
+    def end_update(self, shared_never_opened: bool = False) -> None:
+        return None  # the shared segment is kept: engines map it once
+
+    def ipc_buffer(self, nbytes: int, share: bool = True) -> tuple[str, Any]:
         import torch
 
         if self._ipc is None or self._ipc.mem.size < nbytes:
@@ -118,11 +196,13 @@ class CpuBackend:
     def copy(self, dst: Any, src: Any) -> None:
         dst.copy_(src)
 
-    def new_group(self, store: Any, rank: int, world: int, timeout_s: float) -> Collective:
-        return GlooCollective(store, rank, world, timeout_s)
-
     def sync(self) -> None:
         return None
+
+    def new_group(
+        self, store: Any, rank: int, world: int, timeout_s: float, job_id: str = ""
+    ) -> Collective:
+        return GlooCollective(store, rank, world, timeout_s)
 
     def close(self) -> None:
         self._views.clear()

@@ -1,10 +1,21 @@
 """One rank's part of a broadcast update.
 
-For bucket k: wait until its slot is free (the engine loaded bucket k - nbuf), agree with
-every rank that nobody failed, copy the owner's bytes into the slot, broadcast the slot into
-every rank's hand-off buffer, tell the engine. With nbuf >= 2 the broadcast of k+1 overlaps
-the engine loading k. Before the first bucket every engine validates the tensor list; after
-the last, every rank agrees on the outcome.
+Three stages overlap, ordered by events rather than host waits (CUDA):
+  H2D        the owner copies its next buckets from the pinned host store into staging slots
+             (copy stream; up to `nstage` of its own buckets ahead),
+  broadcast  bucket k goes from the owner's staging slot into every rank's hand-off slot
+             (comm stream, after a one-int all-reduce of everyone's failure flag),
+  reload     the engine loads bucket k - 1 from its slot while k is broadcast.
+The host waits only for bucket k - lag's broadcast to finish before telling the engine, and
+for the engine to free a slot before reusing it. On CPU every stage is synchronous (lag 0,
+no staging), which is the serial fallback too.
+
+Failure agreement: each bucket's all-reduce carries every rank's flag, and every rank reads
+bucket j's flag at the same point (after issuing bucket j + lag), so all ranks stop after
+the same bucket with the same collectives issued: no rank is left waiting in NCCL. The cost
+is one tiny all-reduce per bucket, on the comm stream, with no extra host sync.
+Before the first bucket every engine validates the tensor list; after the last, every rank
+agrees on the outcome (two host-synchronous agreements per update).
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ import structlog
 from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import ipc_pb2 as ipb
 from ckpt.v1 import types_pb2 as tpb
-from ckpt_agent.backend import Backend, Collective
+from ckpt_agent.backend import Backend, Collective, Done, InFlight
 from ckpt_agent.host_store import HostStore, StoreError
 from ckpt_agent.receiver_link import LinkError, ReceiverLink
 from ckpt_common.layers import layer_key
@@ -29,6 +40,8 @@ log = structlog.get_logger("ckpt_agent.pipeline")
 
 OK, FAILED = 0, 1
 PEER_FAILED = "another rank failed"
+MERGE_GAP = 4096  # entries this close, laid out alike, are copied as one range
+DRAIN_S = 30.0
 
 
 class UpdateFailed(Exception):
@@ -65,6 +78,104 @@ def copy_flags(cmd: apb.RunUpdate) -> list[list[bool]]:
     ]
 
 
+def coalesce(entries: Any) -> list[tuple[int, int, int]]:
+    """Copy ranges (bucket offset, store offset, bytes): consecutive entries laid out the same
+    way in the store and the bucket become one copy (the padding between them rides along)."""
+    out: list[list[int]] = []
+    for e in sorted(entries, key=lambda e: e.bucket_offset):
+        if e.nbytes == 0:
+            continue
+        if out:
+            d, o, n = out[-1]
+            gap = e.bucket_offset - (d + n)
+            if 0 <= gap < MERGE_GAP and e.store_offset - o == e.bucket_offset - d:
+                out[-1][2] = e.bucket_offset + e.nbytes - d
+                continue
+        out.append([e.bucket_offset, e.store_offset, e.nbytes])
+    return [(d, o, n) for d, o, n in out]
+
+
+def _per_entry(entries: Any) -> list[tuple[int, int, int]]:
+    return [(e.bucket_offset, e.store_offset, e.nbytes) for e in entries]
+
+
+def _elapsed(pairs: list[tuple[Any, Any]]) -> float:
+    total = 0.0
+    for t0, t1 in pairs:
+        if t0 is not None and t1 is not None:
+            try:
+                total += t0.elapsed_time(t1) / 1000.0
+            except RuntimeError:
+                pass
+    return total
+
+
+class _Legacy:
+    """Adapts a backend with only the one-copy interface (copy/sync/broadcast, e.g. the P2P
+    reader) to the staged one: serial, per-entry copies, host-synchronous steps."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.kind = inner.kind
+
+    def store_tensor(self, store: Any) -> Any:
+        return self._inner.store_tensor(store)
+
+    def plan_slots(self, nbuf: int, bucket_bytes: int, owns: bool) -> tuple[int, int]:
+        return nbuf, 0
+
+    def ipc_buffer(self, nbytes: int, share: bool = True) -> tuple[str, Any]:
+        return self._inner.ipc_buffer(nbytes)
+
+    def device_buffer(self, nbytes: int) -> Any:
+        raise NotImplementedError
+
+    def h2d(self, dst: Any, src: Any, ranges: list[tuple[int, int, int]], after: list[Any]) -> Any:
+        for d, o, n in ranges:
+            self._inner.copy(dst[d : d + n], src[o : o + n])
+        return None, None
+
+    def end_update(self, shared_never_opened: bool = False) -> None:
+        fn = getattr(self._inner, "end_update", None)
+        if fn is not None:
+            fn(shared_never_opened)
+
+    def new_group(
+        self, store: Any, rank: int, world: int, timeout_s: float, job_id: str = ""
+    ) -> Collective:
+        return _LegacyCollective(self._inner.new_group(store, rank, world, timeout_s), self._inner)
+
+
+class _LegacyCollective:
+    def __init__(self, inner: Any, backend: Any) -> None:
+        self._inner = inner
+        self._backend = backend
+
+    def broadcast(self, tensor: Any, root: int) -> None:
+        self._inner.broadcast(tensor, root)
+
+    def agree(self, flag: int) -> int:
+        return self._inner.agree(flag)
+
+    def step(
+        self,
+        flag: int,
+        tensor: Any,
+        root: int,
+        *,
+        after: Any = None,
+        side_copy: tuple[Any, Any] | None = None,
+    ) -> InFlight:
+        worst = self._inner.agree(flag)
+        if worst == OK:
+            self._inner.broadcast(tensor, root)
+            self._backend.sync()
+        return Done(worst)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 def run_update(
     cmd: apb.RunUpdate,
     *,
@@ -79,14 +190,19 @@ def run_update(
     timer = Timer()
     me = cmd.group_rank
     nbuf = max(1, cmd.nbuf)
+    B = cmd.bucket_bytes
     reason = ""
     sent_bytes = 0
     coll: Collective | None = None
     local_fail = ""
     told = False  # the engine already knows this update will not happen
+    proceeded = False  # the engine was told to map the buffer
+    steps: dict[int, InFlight] = {}
+    gpu_h2d: list[tuple[Any, Any]] = []
+    gpu_bcast: list[tuple[Any, Any]] = []
 
     def check(flag_reason: str) -> None:
-        """Everyone agrees; raises if anyone failed."""
+        """Everyone agrees now (host-synchronous); raises if anyone failed."""
         assert coll is not None
         nonlocal local_fail
         if abort.is_set() and not flag_reason:
@@ -97,14 +213,22 @@ def run_update(
         if worst != OK:
             raise UpdateFailed(local_fail or PEER_FAILED)
 
+    staged = hasattr(backend, "h2d")
+    if not staged:
+        backend = _Legacy(backend)  # type: ignore[assignment]
+    ranges = coalesce if staged else _per_entry
     link.peer = None
     try:
         owns = any(b.owner == me for b in cmd.buckets)
         store_t = None
         if owns:
             store_t = backend.store_tensor(stores.get(cmd.checkpoint, cmd.version))
-        buf_name, buf = backend.ipc_buffer(nbuf * cmd.bucket_bytes)
-        coll = backend.new_group(group_store, me, cmd.world_size, cmd.timeout_s)
+        nslots, nstage = backend.plan_slots(nbuf, B, owns)
+        buf_name, buf = backend.ipc_buffer(nslots * B, share=cmd.is_target)
+        staging = backend.device_buffer(nstage * B) if nstage else None
+        coll = backend.new_group(group_store, me, cmd.world_size, cmd.timeout_s, cmd.job_id)
+        # Every rank reads bucket j's agreed flag after issuing bucket j + lag.
+        lag = 0 if backend.kind == "cpu" else nbuf - 1
         # The engine: connect, describe the update, let it validate.
         problem = ""
         if cmd.is_target:
@@ -115,8 +239,8 @@ def run_update(
                         checkpoint=cmd.checkpoint,
                         version=cmd.version,
                         buffer=buf_name,
-                        slot_bytes=cmd.bucket_bytes,
-                        nbuf=nbuf,
+                        slot_bytes=B,
+                        nbuf=nslots,
                         bucket_count=len(cmd.buckets),
                         tensors=cmd.tensors,
                         partial=cmd.partial,
@@ -136,9 +260,8 @@ def run_update(
                     problem = f"engine refused the update: {v.reason}"
             except LinkError as e:
                 problem = str(e)
-        timer.setup_s = time.monotonic() - t0
         try:
-            check(problem)
+            check(problem)  # on NCCL the first collective also connects the group
         except UpdateFailed as e:
             if cmd.is_target and link.peer is not None:
                 told = True
@@ -149,9 +272,16 @@ def run_update(
             raise
         if cmd.is_target:
             link.send(ipb.WorkerMessage(proceed=ipb.Proceed(ok=True)))
+            proceeded = True
+        timer.setup_s = time.monotonic() - t0
 
         flags = copy_flags(cmd) if cmd.is_target else []
         loaded = -1  # highest bucket the engine has loaded
+        buckets = cmd.buckets
+        mine = [k for k, b in enumerate(buckets) if b.owner == me]
+        pos = {k: m for m, k in enumerate(mine)}
+        h2d_done: dict[int, Any] = {}
+        next_h2d = 0
 
         def wait_loaded(k: int) -> None:
             nonlocal loaded
@@ -159,61 +289,114 @@ def run_update(
             while loaded < k:
                 msg = link.expect("loaded", cmd.timeout_s, abort)
                 loaded = max(loaded, msg.loaded.bucket)
-                progress(msg.loaded.bucket, cmd.buckets[msg.loaded.bucket].nbytes)
+                progress(msg.loaded.bucket, buckets[msg.loaded.bucket].nbytes)
             timer.reload_s += time.monotonic() - t
 
-        for k, b in enumerate(cmd.buckets):
-            slot = k % nbuf
-            problem = ""
-            if cmd.is_target and k >= nbuf:
-                try:
-                    wait_loaded(k - nbuf)
-                except LinkError as e:
-                    problem = str(e)
-            check(problem)
-            view = buf[slot * cmd.bucket_bytes : slot * cmd.bucket_bytes + b.nbytes]
-            if b.owner == me:
+        def stage_view(k: int) -> Any:
+            assert staging is not None
+            s0 = (pos[k] % nstage) * B
+            return staging[s0 : s0 + buckets[k].nbytes]
+
+        def issue_h2d(issued: int) -> None:
+            """H2D of my buckets whose staging slot's previous bucket has been issued
+            (buckets < issued): the copy stream waits on that broadcast, not the host."""
+            nonlocal next_h2d
+            while next_h2d < len(mine) and not local_fail:
+                m = next_h2d
+                prev = mine[m - nstage] if m >= nstage else -1
+                if prev >= issued:
+                    return
+                k = mine[m]
+                after = steps[prev].events if prev >= 0 else []
                 t = time.monotonic()
-                assert store_t is not None
-                for e in b.entries:
-                    backend.copy(
-                        view[e.bucket_offset : e.bucket_offset + e.nbytes],
-                        store_t[e.store_offset : e.store_offset + e.nbytes],
-                    )
+                done, start = backend.h2d(stage_view(k), store_t, ranges(buckets[k].entries), after)
                 timer.copy_s += time.monotonic() - t
+                gpu_h2d.append((start, done))
+                h2d_done[k] = done
+                next_h2d += 1
+
+        def reap(j: int) -> None:
+            nonlocal local_fail, sent_bytes
+            st = steps[j]
             t = time.monotonic()
-            coll.broadcast(view, b.owner)
-            backend.sync()
+            worst = st.wait(time.monotonic() + cmd.timeout_s, abort)
             timer.broadcast_s += time.monotonic() - t
+            gpu_bcast.append((getattr(st, "t_start", None), getattr(st, "t_end", None)))
+            if worst != OK:
+                raise UpdateFailed(local_fail or PEER_FAILED)
+            b = buckets[j]
             sent_bytes += b.nbytes
-            if cmd.is_target:
-                try:
-                    link.send(
-                        ipb.WorkerMessage(
-                            bucket=ipb.BucketReady(
-                                bucket=k,
-                                slot=slot,
-                                entries=[
-                                    ipb.IpcTensor(
-                                        tensor=e.tensor,
-                                        offset=e.bucket_offset,
-                                        nbytes=e.nbytes,
-                                        chunk_offset=e.chunk_offset,
-                                        copy=flags[k][i],
-                                    )
-                                    for i, e in enumerate(b.entries)
-                                ],
-                            )
+            if not cmd.is_target:
+                return
+            try:
+                link.send(
+                    ipb.WorkerMessage(
+                        bucket=ipb.BucketReady(
+                            bucket=j,
+                            slot=j % nslots,
+                            entries=[
+                                ipb.IpcTensor(
+                                    tensor=e.tensor,
+                                    offset=e.bucket_offset,
+                                    nbytes=e.nbytes,
+                                    chunk_offset=e.chunk_offset,
+                                    copy=flags[j][i],
+                                )
+                                for i, e in enumerate(b.entries)
+                            ],
                         )
                     )
+                )
+            except LinkError as e:
+                local_fail = local_fail or str(e)
+
+        for k, b in enumerate(buckets):
+            problem = ""
+            if cmd.is_target and k >= nslots and not local_fail:
+                try:
+                    wait_loaded(k - nslots)
                 except LinkError as e:
-                    local_fail = local_fail or str(e)
+                    problem = str(e)
+            if abort.is_set() and not problem:
+                problem = "aborted by ckptd"
+            if problem and not local_fail:
+                local_fail = problem
+            s0 = (k % nslots) * B
+            view = buf[s0 : s0 + b.nbytes]
+            src, after, side = view, None, None
+            if b.owner == me and not local_fail:
+                assert store_t is not None
+                if nstage:
+                    issue_h2d(k)
+                    src, after = stage_view(k), h2d_done.pop(k)
+                    if cmd.is_target:
+                        side = (view, src)
+                else:  # serial: straight into the slot, once its last broadcast is done
+                    prev = steps.get(k - nslots)
+                    t = time.monotonic()
+                    after, start = backend.h2d(
+                        view, store_t, ranges(b.entries), prev.events if prev else []
+                    )
+                    timer.copy_s += time.monotonic() - t
+                    gpu_h2d.append((start, after))
+            t = time.monotonic()
+            steps[k] = coll.step(
+                FAILED if local_fail else OK, src, b.owner, after=after, side_copy=side
+            )
+            timer.broadcast_s += time.monotonic() - t
+            if nstage:
+                issue_h2d(k + 1)
+            if k - lag >= 0:
+                reap(k - lag)
+            steps.pop(k - lag - nslots - nstage - 1, None)
+        for j in range(max(0, len(buckets) - lag), len(buckets)):
+            reap(j)
         problem = ""
         version_seen = 0
         if cmd.is_target:
             try:
-                if cmd.buckets:
-                    wait_loaded(len(cmd.buckets) - 1)
+                if buckets:
+                    wait_loaded(len(buckets) - 1)
                 link.send(ipb.WorkerMessage(end=ipb.End(ok=True)))
                 done = link.expect("done", cmd.timeout_s, abort).done
                 if not done.ok:
@@ -222,23 +405,34 @@ def run_update(
             except LinkError as e:
                 problem = str(e)
         check(problem)
+        steps.clear()
+        if gpu_h2d or gpu_bcast:  # device time of the stages (they overlap)
+            timer.copy_s = _elapsed(gpu_h2d) or timer.copy_s
+            timer.broadcast_s = _elapsed(gpu_bcast) or timer.broadcast_s
         log.info(
             "update_done",
             job=cmd.job_id,
             rank=me,
-            buckets=len(cmd.buckets),
+            buckets=len(buckets),
             bytes=sent_bytes,
             seconds=round(time.monotonic() - t0, 4),
+            slots=nslots,
+            staging=nstage,
             engine_version=version_seen,
         )
         return tpb.RankResult(ok=True, bytes=sent_bytes, times=timer.pb(time.monotonic() - t0))
     except (UpdateFailed, StoreError, LinkError) as e:
         reason = getattr(e, "message", None) or str(e)
-    except Exception as e:  # gloo errors (a peer died, timeouts) land here
+    except Exception as e:  # gloo/NCCL errors (a peer died, timeouts) land here
         reason = f"{type(e).__name__}: {e}"
+        if coll is not None and hasattr(coll, "healthy"):
+            coll.healthy = False
     finally:
         if coll is not None:
+            _drain(steps, coll)
             coll.close()
+        steps.clear()
+        backend.end_update(shared_never_opened=cmd.is_target and not proceeded)
     if cmd.is_target and link.peer is not None and not told:
         try:
             link.send(ipb.WorkerMessage(end=ipb.End(ok=False, reason=reason)))
@@ -248,3 +442,16 @@ def run_update(
     return tpb.RankResult(
         ok=False, reason=reason, bytes=sent_bytes, times=timer.pb(time.monotonic() - t0)
     )
+
+
+def _drain(steps: dict[int, InFlight], coll: Collective) -> None:
+    """Lets collectives already issued finish before their buffers go; a group whose
+    collectives never finish (a peer died) is marked unhealthy and dropped."""
+    deadline = time.monotonic() + DRAIN_S
+    for st in steps.values():
+        try:
+            st.wait(deadline)
+        except Exception:
+            if hasattr(coll, "healthy"):
+                coll.healthy = False  # type: ignore[attr-defined]
+            return

@@ -10,6 +10,7 @@ import ctypes
 import os
 import signal
 import threading
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -28,6 +29,14 @@ log = structlog.get_logger("ckpt_agent.worker")
 READY_ID = 0  # command_id of the result a worker sends once it is ready
 
 
+def buffer_address(mem: Any) -> int:
+    """The address of a shared-memory mapping's first byte."""
+    c = ctypes.c_char.from_buffer(mem.buf)
+    addr = ctypes.addressof(c)
+    del c
+    return addr
+
+
 def die_with_parent() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -38,7 +47,15 @@ def die_with_parent() -> None:
 
 class Worker:
     def __init__(
-        self, conn: Connection, *, node_id: str, device: int, kind: str, ipc_dir: str, host: str
+        self,
+        conn: Connection,
+        *,
+        node_id: str,
+        device: int,
+        kind: str,
+        ipc_dir: str,
+        host: str,
+        p2p: bool = False,
     ) -> None:
         self._conn = conn
         self._send_lock = threading.Lock()
@@ -57,6 +74,16 @@ class Worker:
         self._group_stores: dict[str, Any] = {}
         self._aborts: dict[str, threading.Event] = {}
         self._update_lock = threading.Lock()
+        self._p2p_enabled = p2p
+        self._p2p_engine: Any = None
+
+    def p2p(self) -> Any:
+        """The transfer engine, started on first use."""
+        if self._p2p_engine is None:
+            from ckpt_agent.p2p import P2PEngine
+
+            self._p2p_engine = P2PEngine(self.host, self.device)
+        return self._p2p_engine
 
     def send(self, msg: apb.AgentMessage) -> None:
         data = msg.SerializeToString()
@@ -114,18 +141,47 @@ class Worker:
             log.error("command_failed", error=repr(e), tb=traceback.format_exc())
             self.fail(cid, "INTERNAL", f"{type(e).__name__}: {e}")
 
+    def _unpin(self, checkpoint: str, version: int) -> None:
+        """Page-locked host stores (CUDA) are unlocked before their memory goes."""
+        fn = getattr(self.backend, "unpin_store", None)
+        if fn is not None:
+            try:
+                fn(self.stores.get(checkpoint, version).segment)
+            except StoreError:
+                pass
+
     def _load(self, cmd: apb.Command) -> None:
+        t_load = time.monotonic()
+        self._unpin(cmd.load.checkpoint, cmd.load.version)  # a reload replaces the store
         ready = self.stores.load(cmd.load)
+        pin = getattr(self.backend, "pin_store", None)
+        if pin is not None:  # CUDA: pin now, so the first update runs at DMA speed
+            pin(self.stores.get(cmd.load.checkpoint, cmd.load.version))
+            ready.seconds = time.monotonic() - t_load
+        if self._p2p_enabled:
+            store = self.stores.get(cmd.load.checkpoint, cmd.load.version)
+            addr = buffer_address(store.mem)
+            engine = self.p2p()
+            engine.register(addr, store.nbytes)
+            ready.p2p.session, ready.p2p.addr = engine.session, addr
         log.info(
             "store_loaded",
             checkpoint=cmd.load.checkpoint,
             version=cmd.load.version,
             bytes=ready.nbytes,
             seconds=round(ready.seconds, 4),
+            p2p=ready.p2p.session,
         )
         self.reply(cmd.id, ok=True, store=ready)
 
     def _drop(self, cmd: apb.Command) -> None:
+        self._unpin(cmd.drop.checkpoint, cmd.drop.version)
+        if self._p2p_engine is not None:
+            try:
+                store = self.stores.get(cmd.drop.checkpoint, cmd.drop.version)
+                self._p2p_engine.unregister(buffer_address(store.mem))
+            except StoreError:
+                pass
         self.stores.drop(cmd.drop.checkpoint, cmd.drop.version)
         self.reply(cmd.id, ok=True)
 
@@ -174,10 +230,17 @@ class Worker:
                         )
                     )
 
+                backend: Any = self.backend
+                stores: Any = self.stores
+                if u.p2p_sources:
+                    from ckpt_agent.p2p_backend import P2PReadBackend, RemoteStores
+
+                    backend = P2PReadBackend(self.backend, self.p2p(), list(u.p2p_sources))
+                    stores = RemoteStores()
                 result = run_update(
                     u,
-                    backend=self.backend,
-                    stores=self.stores,
+                    backend=backend,
+                    stores=stores,
                     link=self.link,
                     group_store=store,
                     abort=abort,
@@ -189,13 +252,20 @@ class Worker:
         self.reply(cmd.id, ok=True, update=result)
 
     def close(self) -> None:
+        self.backend.close()  # first: it unpins the stores and drops its views of them
         self.stores.close()
-        self.backend.close()
         self.link.close()
 
 
 def worker_main(
-    conn: Connection, node_id: str, device: int, kind: str, ipc_dir: str, host: str, log_level: str
+    conn: Connection,
+    node_id: str,
+    device: int,
+    kind: str,
+    ipc_dir: str,
+    host: str,
+    log_level: str,
+    p2p: bool = False,
 ) -> None:
     die_with_parent()
     setup_logging(
@@ -208,7 +278,7 @@ def worker_main(
     )
     import torch  # noqa: F401  (import once, before the first update, not during it)
 
-    w = Worker(conn, node_id=node_id, device=device, kind=kind, ipc_dir=ipc_dir, host=host)
+    w = Worker(conn, node_id=node_id, device=device, kind=kind, ipc_dir=ipc_dir, host=host, p2p=p2p)
     try:
         w.serve()
     finally:

@@ -140,12 +140,14 @@ class Receiver:
             return ipb.ReceiverDone(ok=False, reason="worker sent no go-ahead")
         if not go.proceed.ok:
             return ipb.ReceiverDone(ok=False, reason=problem or go.proceed.reason)
-        buf = self.buffer.map(b.buffer, self.device)
         try:
+            buf = self.buffer.map(b.buffer, self.device)
             it = self._tensors(info, buf, b.slot_bytes, step_timeout_s)
+            del buf
             load(info, it)
             for _ in it:  # a loader that stopped early still lets the worker finish
                 pass
+            done = ipb.ReceiverDone(ok=True, checkpoint=b.checkpoint, version=b.version)
         except Exception as e:
             done = ipb.ReceiverDone(
                 ok=False,
@@ -153,9 +155,11 @@ class Receiver:
                 checkpoint=b.checkpoint,
                 version=b.version,
             )
-            self._send(ipb.ReceiverMessage(done=done))
-            return done
-        done = ipb.ReceiverDone(ok=True, checkpoint=b.checkpoint, version=b.version)
+        it = None
+        if b.buffer.startswith("cuda:"):
+            # A device buffer lives for one update: unmap it before saying done, so the
+            # worker can give its memory back.
+            self.buffer.close()
         self._send(ipb.ReceiverMessage(done=done))
         return done
 
@@ -198,6 +202,8 @@ class Receiver:
                 view = buf[base + e.offset : base + e.offset + e.nbytes].view(dt)
                 view = view.reshape(tuple(meta.shape))
                 yield meta.name, (view.clone() if e.copy else view)
+            if buf.is_cuda:  # the loader's copies out of this slot must be done
+                torch.cuda.current_stream(buf.device).synchronize()
             self._send(ipb.ReceiverMessage(loaded=ipb.BucketLoaded(bucket=bk.bucket)))
 
     def reset(self) -> None:

@@ -37,7 +37,13 @@ class ReferenceEngine:
     """Holds tensors like an engine holds parameters. With preallocate, a tensor first seen
     is allocated once and later updates copy into it (as vLLM's loader does)."""
 
-    def __init__(self, *, device: Any = None, expect: dict[str, tuple] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        device: Any = None,
+        expect: dict[str, tuple] | None = None,
+        prealloc: bool = False,
+    ) -> None:
         self.tensors: dict[str, Any] = {}
         self.checkpoint = ""
         self.version = 0
@@ -45,8 +51,11 @@ class ReferenceEngine:
         self.updates = 0
         self.device = device
         self.expect = expect  # name -> shape; validates like a real model would
+        self.prealloc = prealloc  # allocate every tensor of an update before its first bucket
 
     def validate(self, info: UpdateInfo) -> str | None:
+        if self.prealloc:
+            self._allocate(info)
         if self.expect is None:
             return None
         for t in info.tensors:
@@ -56,6 +65,20 @@ class ReferenceEngine:
                 want = list(self.expect[t.name])
                 return f"tensor {t.name!r} has shape {list(t.shape)}, model wants {want}"
         return None
+
+    def _allocate(self, info: UpdateInfo) -> None:
+        """Parameters exist before weights arrive, as in an engine (vLLM loads into them)."""
+        import torch
+
+        from ckpt_common.dtypes import torch_dtype
+
+        for t in info.tensors:
+            shape, dt = tuple(t.shape), torch_dtype(t.dtype)
+            cur = self.tensors.get(t.name)
+            if cur is None or tuple(cur.shape) != shape or cur.dtype != dt:
+                self.tensors[t.name] = torch.empty(shape, dtype=dt, device=self.device)
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def load(self, info: UpdateInfo, tensors: Iterator[tuple[str, Any]]) -> None:
         for name, t in tensors:
@@ -94,6 +117,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report", default="", help="write version + sha256 per tensor here")
     p.add_argument("--once", action="store_true", help="exit after one update")
     p.add_argument("--cuda", action="store_true", help="keep tensors on the GPU")
+    p.add_argument(
+        "--cuda-index",
+        type=int,
+        default=-1,
+        help="this process's index of that GPU (default: --device, or 0 if only one is visible)",
+    )
+    p.add_argument(
+        "--prealloc", action="store_true", help="allocate all parameters before the first bucket"
+    )
     a = p.parse_args(argv)
     setup_logging(json=True, service="ckpt-receiver", node=a.node_id, device=a.device)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -101,11 +133,14 @@ def main(argv: list[str] | None = None) -> None:
     if a.cuda:
         import torch
 
-        device = torch.device("cuda", a.device)
+        idx = a.cuda_index
+        if idx < 0:
+            idx = a.device if a.device < torch.cuda.device_count() else 0
+        device = torch.device("cuda", idx)
         torch.cuda.set_device(device)
     import torch  # noqa: F401  (before announcing readiness, not during the first update)
 
-    engine = ReferenceEngine(device=device)
+    engine = ReferenceEngine(device=device, prealloc=a.prealloc)
     r = Receiver(worker_endpoint(a.node_id, a.device, a.ipc_dir or None), device=device)
     log.info("receiver_ready", endpoint=r.endpoint)
     if a.report:
