@@ -23,6 +23,7 @@ from ckpt_daemon.registry import Registry
 log = structlog.get_logger("ckptd.agents")
 
 ProgressFn = Callable[[str, apb.Progress], None]
+HEARTBEAT_GRACE_S = 5.0
 
 
 @dataclass(eq=False)
@@ -142,12 +143,13 @@ class AgentHub:
         session.close("stream closed")
 
     async def monitor(self) -> None:
-        """Drops agents whose heartbeats stopped (3 missed)."""
+        """Drops agents whose heartbeats stopped (3 missed, and at least 5 s: a busy node is
+        not a dead one; a closed stream is noticed at once anyway)."""
         while True:
             await asyncio.sleep(self._heartbeat_s)
             now = time.monotonic()
             for s in list(self._sessions.values()):
-                if now - s.last_seen > 3 * self._heartbeat_s:
+                if now - s.last_seen > max(3 * self._heartbeat_s, HEARTBEAT_GRACE_S):
                     log.warning("agent_heartbeat_lost", node=s.node_id)
                     s.close("stopped sending heartbeats")
 

@@ -16,11 +16,12 @@ def start_vllm(
     tp: int = 1,
     bind: str = "",
     extra_env: dict | None = None,
+    extra_args: list[str] | None = None,
 ) -> str:
     port = free_port()
     saved, c.env = c.env, vllm_env(c.env, bind=bind, extra=extra_env)
     try:
-        c._spawn(name, vllm_command(model_dir, port, tp=tp)[1:])
+        c._spawn(name, vllm_command(model_dir, port, tp=tp)[1:] + (extra_args or []))
     finally:
         c.env = saved
     return f"http://127.0.0.1:{port}"

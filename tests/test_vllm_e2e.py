@@ -168,6 +168,61 @@ def test_mismatched_checkpoint_is_refused_before_touching_weights(
     assert insts["C"].version == 2 and "failed" in insts["C"].reason
 
 
+def test_join_dummy_instances_by_p2p_while_a_serves(fleet: Cluster) -> None:
+    """A serves llama@3 and B qwen2@3 (pushed, broadcast as usual); D and E start with dummy
+    weights on a new node and join by P2P reads from the owners' host memory."""
+    c = fleet
+    c.client.push("llama", 3, [c.models["llama_1"]])
+    c.client.push("qwen2", 3, [c.models["qwen2_1"]])
+    assert update(c, "llama", 3, ["A"]).state == tpb.JOB_SUCCEEDED
+    assert update(c, "qwen2", 3, ["B"]).state == tpb.JOB_SUCCEEDED
+    c.start_agent("n3", 2)
+    c.urls["D"] = start_vllm(
+        c, "vllm-D", c.models["llama_0"], bind="0", extra_args=["--load-format", "dummy"]
+    )
+    c.urls["E"] = start_vllm(
+        c, "vllm-E", c.models["qwen2_0"], bind="1", extra_args=["--load-format", "dummy"]
+    )
+    c.wait_ranks(6)
+    for name in ("D", "E"):
+        wait_healthy(c, f"vllm-{name}", c.urls[name])
+    assert tokens(c, "D") != c.hf["llama_1"]  # dummy weights
+    results: list[bool] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                complete(c.urls["A"], PROMPTS[1], 4)
+                results.append(True)
+            except Exception:
+                results.append(False)
+
+    th = threading.Thread(target=client)
+    th.start()
+    try:
+        jobs = {}
+        for name, arch, dev in (("D", "llama", 0), ("E", "qwen2", 1)):
+            inst = tpb.Instance(
+                name=name,
+                kind=tpb.INSTANCE_VLLM,
+                endpoint=c.urls[name],
+                ranks=[tpb.InstanceRank(node_id="n3", device=dev)],
+            )
+            jobs[name] = c.client.wait(c.client.join(inst, arch, 3).id, 180)
+    finally:
+        stop.set()
+        th.join(60)
+    for name, job in jobs.items():
+        assert job.state == tpb.JOB_SUCCEEDED, f"{name}: {job.reason}"
+        assert job.kind == tpb.JOB_JOIN and job.method == tpb.UPDATE_P2P
+    assert results and all(results), f"{results.count(False)} of {len(results)} failed"
+    assert tokens(c, "D") == tokens(c, "A") == c.hf["llama_1"]
+    assert tokens(c, "E") == tokens(c, "B") == c.hf["qwen2_1"]
+    insts = {i.name: i for i in c.client.instances()}
+    assert insts["D"].ready and insts["D"].version == 3
+
+
 def test_engine_dying_mid_update_fails_the_job_in_bounded_time(fleet: Cluster) -> None:
     c = fleet
     sd_dir = Path(c.models["qwen2_1"])
