@@ -19,7 +19,6 @@ from ckpt_agent.p2p import P2PEngine, P2PError
 from ckpt_agent.pipeline import PEER_FAILED, UpdateFailed
 from ckpt_common.p2p import decode
 
-
 # Fault injection for tests: "p2p_delay:<seconds>" slows every bucket's reads, so a test
 # can kill or freeze an owner while a join is surely under way.
 _FAULT = os.environ.get("CKPT_FAULT", "")

@@ -1,0 +1,76 @@
+"""Pure parts of P2P: NIC choice per device, the P2P plan, offset encoding."""
+
+from __future__ import annotations
+
+import pytest
+
+from ckpt_agent.nic import nics_for_device, parse_explicit, parse_nccl_hca
+from ckpt_common.p2p import decode, encode
+from ckpt_daemon.model import RankRef, TensorSpec
+from ckpt_daemon.planner import place, plan_p2p
+
+HCAS = ["mlx5_0", "mlx5_1", "mlx5_2", "mlx5_3", "mlx5_bond_0"]
+
+
+def test_explicit_map() -> None:
+    assert parse_explicit("0=mlx5_0,1=mlx5_0+mlx5_1") == {0: ["mlx5_0"], 1: ["mlx5_0", "mlx5_1"]}
+    env = {"CKPT_P2P_NICS": "0=mlx5_2,1=mlx5_3", "NCCL_IB_HCA": "mlx5_0"}
+    assert nics_for_device(1, env, HCAS) == ["mlx5_3"]  # the explicit map wins
+    with pytest.raises(ValueError, match="no NIC for device 2"):
+        nics_for_device(2, env, HCAS)
+    for bad in ("0:mlx5_0", "x=mlx5_0", "0="):
+        with pytest.raises(ValueError):
+            parse_explicit(bad)
+
+
+def test_nccl_ib_hca_semantics() -> None:
+    assert parse_nccl_hca("mlx5_0:1,mlx5_1:1", HCAS) == ["mlx5_0", "mlx5_1"]
+    assert parse_nccl_hca("mlx5", HCAS) == HCAS  # prefix match, as NCCL does
+    assert parse_nccl_hca("=mlx5_0", HCAS) == ["mlx5_0"]  # exact
+    assert parse_nccl_hca("^mlx5_bond", HCAS) == ["mlx5_0", "mlx5_1", "mlx5_2", "mlx5_3"]
+    assert parse_nccl_hca("^=mlx5_0,mlx5_1", HCAS) == ["mlx5_2", "mlx5_3", "mlx5_bond_0"]
+    assert parse_nccl_hca("", HCAS) == HCAS
+    env = {"NCCL_IB_HCA": "=mlx5_0,mlx5_1"}
+    assert [nics_for_device(d, env, HCAS) for d in range(4)] == [
+        ["mlx5_0"],
+        ["mlx5_1"],
+        ["mlx5_0"],
+        ["mlx5_1"],
+    ]
+    assert nics_for_device(0, {}, []) == []  # no NIC: Mooncake falls back to TCP
+
+
+def test_encode_decode() -> None:
+    assert decode(encode(3, 12345)) == (3, 12345)
+    with pytest.raises(ValueError):
+        encode(0, 1 << 41)
+
+
+def test_plan_p2p_only_targets_take_part_and_reads_are_spread() -> None:
+    owners = [RankRef("a", 0), RankRef("a", 1), RankRef("b", 0)]
+    specs = [
+        TensorSpec(
+            name=f"model.layers.{i}.w",
+            dtype="U8",
+            shape=(4096,),
+            nbytes=4096,
+            path="/f",
+            file_offset=0,
+        )
+        for i in range(24)
+    ]
+    p = place(specs, owners)
+    targets = [RankRef("c", 1), RankRef("c", 0)]
+    plan, sources = plan_p2p(p.tensors, targets, bucket_bytes=8192)
+    assert plan.participants == [RankRef("c", 0), RankRef("c", 1)]
+    assert sources == owners
+    readers = [b.owner for b in plan.buckets]
+    assert set(readers) == {0, 1} and abs(readers.count(0) - readers.count(1)) <= 1
+    seen = set()
+    for b in plan.buckets:
+        for e in b.entries:
+            src, off = decode(e.store_offset)
+            t = plan.tensors[e.tensor]
+            assert sources[src] == t.owner and off == t.store_offset + e.chunk_offset
+            seen.add(src)
+    assert seen == {0, 1, 2}  # every owner is read from
