@@ -39,7 +39,9 @@ from ckpt_daemon.model import (
 from ckpt_daemon.planner import (
     Plan,
     PlanError,
+    align_up,
     choose_bucket_bytes,
+    choose_nbuf,
     plan_p2p,
     plan_update,
     select_tensors,
@@ -179,12 +181,18 @@ class JobRunner:
             if "cuda" in kinds
             else self._config.max_bucket_bytes_cpu
         )
+        free = [self._registry.free_bytes(r) for r in participants]
+        nbuf = choose_nbuf(kinds, free, self._config.nbuf)
+        per_owner: dict[RankRef, int] = {}
+        for t in tensors:
+            per_owner[t.owner] = per_owner.get(t.owner, 0) + align_up(t.nbytes)
         try:
             bucket_bytes = choose_bucket_bytes(
-                [self._registry.free_bytes(r) for r in participants],
-                nbuf=self._config.nbuf,
+                free,
+                nbuf=nbuf,
                 cap=cap,
                 requested=spec.bucket_bytes,
+                largest_owner_bytes=max(per_owner.values()),
             )
         except PlanError as e:
             cls = InvalidArgument if spec.bucket_bytes else ResourceExhausted
@@ -196,7 +204,7 @@ class JobRunner:
                 tensors,
                 targets,
                 bucket_bytes=bucket_bytes,
-                nbuf=self._config.nbuf,
+                nbuf=nbuf,
                 partial=partial,
             )
             for o in owners_order:
@@ -208,7 +216,7 @@ class JobRunner:
                 tensors,
                 targets,
                 bucket_bytes=bucket_bytes,
-                nbuf=self._config.nbuf,
+                nbuf=nbuf,
                 partial=partial,
             )
         job = Job(

@@ -170,9 +170,16 @@ def select_tensors(tensors: Sequence[TensorInfo], patterns: Sequence[str]) -> li
 
 
 def choose_bucket_bytes(
-    free_bytes: Sequence[int], *, nbuf: int, cap: int, floor: int = MIB, requested: int = 0
+    free_bytes: Sequence[int],
+    *,
+    nbuf: int,
+    cap: int,
+    floor: int = MIB,
+    requested: int = 0,
+    largest_owner_bytes: int = 0,
 ) -> int:
-    """The largest bucket every participant can hold nbuf (+1 staging) of, capped."""
+    """The largest bucket every participant can hold nbuf (+1 staging) of, capped, and no
+    larger than the most bytes one owner sends (a small update gets small buffers)."""
     if requested:
         if requested < MIN_REQUESTED_BUCKET:
             raise PlanError(f"bucket_bytes {requested} is below the minimum {MIN_REQUESTED_BUCKET}")
@@ -181,12 +188,22 @@ def choose_bucket_bytes(
         raise PlanError("no participant reported free memory")
     fit = min(free_bytes) // (nbuf + 1)
     size = min(cap, fit) // MIB * MIB
+    if largest_owner_bytes:
+        size = min(size, max(floor, align_up(largest_owner_bytes, MIB)))
     if size < floor:
         raise PlanError(
             f"too little free memory for {nbuf} buffers: the smallest participant has "
             f"{min(free_bytes)} bytes free"
         )
     return size
+
+
+def choose_nbuf(kinds: set[str], free_bytes: Sequence[int], default: int) -> int:
+    """Triple-buffer on GPUs when every participant has room for four 64 MiB buffers:
+    H2D of k+2, broadcast of k+1 and reload of k then all overlap."""
+    if "cuda" in kinds and free_bytes and min(free_bytes) // 4 >= 64 * MIB:
+        return max(default, 3)
+    return default
 
 
 def _owner_buckets(

@@ -197,3 +197,15 @@ def test_plan_100k_tensors_1024_ranks_is_fast() -> None:
     assert sum(len(b.entries) for b in plan.buckets) == 100_000
     print(f"plan_update 100k tensors x {nr} ranks: {took:.3f}s, {len(plan.buckets)} buckets")
     assert took < 1.0
+
+
+def test_small_updates_get_small_buffers_and_gpus_triple_buffer() -> None:
+    from ckpt_daemon.planner import choose_nbuf
+
+    big = 80 << 30
+    assert choose_bucket_bytes([big], nbuf=2, cap=512 * MIB, largest_owner_bytes=300_000) == MIB
+    assert choose_bucket_bytes([big], nbuf=2, cap=512 * MIB, largest_owner_bytes=5 * MIB) == 5 * MIB
+    assert choose_bucket_bytes([big], nbuf=2, cap=512 * MIB, largest_owner_bytes=9 << 30) == 512 * MIB
+    assert choose_nbuf({"cuda"}, [big], 2) == 3
+    assert choose_nbuf({"cuda"}, [100 * MIB], 2) == 2
+    assert choose_nbuf({"cpu"}, [big], 2) == 2
