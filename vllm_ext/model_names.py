@@ -10,8 +10,29 @@ from ckpt_common.safetensors_header import SafetensorsError, expand_source, read
 
 
 def expected_from_model(vllm_config: Any, model: Any) -> dict[str, tuple[int, ...]]:
-    """Names and full shapes from the model directory's safetensors headers (what vLLM loaded
-    at start-up); {} when the directory has none."""
+    """Names and full shapes the model takes in checkpoint format: the model directory's
+    safetensors headers (what vLLM loaded at start-up), else the transformers model built on
+    the meta device from the engine's own config (no memory); {} when neither works."""
+    return _from_headers(vllm_config) or _from_meta_model(vllm_config)
+
+
+def _from_meta_model(vllm_config: Any) -> dict[str, tuple[int, ...]]:
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        hf_config = vllm_config.model_config.hf_config
+        with torch.device("meta"):
+            m = AutoModelForCausalLM.from_config(hf_config)
+    except Exception:
+        return {}
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    return {
+        k: tuple(v.shape) for k, v in m.state_dict().items() if not (tied and k == "lm_head.weight")
+    }
+
+
+def _from_headers(vllm_config: Any) -> dict[str, tuple[int, ...]]:
     path = getattr(getattr(vllm_config, "model_config", None), "model", "") or ""
     if not path or not os.path.isdir(path):
         return {}
@@ -44,10 +65,42 @@ def packed_names(model: Any) -> set[str]:
     return names
 
 
+def fused_siblings(model: Any) -> dict[str, list[str]]:
+    """'q_proj' -> ['q_proj', 'k_proj', 'v_proj']: checkpoint modules that vLLM fuses into one
+    parameter. A partial update must carry all of a fused group or none of it (vLLM would
+    leave the missing parts uninitialised)."""
+    packed = getattr(model, "packed_modules_mapping", {}) or {}
+    out: dict[str, list[str]] = {}
+    for parts in packed.values():
+        if len(parts) > 1:
+            for p in parts:
+                out[p] = list(parts)
+    return out
+
+
+def incomplete_fused(names: set[str], siblings: dict[str, list[str]]) -> str | None:
+    for name in sorted(names):
+        parts = name.split(".")
+        if len(parts) < 2 or parts[-2] not in siblings:
+            continue
+        for sib in siblings[parts[-2]]:
+            other = ".".join(parts[:-2] + [sib, parts[-1]])
+            if other not in names:
+                return (
+                    f"{name!r} is fused with {other!r} in the engine: a partial update "
+                    "must carry both"
+                )
+    return None
+
+
 def check_names(
     tensors: list, expected: dict[str, tuple[int, ...]] | None, model: Any, *, partial: bool
 ) -> str | None:
     """None when the update fits the model, else the first reason it does not."""
+    if partial:
+        problem = incomplete_fused({t.name for t in tensors}, fused_siblings(model))
+        if problem:
+            return problem
     if expected:
         for t in tensors:
             want = expected.get(t.name)
