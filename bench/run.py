@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,8 +45,58 @@ def ceilings(n: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def ckptd_bench(n: int, size_gib: float, iters: int, root: Path, bucket_mib: int) -> dict:
+def write_safetensors(tensors: dict, path: str, threads: int = 16) -> None:
+    """A safetensors file written straight from the tensors' memory, in parallel (one copy;
+    safetensors.torch.save_file copies every tensor to bytes first, then writes serially)."""
     import torch
+
+    dtypes = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+    header: dict = {}
+    off = 0
+    for name, t in tensors.items():
+        nb = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": dtypes[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [off, off + nb],
+        }
+        off += nb
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    base = 8 + len(h)
+    jobs = []
+    for name, t in tensors.items():
+        flat = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+        start = header[name]["data_offsets"][0]
+        for o in range(0, flat.size, 64 << 20):
+            jobs.append((flat[o : o + (64 << 20)], base + start + o))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, base + off)
+        os.pwrite(fd, len(h).to_bytes(8, "little") + h, 0)
+
+        def put(job: tuple) -> None:
+            view, at = memoryview(job[0]), job[1]
+            while len(view):
+                k = os.pwrite(fd, view, at)
+                view, at = view[k:], at + k
+
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(put, jobs))
+    finally:
+        os.close(fd)
+
+
+def make_tensors(sp: list) -> dict:
+    import torch
+
+    return {
+        name: torch.full(shape, fill_value(i), dtype=torch.bfloat16)
+        for i, (name, shape) in enumerate(sp)
+    }
+
+
+def ckptd_bench(n: int, size_gib: float, iters: int, root: Path, bucket_mib: int) -> dict:
     from safetensors.torch import save_file
 
     from tests.cluster import Cluster, wait_for
@@ -75,14 +126,11 @@ def ckptd_bench(n: int, size_gib: float, iters: int, root: Path, bucket_mib: int
         res["tensors"] = len(sp)
         # push: the trainer's tensors -> a safetensors file in /dev/shm -> host stores
         t0 = time.perf_counter()
-        tensors = {
-            name: torch.full(shape, fill_value(i), dtype=torch.bfloat16)
-            for i, (name, shape) in enumerate(sp)
-        }
+        tensors = make_tensors(sp)
         res["make_tensors_s"] = time.perf_counter() - t0
         path = f"/dev/shm/ckpt-bench-{os.getpid()}.safetensors"
         t0 = time.perf_counter()
-        save_file(tensors, path)
+        save_file(tensors, path)  # what ckptctl's push_tensors does today
         t1 = time.perf_counter()
         del tensors
         cp = c.client.push("bench", 1, [path], timeout_s=900)
@@ -91,28 +139,12 @@ def ckptd_bench(n: int, size_gib: float, iters: int, root: Path, bucket_mib: int
         res["push_write_file_s"] = t1 - t0
         res["push_load_stores_s"] = t2 - t1
         res["push_total_s"] = t2 - t0
+        res["push_store_load"] = agent_store_seconds(c, n)
         res["shards_bytes"] = sorted(s.nbytes for s in cp.shards)
         ranks = list(range(n))
         runs = []
         for it in range(iters + 1):
-            t0 = time.perf_counter()
-            job = c.client.update("bench", 1, ranks=ranks)
-            done = c.client.wait(job.id, 900)
-            wall = time.perf_counter() - t0
-            if done.state != tpb.JOB_SUCCEEDED:
-                raise RuntimeError(f"update failed: {done.reason}")
-            rr = list(done.results)
-            rec = {
-                "wall_s": wall,
-                "rank_total_s": max(r.times.total_s for r in rr),
-                "setup_s": max(r.times.setup_s for r in rr),
-                "h2d_gpu_s": max(r.times.copy_s for r in rr),
-                "broadcast_s": max(r.times.broadcast_s for r in rr),
-                "reload_wait_s": max(r.times.reload_s for r in rr),
-                "first_bucket_s": getattr(done, "first_bucket_s", 0.0),
-                "buckets": done.buckets_total,
-                "bucket_bytes": getattr(done, "bucket_bytes", 0),
-            }
+            rec = timed_update(c, 1, ranks)
             log("ckptd update", it, json.dumps(rec))
             if it:
                 runs.append(rec)
@@ -123,9 +155,70 @@ def ckptd_bench(n: int, size_gib: float, iters: int, root: Path, bucket_mib: int
             res[f"{k}_median"] = statistics.median(r[k] for r in runs)
         res["update_s"] = res["wall_s_median"]
         res["GBps"] = S / res["update_s"] / GB
+        # Push + update end to end, memory warm (the version before is dropped first, as a
+        # trainer keeping one old version would): trainer tensors -> file (parallel writer)
+        # -> host stores (pinned) -> every GPU.
+        try:
+            c.client.delete("bench", 1)
+            tensors = make_tensors(sp)
+            t0 = time.perf_counter()
+            write_safetensors(tensors, path)
+            t1 = time.perf_counter()
+            del tensors
+            c.client.push("bench", 2, [path], timeout_s=900)
+            t2 = time.perf_counter()
+            os.unlink(path)
+            rec = timed_update(c, 2, ranks)
+            t3 = time.perf_counter()
+            res["e2e"] = {
+                "write_file_s": t1 - t0,
+                "load_stores_s": t2 - t1,
+                "store_load": agent_store_seconds(c, n),
+                "update_s": t3 - t2,
+                "total_s": t3 - t0,
+                "update": rec,
+            }
+            log("e2e", json.dumps(res["e2e"]))
+        except Exception as e:  # the main numbers stand without it
+            res["e2e"] = {"error": repr(e)}
     finally:
         c.close()
     return res
+
+
+def agent_store_seconds(c: object, n: int) -> dict:
+    """The workers' latest n store loads, from the agent's log: seconds of the whole load
+    (read + pin) and of the pin alone."""
+    out: dict[str, list[float]] = {"store_loaded": [], "store_pinned": []}
+    for line in c.log("agent").splitlines():  # type: ignore[attr-defined]
+        for ev, vals in out.items():
+            if f'"{ev}"' in line:
+                try:
+                    vals.append(round(float(json.loads(line)["seconds"]), 3))
+                except (ValueError, KeyError):
+                    pass
+    return {"load_s": out["store_loaded"][-n:], "pin_s": out["store_pinned"][-n:]}
+
+
+def timed_update(c: object, version: int, ranks: list[int]) -> dict:
+    t0 = time.perf_counter()
+    job = c.client.update("bench", version, ranks=ranks)  # type: ignore[attr-defined]
+    done = c.client.wait(job.id, 900)  # type: ignore[attr-defined]
+    wall = time.perf_counter() - t0
+    if done.state != tpb.JOB_SUCCEEDED:
+        raise RuntimeError(f"update failed: {done.reason}")
+    rr = list(done.results)
+    return {
+        "wall_s": wall,
+        "rank_total_s": max(r.times.total_s for r in rr),
+        "setup_s": max(r.times.setup_s for r in rr),
+        "h2d_gpu_s": max(r.times.copy_s for r in rr),
+        "broadcast_s": max(r.times.broadcast_s for r in rr),
+        "reload_wait_s": max(r.times.reload_s for r in rr),
+        "first_bucket_s": getattr(done, "first_bucket_s", 0.0),
+        "buckets": done.buckets_total,
+        "bucket_bytes": getattr(done, "bucket_bytes", 0),
+    }
 
 
 def ce_bench(n: int, size_gib: float, iters: int) -> dict:
@@ -203,6 +296,16 @@ def main() -> None:
         f"push: file {k['push_write_file_s']:.2f} s + stores {k['push_load_stores_s']:.2f} s"
         f" = {k['push_total_s']:.2f} s; first bucket {k['first_bucket_s_median']:.3f} s"
     )
+    print("push per worker:", json.dumps(k.get("push_store_load")))
+    e2e = k.get("e2e", {})
+    if "total_s" in e2e:
+        print(
+            f"push + update (warm, parallel writer): file {e2e['write_file_s']:.2f} s + stores"
+            f" {e2e['load_stores_s']:.2f} s + update {e2e['update_s']:.3f} s"
+            f" = {e2e['total_s']:.2f} s; per worker {json.dumps(e2e['store_load'])}"
+        )
+    elif e2e:
+        print("push + update failed:", e2e.get("error"))
     if "update_wall_s" in cej:
         print(
             f"checkpoint-engine: update median {cej['update_wall_s']['median']:.3f} s "

@@ -18,6 +18,7 @@ creates a CUDA context; workers pick their GPU by UUID.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import subprocess
@@ -152,15 +153,16 @@ class Step:
 
 
 class NcclCollective:
-    def __init__(self, pg: Any, device: Any, streams: _Streams, key: str) -> None:
-        import torch
-
+    def __init__(
+        self, pg: Any, device: Any, streams: _Streams, key: str, flags: tuple[Any, Any]
+    ) -> None:
         self._pg = pg
         self._device = device
         self._s = streams
         self.key = key
-        self._flags = torch.zeros(FLAG_RING, dtype=torch.int32, device=device)
-        self._host = torch.zeros((FLAG_RING, 1), dtype=torch.int32).pin_memory()
+        # (device, pinned host) flag rings, owned by the backend: an update allocates nothing
+        # that outlives it
+        self._flags, self._host = flags
         self._n = 0
         self.healthy = True
 
@@ -283,6 +285,7 @@ class _Streams:
 class _Update:
     buffers: list[Any] = field(default_factory=list)
     shared: list[tuple[str, int]] = field(default_factory=list)  # IPC ref counters
+    reserved0: int = -1  # the allocator's reserved bytes when the update began
 
 
 # ----------------------------------------------------------------------------- backend
@@ -308,6 +311,10 @@ class CudaBackend:
             copy=torch.cuda.Stream(self.device),
             comm=torch.cuda.Stream(self.device, priority=-1),
             side=torch.cuda.Stream(self.device),
+        )
+        self._flags = (
+            torch.zeros(FLAG_RING, dtype=torch.int32, device=self.device),
+            torch.zeros((FLAG_RING, 1), dtype=torch.int32).pin_memory(),
         )
         self._pinned: dict[str, tuple[int, Any]] = {}  # segment -> (pointer, tensor)
         self._upd = _Update()
@@ -363,6 +370,8 @@ class CudaBackend:
         import torch
 
         torch.cuda.set_device(self.device)  # each update runs in a thread of its own
+        if self._upd.reserved0 < 0:
+            self._upd.reserved0 = torch.cuda.memory_reserved(self.device)
         free, _ = torch.cuda.mem_get_info(self.device)
         avail = max(0, free - HEADROOM)
         for slots, stage in ((max(nbuf, 3), STAGING_SLOTS), (nbuf, STAGING_SLOTS), (nbuf, 1)):
@@ -425,12 +434,17 @@ class CudaBackend:
         if shared_never_opened:
             for ref in upd.shared:
                 _release_unopened(ref, self.device)
-        bufs = upd.buffers
-        upd.buffers = []
-        bufs.clear()
-        del bufs
+        upd.buffers.clear()
         torch.cuda.ipc_collect()
         torch.cuda.empty_cache()
+        kept = torch.cuda.memory_reserved(self.device) - max(0, upd.reserved0)
+        if upd.reserved0 >= 0 and kept > 0:
+            gc.collect()  # a reference cycle (a traceback, say) may still hold a buffer
+            torch.cuda.ipc_collect()
+            torch.cuda.empty_cache()
+            kept = torch.cuda.memory_reserved(self.device) - upd.reserved0
+            if kept > 0:
+                log.warning("device_memory_kept", bytes=kept)
 
     # --- collective -------------------------------------------------------------------
 
@@ -450,7 +464,7 @@ class CudaBackend:
         creators = {store.get(f"cached/{r}").decode() for r in range(world)}
         if cached and len(creators) == 1 and "" not in creators:
             log.info("nccl_reused", key=key[:12], world=world)
-            return NcclCollective(cached[1], self.device, self._s, key)
+            return NcclCollective(cached[1], self.device, self._s, key, self._flags)
         _Groups.evict(key)
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timedelta(seconds=max(10.0, timeout_s))
@@ -458,7 +472,7 @@ class CudaBackend:
         pg = dist.ProcessGroupNCCL(store, rank, world, opts)
         _Groups.put(key, job_id or key, pg)
         log.info("nccl_created", key=key[:12], world=world, rank=rank)
-        return NcclCollective(pg, self.device, self._s, key)
+        return NcclCollective(pg, self.device, self._s, key, self._flags)
 
     def close(self) -> None:
         for seg in list(self._pinned):

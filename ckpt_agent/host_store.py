@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -12,12 +13,37 @@ from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent import shm
 from ckpt_common.ipc import safe
 
+LOAD_THREADS_ENV = "CKPT_LOAD_THREADS"
+CHUNK = 64 << 20  # bytes one read covers
+PARALLEL_MIN = 128 << 20  # bytes per extra reading thread
+
 
 class StoreError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def load_threads() -> int:
+    """Threads one store load reads with (CKPT_LOAD_THREADS; default up to 8)."""
+    v = os.environ.get(LOAD_THREADS_ENV, "")
+    if v.strip():
+        return max(1, int(v))
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _read(
+    mem: shared_memory.SharedMemory, path: str, fd: int, at: int, file_offset: int, n: int
+) -> None:
+    """Reads n bytes of a file into the store at `at`."""
+    with mem.buf[at : at + n] as view:
+        got = 0
+        while got < n:
+            k = os.preadv(fd, [view[got:]], file_offset + got)
+            if k <= 0:
+                raise StoreError("DATA_LOSS", f"{path}: short read at offset {file_offset + got}")
+            got += k
 
 
 @dataclass
@@ -52,26 +78,26 @@ class HostStore:
         name = f"{self._prefix}{safe(cmd.checkpoint)[:80]}_{cmd.version}"
         mem = shm.create(name, cmd.nbytes)
         try:
-            buf = mem.buf
             files: dict[str, int] = {}
             try:
+                chunks = []
                 for it in cmd.items:
                     if it.store_offset + it.nbytes > cmd.nbytes:
                         raise StoreError("INVALID_ARGUMENT", f"item beyond the store: {it}")
                     fd = files.get(it.path)
                     if fd is None:
                         fd = files[it.path] = os.open(it.path, os.O_RDONLY)
-                    view = buf[it.store_offset : it.store_offset + it.nbytes]
-                    got = 0
-                    while got < it.nbytes:
-                        n = os.preadv(fd, [view[got:]], it.file_offset + got)
-                        if n <= 0:
-                            raise StoreError(
-                                "DATA_LOSS",
-                                f"{it.path}: short read at offset {it.file_offset + got}",
-                            )
-                        got += n
-                    view.release()
+                    for o in range(0, it.nbytes, CHUNK):
+                        n = min(CHUNK, it.nbytes - o)
+                        chunks.append((it.path, fd, it.store_offset + o, it.file_offset + o, n))
+                total = sum(c[4] for c in chunks)
+                nthreads = min(load_threads(), max(1, total // PARALLEL_MIN))
+                if nthreads > 1:  # page faults and copies of a large store, in parallel
+                    with ThreadPoolExecutor(nthreads, thread_name_prefix="store-read") as ex:
+                        list(ex.map(lambda c: _read(mem, *c), chunks))
+                else:
+                    for c in chunks:
+                        _read(mem, *c)
             finally:
                 for fd in files.values():
                     os.close(fd)

@@ -432,6 +432,10 @@ def run_update(
             _drain(steps, coll)
             coll.close()
         steps.clear()
+        # This frame's views are the last references to the update's device buffers: drop
+        # them first, or end_update can only hand them to the allocator's cache, where they
+        # stay (the memory would not return to its level before the update).
+        buf = staging = view = src = side = None
         backend.end_update(shared_never_opened=cmd.is_target and not proceeded)
     if cmd.is_target and link.peer is not None and not told:
         try:

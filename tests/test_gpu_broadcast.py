@@ -122,8 +122,11 @@ def test_broadcast_update_on_gpus(ngpu: int, tmp_path: Path) -> None:
         t2 = mixed_tensors(2, layers=4)
         c.client.push("g", 2, [str(write_sharded(t2, tmp_path / "v2"))])
         free0 = _gpu_free()
-        for i in range(2):
-            job = c.client.wait(c.client.update("g", 2, ranks=ranks).id, 300)
+        # planned buffers (small: this update is small), then real-size ones: 256 MiB slots,
+        # triple-buffered, double staging, ~1.25 GiB a GPU while the update runs
+        for i, bucket in enumerate((0, 0, 256 << 20, 256 << 20)):
+            job = c.client.update("g", 2, ranks=ranks, bucket_bytes=bucket)
+            job = c.client.wait(job.id, 300)
             assert job.state == tpb.JOB_SUCCEEDED, job.reason
             free = _gpu_free()
             drift = [abs(a - b) for a, b in zip(free0, free, strict=True)]

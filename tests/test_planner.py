@@ -203,9 +203,13 @@ def test_small_updates_get_small_buffers_and_gpus_triple_buffer() -> None:
     from ckpt_daemon.planner import choose_nbuf
 
     big = 80 << 30
-    assert choose_bucket_bytes([big], nbuf=2, cap=512 * MIB, largest_owner_bytes=300_000) == MIB
-    assert choose_bucket_bytes([big], nbuf=2, cap=512 * MIB, largest_owner_bytes=5 * MIB) == 5 * MIB
-    assert choose_bucket_bytes([big], nbuf=2, cap=512 * MIB, largest_owner_bytes=9 << 30) == 512 * MIB
+
+    def pick(largest: int) -> int:
+        return choose_bucket_bytes([big], nbuf=2, cap=512 * MIB, largest_owner_bytes=largest)
+
+    assert pick(300_000) == MIB
+    assert pick(5 * MIB) == 5 * MIB
+    assert pick(9 << 30) == 512 * MIB
     assert choose_nbuf({"cuda"}, [big], 2) == 3
     assert choose_nbuf({"cuda"}, [100 * MIB], 2) == 2
     assert choose_nbuf({"cpu"}, [big], 2) == 2

@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
             version=done.version,
             seconds=round(time.monotonic() - t0, 4),
         )
+        if device is not None:  # copies made while loading go back to the driver
+            torch.cuda.empty_cache()
         if done.ok and a.report:
             write_json(a.report, engine.report())
         if a.once:
