@@ -316,7 +316,9 @@ class CudaBackend:
             torch.zeros(FLAG_RING, dtype=torch.int32, device=self.device),
             torch.zeros((FLAG_RING, 1), dtype=torch.int32).pin_memory(),
         )
-        self._pinned: dict[str, tuple[int, Any]] = {}  # segment -> (pointer, tensor)
+        # id(store.mem) -> (pointer, tensor, mem): keyed by the mapping, which a spare store
+        # keeps when it is reused under another segment name (it stays pinned)
+        self._pinned: dict[int, tuple[int, Any, Any]] = {}
         self._upd = _Update()
         self._lock = threading.Lock()
         log.info("cuda_backend", index=idx, uuid=self.uuid)
@@ -329,7 +331,7 @@ class CudaBackend:
 
         torch.cuda.set_device(self.device)
         with self._lock:
-            if store.segment in self._pinned or store.nbytes == 0:
+            if id(store.mem) in self._pinned or store.nbytes == 0:
                 return 0.0
             t0 = time.monotonic()
             t = torch.frombuffer(store.mem.buf, dtype=torch.uint8, count=store.nbytes)
@@ -339,25 +341,29 @@ class CudaBackend:
                 log.warning("pin_failed", segment=store.segment, error=str(err))
                 torch.cuda.synchronize()  # clears nothing sticky: registration errors aren't
                 return 0.0
-            self._pinned[store.segment] = (ptr, t)
+            self._pinned[id(store.mem)] = (ptr, t, store.mem)
             dt = time.monotonic() - t0
             log.info("store_pinned", segment=store.segment, bytes=store.nbytes, seconds=dt)
             return dt
 
-    def unpin_store(self, segment: str) -> None:
+    def unpin_store(self, store: Store) -> None:
+        """Unlocks a store's pages; called before its memory goes (not when kept as a spare)."""
+        self._unpin(id(store.mem))
+
+    def _unpin(self, key: int) -> None:
         import torch
 
         with self._lock:
-            item = self._pinned.pop(segment, None)
+            item = self._pinned.pop(key, None)
             if item is not None:
                 torch.cuda.synchronize(self.device)  # no H2D may still read it
                 torch.cuda.cudart().cudaHostUnregister(item[0])
 
     def store_tensor(self, store: Store) -> Any:
         self.pin_store(store)
-        item = self._pinned.get(store.segment)
+        item = self._pinned.get(id(store.mem))
         if item is not None:
-            return item[1]
+            return item[1][: store.nbytes]
         import torch
 
         return torch.frombuffer(store.mem.buf, dtype=torch.uint8, count=max(1, store.nbytes))
@@ -475,8 +481,8 @@ class CudaBackend:
         return NcclCollective(pg, self.device, self._s, key, self._flags)
 
     def close(self) -> None:
-        for seg in list(self._pinned):
-            self.unpin_store(seg)
+        for key in list(self._pinned):
+            self._unpin(key)
         for k in list(_Groups._pgs):
             _Groups.evict(k)
 

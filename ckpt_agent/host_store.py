@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -16,6 +17,7 @@ from ckpt_common.ipc import safe
 LOAD_THREADS_ENV = "CKPT_LOAD_THREADS"
 CHUNK = 64 << 20  # bytes one read covers
 PARALLEL_MIN = 128 << 20  # bytes per extra reading thread
+SPARE_MIN = 64 << 20  # smaller stores are not kept as spares
 
 
 class StoreError(Exception):
@@ -60,9 +62,25 @@ def segment_prefix(node_id: str) -> str:
 
 
 class HostStore:
-    def __init__(self, node_id: str, device: int) -> None:
+    """With spares > 0, a dropped store's segment is kept (still pinned, its pages in place)
+    for the next load of the same size: each version of one model is, so a trainer pushing
+    version after version skips allocating, faulting in and pinning fresh memory. `release`
+    is called with a store just before its memory really goes (CUDA: to unpin it)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        device: int,
+        *,
+        spares: int = 0,
+        release: Callable[[Store], None] | None = None,
+    ) -> None:
         self._prefix = f"{segment_prefix(node_id)}{device}_"
         self._stores: dict[tuple[str, int], Store] = {}
+        self._spares: list[Store] = []
+        self._max_spares = spares
+        self._release = release
+        self._nspare = 0
 
     def get(self, checkpoint: str, version: int) -> Store:
         s = self._stores.get((checkpoint, version))
@@ -76,7 +94,8 @@ class HostStore:
             self.drop(cmd.checkpoint, cmd.version)
         t0 = time.monotonic()
         name = f"{self._prefix}{safe(cmd.checkpoint)[:80]}_{cmd.version}"
-        mem = shm.create(name, cmd.nbytes)
+        spare = self._take_spare(cmd.nbytes, name)
+        mem = spare.mem if spare is not None else shm.create(name, cmd.nbytes)
         try:
             files: dict[str, int] = {}
             try:
@@ -102,16 +121,34 @@ class HostStore:
                 for fd in files.values():
                     os.close(fd)
         except FileNotFoundError as e:
-            self._discard(mem, name)
+            self._free(Store(cmd.checkpoint, cmd.version, name, cmd.nbytes, mem))
             raise StoreError("NOT_FOUND", f"{e.filename}: no such file") from None
         except OSError as e:
-            self._discard(mem, name)
+            self._free(Store(cmd.checkpoint, cmd.version, name, cmd.nbytes, mem))
             raise StoreError("FAILED_PRECONDITION", f"reading the sources failed: {e}") from None
         except BaseException:
-            self._discard(mem, name)
+            self._free(Store(cmd.checkpoint, cmd.version, name, cmd.nbytes, mem))
             raise
         self._stores[key] = Store(cmd.checkpoint, cmd.version, name, cmd.nbytes, mem)
         return apb.StoreReady(segment=name, nbytes=cmd.nbytes, seconds=time.monotonic() - t0)
+
+    def _take_spare(self, nbytes: int, name: str) -> Store | None:
+        for i, s in enumerate(self._spares):
+            if s.nbytes == nbytes:
+                del self._spares[i]
+                try:
+                    os.rename(os.path.join(shm.SHM_DIR, s.segment), os.path.join(shm.SHM_DIR, name))
+                except OSError:
+                    self._free(s)
+                    return None
+                s.segment = name
+                return s
+        return None
+
+    def _free(self, s: Store) -> None:
+        if self._release is not None:
+            self._release(s)
+        self._discard(s.mem, s.segment)
 
     @staticmethod
     def _discard(mem: shared_memory.SharedMemory, name: str) -> None:
@@ -125,9 +162,25 @@ class HostStore:
         s = self._stores.pop((checkpoint, version), None)
         if s is None:
             return False
-        self._discard(s.mem, s.segment)
+        if self._max_spares > 0 and s.nbytes >= SPARE_MIN:
+            self._nspare += 1
+            spare = f"{self._prefix}spare_{self._nspare}"
+            try:
+                os.rename(os.path.join(shm.SHM_DIR, s.segment), os.path.join(shm.SHM_DIR, spare))
+            except OSError:
+                self._free(s)
+                return True
+            s.segment = spare
+            self._spares.append(s)
+            while len(self._spares) > self._max_spares:
+                self._free(self._spares.pop(0))
+            return True
+        self._free(s)
         return True
 
     def close(self) -> None:
+        self._max_spares = 0
         for checkpoint, version in list(self._stores):
             self.drop(checkpoint, version)
+        while self._spares:
+            self._free(self._spares.pop())

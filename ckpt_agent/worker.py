@@ -27,6 +27,7 @@ from ckpt_common.logs import setup_logging
 
 log = structlog.get_logger("ckpt_agent.worker")
 READY_ID = 0  # command_id of the result a worker sends once it is ready
+SPARE_STORES = 1  # CUDA: dropped stores kept pinned for reuse (host memory they hold)
 
 
 def buffer_address(mem: Any) -> int:
@@ -65,6 +66,10 @@ class Worker:
             from ckpt_agent.cuda_backend import CudaBackend
 
             self.backend: Any = CudaBackend(device)
+            # a dropped store stays pinned as a spare for the next version (same size)
+            self.stores = HostStore(
+                node_id, device, spares=SPARE_STORES, release=self.backend.unpin_store
+            )
         else:
             from ckpt_agent.backend import CpuBackend
 
@@ -97,6 +102,8 @@ class Worker:
         self.reply(cid, ok=False, code=code, message=message)
 
     def serve(self) -> None:
+        if self._p2p_enabled:
+            self.p2p()  # start the transfer engine now, not inside the first load or join
         self.reply(READY_ID, ok=True)
         while True:
             try:
@@ -141,18 +148,8 @@ class Worker:
             log.error("command_failed", error=repr(e), tb=traceback.format_exc())
             self.fail(cid, "INTERNAL", f"{type(e).__name__}: {e}")
 
-    def _unpin(self, checkpoint: str, version: int) -> None:
-        """Page-locked host stores (CUDA) are unlocked before their memory goes."""
-        fn = getattr(self.backend, "unpin_store", None)
-        if fn is not None:
-            try:
-                fn(self.stores.get(checkpoint, version).segment)
-            except StoreError:
-                pass
-
     def _load(self, cmd: apb.Command) -> None:
         t_load = time.monotonic()
-        self._unpin(cmd.load.checkpoint, cmd.load.version)  # a reload replaces the store
         ready = self.stores.load(cmd.load)
         pin = getattr(self.backend, "pin_store", None)
         if pin is not None:  # CUDA: pin now, so the first update runs at DMA speed
@@ -175,7 +172,6 @@ class Worker:
         self.reply(cmd.id, ok=True, store=ready)
 
     def _drop(self, cmd: apb.Command) -> None:
-        self._unpin(cmd.drop.checkpoint, cmd.drop.version)
         if self._p2p_engine is not None:
             try:
                 store = self.stores.get(cmd.drop.checkpoint, cmd.drop.version)

@@ -23,7 +23,7 @@ from ckpt_daemon.registry import Registry
 log = structlog.get_logger("ckptd.agents")
 
 ProgressFn = Callable[[str, apb.Progress], None]
-HEARTBEAT_GRACE_S = 5.0
+HEARTBEAT_GRACE_S = 10.0
 
 
 @dataclass(eq=False)
@@ -143,13 +143,21 @@ class AgentHub:
         session.close("stream closed")
 
     async def monitor(self) -> None:
-        """Drops agents whose heartbeats stopped (3 missed, and at least 5 s: a busy node is
-        not a dead one; a closed stream is noticed at once anyway)."""
+        """Drops agents whose heartbeats stopped (3 missed, and at least 10 s: a busy node is
+        not a dead one; a closed stream is noticed at once anyway). When this loop itself
+        woke up late (ckptd was starved), heartbeats may be waiting unread: skip a round."""
+        limit = max(3 * self._heartbeat_s, HEARTBEAT_GRACE_S)
+        last = time.monotonic()
         while True:
             await asyncio.sleep(self._heartbeat_s)
             now = time.monotonic()
+            gap, last = now - last, now
+            if gap > 2 * self._heartbeat_s:
+                log.warning("monitor_late", seconds=round(gap, 3))
+                await asyncio.sleep(0)  # let queued stream reads run first
+                continue
             for s in list(self._sessions.values()):
-                if now - s.last_seen > max(3 * self._heartbeat_s, HEARTBEAT_GRACE_S):
+                if now - s.last_seen > limit:
                     log.warning("agent_heartbeat_lost", node=s.node_id)
                     s.close("stopped sending heartbeats")
 

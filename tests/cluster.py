@@ -88,15 +88,26 @@ class Cluster:
         self.client = Client(self.addr)
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        """Stops a process and its whole process group (vLLM's workers, agent workers)."""
         p = self.procs.pop(name, None)
-        if p is None or p.poll() is not None:
+        if p is None:
             return
-        os.killpg(p.pid, sig)
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
         try:
             p.wait(timeout)
         except subprocess.TimeoutExpired:
+            pass
+        try:  # whatever of the group is left
             os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
             p.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
 
     def start_agent(self, node_id: str, slots: int = 1) -> None:
         self._spawn(
@@ -142,7 +153,10 @@ class Cluster:
 
     def close(self) -> None:
         for name in list(self.procs):
-            self.stop(name)
+            try:
+                self.stop(name, timeout=5)
+            except Exception:  # keep stopping the others
+                pass
         if self.client:
             self.client.close()
 

@@ -87,6 +87,39 @@ def test_join_defaults_to_what_the_fleet_serves(cluster: Cluster) -> None:
     assert job.checkpoint == "m" and job.version == 1
 
 
+def test_ckptctl_join(cluster: Cluster) -> None:
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckptctl.cli",
+            "--addr",
+            cluster.addr,
+            "-o",
+            "json",
+            "join",
+            "B",
+            "--devices",
+            f"{NEW}/0,{NEW}/1",
+            "--kind",
+            "receiver",
+            "--checkpoint",
+            "m@1",
+            "--wait",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)
+    assert job["state"] == "JOB_SUCCEEDED" and job["kind"] == "JOB_JOIN"
+
+
 def test_frozen_owner_fails_the_join_in_bounded_time_then_retry(
     cluster: Cluster, tmp_path: Path
 ) -> None:

@@ -226,6 +226,55 @@ def test_join_dummy_instances_by_p2p_while_a_serves(fleet: Cluster) -> None:
     assert insts["D"].ready and insts["D"].version == 3
 
 
+OFFLINE = """
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm import LLM, SamplingParams
+from ckpt.v1 import types_pb2 as tpb
+from ckptctl.client import Client
+from vllm_ext.offline import update_llm
+addr, model, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+prompts = json.loads(sys.argv[4])
+llm = LLM(model=model, worker_extension_cls="vllm_ext.WorkerExtension", dtype="float32",
+          enforce_eager=True, max_model_len=256, kv_cache_memory_bytes=64 << 20)
+sp = SamplingParams(temperature=0, max_tokens=n, min_tokens=n)
+def gen():
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+before = gen()
+with Client(addr) as c:
+    c.register_instance(tpb.Instance(name="offline", kind=tpb.INSTANCE_RECEIVER,
+                                     ranks=[tpb.InstanceRank(node_id="n4", device=0)]))
+    job = update_llm(llm, c, "llama", 2, instance="offline")
+print("RESULT " + json.dumps({"before": before, "after": gen(), "state": job.state}))
+"""
+
+
+def test_offline_llm_helper(fleet: Cluster) -> None:
+    """An RL framework holding vllm.LLM in-process takes updates through vllm_ext.offline."""
+    import json
+    import subprocess
+    import sys
+
+    c = fleet
+    c.start_agent("n4", 1)
+    c.wait_ranks(7)
+    env = {**c.env, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+    r = subprocess.run(
+        [sys.executable, "-c", OFFLINE, c.addr, c.models["llama_0"], str(N), json.dumps(PROMPTS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, r.stderr[-3000:]
+    out = json.loads(line[0][7:])
+    assert out["before"] == c.hf["llama_0"]
+    assert out["after"] == c.hf["llama_1"]
+    assert out["state"] == tpb.JOB_SUCCEEDED
+
+
 def test_engine_dying_mid_update_fails_the_job_in_bounded_time(fleet: Cluster) -> None:
     c = fleet
     sd_dir = Path(c.models["qwen2_1"])

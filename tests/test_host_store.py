@@ -1,0 +1,57 @@
+"""Host stores: parallel loads, and spare segments reused for the next version."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ckpt.v1 import agent_pb2 as apb
+from ckpt_agent import host_store
+from ckpt_agent.host_store import HostStore
+
+
+def _load_cmd(path: Path, version: int, nbytes: int) -> apb.Load:
+    half = nbytes // 2
+    return apb.Load(
+        checkpoint="t",
+        version=version,
+        nbytes=nbytes,
+        items=[  # the file's two halves, swapped in the store
+            apb.LoadItem(path=str(path), file_offset=0, store_offset=half, nbytes=half),
+            apb.LoadItem(path=str(path), file_offset=half, store_offset=0, nbytes=half),
+        ],
+    )
+
+
+def test_parallel_load_and_spare_reuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host_store, "CHUNK", 1 << 16)
+    monkeypatch.setattr(host_store, "PARALLEL_MIN", 1 << 16)
+    monkeypatch.setattr(host_store, "SPARE_MIN", 1)
+    nbytes = 1 << 20
+    released = []
+    mems = {}
+    hs = HostStore(f"node-{os.getpid()}", 0, spares=1, release=lambda s: released.append(s))
+    try:
+        for v in (1, 2, 3):
+            data = os.urandom(nbytes)
+            src = tmp_path / f"v{v}.bin"
+            src.write_bytes(data)
+            hs.load(_load_cmd(src, v, nbytes))
+            s = hs.get("t", v)
+            assert bytes(s.mem.buf[: nbytes // 2]) == data[nbytes // 2 :]
+            assert bytes(s.mem.buf[nbytes // 2 : nbytes]) == data[: nbytes // 2]
+            assert os.path.exists(f"/dev/shm/{s.segment}")
+            mems[v] = s.mem
+            if v == 3:  # v1 was dropped: its segment came back for v3, renamed
+                assert s.mem is mems[1]
+            if v >= 2:
+                hs.drop("t", v - 1)
+        assert released == []  # spares keep their memory
+        hs.drop("t", 3)  # a second spare: the older one (v2's) goes
+        assert [r.mem for r in released] == [mems[2]]
+    finally:
+        hs.close()
+    assert len(released) == 2
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(hs._prefix)]

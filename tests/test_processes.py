@@ -1,0 +1,58 @@
+"""Process-level properties: ckptd starts without torch; workers die with their agent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.cluster import Cluster, wait_for
+
+
+def test_ckptd_and_ckptctl_import_no_torch() -> None:
+    code = (
+        "import sys, ckpt_daemon.main, ckpt_daemon.server, ckptctl.cli; "
+        "print('torch' in sys.modules, 'vllm' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("pgrep not available")
+    return [int(x) for x in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_workers_die_with_their_agent(tmp_path) -> None:
+    c = Cluster(tmp_path)
+    try:
+        c.start_daemon()
+        c.start_agent("solo", 2)
+        c.wait_ranks(2)
+        agent = c.procs["agent-solo"]
+        workers = wait_for(lambda: [p for p in _children(agent.pid) if _alive(p)], 30, "workers")
+        assert len(workers) >= 2
+        os.kill(agent.pid, signal.SIGKILL)  # the agent alone, not its process group
+        agent.wait(10)
+        wait_for(lambda: not any(_alive(p) for p in workers), 20, "workers to exit")
+        # ckptd notices the agent is gone
+        wait_for(lambda: all(a.state != 1 for a in c.client.agents()), 20, "detached")
+        time.sleep(0.1)
+    finally:
+        c.close()
