@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.llama import fill_value, specs, total_bytes  # noqa: E402
 from ckpt.v1 import types_pb2 as tpb  # noqa: E402
+from ckptctl.st_writer import write_safetensors  # noqa: E402
 
 GB = 1e9
 
@@ -43,59 +43,6 @@ def ceilings(n: int, out: Path) -> dict:
         timeout=300,
     )
     return json.loads(out.read_text())
-
-
-def write_safetensors(tensors: dict, path: str, threads: int = 16) -> None:
-    """A safetensors file written straight from the tensors' memory, in parallel (one copy;
-    safetensors.torch.save_file copies every tensor to bytes first, then writes serially)."""
-    import torch
-
-    dtypes = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-    header: dict = {}
-    off = 0
-    for name, t in tensors.items():
-        nb = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": dtypes[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [off, off + nb],
-        }
-        off += nb
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    base = 8 + len(h)
-    jobs = []
-    for name, t in tensors.items():
-        flat = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-        start = header[name]["data_offsets"][0]
-        for o in range(0, flat.size, 64 << 20):
-            jobs.append((flat[o : o + (64 << 20)], base + start + o))
-    # Through a shared mapping, in parallel: write(2) to one tmpfs file serializes on its
-    # inode lock (~4 GB/s), page copies through a mapping do not. No O_TRUNC: a file of the
-    # same size is overwritten in place, its pages reused.
-    import mmap
-
-    import numpy as np
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        os.ftruncate(fd, base + off)
-        mm = mmap.mmap(fd, base + off)
-    finally:
-        os.close(fd)
-    dst = [np.frombuffer(mm, dtype=np.uint8)]
-
-    def put(job: tuple) -> None:
-        src, at = job
-        np.copyto(dst[0][at : at + src.size], src)
-
-    try:
-        dst[0][:base] = np.frombuffer(len(h).to_bytes(8, "little") + h, dtype=np.uint8)
-        with ThreadPoolExecutor(threads) as ex:
-            list(ex.map(put, jobs))
-    finally:
-        dst.clear()
-        mm.close()
 
 
 def make_tensors(sp: list) -> dict:

@@ -85,10 +85,10 @@ class Client:
         timeout_s: float = 600.0,
     ) -> tpb.Checkpoint:
         """Pushes in-memory torch tensors (written once to a safetensors file the agents read)."""
-        from safetensors.torch import save_file
+        from ckptctl.st_writer import write_safetensors
 
         path = os.path.join(directory, f"ckpt-push-{name}-{version}-{os.getpid()}.safetensors")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
+        write_safetensors(dict(tensors), path)
         try:
             return self.push(name, version, [path], node_id=node_id, timeout_s=timeout_s)
         finally:

@@ -73,3 +73,20 @@ def test_expand_source(tmp_path) -> None:
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(FileNotFoundError):
         expand_source(str(tmp_path / "emptydir"))
+
+
+def test_parallel_safetensors_writer_matches_safetensors(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from ckptctl.st_writer import write_safetensors
+
+    t = mixed_tensors(3, layers=2)
+    t["big"] = torch.randn(3 << 20)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"x" * 10_000_000)  # an older, larger file is overwritten
+    write_safetensors(t, str(path), threads=4)
+    back = load_file(str(path))
+    assert set(back) == set(t)
+    for k, v in t.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        assert torch.equal(back[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8))
