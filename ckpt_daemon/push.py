@@ -8,6 +8,7 @@ import time
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
+from ckpt_common.dtypes import nbytes_of
 from ckpt_common.errors import (
     AlreadyExists,
     CkptError,
@@ -46,6 +47,7 @@ class Pusher:
         self._hub = hub
         self._config = config
         self._inflight: set[tuple[str, int]] = set()
+        self._direct: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def push(
@@ -227,6 +229,130 @@ class Pusher:
         if isinstance(first, CkptError):
             raise first
         raise first
+
+    # ------------------------------------------------------------------ direct push
+
+    async def begin_direct(
+        self,
+        name: str,
+        version: int,
+        node_id: str,
+        metas: list[tuple[str, str, tuple[int, ...], int]],
+        timeout_s: float,
+    ) -> tuple[CheckpointVersion, list[Shard], list[tuple[int, int]]]:
+        """Places tensors (name, dtype, shape, nbytes) on the ranks of node_id and allocates
+        their stores. Returns the version (LOADING), its shards (segments) and, per tensor in
+        request order, (shard index, offset)."""
+        validate_name(name)
+        if version <= 0:
+            raise InvalidArgument("version must be positive")
+        if not metas:
+            raise InvalidArgument("no tensors")
+        for tname, dtype, shape, nbytes in metas:
+            try:
+                want = nbytes_of(dtype, shape)
+            except ValueError as e:
+                raise InvalidArgument(f"tensor {tname!r}: {e}") from None
+            if want != nbytes:
+                raise InvalidArgument(
+                    f"tensor {tname!r}: {dtype} {list(shape)} is {want} bytes, not {nbytes}"
+                )
+        key = (name, version)
+        if key in self._registry.checkpoints or key in self._inflight:
+            raise AlreadyExists(f"checkpoint {name}@{version} already exists")
+        holders = [r for r in self._registry.rank_order() if r.node_id == node_id]
+        if not holders:
+            raise FailedPrecondition(f"no agent is attached on node {node_id!r}")
+        specs = [
+            TensorSpec(
+                name=n, dtype=d, shape=tuple(sh), nbytes=nb, path="", file_offset=0, node_id=node_id
+            )
+            for n, d, sh, nb in metas
+        ]
+        try:
+            placement = await asyncio.to_thread(place, specs, holders)
+        except PlanError as e:
+            raise InvalidArgument(str(e)) from None
+        shards: dict[RankRef, Shard] = {}
+        for t in placement.tensors:
+            sh = shards.setdefault(t.owner, Shard(owner=t.owner, nbytes=0, tensor_count=0))
+            sh.tensor_count += 1
+        for r, n in placement.store_bytes.items():
+            shards[r].nbytes = n
+        cv = CheckpointVersion(
+            name=name,
+            version=version,
+            state=CheckpointState.LOADING,
+            tensors=placement.tensors,
+            shards=shards,
+            created=time.time(),
+        )
+        self._inflight.add(key)
+        try:
+            await asyncio.to_thread(self._registry.add_checkpoint, cv)
+            try:
+                await asyncio.gather(*(self._allocate(cv, r) for r in shards))
+            except BaseException:
+                await self.drop(cv)
+                await asyncio.to_thread(self._registry.remove_checkpoint, name, version)
+                raise
+        except BaseException:
+            self._inflight.discard(key)
+            raise
+        timeout = timeout_s or self._config.load_timeout_s
+        self._direct[key] = asyncio.create_task(self._expire(cv, timeout))
+        order = sorted(shards)
+        index = {r: i for i, r in enumerate(order)}
+        where = {t.name: (index[t.owner], t.store_offset) for t in placement.tensors}
+        log.info(
+            "direct_push_begun",
+            checkpoint=name,
+            version=version,
+            node=node_id,
+            tensors=len(metas),
+            shards=len(shards),
+        )
+        return cv, [shards[r] for r in order], [where[m[0]] for m in metas]
+
+    async def _allocate(self, cv: CheckpointVersion, r: RankRef) -> None:
+        cmd = apb.Command(
+            load=apb.Load(
+                checkpoint=cv.name, version=cv.version, device=r.device, nbytes=cv.shards[r].nbytes
+            )
+        )
+        res = await self._hub.command(r.node_id, cmd, self._config.load_timeout_s)
+        self._registry.set_shard(
+            cv.name,
+            cv.version,
+            r,
+            ShardState.LOADING,
+            segment=res.store.segment,
+            p2p=(res.store.p2p.session, res.store.p2p.addr),
+        )
+
+    async def _expire(self, cv: CheckpointVersion, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+        key = (cv.name, cv.version)
+        if self._direct.pop(key, None) is not None:
+            log.warning("direct_push_expired", checkpoint=cv.name, version=cv.version)
+            await self.drop(cv)
+            await asyncio.to_thread(self._registry.remove_checkpoint, cv.name, cv.version)
+            self._inflight.discard(key)
+
+    def commit_direct(self, name: str, version: int) -> CheckpointVersion:
+        key = (name, version)
+        task = self._direct.pop(key, None)
+        if task is None:
+            if key in self._registry.checkpoints:
+                raise FailedPrecondition(f"{name}@{version} is not a direct push awaiting commit")
+            raise NotFound(f"checkpoint {name}@{version} not found (or its push expired)")
+        task.cancel()
+        cv = self._registry.checkpoints[key]
+        for r in cv.shards:
+            self._registry.set_shard(name, version, r, ShardState.READY)
+        self._inflight.discard(key)
+        log.info("push_ready", checkpoint=name, version=version, direct=True)
+        return cv
 
     async def drop(self, cv: CheckpointVersion) -> None:
         """Frees the host memory of every shard whose agent is attached (best effort)."""

@@ -69,6 +69,33 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         return convert.checkpoint_to_pb(cv, self._order())
 
     @_unary
+    async def BeginPush(self, request: cpb.BeginPushRequest, context) -> cpb.PushPlan:
+        if request.timeout_s < 0:
+            raise InvalidArgument("timeout_s must not be negative")
+        metas = [(t.name, t.dtype, tuple(t.shape), t.nbytes) for t in request.tensors]
+        cv, shards, where = await self._pusher.begin_direct(
+            request.name, request.version, request.node_id, metas, request.timeout_s
+        )
+        return cpb.PushPlan(
+            checkpoint=convert.checkpoint_to_pb(cv, self._order()),
+            segments=[
+                cpb.PushSegment(
+                    node_id=s.owner.node_id,
+                    device=s.owner.device,
+                    segment=s.segment,
+                    nbytes=s.nbytes,
+                )
+                for s in shards
+            ],
+            targets=[cpb.PushTarget(segment=i, offset=o) for i, o in where],
+        )
+
+    @_unary
+    async def CommitPush(self, request: cpb.CommitPushRequest, context) -> tpb.Checkpoint:
+        cv = self._pusher.commit_direct(request.name, request.version)
+        return convert.checkpoint_to_pb(cv, self._order())
+
+    @_unary
     async def GetCheckpoint(self, request: cpb.GetCheckpointRequest, context) -> tpb.Checkpoint:
         cv = self._registry.get_checkpoint(request.name, request.version)
         if cv is None:

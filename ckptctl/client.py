@@ -95,6 +95,32 @@ class Client:
             if not keep_file:
                 os.unlink(path)
 
+    def push_direct(
+        self,
+        name: str,
+        version: int,
+        tensors: Mapping[str, Any],
+        *,
+        node_id: str,
+        threads: int = 16,
+        timeout_s: float = 600.0,
+    ) -> tpb.Checkpoint:
+        """Pushes in-memory torch tensors straight into the host stores of the agents on this
+        node (node_id): no file, one parallel copy. The trainer must run on that node as the
+        agent's user (it maps the agent's shared-memory segments)."""
+        from ckptctl.direct_push import copy_into_segments, tensor_metas
+
+        metas, flats = tensor_metas(tensors)
+        plan = self._call(
+            "BeginPush",
+            cpb.BeginPushRequest(
+                name=name, version=version, node_id=node_id, tensors=metas, timeout_s=timeout_s
+            ),
+            timeout_s + 30,
+        )
+        copy_into_segments(plan, flats, threads=threads)
+        return self._call("CommitPush", cpb.CommitPushRequest(name=name, version=version))
+
     def get(self, name: str, version: int = 0, *, tensors: bool = False) -> tpb.Checkpoint:
         return self._call(
             "GetCheckpoint",

@@ -242,3 +242,44 @@ def test_cli(cluster: Cluster, tmp_path: Path) -> None:
         assert ctl(sub).returncode == 0
     r = ctl("status", job["id"])
     assert r.returncode == 0 and "SUCCEEDED" in r.stdout
+
+
+def test_direct_push_from_trainer_memory(cluster: Cluster) -> None:
+    from ckpt.v1 import ckptd_pb2 as cpb
+
+    c = cluster
+    t = mixed_tensors(31)
+    cp = c.client.push_direct("direct", 1, t, node_id="node-b", threads=4)
+    assert cp.state == tpb.CHECKPOINT_READY and cp.tensor_count == len(t)
+    assert {s.node_id for s in cp.shards} == {"node-b"}  # the trainer's node holds the bytes
+    job = run(c, "direct", ranks=RANKS)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    for r in RANKS:
+        got = hashes(c, r)
+        assert {k: got[k] for k in t} == digests(t)
+    with pytest.raises(AlreadyExists):
+        c.client.push_direct("direct", 1, t, node_id="node-b")
+    with pytest.raises(FailedPrecondition, match="no agent"):
+        c.client.push_direct("direct", 2, t, node_id="nowhere")
+    with pytest.raises(NotFound):
+        c.client._call("CommitPush", cpb.CommitPushRequest(name="direct", version=9))
+    # a push never committed is dropped after its timeout
+    meta = tpb.TensorMeta(name="w", dtype="F32", shape=[4], nbytes=16)
+    c.client._call(
+        "BeginPush",
+        cpb.BeginPushRequest(
+            name="direct", version=3, node_id="node-a", tensors=[meta], timeout_s=1
+        ),
+    )
+    assert c.client.get("direct", 3).state == tpb.CHECKPOINT_LOADING
+    wait_for(
+        lambda: not [x for x in c.client.checkpoints("direct") if x.version == 3],
+        30,
+        "the uncommitted push to expire",
+    )
+    bad = tpb.TensorMeta(name="w", dtype="F32", shape=[4], nbytes=15)
+    with pytest.raises(InvalidArgument, match="16 bytes"):
+        c.client._call(
+            "BeginPush",
+            cpb.BeginPushRequest(name="direct", version=4, node_id="node-a", tensors=[bad]),
+        )

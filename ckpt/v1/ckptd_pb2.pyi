@@ -23,6 +23,58 @@ class PushCheckpointRequest(_message.Message):
     wait: bool
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[_types_pb2.Source, _Mapping]]] = ..., ranks: _Optional[_Iterable[int]] = ..., timeout_s: _Optional[float] = ..., wait: _Optional[bool] = ...) -> None: ...
 
+class BeginPushRequest(_message.Message):
+    __slots__ = ("name", "version", "node_id", "tensors", "timeout_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    node_id: str
+    tensors: _containers.RepeatedCompositeFieldContainer[_types_pb2.TensorMeta]
+    timeout_s: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., node_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class PushSegment(_message.Message):
+    __slots__ = ("node_id", "device", "segment", "nbytes")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    device: int
+    segment: str
+    nbytes: int
+    def __init__(self, node_id: _Optional[str] = ..., device: _Optional[int] = ..., segment: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class PushTarget(_message.Message):
+    __slots__ = ("segment", "offset")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    segment: int
+    offset: int
+    def __init__(self, segment: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class PushPlan(_message.Message):
+    __slots__ = ("checkpoint", "segments", "targets")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: _types_pb2.Checkpoint
+    segments: _containers.RepeatedCompositeFieldContainer[PushSegment]
+    targets: _containers.RepeatedCompositeFieldContainer[PushTarget]
+    def __init__(self, checkpoint: _Optional[_Union[_types_pb2.Checkpoint, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[PushSegment, _Mapping]]] = ..., targets: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ...) -> None: ...
+
+class CommitPushRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
 class GetCheckpointRequest(_message.Message):
     __slots__ = ("name", "version", "include_tensors")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -56,6 +56,16 @@ class CkptStub:
                 request_serializer=ckpt_dot_v1_dot_ckptd__pb2.DeleteCheckpointRequest.SerializeToString,
                 response_deserializer=ckpt_dot_v1_dot_ckptd__pb2.DeleteCheckpointResponse.FromString,
                 _registered_method=True)
+        self.BeginPush = channel.unary_unary(
+                '/ckpt.v1.Ckpt/BeginPush',
+                request_serializer=ckpt_dot_v1_dot_ckptd__pb2.BeginPushRequest.SerializeToString,
+                response_deserializer=ckpt_dot_v1_dot_ckptd__pb2.PushPlan.FromString,
+                _registered_method=True)
+        self.CommitPush = channel.unary_unary(
+                '/ckpt.v1.Ckpt/CommitPush',
+                request_serializer=ckpt_dot_v1_dot_ckptd__pb2.CommitPushRequest.SerializeToString,
+                response_deserializer=ckpt_dot_v1_dot_types__pb2.Checkpoint.FromString,
+                _registered_method=True)
         self.Update = channel.unary_unary(
                 '/ckpt.v1.Ckpt/Update',
                 request_serializer=ckpt_dot_v1_dot_ckptd__pb2.UpdateRequest.SerializeToString,
@@ -132,6 +142,22 @@ class CkptServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteCheckpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BeginPush(self, request, context):
+        """Direct push: the trainer writes tensors straight into the host stores of the agents on
+        its own node (no file, one copy). BeginPush places the tensors and allocates the stores;
+        the trainer maps the segments and copies; CommitPush makes the version READY. A version
+        not committed within timeout_s is dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitPush(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -221,6 +247,16 @@ def add_CkptServicer_to_server(servicer, server):
                     servicer.DeleteCheckpoint,
                     request_deserializer=ckpt_dot_v1_dot_ckptd__pb2.DeleteCheckpointRequest.FromString,
                     response_serializer=ckpt_dot_v1_dot_ckptd__pb2.DeleteCheckpointResponse.SerializeToString,
+            ),
+            'BeginPush': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginPush,
+                    request_deserializer=ckpt_dot_v1_dot_ckptd__pb2.BeginPushRequest.FromString,
+                    response_serializer=ckpt_dot_v1_dot_ckptd__pb2.PushPlan.SerializeToString,
+            ),
+            'CommitPush': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitPush,
+                    request_deserializer=ckpt_dot_v1_dot_ckptd__pb2.CommitPushRequest.FromString,
+                    response_serializer=ckpt_dot_v1_dot_types__pb2.Checkpoint.SerializeToString,
             ),
             'Update': grpc.unary_unary_rpc_method_handler(
                     servicer.Update,
@@ -382,6 +418,60 @@ class Ckpt:
             '/ckpt.v1.Ckpt/DeleteCheckpoint',
             ckpt_dot_v1_dot_ckptd__pb2.DeleteCheckpointRequest.SerializeToString,
             ckpt_dot_v1_dot_ckptd__pb2.DeleteCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginPush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckpt.v1.Ckpt/BeginPush',
+            ckpt_dot_v1_dot_ckptd__pb2.BeginPushRequest.SerializeToString,
+            ckpt_dot_v1_dot_ckptd__pb2.PushPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitPush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckpt.v1.Ckpt/CommitPush',
+            ckpt_dot_v1_dot_ckptd__pb2.CommitPushRequest.SerializeToString,
+            ckpt_dot_v1_dot_types__pb2.Checkpoint.FromString,
             options,
             channel_credentials,
             insecure,
