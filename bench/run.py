@@ -138,6 +138,30 @@ def ckptd_bench(n: int, size_gib: float, iters: int, root: Path, bucket_mib: int
             log("e2e", json.dumps(res["e2e"]))
         except Exception as e:  # the main numbers stand without it
             res["e2e"] = {"error": repr(e)}
+        # Push + update with a direct push: the trainer copies its tensors straight into the
+        # agents' pinned host stores (BeginPush / parallel copy / CommitPush): no file. Steady
+        # state as above (the version before is deleted first; its stores are reused).
+        direct = []
+        prev = 2
+        for version in (3, 4):
+            try:
+                c.client.delete("bench", prev)
+                tensors = make_tensors(sp)
+                t0 = time.perf_counter()
+                c.client.push_direct("bench", version, tensors, node_id="bench", threads=16)
+                t1 = time.perf_counter()
+                rec = timed_update(c, version, ranks)
+                t2 = time.perf_counter()
+                del tensors
+                direct.append(
+                    {"push_s": t1 - t0, "update_s": t2 - t1, "total_s": t2 - t0, "update": rec}
+                )
+                log("e2e_direct", json.dumps(direct[-1]))
+                prev = version
+            except Exception as e:
+                direct.append({"error": repr(e)})
+                break
+        res["e2e_direct"] = direct
     finally:
         c.close()
         if os.path.exists(path):
@@ -265,6 +289,14 @@ def main() -> None:
         )
     elif e2e:
         print("push + update failed:", e2e.get("error"))
+    for d in k.get("e2e_direct", []):
+        if "total_s" in d:
+            print(
+                f"direct push + update: push {d['push_s']:.2f} s + update {d['update_s']:.3f} s"
+                f" = {d['total_s']:.2f} s"
+            )
+        else:
+            print("direct push failed:", d.get("error"))
     if "update_wall_s" in cej:
         print(
             f"checkpoint-engine: update median {cej['update_wall_s']['median']:.3f} s "
