@@ -148,7 +148,13 @@ def ckptd_bench(n: int, size_gib: float, iters: int, root: Path, bucket_mib: int
                 c.client.delete("bench", prev)
                 tensors = make_tensors(sp)
                 t0 = time.perf_counter()
-                c.client.push_direct("bench", version, tensors, node_id="bench", threads=16)
+                c.client.push_direct(
+                    "bench",
+                    version,
+                    tensors,
+                    node_id="bench",
+                    threads=int(os.environ.get("CKPT_PUSH_THREADS", "16")),
+                )
                 t1 = time.perf_counter()
                 rec = timed_update(c, version, ranks)
                 t2 = time.perf_counter()
