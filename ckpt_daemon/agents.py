@@ -23,7 +23,7 @@ from ckpt_daemon.registry import Registry
 log = structlog.get_logger("ckptd.agents")
 
 ProgressFn = Callable[[str, apb.Progress], None]
-HEARTBEAT_GRACE_S = 10.0
+HEARTBEAT_GRACE_S = 30.0
 
 
 @dataclass(eq=False)
@@ -143,7 +143,7 @@ class AgentHub:
         session.close("stream closed")
 
     async def monitor(self) -> None:
-        """Drops agents whose heartbeats stopped (3 missed, and at least 10 s: a busy node is
+        """Drops agents whose heartbeats stopped (3 missed, and at least 30 s: a busy node is
         not a dead one; a closed stream is noticed at once anyway). When this loop itself
         woke up late (ckptd was starved), heartbeats may be waiting unread: skip a round."""
         limit = max(3 * self._heartbeat_s, HEARTBEAT_GRACE_S)
