@@ -30,7 +30,11 @@ def sources_from_pb(sources: list[tpb.Source]) -> list[SourceFile]:
 
 
 def checkpoint_to_pb(
-    cv: CheckpointVersion, order: dict[RankRef, int], *, include_tensors: bool = False
+    cv: CheckpointVersion,
+    order: dict[RankRef, int],
+    *,
+    include_tensors: bool = False,
+    mirror: CheckpointVersion | None = None,
 ) -> tpb.Checkpoint:
     out = tpb.Checkpoint(
         name=cv.name,
@@ -54,6 +58,9 @@ def checkpoint_to_pb(
             for s in sorted(cv.shards.values(), key=lambda s: s.owner)
         ],
     )
+    out.replicas = 2 if mirror is not None else 1
+    if mirror is not None:
+        out.mirrors.extend(checkpoint_to_pb(mirror, order).shards)
     if include_tensors:
         out.tensors.extend(
             tpb.TensorMeta(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes)

@@ -34,6 +34,7 @@ from ckpt_daemon.model import (
     PhaseTimes,
     RankRef,
     RankResult,
+    ShardState,
     UpdateSpec,
 )
 from ckpt_daemon.planner import (
@@ -42,6 +43,7 @@ from ckpt_daemon.planner import (
     align_up,
     choose_bucket_bytes,
     choose_nbuf,
+    mirror_name,
     plan_p2p,
     plan_update,
     select_tensors,
@@ -142,7 +144,11 @@ class JobRunner:
                 f"checkpoint {spec.checkpoint}@{spec.version or 'latest'} not found"
                 + ("" if spec.version else " (no READY version)")
             )
-        if cv.state != CheckpointState.READY:
+        if cv.state != CheckpointState.READY and not (
+            spec.method == "p2p"
+            and cv.state == CheckpointState.LOST
+            and self._p2p_sources(cv) is not None
+        ):
             raise FailedPrecondition(
                 f"checkpoint {cv.name}@{cv.version} is {cv.state.name}"
                 + (f": {cv.reason}" if cv.reason else "")
@@ -162,18 +168,23 @@ class JobRunner:
         except PlanError as e:
             raise InvalidArgument(str(e)) from None
         owners = {t.owner for t in tensors}
-        gone = sorted(str(o) for o in owners if not self._hub.attached(o.node_id))
-        if gone:
-            raise Unavailable(f"agents holding checkpoint bytes are not attached: {gone}")
         p2p = spec.method == "p2p"
         sources: list[apb.P2PSource] = []
+        live: dict[RankRef, tuple[str, int]] = {}
         if p2p:
-            missing = sorted(str(o) for o in owners if not self._shard_p2p(cv, o)[0])
+            # Readers read each shard from its owner or, when the owner is gone, from its
+            # mirror (replicas=2); the owners themselves take no part in the collective.
+            live = self._p2p_sources(cv) or {}
+            missing = sorted(str(o) for o in owners if not live.get(o, ("", 0))[0])
             if missing:
                 raise FailedPrecondition(
-                    f"owners {missing} are not registered for P2P reads "
-                    "(agent without Mooncake, or --p2p off)"
+                    f"shards of {missing} can be read from nowhere: their agents are gone (and "
+                    "no mirror holds them) or are not registered for P2P (no Mooncake, --p2p off)"
                 )
+        else:
+            gone = sorted(str(o) for o in owners if not self._hub.attached(o.node_id))
+            if gone:
+                raise Unavailable(f"agents holding checkpoint bytes are not attached: {gone}")
         participants = set(targets) if p2p else set(targets) | owners
         kinds = {self._device_kind(r) for r in participants}
         cap = (
@@ -208,7 +219,7 @@ class JobRunner:
                 partial=partial,
             )
             for o in owners_order:
-                session, addr = self._shard_p2p(cv, o)
+                session, addr = live[o]
                 sources.append(apb.P2PSource(session=session, addr=addr))
         else:
             plan = await asyncio.to_thread(
@@ -248,10 +259,40 @@ class JobRunner:
         )
         return job
 
-    @staticmethod
-    def _shard_p2p(cv: CheckpointVersion, owner: RankRef) -> tuple[str, int]:
-        s = cv.shards.get(owner)
-        return (s.p2p_session, s.p2p_addr) if s else ("", 0)
+    def _p2p_sources(self, cv: CheckpointVersion) -> dict[RankRef, tuple[str, int]] | None:
+        """For each shard owner of cv, where its store can be read now: (session, address)
+        of the owner's store while it is READY and its agent attached, else of its mirror
+        store (replicas=2) if that is. None when some shard can be read from nowhere."""
+        mirror = self._registry.checkpoints.get((mirror_name(cv.name), cv.version))
+        to_mirror = (
+            {p.owner: q.owner for p, q in zip(cv.tensors, mirror.tensors, strict=True)}
+            if mirror is not None
+            else {}
+        )
+        out: dict[RankRef, tuple[str, int]] = {}
+        for r, sh in cv.shards.items():
+            if sh.state == ShardState.READY and sh.p2p_session and self._hub.attached(r.node_id):
+                out[r] = (sh.p2p_session, sh.p2p_addr)
+                continue
+            m = to_mirror.get(r)
+            ms = mirror.shards.get(m) if (mirror is not None and m is not None) else None
+            if (
+                ms is not None
+                and ms.state == ShardState.READY
+                and ms.p2p_session
+                and self._hub.attached(m.node_id)
+            ):
+                out[r] = (ms.p2p_session, ms.p2p_addr)
+                log.info(
+                    "reading_mirror",
+                    checkpoint=cv.name,
+                    version=cv.version,
+                    owner=str(r),
+                    mirror=str(m),
+                )
+            else:
+                return None
+        return out
 
     def fleet_version(self) -> tuple[str, int]:
         """What most ready instances serve."""

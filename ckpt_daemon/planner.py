@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from ckpt_common.layers import layer_key
@@ -122,6 +122,37 @@ def place(specs: Sequence[TensorSpec], ranks: Sequence[RankRef]) -> Placement:
             )
         )
     return Placement(tensors=out, store_bytes={r: n for r, n in cursor.items() if n})
+
+
+MIRROR_PREFIX = "~mirror/"  # user names cannot contain "/": no clash
+
+
+def mirror_name(name: str) -> str:
+    """The hidden checkpoint that holds the mirror shards of `name` (replicas=2)."""
+    return MIRROR_PREFIX + name
+
+
+def mirror_map(holders: Sequence[RankRef]) -> dict[RankRef, RankRef]:
+    """Each holder's mirror: a rotation of the rank order by the smallest shift that puts
+    every mirror on another node (else by one rank). A rotation is a bijection, so every
+    rank mirrors exactly one shard and a mirror store has its primary's layout."""
+    ranks = rank_order(holders)
+    n = len(ranks)
+    if n < 2:
+        raise PlanError("a mirrored checkpoint needs at least 2 ranks")
+    shift = next(
+        (
+            k
+            for k in range(1, n)
+            if all(ranks[i].node_id != ranks[(i + k) % n].node_id for i in range(n))
+        ),
+        1,
+    )
+    return {ranks[i]: ranks[(i + shift) % n] for i in range(n)}
+
+
+def mirrored(tensors: Sequence[TensorInfo], mapping: dict[RankRef, RankRef]) -> list[TensorInfo]:
+    return [replace(t, owner=mapping[t.owner]) for t in tensors]
 
 
 # --------------------------------------------------------------------------- update plan

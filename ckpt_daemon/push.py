@@ -27,7 +27,7 @@ from ckpt_daemon.model import (
     SourceFile,
     TensorSpec,
 )
-from ckpt_daemon.planner import PlanError, place
+from ckpt_daemon.planner import PlanError, mirror_map, mirror_name, mirrored, place
 from ckpt_daemon.registry import Registry
 
 log = structlog.get_logger("ckptd.push")
@@ -59,12 +59,17 @@ class Pusher:
         *,
         timeout_s: float,
         wait: bool,
+        replicas: int = 1,
     ) -> CheckpointVersion:
         validate_name(name)
         if version <= 0:
             raise InvalidArgument("version must be positive")
         if not sources:
             raise InvalidArgument("no sources")
+        if replicas not in (0, 1, 2):
+            raise InvalidArgument("replicas must be 1 or 2")
+        if replicas == 2 and any(s.node_id for s in sources):
+            raise InvalidArgument("replicas=2 needs sources every node can read (no node pin)")
         key = (name, version)
         if key in self._registry.checkpoints or key in self._inflight:
             raise AlreadyExists(f"checkpoint {name}@{version} already exists")
@@ -101,7 +106,28 @@ class Pusher:
                 shards=shards,
                 created=time.time(),
             )
+            mirror = None
+            if replicas == 2:
+                try:
+                    mapping = mirror_map(holders)
+                except PlanError as e:
+                    raise InvalidArgument(str(e)) from None
+                mirror = CheckpointVersion(
+                    name=mirror_name(name),
+                    version=version,
+                    state=CheckpointState.LOADING,
+                    tensors=mirrored(placement.tensors, mapping),
+                    shards={
+                        mapping[r]: Shard(
+                            owner=mapping[r], nbytes=sh.nbytes, tensor_count=sh.tensor_count
+                        )
+                        for r, sh in shards.items()
+                    },
+                    created=cv.created,
+                )
             await asyncio.to_thread(self._registry.add_checkpoint, cv)
+            if mirror is not None:
+                await asyncio.to_thread(self._registry.add_checkpoint, mirror)
         except BaseException:
             self._inflight.discard(key)
             raise
@@ -114,24 +140,41 @@ class Pusher:
             shards=len(shards),
         )
         timeout = timeout_s or self._config.load_timeout_s
+        versions = [cv] if mirror is None else [cv, mirror]
         if wait:
             try:
-                await self._load(cv, timeout, remove_on_failure=True)
+                await self._load_all(versions, timeout, remove_on_failure=True)
             finally:
                 self._inflight.discard(key)
         else:
-            task = asyncio.create_task(self._load_bg(cv, timeout))
+            task = asyncio.create_task(self._load_bg(versions, timeout))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return cv
 
-    async def _load_bg(self, cv: CheckpointVersion, timeout: float) -> None:
+    async def _load_all(
+        self, versions: list[CheckpointVersion], timeout: float, *, remove_on_failure: bool
+    ) -> None:
+        results = await asyncio.gather(
+            *(self._load(v, timeout, remove_on_failure=remove_on_failure) for v in versions),
+            return_exceptions=True,
+        )
+        errors = [e for e in results if isinstance(e, BaseException)]
+        if errors:
+            if remove_on_failure:  # all or nothing: a half-mirrored push is no push
+                for v in versions:
+                    if (v.name, v.version) in self._registry.checkpoints:
+                        await self.drop(v)
+                        await asyncio.to_thread(self._registry.remove_checkpoint, v.name, v.version)
+            raise errors[0]
+
+    async def _load_bg(self, versions: list[CheckpointVersion], timeout: float) -> None:
         try:
-            await self._load(cv, timeout, remove_on_failure=False)
+            await self._load_all(versions, timeout, remove_on_failure=False)
         except CkptError:
             pass
         finally:
-            self._inflight.discard((cv.name, cv.version))
+            self._inflight.discard((versions[0].name, versions[0].version))
 
     async def _scan(self, sources: list[SourceFile], holders: list[RankRef]) -> list[TensorSpec]:
         holder_nodes = sorted({r.node_id for r in holders})
@@ -396,7 +439,9 @@ class Pusher:
                     f"checkpoint {cv.name}@{cv.version} is in use by a running push or update"
                 )
         for cv in targets:
-            await self.drop(cv)
-            await asyncio.to_thread(self._registry.remove_checkpoint, cv.name, cv.version)
+            mirror = self._registry.checkpoints.get((mirror_name(cv.name), cv.version))
+            for v in [cv] if mirror is None else [cv, mirror]:
+                await self.drop(v)
+                await asyncio.to_thread(self._registry.remove_checkpoint, v.name, v.version)
             log.info("checkpoint_deleted", checkpoint=cv.name, version=cv.version)
         return targets

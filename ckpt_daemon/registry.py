@@ -32,7 +32,7 @@ from ckpt_daemon.model import (
     TensorInfo,
     UpdateSpec,
 )
-from ckpt_daemon.planner import rank_order
+from ckpt_daemon.planner import MIRROR_PREFIX, rank_order
 
 DB_FILE = "registry.sqlite3"
 
@@ -372,9 +372,14 @@ class Registry:
             )
 
     def list_checkpoints(self, name: str = "") -> list[CheckpointVersion]:
+        """Every version of `name` (all names when empty; mirrors only when asked by name)."""
         with self._lock:
             return sorted(
-                (cv for (n, _), cv in self.checkpoints.items() if not name or n == name),
+                (
+                    cv
+                    for (n, _), cv in self.checkpoints.items()
+                    if (n == name if name else not n.startswith(MIRROR_PREFIX))
+                ),
                 key=lambda c: (c.name, c.version),
             )
 

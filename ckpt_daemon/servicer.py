@@ -18,6 +18,7 @@ from ckpt_common.errors import CkptError, InvalidArgument, NotFound
 from ckpt_daemon import convert
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.jobs import JobRunner
+from ckpt_daemon.planner import mirror_name
 from ckpt_daemon.push import Pusher
 from ckpt_daemon.registry import Registry
 
@@ -56,6 +57,12 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
     def _order(self) -> dict:
         return {r: i for i, r in enumerate(self._registry.rank_order())}
 
+    def _cp(self, cv, *, include_tensors: bool = False) -> tpb.Checkpoint:
+        mirror = self._registry.checkpoints.get((mirror_name(cv.name), cv.version))
+        return convert.checkpoint_to_pb(
+            cv, self._order(), include_tensors=include_tensors, mirror=mirror
+        )
+
     @_unary
     async def PushCheckpoint(self, request: cpb.PushCheckpointRequest, context) -> tpb.Checkpoint:
         cv = await self._pusher.push(
@@ -65,8 +72,9 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
             list(request.ranks),
             timeout_s=request.timeout_s,
             wait=request.wait,
+            replicas=request.replicas,
         )
-        return convert.checkpoint_to_pb(cv, self._order())
+        return self._cp(cv)
 
     @_unary
     async def BeginPush(self, request: cpb.BeginPushRequest, context) -> cpb.PushPlan:
@@ -100,16 +108,12 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         cv = self._registry.get_checkpoint(request.name, request.version)
         if cv is None:
             raise NotFound(f"checkpoint {request.name}@{request.version or 'latest'} not found")
-        return convert.checkpoint_to_pb(cv, self._order(), include_tensors=request.include_tensors)
+        return self._cp(cv, include_tensors=request.include_tensors)
 
     @_unary
     async def ListCheckpoints(self, request: cpb.ListCheckpointsRequest, context):
-        order = self._order()
         return cpb.ListCheckpointsResponse(
-            checkpoints=[
-                convert.checkpoint_to_pb(cv, order)
-                for cv in self._registry.list_checkpoints(request.name)
-            ]
+            checkpoints=[self._cp(cv) for cv in self._registry.list_checkpoints(request.name)]
         )
 
     @_unary

@@ -62,6 +62,7 @@ class Client:
         ranks: list[int] | None = None,
         wait: bool = True,
         timeout_s: float = 600.0,
+        replicas: int = 1,
     ) -> tpb.Checkpoint:
         req = cpb.PushCheckpointRequest(
             name=name,
@@ -69,6 +70,7 @@ class Client:
             ranks=ranks or [],
             wait=wait,
             timeout_s=timeout_s,
+            replicas=replicas,
             sources=[tpb.Source(path=p, node_id=node_id) for p in paths],
         )
         return self._call("PushCheckpoint", req, timeout_s + 30)

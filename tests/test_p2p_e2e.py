@@ -169,7 +169,7 @@ def test_killed_owner_fails_the_join_in_bounded_time(cluster: Cluster, tmp_path:
     print(f"\nkilled owner: join failed after {took:.1f}s: {done.reason}")
     assert done.state == tpb.JOB_FAILED and took < 30
     # while the owner is gone a retry is refused at once with the reason
-    with pytest.raises(CkptError, match="not attached"):
+    with pytest.raises(CkptError, match="read from nowhere"):
         c.client.join(instance_b(), "big", 2)
     # it comes back without the bytes: the version is LOST, a new push serves the join
     c.start_agent(OWNER, 2)
@@ -181,3 +181,36 @@ def test_killed_owner_fails_the_join_in_bounded_time(cluster: Cluster, tmp_path:
     assert job.state == tpb.JOB_SUCCEEDED, job.reason
     got = read_report(c.reports[0])["tensors"]
     assert {k: got[k] for k in t} == digests(t)
+
+
+def test_killed_owner_retry_reads_the_mirrors(cluster: Cluster, tmp_path: Path) -> None:
+    """replicas=2: every shard also lives on a rank of the other node, so a join retried
+    after an owner node died reads the mirrors and succeeds."""
+    c = cluster
+    c.wait_ranks(4)
+    t = big(8)
+    save_file(t, str(tmp_path / "rep.safetensors"))
+    cp = c.client.push("rep", 1, [str(tmp_path / "rep.safetensors")], replicas=2)
+    assert cp.replicas == 2 and len(cp.mirrors) == len(cp.shards) == 4
+    assert {(s.node_id, s.device) for s in cp.mirrors} == {(s.node_id, s.device) for s in cp.shards}
+    assert not [x for x in c.client.checkpoints() if x.name.startswith("~")]  # hidden
+    job = join(c, "rep", 1)  # warm connections to every owner
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    owner = c.procs[f"agent-{OWNER}"]
+    job = c.client.join(instance_b(), "rep", 1)
+    time.sleep(0.3)
+    os.killpg(owner.pid, signal.SIGKILL)
+    done = c.client.wait(job.id, 120)
+    assert done.state == tpb.JOB_FAILED
+    wait_for(
+        lambda: not any(a.node_id == OWNER and a.state == 1 for a in c.client.agents()),
+        30,
+        "owner detached",
+    )
+    job = join(c, "rep", 1)  # the owner node is gone: its shards come from the mirrors
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    for r in c.reports:
+        got = read_report(r)["tensors"]
+        assert {k: got[k] for k in t} == digests(t)
+    assert [d.version for d in c.client.delete("rep")] == [1]
+    c.start_agent(OWNER, 2)

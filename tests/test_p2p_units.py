@@ -91,3 +91,16 @@ def test_fused_groups_must_be_complete_in_a_partial_update() -> None:
     assert incomplete_fused(whole | {f"{layer}.input_layernorm.weight"}, sib) is None
     problem = incomplete_fused({f"{layer}.mlp.gate_proj.weight"}, sib)
     assert problem and "up_proj" in problem
+
+
+def test_mirror_map_puts_mirrors_on_other_nodes() -> None:
+    from ckpt_daemon.planner import PlanError, mirror_map
+
+    rs = [RankRef("a", 0), RankRef("a", 1), RankRef("b", 0), RankRef("b", 1)]
+    m = mirror_map(rs)
+    assert sorted(m.values()) == sorted(rs)  # a bijection
+    assert all(m[r].node_id != r.node_id for r in rs)
+    one_node = [RankRef("a", 0), RankRef("a", 1)]
+    assert mirror_map(one_node) == {one_node[0]: one_node[1], one_node[1]: one_node[0]}
+    with pytest.raises(PlanError):
+        mirror_map([RankRef("a", 0)])

@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PushCheckpointRequest(_message.Message):
-    __slots__ = ("name", "version", "sources", "ranks", "timeout_s", "wait")
+    __slots__ = ("name", "version", "sources", "ranks", "timeout_s", "wait", "replicas")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     sources: _containers.RepeatedCompositeFieldContainer[_types_pb2.Source]
     ranks: _containers.RepeatedScalarFieldContainer[int]
     timeout_s: float
     wait: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[_types_pb2.Source, _Mapping]]] = ..., ranks: _Optional[_Iterable[int]] = ..., timeout_s: _Optional[float] = ..., wait: _Optional[bool] = ...) -> None: ...
+    replicas: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[_types_pb2.Source, _Mapping]]] = ..., ranks: _Optional[_Iterable[int]] = ..., timeout_s: _Optional[float] = ..., wait: _Optional[bool] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class BeginPushRequest(_message.Message):
     __slots__ = ("name", "version", "node_id", "tensors", "timeout_s")

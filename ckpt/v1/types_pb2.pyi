@@ -123,7 +123,7 @@ class Shard(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., device: _Optional[int] = ..., rank: _Optional[int] = ..., nbytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., state: _Optional[_Union[ShardState, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
-    __slots__ = ("name", "version", "state", "reason", "total_bytes", "tensor_count", "shards", "created_unix", "ready_unix", "tensors")
+    __slots__ = ("name", "version", "state", "reason", "total_bytes", "tensor_count", "shards", "created_unix", "ready_unix", "tensors", "replicas", "mirrors")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,8 @@ class Checkpoint(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     READY_UNIX_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MIRRORS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     state: CheckpointState
@@ -144,7 +146,9 @@ class Checkpoint(_message.Message):
     created_unix: float
     ready_unix: float
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[CheckpointState, str]] = ..., reason: _Optional[str] = ..., total_bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., created_unix: _Optional[float] = ..., ready_unix: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ...) -> None: ...
+    replicas: int
+    mirrors: _containers.RepeatedCompositeFieldContainer[Shard]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[CheckpointState, str]] = ..., reason: _Optional[str] = ..., total_bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., created_unix: _Optional[float] = ..., ready_unix: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., replicas: _Optional[int] = ..., mirrors: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("index", "kind", "uuid", "total_bytes", "free_bytes", "rank")
