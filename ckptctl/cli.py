@@ -333,8 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--node", default="", help="the files are on this node only")
     s.add_argument("--ranks", default="", help="ranks that hold the bytes (default all)")
     s.add_argument("--no-wait", action="store_true")
-    s.add_argument("--replicas", type=int, default=1, choices=[1, 2],
-                   help="2: mirror every shard on another rank (another node if any)")
+    s.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        choices=[1, 2],
+        help="2: mirror every shard on another rank (another node if any)",
+    )
     s.add_argument("--timeout", type=float, default=600.0)
     s.set_defaults(fn=cmd_push)
 
