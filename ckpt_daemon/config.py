@@ -22,6 +22,7 @@ class DaemonConfig:
     max_bucket_bytes_cuda: int = 512 << 20
     nbuf: int = 2
     port_file: str = ""  # write the bound port here once serving
+    metrics_listen: str = ""  # host:port for Prometheus /metrics; "": off
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:

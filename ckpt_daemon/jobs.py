@@ -67,11 +67,13 @@ class JobRunner:
         hub: AgentHub,
         config: DaemonConfig,
         trigger: EngineTrigger = _no_trigger,
+        on_finished: Callable[[Job], None] | None = None,
     ) -> None:
         self._registry = registry
         self._hub = hub
         self._config = config
         self._trigger = trigger
+        self._on_finished = on_finished
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._busy_targets: dict[RankRef, str] = {}
         self._busy_participants: dict[RankRef, str] = {}
@@ -416,6 +418,11 @@ class JobRunner:
             self._release(job, plan)
             self._record_instances(job)
             self._registry.put_job(job)
+            if self._on_finished is not None:
+                try:
+                    self._on_finished(job)
+                except Exception:
+                    log.exception("job_hook_failed")
             self._notify(job)
             self._tasks.pop(job.id, None)
             bind.__exit__(None, None, None)

@@ -33,6 +33,11 @@ def parse_args(argv: list[str] | None = None) -> DaemonConfig:
         help="cap on the bucket size (default: 64 on CPU, 512 on CUDA)",
     )
     p.add_argument("--port-file", default="", help="write the bound port here once serving")
+    p.add_argument(
+        "--metrics-listen",
+        default="",
+        help="host:port to serve Prometheus metrics on (e.g. 127.0.0.1:9601)",
+    )
     a = p.parse_args(argv)
     extra = {}
     if a.max_bucket_mib:
@@ -47,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> DaemonConfig:
         update_timeout_s=a.update_timeout_s,
         receiver_timeout_s=a.receiver_timeout_s,
         port_file=a.port_file,
+        metrics_listen=a.metrics_listen,
         **extra,
     )
     return cfg

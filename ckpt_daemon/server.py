@@ -16,6 +16,7 @@ from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.engines import EngineTrigger
 from ckpt_daemon.jobs import JobRunner
+from ckpt_daemon.metrics import Metrics
 from ckpt_daemon.push import Pusher
 from ckpt_daemon.registry import Registry
 from ckpt_daemon.servicer import AgentLinkServicer, CkptServicer
@@ -33,6 +34,7 @@ class Daemon:
     jobs: JobRunner
     server: grpc.aio.Server
     port: int
+    metrics_port: int = 0
     _monitor: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
@@ -47,7 +49,10 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     hub = AgentHub(registry, heartbeat_s=config.heartbeat_s, daemon_version=__version__)
     pusher = Pusher(registry, hub, config)
     trigger = EngineTrigger(registry)
-    jobs = JobRunner(registry, hub, config, trigger=trigger.trigger)
+    metrics = Metrics(registry)
+    jobs = JobRunner(
+        registry, hub, config, trigger=trigger.trigger, on_finished=metrics.job_finished
+    )
     opts = [
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -70,6 +75,8 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     daemon = Daemon(config, registry, hub, jobs, server, port)
+    if config.metrics_listen:
+        daemon.metrics_port = metrics.serve(config.metrics_listen)
     daemon._monitor = asyncio.create_task(hub.monitor())
     log.info(
         "ckptd_started",
@@ -77,5 +84,6 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
         port=port,
         state_dir=config.state_dir,
         version=__version__,
+        metrics_port=daemon.metrics_port,
     )
     return daemon

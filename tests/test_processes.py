@@ -56,3 +56,35 @@ def test_workers_die_with_their_agent(tmp_path) -> None:
         time.sleep(0.1)
     finally:
         c.close()
+
+
+@pytest.mark.slow
+def test_prometheus_metrics(tmp_path) -> None:
+    import urllib.request
+
+    from safetensors.torch import save_file
+
+    from demo.engines import free_port
+    from tests.tensors import mixed_tensors
+
+    port = free_port()
+    c = Cluster(tmp_path)
+    try:
+        c.start_daemon("--metrics-listen", f"127.0.0.1:{port}")
+        c.start_agent("m", 1)
+        report = c.start_receiver("m", 0)
+        c.wait_ranks(1)
+        wait_for(report.exists, 60, "receiver")
+        save_file(mixed_tensors(1, layers=1), str(tmp_path / "w.safetensors"))
+        c.client.push("met", 1, [str(tmp_path / "w.safetensors")])
+        job = c.client.wait(c.client.update("met", ranks=[0]).id, 60)
+        assert job.state == 3, job.reason
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        text = text.decode()
+        assert 'ckptd_jobs_total{kind="update",state="succeeded"} 1.0' in text
+        assert 'ckptd_rank_phase_seconds_count{phase="broadcast"} 1.0' in text
+        assert "ckptd_agents_attached 1.0" in text
+        assert "ckptd_checkpoint_versions_ready 1.0" in text
+        assert f'ckptd_update_bytes_total{{kind="update"}} {float(job.bytes_total)}' in text
+    finally:
+        c.close()
