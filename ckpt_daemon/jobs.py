@@ -417,6 +417,8 @@ class JobRunner:
             self._hub.on_progress(job.id, None)
             self._release(job, plan)
             self._record_instances(job)
+            if job.state == JobState.FAILED and job.first_bucket_s:
+                await self._roll_back(job)
             self._registry.put_job(job)
             if self._on_finished is not None:
                 try:
@@ -426,6 +428,50 @@ class JobRunner:
             self._notify(job)
             self._tasks.pop(job.id, None)
             bind.__exit__(None, None, None)
+
+    async def _roll_back(self, job: Job) -> None:
+        """Engines of a failed update may hold a mix of versions (some buckets loaded).
+        Bring each registered instance it touched back to the version it served, from host
+        memory, and say so in the job's reason."""
+        if job.spec.rollback_of or job.kind != JobKind.UPDATE:
+            return
+        notes: list[str] = []
+        covered: set[RankRef] = set()
+        tset = set(job.targets)
+        for inst in list(self._registry.instances.values()):
+            if not set(inst.ranks) & tset:
+                continue
+            covered.update(inst.ranks)
+            if not inst.checkpoint:
+                notes.append(f"{inst.name} served no known version: its state is unknown")
+                continue
+            if (inst.checkpoint, inst.version) == (job.spec.checkpoint, job.version) and (
+                not job.spec.tensors
+            ):
+                continue
+            spec = UpdateSpec(
+                checkpoint=inst.checkpoint,
+                version=inst.version,
+                instances=[inst.name],
+                rollback_of=job.id,
+            )
+            try:
+                rj = await self.submit_update(spec)
+                notes.append(
+                    f"rolling {inst.name} back to {inst.checkpoint}@{inst.version} (job {rj.id})"
+                )
+            except CkptError as e:
+                notes.append(
+                    f"{inst.name} may hold a mix of versions: rollback failed: {e.message}"
+                )
+        loose = sorted(job.target_ranks[i] for i, r in enumerate(job.targets) if r not in covered)
+        if loose:
+            notes.append(
+                f"ranks {loose} are no instance's: their engines may hold a mix of versions"
+            )
+        if notes:
+            job.reason = f"{job.reason}; " + "; ".join(notes)
+            log.warning("update_rolled_back", job=job.id, notes=notes)
 
     def _record_instances(self, job: Job) -> None:
         tset = set(job.targets)

@@ -177,6 +177,7 @@ class UpdateSpec:
     bucket_bytes: int = 0
     tensors: list[str] = field(default_factory=list)
     timeout_s: float = 0.0
+    rollback_of: str = ""  # this update restores engines after job `rollback_of` failed
 
 
 @dataclass(kw_only=True, slots=True)

@@ -88,3 +88,50 @@ def test_prometheus_metrics(tmp_path) -> None:
         assert f'ckptd_update_bytes_total{{kind="update"}} {float(job.bytes_total)}' in text
     finally:
         c.close()
+
+
+@pytest.mark.slow
+def test_failed_update_rolls_engines_back(tmp_path) -> None:
+    """An engine that fails halfway through an update (some buckets loaded) is brought back
+    to the version it served, from host memory, and the job says so."""
+    from safetensors.torch import save_file
+
+    from ckpt.v1 import types_pb2 as tpb
+    from tests.cluster import read_report
+    from tests.tensors import digests, mixed_tensors
+
+    c = Cluster(tmp_path)
+    try:
+        c.start_daemon()
+        c.start_agent("rb", 1)
+        saved = dict(c.env)
+        c.env["CKPT_FAULT"] = "fail:bad:2"  # the engine fails on bucket 2 of checkpoint "bad"
+        report = c.start_receiver("rb", 0)
+        c.env = saved
+        c.wait_ranks(1)
+        wait_for(report.exists, 60, "receiver")
+        c.client.register_instance(
+            tpb.Instance(
+                name="R", kind=tpb.INSTANCE_RECEIVER, ranks=[tpb.InstanceRank(node_id="rb")]
+            )
+        )
+        good, bad = mixed_tensors(1), mixed_tensors(2)
+        save_file(good, str(tmp_path / "good.safetensors"))
+        save_file(bad, str(tmp_path / "bad.safetensors"))
+        c.client.push("good", 1, [str(tmp_path / "good.safetensors")])
+        c.client.push("bad", 1, [str(tmp_path / "bad.safetensors")])
+        job = c.client.wait(c.client.update("good", instances=["R"]).id, 60)
+        assert job.state == tpb.JOB_SUCCEEDED, job.reason
+        job = c.client.wait(c.client.update("bad", instances=["R"], bucket_bytes=16384).id, 60)
+        assert job.state == tpb.JOB_FAILED
+        assert "injected failure" in job.reason and "rolling R back to good@1" in job.reason
+        rollback = job.reason.split("(job ")[1].split(")")[0]
+        done = c.client.wait(rollback, 60)
+        assert done.state == tpb.JOB_SUCCEEDED, done.reason
+        rep = read_report(report)
+        assert rep["checkpoint"] == "good" and rep["version"] == 1
+        assert {k: rep["tensors"][k] for k in good} == digests(good)
+        inst = {i.name: i for i in c.client.instances()}["R"]
+        assert inst.checkpoint == "good" and inst.version == 1 and inst.ready
+    finally:
+        c.close()

@@ -31,11 +31,16 @@ FAULT_ENV = "CKPT_FAULT"
 
 
 def _fault(checkpoint: str, bucket: int) -> None:
+    """ "exit:<checkpoint>:<k>": die at bucket k; "fail:<checkpoint>:<k>": the engine fails
+    to load bucket k (after loading the ones before: a half-updated engine)."""
     spec = os.environ.get(FAULT_ENV, "")
-    if spec.startswith("exit:"):
-        _, name, k = spec.split(":")
+    kind, _, rest = spec.partition(":")
+    if kind in ("exit", "fail"):
+        name, _, k = rest.partition(":")
         if name == checkpoint and bucket >= int(k):
-            os._exit(17)
+            if kind == "exit":
+                os._exit(17)
+            raise ReceiveError(f"injected failure at bucket {bucket}")
 
 
 class ReceiveError(Exception):
