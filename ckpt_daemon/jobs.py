@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import (
-    Aborted,
     CkptError,
     FailedPrecondition,
     InvalidArgument,
@@ -23,18 +21,15 @@ from ckpt_common.errors import (
 )
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
+from ckpt_daemon.execute import EngineTrigger, Executor, no_trigger
 from ckpt_daemon.model import (
     CheckpointState,
     CheckpointVersion,
     Instance,
-    InstanceKind,
     Job,
     JobKind,
     JobState,
-    PhaseTimes,
     RankRef,
-    RankResult,
-    ShardState,
     UpdateSpec,
 )
 from ckpt_daemon.planner import (
@@ -43,21 +38,14 @@ from ckpt_daemon.planner import (
     align_up,
     choose_bucket_bytes,
     choose_nbuf,
-    mirror_name,
     plan_p2p,
     plan_update,
     select_tensors,
 )
 from ckpt_daemon.registry import Registry
+from ckpt_daemon.sources import p2p_sources
 
 log = structlog.get_logger("ckptd.jobs")
-PEER_FAILED = "another rank failed"  # how a worker says the failure was not its own
-
-EngineTrigger = Callable[[Instance, Job, float], Awaitable[None]]
-
-
-async def _no_trigger(instance: Instance, job: Job, timeout: float) -> None:
-    return None
 
 
 class JobRunner:
@@ -66,13 +54,13 @@ class JobRunner:
         registry: Registry,
         hub: AgentHub,
         config: DaemonConfig,
-        trigger: EngineTrigger = _no_trigger,
+        trigger: EngineTrigger = no_trigger,
         on_finished: Callable[[Job], None] | None = None,
     ) -> None:
         self._registry = registry
         self._hub = hub
         self._config = config
-        self._trigger = trigger
+        self._exec = Executor(registry, hub, config, trigger)
         self._on_finished = on_finished
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._busy_targets: dict[RankRef, str] = {}
@@ -262,39 +250,7 @@ class JobRunner:
         return job
 
     def _p2p_sources(self, cv: CheckpointVersion) -> dict[RankRef, tuple[str, int]] | None:
-        """For each shard owner of cv, where its store can be read now: (session, address)
-        of the owner's store while it is READY and its agent attached, else of its mirror
-        store (replicas=2) if that is. None when some shard can be read from nowhere."""
-        mirror = self._registry.checkpoints.get((mirror_name(cv.name), cv.version))
-        to_mirror = (
-            {p.owner: q.owner for p, q in zip(cv.tensors, mirror.tensors, strict=True)}
-            if mirror is not None
-            else {}
-        )
-        out: dict[RankRef, tuple[str, int]] = {}
-        for r, sh in cv.shards.items():
-            if sh.state == ShardState.READY and sh.p2p_session and self._hub.attached(r.node_id):
-                out[r] = (sh.p2p_session, sh.p2p_addr)
-                continue
-            m = to_mirror.get(r)
-            ms = mirror.shards.get(m) if (mirror is not None and m is not None) else None
-            if (
-                ms is not None
-                and ms.state == ShardState.READY
-                and ms.p2p_session
-                and self._hub.attached(m.node_id)
-            ):
-                out[r] = (ms.p2p_session, ms.p2p_addr)
-                log.info(
-                    "reading_mirror",
-                    checkpoint=cv.name,
-                    version=cv.version,
-                    owner=str(r),
-                    mirror=str(m),
-                )
-            else:
-                return None
-        return out
+        return p2p_sources(self._registry, self._hub.attached, cv)
 
     def fleet_version(self) -> tuple[str, int]:
         """What most ready instances serve."""
@@ -398,14 +354,14 @@ class JobRunner:
             job.started = time.time()
             self._registry.put_job(job)
             self._notify(job)
-            await self._execute(job, plan, deadline, sources)
+            await self._exec.run(job, plan, deadline, sources, self._notify)
             job.state = JobState.SUCCEEDED
             log.info(
                 "job_succeeded", seconds=round(time.time() - job.started, 4), bytes=job.bytes_total
             )
         except asyncio.CancelledError:
             job.state, job.reason = JobState.CANCELLED, "cancelled"
-            self._abort(job, plan, "cancelled")
+            self._exec.abort(job, plan, "cancelled")
         except CkptError as e:
             job.state, job.reason = JobState.FAILED, e.message
             log.warning("job_failed", reason=e.message)
@@ -490,140 +446,3 @@ class JobRunner:
                 if job.kind == JobKind.JOIN:
                     inst.ready = False
             self._registry.put_instance(inst)
-
-    def _abort(self, job: Job, plan: Plan, reason: str) -> None:
-        for r in plan.participants:
-            self._hub.send(r.node_id, apb.Command(abort=apb.Abort(job_id=job.id, reason=reason)))
-
-    async def _execute(
-        self, job: Job, plan: Plan, deadline: float, sources: list[apb.P2PSource]
-    ) -> None:
-        left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
-        master = plan.participants[0]
-        res = await self._hub.command(
-            master.node_id,
-            apb.Command(
-                prepare_group=apb.PrepareGroup(
-                    job_id=job.id, device=master.device, world_size=len(plan.participants)
-                )
-            ),
-            min(self._config.command_timeout_s, left()),
-        )
-        addr, port = res.group.addr, res.group.port
-
-        done_per_target: dict[RankRef, int] = {r: 0 for r in plan.targets}
-
-        def progress(node_id: str, p: apb.Progress) -> None:
-            r = RankRef(node_id, p.device)
-            if r in done_per_target:
-                done_per_target[r] = max(done_per_target[r], p.bucket + 1)
-                new = min(done_per_target.values())
-                if job.first_bucket_s == 0.0 and p.bucket == 0:
-                    job.first_bucket_s = time.time() - job.created
-                if new != job.buckets_done:
-                    job.buckets_done = new
-                    self._notify(job)
-
-        self._hub.on_progress(job.id, progress)
-        tensors = [
-            tpb.TensorMeta(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes)
-            for t in plan.tensors
-        ]
-        buckets = [
-            apb.Bucket(
-                owner=b.owner,
-                nbytes=b.nbytes,
-                entries=[
-                    apb.BucketEntry(
-                        tensor=e.tensor,
-                        bucket_offset=e.bucket_offset,
-                        store_offset=e.store_offset,
-                        nbytes=e.nbytes,
-                        chunk_offset=e.chunk_offset,
-                    )
-                    for e in b.entries
-                ],
-            )
-            for b in plan.buckets
-        ]
-        order = {r: i for i, r in enumerate(self._registry.rank_order())}
-
-        async def run_rank(g: int, r: RankRef) -> RankResult:
-            cmd = apb.Command(
-                run_update=apb.RunUpdate(
-                    job_id=job.id,
-                    device=r.device,
-                    group_rank=g,
-                    world_size=len(plan.participants),
-                    master_addr=addr,
-                    master_port=port,
-                    is_target=plan.is_target(g),
-                    checkpoint=job.spec.checkpoint,
-                    version=job.version,
-                    bucket_bytes=plan.bucket_bytes,
-                    nbuf=plan.nbuf,
-                    tensors=tensors,
-                    buckets=buckets,
-                    timeout_s=left(),
-                    receiver_timeout_s=min(self._config.receiver_timeout_s, left()),
-                    partial=plan.partial,
-                    p2p_sources=sources,
-                )
-            )
-            try:
-                res = await self._hub.command(r.node_id, cmd, left() + 5.0)
-            except CkptError as e:
-                raise type(e)(f"rank {order.get(r, -1)} ({r}): {e.message}") from None
-            u = res.update
-            return RankResult(
-                rank=order.get(r, -1),
-                owner=r,
-                ok=u.ok,
-                reason=u.reason,
-                bytes=u.bytes,
-                times=PhaseTimes(
-                    copy_s=u.times.copy_s,
-                    broadcast_s=u.times.broadcast_s,
-                    reload_s=u.times.reload_s,
-                    setup_s=u.times.setup_s,
-                    total_s=u.times.total_s,
-                ),
-            )
-
-        instances = [
-            inst
-            for inst in self._registry.instances.values()
-            if inst.kind == InstanceKind.VLLM and set(inst.ranks) & set(plan.targets)
-        ]
-        rank_tasks = [
-            asyncio.ensure_future(run_rank(g, r)) for g, r in enumerate(plan.participants)
-        ]
-        engine_tasks = [asyncio.ensure_future(self._trigger(i, job, left())) for i in instances]
-        everything = rank_tasks + engine_tasks
-        try:
-            pending = set(everything)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-                failed = [t for t in done if t.exception() is not None]
-                if failed:
-                    err = failed[0].exception()
-                    self._abort(job, plan, str(err))
-                    # Give the others a bounded moment to report their own view.
-                    if pending:
-                        await asyncio.wait(pending, timeout=min(10.0, left()))
-                    raise err  # type: ignore[misc]
-        finally:
-            for t in everything:
-                if not t.done():
-                    t.cancel()
-            job.results = [
-                t.result()
-                for t in rank_tasks
-                if t.done() and not t.cancelled() and t.exception() is None
-            ]
-        bad = sorted(
-            (r for r in job.results if not r.ok),
-            key=lambda r: (r.reason.startswith(PEER_FAILED), r.rank),
-        )
-        if bad:
-            raise Aborted(f"rank {bad[0].rank} ({bad[0].owner}): {bad[0].reason}")

@@ -27,7 +27,14 @@ from ckpt_daemon.model import (
     SourceFile,
     TensorSpec,
 )
-from ckpt_daemon.planner import PlanError, mirror_map, mirror_name, mirrored, place
+from ckpt_daemon.planner import (
+    Placement,
+    PlanError,
+    mirror_map,
+    mirror_name,
+    mirrored,
+    place,
+)
 from ckpt_daemon.registry import Registry
 
 log = structlog.get_logger("ckptd.push")
@@ -39,6 +46,24 @@ def validate_name(name: str) -> None:
         raise InvalidArgument(
             f"checkpoint name {name!r} must be 1-{MAX_NAME} characters without '/', '@' or spaces"
         )
+
+
+def new_version(name: str, version: int, placement: Placement) -> CheckpointVersion:
+    """A LOADING version with a shard per owner of the placement."""
+    shards: dict[RankRef, Shard] = {}
+    for t in placement.tensors:
+        sh = shards.setdefault(t.owner, Shard(owner=t.owner, nbytes=0, tensor_count=0))
+        sh.tensor_count += 1
+    for r, n in placement.store_bytes.items():
+        shards[r].nbytes = n
+    return CheckpointVersion(
+        name=name,
+        version=version,
+        state=CheckpointState.LOADING,
+        tensors=placement.tensors,
+        shards=shards,
+        created=time.time(),
+    )
 
 
 class Pusher:
@@ -90,22 +115,8 @@ class Pusher:
                 placement = await asyncio.to_thread(place, specs, holders)
             except PlanError as e:
                 raise InvalidArgument(str(e)) from None
-            shards: dict[RankRef, Shard] = {}
-            for t in placement.tensors:
-                s = shards.get(t.owner)
-                if s is None:
-                    s = shards[t.owner] = Shard(owner=t.owner, nbytes=0, tensor_count=0)
-                s.tensor_count += 1
-            for r, n in placement.store_bytes.items():
-                shards[r].nbytes = n
-            cv = CheckpointVersion(
-                name=name,
-                version=version,
-                state=CheckpointState.LOADING,
-                tensors=placement.tensors,
-                shards=shards,
-                created=time.time(),
-            )
+            cv = new_version(name, version, placement)
+            shards = cv.shards
             mirror = None
             if replicas == 2:
                 try:
@@ -316,20 +327,8 @@ class Pusher:
             placement = await asyncio.to_thread(place, specs, holders)
         except PlanError as e:
             raise InvalidArgument(str(e)) from None
-        shards: dict[RankRef, Shard] = {}
-        for t in placement.tensors:
-            sh = shards.setdefault(t.owner, Shard(owner=t.owner, nbytes=0, tensor_count=0))
-            sh.tensor_count += 1
-        for r, n in placement.store_bytes.items():
-            shards[r].nbytes = n
-        cv = CheckpointVersion(
-            name=name,
-            version=version,
-            state=CheckpointState.LOADING,
-            tensors=placement.tensors,
-            shards=shards,
-            created=time.time(),
-        )
+        cv = new_version(name, version, placement)
+        shards = cv.shards
         self._inflight.add(key)
         try:
             await asyncio.to_thread(self._registry.add_checkpoint, cv)

@@ -20,19 +20,15 @@ from ckpt_daemon.model import (
     CheckpointVersion,
     DeviceInfo,
     Instance,
-    InstanceKind,
     Job,
-    JobKind,
     JobState,
-    PhaseTimes,
     RankRef,
-    RankResult,
     Shard,
     ShardState,
     TensorInfo,
-    UpdateSpec,
 )
 from ckpt_daemon.planner import MIRROR_PREFIX, rank_order
+from ckpt_daemon.serialize import instance_from_json, instance_to_json, job_from_json, job_to_json
 
 DB_FILE = "registry.sqlite3"
 
@@ -144,11 +140,11 @@ class Registry:
                 ipc_dir=ipc_dir,
             )
         for (body,) in db.execute("SELECT body FROM instances"):
-            inst = _instance_from_json(json.loads(body))
+            inst = instance_from_json(json.loads(body))
             self.instances[inst.name] = inst
         now = time.time()
         for (body,) in db.execute("SELECT body FROM jobs ORDER BY created"):
-            job = _job_from_json(json.loads(body))
+            job = job_from_json(json.loads(body))
             if not job.state.done:
                 job.state = JobState.FAILED
                 job.reason = "ckptd restarted while the job ran"
@@ -400,7 +396,7 @@ class Registry:
             self.instances[inst.name] = inst
             self._db.execute(
                 "INSERT OR REPLACE INTO instances VALUES (?,?)",
-                (inst.name, json.dumps(_instance_to_json(inst))),
+                (inst.name, json.dumps(instance_to_json(inst))),
             )
 
     def remove_instance(self, name: str) -> Instance | None:
@@ -420,54 +416,9 @@ class Registry:
     def _save_job(self, job: Job) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO jobs VALUES (?,?,?)",
-            (job.id, job.created, json.dumps(_job_to_json(job))),
+            (job.id, job.created, json.dumps(job_to_json(job))),
         )
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-# ---------------------------------------------------------------------- json helpers
-
-
-def _instance_to_json(inst: Instance) -> dict:
-    d = asdict(inst)
-    d["kind"] = int(inst.kind)
-    d["ranks"] = [[r.node_id, r.device] for r in inst.ranks]
-    return d
-
-
-def _instance_from_json(d: dict) -> Instance:
-    d = dict(d)
-    d["kind"] = InstanceKind(d["kind"])
-    d["ranks"] = [RankRef(n, i) for n, i in d["ranks"]]
-    return Instance(**d)
-
-
-def _job_to_json(job: Job) -> dict:
-    d = asdict(job)
-    d["kind"] = int(job.kind)
-    d["state"] = int(job.state)
-    d["targets"] = [[r.node_id, r.device] for r in job.targets]
-    d["results"] = [{**asdict(r), "owner": [r.owner.node_id, r.owner.device]} for r in job.results]
-    return d
-
-
-def _job_from_json(d: dict) -> Job:
-    d = dict(d)
-    d["kind"] = JobKind(d["kind"])
-    d["state"] = JobState(d["state"])
-    d["spec"] = UpdateSpec(**d["spec"])
-    d["targets"] = [RankRef(n, i) for n, i in d["targets"]]
-    d["results"] = [
-        RankResult(
-            **{
-                **r,
-                "owner": RankRef(*r["owner"]),
-                "times": PhaseTimes(**r["times"]),
-            }
-        )
-        for r in d["results"]
-    ]
-    return Job(**d)

@@ -1,0 +1,59 @@
+"""Instances and jobs as JSON for the registry's SQLite rows."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from ckpt_daemon.model import (
+    Instance,
+    InstanceKind,
+    Job,
+    JobKind,
+    JobState,
+    PhaseTimes,
+    RankRef,
+    RankResult,
+    UpdateSpec,
+)
+
+
+def instance_to_json(inst: Instance) -> dict:
+    d = asdict(inst)
+    d["kind"] = int(inst.kind)
+    d["ranks"] = [[r.node_id, r.device] for r in inst.ranks]
+    return d
+
+
+def instance_from_json(d: dict) -> Instance:
+    d = dict(d)
+    d["kind"] = InstanceKind(d["kind"])
+    d["ranks"] = [RankRef(n, i) for n, i in d["ranks"]]
+    return Instance(**d)
+
+
+def job_to_json(job: Job) -> dict:
+    d = asdict(job)
+    d["kind"] = int(job.kind)
+    d["state"] = int(job.state)
+    d["targets"] = [[r.node_id, r.device] for r in job.targets]
+    d["results"] = [{**asdict(r), "owner": [r.owner.node_id, r.owner.device]} for r in job.results]
+    return d
+
+
+def job_from_json(d: dict) -> Job:
+    d = dict(d)
+    d["kind"] = JobKind(d["kind"])
+    d["state"] = JobState(d["state"])
+    d["spec"] = UpdateSpec(**d["spec"])
+    d["targets"] = [RankRef(n, i) for n, i in d["targets"]]
+    d["results"] = [
+        RankResult(
+            **{
+                **r,
+                "owner": RankRef(*r["owner"]),
+                "times": PhaseTimes(**r["times"]),
+            }
+        )
+        for r in d["results"]
+    ]
+    return Job(**d)
