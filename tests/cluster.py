@@ -36,6 +36,7 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = 0
         self.client: Client | None = None
+        self.nodes: set[str] = set()
         self.env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
@@ -110,6 +111,7 @@ class Cluster:
             pass
 
     def start_agent(self, node_id: str, slots: int = 1) -> None:
+        self.nodes.add(node_id)
         self._spawn(
             f"agent-{node_id}",
             [
@@ -157,6 +159,12 @@ class Cluster:
                 self.stop(name, timeout=5)
             except Exception:  # keep stopping the others
                 pass
+        # Segments of agents killed by a test outlive them: free them.
+        from ckpt_agent import shm
+        from ckpt_agent.host_store import segment_prefix
+
+        for node in self.nodes:
+            shm.remove_prefix(segment_prefix(node))
         if self.client:
             self.client.close()
 
