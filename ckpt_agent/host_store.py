@@ -136,14 +136,18 @@ class HostStore:
         for i, s in enumerate(self._spares):
             if s.nbytes == nbytes:
                 del self._spares[i]
-                try:
-                    os.rename(os.path.join(shm.SHM_DIR, s.segment), os.path.join(shm.SHM_DIR, name))
-                except OSError:
-                    self._free(s)
-                    return None
-                s.segment = name
-                return s
+                return s if self._rename(s, name) else None
         return None
+
+    def _rename(self, s: Store, name: str) -> bool:
+        """Renames a store's segment (memory, pins and pages stay); frees it on failure."""
+        try:
+            os.rename(os.path.join(shm.SHM_DIR, s.segment), os.path.join(shm.SHM_DIR, name))
+        except OSError:
+            self._free(s)
+            return False
+        s.segment = name
+        return True
 
     def _free(self, s: Store) -> None:
         if self._release is not None:
@@ -164,13 +168,8 @@ class HostStore:
             return False
         if self._max_spares > 0 and s.nbytes >= SPARE_MIN:
             self._nspare += 1
-            spare = f"{self._prefix}spare_{self._nspare}"
-            try:
-                os.rename(os.path.join(shm.SHM_DIR, s.segment), os.path.join(shm.SHM_DIR, spare))
-            except OSError:
-                self._free(s)
+            if not self._rename(s, f"{self._prefix}spare_{self._nspare}"):
                 return True
-            s.segment = spare
             self._spares.append(s)
             while len(self._spares) > self._max_spares:
                 self._free(self._spares.pop(0))

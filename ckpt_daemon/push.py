@@ -175,8 +175,7 @@ class Pusher:
             if remove_on_failure:  # all or nothing: a half-mirrored push is no push
                 for v in versions:
                     if (v.name, v.version) in self._registry.checkpoints:
-                        await self.drop(v)
-                        await asyncio.to_thread(self._registry.remove_checkpoint, v.name, v.version)
+                        await self._forget(v)
             raise errors[0]
 
     async def _load_bg(self, versions: list[CheckpointVersion], timeout: float) -> None:
@@ -259,14 +258,7 @@ class Pusher:
                     cv.name, cv.version, r, ShardState.FAILED, reason=f"{r}: {e.message}"
                 )
                 raise
-            self._registry.set_shard(
-                cv.name,
-                cv.version,
-                r,
-                ShardState.READY,
-                segment=res.store.segment,
-                p2p=(res.store.p2p.session, res.store.p2p.addr),
-            )
+            self._record_store(cv, r, ShardState.READY, res.store)
 
         results = await asyncio.gather(*(load_one(r) for r in by_owner), return_exceptions=True)
         errors = [e for e in results if isinstance(e, BaseException)]
@@ -276,8 +268,7 @@ class Pusher:
         first = errors[0]
         log.warning("push_failed", checkpoint=cv.name, version=cv.version, error=str(first))
         if remove_on_failure:
-            await self.drop(cv)
-            await asyncio.to_thread(self._registry.remove_checkpoint, cv.name, cv.version)
+            await self._forget(cv)
         else:
             self._registry.fail_checkpoint(cv.name, cv.version, str(first))
         if isinstance(first, CkptError):
@@ -335,8 +326,7 @@ class Pusher:
             try:
                 await asyncio.gather(*(self._allocate(cv, r) for r in shards))
             except BaseException:
-                await self.drop(cv)
-                await asyncio.to_thread(self._registry.remove_checkpoint, name, version)
+                await self._forget(cv)
                 raise
         except BaseException:
             self._inflight.discard(key)
@@ -363,22 +353,14 @@ class Pusher:
             )
         )
         res = await self._hub.command(r.node_id, cmd, self._config.load_timeout_s)
-        self._registry.set_shard(
-            cv.name,
-            cv.version,
-            r,
-            ShardState.LOADING,
-            segment=res.store.segment,
-            p2p=(res.store.p2p.session, res.store.p2p.addr),
-        )
+        self._record_store(cv, r, ShardState.LOADING, res.store)
 
     async def _expire(self, cv: CheckpointVersion, timeout: float) -> None:
         await asyncio.sleep(timeout)
         key = (cv.name, cv.version)
         if self._direct.pop(key, None) is not None:
             log.warning("direct_push_expired", checkpoint=cv.name, version=cv.version)
-            await self.drop(cv)
-            await asyncio.to_thread(self._registry.remove_checkpoint, cv.name, cv.version)
+            await self._forget(cv)
             self._inflight.discard(key)
 
     def commit_direct(self, name: str, version: int) -> CheckpointVersion:
@@ -395,6 +377,24 @@ class Pusher:
         self._inflight.discard(key)
         log.info("push_ready", checkpoint=name, version=version, direct=True)
         return cv
+
+    def _record_store(
+        self, cv: CheckpointVersion, r: RankRef, state: ShardState, store: apb.StoreReady
+    ) -> None:
+        """A shard's store as its agent reported it: segment and P2P address."""
+        self._registry.set_shard(
+            cv.name,
+            cv.version,
+            r,
+            state,
+            segment=store.segment,
+            p2p=(store.p2p.session, store.p2p.addr),
+        )
+
+    async def _forget(self, cv: CheckpointVersion) -> None:
+        """Frees a version's host memory and removes it from the registry."""
+        await self.drop(cv)
+        await asyncio.to_thread(self._registry.remove_checkpoint, cv.name, cv.version)
 
     async def drop(self, cv: CheckpointVersion) -> None:
         """Frees the host memory of every shard whose agent is attached (best effort)."""
@@ -440,7 +440,6 @@ class Pusher:
         for cv in targets:
             mirror = self._registry.checkpoints.get((mirror_name(cv.name), cv.version))
             for v in [cv] if mirror is None else [cv, mirror]:
-                await self.drop(v)
-                await asyncio.to_thread(self._registry.remove_checkpoint, v.name, v.version)
+                await self._forget(v)
             log.info("checkpoint_deleted", checkpoint=cv.name, version=cv.version)
         return targets
