@@ -1,5 +1,10 @@
 """The agent: attaches to ckptd (re-attaching by itself), heartbeats, relays commands to its
-device workers, scans push sources, and remembers which stores it holds."""
+device workers, scans push sources, and remembers which stores it holds.
+
+A worker that stops heartbeating for WORKER_SILENCE_S (frozen) fails the commands it owes
+at once and is refused new ones until it speaks again. A store whose load was ordered on an
+earlier attach session (ckptd restarted, or gave the load up) is dropped when it completes:
+nobody is waiting for it."""
 
 from __future__ import annotations
 
@@ -19,9 +24,13 @@ from ckpt_agent.config import AgentConfig
 from ckpt_agent.host_store import StoreError, segment_prefix
 from ckpt_agent.scan import scan_paths
 from ckpt_agent.supervisor import Supervisor
+from ckpt_agent.worker import READY_ID
 from ckpt_common.ipc import ensure_private_dir, ipc_dir
 
 log = structlog.get_logger("ckpt_agent")
+WORKER_SILENCE_S = 3.0  # a worker silent this long is frozen: what it owes fails
+WATCH_S = 0.25
+REFUSED_WHEN_FROZEN = ("load", "prepare_group", "run_update")
 
 
 class Agent:
@@ -30,7 +39,11 @@ class Agent:
         self.ipc_dir = ensure_private_dir(ipc_dir(cfg.ipc_dir or None))
         self.devices = self._devices()
         self.held: dict[tuple[str, int, int], tuple[int, str, apb.P2PSource]] = {}
-        self._pending: dict[int, apb.Command] = {}
+        # command id -> (command, attach session it came on); kept across sessions
+        self._pending: dict[int, tuple[apb.Command, int]] = {}
+        self._session_no = 0
+        self._frozen: set[int] = set()
+        self._heartbeat_s = cfg.heartbeat_s
         self._outbox: asyncio.Queue[apb.AgentMessage] | None = None
         self._stop = asyncio.Event()
         self._reattach = asyncio.Event()
@@ -71,7 +84,11 @@ class Agent:
 
     def _on_worker_message(self, device: int, msg: apb.AgentMessage) -> None:
         if msg.WhichOneof("body") == "result":
-            cmd = self._pending.pop(msg.result.command_id, None)
+            entry = self._pending.pop(msg.result.command_id, None)
+            cmd = entry[0] if entry is not None else None
+            if entry is not None and entry[1] != self._session_no and msg.result.ok:
+                self._orphaned(device, entry[0])
+                cmd = None
             if cmd is not None and msg.result.ok:
                 kind = cmd.WhichOneof("body")
                 if kind == "load":
@@ -83,23 +100,57 @@ class Agent:
         if self._outbox is not None:
             self._outbox.put_nowait(msg)
 
-    def _on_worker_death(self, device: int) -> None:
-        lost = [k for k in self.held if k[2] == device]
-        for k in lost:
-            del self.held[k]
-        for cid, cmd in list(self._pending.items()):
+    def _orphaned(self, device: int, cmd: apb.Command) -> None:
+        """A store loaded for a session that has ended: ckptd no longer waits for it."""
+        if cmd.WhichOneof("body") != "load":
+            return
+        ld = cmd.load
+        log.warning(
+            "orphan_store_dropped", checkpoint=ld.checkpoint, version=ld.version, device=device
+        )
+        drop = apb.Drop(checkpoint=ld.checkpoint, version=ld.version, device=device)
+        if self.supervisor is not None:  # its result comes back as READY_ID: not relayed
+            self.supervisor.send(device, apb.Command(id=READY_ID, drop=drop))
+
+    def _fail_pending(self, device: int, code: str, message: str) -> None:
+        for cid, (cmd, _) in list(self._pending.items()):
             body = getattr(cmd, cmd.WhichOneof("body"))
             if getattr(body, "device", -1) == device:
                 self._pending.pop(cid)
                 self._send_result(
-                    apb.CommandResult(
-                        command_id=cid,
-                        ok=False,
-                        code="UNAVAILABLE",
-                        message=f"worker of device {device} on {self.cfg.node_id} died",
-                    )
+                    apb.CommandResult(command_id=cid, ok=False, code=code, message=message)
                 )
+
+    def _on_worker_death(self, device: int) -> None:
+        lost = [k for k in self.held if k[2] == device]
+        for k in lost:
+            del self.held[k]
+        self._frozen.discard(device)
+        self._fail_pending(
+            device, "UNAVAILABLE", f"worker of device {device} on {self.cfg.node_id} died"
+        )
         self._reattach.set()  # tell ckptd what this node holds now
+
+    async def _watch_workers(self) -> None:
+        """Notices frozen workers (no heartbeat) and ones that came back."""
+        assert self.supervisor is not None
+        while True:
+            await asyncio.sleep(WATCH_S)
+            for d in list(self.supervisor.workers):
+                silent = self.supervisor.silent_for(d)
+                if silent > WORKER_SILENCE_S and d not in self._frozen:
+                    self._frozen.add(d)
+                    log.error("worker_unresponsive", device=d, seconds=round(silent, 2))
+                    self._fail_pending(d, "UNAVAILABLE", self._frozen_message(d, silent))
+                elif silent <= WORKER_SILENCE_S and d in self._frozen:
+                    self._frozen.discard(d)
+                    log.warning("worker_responsive", device=d)
+
+    def _frozen_message(self, device: int, silent: float) -> str:
+        return (
+            f"worker of device {device} on {self.cfg.node_id} is not responding "
+            f"({silent:.1f}s without a heartbeat: frozen?)"
+        )
 
     def _send_result(self, res: apb.CommandResult) -> None:
         if self._outbox is not None:
@@ -123,6 +174,9 @@ class Agent:
             for d in self.supervisor.workers:
                 self.supervisor.send(d, cmd)
             return
+        if device in self._frozen:
+            self._refuse_frozen(cmd, kind, device)
+            return
         if device is None or device not in self.supervisor.workers:
             self._send_result(
                 apb.CommandResult(
@@ -133,8 +187,25 @@ class Agent:
                 )
             )
             return
-        self._pending[cmd.id] = cmd
+        self._pending[cmd.id] = (cmd, self._session_no)
         self.supervisor.send(device, cmd)
+
+    def _refuse_frozen(self, cmd: apb.Command, kind: str, device: int) -> None:
+        """Fails a command for a frozen worker at once; a drop is still queued for it (it
+        runs when the worker wakes up) and forgotten here already."""
+        assert self.supervisor is not None
+        if kind == "drop":
+            self.held.pop((cmd.drop.checkpoint, cmd.drop.version, device), None)
+            self.supervisor.send(device, apb.Command(id=READY_ID, drop=cmd.drop))
+        silent = self.supervisor.silent_for(device)
+        self._send_result(
+            apb.CommandResult(
+                command_id=cmd.id,
+                ok=False,
+                code="UNAVAILABLE",
+                message=self._frozen_message(device, silent),
+            )
+        )
 
     # ---------------------------------------------------------------- the stream
 
@@ -159,6 +230,7 @@ class Agent:
         outbox.put_nowait(self._hello())
         self._outbox = outbox
         self._reattach.clear()
+        self._session_no += 1
 
         async def outgoing():
             while True:
@@ -168,7 +240,7 @@ class Agent:
 
         async def heartbeats() -> None:
             while True:
-                await asyncio.sleep(self.cfg.heartbeat_s)
+                await asyncio.sleep(self._heartbeat_s)
                 outbox.put_nowait(apb.AgentMessage(heartbeat=apb.Heartbeat(devices=self._free())))
 
         async def reattach() -> None:
@@ -181,7 +253,12 @@ class Agent:
             async for msg in call:
                 kind = msg.WhichOneof("body")
                 if kind == "welcome":
-                    log.info("attached", daemon=self.cfg.daemon)
+                    # ckptd judges silence by its own period: beat at least as often
+                    hb = msg.welcome.heartbeat_s
+                    self._heartbeat_s = (
+                        min(self.cfg.heartbeat_s, hb) if hb > 0 else self._heartbeat_s
+                    )
+                    log.info("attached", daemon=self.cfg.daemon, heartbeat_s=self._heartbeat_s)
                     self.attached.set()
                 elif kind == "command":
                     await self._handle(msg.command)
@@ -190,7 +267,6 @@ class Agent:
             ra.cancel()
             self._outbox = None
             self.attached.clear()
-            self._pending.clear()
 
     async def run(self) -> None:
         removed = shm.remove_prefix(segment_prefix(self.cfg.node_id))
@@ -209,8 +285,10 @@ class Agent:
             on_message=self._on_worker_message,
             on_death=self._on_worker_death,
         )
+        watch: asyncio.Task[None] | None = None
         try:
             await self.supervisor.wait_ready(120)
+            watch = asyncio.create_task(self._watch_workers())
             log.info("workers_ready", devices=len(self.devices))
             backoff = 0.2
             while not self._stop.is_set():
@@ -242,7 +320,11 @@ class Agent:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
         finally:
+            if watch is not None:
+                watch.cancel()
             self.supervisor.stop()
+            removed = shm.remove_prefix(segment_prefix(self.cfg.node_id))
+            log.info("agent_stopped", segments_removed=removed)
 
     def _p2p_enabled(self) -> bool:
         if self.cfg.p2p == "off":

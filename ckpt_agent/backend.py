@@ -3,6 +3,7 @@ copy into it, and the collective. CPU: shared memory + gloo. CUDA: see cuda_back
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -11,6 +12,9 @@ from typing import Any, Protocol
 
 from ckpt_agent import shm
 from ckpt_agent.host_store import Store
+
+RENDEZVOUS_S = 10.0  # every rank of a group connects within this (they start together)
+WAIT_SLICE_S = 0.05  # a collective's wait is polled this often (abort, deadline)
 
 
 def free_host_bytes() -> int:
@@ -91,15 +95,48 @@ class Done:
 
 
 class GlooCollective:
+    """gloo, with a deadline on every operation and an abort that ends a wait at once.
+
+    An operation runs on gloo's threads; the caller polls it (`WAIT_SLICE_S`), so it can
+    give up when `abort` is set or the step's deadline passes. A group whose operation was
+    given up is never waited on again: it is released on a daemon thread (gloo joins its
+    threads, which end when the operation's own timeout fires)."""
+
     def __init__(self, store: Any, rank: int, world: int, timeout_s: float) -> None:
         import torch.distributed as dist
 
         self._dist = dist
-        self._timeout = timedelta(seconds=timeout_s)
-        self._pg = dist.ProcessGroupGloo(store, rank, world, self._timeout)
+        # the rendezvous (every rank connecting) is bounded by RENDEZVOUS_S, not the job
+        setup = timedelta(seconds=max(1.0, min(timeout_s, RENDEZVOUS_S)))
+        self._pg: Any = dist.ProcessGroupGloo(store, rank, world, setup)
+        self.op_s = max(1.0, timeout_s)  # the next operation's deadline (set per step)
+        self.abort: Any = None  # an Event (group_abort.Abort) that ends any wait
+        self._abandoned = False
+
+    def bind(self, abort: Any, op_s: float) -> None:
+        self.abort, self.op_s = abort, max(0.1, op_s)
+
+    def _wait(self, work: Any, what: str) -> None:
+        deadline = time.monotonic() + self.op_s
+        while True:
+            try:
+                work.wait(timedelta(seconds=WAIT_SLICE_S))
+                return
+            except RuntimeError as e:
+                if "timed out" not in str(e).lower() or "operation" not in str(e).lower():
+                    raise  # gloo's own error: a peer closed its connection, or its timeout
+            if self.abort is not None and self.abort.is_set():
+                self._abandoned = True
+                raise CollectiveAborted(self.abort.reason or "aborted")
+            if time.monotonic() > deadline:
+                self._abandoned = True
+                raise TimeoutError(f"{what} did not complete within {self.op_s:.1f}s")
 
     def broadcast(self, tensor: Any, root: int) -> None:
-        self._pg.broadcast(tensor, root).wait()
+        opts = self._dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = root, 0
+        opts.timeout = timedelta(seconds=self.op_s)
+        self._wait(self._pg.broadcast([tensor], opts), f"broadcast from group rank {root}")
 
     def agree(self, flag: int) -> int:
         import torch
@@ -107,7 +144,8 @@ class GlooCollective:
         x = torch.tensor([flag], dtype=torch.int64)
         opts = self._dist.AllreduceOptions()
         opts.reduceOp = self._dist.ReduceOp.MAX
-        self._pg.allreduce([x], opts).wait()
+        opts.timeout = timedelta(seconds=self.op_s)
+        self._wait(self._pg.allreduce([x], opts), "agreement of all ranks")
         return int(x.item())
 
     def step(
@@ -127,7 +165,19 @@ class GlooCollective:
         return Done(worst)
 
     def close(self) -> None:
-        self._pg = None
+        pg, self._pg = self._pg, None
+        if pg is not None and self._abandoned:
+            threading.Thread(
+                target=_release, args=([pg],), name="gloo-release", daemon=True
+            ).start()
+
+
+class CollectiveAborted(Exception):
+    """A collective was given up because the update was aborted (the reason says why)."""
+
+
+def _release(holder: list[Any]) -> None:
+    holder.clear()  # the last reference: gloo joins its threads here, off the update's path
 
 
 @dataclass

@@ -16,10 +16,16 @@ the same bucket with the same collectives issued: no rank is left waiting in NCC
 is one tiny all-reduce per bucket, on the comm stream, with no extra host sync.
 Before the first bucket every engine validates the tensor list; after the last, every rank
 agrees on the outcome (two host-synchronous agreements per update).
+
+Deadlines are per step, not per job (`StepDeadlines`): each wait for the engine and each
+collective gets seconds derived from the bytes it moves, so a frozen or dead peer fails the
+update in seconds. A rank that fails publishes its reason to the group (group_abort.py) and
+every other rank's waits end at once, collectives included.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +38,7 @@ from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import ipc_pb2 as ipb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent.backend import Backend, Collective, Done, InFlight
+from ckpt_agent.group_abort import PEER_FAILED
 from ckpt_agent.host_store import HostStore, StoreError
 from ckpt_agent.receiver_link import LinkError, ReceiverLink
 from ckpt_common.layers import layer_key
@@ -39,9 +46,48 @@ from ckpt_common.layers import layer_key
 log = structlog.get_logger("ckpt_agent.pipeline")
 
 OK, FAILED = 0, 1
-PEER_FAILED = "another rank failed"
 MERGE_GAP = 4096  # entries this close, laid out alike, are copied as one range
 DRAIN_S = 30.0
+STEP_TIMEOUT_ENV = "CKPT_STEP_TIMEOUT_S"  # base seconds of one step (engine or collective)
+STEP_S = 5.0
+STEP_RATE = 100e6  # bytes/s a step moves at the least (its deadline grows with its size)
+DONE_RATE = 1e9  # bytes/s of the engine's post-load processing at the least
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepDeadlines:
+    """Seconds each step of one update may take: a frozen or dead peer (engine, rank) is
+    noticed after one step's deadline, never the whole job's. Capped by the job's end."""
+
+    base_s: float
+    job_end: float  # time.monotonic() at which the whole job must be over
+    first_s: float  # the first agreement also waits for every engine to connect
+
+    def __post_init__(self) -> None:
+        if self.base_s <= 0:
+            raise ValueError("a step's base deadline must be positive")
+
+    @staticmethod
+    def for_update(cmd: apb.RunUpdate, t0: float) -> StepDeadlines:
+        base = float(os.environ.get(STEP_TIMEOUT_ENV, "") or STEP_S)
+        return StepDeadlines(
+            base_s=base, job_end=t0 + cmd.timeout_s, first_s=cmd.receiver_timeout_s + 2 * base
+        )
+
+    def _cap(self, s: float) -> float:
+        return max(0.1, min(s, self.job_end - time.monotonic()))
+
+    def engine(self, nbytes: int) -> float:
+        """The engine loading one bucket."""
+        return self._cap(self.base_s + nbytes / STEP_RATE)
+
+    def engine_done(self, nbytes: int) -> float:
+        """The engine's post-load processing (after the last bucket)."""
+        return self._cap(self.base_s + nbytes / DONE_RATE)
+
+    def collective(self, nbytes: int) -> float:
+        """One agreement + broadcast: a peer may first wait for its own engine's step."""
+        return self._cap(2 * self.base_s + 2 * nbytes / STEP_RATE)
 
 
 class UpdateFailed(Exception):
@@ -157,6 +203,9 @@ class _LegacyCollective:
     def agree(self, flag: int) -> int:
         return self._inner.agree(flag)
 
+    def bind(self, abort: Any, op_s: float) -> None:
+        _bind(self._inner, abort, op_s)
+
     def step(
         self,
         flag: int,
@@ -176,6 +225,18 @@ class _LegacyCollective:
         self._inner.close()
 
 
+def _bind(coll: Any, abort: threading.Event, op_s: float) -> None:
+    """Gives a collective its abort and the deadline of its next operations (where it
+    takes them: gloo; NCCL steps are bounded by the waits on their events)."""
+    bind = getattr(coll, "bind", None)
+    if bind is not None:
+        bind(abort, op_s)
+
+
+def abort_reason(abort: threading.Event) -> str:
+    return getattr(abort, "reason", "") or "aborted by ckptd"
+
+
 def run_update(
     cmd: apb.RunUpdate,
     *,
@@ -185,8 +246,11 @@ def run_update(
     group_store: Any,
     abort: threading.Event,
     progress: Callable[[int, int], None],
+    publish: Callable[[str], None] | None = None,
 ) -> tpb.RankResult:
+    """publish(reason): tells the other ranks that this one failed (they stop at once)."""
     t0 = time.monotonic()
+    dl = StepDeadlines.for_update(cmd, t0)
     timer = Timer()
     me = cmd.group_rank
     nbuf = max(1, cmd.nbuf)
@@ -196,6 +260,7 @@ def run_update(
     coll: Collective | None = None
     local_fail = ""
     told = False  # the engine already knows this update will not happen
+    told_peers = False  # this rank published its failure to the group
     proceeded = False  # the engine was told to map the buffer
     steps: dict[int, InFlight] = {}
     gpu_h2d: list[tuple[Any, Any]] = []
@@ -206,12 +271,31 @@ def run_update(
         assert coll is not None
         nonlocal local_fail
         if abort.is_set() and not flag_reason:
-            flag_reason = "aborted by ckptd"
+            flag_reason = abort_reason(abort)
         if flag_reason and not local_fail:
             local_fail = flag_reason
+        if local_fail and not abort.is_set():
+            tell_peers(local_fail)
         worst = coll.agree(FAILED if local_fail else OK)
         if worst != OK:
             raise UpdateFailed(local_fail or PEER_FAILED)
+
+    def tell_peers(why: str) -> None:
+        nonlocal told_peers
+        if publish is not None and not told_peers:
+            told_peers = True
+            publish(why)
+
+    def settle(why: str) -> str:
+        """The reason this rank reports: its own failure (told to its peers), or what
+        ended the update from outside (ckptd, a peer) rather than how a wait ended."""
+        if told_peers:
+            return local_fail or why
+        if abort.is_set():
+            return abort_reason(abort)
+        if not why.startswith(PEER_FAILED):
+            tell_peers(why)
+        return why
 
     staged = hasattr(backend, "h2d")
     if not staged:
@@ -227,6 +311,7 @@ def run_update(
         buf_name, buf = backend.ipc_buffer(nslots * B, share=cmd.is_target)
         staging = backend.device_buffer(nstage * B) if nstage else None
         coll = backend.new_group(group_store, me, cmd.world_size, cmd.timeout_s, cmd.job_id)
+        _bind(coll, abort, dl.first_s)
         # Every rank reads bucket j's agreed flag after issuing bucket j + lag.
         lag = 0 if backend.kind == "cpu" else nbuf - 1
         # The engine: connect, describe the update, let it validate.
@@ -270,6 +355,7 @@ def run_update(
                 except LinkError:
                     pass
             raise
+        _bind(coll, abort, dl.collective(B))
         if cmd.is_target:
             link.send(ipb.WorkerMessage(proceed=ipb.Proceed(ok=True)))
             proceeded = True
@@ -287,7 +373,7 @@ def run_update(
             nonlocal loaded
             t = time.monotonic()
             while loaded < k:
-                msg = link.expect("loaded", cmd.timeout_s, abort)
+                msg = link.expect("loaded", dl.engine(buckets[loaded + 1].nbytes), abort)
                 loaded = max(loaded, msg.loaded.bucket)
                 progress(msg.loaded.bucket, buckets[msg.loaded.bucket].nbytes)
             timer.reload_s += time.monotonic() - t
@@ -319,7 +405,7 @@ def run_update(
             nonlocal local_fail, sent_bytes
             st = steps[j]
             t = time.monotonic()
-            worst = st.wait(time.monotonic() + cmd.timeout_s, abort)
+            worst = st.wait(time.monotonic() + dl.collective(buckets[j].nbytes), abort)
             timer.broadcast_s += time.monotonic() - t
             gpu_bcast.append((getattr(st, "t_start", None), getattr(st, "t_end", None)))
             if worst != OK:
@@ -358,9 +444,11 @@ def run_update(
                 except LinkError as e:
                     problem = str(e)
             if abort.is_set() and not problem:
-                problem = "aborted by ckptd"
+                problem = abort_reason(abort)
             if problem and not local_fail:
                 local_fail = problem
+                if not abort.is_set():
+                    tell_peers(problem)
             s0 = (k % nslots) * B
             view = buf[s0 : s0 + b.nbytes]
             src, after, side = view, None, None
@@ -398,7 +486,8 @@ def run_update(
                 if buckets:
                     wait_loaded(len(buckets) - 1)
                 link.send(ipb.WorkerMessage(end=ipb.End(ok=True)))
-                done = link.expect("done", cmd.timeout_s, abort).done
+                total = sum(b.nbytes for b in buckets)
+                done = link.expect("done", dl.engine_done(total), abort).done
                 if not done.ok:
                     problem = f"engine failed: {done.reason}"
                 version_seen = done.version
@@ -422,9 +511,9 @@ def run_update(
         )
         return tpb.RankResult(ok=True, bytes=sent_bytes, times=timer.pb(time.monotonic() - t0))
     except (UpdateFailed, StoreError, LinkError) as e:
-        reason = getattr(e, "message", None) or str(e)
+        reason = settle(getattr(e, "message", None) or str(e))
     except Exception as e:  # gloo/NCCL errors (a peer died, timeouts) land here
-        reason = f"{type(e).__name__}: {e}"
+        reason = settle(f"{type(e).__name__}: {e}")
         if coll is not None and hasattr(coll, "healthy"):
             coll.healthy = False
     finally:

@@ -1,16 +1,21 @@
-"""Starts one worker process per device, relays bytes both ways, notices deaths."""
+"""Starts one worker process per device, relays bytes both ways, notices deaths (and
+silence: a worker heartbeats; `silent_for` says how long one has said nothing). A dead
+worker's shared-memory segments are unlinked before it is restarted."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
+from ckpt_agent import shm
+from ckpt_agent.host_store import segment_prefix
 from ckpt_agent.worker import READY_ID, worker_main
 
 log = structlog.get_logger("ckpt_agent.supervisor")
@@ -22,6 +27,7 @@ class WorkerHandle:
         self.proc = proc
         self.conn = conn
         self.ready = threading.Event()
+        self.last_seen = time.monotonic()
         self._lock = threading.Lock()
 
     def send(self, cmd: apb.Command) -> None:
@@ -80,7 +86,10 @@ class Supervisor:
                 data = h.conn.recv_bytes()
             except (EOFError, OSError, TypeError):  # TypeError: closed under us at stop
                 break
+            h.last_seen = time.monotonic()
             msg = apb.AgentMessage.FromString(data)
+            if msg.WhichOneof("body") == "heartbeat":
+                continue
             if msg.WhichOneof("body") == "result" and msg.result.command_id == READY_ID:
                 h.ready.set()
                 continue
@@ -93,8 +102,21 @@ class Supervisor:
     def _restart(self, device: int) -> None:
         if self._stopping:
             return
+        old = self.workers[device]
+        if old.proc.is_alive():  # its pipe broke, yet it runs: it must not touch the segments
+            old.proc.kill()
+            old.proc.join(5)
+        removed = shm.remove_prefix(device_prefix(self._args[0], device))
+        log.warning("worker_restarting", device=device, segments_removed=removed)
         self._on_death(device)
         self._start(device)
+
+    def silent_for(self, device: int) -> float:
+        """Seconds since the worker of `device` last said anything (heartbeats included)."""
+        h = self.workers.get(device)
+        if h is None or not h.ready.is_set():
+            return 0.0
+        return time.monotonic() - h.last_seen
 
     async def wait_ready(self, timeout: float) -> None:
         for h in list(self.workers.values()):
@@ -120,3 +142,8 @@ class Supervisor:
             if h.proc.is_alive():
                 h.proc.kill()
                 h.proc.join(timeout=5)
+
+
+def device_prefix(node_id: str, device: int) -> str:
+    """The start of every shared-memory segment one device's worker creates."""
+    return f"{segment_prefix(node_id)}{device}_"

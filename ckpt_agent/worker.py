@@ -20,6 +20,8 @@ from typing import Any
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
+from ckpt_agent.backend import RENDEZVOUS_S
+from ckpt_agent.group_abort import Abort, PeerWatch
 from ckpt_agent.host_store import HostStore, StoreError, segment_prefix
 from ckpt_agent.receiver_link import ReceiverLink
 from ckpt_common.ipc import worker_endpoint
@@ -28,6 +30,7 @@ from ckpt_common.logs import setup_logging
 log = structlog.get_logger("ckpt_agent.worker")
 READY_ID = 0  # command_id of the result a worker sends once it is ready
 SPARE_STORES = 1  # CUDA: dropped stores kept pinned for reuse (host memory they hold)
+HEARTBEAT_S = 0.5  # a worker tells its agent it is alive this often (frozen: it stops)
 
 
 def buffer_address(mem: Any) -> int:
@@ -77,7 +80,7 @@ class Worker:
         self.link = ReceiverLink(worker_endpoint(node_id, device, ipc_dir))
         self._io = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._group_stores: dict[str, Any] = {}
-        self._aborts: dict[str, threading.Event] = {}
+        self._aborts: dict[str, Abort] = {}
         self._update_lock = threading.Lock()
         self._p2p_enabled = p2p
         self._p2p_engine: Any = None
@@ -101,10 +104,20 @@ class Worker:
     def fail(self, cid: int, code: str, message: str) -> None:
         self.reply(cid, ok=False, code=code, message=message)
 
+    def _heartbeats(self) -> None:
+        beat = apb.AgentMessage(heartbeat=apb.Heartbeat())
+        while True:
+            time.sleep(HEARTBEAT_S)
+            try:
+                self.send(beat)
+            except (OSError, ValueError):  # the agent is gone
+                return
+
     def serve(self) -> None:
         if self._p2p_enabled:
             self.p2p()  # start the transfer engine now, not inside the first load or join
         self.reply(READY_ID, ok=True)
+        threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         while True:
             try:
                 data = self._conn.recv_bytes()
@@ -135,7 +148,7 @@ class Worker:
         elif kind == "abort":
             ev = self._aborts.get(cmd.abort.job_id)
             if ev:
-                ev.set()
+                ev.trip(f"aborted by ckptd: {cmd.abort.reason or 'no reason given'}")
         else:
             self.fail(cmd.id, "UNIMPLEMENTED", f"worker cannot {kind}")
 
@@ -190,62 +203,97 @@ class Worker:
             0,
             p.world_size,
             is_master=True,
-            timeout=timedelta(seconds=60),
+            timeout=timedelta(seconds=RENDEZVOUS_S),
             wait_for_workers=False,
         )
         self._group_stores = {p.job_id: store}  # one job at a time per device
         self.reply(cmd.id, ok=True, group=apb.GroupReady(addr=self.host, port=store.port))
 
-    def _update(self, cmd: apb.Command) -> None:
+    def _group_store(self, u: apb.RunUpdate) -> Any:
+        """The job's store (rank 0 holds the server since PrepareGroup), scoped to the job
+        so a reused store never mixes two groups."""
         import torch.distributed as dist
 
+        store = self._group_stores.pop(u.job_id, None)
+        if store is None:
+            store = self._store_client(u)
+        return dist.PrefixStore(f"job/{u.job_id}", store)
+
+    @staticmethod
+    def _store_client(u: apb.RunUpdate) -> Any:
+        import torch.distributed as dist
+
+        return dist.TCPStore(
+            u.master_addr,
+            u.master_port,
+            u.world_size,
+            is_master=False,
+            timeout=timedelta(seconds=RENDEZVOUS_S),
+        )
+
+    def _lock_update(self, abort: Abort, u: apb.RunUpdate) -> None:
+        """One update at a time; a job aborted (or out of time) while it waits gives up."""
+        deadline = time.monotonic() + max(1.0, u.timeout_s)
+        while not self._update_lock.acquire(timeout=0.2):
+            if abort.is_set() or time.monotonic() > deadline:
+                raise StoreError("ABORTED", abort.reason or "another update held this device")
+
+    def _update(self, cmd: apb.Command) -> None:
         from ckpt_agent.pipeline import run_update
 
         u = cmd.run_update
-        abort = self._aborts.setdefault(u.job_id, threading.Event())
+        abort = self._aborts.setdefault(u.job_id, Abort())
+        watch: PeerWatch | None = None
         try:
-            with self._update_lock:
-                store = self._group_stores.pop(u.job_id, None)
-                if store is None:
-                    store = dist.TCPStore(
-                        u.master_addr,
-                        u.master_port,
-                        u.world_size,
-                        is_master=False,
-                        timeout=timedelta(seconds=max(5.0, u.timeout_s)),
-                    )
-                # Scope keys by job so a reused store never mixes two groups.
-                store = dist.PrefixStore(f"job/{u.job_id}", store)
+            self._lock_update(abort, u)
+            try:
+                import torch.distributed as dist
 
-                def progress(bucket: int, nbytes: int) -> None:
-                    self.send(
-                        apb.AgentMessage(
-                            progress=apb.Progress(
-                                job_id=u.job_id, device=self.device, bucket=bucket, bytes=nbytes
-                            )
-                        )
-                    )
-
-                backend: Any = self.backend
-                stores: Any = self.stores
-                if u.p2p_sources:
-                    from ckpt_agent.p2p_backend import P2PReadBackend, RemoteStores
-
-                    backend = P2PReadBackend(self.backend, self.p2p(), list(u.p2p_sources))
-                    stores = RemoteStores()
+                store = self._group_store(u)
+                scoped = lambda: dist.PrefixStore(f"job/{u.job_id}", self._store_client(u))  # noqa: E731
+                watch = PeerWatch(scoped, store, abort).start()
+                where = f"rank {u.group_rank} ({self.node_id}/{self.device})"
                 result = run_update(
                     u,
-                    backend=backend,
-                    stores=stores,
+                    backend=self._update_backend(u),
+                    stores=self._update_stores(u),
                     link=self.link,
                     group_store=store,
                     abort=abort,
-                    progress=progress,
+                    progress=lambda k, n: self._progress(u, k, n),
+                    publish=lambda why: watch.publish(f"{where}: {why}") if watch else None,
                 )
+            finally:
+                self._update_lock.release()
         finally:
+            if watch is not None:
+                watch.stop()
             self._aborts.pop(u.job_id, None)
         result.node_id, result.device = self.node_id, self.device
         self.reply(cmd.id, ok=True, update=result)
+
+    def _progress(self, u: apb.RunUpdate, bucket: int, nbytes: int) -> None:
+        self.send(
+            apb.AgentMessage(
+                progress=apb.Progress(
+                    job_id=u.job_id, device=self.device, bucket=bucket, bytes=nbytes
+                )
+            )
+        )
+
+    def _update_backend(self, u: apb.RunUpdate) -> Any:
+        if not u.p2p_sources:
+            return self.backend
+        from ckpt_agent.p2p_backend import P2PReadBackend
+
+        return P2PReadBackend(self.backend, self.p2p(), list(u.p2p_sources))
+
+    def _update_stores(self, u: apb.RunUpdate) -> Any:
+        if not u.p2p_sources:
+            return self.stores
+        from ckpt_agent.p2p_backend import RemoteStores
+
+        return RemoteStores()
 
     def close(self) -> None:
         self.backend.close()  # first: it unpins the stores and drops its views of them
@@ -264,6 +312,10 @@ def worker_main(
     p2p: bool = False,
 ) -> None:
     die_with_parent()
+    # The agent stops its workers (pipe EOF) and cleans up after them: a signal sent to the
+    # whole process group must not kill a worker before its segments are unlinked.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(
         json=True,
         level=log_level,
@@ -278,4 +330,9 @@ def worker_main(
     try:
         w.serve()
     finally:
-        w.close()
+        try:
+            w.close()
+        finally:
+            # Gloo threads of a group given up on may still wait for their timeout: do not
+            # let interpreter shutdown join them.
+            os._exit(0)

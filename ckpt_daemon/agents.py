@@ -2,16 +2,22 @@
 
 `AgentHub.command` sends one command to an agent and waits for its result with a timeout.
 A stream that closes, or an agent whose heartbeats stop, fails every command pending on it
-at once: a dead peer becomes an error with a reason, never a hang.
+at once: a dead peer becomes an error with a reason, never a hang. Jobs and pushes watch
+their agents more closely (`watch`): one silent for `silence_limit` fails them.
+
+An attaching agent is told to drop the stores it reports that the registry does not know
+(a push given up, or interrupted by a ckptd restart).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import structlog
 
@@ -23,7 +29,11 @@ from ckpt_daemon.registry import Registry
 log = structlog.get_logger("ckptd.agents")
 
 ProgressFn = Callable[[str, apb.Progress], None]
+T = TypeVar("T")
 HEARTBEAT_GRACE_S = 30.0
+JOB_SILENCE_BEATS = 4  # a job fails on an agent silent for this many heartbeats
+JOB_SILENCE_MIN_S = 2.0
+WATCH_S = 0.25
 
 
 @dataclass(eq=False)
@@ -54,6 +64,7 @@ class AgentHub:
         self._ids = itertools.count(1)
         self._progress: dict[str, ProgressFn] = {}
         self._attach_waiters: list[asyncio.Future[None]] = []
+        self.held: dict[str, dict[tuple[str, int, int], apb.HeldStore]] = {}  # last Hello
 
     # ---------------------------------------------------------------- the stream
 
@@ -95,7 +106,9 @@ class AgentHub:
             for s in hello.stores
         }
         await asyncio.to_thread(self._registry.agent_attached, info, held)
+        self.held[hello.node_id] = {(s.checkpoint, s.version, s.device): s for s in hello.stores}
         log.info("agent_attached", node=hello.node_id, devices=len(hello.devices), host=hello.host)
+        self._drop_unknown(session, hello.stores)
         for w in self._attach_waiters:
             if not w.done():
                 w.set_result(None)
@@ -118,6 +131,22 @@ class AgentHub:
                 del self._sessions[hello.node_id]
                 self._registry.agent_detached(hello.node_id)
                 log.warning("agent_detached", node=hello.node_id)
+
+    def _drop_unknown(self, session: _Session, stores: Iterable[apb.HeldStore]) -> None:
+        known = self._registry.shard_keys(session.node_id)
+        for s in stores:
+            if (s.checkpoint, s.version, s.device) in known:
+                continue
+            log.warning(
+                "unknown_store_dropped",
+                node=session.node_id,
+                checkpoint=s.checkpoint,
+                version=s.version,
+                device=s.device,
+            )
+            drop = apb.Drop(checkpoint=s.checkpoint, version=s.version, device=s.device)
+            cmd = apb.Command(id=next(self._ids), drop=drop)
+            session.outbox.put_nowait(apb.DaemonMessage(command=cmd))
 
     async def _read(self, session: _Session, incoming: AsyncIterator[apb.AgentMessage]) -> None:
         try:
@@ -166,6 +195,56 @@ class AgentHub:
     def attached(self, node_id: str) -> bool:
         s = self._sessions.get(node_id)
         return bool(s and not s.closed)
+
+    @property
+    def silence_limit(self) -> float:
+        return max(JOB_SILENCE_BEATS * self._heartbeat_s, JOB_SILENCE_MIN_S)
+
+    def silence(self, node_id: str) -> float:
+        """Seconds since the agent last sent anything (inf when it is not attached)."""
+        s = self._sessions.get(node_id)
+        if not s or s.closed:
+            return math.inf
+        return time.monotonic() - s.last_seen
+
+    async def watch(self, nodes: Iterable[str], what: str) -> None:
+        """Raises Unavailable once one of `nodes` is silent for silence_limit (frozen, or
+        cut off) or detached; runs until cancelled. A round after this loop itself woke up
+        late (ckptd was starved or stopped) is skipped: messages may be waiting unread."""
+        nodes = sorted(set(nodes))
+        limit = self.silence_limit
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(WATCH_S)
+            now = time.monotonic()
+            late, last = now - last > limit / 2, now
+            if late:
+                await asyncio.sleep(0)
+                continue
+            for n in nodes:
+                quiet = self.silence(n)
+                if quiet == math.inf:
+                    raise Unavailable(f"agent {n} detached during {what}")
+                if quiet > limit:
+                    raise Unavailable(
+                        f"agent {n} sent nothing for {quiet:.1f}s during {what} (frozen or cut off)"
+                    )
+
+    async def watched(self, aw: Awaitable[T], nodes: Iterable[str], what: str) -> T:
+        """Awaits aw, unless one of `nodes` goes silent first (then aw is cancelled and the
+        silence raises)."""
+        task = asyncio.ensure_future(aw)
+        dog = asyncio.ensure_future(self.watch(nodes, what))
+        try:
+            await asyncio.wait({task, dog}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            err = dog.exception()
+            assert err is not None
+            raise err
+        finally:
+            dog.cancel()
+            task.cancel()
 
     def attached_nodes(self) -> list[str]:
         return sorted(n for n, s in self._sessions.items() if not s.closed)

@@ -1,6 +1,7 @@
 """Running a planned job: the group rendezvous, one RunUpdate per participant, the engine
 triggers, progress, and the first failure aborting everyone else. Every wait has a
-deadline."""
+deadline, and a participant's agent that goes silent (frozen, cut off) fails the job within
+the hub's silence limit (seconds), not the job's deadline."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ckpt_daemon.registry import Registry
 
 log = structlog.get_logger("ckptd.execute")
 PEER_FAILED = "another rank failed"  # how a worker says the failure was not its own
+REPORT_GRACE_S = 3.0  # after the first failure, how long the others get to report theirs
 
 EngineTrigger = Callable[[Instance, Job, float], Awaitable[None]]
 
@@ -152,18 +154,22 @@ class Executor:
             asyncio.ensure_future(run_rank(g, r)) for g, r in enumerate(plan.participants)
         ]
         engine_tasks = [asyncio.ensure_future(self._trigger(i, job, left())) for i in instances]
-        everything = rank_tasks + engine_tasks
+        watchdog = asyncio.ensure_future(
+            self._hub.watch({r.node_id for r in plan.participants}, f"job {job.id}")
+        )
+        everything = rank_tasks + engine_tasks + [watchdog]
         try:
-            pending = set(everything)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            work = set(rank_tasks + engine_tasks)
+            while work:
+                done, _ = await asyncio.wait(work | {watchdog}, return_when=asyncio.FIRST_EXCEPTION)
+                work -= done
                 failed = [t for t in done if t.exception() is not None]
                 if failed:
                     err = failed[0].exception()
-                    self.abort(job, plan, str(err))
+                    self.abort(job, plan, str(getattr(err, "message", err)))
                     # Give the others a bounded moment to report their own view.
-                    if pending:
-                        await asyncio.wait(pending, timeout=min(10.0, left()))
+                    if work:
+                        await asyncio.wait(work, timeout=min(REPORT_GRACE_S, left()))
                     raise err  # type: ignore[misc]
         finally:
             for t in everything:

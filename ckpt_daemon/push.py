@@ -1,4 +1,9 @@
-"""Push: scan the sources through agents, place tensors over ranks, load host stores."""
+"""Push: scan the sources through agents, place tensors over ranks, load host stores.
+
+Scans and loads are watched: an agent that goes silent (frozen) fails the push within the
+hub's silence limit, and its stores are dropped when it wakes up (the Drop is queued behind
+the Load). A push that a ckptd restart interrupted is completed from what the agents report
+holding when they re-attach, or dropped and removed (`recover`)."""
 
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from ckpt_daemon.registry import Registry
 
 log = structlog.get_logger("ckptd.push")
 MAX_NAME = 200
+RECOVER_S = 15.0  # after a restart, how long agents get to re-attach before a push is judged
 
 
 def validate_name(name: str) -> None:
@@ -199,13 +205,19 @@ class Pusher:
                 )
             by_node.setdefault(node, []).append(s.path)
         pinned = {s.path: s.node_id for s in sources}
-        results = await asyncio.gather(
-            *(
-                self._hub.command(
-                    node, apb.Command(scan=apb.Scan(paths=paths)), self._config.command_timeout_s
+        results = await self._hub.watched(
+            asyncio.gather(
+                *(
+                    self._hub.command(
+                        node,
+                        apb.Command(scan=apb.Scan(paths=paths)),
+                        self._config.command_timeout_s,
+                    )
+                    for node, paths in by_node.items()
                 )
-                for node, paths in by_node.items()
-            )
+            ),
+            by_node,
+            "the scan of the push's sources",
         )
         specs: list[TensorSpec] = []
         for res, (_, paths) in zip(results, by_node.items(), strict=True):
@@ -260,7 +272,14 @@ class Pusher:
                 raise
             self._record_store(cv, r, ShardState.READY, res.store)
 
-        results = await asyncio.gather(*(load_one(r) for r in by_owner), return_exceptions=True)
+        try:
+            results = await self._hub.watched(
+                asyncio.gather(*(load_one(r) for r in by_owner), return_exceptions=True),
+                {r.node_id for r in by_owner},
+                f"the push of {cv.name}@{cv.version}",
+            )
+        except CkptError as e:
+            results = [e]
         errors = [e for e in results if isinstance(e, BaseException)]
         if not errors:
             log.info("push_ready", checkpoint=cv.name, version=cv.version)
@@ -402,14 +421,14 @@ class Pusher:
         async def drop_one(r: RankRef) -> None:
             if not self._hub.attached(r.node_id):
                 return
+            cmd = apb.Command(
+                drop=apb.Drop(checkpoint=cv.name, version=cv.version, device=r.device)
+            )
+            if self._hub.silence(r.node_id) > self._hub.silence_limit:
+                self._hub.send(r.node_id, cmd)  # frozen: it drops the store when it wakes up
+                return
             try:
-                await self._hub.command(
-                    r.node_id,
-                    apb.Command(
-                        drop=apb.Drop(checkpoint=cv.name, version=cv.version, device=r.device)
-                    ),
-                    self._config.command_timeout_s,
-                )
+                await self._hub.command(r.node_id, cmd, self._config.command_timeout_s)
             except CkptError as e:
                 log.warning(
                     "drop_failed",
@@ -420,6 +439,66 @@ class Pusher:
                 )
 
         await asyncio.gather(*(drop_one(r) for r in cv.shards))
+
+    # ------------------------------------------------------------------ restart
+
+    def start_recovery(self) -> None:
+        task = asyncio.create_task(self.recover())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def recover(self, wait_s: float = RECOVER_S) -> None:
+        """Versions LOADING when ckptd started: a restart interrupted their push. Once their
+        agents re-attached (or wait_s passed), each is completed from the stores the agents
+        report holding, or its stores are dropped and it is removed."""
+        stale = [
+            cv for cv in self._registry.checkpoints.values() if cv.state == CheckpointState.LOADING
+        ]
+        if not stale:
+            return
+        keys = [(cv.name, cv.version) for cv in stale]
+        self._inflight.update(keys)  # no delete, no push of the same version meanwhile
+        try:
+            nodes = {r.node_id for cv in stale for r in cv.shards}
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and not all(map(self._hub.attached, nodes)):
+                await asyncio.sleep(0.2)
+            for cv in stale:
+                await self._recover_one(cv)
+        finally:
+            self._inflight.difference_update(keys)
+
+    async def _recover_one(self, cv: CheckpointVersion) -> None:
+        held = {
+            r: self._hub.held.get(r.node_id, {}).get((cv.name, cv.version, r.device))
+            for r in cv.shards
+        }
+        missing = sorted(
+            str(r)
+            for r, h in held.items()
+            if h is None or h.nbytes != cv.shards[r].nbytes or not self._hub.attached(r.node_id)
+        )
+        direct = any(not t.path for t in cv.tensors)
+        if direct or missing:
+            why = (
+                "a direct push cannot be committed after a ckptd restart"
+                if direct
+                else f"ranks {missing} do not hold their shard"
+            )
+            log.warning("push_abandoned", checkpoint=cv.name, version=cv.version, reason=why)
+            await self._forget(cv)
+            return
+        for r, h in held.items():
+            assert h is not None
+            self._registry.set_shard(
+                cv.name,
+                cv.version,
+                r,
+                ShardState.READY,
+                segment=h.segment,
+                p2p=(h.p2p.session, h.p2p.addr),
+            )
+        log.info("push_recovered", checkpoint=cv.name, version=cv.version, shards=len(held))
 
     async def delete(
         self, name: str, version: int, busy: set[tuple[str, int]]

@@ -202,6 +202,16 @@ class Registry:
                     self._save_shards(cv)
                     self._refresh_state(cv)
 
+    def shard_keys(self, node_id: str) -> set[tuple[str, int, int]]:
+        """(checkpoint, version, device) of every shard recorded on node_id, in any state."""
+        with self._lock:
+            return {
+                (cv.name, cv.version, r.device)
+                for cv in self.checkpoints.values()
+                for r in cv.shards
+                if r.node_id == node_id
+            }
+
     def agent_detached(self, node_id: str) -> None:
         with self._lock:
             a = self.agents.get(node_id)

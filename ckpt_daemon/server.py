@@ -78,6 +78,7 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     if config.metrics_listen:
         daemon.metrics_port = metrics.serve(config.metrics_listen)
     daemon._monitor = asyncio.create_task(hub.monitor())
+    pusher.start_recovery()  # pushes a restart interrupted: complete or remove them
     log.info(
         "ckptd_started",
         listen=config.listen,
