@@ -254,10 +254,9 @@ class Agent:
                 kind = msg.WhichOneof("body")
                 if kind == "welcome":
                     # ckptd judges silence by its own period: beat at least as often
-                    hb = msg.welcome.heartbeat_s
-                    self._heartbeat_s = (
-                        min(self.cfg.heartbeat_s, hb) if hb > 0 else self._heartbeat_s
-                    )
+                    beat = msg.welcome.heartbeat_s
+                    if beat > 0:
+                        self._heartbeat_s = min(self.cfg.heartbeat_s, beat)
                     log.info("attached", daemon=self.cfg.daemon, heartbeat_s=self._heartbeat_s)
                     self.attached.set()
                 elif kind == "command":

@@ -161,7 +161,7 @@ class Executor:
         try:
             work = set(rank_tasks + engine_tasks)
             while work:
-                done, _ = await asyncio.wait(work | {watchdog}, return_when=asyncio.FIRST_EXCEPTION)
+                done, _ = await asyncio.wait(work | {watchdog}, return_when=asyncio.FIRST_COMPLETED)
                 work -= done
                 failed = [t for t in done if t.exception() is not None]
                 if failed:
