@@ -30,7 +30,6 @@ from ckpt_common.ipc import ensure_private_dir, ipc_dir
 log = structlog.get_logger("ckpt_agent")
 WORKER_SILENCE_S = 3.0  # a worker silent this long is frozen: what it owes fails
 WATCH_S = 0.25
-REFUSED_WHEN_FROZEN = ("load", "prepare_group", "run_update")
 
 
 class Agent:
@@ -174,7 +173,7 @@ class Agent:
             for d in self.supervisor.workers:
                 self.supervisor.send(d, cmd)
             return
-        if device in self._frozen:
+        if device in self._frozen and self.supervisor.silent_for(device) > WORKER_SILENCE_S:
             self._refuse_frozen(cmd, kind, device)
             return
         if device is None or device not in self.supervisor.workers:

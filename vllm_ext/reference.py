@@ -24,6 +24,7 @@ from ckpt_common.logs import setup_logging
 from vllm_ext.receiver import Receiver, UpdateInfo
 
 log = structlog.get_logger("ckpt_receiver")
+STEP_TIMEOUT_S = 10.0  # a worker gone mid-update is given up after this (it cannot say so)
 
 
 def tensor_sha256(t: Any) -> str:
@@ -126,6 +127,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--prealloc", action="store_true", help="allocate all parameters before the first bucket"
     )
+    p.add_argument(
+        "--step-timeout-s",
+        type=float,
+        default=STEP_TIMEOUT_S,
+        help="give an update up when its worker sends nothing for this long (it died)",
+    )
     a = p.parse_args(argv)
     setup_logging(json=True, service="ckpt-receiver", node=a.node_id, device=a.device)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -148,7 +155,12 @@ def main(argv: list[str] | None = None) -> None:
     while True:
         try:
             t0 = time.monotonic()
-            done = r.receive(load=engine.load, validate=engine.validate, wait_s=3600.0)
+            done = r.receive(
+                load=engine.load,
+                validate=engine.validate,
+                wait_s=3600.0,
+                step_timeout_s=a.step_timeout_s,
+            )
         except TimeoutError:
             continue
         except Exception as e:  # never die: the next update may work
