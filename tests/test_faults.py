@@ -218,10 +218,11 @@ def _fault_idle(c: Cluster, tmp: Path, target: str, sig: int) -> str:
         try:
             job = c.client.update(name, ranks=RANKS, bucket_bytes=BUCKET)
         except CkptError as e:
-            return f"refused: {e}"
+            return f"{time.monotonic() - t0:.1f}s refused: {e}"
         done = _wait_job(c, job.id, BOUND_S + 5)
-        assert time.monotonic() - t0 <= BOUND_S, done
-        return _outcome(done, target)
+        took = time.monotonic() - t0
+        assert took <= BOUND_S, done
+        return f"{took:.1f}s {_outcome(done, target)}"
     finally:
         _bring_back(c, target, sig, pids)
 
@@ -247,7 +248,7 @@ def _fault_update(c: Cluster, tmp: Path, target: str, sig: int) -> str:
         done = _wait_job(c, job.id, BOUND_S + 10)
         took = time.monotonic() - t0
         assert took <= BOUND_S, (took, done)
-        return _outcome(done, target)
+        return f"{took:.1f}s {_outcome(done, target)}"
     finally:
         if target != "ckptd":
             _bring_back(c, target, sig, pids)
@@ -279,7 +280,7 @@ def _fault_push(c: Cluster, tmp: Path, target: str, sig: int) -> str:
         took = time.monotonic() - t0
         _bring_back(c, target, sig, pids)
         assert took <= BOUND_S, (took, outcome)
-        return outcome
+        return f"{took:.1f}s {outcome}"
     c.client.push(name, 1, [src], wait=False)
     _signal(pids, sig)
     t0 = time.monotonic()
@@ -293,7 +294,7 @@ def _fault_push(c: Cluster, tmp: Path, target: str, sig: int) -> str:
     if target != "ckptd":
         _bring_back(c, target, sig, pids)
     assert took <= BOUND_S, (took, state)
-    return state
+    return f"{took:.1f}s {state}"
 
 
 def _push_state(c: Cluster, name: str) -> str:
@@ -349,3 +350,24 @@ def test_fault(cluster: Cluster, tmp_path: Path, target: str, sig: str, moment: 
         f"\nFAULT {target} SIG{sig} {moment}: {outcome} | "
         f"case {t_fault:.1f}s, next update {took:.1f}s"
     )
+
+
+@pytest.mark.slow
+def test_agent_sigterm_exits_promptly_and_leaves_no_segments(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    try:
+        c.start_daemon()
+        c.start_agent("term", 2)
+        c.wait_ranks(2)
+        c.client.push("t", 1, [str(write_sharded(_tensors(7, 1 << 20), tmp_path / "t"))])
+        pre = segment_prefix("term")
+        assert [n for n in os.listdir("/dev/shm") if n.startswith(pre)]
+        agent = c.procs.pop("agent-term")
+        t0 = time.monotonic()
+        os.killpg(agent.pid, signal.SIGTERM)  # as a service manager does: the whole group
+        agent.wait(10)
+        assert time.monotonic() - t0 < 5
+        wait_for(lambda: not _children(agent.pid), 5, "workers to exit")
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith(pre)]
+    finally:
+        c.close()
