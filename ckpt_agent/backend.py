@@ -100,7 +100,8 @@ class GlooCollective:
     An operation runs on gloo's threads; the caller polls it (`WAIT_SLICE_S`), so it can
     give up when `abort` is set or the step's deadline passes. A group whose operation was
     given up is never waited on again: it is released on a daemon thread (gloo joins its
-    threads, which end when the operation's own timeout fires)."""
+    threads, which end when the operation's own timeout fires) once that operation is over:
+    destroying a group joins gloo's threads while holding the GIL."""
 
     def __init__(self, store: Any, rank: int, world: int, timeout_s: float) -> None:
         import torch.distributed as dist
@@ -111,7 +112,7 @@ class GlooCollective:
         self._pg: Any = dist.ProcessGroupGloo(store, rank, world, setup)
         self.op_s = max(1.0, timeout_s)  # the next operation's deadline (set per step)
         self.abort: Any = None  # an Event (group_abort.Abort) that ends any wait
-        self._abandoned = False
+        self._abandoned: Any = None  # the operation given up on
 
     def bind(self, abort: Any, op_s: float) -> None:
         self.abort, self.op_s = abort, max(0.1, op_s)
@@ -126,10 +127,10 @@ class GlooCollective:
                 if "timed out" not in str(e).lower() or "operation" not in str(e).lower():
                     raise  # gloo's own error: a peer closed its connection, or its timeout
             if self.abort is not None and self.abort.is_set():
-                self._abandoned = True
+                self._abandoned = work
                 raise CollectiveAborted(self.abort.reason or "aborted")
             if time.monotonic() > deadline:
-                self._abandoned = True
+                self._abandoned = work
                 raise TimeoutError(f"{what} did not complete within {self.op_s:.1f}s")
 
     def broadcast(self, tensor: Any, root: int) -> None:
@@ -166,9 +167,12 @@ class GlooCollective:
 
     def close(self) -> None:
         pg, self._pg = self._pg, None
-        if pg is not None and self._abandoned:
+        work, self._abandoned = self._abandoned, None
+        if pg is not None and work is not None:
+            holder = [pg, work]
+            del pg, work
             threading.Thread(
-                target=_release, args=([pg],), name="gloo-release", daemon=True
+                target=_release, args=(holder,), name="gloo-release", daemon=True
             ).start()
 
 
@@ -177,7 +181,11 @@ class CollectiveAborted(Exception):
 
 
 def _release(holder: list[Any]) -> None:
-    holder.clear()  # the last reference: gloo joins its threads here, off the update's path
+    """Drops [group, operation] once the operation is over (its own timeout at the latest):
+    only then is destroying the group quick."""
+    while not holder[1].is_completed():
+        time.sleep(0.5)
+    holder.clear()
 
 
 @dataclass

@@ -60,6 +60,11 @@ class _AgreeingCollective:
     def agree(self, flag: int) -> int:
         return self._inner.agree(flag)
 
+    def bind(self, abort: Any, op_s: float) -> None:
+        bind = getattr(self._inner, "bind", None)
+        if bind is not None:
+            bind(abort, op_s)
+
     def close(self) -> None:
         self._inner.close()
 
