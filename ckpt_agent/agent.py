@@ -30,6 +30,7 @@ from ckpt_common.ipc import ensure_private_dir, ipc_dir
 log = structlog.get_logger("ckpt_agent")
 WORKER_SILENCE_S = 3.0  # a worker silent this long is frozen: what it owes fails
 WATCH_S = 0.25
+FLUSH_S = 1.0  # before a re-attach, how long queued messages get to leave
 
 
 class Agent:
@@ -244,6 +245,11 @@ class Agent:
 
         async def reattach() -> None:
             await self._reattach.wait()
+            # what was queued first (results failed by a worker's death) leaves first
+            deadline = time.monotonic() + FLUSH_S
+            while not outbox.empty() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)
             call.cancel()
 
         hb = asyncio.create_task(heartbeats())

@@ -28,7 +28,7 @@ import torch
 
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent.host_store import segment_prefix
-from ckpt_common.errors import CkptError
+from ckpt_common.errors import CkptError, Unavailable
 from tests.cluster import Cluster, read_report, wait_for
 from tests.tensors import digests, write_sharded
 
@@ -135,8 +135,16 @@ def _tensors(seed: int, nbytes: int) -> dict[str, torch.Tensor]:
 def _push(c: Cluster, tmp: Path, tensors: dict, **kw) -> str:
     c.seq += 1
     name = f"f{c.seq}"
-    c.client.push(name, 1, [str(write_sharded(tensors, tmp / name))], **kw)
-    return name
+    src = str(write_sharded(tensors, tmp / name))
+    deadline = time.monotonic() + 10
+    while True:  # an agent whose worker was restarted re-attaches: a moment without it
+        try:
+            c.client.push(name, 1, [src], **kw)
+            return name
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _wait_job(c: Cluster, job_id: str, timeout: float) -> tpb.Job:
