@@ -187,15 +187,14 @@ def _try_update(c: Cluster, name: str) -> tpb.Job | None:
 
 
 def _shm_orphans(c: Cluster) -> list[str]:
-    """Segments of the cluster's nodes beyond one hand-off buffer per device."""
+    """With no version left: segments of the cluster's devices beyond one each (its engine
+    hand-off buffer), whatever the naming scheme inside a device's prefix."""
     out = []
+    names = os.listdir("/dev/shm")
     for node in NODES:
-        pre = segment_prefix(node)
-        names = [n for n in os.listdir("/dev/shm") if n.startswith(pre)]
         for d in (0, 1):
-            mine = [n for n in names if n.startswith(f"{pre}{d}_")]
-            ipc = [n for n in mine if n.startswith(f"{pre}{d}_ipc_")]
-            out += [n for n in mine if n not in ipc] + ipc[1:]
+            pre = f"{segment_prefix(node)}{d}_"
+            out += sorted(n for n in names if n.startswith(pre))[1:]
     return out
 
 
