@@ -84,6 +84,7 @@ class TensorInfo:
     store_offset: int
     path: str = ""
     file_offset: int = 0
+    checksum: int | None = None  # ckpt_common.checksum from the host store; None: unknown
 
 
 @dataclass(kw_only=True, slots=True)
