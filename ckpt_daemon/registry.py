@@ -155,6 +155,9 @@ class Registry:
             )
         for (body,) in db.execute("SELECT body FROM instances"):
             inst = instance_from_json(json.loads(body))
+            if inst.pending and inst.ready:  # a job was cut short: what it holds is unknown
+                inst.ready = False
+                inst.reason = f"ckptd restarted during job {inst.pending}: restoring"
             self.instances[inst.name] = inst
         now = time.time()
         for (body,) in db.execute("SELECT body FROM jobs ORDER BY created"):

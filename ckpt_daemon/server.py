@@ -36,10 +36,12 @@ class Daemon:
     port: int
     metrics_port: int = 0
     _monitor: asyncio.Task[None] | None = None
+    _reconciler: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
-        if self._monitor:
-            self._monitor.cancel()
+        for task in (self._monitor, self._reconciler):
+            if task:
+                task.cancel()
         await self.server.stop(grace)
         self.registry.close()
 
@@ -78,6 +80,7 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     if config.metrics_listen:
         daemon.metrics_port = metrics.serve(config.metrics_listen)
     daemon._monitor = asyncio.create_task(hub.monitor())
+    daemon._reconciler = asyncio.create_task(jobs.reconcile_forever())
     log.info(
         "ckptd_started",
         listen=config.listen,

@@ -146,9 +146,10 @@ class Receiver:
             return ipb.ReceiverDone(ok=False, reason="worker sent no go-ahead")
         if not go.proceed.ok:
             return ipb.ReceiverDone(ok=False, reason=problem or go.proceed.reason)
+        touched = [False]
         try:
             buf = self.buffer.map(b.buffer, self.device)
-            it = self._tensors(info, buf, b.slot_bytes, step_timeout_s)
+            it = self._tensors(info, buf, b.slot_bytes, step_timeout_s, touched)
             del buf
             load(info, it)
             for _ in it:  # a loader that stopped early still lets the worker finish
@@ -161,6 +162,7 @@ class Receiver:
                 checkpoint=b.checkpoint,
                 version=b.version,
             )
+        done.touched = touched[0]
         it = None
         if b.buffer.startswith("cuda:"):
             # A device buffer lives for one update: unmap it before saying done, so the
@@ -170,7 +172,7 @@ class Receiver:
         return done
 
     def _tensors(
-        self, info: UpdateInfo, buf: Any, slot_bytes: int, timeout_s: float
+        self, info: UpdateInfo, buf: Any, slot_bytes: int, timeout_s: float, touched: list[bool]
     ) -> Iterator[tuple[str, Any]]:
         """Yields each bucket's tensors once every checksum in it matched: a bucket that does
         not match fails before any of its tensors reaches the loader."""
@@ -197,6 +199,7 @@ class Receiver:
                 raise ReceiveError(
                     f"checksum mismatch in bucket {bk.bucket}: {len(bad)} tensors, e.g. {bad[0]!r}"
                 )
+            touched[0] = touched[0] or bool(ready)
             for meta, raw, copy in ready:
                 t = raw.view(torch_dtype(meta.dtype)).reshape(tuple(meta.shape))
                 yield meta.name, (t.clone() if copy else t)
