@@ -426,6 +426,14 @@ class Registry:
 
     # ------------------------------------------------------------------ instances
 
+    def counts(self) -> tuple[int, int]:
+        """(attached agents, READY versions), consistent, for threads other than the loop's
+        (the metrics server): every change to the registry's maps holds this lock."""
+        with self._lock:
+            attached = sum(a.attached for a in self.agents.values())
+            ready = sum(cv.state == CheckpointState.READY for cv in self.checkpoints.values())
+            return attached, ready
+
     def put_instance(self, inst: Instance) -> None:
         with self._lock:
             self.instances[inst.name] = inst
