@@ -1,7 +1,7 @@
 """The per-tensor checksum: computed once from the host store at push, verified by every
 engine on the bytes that arrived (on the GPU on CUDA) before they are loaded.
 
-The bytes are read as little-endian int32 words in rows of ROW words (the tail that fills no
+The bytes are read as little-endian int64 words in rows of ROW words (the tail that fills no
 whole row is read as bytes). With r_j the sum of row j and c_k the sum of column k, all in
 int64 arithmetic modulo 2^64:
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ROW = 256  # int32 words per row
+ROW = 128  # int64 words per row
 MASK = (1 << 64) - 1
 _K = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5)
 
@@ -33,8 +33,8 @@ def _mix(nbytes: int, parts: tuple[int, int, int, int]) -> int:
 
 def _split(n: int) -> tuple[int, int]:
     """Rows and the byte length they cover."""
-    rows = n // (4 * ROW)
-    return rows, rows * 4 * ROW
+    rows = n // (8 * ROW)
+    return rows, rows * 8 * ROW
 
 
 def of_numpy(data: Any) -> int:
@@ -52,11 +52,11 @@ def of_numpy(data: Any) -> int:
     rows, body = _split(b.size)
     s1 = s2 = s3 = 0
     if rows:
-        w = b[:body].view("<i4").reshape(rows, ROW)
+        w = b[:body].view("<i8").reshape(rows, ROW)
         with np.errstate(over="ignore"):
             r = w.sum(axis=1, dtype=np.int64)
             c = w.sum(axis=0, dtype=np.int64)
-            s1 = int(r.sum(dtype=np.int64))
+            s1 = int(c.sum(dtype=np.int64))
             s2 = int((r * np.arange(1, rows + 1, dtype=np.int64)).sum(dtype=np.int64))
             s3 = int((c * np.arange(1, ROW + 1, dtype=np.int64)).sum(dtype=np.int64))
     tail = b[body:].astype(np.int64)
@@ -64,27 +64,40 @@ def of_numpy(data: Any) -> int:
     return _mix(b.size, (s1 & MASK, s2 & MASK, s3 & MASK, s4 & MASK))
 
 
+_WEIGHTS: dict[Any, Any] = {}  # device -> 1, 2, 3, ... (int64), grown on demand
+
+
+def _weights(n: int, device: Any) -> Any:
+    import torch
+
+    w = _WEIGHTS.get(device)
+    if w is None or w.numel() < n:
+        w = torch.arange(1, max(n, 1 << 16) + 1, dtype=torch.int64, device=device)
+        _WEIGHTS[device] = w
+    return w[:n]
+
+
 def parts_torch(t: Any) -> Any:
     """The four sums of a 1-D uint8 torch tensor, as an int64 tensor on its device (no
     synchronisation): stack several and read them back at once."""
     import torch
 
-    if t.storage_offset() % 4:  # an int32 view needs 4-byte alignment
+    if t.storage_offset() % 8:  # an int64 view needs 8-byte alignment
         t = t.clone()
     n = t.numel()
     rows, body = _split(n)
     dev = t.device
     if rows:
-        w = t[:body].view(torch.int32).view(rows, ROW)
-        r = w.sum(dim=1, dtype=torch.int64)
-        c = w.sum(dim=0, dtype=torch.int64)
-        s1 = r.sum()
-        s2 = (r * torch.arange(1, rows + 1, dtype=torch.int64, device=dev)).sum()
-        s3 = (c * torch.arange(1, ROW + 1, dtype=torch.int64, device=dev)).sum()
+        w = t[:body].view(torch.int64).view(rows, ROW)
+        r = w.sum(dim=1)
+        c = w.sum(dim=0)
+        s1 = c.sum()
+        s2 = (r * _weights(rows, dev)).sum()
+        s3 = (c * _weights(ROW, dev)).sum()
     else:
         s1 = s2 = s3 = torch.zeros((), dtype=torch.int64, device=dev)
     tail = t[body:].to(torch.int64)
-    s4 = (tail * torch.arange(1, tail.numel() + 1, dtype=torch.int64, device=dev)).sum()
+    s4 = (tail * _weights(tail.numel(), dev)).sum()
     return torch.stack([s1, s2, s3, s4])
 
 
