@@ -22,7 +22,7 @@ import structlog
 
 from ckpt_common.errors import Aborted, DeadlineExceeded, Unavailable
 from ckpt_common.ipc import worker_endpoint
-from ckpt_daemon.model import Instance, Job
+from ckpt_daemon.model import Instance, InstanceKind, Job
 from ckpt_daemon.registry import Registry
 
 log = structlog.get_logger("ckptd.engines")
@@ -119,6 +119,18 @@ class EngineTrigger:
                 log.info("engine_paused", seconds=round(time.monotonic() - t_pause, 4), **bind)
             elif paused:  # it may hold a mix: it serves again only once restored
                 log.warning("engine_kept_paused", **bind)
+
+    async def alive(self, instance: Instance) -> bool:
+        """The engine answers its health check (a restore is pointless otherwise)."""
+        if instance.kind != InstanceKind.VLLM:
+            return True  # a receiver waits on its worker's socket: the update tells
+        try:
+            await asyncio.to_thread(
+                http_json, f"{instance.endpoint.rstrip('/')}/health", None, 3.0, "GET"
+            )
+            return True
+        except Exception:
+            return False
 
     async def resume(self, instance: Instance, timeout: float) -> None:
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -57,7 +57,9 @@ class JobRunner:
         config: DaemonConfig,
         trigger: EngineTrigger = no_trigger,
         on_finished: Callable[[Job], None] | None = None,
+        alive: Callable[[Instance], Awaitable[bool]] | None = None,
     ) -> None:
+        self._alive = alive
         self._registry = registry
         self._hub = hub
         self._config = config
@@ -453,6 +455,9 @@ class JobRunner:
 
     async def _restore_once(self, inst: Instance, *, wait_s: float) -> str:
         errors = []
+        if self._alive is not None and not await self._alive(inst):
+            errors.append("its engine does not answer")
+            return self._restore_failed(inst, errors)
         for method in ("broadcast", "p2p"):
             spec = UpdateSpec(
                 checkpoint=inst.checkpoint,
@@ -474,6 +479,9 @@ class JobRunner:
                 return f"{inst.name} restored to {inst.checkpoint}@{inst.version} (job {rj.id})"
             errors.append(f"job {rj.id}: {rj.reason or rj.state.name}")
             break
+        return self._restore_failed(inst, errors)
+
+    def _restore_failed(self, inst: Instance, errors: list[str]) -> str:
         delay = next_backoff(self._backoff.get(inst.name, (0.0, 0.0))[1])
         self._backoff[inst.name] = (time.monotonic() + delay, delay)
         return (

@@ -53,7 +53,12 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     trigger = EngineTrigger(registry)
     metrics = Metrics(registry)
     jobs = JobRunner(
-        registry, hub, config, trigger=trigger.trigger, on_finished=metrics.job_finished
+        registry,
+        hub,
+        config,
+        trigger=trigger.trigger,
+        on_finished=metrics.job_finished,
+        alive=trigger.alive,
     )
     opts = [
         ("grpc.max_send_message_length", MAX_MESSAGE),
