@@ -72,6 +72,7 @@ class JobRunner:
         self._participants_freed = asyncio.Event()
         self._backoff: dict[str, tuple[float, float]] = {}  # instance -> (not before, delay)
         self._restoring: set[str] = set()
+        self._closing = False
 
     # ---------------------------------------------------------------- queries
 
@@ -372,8 +373,9 @@ class JobRunner:
                 "job_succeeded", seconds=round(time.time() - job.started, 4), bytes=job.bytes_total
             )
         except asyncio.CancelledError:
-            job.state, job.reason = JobState.CANCELLED, "cancelled"
-            self._exec.abort(job, plan, "cancelled")
+            why = "ckptd stopped while the job ran" if self._closing else "cancelled"
+            job.state, job.reason = JobState.CANCELLED, why
+            self._exec.abort(job, plan, why)
         except CkptError as e:
             job.state, job.reason = JobState.FAILED, e.message
             log.warning("job_failed", reason=e.message)
@@ -423,8 +425,8 @@ class JobRunner:
     async def _restore_after(self, job: Job) -> None:
         """Instances a failed job touched are restored before the job ends (first attempt),
         and the job's reason says how each one ended."""
-        if job.spec.rollback_of:
-            return  # the reconciler retries a failed restore
+        if job.spec.rollback_of or self._closing:
+            return  # the reconciler retries a failed restore (after a restart too)
         notes = []
         for inst in self._touched(job):
             if inst.pending == job.id:
@@ -504,6 +506,15 @@ class JobRunner:
             if inst is not None and inst.pending and inst.name not in self._restoring:
                 note = await self._restore(inst, wait_s=self._config.update_timeout_s)
                 log.info("instance_reconciled", instance=d.instance, note=note)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Cancels the running jobs and waits for them to record their end."""
+        self._closing = True
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
 
     async def reconcile_forever(self, interval_s: float = 1.0) -> None:
         while True:

@@ -43,6 +43,7 @@ class Daemon:
             if task:
                 task.cancel()
         await self.server.stop(grace)
+        await self.jobs.close()
         self.registry.close()
 
 
