@@ -70,17 +70,22 @@ def module_feeds(model: Any, shapes: dict[str, tuple[int, ...]]) -> Feeds:
     fed: dict[str, set[str]] = {}
 
     def recorder(pid: int, loader: Any, meta: Any) -> Any:
-        def record(_param: Any, *args: Any, **kwargs: Any) -> Any:
+        def record(*args: Any, **kwargs: Any) -> Any:
             fed.setdefault(current[0], set()).update(owners[pid])
-            return loader(meta, *args, **kwargs)
+            if "param" in kwargs:  # loaders are called both ways
+                kwargs["param"] = meta
+            else:
+                args = (meta, *args[1:])
+            return loader(*args, **kwargs)
 
         return record
 
     saved = {pid: dict(p.__dict__) for pid, (p, _, _) in params.items()}
     try:
         for pid, (p, m, attr) in params.items():
-            loader = getattr(p, "weight_loader", default_weight_loader)
-            p.weight_loader = recorder(pid, loader, _meta_param(m, attr, p))
+            meta = _meta_param(m, attr, p)  # post-load processing may have dropped the
+            loader = getattr(meta, "weight_loader", default_weight_loader)  # live one's
+            p.weight_loader = recorder(pid, loader, meta)
 
         def weights() -> Iterator[tuple[str, Any]]:
             for name, shape in shapes.items():
