@@ -46,6 +46,7 @@ class WorkerExtension:
                 "ok": False,
                 "rank": rank,
                 "reason": f"worker rank {rank} has no endpoint ({len(endpoints)} given)",
+                "touched": False,
             }
         timeout = float(spec.get("timeout_s") or 300.0)
         recv = self._ckpt_receiver(endpoints[rank])
@@ -57,11 +58,15 @@ class WorkerExtension:
                 wait_s=min(60.0, timeout),
                 step_timeout_s=timeout,
             )
+        except TimeoutError as e:  # no update started: nothing was loaded
+            recv.reset()
+            return {"ok": False, "rank": rank, "reason": str(e), "touched": False}
         except Exception as e:  # never raise through collective_rpc: say what happened
             recv.reset()
             return {"ok": False, "rank": rank, "reason": f"{type(e).__name__}: {e}"}
         return {
             "ok": bool(done.ok),
+            "touched": bool(done.touched),  # False: it can serve on (nothing was loaded)
             "rank": rank,
             "reason": done.reason,
             "checkpoint": done.checkpoint,
