@@ -3,6 +3,7 @@ copy into it, and the collective. CPU: shared memory + gloo. CUDA: see cuda_back
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -235,7 +236,7 @@ class CpuBackend:
 
         if self._ipc is None or self._ipc.mem.size < nbytes:
             self._release_ipc()
-            name = f"{self._prefix}ipc_{int(time.time() * 1000) % 10**9}"
+            name = f"{self._prefix}i{os.getpid()}_{int(time.time() * 1000) % 10**9}"
             mem = shm.create(name, nbytes)
             self._ipc = _Ipc(name, mem, torch.frombuffer(mem.buf, dtype=torch.uint8))
         return f"shm:{self._ipc.name}", self._ipc.tensor

@@ -9,9 +9,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from typing import Any
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent import shm
+from ckpt_common import checksum
 from ckpt_common.ipc import safe
 
 LOAD_THREADS_ENV = "CKPT_LOAD_THREADS"
@@ -58,7 +60,22 @@ class Store:
 
 
 def segment_prefix(node_id: str) -> str:
-    return f"ckpt_{hashlib.sha1(node_id.encode()).hexdigest()[:8]}_"
+    """Every segment of a node starts with this (fixed length: no node's prefix is a prefix
+    of another's)."""
+    return f"ckpt_{hashlib.sha256(node_id.encode()).hexdigest()[:12]}_"
+
+
+def device_prefix(node_id: str, device: int) -> str:
+    return f"{segment_prefix(node_id)}{device}_"
+
+
+def store_segment(prefix: str, checkpoint: str, version: int) -> str:
+    """A store's segment name, one-to-one with (checkpoint, version) for a device prefix: a
+    digest of both (names that differ only in characters a segment name cannot hold stay
+    apart), then a readable hint. Other segments of the device (spares "s", hand-off buffers
+    "i") use other kind letters, so no checkpoint name can produce one of theirs."""
+    digest = hashlib.sha256(f"{checkpoint}\0{version}".encode()).hexdigest()[:24]
+    return f"{prefix}v{digest}_{safe(checkpoint)[:40]}_{version}"
 
 
 class HostStore:
@@ -75,7 +92,7 @@ class HostStore:
         spares: int = 0,
         release: Callable[[Store], None] | None = None,
     ) -> None:
-        self._prefix = f"{segment_prefix(node_id)}{device}_"
+        self._prefix = device_prefix(node_id, device)
         self._stores: dict[tuple[str, int], Store] = {}
         self._spares: list[Store] = []
         self._max_spares = spares
@@ -93,7 +110,7 @@ class HostStore:
         if key in self._stores:
             self.drop(cmd.checkpoint, cmd.version)
         t0 = time.monotonic()
-        name = f"{self._prefix}{safe(cmd.checkpoint)[:80]}_{cmd.version}"
+        name = store_segment(self._prefix, cmd.checkpoint, cmd.version)
         spare = self._take_spare(cmd.nbytes, name)
         mem = spare.mem if spare is not None else shm.create(name, cmd.nbytes)
         try:
@@ -132,6 +149,28 @@ class HostStore:
         self._stores[key] = Store(cmd.checkpoint, cmd.version, name, cmd.nbytes, mem)
         return apb.StoreReady(segment=name, nbytes=cmd.nbytes, seconds=time.monotonic() - t0)
 
+    def checksums(self, checkpoint: str, version: int, items: Any) -> list[int]:
+        """ckpt_common.checksum of each item's range (store_offset, nbytes) of a store, in
+        parallel (numpy releases the GIL)."""
+        import numpy as np
+
+        s = self.get(checkpoint, version)
+        whole = np.frombuffer(s.mem.buf, dtype=np.uint8)
+        ranges = [(int(it.store_offset), int(it.nbytes)) for it in items]
+        for off, n in ranges:
+            if off < 0 or n < 0 or off + n > s.nbytes:
+                raise StoreError("INVALID_ARGUMENT", "a checksum range lies beyond the store")
+
+        def one(r: tuple[int, int]) -> int:
+            return checksum.of_numpy(whole[r[0] : r[0] + r[1]])
+
+        total = sum(n for _, n in ranges)
+        nthreads = min(load_threads(), max(1, total // PARALLEL_MIN))
+        if nthreads > 1:
+            with ThreadPoolExecutor(nthreads, thread_name_prefix="store-sum") as ex:
+                return list(ex.map(one, ranges))
+        return [one(r) for r in ranges]
+
     def _take_spare(self, nbytes: int, name: str) -> Store | None:
         for i, s in enumerate(self._spares):
             if s.nbytes == nbytes:
@@ -168,7 +207,7 @@ class HostStore:
             return False
         if self._max_spares > 0 and s.nbytes >= SPARE_MIN:
             self._nspare += 1
-            if not self._rename(s, f"{self._prefix}spare_{self._nspare}"):
+            if not self._rename(s, f"{self._prefix}s{self._nspare}"):
                 return True
             self._spares.append(s)
             while len(self._spares) > self._max_spares:

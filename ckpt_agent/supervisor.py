@@ -15,7 +15,7 @@ import structlog
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent import shm
-from ckpt_agent.host_store import segment_prefix
+from ckpt_agent.host_store import device_prefix
 from ckpt_agent.worker import READY_ID, worker_main
 
 log = structlog.get_logger("ckpt_agent.supervisor")
@@ -142,8 +142,3 @@ class Supervisor:
             if h.proc.is_alive():
                 h.proc.kill()
                 h.proc.join(timeout=5)
-
-
-def device_prefix(node_id: str, device: int) -> str:
-    """The start of every shared-memory segment one device's worker creates."""
-    return f"{segment_prefix(node_id)}{device}_"

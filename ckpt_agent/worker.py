@@ -22,7 +22,7 @@ import structlog
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent.backend import RENDEZVOUS_S
 from ckpt_agent.group_abort import Abort, PeerWatch
-from ckpt_agent.host_store import HostStore, StoreError, segment_prefix
+from ckpt_agent.host_store import HostStore, StoreError, device_prefix
 from ckpt_agent.receiver_link import ReceiverLink
 from ckpt_common.ipc import worker_endpoint
 from ckpt_common.logs import setup_logging
@@ -76,7 +76,7 @@ class Worker:
         else:
             from ckpt_agent.backend import CpuBackend
 
-            self.backend = CpuBackend(f"{segment_prefix(node_id)}{device}_")
+            self.backend = CpuBackend(device_prefix(node_id, device))
         self.link = ReceiverLink(worker_endpoint(node_id, device, ipc_dir))
         self._io = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._group_stores: dict[str, Any] = {}
@@ -134,6 +134,8 @@ class Worker:
         kind = cmd.WhichOneof("body")
         if kind == "load":
             self._io.submit(self._guard, cmd.id, self._load, cmd)
+        elif kind == "seal":
+            self._io.submit(self._guard, cmd.id, self._seal, cmd)
         elif kind == "drop":
             self._io.submit(self._guard, cmd.id, self._drop, cmd)
         elif kind == "prepare_group":
@@ -164,6 +166,10 @@ class Worker:
     def _load(self, cmd: apb.Command) -> None:
         t_load = time.monotonic()
         ready = self.stores.load(cmd.load)
+        if cmd.load.items:  # a file push: checksums of what landed (a direct push: at Seal)
+            ready.checksums.extend(
+                self.stores.checksums(cmd.load.checkpoint, cmd.load.version, cmd.load.items)
+            )
         pin = getattr(self.backend, "pin_store", None)
         if pin is not None:  # CUDA: pin now, so the first update runs at DMA speed
             pin(self.stores.get(cmd.load.checkpoint, cmd.load.version))
@@ -183,6 +189,16 @@ class Worker:
             p2p=ready.p2p.session,
         )
         self.reply(cmd.id, ok=True, store=ready)
+
+    def _seal(self, cmd: apb.Command) -> None:
+        t0 = time.monotonic()
+        s = cmd.seal
+        sums = self.stores.checksums(s.checkpoint, s.version, s.items)
+        self.reply(
+            cmd.id,
+            ok=True,
+            store=apb.StoreReady(checksums=sums, seconds=time.monotonic() - t0),
+        )
 
     def _drop(self, cmd: apb.Command) -> None:
         if self._p2p_engine is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 
@@ -24,5 +25,8 @@ def safe(text: str) -> str:
 
 
 def worker_endpoint(node_id: str, device: int, directory: str | None = None) -> str:
-    """The ZMQ endpoint of the agent worker for (node, device)."""
-    return f"ipc://{os.path.join(ipc_dir(directory), f'{safe(node_id)}-{device}.sock')}"
+    """The ZMQ endpoint of the agent worker for (node, device): one-to-one with the pair (a
+    digest of the node id; its readable part is only a hint)."""
+    digest = hashlib.sha256(node_id.encode()).hexdigest()[:12]
+    name = f"{safe(node_id)[:24]}-{digest}-{device}.sock"
+    return f"ipc://{os.path.join(ipc_dir(directory), name)}"

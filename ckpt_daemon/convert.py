@@ -14,6 +14,7 @@ from ckpt_daemon.model import (
     Job,
     RankRef,
     SourceFile,
+    TensorInfo,
     UpdateSpec,
 )
 
@@ -62,11 +63,15 @@ def checkpoint_to_pb(
     if mirror is not None:
         out.mirrors.extend(checkpoint_to_pb(mirror, order).shards)
     if include_tensors:
-        out.tensors.extend(
-            tpb.TensorMeta(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes)
-            for t in cv.tensors
-        )
+        out.tensors.extend(tensor_meta(t) for t in cv.tensors)
     return out
+
+
+def tensor_meta(t: TensorInfo) -> tpb.TensorMeta:
+    m = tpb.TensorMeta(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes)
+    if t.checksum is not None:
+        m.checksum = t.checksum
+    return m
 
 
 def update_spec_from_pb(req: cpb.UpdateRequest) -> UpdateSpec:

@@ -4,8 +4,9 @@ INSTANCE_RECEIVER instances drive themselves (they wait on their worker's socket
 server (VLLM_SERVER_DEV_MODE=1, --worker-extension-cls vllm_ext.WorkerExtension) is called
 over HTTP: pause new work (`/pause?mode=keep`: queued and running requests are kept and go on
 after `/resume`), `/collective_rpc` of `ckpt_update` on every worker, check every worker's
-result, record the version (`/update_weight_version`), resume. Resuming happens whatever
-the outcome.
+result, record the version (`/update_weight_version`), resume. An engine whose update
+failed after it started loading stays paused: it may hold a mix, and serves again only once
+a restore (ckpt_daemon.restore) brought it back to one version.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import structlog
 
 from ckpt_common.errors import Aborted, DeadlineExceeded, Unavailable
 from ckpt_common.ipc import worker_endpoint
-from ckpt_daemon.model import Instance, Job
+from ckpt_daemon.model import Instance, InstanceKind, Job
 from ckpt_daemon.registry import Registry
 
 log = structlog.get_logger("ckptd.engines")
@@ -57,7 +58,7 @@ class EngineTrigger:
         base = instance.endpoint.rstrip("/")
         bind = {"instance": instance.name, "job": job.id}
         ctl = min(self._control_timeout, timeout)
-        paused = False
+        paused = committed = False
         t_pause = time.monotonic()
         try:
             try:
@@ -87,6 +88,8 @@ class EngineTrigger:
                     f"{len(instance.ranks)} expected"
                 )
             bad = [r for r in results if not (isinstance(r, dict) and r.get("ok"))]
+            # Nothing loaded anywhere (refused before any weight was touched): it can serve.
+            committed = all(isinstance(r, dict) and r.get("touched") is False for r in results)
             if bad:
                 r = bad[0]
                 reason = r.get("reason") if isinstance(r, dict) else str(r)
@@ -100,6 +103,7 @@ class EngineTrigger:
             except urllib.error.HTTPError as e:
                 if e.code != 404:
                     raise
+            committed = True
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")[:500]
             raise Aborted(
@@ -110,9 +114,26 @@ class EngineTrigger:
         except (urllib.error.URLError, ConnectionError, OSError) as e:
             raise Unavailable(f"instance {instance.name} at {base} unreachable: {e}") from None
         finally:
-            if paused:
-                try:
-                    await self._post(f"{base}/resume", None, ctl)
-                except Exception as e:  # still report the update's own outcome
-                    log.error("engine_resume_failed", error=str(e), **bind)
+            if paused and committed:
+                await self.resume(instance, ctl)
                 log.info("engine_paused", seconds=round(time.monotonic() - t_pause, 4), **bind)
+            elif paused:  # it may hold a mix: it serves again only once restored
+                log.warning("engine_kept_paused", **bind)
+
+    async def alive(self, instance: Instance) -> bool:
+        """The engine answers its health check (a restore is pointless otherwise)."""
+        if instance.kind != InstanceKind.VLLM:
+            return True  # a receiver waits on its worker's socket: the update tells
+        try:
+            await asyncio.to_thread(
+                http_json, f"{instance.endpoint.rstrip('/')}/health", None, 3.0, "GET"
+            )
+            return True
+        except Exception:
+            return False
+
+    async def resume(self, instance: Instance, timeout: float) -> None:
+        try:
+            await self._post(f"{instance.endpoint.rstrip('/')}/resume", None, timeout)
+        except Exception as e:  # still report the update's own outcome
+            log.error("engine_resume_failed", error=str(e), instance=instance.name)

@@ -12,10 +12,10 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import Aborted, CkptError
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
+from ckpt_daemon.convert import tensor_meta
 from ckpt_daemon.model import Instance, InstanceKind, Job, PhaseTimes, RankRef, RankResult
 from ckpt_daemon.planner import Plan
 from ckpt_daemon.registry import Registry
@@ -80,10 +80,7 @@ class Executor:
                     notify(job)
 
         self._hub.on_progress(job.id, progress)
-        tensors = [
-            tpb.TensorMeta(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes)
-            for t in plan.tensors
-        ]
+        tensors = [tensor_meta(t) for t in plan.tensors]
         buckets = [
             apb.Bucket(
                 owner=b.owner,

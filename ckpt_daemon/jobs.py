@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -43,6 +43,7 @@ from ckpt_daemon.planner import (
     select_tensors,
 )
 from ckpt_daemon.registry import Registry
+from ckpt_daemon.restore import due_restores, next_backoff, split_instance
 from ckpt_daemon.sources import p2p_sources
 
 log = structlog.get_logger("ckptd.jobs")
@@ -56,7 +57,9 @@ class JobRunner:
         config: DaemonConfig,
         trigger: EngineTrigger = no_trigger,
         on_finished: Callable[[Job], None] | None = None,
+        alive: Callable[[Instance], Awaitable[bool]] | None = None,
     ) -> None:
+        self._alive = alive
         self._registry = registry
         self._hub = hub
         self._config = config
@@ -67,6 +70,9 @@ class JobRunner:
         self._busy_participants: dict[RankRef, str] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._participants_freed = asyncio.Event()
+        self._backoff: dict[str, tuple[float, float]] = {}  # instance -> (not before, delay)
+        self._restoring: set[str] = set()
+        self._closing = False
 
     # ---------------------------------------------------------------- queries
 
@@ -122,6 +128,12 @@ class JobRunner:
             targets.update(inst.ranks)
         if not targets:
             raise InvalidArgument("no target: give ranks or instances")
+        split = split_instance(self._registry.instances.values(), targets)
+        if split:
+            raise InvalidArgument(
+                f"the update covers only some ranks of instance {split!r}: its engine would "
+                "serve a mix of versions; give all of its ranks (or the instance)"
+            )
         tl = sorted(targets)
         return tl, [index[r] for r in tl]
 
@@ -350,6 +362,7 @@ class JobRunner:
         bind.__enter__()
         try:
             await self._acquire_participants(job, plan, deadline)
+            self._mark_pending(job)
             job.state = JobState.RUNNING
             job.started = time.time()
             self._registry.put_job(job)
@@ -360,8 +373,9 @@ class JobRunner:
                 "job_succeeded", seconds=round(time.time() - job.started, 4), bytes=job.bytes_total
             )
         except asyncio.CancelledError:
-            job.state, job.reason = JobState.CANCELLED, "cancelled"
-            self._exec.abort(job, plan, "cancelled")
+            why = "ckptd stopped while the job ran" if self._closing else "cancelled"
+            job.state, job.reason = JobState.CANCELLED, why
+            self._exec.abort(job, plan, why)
         except CkptError as e:
             job.state, job.reason = JobState.FAILED, e.message
             log.warning("job_failed", reason=e.message)
@@ -373,8 +387,8 @@ class JobRunner:
             self._hub.on_progress(job.id, None)
             self._release(job, plan)
             self._record_instances(job)
-            if job.state == JobState.FAILED and job.first_bucket_s:
-                await self._roll_back(job)
+            if job.state != JobState.SUCCEEDED:
+                await self._restore_after(job)
             self._registry.put_job(job)
             if self._on_finished is not None:
                 try:
@@ -385,64 +399,127 @@ class JobRunner:
             self._tasks.pop(job.id, None)
             bind.__exit__(None, None, None)
 
-    async def _roll_back(self, job: Job) -> None:
-        """Engines of a failed update may hold a mix of versions (some buckets loaded).
-        Bring each registered instance it touched back to the version it served, from host
-        memory, and say so in the job's reason."""
-        if job.spec.rollback_of or job.kind != JobKind.UPDATE:
-            return
-        notes: list[str] = []
-        covered: set[RankRef] = set()
+    def _touched(self, job: Job) -> list[Instance]:
         tset = set(job.targets)
-        for inst in list(self._registry.instances.values()):
-            if not set(inst.ranks) & tset:
-                continue
-            covered.update(inst.ranks)
-            if not inst.checkpoint:
-                notes.append(f"{inst.name} served no known version: its state is unknown")
-                continue
-            if (inst.checkpoint, inst.version) == (job.spec.checkpoint, job.version) and (
-                not job.spec.tensors
-            ):
-                continue
+        return [i for i in self._registry.instances.values() if set(i.ranks) & tset]
+
+    def _mark_pending(self, job: Job) -> None:
+        """From here on the job may change what these instances hold."""
+        for inst in self._touched(job):
+            inst.pending = job.id
+            self._registry.put_instance(inst)
+
+    def _record_instances(self, job: Job) -> None:
+        for inst in self._touched(job):
+            if inst.pending != job.id:
+                continue  # the job never started sending it bytes
+            if job.state == JobState.SUCCEEDED:
+                if not job.spec.tensors:  # a partial update keeps the version it amends
+                    inst.checkpoint, inst.version = job.spec.checkpoint, job.version
+                inst.ready, inst.reason, inst.pending = True, "", ""
+            else:
+                inst.ready = False
+                inst.reason = f"{job.kind.name.lower()} job {job.id} failed: {job.reason}"
+            self._registry.put_instance(inst)
+
+    async def _restore_after(self, job: Job) -> None:
+        """Instances a failed job touched are restored before the job ends (first attempt),
+        and the job's reason says how each one ended."""
+        if job.spec.rollback_of or self._closing:
+            return  # the reconciler retries a failed restore (after a restart too)
+        notes = []
+        for inst in self._touched(job):
+            if inst.pending == job.id:
+                notes.append(await self._restore(inst, wait_s=self._config.update_timeout_s))
+        loose = [
+            job.target_ranks[i]
+            for i, r in enumerate(job.targets)
+            if not any(r in inst.ranks for inst in self._registry.instances.values())
+        ]
+        if loose:
+            notes.append(f"ranks {loose} are no instance's: their engines may hold a mix")
+        if notes:
+            job.reason = f"{job.reason}; " + "; ".join(notes)
+            log.warning("instances_restored", job=job.id, notes=notes)
+
+    async def _restore(self, inst: Instance, *, wait_s: float) -> str:
+        """One attempt to bring inst back to the version it last committed: broadcast from
+        the owners, else P2P from owners or mirrors. Returns what happened."""
+        if not inst.checkpoint:
+            return f"{inst.name} holds no known version: not ready until updated"
+        if inst.name in self._restoring:
+            return f"{inst.name} is being restored already"
+        self._restoring.add(inst.name)
+        try:
+            return await self._restore_once(inst, wait_s=wait_s)
+        finally:
+            self._restoring.discard(inst.name)
+
+    async def _restore_once(self, inst: Instance, *, wait_s: float) -> str:
+        errors = []
+        if self._alive is not None and not await self._alive(inst):
+            errors.append("its engine does not answer")
+            return self._restore_failed(inst, errors)
+        for method in ("broadcast", "p2p"):
             spec = UpdateSpec(
                 checkpoint=inst.checkpoint,
                 version=inst.version,
                 instances=[inst.name],
-                rollback_of=job.id,
+                method=method,
+                rollback_of=inst.pending or "reconcile",
             )
             try:
                 rj = await self.submit_update(spec)
-                notes.append(
-                    f"rolling {inst.name} back to {inst.checkpoint}@{inst.version} (job {rj.id})"
-                )
             except CkptError as e:
-                notes.append(
-                    f"{inst.name} may hold a mix of versions: rollback failed: {e.message}"
-                )
-        loose = sorted(job.target_ranks[i] for i, r in enumerate(job.targets) if r not in covered)
-        if loose:
-            notes.append(
-                f"ranks {loose} are no instance's: their engines may hold a mix of versions"
-            )
-        if notes:
-            job.reason = f"{job.reason}; " + "; ".join(notes)
-            log.warning("update_rolled_back", job=job.id, notes=notes)
-
-    def _record_instances(self, job: Job) -> None:
-        tset = set(job.targets)
-        for inst in list(self._registry.instances.values()):
-            if not set(inst.ranks) & tset:
+                errors.append(f"{method}: {e.message}")
                 continue
-            if job.state == JobState.SUCCEEDED and set(inst.ranks) <= tset and not job.spec.tensors:
-                inst.checkpoint, inst.version, inst.ready, inst.reason = (
-                    job.spec.checkpoint,
-                    job.version,
-                    True,
-                    "",
-                )
-            elif job.state != JobState.SUCCEEDED:
-                inst.reason = f"{job.kind.name.lower()} job {job.id} failed: {job.reason}"
-                if job.kind == JobKind.JOIN:
-                    inst.ready = False
-            self._registry.put_instance(inst)
+            task = self._tasks.get(rj.id)
+            if task is not None:
+                await asyncio.wait([task], timeout=wait_s)
+            if rj.state == JobState.SUCCEEDED:
+                self._backoff.pop(inst.name, None)
+                return f"{inst.name} restored to {inst.checkpoint}@{inst.version} (job {rj.id})"
+            errors.append(f"job {rj.id}: {rj.reason or rj.state.name}")
+            break
+        return self._restore_failed(inst, errors)
+
+    def _restore_failed(self, inst: Instance, errors: list[str]) -> str:
+        delay = next_backoff(self._backoff.get(inst.name, (0.0, 0.0))[1])
+        self._backoff[inst.name] = (time.monotonic() + delay, delay)
+        return (
+            f"{inst.name} could not be restored to {inst.checkpoint}@{inst.version} "
+            f"({'; '.join(errors)}): it stays paused and not ready; ckptd retries"
+        )
+
+    async def reconcile(self) -> None:
+        """Restores pending instances whose turn has come (called periodically)."""
+        busy = set(self._busy_targets)
+        due, waiting = due_restores(
+            list(self._registry.instances.values()),
+            busy=busy,
+            attached=set(self._hub.attached_nodes()),
+            now=time.monotonic(),
+            not_before={k: v[0] for k, v in self._backoff.items()},
+        )
+        for d in due:
+            inst = self._registry.instances.get(d.instance)
+            if inst is not None and inst.pending and inst.name not in self._restoring:
+                note = await self._restore(inst, wait_s=self._config.update_timeout_s)
+                log.info("instance_reconciled", instance=d.instance, note=note)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Cancels the running jobs and waits for them to record their end."""
+        self._closing = True
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+    async def reconcile_forever(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.reconcile()
+            except Exception:  # a bug: log it, keep reconciling
+                log.exception("reconcile_failed")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from ckpt_daemon.model import CheckpointState, Job
+from ckpt_daemon.model import Job
 from ckpt_daemon.registry import Registry
 
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 300)
@@ -41,15 +41,11 @@ class Metrics:
             registry=self.prom,
         )
         agents = Gauge("ckptd_agents_attached", "Attached agents", registry=self.prom)
-        agents.set_function(lambda: sum(a.attached for a in registry.agents.values()))
+        agents.set_function(lambda: registry.counts()[0])
         ready = Gauge(
             "ckptd_checkpoint_versions_ready", "READY checkpoint versions", registry=self.prom
         )
-        ready.set_function(
-            lambda: sum(
-                cv.state == CheckpointState.READY for cv in list(registry.checkpoints.values())
-            )
-        )
+        ready.set_function(lambda: registry.counts()[1])
 
     def job_finished(self, job: Job) -> None:
         kind = job.kind.name.lower()

@@ -84,6 +84,7 @@ class TensorInfo:
     store_offset: int
     path: str = ""
     file_offset: int = 0
+    checksum: int | None = None  # ckpt_common.checksum from the host store; None: unknown
 
 
 @dataclass(kw_only=True, slots=True)
@@ -146,6 +147,9 @@ class Instance:
     version: int = 0
     ready: bool = False
     reason: str = ""
+    # the job that may have left this instance on a mix (set while a job sends it bytes,
+    # cleared when one succeeds): it is not ready, and ckptd restores checkpoint@version
+    pending: str = ""
 
 
 @dataclass(kw_only=True, slots=True)

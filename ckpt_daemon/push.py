@@ -270,6 +270,7 @@ class Pusher:
                     cv.name, cv.version, r, ShardState.FAILED, reason=f"{r}: {e.message}"
                 )
                 raise
+            self._registry.set_checksums(cv.name, cv.version, r, list(res.store.checksums))
             self._record_store(cv, r, ShardState.READY, res.store)
 
         try:
@@ -382,7 +383,9 @@ class Pusher:
             await self._forget(cv)
             self._inflight.discard(key)
 
-    def commit_direct(self, name: str, version: int) -> CheckpointVersion:
+    async def commit_direct(self, name: str, version: int) -> CheckpointVersion:
+        """READY once every owner has checksummed what the trainer wrote (Seal); a seal that
+        fails drops the version."""
         key = (name, version)
         task = self._direct.pop(key, None)
         if task is None:
@@ -391,11 +394,29 @@ class Pusher:
             raise NotFound(f"checkpoint {name}@{version} not found (or its push expired)")
         task.cancel()
         cv = self._registry.checkpoints[key]
+        try:
+            await asyncio.gather(*(self._seal(cv, r) for r in cv.shards))
+        except BaseException:
+            await self._forget(cv)
+            raise
+        finally:
+            self._inflight.discard(key)
         for r in cv.shards:
             self._registry.set_shard(name, version, r, ShardState.READY)
-        self._inflight.discard(key)
         log.info("push_ready", checkpoint=name, version=version, direct=True)
         return cv
+
+    async def _seal(self, cv: CheckpointVersion, r: RankRef) -> None:
+        items = [
+            apb.LoadItem(store_offset=t.store_offset, nbytes=t.nbytes)
+            for t in cv.tensors
+            if t.owner == r
+        ]
+        cmd = apb.Command(
+            seal=apb.Seal(checkpoint=cv.name, version=cv.version, device=r.device, items=items)
+        )
+        res = await self._hub.command(r.node_id, cmd, self._config.load_timeout_s)
+        self._registry.set_checksums(cv.name, cv.version, r, list(res.store.checksums))
 
     def _record_store(
         self, cv: CheckpointVersion, r: RankRef, state: ShardState, store: apb.StoreReady

@@ -7,6 +7,7 @@ All methods are synchronous and thread-safe; callers on the event loop hand the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -31,6 +32,15 @@ from ckpt_daemon.planner import MIRROR_PREFIX, rank_order
 from ckpt_daemon.serialize import instance_from_json, instance_to_json, job_from_json, job_to_json
 
 DB_FILE = "registry.sqlite3"
+_U64 = (1 << 64) - 1
+
+
+def _signed(v: int | None) -> int | None:
+    """A uint64 as SQLite's signed 64-bit INTEGER."""
+    if v is None:
+        return None
+    return v - (1 << 64) if v >= 1 << 63 else v
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -41,7 +51,7 @@ CREATE TABLE IF NOT EXISTS tensors (
   name TEXT NOT NULL, version INTEGER NOT NULL, idx INTEGER NOT NULL, tensor TEXT NOT NULL,
   dtype TEXT NOT NULL, shape TEXT NOT NULL, nbytes INTEGER NOT NULL, node TEXT NOT NULL,
   device INTEGER NOT NULL, store_offset INTEGER NOT NULL, path TEXT NOT NULL,
-  file_offset INTEGER NOT NULL, PRIMARY KEY (name, version, idx));
+  file_offset INTEGER NOT NULL, checksum INTEGER, PRIMARY KEY (name, version, idx));
 CREATE TABLE IF NOT EXISTS shards (
   name TEXT NOT NULL, version INTEGER NOT NULL, node TEXT NOT NULL, device INTEGER NOT NULL,
   nbytes INTEGER NOT NULL, tensor_count INTEGER NOT NULL, state INTEGER NOT NULL,
@@ -67,6 +77,9 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        cols = {row[1] for row in self._db.execute("PRAGMA table_info(tensors)")}
+        if "checksum" not in cols:  # a registry written before checksums existed
+            self._db.execute("ALTER TABLE tensors ADD COLUMN checksum INTEGER")
         self.checkpoints: dict[tuple[str, int], CheckpointVersion] = {}
         self.agents: dict[str, AgentInfo] = {}
         self.instances: dict[str, Instance] = {}
@@ -80,9 +93,9 @@ class Registry:
         tensors: dict[tuple[str, int], list[TensorInfo]] = {}
         for row in db.execute(
             "SELECT name, version, tensor, dtype, shape, nbytes, node, device, store_offset, "
-            "path, file_offset FROM tensors ORDER BY name, version, idx"
+            "path, file_offset, checksum FROM tensors ORDER BY name, version, idx"
         ):
-            name, version, tname, dtype, shape, nbytes, node, device, off, path, foff = row
+            name, version, tname, dtype, shape, nbytes, node, device, off, path, foff, csum = row
             tensors.setdefault((name, version), []).append(
                 TensorInfo(
                     name=tname,
@@ -93,6 +106,7 @@ class Registry:
                     store_offset=off,
                     path=path,
                     file_offset=foff,
+                    checksum=None if csum is None else csum & _U64,
                 )
             )
         shards: dict[tuple[str, int], dict[RankRef, Shard]] = {}
@@ -141,6 +155,9 @@ class Registry:
             )
         for (body,) in db.execute("SELECT body FROM instances"):
             inst = instance_from_json(json.loads(body))
+            if inst.pending and inst.ready:  # a job was cut short: what it holds is unknown
+                inst.ready = False
+                inst.reason = f"ckptd restarted during job {inst.pending}: restoring"
             self.instances[inst.name] = inst
         now = time.time()
         for (body,) in db.execute("SELECT body FROM jobs ORDER BY created"):
@@ -255,7 +272,7 @@ class Registry:
                     (cv.name, cv.version, int(cv.state), cv.created, cv.ready, cv.reason),
                 )
                 db.executemany(
-                    "INSERT INTO tensors VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO tensors VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     [
                         (
                             cv.name,
@@ -270,6 +287,7 @@ class Registry:
                             t.store_offset,
                             t.path,
                             t.file_offset,
+                            _signed(t.checksum),
                         )
                         for i, t in enumerate(cv.tensors)
                     ],
@@ -347,6 +365,23 @@ class Registry:
             self._refresh_state(cv)
             return cv
 
+    def set_checksums(self, name: str, version: int, r: RankRef, sums: list[int]) -> None:
+        """Records the checksums an owner reported for its tensors, in the order they appear
+        in the version's tensor list. A count that does not match records nothing."""
+        with self._lock:
+            cv = self.checkpoints.get((name, version))
+            if not cv:
+                return
+            idx = [i for i, t in enumerate(cv.tensors) if t.owner == r]
+            if len(idx) != len(sums):
+                raise ValueError(f"{r} reported {len(sums)} checksums for {len(idx)} tensors")
+            for i, c in zip(idx, sums, strict=True):
+                cv.tensors[i] = dataclasses.replace(cv.tensors[i], checksum=int(c) & _U64)
+            self._db.executemany(
+                "UPDATE tensors SET checksum=? WHERE name=? AND version=? AND idx=?",
+                [(_signed(c), name, version, i) for i, c in zip(idx, sums, strict=True)],
+            )
+
     def fail_checkpoint(self, name: str, version: int, reason: str) -> None:
         with self._lock:
             cv = self.checkpoints.get((name, version))
@@ -400,6 +435,14 @@ class Registry:
             return cv
 
     # ------------------------------------------------------------------ instances
+
+    def counts(self) -> tuple[int, int]:
+        """(attached agents, READY versions), consistent, for threads other than the loop's
+        (the metrics server): every change to the registry's maps holds this lock."""
+        with self._lock:
+            attached = sum(a.attached for a in self.agents.values())
+            ready = sum(cv.state == CheckpointState.READY for cv in self.checkpoints.values())
+            return attached, ready
 
     def put_instance(self, inst: Instance) -> None:
         with self._lock:

@@ -36,11 +36,14 @@ class Daemon:
     port: int
     metrics_port: int = 0
     _monitor: asyncio.Task[None] | None = None
+    _reconciler: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
-        if self._monitor:
-            self._monitor.cancel()
+        for task in (self._monitor, self._reconciler):
+            if task:
+                task.cancel()
         await self.server.stop(grace)
+        await self.jobs.close()
         self.registry.close()
 
 
@@ -51,7 +54,12 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     trigger = EngineTrigger(registry)
     metrics = Metrics(registry)
     jobs = JobRunner(
-        registry, hub, config, trigger=trigger.trigger, on_finished=metrics.job_finished
+        registry,
+        hub,
+        config,
+        trigger=trigger.trigger,
+        on_finished=metrics.job_finished,
+        alive=trigger.alive,
     )
     opts = [
         ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -79,6 +87,7 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
         daemon.metrics_port = metrics.serve(config.metrics_listen)
     daemon._monitor = asyncio.create_task(hub.monitor())
     pusher.start_recovery()  # pushes a restart interrupted: complete or remove them
+    daemon._reconciler = asyncio.create_task(jobs.reconcile_forever())
     log.info(
         "ckptd_started",
         listen=config.listen,

@@ -100,7 +100,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
 
     @_unary
     async def CommitPush(self, request: cpb.CommitPushRequest, context) -> tpb.Checkpoint:
-        cv = self._pusher.commit_direct(request.name, request.version)
+        cv = await self._pusher.commit_direct(request.name, request.version)
         return convert.checkpoint_to_pb(cv, self._order())
 
     @_unary

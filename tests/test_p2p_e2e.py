@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from ckpt.v1 import types_pb2 as tpb
-from ckpt_common.errors import CkptError, FailedPrecondition
+from ckpt_common.errors import CkptError, FailedPrecondition, InvalidArgument
 from tests.cluster import Cluster, read_report, wait_for
 from tests.tensors import digests, mixed_tensors, write_sharded
 
@@ -72,19 +72,22 @@ def test_join_two_owners_tp2_byte_exact(cluster: Cluster, tmp_path: Path) -> Non
     inst = {i.name: i for i in c.client.instances()}["B"]
     assert inst.ready and inst.checkpoint == "m" and inst.version == 1
 
-    # update --method p2p of a subset works the same way
+    # update --method p2p works the same way; it never updates part of an instance
     t2 = mixed_tensors(22)
     c.client.push("m", 2, [str(write_sharded(t2, tmp_path / "m2"))], ranks=[0, 1])
-    job = c.client.wait(c.client.update("m", 2, ranks=[3], method=tpb.UPDATE_P2P).id, 120)
+    with pytest.raises(InvalidArgument, match="only some ranks of instance 'B'"):
+        c.client.update("m", 2, ranks=[3], method=tpb.UPDATE_P2P)
+    assert read_report(c.reports[1])["tensors"] == digests(t)
+    job = c.client.wait(c.client.update("m", 2, ranks=[2, 3], method=tpb.UPDATE_P2P).id, 120)
     assert job.state == tpb.JOB_SUCCEEDED, job.reason
-    assert read_report(c.reports[1])["tensors"] == digests(t2)
-    assert read_report(c.reports[0])["tensors"] == digests(t)
+    for r in c.reports:
+        assert read_report(r)["tensors"] == digests(t2)
 
 
 def test_join_defaults_to_what_the_fleet_serves(cluster: Cluster) -> None:
-    job = join(cluster)  # B serves m@1 (ready); the fleet version is m@1
+    job = join(cluster)  # B serves m@2 (ready); the fleet version is m@2
     assert job.state == tpb.JOB_SUCCEEDED, job.reason
-    assert job.checkpoint == "m" and job.version == 1
+    assert job.checkpoint == "m" and job.version == 2
 
 
 def test_ckptctl_join(cluster: Cluster) -> None:

@@ -76,23 +76,6 @@ def test_plan_p2p_only_targets_take_part_and_reads_are_spread() -> None:
     assert seen == {0, 1, 2}  # every owner is read from
 
 
-def test_fused_groups_must_be_complete_in_a_partial_update() -> None:
-    from vllm_ext.model_names import fused_siblings, incomplete_fused
-
-    class M:
-        packed_modules_mapping = {
-            "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-            "gate_up_proj": ["gate_proj", "up_proj"],
-        }
-
-    sib = fused_siblings(M())
-    layer = "model.layers.0"
-    whole = {f"{layer}.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj")}
-    assert incomplete_fused(whole | {f"{layer}.input_layernorm.weight"}, sib) is None
-    problem = incomplete_fused({f"{layer}.mlp.gate_proj.weight"}, sib)
-    assert problem and "up_proj" in problem
-
-
 def test_mirror_map_puts_mirrors_on_other_nodes() -> None:
     from ckpt_daemon.planner import PlanError, mirror_map
 

@@ -9,6 +9,9 @@ the agents' endpoints in engine rank order, and worker `self.rank` takes its own
 Loading goes through `model_runner.reload_weights(weights_iterator=...,
 is_checkpoint_format=True)`: vLLM's in-place path, which buffers a layer's tensors until the
 layer is complete and runs post-load processing (repacking on CPU, quantized layers on GPU).
+`vllm_ext.post_load` does what that path leaves undone (the fused-MoE experts' prepack,
+layers that share a loaded layer's weights such as a tied lm_head); `vllm_ext.coverage`
+refuses partial updates that would leave an engine layer half loaded.
 The receiver never reuses a buffer slot while a layer that points into it is incomplete: the
 planner keeps layers inside one bucket, and tensors whose layer spans buckets are copied.
 Where reload_weights is missing, `model.load_weights` + post-processing is the fallback.
@@ -43,6 +46,7 @@ class WorkerExtension:
                 "ok": False,
                 "rank": rank,
                 "reason": f"worker rank {rank} has no endpoint ({len(endpoints)} given)",
+                "touched": False,
             }
         timeout = float(spec.get("timeout_s") or 300.0)
         recv = self._ckpt_receiver(endpoints[rank])
@@ -54,11 +58,15 @@ class WorkerExtension:
                 wait_s=min(60.0, timeout),
                 step_timeout_s=timeout,
             )
+        except TimeoutError as e:  # no update started: nothing was loaded
+            recv.reset()
+            return {"ok": False, "rank": rank, "reason": str(e), "touched": False}
         except Exception as e:  # never raise through collective_rpc: say what happened
             recv.reset()
             return {"ok": False, "rank": rank, "reason": f"{type(e).__name__}: {e}"}
         return {
             "ok": bool(done.ok),
+            "touched": bool(done.touched),  # False: it can serve on (nothing was loaded)
             "rank": rank,
             "reason": done.reason,
             "checkpoint": done.checkpoint,
@@ -82,7 +90,14 @@ class WorkerExtension:
     def _ckpt_state(self) -> dict:
         st = getattr(self, "_ckpt_st", None)
         if st is None:
-            st = {"checkpoint": "", "version": 0, "updates": 0, "receiver": None, "expected": None}
+            st = {
+                "checkpoint": "",
+                "version": 0,
+                "updates": 0,
+                "receiver": None,
+                "expected": None,
+                "feeds": None,
+            }
             self._ckpt_st = st
         return st
 
@@ -111,38 +126,40 @@ class WorkerExtension:
     def _ckpt_validate(self, info: UpdateInfo) -> str | None:
         from vllm_ext.model_names import check_names
 
-        return check_names(
-            info.tensors, self._ckpt_expected(), self.model_runner.model, partial=info.partial
-        )
+        expected = self._ckpt_expected()
+        problem = check_names(info.tensors, expected, self.model_runner.model, partial=info.partial)
+        if problem or not info.partial:
+            return problem
+        return self._ckpt_check_layers({t.name for t in info.tensors}, expected)
+
+    def _ckpt_check_layers(self, names: set[str], expected: dict | None) -> str | None:
+        """A partial update must fill every engine layer it touches (vllm_ext.coverage)."""
+        from vllm_ext.coverage import incomplete_layers, module_feeds
+
+        st = self._ckpt_state()
+        if st.get("feeds") is None:
+            if not expected:
+                return "partial update refused: the engine's checkpoint tensors are unknown"
+            try:
+                st["feeds"] = module_feeds(self.model_runner.model, expected)
+            except Exception as e:  # a model whose loading cannot be traced on meta
+                return f"partial update refused: cannot map tensors to engine layers ({e!r})"
+        return incomplete_layers(names, st["feeds"])
 
     def _ckpt_load(self, info: UpdateInfo, tensors: Iterator[tuple[str, Any]]) -> None:
         runner = self.model_runner
         model = runner.model
         if hasattr(runner, "reload_weights"):
-            runner.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
-        else:  # older vLLM
+            from vllm_ext.post_load import PostLoad
+
+            with PostLoad(model) as post:
+                runner.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
+            post.finish()
+        else:  # older vLLM: a full load and a full post-load pass
             from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
             model.load_weights(tensors)
             process_weights_after_loading(model, self.vllm_config.model_config, self.device)
-        _refresh_tied_lm_head(model)
         st = self._ckpt_state()
         st["checkpoint"], st["version"] = info.checkpoint, int(info.version)
         st["updates"] += 1
-
-
-def _refresh_tied_lm_head(model: Any) -> bool:
-    """vLLM CPU packs a copy of lm_head's weight for its GEMM at start-up. With tied
-    embeddings no lm_head.* tensor is ever loaded, so reload_weights leaves that copy stale
-    and logits keep the old embedding. Re-running lm_head's post-load processing repacks it."""
-    lm_head = getattr(model, "lm_head", None)
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if lm_head is None or embed is None or not hasattr(lm_head, "weight"):
-        return False
-    if lm_head.weight is not embed.weight:
-        return False
-    qm = getattr(lm_head, "quant_method", None)
-    if qm is None or not hasattr(qm, "process_weights_after_loading"):
-        return False
-    qm.process_weights_after_loading(lm_head)
-    return True

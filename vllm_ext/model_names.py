@@ -65,42 +65,11 @@ def packed_names(model: Any) -> set[str]:
     return names
 
 
-def fused_siblings(model: Any) -> dict[str, list[str]]:
-    """'q_proj' -> ['q_proj', 'k_proj', 'v_proj']: checkpoint modules that vLLM fuses into one
-    parameter. A partial update must carry all of a fused group or none of it (vLLM would
-    leave the missing parts uninitialised)."""
-    packed = getattr(model, "packed_modules_mapping", {}) or {}
-    out: dict[str, list[str]] = {}
-    for parts in packed.values():
-        if len(parts) > 1:
-            for p in parts:
-                out[p] = list(parts)
-    return out
-
-
-def incomplete_fused(names: set[str], siblings: dict[str, list[str]]) -> str | None:
-    for name in sorted(names):
-        parts = name.split(".")
-        if len(parts) < 2 or parts[-2] not in siblings:
-            continue
-        for sib in siblings[parts[-2]]:
-            other = ".".join(parts[:-2] + [sib, parts[-1]])
-            if other not in names:
-                return (
-                    f"{name!r} is fused with {other!r} in the engine: a partial update "
-                    "must carry both"
-                )
-    return None
-
-
 def check_names(
     tensors: list, expected: dict[str, tuple[int, ...]] | None, model: Any, *, partial: bool
 ) -> str | None:
-    """None when the update fits the model, else the first reason it does not."""
-    if partial:
-        problem = incomplete_fused({t.name for t in tensors}, fused_siblings(model))
-        if problem:
-            return problem
+    """None when the update's names and shapes fit the model, else the first reason they do
+    not. Whether a partial update fills whole engine layers is vllm_ext.coverage's check."""
     if expected:
         for t in tensors:
             want = expected.get(t.name)

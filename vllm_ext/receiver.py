@@ -21,6 +21,7 @@ import zmq
 
 from ckpt.v1 import ipc_pb2 as ipb
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_common import checksum
 from ckpt_common.dtypes import torch_dtype
 from vllm_ext.buffers import MappedBuffer
 
@@ -145,9 +146,10 @@ class Receiver:
             return ipb.ReceiverDone(ok=False, reason="worker sent no go-ahead")
         if not go.proceed.ok:
             return ipb.ReceiverDone(ok=False, reason=problem or go.proceed.reason)
+        touched = [False]
         try:
             buf = self.buffer.map(b.buffer, self.device)
-            it = self._tensors(info, buf, b.slot_bytes, step_timeout_s)
+            it = self._tensors(info, buf, b.slot_bytes, step_timeout_s, touched)
             del buf
             load(info, it)
             for _ in it:  # a loader that stopped early still lets the worker finish
@@ -160,6 +162,7 @@ class Receiver:
                 checkpoint=b.checkpoint,
                 version=b.version,
             )
+        done.touched = touched[0]
         it = None
         if b.buffer.startswith("cuda:"):
             # A device buffer lives for one update: unmap it before saying done, so the
@@ -169,8 +172,10 @@ class Receiver:
         return done
 
     def _tensors(
-        self, info: UpdateInfo, buf: Any, slot_bytes: int, timeout_s: float
+        self, info: UpdateInfo, buf: Any, slot_bytes: int, timeout_s: float, touched: list[bool]
     ) -> Iterator[tuple[str, Any]]:
+        """Yields each bucket's tensors once every checksum in it matched: a bucket that does
+        not match fails before any of its tensors reaches the loader."""
         import torch
 
         partial: dict[int, tuple[Any, int]] = {}  # tensor index -> (bytes, received)
@@ -179,37 +184,61 @@ class Receiver:
             if msg is None:
                 raise ReceiveError(f"no bucket within {timeout_s:.0f}s")
             if msg.WhichOneof("body") == "end":
+                if not msg.end.ok:
+                    raise ReceiveError(f"the update failed: {msg.end.reason}")
+                if partial:
+                    raise ReceiveError(f"the update ended with {len(partial)} tensors incomplete")
                 return
             bk = msg.bucket
             _fault(info.checkpoint, bk.bucket)
-            base = bk.slot * slot_bytes
-            for e in bk.entries:
-                meta = info.tensors[e.tensor]
-                dt = torch_dtype(meta.dtype)
-                if e.nbytes != meta.nbytes:  # a chunk of a large tensor
-                    whole, got = partial.get(e.tensor) or (
-                        torch.empty(meta.nbytes, dtype=torch.uint8, device=buf.device),
-                        0,
-                    )
-                    whole[e.chunk_offset : e.chunk_offset + e.nbytes].copy_(
-                        buf[base + e.offset : base + e.offset + e.nbytes]
-                    )
-                    got += e.nbytes
-                    if got < meta.nbytes:
-                        partial[e.tensor] = (whole, got)
-                        continue
-                    partial.pop(e.tensor, None)
-                    yield meta.name, whole.view(dt).reshape(tuple(meta.shape))
-                    continue
-                if meta.nbytes == 0:
-                    yield meta.name, torch.empty(tuple(meta.shape), dtype=dt, device=buf.device)
-                    continue
-                view = buf[base + e.offset : base + e.offset + e.nbytes].view(dt)
-                view = view.reshape(tuple(meta.shape))
-                yield meta.name, (view.clone() if e.copy else view)
+            ready = self._bucket_tensors(info, bk, buf, bk.slot * slot_bytes, partial)
+            bad = checksum.mismatches(
+                [(m.name, m.checksum, raw) for m, raw, _ in ready if m.HasField("checksum")]
+            )
+            if bad:
+                raise ReceiveError(
+                    f"checksum mismatch in bucket {bk.bucket}: {len(bad)} tensors, e.g. {bad[0]!r}"
+                )
+            touched[0] = touched[0] or bool(ready)
+            for meta, raw, copy in ready:
+                t = raw.view(torch_dtype(meta.dtype)).reshape(tuple(meta.shape))
+                yield meta.name, (t.clone() if copy else t)
             if buf.is_cuda:  # the loader's copies out of this slot must be done
                 torch.cuda.current_stream(buf.device).synchronize()
             self._send(ipb.ReceiverMessage(loaded=ipb.BucketLoaded(bucket=bk.bucket)))
+
+    @staticmethod
+    def _bucket_tensors(
+        info: UpdateInfo, bk: Any, buf: Any, base: int, partial: dict[int, tuple[Any, int]]
+    ) -> list[tuple[tpb.TensorMeta, Any, bool]]:
+        """The bucket's complete tensors as (meta, raw bytes, copy before handing over):
+        views into the slot, or assembled copies of chunked tensors whose last piece came."""
+        import torch
+
+        out = []
+        for e in bk.entries:
+            meta = info.tensors[e.tensor]
+            if e.offset < 0 or e.nbytes < 0 or e.offset + e.nbytes > buf.numel() - base:
+                raise ReceiveError(f"bucket {bk.bucket}: an entry lies outside the buffer")
+            piece = buf[base + e.offset : base + e.offset + e.nbytes]
+            if e.nbytes == meta.nbytes:
+                out.append((meta, piece, e.copy))
+                continue
+            # a chunk of a large tensor
+            whole, got = partial.get(e.tensor) or (
+                torch.empty(meta.nbytes, dtype=torch.uint8, device=buf.device),
+                0,
+            )
+            if e.chunk_offset < 0 or e.chunk_offset + e.nbytes > meta.nbytes:
+                raise ReceiveError(f"bucket {bk.bucket}: a chunk lies outside its tensor")
+            whole[e.chunk_offset : e.chunk_offset + e.nbytes].copy_(piece)
+            got += e.nbytes
+            if got < meta.nbytes:
+                partial[e.tensor] = (whole, got)
+                continue
+            partial.pop(e.tensor, None)
+            out.append((meta, whole, False))
+        return out
 
     def reset(self) -> None:
         """Drops the socket (queued hellos with it)."""

@@ -88,16 +88,18 @@ class GroupReady(_message.Message):
     def __init__(self, addr: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class StoreReady(_message.Message):
-    __slots__ = ("segment", "nbytes", "seconds", "p2p")
+    __slots__ = ("segment", "nbytes", "seconds", "p2p", "checksums")
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     P2P_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     segment: str
     nbytes: int
     seconds: float
     p2p: P2PSource
-    def __init__(self, segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., seconds: _Optional[float] = ..., p2p: _Optional[_Union[P2PSource, _Mapping]] = ...) -> None: ...
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., seconds: _Optional[float] = ..., p2p: _Optional[_Union[P2PSource, _Mapping]] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommandResult(_message.Message):
     __slots__ = ("command_id", "ok", "code", "message", "scan", "group", "store", "update")
@@ -174,6 +176,18 @@ class Load(_message.Message):
     nbytes: int
     items: _containers.RepeatedCompositeFieldContainer[LoadItem]
     def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., device: _Optional[int] = ..., nbytes: _Optional[int] = ..., items: _Optional[_Iterable[_Union[LoadItem, _Mapping]]] = ...) -> None: ...
+
+class Seal(_message.Message):
+    __slots__ = ("checkpoint", "version", "device", "items")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    version: int
+    device: int
+    items: _containers.RepeatedCompositeFieldContainer[LoadItem]
+    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., device: _Optional[int] = ..., items: _Optional[_Iterable[_Union[LoadItem, _Mapping]]] = ...) -> None: ...
 
 class Drop(_message.Message):
     __slots__ = ("checkpoint", "version", "device")
@@ -266,7 +280,7 @@ class Abort(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("id", "scan", "load", "drop", "prepare_group", "run_update", "abort")
+    __slots__ = ("id", "scan", "load", "drop", "prepare_group", "run_update", "abort", "seal")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCAN_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +288,7 @@ class Command(_message.Message):
     PREPARE_GROUP_FIELD_NUMBER: _ClassVar[int]
     RUN_UPDATE_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    SEAL_FIELD_NUMBER: _ClassVar[int]
     id: int
     scan: Scan
     load: Load
@@ -281,7 +296,8 @@ class Command(_message.Message):
     prepare_group: PrepareGroup
     run_update: RunUpdate
     abort: Abort
-    def __init__(self, id: _Optional[int] = ..., scan: _Optional[_Union[Scan, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., drop: _Optional[_Union[Drop, _Mapping]] = ..., prepare_group: _Optional[_Union[PrepareGroup, _Mapping]] = ..., run_update: _Optional[_Union[RunUpdate, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ...) -> None: ...
+    seal: Seal
+    def __init__(self, id: _Optional[int] = ..., scan: _Optional[_Union[Scan, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., drop: _Optional[_Union[Drop, _Mapping]] = ..., prepare_group: _Optional[_Union[PrepareGroup, _Mapping]] = ..., run_update: _Optional[_Union[RunUpdate, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., seal: _Optional[_Union[Seal, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("daemon_version", "heartbeat_s")

@@ -24,16 +24,18 @@ class BucketLoaded(_message.Message):
     def __init__(self, bucket: _Optional[int] = ...) -> None: ...
 
 class ReceiverDone(_message.Message):
-    __slots__ = ("ok", "reason", "checkpoint", "version")
+    __slots__ = ("ok", "reason", "checkpoint", "version", "touched")
     OK_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOUCHED_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     reason: str
     checkpoint: str
     version: int
-    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    touched: bool
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., touched: _Optional[bool] = ...) -> None: ...
 
 class Validated(_message.Message):
     __slots__ = ("ok", "reason")

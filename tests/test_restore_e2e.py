@@ -1,0 +1,126 @@
+"""No engine is left on a mix: a job that fails after it started sending bytes restores every
+instance it touched to the version that instance last committed, before the job ends, also
+when the agent that owned the new (and old) bytes is gone: the restore then reads the old
+version by P2P from the owners still there and from the mirrors (push --replicas 2)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ckpt.v1 import types_pb2 as tpb
+from ckpt_common.errors import Unavailable
+from tests.cluster import Cluster, read_report, wait_for
+from tests.tensors import digests
+
+pytestmark = pytest.mark.slow
+A, B = "rs-a", "rs-b"
+
+
+def tensors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"model.layers.{i}.w": torch.randn(96, 96, generator=g) for i in range(16)}
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    c = Cluster(tmp_path)
+    c.env["MC_LOG_LEVEL"] = "ERROR"
+    c.start_daemon("--receiver-timeout-s", "10")
+    c.start_agent(A, 2)
+    c.start_agent(B, 2)
+    c.reports = [c.start_receiver(A, d) for d in (0, 1)]
+    c.wait_ranks(4)
+    for r in c.reports:
+        wait_for(r.exists, 60, "receivers")
+    c.client.register_instance(
+        tpb.Instance(
+            name="R",
+            kind=tpb.INSTANCE_RECEIVER,
+            tp_size=2,
+            ranks=[tpb.InstanceRank(node_id=A, device=d) for d in (0, 1)],
+        )
+    )
+    yield c
+    c.close()
+
+
+def holds(c: Cluster, t: dict) -> bool:
+    return all(read_report(r).get("tensors") == digests(t) for r in c.reports)
+
+
+def instance_r(c: Cluster) -> tpb.Instance:
+    return {i.name: i for i in c.client.instances()}["R"]
+
+
+def test_owner_killed_mid_update_instance_restored_from_mirrors(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    c = cluster
+    t1, t2 = tensors(1), tensors(2)
+    for v, t in ((1, t1), (2, t2)):
+        save_file(t, str(tmp_path / f"v{v}.safetensors"))
+        cp = c.client.push("m", v, [str(tmp_path / f"v{v}.safetensors")], replicas=2)
+        assert {s.node_id for s in cp.shards} == {A, B} and cp.replicas == 2
+    job = c.client.wait(c.client.update("m", 1, instances=["R"]).id, 60)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert holds(c, t1)
+
+    job = c.client.update("m", 2, instances=["R"], bucket_bytes=16 << 10)
+    c.stop(f"agent-{B}", signal.SIGKILL)  # owner of half of v1 and v2, and of mirrors
+    t0 = time.monotonic()
+    done = c.client.wait(job.id, 60)
+    took = time.monotonic() - t0
+    assert done.state == tpb.JOB_FAILED, done.reason
+    assert "R restored to m@1" in done.reason, done.reason
+    assert took < 30, (took, done.reason)
+    assert holds(c, t1), done.reason
+    r = instance_r(c)
+    assert (r.ready, r.checkpoint, r.version, r.reason) == (True, "m", 1, "")
+
+    # with B gone, a broadcast of v2 cannot run; P2P from the mirrors can
+    with pytest.raises(Unavailable):
+        c.client.update("m", 2, instances=["R"])
+    job = c.client.wait(c.client.update("m", 2, instances=["R"], method=tpb.UPDATE_P2P).id, 60)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert holds(c, t2)
+    assert instance_r(c).version == 2
+
+
+def test_unrestorable_instance_is_named_and_restored_when_possible(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Without mirrors, a dead owner makes the old version unreadable: the instance is named,
+    marked not ready, and restored by ckptd once a source is back (a new push of the same
+    version is not possible, so the owner's agent must come back with the bytes: here the
+    agent is frozen, not killed, and thawed)."""
+    c = cluster
+    t1, t2 = tensors(3), tensors(4)
+    for v, t in ((1, t1), (2, t2)):
+        save_file(t, str(tmp_path / f"v{v}.safetensors"))
+        c.client.push("n", v, [str(tmp_path / f"v{v}.safetensors")])
+    job = c.client.wait(c.client.update("n", 1, instances=["R"]).id, 60)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+
+    job = c.client.update("n", 2, instances=["R"], bucket_bytes=16 << 10)
+    agent_b = c.procs[f"agent-{B}"]
+    os.killpg(agent_b.pid, signal.SIGSTOP)
+    try:
+        done = c.client.wait(job.id, 90)
+        assert done.state == tpb.JOB_FAILED, done.reason
+        assert "R could not be restored to n@1" in done.reason, done.reason
+        r = instance_r(c)
+        assert not r.ready and r.checkpoint == "n" and r.version == 1
+    finally:
+        os.killpg(agent_b.pid, signal.SIGCONT)
+    # the agent re-attaches with its stores: ckptd restores R by itself
+    wait_for(lambda: instance_r(c).ready, 60, "R restored by the reconciler")
+    r = instance_r(c)
+    assert (r.checkpoint, r.version) == ("n", 1)
+    assert holds(c, t1)
