@@ -533,7 +533,11 @@ def run_update(
             pass
     log.warning("update_failed", job=cmd.job_id, rank=me, reason=reason)
     return tpb.RankResult(
-        ok=False, reason=reason, bytes=sent_bytes, times=timer.pb(time.monotonic() - t0)
+        ok=False,
+        reason=reason,
+        bytes=sent_bytes,
+        times=timer.pb(time.monotonic() - t0),
+        engine_untouched=cmd.is_target and not proceeded,
     )
 
 

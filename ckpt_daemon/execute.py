@@ -133,6 +133,7 @@ class Executor:
                 ok=u.ok,
                 reason=u.reason,
                 bytes=u.bytes,
+                engine_untouched=u.engine_untouched,
                 times=PhaseTimes(
                     copy_s=u.times.copy_s,
                     broadcast_s=u.times.broadcast_s,

@@ -43,7 +43,7 @@ from ckpt_daemon.planner import (
     select_tensors,
 )
 from ckpt_daemon.registry import Registry
-from ckpt_daemon.restore import due_restores, next_backoff, split_instance
+from ckpt_daemon.restore import Restorer, settle, split_instance
 from ckpt_daemon.sources import p2p_sources
 
 log = structlog.get_logger("ckptd.jobs")
@@ -59,7 +59,6 @@ class JobRunner:
         on_finished: Callable[[Job], None] | None = None,
         alive: Callable[[Instance], Awaitable[bool]] | None = None,
     ) -> None:
-        self._alive = alive
         self._registry = registry
         self._hub = hub
         self._config = config
@@ -70,9 +69,9 @@ class JobRunner:
         self._busy_participants: dict[RankRef, str] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._participants_freed = asyncio.Event()
-        self._backoff: dict[str, tuple[float, float]] = {}  # instance -> (not before, delay)
-        self._restoring: set[str] = set()
+        self._prev_pending: dict[tuple[str, str], str] = {}  # (job, instance) -> before it
         self._closing = False
+        self.restorer = Restorer(self, registry, hub, config, alive)
 
     # ---------------------------------------------------------------- queries
 
@@ -386,9 +385,9 @@ class JobRunner:
             job.finished = time.time()
             self._hub.on_progress(job.id, None)
             self._release(job, plan)
-            self._record_instances(job)
-            if job.state != JobState.SUCCEEDED:
-                await self._restore_after(job)
+            self._settle_instances(job)
+            if job.state != JobState.SUCCEEDED and not self._closing:
+                await self.restorer.after(job, self._touched(job))
             self._registry.put_job(job)
             if self._on_finished is not None:
                 try:
@@ -406,106 +405,15 @@ class JobRunner:
     def _mark_pending(self, job: Job) -> None:
         """From here on the job may change what these instances hold."""
         for inst in self._touched(job):
+            self._prev_pending[(job.id, inst.name)] = inst.pending
             inst.pending = job.id
             self._registry.put_instance(inst)
 
-    def _record_instances(self, job: Job) -> None:
+    def _settle_instances(self, job: Job) -> None:
         for inst in self._touched(job):
-            if inst.pending != job.id:
-                continue  # the job never started sending it bytes
-            if job.state == JobState.SUCCEEDED:
-                if not job.spec.tensors:  # a partial update keeps the version it amends
-                    inst.checkpoint, inst.version = job.spec.checkpoint, job.version
-                inst.ready, inst.reason, inst.pending = True, "", ""
-            else:
-                inst.ready = False
-                inst.reason = f"{job.kind.name.lower()} job {job.id} failed: {job.reason}"
-            self._registry.put_instance(inst)
-
-    async def _restore_after(self, job: Job) -> None:
-        """Instances a failed job touched are restored before the job ends (first attempt),
-        and the job's reason says how each one ended."""
-        if job.spec.rollback_of or self._closing:
-            return  # the reconciler retries a failed restore (after a restart too)
-        notes = []
-        for inst in self._touched(job):
-            if inst.pending == job.id:
-                notes.append(await self._restore(inst, wait_s=self._config.update_timeout_s))
-        loose = [
-            job.target_ranks[i]
-            for i, r in enumerate(job.targets)
-            if not any(r in inst.ranks for inst in self._registry.instances.values())
-        ]
-        if loose:
-            notes.append(f"ranks {loose} are no instance's: their engines may hold a mix")
-        if notes:
-            job.reason = f"{job.reason}; " + "; ".join(notes)
-            log.warning("instances_restored", job=job.id, notes=notes)
-
-    async def _restore(self, inst: Instance, *, wait_s: float) -> str:
-        """One attempt to bring inst back to the version it last committed: broadcast from
-        the owners, else P2P from owners or mirrors. Returns what happened."""
-        if not inst.checkpoint:
-            return f"{inst.name} holds no known version: not ready until updated"
-        if inst.name in self._restoring:
-            return f"{inst.name} is being restored already"
-        self._restoring.add(inst.name)
-        try:
-            return await self._restore_once(inst, wait_s=wait_s)
-        finally:
-            self._restoring.discard(inst.name)
-
-    async def _restore_once(self, inst: Instance, *, wait_s: float) -> str:
-        errors = []
-        if self._alive is not None and not await self._alive(inst):
-            errors.append("its engine does not answer")
-            return self._restore_failed(inst, errors)
-        for method in ("broadcast", "p2p"):
-            spec = UpdateSpec(
-                checkpoint=inst.checkpoint,
-                version=inst.version,
-                instances=[inst.name],
-                method=method,
-                rollback_of=inst.pending or "reconcile",
-            )
-            try:
-                rj = await self.submit_update(spec)
-            except CkptError as e:
-                errors.append(f"{method}: {e.message}")
-                continue
-            task = self._tasks.get(rj.id)
-            if task is not None:
-                await asyncio.wait([task], timeout=wait_s)
-            if rj.state == JobState.SUCCEEDED:
-                self._backoff.pop(inst.name, None)
-                return f"{inst.name} restored to {inst.checkpoint}@{inst.version} (job {rj.id})"
-            errors.append(f"job {rj.id}: {rj.reason or rj.state.name}")
-            break
-        return self._restore_failed(inst, errors)
-
-    def _restore_failed(self, inst: Instance, errors: list[str]) -> str:
-        delay = next_backoff(self._backoff.get(inst.name, (0.0, 0.0))[1])
-        self._backoff[inst.name] = (time.monotonic() + delay, delay)
-        return (
-            f"{inst.name} could not be restored to {inst.checkpoint}@{inst.version} "
-            f"({'; '.join(errors)}): it stays paused and not ready; ckptd retries"
-        )
-
-    async def reconcile(self) -> None:
-        """Restores pending instances whose turn has come (called periodically)."""
-        busy = set(self._busy_targets)
-        due, waiting = due_restores(
-            list(self._registry.instances.values()),
-            busy=busy,
-            attached=set(self._hub.attached_nodes()),
-            now=time.monotonic(),
-            not_before={k: v[0] for k, v in self._backoff.items()},
-        )
-        for d in due:
-            inst = self._registry.instances.get(d.instance)
-            if inst is not None and inst.pending and inst.name not in self._restoring:
-                note = await self._restore(inst, wait_s=self._config.update_timeout_s)
-                log.info("instance_reconciled", instance=d.instance, note=note)
+            prev = self._prev_pending.pop((job.id, inst.name), None)
+            if prev is not None and settle(inst, job, prev):
+                self._registry.put_instance(inst)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Cancels the running jobs and waits for them to record their end."""
@@ -516,10 +424,13 @@ class JobRunner:
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
 
-    async def reconcile_forever(self, interval_s: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.reconcile()
-            except Exception:  # a bug: log it, keep reconciling
-                log.exception("reconcile_failed")
+    async def run_to_end(self, spec: UpdateSpec, wait_s: float) -> Job:
+        """Submits an update and waits (bounded) for it to end."""
+        job = await self.submit_update(spec)
+        task = self._tasks.get(job.id)
+        if task is not None:
+            await asyncio.wait([task], timeout=wait_s)
+        return job
+
+    def busy_targets(self) -> set[RankRef]:
+        return set(self._busy_targets)

@@ -150,6 +150,9 @@ class Instance:
     # the job that may have left this instance on a mix (set while a job sends it bytes,
     # cleared when one succeeds): it is not ready, and ckptd restores checkpoint@version
     pending: str = ""
+    # partial updates applied on top of checkpoint@version, in order (a restore replays
+    # them): {"checkpoint", "version", "tensors"}
+    overlays: list[dict] = field(default_factory=list)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -169,6 +172,7 @@ class RankResult:
     reason: str = ""
     times: PhaseTimes = field(default_factory=PhaseTimes)
     bytes: int = 0
+    engine_untouched: bool = False  # its engine was never told to load (False: unknown)
 
 
 @dataclass(kw_only=True, slots=True)

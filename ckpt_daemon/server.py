@@ -87,7 +87,7 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
         daemon.metrics_port = metrics.serve(config.metrics_listen)
     daemon._monitor = asyncio.create_task(hub.monitor())
     pusher.start_recovery()  # pushes a restart interrupted: complete or remove them
-    daemon._reconciler = asyncio.create_task(jobs.reconcile_forever())
+    daemon._reconciler = asyncio.create_task(jobs.restorer.reconcile_forever())
     log.info(
         "ckptd_started",
         listen=config.listen,

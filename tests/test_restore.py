@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from ckpt_daemon.model import Instance, InstanceKind, RankRef
+from ckpt_daemon.model import (
+    Instance,
+    InstanceKind,
+    Job,
+    JobKind,
+    JobState,
+    RankRef,
+    RankResult,
+    UpdateSpec,
+)
 from ckpt_daemon.restore import (
     FIRST_BACKOFF_S,
     MAX_BACKOFF_S,
     due_restores,
     next_backoff,
+    restore_steps,
+    settle,
     split_instance,
 )
 
@@ -57,3 +68,46 @@ def test_an_update_may_not_split_an_instance() -> None:
     assert split_instance(fleet, {A0, A1}) is None
     assert split_instance(fleet, {B0}) is None
     assert split_instance(fleet, {A1, B0}) == "tp2"
+
+
+def _job(state: JobState, *, tensors=(), results=()) -> Job:
+    return Job(
+        id="j9",
+        kind=JobKind.UPDATE,
+        state=state,
+        spec=UpdateSpec(checkpoint="m", version=2, tensors=list(tensors)),
+        created=0.0,
+        version=2,
+        reason="boom",
+        results=list(results),
+    )
+
+
+def _res(r: RankRef, untouched: bool) -> RankResult:
+    return RankResult(rank=0, owner=r, ok=False, engine_untouched=untouched)
+
+
+def test_settle_success_full_partial_and_failures() -> None:
+    i = inst("I", [A0, A1], checkpoint="m", version=1, ready=True, pending="j9")
+    assert settle(i, _job(JobState.SUCCEEDED, tensors=["model.layers.1."]), "")
+    assert (i.version, i.ready, i.pending) == (1, True, "")
+    assert i.overlays == [{"checkpoint": "m", "version": 2, "tensors": ["model.layers.1."]}]
+    steps = restore_steps(i, "broadcast", "j9")
+    assert [(s.version, s.tensors) for s in steps] == [(1, []), (2, ["model.layers.1."])]
+    i.pending = "j9"
+    assert settle(i, _job(JobState.SUCCEEDED), "")
+    assert (i.version, i.overlays) == (2, [])
+
+    # refused on every rank before loading: as it was (and still pending if it was)
+    i.pending = "j9"
+    refused = _job(JobState.FAILED, results=[_res(A0, True), _res(A1, True)])
+    assert settle(i, refused, "j7")
+    assert (i.pending, i.ready) == ("j7", True)
+    # one rank unknown (no result) or touched: not ready, pending on this job
+    for results in ([_res(A0, True)], [_res(A0, True), _res(A1, False)]):
+        i.pending, i.ready = "j9", True
+        assert settle(i, _job(JobState.FAILED, results=results), "")
+        assert (i.pending, i.ready) == ("j9", False) and "boom" in i.reason
+    # a job the instance was not pending on changes nothing
+    i.pending = "other"
+    assert not settle(i, _job(JobState.FAILED), "")

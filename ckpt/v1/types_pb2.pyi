@@ -235,7 +235,7 @@ class PhaseTimes(_message.Message):
     def __init__(self, copy_s: _Optional[float] = ..., broadcast_s: _Optional[float] = ..., reload_s: _Optional[float] = ..., setup_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class RankResult(_message.Message):
-    __slots__ = ("rank", "node_id", "device", "ok", "reason", "times", "bytes")
+    __slots__ = ("rank", "node_id", "device", "ok", "reason", "times", "bytes", "engine_untouched")
     RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +243,7 @@ class RankResult(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     TIMES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_UNTOUCHED_FIELD_NUMBER: _ClassVar[int]
     rank: int
     node_id: str
     device: int
@@ -250,7 +251,8 @@ class RankResult(_message.Message):
     reason: str
     times: PhaseTimes
     bytes: int
-    def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[int] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., bytes: _Optional[int] = ...) -> None: ...
+    engine_untouched: bool
+    def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[int] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., bytes: _Optional[int] = ..., engine_untouched: _Optional[bool] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "kind", "state", "reason", "checkpoint", "version", "ranks", "instances", "buckets_total", "buckets_done", "bytes_total", "bucket_bytes", "created_unix", "started_unix", "finished_unix", "results", "method", "first_bucket_s")
