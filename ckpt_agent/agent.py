@@ -105,6 +105,13 @@ class Agent:
         if cmd.WhichOneof("body") != "load":
             return
         ld = cmd.load
+        key = (ld.checkpoint, ld.version, device)
+        if any(  # a later load of the same version replaces this store: keep that one
+            c.WhichOneof("body") == "load"
+            and (c.load.checkpoint, c.load.version, c.load.device) == key
+            for c, _ in self._pending.values()
+        ):
+            return
         log.warning(
             "orphan_store_dropped", checkpoint=ld.checkpoint, version=ld.version, device=device
         )
