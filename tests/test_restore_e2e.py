@@ -124,3 +124,31 @@ def test_unrestorable_instance_is_named_and_restored_when_possible(
     r = instance_r(c)
     assert (r.checkpoint, r.version) == ("n", 1)
     assert holds(c, t1)
+
+
+def test_ckptd_killed_mid_update_restores_after_restart(cluster: Cluster, tmp_path: Path) -> None:
+    """What a job cut short by a ckptd crash left on the engines is unknown: after the
+    restart the instance is not ready until the reconciler has brought it back to the
+    version it committed, and then it holds exactly those bytes."""
+    c = cluster
+    t1, t2 = tensors(5), tensors(6)
+    for v, t in ((1, t1), (2, t2)):
+        save_file(t, str(tmp_path / f"v{v}.safetensors"))
+        c.client.push("k", v, [str(tmp_path / f"v{v}.safetensors")])
+    job = c.client.wait(c.client.update("k", 1, instances=["R"]).id, 60)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+
+    job = c.client.update("k", 2, instances=["R"], bucket_bytes=16 << 10)
+    time.sleep(0.05)
+    c.stop("ckptd", signal.SIGKILL)
+    c.start_daemon("--receiver-timeout-s", "10")
+    c.wait_ranks(4)
+    j = c.client.job(job.id)
+    assert j.state in (tpb.JOB_FAILED, tpb.JOB_SUCCEEDED), j
+    if j.state == tpb.JOB_FAILED:  # it had started: R is restored by the reconciler
+        assert "ckptd restarted" in j.reason, j.reason
+    wait_for(lambda: instance_r(c).ready, 60, "R ready again")
+    r = instance_r(c)
+    want = t2 if (r.checkpoint, r.version) == ("k", 2) else t1
+    assert (r.checkpoint, r.version) in (("k", 1), ("k", 2))
+    wait_for(lambda: holds(c, want), 10, "R's engines to hold what the registry says")
