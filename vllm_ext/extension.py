@@ -31,6 +31,9 @@ from typing import Any
 from vllm_ext.receiver import Receiver, UpdateInfo
 
 
+STEP_TIMEOUT_S = 30.0
+
+
 class WorkerExtension:
     # --------------------------------------------------------------- entry points
 
@@ -49,6 +52,9 @@ class WorkerExtension:
                 "touched": False,
             }
         timeout = float(spec.get("timeout_s") or 300.0)
+        # Between two steps of an update (bucket to bucket) a healthy worker takes well
+        # under a second; a frozen one must not hold the engine for the whole job.
+        step = min(timeout, float(spec.get("step_timeout_s") or STEP_TIMEOUT_S))
         recv = self._ckpt_receiver(endpoints[rank])
         try:
             done = recv.receive(
@@ -56,7 +62,7 @@ class WorkerExtension:
                 validate=self._ckpt_validate,
                 job_id=spec.get("job_id", ""),
                 wait_s=min(60.0, timeout),
-                step_timeout_s=timeout,
+                step_timeout_s=step,
             )
         except TimeoutError as e:  # no update started: nothing was loaded
             recv.reset()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ckpt.v1 import ipc_pb2 as ipb
 from ckpt.v1 import types_pb2 as tpb
@@ -69,28 +70,47 @@ class Receiver:
         self.device = device  # torch device for CUDA buffers
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._mon: zmq.Socket | None = None
         self.buffer = MappedBuffer()
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            # A disconnect tells an engine in the middle of an update that its worker died:
+            # it gives up at once rather than at its step timeout (ZMQ reconnects by itself
+            # for the next update).
+            self._mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             s.connect(self.endpoint)
             self._sock = s
         return self._sock
+
+    def _worker_lost(self) -> bool:
+        """Drains the monitor: whether the worker disconnected since the last look."""
+        lost = False
+        while self._mon is not None and self._mon.poll(0):
+            lost = recv_monitor_message(self._mon)["event"] == zmq.EVENT_DISCONNECTED or lost
+        return lost
 
     def _send(self, msg: ipb.ReceiverMessage) -> None:
         self._socket().send(msg.SerializeToString())
 
     def _recv(self, timeout_s: float, kinds: tuple[str, ...]) -> ipb.WorkerMessage | None:
         sock = self._socket()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if self._mon is not None:
+            poller.register(self._mon, zmq.POLLIN)
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
             # Short polls, so signal handlers run while an engine waits for an update.
-            if not sock.poll(max(1, int(min(left, 0.5) * 1000))):
+            ready = dict(poller.poll(max(1, int(min(left, 0.5) * 1000))))
+            if self._mon in ready and self._worker_lost() and "begin" not in kinds:
+                raise ReceiveError("the agent worker went away during the update")
+            if sock not in ready:
                 continue
             msg = ipb.WorkerMessage.FromString(sock.recv())
             kind = msg.WhichOneof("body")
@@ -113,6 +133,8 @@ class Receiver:
         hello = ipb.ReceiverMessage(
             hello=ipb.ReceiverHello(engine=self.engine, pid=os.getpid(), job_id=job_id)
         )
+        self._socket()
+        self._worker_lost()  # a disconnect between updates is no news
         deadline = time.monotonic() + wait_s
         msg = None
         while msg is None and time.monotonic() < deadline:
@@ -243,8 +265,12 @@ class Receiver:
     def reset(self) -> None:
         """Drops the socket (queued hellos with it)."""
         if self._sock is not None:
+            self._sock.disable_monitor()
             self._sock.close(0)
             self._sock = None
+        if self._mon is not None:
+            self._mon.close(0)
+            self._mon = None
 
     def close(self) -> None:
         self.reset()
