@@ -30,7 +30,6 @@ from typing import Any
 
 from vllm_ext.receiver import Receiver, UpdateInfo
 
-
 STEP_TIMEOUT_S = 30.0
 
 
