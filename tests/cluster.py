@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from ckpt.v1 import types_pb2 as tpb
 from ckptctl.client import Client
 
 PY = sys.executable
@@ -144,6 +145,23 @@ class Cluster:
             ],
         )
         return report
+
+    def receiver_instance(self, name: str, node_id: str, devices: list[int]) -> list[Path]:
+        """Reference receivers on devices of node_id, registered as one instance (TP =
+        len(devices)) once they listen. Returns their report files."""
+        reports = [self.start_receiver(node_id, d) for d in devices]
+        for r in reports:
+            wait_for(r.exists, 60, "receivers to start")
+        assert self.client
+        self.client.register_instance(
+            tpb.Instance(
+                name=name,
+                kind=tpb.INSTANCE_RECEIVER,
+                tp_size=len(devices),
+                ranks=[tpb.InstanceRank(node_id=node_id, device=d) for d in devices],
+            )
+        )
+        return reports
 
     def wait_ranks(self, n: int, timeout: float = 60) -> None:
         assert self.client

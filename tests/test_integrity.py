@@ -19,7 +19,7 @@ from ckpt_agent import shm
 from ckpt_agent.host_store import device_prefix, segment_prefix, store_segment
 from ckpt_common import checksum
 from ckpt_common.ipc import worker_endpoint
-from tests.cluster import Cluster, read_report, wait_for
+from tests.cluster import Cluster, read_report
 from tests.tensors import digests, mixed_tensors, write_sharded
 from vllm_ext.receiver import Receiver
 
@@ -131,17 +131,8 @@ def cluster(tmp_path_factory):
     c = Cluster(root)
     c.start_daemon("--receiver-timeout-s", "4")
     c.start_agent("node-i", 2)
-    c.reports = [c.start_receiver("node-i", d) for d in (0, 1)]
     c.wait_ranks(2)
-    for r in c.reports:
-        wait_for(r.exists, 60, "receivers to start")
-    c.client.register_instance(
-        tpb.Instance(
-            name="R",
-            kind=tpb.INSTANCE_RECEIVER,
-            ranks=[tpb.InstanceRank(node_id="node-i", device=d) for d in (0, 1)],
-        )
-    )
+    c.reports = c.receiver_instance("R", "node-i", [0, 1])
     yield c
     c.close()
 

@@ -35,18 +35,8 @@ def cluster(tmp_path: Path):
     c.start_daemon("--receiver-timeout-s", "10")
     c.start_agent(A, 2)
     c.start_agent(B, 2)
-    c.reports = [c.start_receiver(A, d) for d in (0, 1)]
     c.wait_ranks(4)
-    for r in c.reports:
-        wait_for(r.exists, 60, "receivers")
-    c.client.register_instance(
-        tpb.Instance(
-            name="R",
-            kind=tpb.INSTANCE_RECEIVER,
-            tp_size=2,
-            ranks=[tpb.InstanceRank(node_id=A, device=d) for d in (0, 1)],
-        )
-    )
+    c.reports = c.receiver_instance("R", A, [0, 1])
     yield c
     c.close()
 
@@ -59,18 +49,24 @@ def instance_r(c: Cluster) -> tpb.Instance:
     return {i.name: i for i in c.client.instances()}["R"]
 
 
+def serving_v1(c: Cluster, tmp: Path, name: str, seed: int, replicas: int = 1) -> tuple:
+    """Pushes versions 1 and 2 of `name` and brings R to version 1; returns their tensors."""
+    t1, t2 = tensors(seed), tensors(seed + 1)
+    for v, t in ((1, t1), (2, t2)):
+        save_file(t, str(tmp / f"{name}{v}.safetensors"))
+        cp = c.client.push(name, v, [str(tmp / f"{name}{v}.safetensors")], replicas=replicas)
+        assert {s.node_id for s in cp.shards} == {A, B} and cp.replicas == replicas
+    job = c.client.wait(c.client.update(name, 1, instances=["R"]).id, 60)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert holds(c, t1)
+    return t1, t2
+
+
 def test_owner_killed_mid_update_instance_restored_from_mirrors(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     c = cluster
-    t1, t2 = tensors(1), tensors(2)
-    for v, t in ((1, t1), (2, t2)):
-        save_file(t, str(tmp_path / f"v{v}.safetensors"))
-        cp = c.client.push("m", v, [str(tmp_path / f"v{v}.safetensors")], replicas=2)
-        assert {s.node_id for s in cp.shards} == {A, B} and cp.replicas == 2
-    job = c.client.wait(c.client.update("m", 1, instances=["R"]).id, 60)
-    assert job.state == tpb.JOB_SUCCEEDED, job.reason
-    assert holds(c, t1)
+    t1, t2 = serving_v1(c, tmp_path, "m", 1, replicas=2)
 
     job = c.client.update("m", 2, instances=["R"], bucket_bytes=16 << 10)
     c.stop(f"agent-{B}", signal.SIGKILL)  # owner of half of v1 and v2, and of mirrors
@@ -101,12 +97,7 @@ def test_unrestorable_instance_is_named_and_restored_when_possible(
     version is not possible, so the owner's agent must come back with the bytes: here the
     agent is frozen, not killed, and thawed)."""
     c = cluster
-    t1, t2 = tensors(3), tensors(4)
-    for v, t in ((1, t1), (2, t2)):
-        save_file(t, str(tmp_path / f"v{v}.safetensors"))
-        c.client.push("n", v, [str(tmp_path / f"v{v}.safetensors")])
-    job = c.client.wait(c.client.update("n", 1, instances=["R"]).id, 60)
-    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    t1, _ = serving_v1(c, tmp_path, "n", 3)
 
     job = c.client.update("n", 2, instances=["R"], bucket_bytes=16 << 10)
     agent_b = c.procs[f"agent-{B}"]
@@ -131,12 +122,7 @@ def test_ckptd_killed_mid_update_restores_after_restart(cluster: Cluster, tmp_pa
     restart the instance is not ready until the reconciler has brought it back to the
     version it committed, and then it holds exactly those bytes."""
     c = cluster
-    t1, t2 = tensors(5), tensors(6)
-    for v, t in ((1, t1), (2, t2)):
-        save_file(t, str(tmp_path / f"v{v}.safetensors"))
-        c.client.push("k", v, [str(tmp_path / f"v{v}.safetensors")])
-    job = c.client.wait(c.client.update("k", 1, instances=["R"]).id, 60)
-    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    t1, t2 = serving_v1(c, tmp_path, "k", 5)
 
     job = c.client.update("k", 2, instances=["R"], bucket_bytes=16 << 10)
     time.sleep(0.05)
