@@ -65,6 +65,19 @@ def of_numpy(data: Any) -> int:
 
 
 _WEIGHTS: dict[Any, Any] = {}  # device -> 1, 2, 3, ... (int64), grown on demand
+_GPU: list[Any] = []  # [module or None] once tried
+
+
+def _gpu_kernel() -> Any:
+    """ckpt_common.checksum_gpu where Triton runs, else None (torch reductions)."""
+    if not _GPU:
+        try:
+            from ckpt_common import checksum_gpu
+
+            _GPU.append(checksum_gpu)
+        except Exception:  # no Triton (the CPU install removes it), or it cannot build
+            _GPU.append(None)
+    return _GPU[0]
 
 
 def _weights(n: int, device: Any) -> Any:
@@ -77,16 +90,22 @@ def _weights(n: int, device: Any) -> Any:
     return w[:n]
 
 
+def _aligned(t: Any) -> Any:
+    return t if t.storage_offset() % 8 == 0 else t.clone()  # an int64 view needs it
+
+
 def parts_torch(t: Any) -> Any:
     """The four sums of a 1-D uint8 torch tensor, as an int64 tensor on its device (no
     synchronisation): stack several and read them back at once."""
     import torch
 
-    if t.storage_offset() % 8:  # an int64 view needs 8-byte alignment
-        t = t.clone()
+    t = _aligned(t)
     n = t.numel()
     rows, body = _split(n)
     dev = t.device
+    gpu = _gpu_kernel() if t.is_cuda else None
+    if gpu is not None:
+        return gpu.batch_parts([t], ROW, _weights(ROW, dev))[0]
     if rows:
         w = t[:body].view(torch.int64).view(rows, ROW)
         r = w.sum(dim=1)
@@ -122,6 +141,11 @@ def mismatches(items: list[tuple[str, int, Any]]) -> list[str]:
     else:
         import torch
 
-        sums = torch.stack([parts_torch(t) for _, _, t in items]).tolist()
-        got = [finish(t.numel(), s) for (_, _, t), s in zip(items, sums, strict=True)]
+        ts = [_aligned(t) for _, _, t in items]
+        gpu = _gpu_kernel()
+        if gpu is not None:  # one launch per tensor, one reduction and read-back for all
+            sums = gpu.batch_parts(ts, ROW, _weights(ROW, ts[0].device)).tolist()
+        else:
+            sums = torch.stack([parts_torch(t) for t in ts]).tolist()
+        got = [finish(t.numel(), s) for t, s in zip(ts, sums, strict=True)]
     return [name for (name, want, _), g in zip(items, got, strict=True) if g != want]

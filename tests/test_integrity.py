@@ -223,3 +223,31 @@ def test_direct_push_is_sealed_with_checksums(cluster: Cluster) -> None:
     job = _update(c, "direct", 1)
     assert job.state == tpb.JOB_SUCCEEDED, job.reason
     assert _hold(c, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_checksum_on_the_gpu_equals_numpy() -> None:
+    """The fused GPU kernel (where Triton runs) and torch's reductions give numpy's value."""
+    kernel = checksum._gpu_kernel()
+    for n in [5, 1024, 8192 * 64 - 3, (64 << 20) + 13, 300 << 20]:
+        a = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+        t = torch.from_numpy(a).cuda()
+        want = checksum.of_numpy(a)
+        assert checksum.of_torch(t) == want, (n, kernel)
+        checksum._GPU[:] = [None]  # the torch path on the same bytes
+        try:
+            assert checksum.of_torch(t) == want, n
+        finally:
+            checksum._GPU[:] = [kernel]
+    # a bucket's worth at once: empty, tiny, tailed, unaligned and large tensors, one bad
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, n, dtype=np.uint8) for n in (0, 3, 8191, 4 << 20, 9 << 20)]
+    buf = torch.from_numpy(np.concatenate(arrays)).cuda()
+    items, at = [], 0
+    for i, a in enumerate(arrays):
+        items.append((f"t{i}", checksum.of_numpy(a), buf[at : at + a.size]))
+        at += a.size
+    assert checksum.mismatches(items) == []
+    buf[3 + 8191 + 100] ^= 1  # inside t3
+    assert checksum.mismatches(items) == ["t3"]
