@@ -105,7 +105,7 @@ def parts_torch(t: Any) -> Any:
     dev = t.device
     gpu = _gpu_kernel() if t.is_cuda else None
     if gpu is not None:
-        return gpu.batch_parts([t], ROW, _weights(ROW, dev))[0]
+        return gpu.batch_parts([t], ROW, _weights(8 * ROW, dev))[0]
     if rows:
         w = t[:body].view(torch.int64).view(rows, ROW)
         r = w.sum(dim=1)
@@ -144,7 +144,7 @@ def mismatches(items: list[tuple[str, int, Any]]) -> list[str]:
         ts = [_aligned(t) for _, _, t in items]
         gpu = _gpu_kernel()
         if gpu is not None:  # one launch per tensor, one reduction and read-back for all
-            sums = gpu.batch_parts(ts, ROW, _weights(ROW, ts[0].device)).tolist()
+            sums = gpu.batch_parts(ts, ROW, _weights(8 * ROW, ts[0].device)).tolist()
         else:
             sums = torch.stack([parts_torch(t) for t in ts]).tolist()
         got = [finish(t.numel(), s) for t, s in zip(ts, sums, strict=True)]

@@ -45,7 +45,8 @@ def _split_programs(rows: int) -> tuple[int, int]:
 def batch_parts(ts: list[Any], row: int, weights: Any) -> Any:
     """The four sums of each 1-D uint8 CUDA tensor (8-byte aligned) as an int64 [n, 4]
     tensor: one kernel launch per tensor into shared partial buffers, then one reduction
-    for all of them (the Python cost per tensor is what bounds small tensors)."""
+    for all of them (the Python cost per tensor is what bounds small tensors). weights:
+    1, 2, 3, ... on the device, at least 8 * row long (a tail is shorter than a row)."""
     dev = ts[0].device
     launches, seg = [], []
     for i, t in enumerate(ts):
@@ -72,5 +73,5 @@ def batch_parts(ts: list[Any], row: int, weights: Any) -> Any:
         body = t.numel() // (8 * row) * 8 * row
         if body < t.numel():  # bytes after the last whole row: few, and few tensors have them
             tail = t[body:].to(torch.int64)
-            s4[i] = (tail * torch.arange(1, tail.numel() + 1, device=dev)).sum()
-    return torch.stack([c.sum(dim=1), s2, (c * weights).sum(dim=1), s4], dim=1)
+            s4[i] = (tail * weights[: tail.numel()]).sum()
+    return torch.stack([c.sum(dim=1), s2, (c * weights[:row]).sum(dim=1), s4], dim=1)

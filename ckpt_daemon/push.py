@@ -395,7 +395,11 @@ class Pusher:
         task.cancel()
         cv = self._registry.checkpoints[key]
         try:
-            await asyncio.gather(*(self._seal(cv, r) for r in cv.shards))
+            await self._hub.watched(
+                asyncio.gather(*(self._seal(cv, r) for r in cv.shards)),
+                {r.node_id for r in cv.shards},
+                f"the commit of {cv.name}@{cv.version}",
+            )
         except BaseException:
             await self._forget(cv)
             raise

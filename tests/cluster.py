@@ -163,6 +163,27 @@ class Cluster:
         )
         return reports
 
+    def corrupt_store(self, name: str, version: int, data: bytes) -> None:
+        """Flips a byte in the middle of `data` where an owner's host store of name@version
+        holds it (what a writer with access to the store could do after the push)."""
+        from ckpt_agent import shm
+        from ckpt_agent.host_store import device_prefix, store_segment
+
+        assert self.client
+        for s in self.client.get(name, version).shards:
+            seg = store_segment(device_prefix(s.node_id, s.device), name, version)
+            if not os.path.exists(os.path.join(shm.SHM_DIR, seg)):
+                continue
+            mem = shm.attach(seg)
+            try:
+                at = bytes(mem.buf).find(data)
+                if at >= 0:
+                    mem.buf[at + len(data) // 2] ^= 0x5A
+                    return
+            finally:
+                mem.close()
+        raise AssertionError(f"no store of {name}@{version} holds those bytes")
+
     def wait_ranks(self, n: int, timeout: float = 60) -> None:
         assert self.client
         wait_for(

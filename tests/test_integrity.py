@@ -152,24 +152,6 @@ def _update(c: Cluster, name: str, version: int = 0, **kw) -> tpb.Job:
     return c.client.wait(job.id, 60)
 
 
-def _corrupt(c: Cluster, name: str, version: int, data: bytes) -> None:
-    """Flips a byte of one tensor in its owner's host store (what a writer with access to
-    the store could do after the push)."""
-    for d in (0, 1):
-        seg = store_segment(device_prefix("node-i", d), name, version)
-        if not os.path.exists(os.path.join(shm.SHM_DIR, seg)):
-            continue
-        mem = shm.attach(seg)
-        try:
-            at = bytes(mem.buf).find(data)
-            if at >= 0:
-                mem.buf[at + len(data) // 2] ^= 0x5A
-                return
-        finally:
-            mem.close()
-    raise AssertionError(f"no store of {name}@{version} holds those bytes")
-
-
 def test_checksums_recorded_and_verified(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
     t1, t2 = mixed_tensors(11), mixed_tensors(12)
@@ -192,7 +174,7 @@ def test_checksums_recorded_and_verified(cluster: Cluster, tmp_path: Path) -> No
         t = mixed_tensors(10 + version)
         if version == 3:
             c.client.push("integ", 3, [str(write_sharded(t, tmp_path / "v3"))])
-        _corrupt(c, "integ", version, t[victim].reshape(-1).view(torch.uint8).numpy().tobytes())
+        c.corrupt_store("integ", version, t[victim].reshape(-1).view(torch.uint8).numpy().tobytes())
         job = _update(c, "integ", version)
         assert job.state == tpb.JOB_FAILED
         assert "checksum mismatch" in job.reason, job.reason

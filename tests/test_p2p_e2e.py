@@ -224,30 +224,13 @@ def test_bytes_changed_in_an_owners_store_are_refused_on_p2p(
 ) -> None:
     """P2P readers deliver what the owner's memory holds now; the engines check it against
     the checksums taken at push, refuse it, and B is restored to what it served."""
-    from ckpt_agent import shm
-    from ckpt_agent.host_store import device_prefix, store_segment
-
     c = cluster
     t1, t2 = mixed_tensors(31), mixed_tensors(32)
     c.client.push("cx", 1, [str(write_sharded(t1, tmp_path / "c1"))], ranks=[0, 1])
     c.client.push("cx", 2, [str(write_sharded(t2, tmp_path / "c2"))], ranks=[0, 1])
     assert join(c, "cx", 1).state == tpb.JOB_SUCCEEDED
     victim = t2["model.layers.1.odd"].reshape(-1).view(torch.uint8).numpy().tobytes()
-    owners = {(s.node_id, s.device) for s in c.client.get("cx", 2).shards}
-    for node, d in sorted(owners):
-        seg = store_segment(device_prefix(node, d), "cx", 2)
-        if not os.path.exists(os.path.join(shm.SHM_DIR, seg)):
-            continue
-        mem = shm.attach(seg)
-        try:
-            at = bytes(mem.buf).find(victim)
-            if at >= 0:
-                mem.buf[at + 5] ^= 0x01
-                break
-        finally:
-            mem.close()
-    else:
-        raise AssertionError("no owner store holds the tensor")
+    c.corrupt_store("cx", 2, victim)
     job = c.client.wait(c.client.update("cx", 2, instances=["B"], method=tpb.UPDATE_P2P).id, 120)
     assert job.state == tpb.JOB_FAILED
     assert "checksum mismatch" in job.reason and "B restored to cx@1" in job.reason, job.reason
