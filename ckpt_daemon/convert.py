@@ -12,6 +12,7 @@ from ckpt_daemon.model import (
     Instance,
     InstanceKind,
     Job,
+    Probe,
     RankRef,
     SourceFile,
     TensorInfo,
@@ -59,12 +60,35 @@ def checkpoint_to_pb(
             for s in sorted(cv.shards.values(), key=lambda s: s.owner)
         ],
     )
+    if cv.probe is not None:
+        out.probe.CopyFrom(probe_to_pb(cv.probe))
     out.replicas = 2 if mirror is not None else 1
     if mirror is not None:
         out.mirrors.extend(checkpoint_to_pb(mirror, order).shards)
     if include_tensors:
         out.tensors.extend(tensor_meta(t) for t in cv.tensors)
     return out
+
+
+def probe_from_pb(p: tpb.Probe) -> Probe | None:
+    """None when the request carries no probe."""
+    if not (p.prompt_token_ids or p.expected_token_ids or p.expected_logprobs):
+        return None
+    return Probe(
+        prompt=tuple(p.prompt_token_ids),
+        expected=tuple(p.expected_token_ids),
+        logprobs=tuple(p.expected_logprobs),
+        tolerance=p.logprob_tolerance,
+    )
+
+
+def probe_to_pb(p: Probe) -> tpb.Probe:
+    return tpb.Probe(
+        prompt_token_ids=list(p.prompt),
+        expected_token_ids=list(p.expected),
+        expected_logprobs=list(p.logprobs),
+        logprob_tolerance=p.tolerance,
+    )
 
 
 def tensor_meta(t: TensorInfo) -> tpb.TensorMeta:

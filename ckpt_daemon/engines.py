@@ -1,12 +1,14 @@
 """Triggers inference engines to take an update from their agent workers.
 
 INSTANCE_RECEIVER instances drive themselves (they wait on their worker's socket). A vLLM
-server (VLLM_SERVER_DEV_MODE=1, --worker-extension-cls vllm_ext.WorkerExtension) is called
-over HTTP: pause new work (`/pause?mode=keep`: queued and running requests are kept and go on
-after `/resume`), `/collective_rpc` of `ckpt_update` on every worker, check every worker's
-result, record the version (`/update_weight_version`), resume. An engine whose update
-failed after it started loading stays paused: it may hold a mix, and serves again only once
-a restore (ckpt_daemon.restore) brought it back to one version.
+server (VLLM_SERVER_DEV_MODE=1, --worker-extension-cls vllm_ext.WorkerExtension,
+--scheduler-cls vllm_ext.ProbeScheduler) is called over HTTP: pause new work
+(`/pause?mode=keep`: queued and running requests are kept and go on after `/resume`),
+`/collective_rpc` of `ckpt_update` on every worker, check every worker's result, run the
+version's probe while still paused (ckpt_daemon.probes), record the version
+(`/update_weight_version`), resume. An engine whose update failed after it started loading
+stays paused: it may hold a mix, and serves again only once a restore (ckpt_daemon.restore)
+brought it back to one version.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import structlog
 
 from ckpt_common.errors import Aborted, DeadlineExceeded, Unavailable
 from ckpt_common.ipc import worker_endpoint
-from ckpt_daemon.model import Instance, InstanceKind, Job
+from ckpt_daemon import probes
+from ckpt_daemon.model import Instance, InstanceKind, Job, Probe
 from ckpt_daemon.registry import Registry
 
 log = structlog.get_logger("ckptd.engines")
 UPDATE_METHOD = "ckpt_update"  # vllm_ext.WorkerExtension.ckpt_update
+PROBE_TIMEOUT_S = 10.0
 
 
 def http_json(url: str, body: dict | None, timeout: float, method: str = "POST") -> Any:
@@ -94,6 +98,7 @@ class EngineTrigger:
                 r = bad[0]
                 reason = r.get("reason") if isinstance(r, dict) else str(r)
                 raise Aborted(f"instance {instance.name}: worker failed: {reason}")
+            await self._probe(instance, job, min(ctl, PROBE_TIMEOUT_S))
             try:
                 await self._post(
                     f"{base}/update_weight_version",
@@ -119,6 +124,29 @@ class EngineTrigger:
                 log.info("engine_paused", seconds=round(time.monotonic() - t_pause, 4), **bind)
             elif paused:  # it may hold a mix: it serves again only once restored
                 log.warning("engine_kept_paused", **bind)
+
+    def probe_of(self, job: Job) -> Probe | None:
+        """The probe an update must pass: its version's, when it loads the whole version."""
+        if job.spec.tensors:  # a partial update: the engine serves a mix the probe is not for
+            return None
+        cv = self._registry.checkpoints.get((job.spec.checkpoint, job.version))
+        return cv.probe if cv is not None else None
+
+    async def _probe(self, instance: Instance, job: Job, timeout: float) -> None:
+        probe = self.probe_of(job)
+        if probe is None:
+            return
+        t0 = time.monotonic()
+        miss = await probes.run(instance.endpoint, probe, timeout)
+        log.info(
+            "probe",
+            instance=instance.name,
+            job=job.id,
+            passed=not miss,
+            seconds=round(time.monotonic() - t0, 4),
+        )
+        if miss:
+            raise Aborted(f"instance {instance.name}: {miss}")
 
     async def alive(self, instance: Instance) -> bool:
         """The engine answers its health check (a restore is pointless otherwise)."""

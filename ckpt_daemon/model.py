@@ -99,6 +99,17 @@ class Shard:
     p2p_addr: int = 0  # address of the store's first byte in the owner's process
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Probe:
+    """The trainer's proof of a version (ckpt_daemon.probes): prompt token ids and the greedy
+    continuation, or each continuation token's log-prob (teacher-forced) within tolerance."""
+
+    prompt: tuple[int, ...]
+    expected: tuple[int, ...]
+    logprobs: tuple[float, ...] = ()
+    tolerance: float = 0.0
+
+
 @dataclass(kw_only=True, slots=True)
 class CheckpointVersion:
     name: str
@@ -109,6 +120,7 @@ class CheckpointVersion:
     created: float
     ready: float = 0.0
     reason: str = ""
+    probe: Probe | None = None
 
     @property
     def total_bytes(self) -> int:

@@ -21,11 +21,13 @@ from ckpt_common.errors import (
     InvalidArgument,
     NotFound,
 )
+from ckpt_daemon import probes
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.model import (
     CheckpointState,
     CheckpointVersion,
+    Probe,
     RankRef,
     Shard,
     ShardState,
@@ -54,7 +56,9 @@ def validate_name(name: str) -> None:
         )
 
 
-def new_version(name: str, version: int, placement: Placement) -> CheckpointVersion:
+def new_version(
+    name: str, version: int, placement: Placement, probe: Probe | None = None
+) -> CheckpointVersion:
     """A LOADING version with a shard per owner of the placement."""
     shards: dict[RankRef, Shard] = {}
     for t in placement.tensors:
@@ -69,6 +73,7 @@ def new_version(name: str, version: int, placement: Placement) -> CheckpointVers
         tensors=placement.tensors,
         shards=shards,
         created=time.time(),
+        probe=probe,
     )
 
 
@@ -91,8 +96,11 @@ class Pusher:
         timeout_s: float,
         wait: bool,
         replicas: int = 1,
+        probe: Probe | None = None,
     ) -> CheckpointVersion:
         validate_name(name)
+        if probe is not None:
+            probes.validate(probe)
         if version <= 0:
             raise InvalidArgument("version must be positive")
         if not sources:
@@ -121,7 +129,7 @@ class Pusher:
                 placement = await asyncio.to_thread(place, specs, holders)
             except PlanError as e:
                 raise InvalidArgument(str(e)) from None
-            cv = new_version(name, version, placement)
+            cv = new_version(name, version, placement, probe)
             shards = cv.shards
             mirror = None
             if replicas == 2:
@@ -304,6 +312,7 @@ class Pusher:
         node_id: str,
         metas: list[tuple[str, str, tuple[int, ...], int]],
         timeout_s: float,
+        probe: Probe | None = None,
     ) -> tuple[CheckpointVersion, list[Shard], list[tuple[int, int]]]:
         """Places tensors (name, dtype, shape, nbytes) on the ranks of node_id and allocates
         their stores. Returns the version (LOADING), its shards (segments) and, per tensor in
@@ -313,6 +322,8 @@ class Pusher:
             raise InvalidArgument("version must be positive")
         if not metas:
             raise InvalidArgument("no tensors")
+        if probe is not None:
+            probes.validate(probe)
         for tname, dtype, shape, nbytes in metas:
             try:
                 want = nbytes_of(dtype, shape)
@@ -338,7 +349,7 @@ class Pusher:
             placement = await asyncio.to_thread(place, specs, holders)
         except PlanError as e:
             raise InvalidArgument(str(e)) from None
-        cv = new_version(name, version, placement)
+        cv = new_version(name, version, placement, probe)
         shards = cv.shards
         self._inflight.add(key)
         try:

@@ -29,7 +29,13 @@ from ckpt_daemon.model import (
     TensorInfo,
 )
 from ckpt_daemon.planner import MIRROR_PREFIX, rank_order
-from ckpt_daemon.serialize import instance_from_json, instance_to_json, job_from_json, job_to_json
+from ckpt_daemon.serialize import (
+    instance_from_json,
+    instance_to_json,
+    job_from_json,
+    job_to_json,
+    probe_from_json,
+)
 
 DB_FILE = "registry.sqlite3"
 _U64 = (1 << 64) - 1
@@ -57,6 +63,9 @@ CREATE TABLE IF NOT EXISTS shards (
   nbytes INTEGER NOT NULL, tensor_count INTEGER NOT NULL, state INTEGER NOT NULL,
   segment TEXT NOT NULL, reason TEXT NOT NULL, p2p_session TEXT NOT NULL,
   p2p_addr INTEGER NOT NULL, PRIMARY KEY (name, version, node, device));
+CREATE TABLE IF NOT EXISTS probes (
+  name TEXT NOT NULL, version INTEGER NOT NULL, body TEXT NOT NULL,
+  PRIMARY KEY (name, version));
 CREATE TABLE IF NOT EXISTS agents (
   node_id TEXT PRIMARY KEY, host TEXT NOT NULL, devices TEXT NOT NULL, last_seen REAL NOT NULL,
   version TEXT NOT NULL, pid INTEGER NOT NULL, ipc_dir TEXT NOT NULL);
@@ -140,6 +149,9 @@ class Registry:
                 ready=ready,
                 reason=reason,
             )
+        for name, version, body in db.execute("SELECT name, version, body FROM probes"):
+            if (name, version) in self.checkpoints:
+                self.checkpoints[name, version].probe = probe_from_json(json.loads(body))
         for node_id, host, devices, last_seen, version, pid, ipc_dir in db.execute(
             "SELECT node_id, host, devices, last_seen, version, pid, ipc_dir FROM agents"
         ):
@@ -292,6 +304,11 @@ class Registry:
                         for i, t in enumerate(cv.tensors)
                     ],
                 )
+                if cv.probe is not None:
+                    db.execute(
+                        "INSERT INTO probes VALUES (?,?,?)",
+                        (cv.name, cv.version, json.dumps(asdict(cv.probe))),
+                    )
                 self._save_shards(cv)
                 db.execute("COMMIT")
             except BaseException:
@@ -428,7 +445,7 @@ class Registry:
         with self._lock:
             cv = self.checkpoints.pop((name, version), None)
             if cv:
-                for table in ("checkpoints", "tensors", "shards"):
+                for table in ("checkpoints", "tensors", "shards", "probes"):
                     self._db.execute(
                         f"DELETE FROM {table} WHERE name=? AND version=?", (name, version)
                     )

@@ -11,6 +11,7 @@ from ckpt_daemon.model import (
     JobKind,
     JobState,
     PhaseTimes,
+    Probe,
     RankRef,
     RankResult,
     UpdateSpec,
@@ -57,3 +58,12 @@ def job_from_json(d: dict) -> Job:
         for r in d["results"]
     ]
     return Job(**d)
+
+
+def probe_from_json(d: dict) -> Probe:
+    return Probe(
+        prompt=tuple(d["prompt"]),
+        expected=tuple(d["expected"]),
+        logprobs=tuple(d["logprobs"]),
+        tolerance=float(d["tolerance"]),
+    )

@@ -73,6 +73,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
             timeout_s=request.timeout_s,
             wait=request.wait,
             replicas=request.replicas,
+            probe=convert.probe_from_pb(request.probe),
         )
         return self._cp(cv)
 
@@ -82,7 +83,12 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
             raise InvalidArgument("timeout_s must not be negative")
         metas = [(t.name, t.dtype, tuple(t.shape), t.nbytes) for t in request.tensors]
         cv, shards, where = await self._pusher.begin_direct(
-            request.name, request.version, request.node_id, metas, request.timeout_s
+            request.name,
+            request.version,
+            request.node_id,
+            metas,
+            request.timeout_s,
+            convert.probe_from_pb(request.probe),
         )
         return cpb.PushPlan(
             checkpoint=convert.checkpoint_to_pb(cv, self._order()),

@@ -16,6 +16,7 @@ from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import CkptError
 from ckpt_common.ranks import format_ranks, parse_ranks
 from ckptctl.client import DEFAULT_ADDR, TERMINAL, Client
+from ckptctl.probes import load_probe
 
 EXIT_FAILED = 1
 EXIT_ERROR = 2
@@ -120,6 +121,7 @@ def cmd_push(c: Client, a: argparse.Namespace) -> int:
         wait=not a.no_wait,
         timeout_s=a.timeout,
         replicas=a.replicas,
+        probe=load_probe(a.probe) if a.probe else None,
     )
     if a.output == "json":
         print(_json(cp))
@@ -339,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         choices=[1, 2],
         help="2: mirror every shard on another rank (another node if any)",
+    )
+    s.add_argument(
+        "--probe",
+        default="",
+        help="JSON file: {prompt, expected[, logprobs, tolerance]} token ids each engine must"
+        " answer before it serves this version",
     )
     s.add_argument("--timeout", type=float, default=600.0)
     s.set_defaults(fn=cmd_push)

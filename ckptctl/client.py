@@ -63,7 +63,9 @@ class Client:
         wait: bool = True,
         timeout_s: float = 600.0,
         replicas: int = 1,
+        probe: tpb.Probe | None = None,
     ) -> tpb.Checkpoint:
+        """probe (ckptctl.probes): what each engine must answer before it serves this version."""
         req = cpb.PushCheckpointRequest(
             name=name,
             version=version,
@@ -72,6 +74,7 @@ class Client:
             timeout_s=timeout_s,
             replicas=replicas,
             sources=[tpb.Source(path=p, node_id=node_id) for p in paths],
+            probe=probe,
         )
         return self._call("PushCheckpoint", req, timeout_s + 30)
 
@@ -85,6 +88,7 @@ class Client:
         node_id: str = "",
         keep_file: bool = False,
         timeout_s: float = 600.0,
+        probe: tpb.Probe | None = None,
     ) -> tpb.Checkpoint:
         """Pushes in-memory torch tensors (written once to a safetensors file the agents read)."""
         from ckptctl.st_writer import write_safetensors
@@ -92,7 +96,9 @@ class Client:
         path = os.path.join(directory, f"ckpt-push-{name}-{version}-{os.getpid()}.safetensors")
         write_safetensors(dict(tensors), path)
         try:
-            return self.push(name, version, [path], node_id=node_id, timeout_s=timeout_s)
+            return self.push(
+                name, version, [path], node_id=node_id, timeout_s=timeout_s, probe=probe
+            )
         finally:
             if not keep_file:
                 os.unlink(path)
@@ -106,6 +112,7 @@ class Client:
         node_id: str,
         threads: int = 16,
         timeout_s: float = 600.0,
+        probe: tpb.Probe | None = None,
     ) -> tpb.Checkpoint:
         """Pushes in-memory torch tensors straight into the host stores of the agents on this
         node (node_id): no file, one parallel copy. The trainer must run on that node as the
@@ -116,7 +123,12 @@ class Client:
         plan = self._call(
             "BeginPush",
             cpb.BeginPushRequest(
-                name=name, version=version, node_id=node_id, tensors=metas, timeout_s=timeout_s
+                name=name,
+                version=version,
+                node_id=node_id,
+                tensors=metas,
+                timeout_s=timeout_s,
+                probe=probe,
             ),
             timeout_s + 30,
         )

@@ -45,6 +45,8 @@ def vllm_command(model_dir: str, port: int, *, tp: int = 1) -> list[str]:
         str(port),
         "--worker-extension-cls",
         "vllm_ext.WorkerExtension",
+        "--scheduler-cls",
+        "vllm_ext.ProbeScheduler",
         "--dtype",
         "float32",
         "--max-model-len",

@@ -3,7 +3,10 @@
 Builds a tiny Llama locally (two random versions), starts ckptd, one agent and a vLLM
 OpenAI server with the extension, pushes both versions, and updates the running engine
 v1 -> v2 -> v1, showing a completion each time next to what transformers predicts on the
-same weights. Everything runs on loopback under .demo/ and is shut down at the end.
+same weights. Each version carries a probe (transformers' greedy tokens on its weights) that
+the engine must answer before it serves it; a version whose probe does not match its bytes
+is refused and the engine goes back to v1. Everything runs on loopback under .demo/ and is
+shut down at the end.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from pathlib import Path
 
 from ckpt.v1 import types_pb2 as tpb
 from ckptctl.client import Client
+from ckptctl.probes import greedy_probe
 from demo.engines import complete, free_port, healthy, vllm_command, vllm_env
-from demo.models import PROMPTS, hf_greedy, save_model
+from demo.models import PROMPTS, build_model, hf_greedy, save_model
 
 ROOT = Path(os.environ.get("CKPT_DEMO_DIR", ".demo")).resolve()
 N = 8
@@ -39,6 +43,30 @@ def wait(pred, timeout: float, what: str, procs: list[subprocess.Popen]) -> None
             return
         time.sleep(0.3)
     raise SystemExit(f"demo: timed out waiting for {what}; see {ROOT}/logs")
+
+
+def refused_bad_version(
+    client: Client, url: str, v2: Path, probe: tpb.Probe, want: list[int], prompt: list[int]
+) -> bool:
+    """llama@3: v2's bytes under v1's probe. The engine loads it, misses the probe while
+    still paused, and ckptd takes it back to v1 before it serves anything."""
+    say("llama@3: v2's bytes pushed with v1's probe (a mislabelled version)")
+    client.push("llama", 3, [str(v2)], probe=probe)
+    job = client.wait(client.update("llama", 3, instances=["vllm-demo"]).id, 120)
+    print(f"  job {job.id}: {tpb.JobState.Name(job.state)}: {job.reason}")
+    deadline = time.monotonic() + 60
+    inst = None
+    while time.monotonic() < deadline:
+        inst = {i.name: i for i in client.instances()}["vllm-demo"]
+        if inst.ready and inst.version == 1:
+            break
+        time.sleep(0.5)
+    got = complete(url, prompt, N)
+    print(
+        f"  restored: vllm-demo ready={inst.ready} on llama@{inst.version}; vLLM says {got}  "
+        + ("== transformers v1" if got == want else "!= transformers")
+    )
+    return job.state == tpb.JOB_FAILED and inst.ready and inst.version == 1 and got == want
 
 
 def main() -> int:
@@ -121,10 +149,11 @@ def main() -> int:
             )
         )
 
-        say("pushing both versions into the agent's host memory")
+        say("pushing both versions into the agent's host memory, each with its probe")
+        probes = {s + 1: greedy_probe(build_model("llama", s), PROMPTS[1], N) for s in (0, 1)}
         for version, d in ((1, v1), (2, v2)):
             t0 = time.monotonic()
-            cp = client.push("llama", version, [str(d)])
+            cp = client.push("llama", version, [str(d)], probe=probes[version])
             print(
                 f"  llama@{version}: {cp.tensor_count} tensors, {cp.total_bytes} bytes, "
                 f"{time.monotonic() - t0:.2f}s"
@@ -149,6 +178,7 @@ def main() -> int:
             verdict = f"== transformers v{version}" if same else "!= transformers"
             print(f"  vLLM now says {got}  {verdict}")
             ok &= same
+        ok &= refused_bad_version(client, url, v2, probes[1], predicted[1], prompt)
         say("fleet state (ckptctl instances)")
         subprocess.run(
             [sys.executable, "-m", "ckptctl.cli", "--addr", addr, "instances"], check=False

@@ -20,6 +20,7 @@ from ckpt_common.errors import (
     InvalidArgument,
     NotFound,
 )
+from ckptctl.probes import make_probe
 from tests.cluster import Cluster, read_report, wait_for
 from tests.tensors import digests, mixed_tensors, write_sharded
 
@@ -128,6 +129,14 @@ def test_errors_are_precise_and_change_nothing(cluster: Cluster, tmp_path: Path)
         c.client.push("bad/name", 1, [str(tmp_path / "e")])
     with pytest.raises(InvalidArgument, match="out of range"):
         c.client.push("errs", 3, [str(tmp_path / "e")], ranks=[7])
+    for probe, why in (
+        (make_probe([], [1]), "prompt tokens"),
+        (make_probe([1], [2, 3], [-0.1]), "1 log-probs for 2"),
+        (make_probe([1], [2], [float("nan")], 0.1), "finite"),
+        (make_probe([1], [-2]), "negative"),
+    ):
+        with pytest.raises(InvalidArgument, match=why):
+            c.client.push("errs", 3, [str(tmp_path / "e")], probe=probe)
     with pytest.raises(NotFound):
         c.client.job("nope")
     with pytest.raises(NotFound):

@@ -3,6 +3,7 @@ equal transformers' on the same weights after every update."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -12,8 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckpt.v1 import types_pb2 as tpb
-from demo.models import PROMPTS, hf_greedy, save_model
-from tests.cluster import Cluster
+from ckpt_daemon import convert, probes
+from ckpt_daemon.engines import http_json
+from ckptctl.probes import greedy_probe
+from demo.models import PROMPTS, build_model, hf_greedy, save_model
+from tests.cluster import Cluster, wait_for
 from tests.engines import complete, start_vllm, wait_healthy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -55,9 +59,14 @@ def fleet(tmp_path_factory):
                 ranks=[tpb.InstanceRank(node_id=n, device=d) for n, d in devs],
             )
         )
-    for arch in ("llama", "qwen2"):
+    c.probes = {}  # llama: greedy tokens; qwen2: teacher-forced log-probs within 1e-3
+    for arch, tol in (("llama", None), ("qwen2", 1e-3)):
         for s in (0, 1):
-            c.client.push(arch, s + 1, [models[f"{arch}_{s}"]])
+            c.probes[f"{arch}_{s}"] = greedy_probe(
+                build_model(arch, s), PROMPTS[1], N, tolerance=tol
+            )
+            cp = c.client.push(arch, s + 1, [models[f"{arch}_{s}"]], probe=c.probes[f"{arch}_{s}"])
+            assert cp.probe == c.probes[f"{arch}_{s}"]
     yield c
     c.close()
 
@@ -124,6 +133,47 @@ def test_qwen_tied_embeddings_v1_v2_v1(fleet: Cluster) -> None:
         job = update(c, "qwen2", version, ["B"])
         assert job.state == tpb.JOB_SUCCEEDED, job.reason
         assert tokens(c, "B") == c.hf[key], f"after qwen2@{version}"
+
+
+def test_probe_runs_alone_while_the_engine_is_paused(fleet: Cluster) -> None:
+    """Paused (keep), vllm_ext.ProbeScheduler answers ckptd's probe and holds every other
+    request until /resume; a probe of other weights misses."""
+    c = fleet
+    url = c.urls["A"]
+    assert update(c, "llama", 2, ["A"]).state == tpb.JOB_SUCCEEDED
+    http_json(f"{url}/pause?mode=keep", None, 30)
+    held: list[list[int]] = []
+    th = threading.Thread(target=lambda: held.append(complete(url, PROMPTS[0], 4)))
+    try:
+        th.start()
+        time.sleep(1.0)
+        good = convert.probe_from_pb(c.probes["llama_1"])
+        assert asyncio.run(probes.run(url, good, 30)) == ""
+        miss = asyncio.run(probes.run(url, convert.probe_from_pb(c.probes["llama_0"]), 30))
+        assert miss.startswith("probe: token"), miss
+        assert not held  # nothing but the probes ran while paused
+    finally:
+        http_json(f"{url}/resume", None, 30)
+        th.join(60)
+    assert held == [c.hf["llama_1"][0][:4]]
+
+
+def test_probe_miss_fails_the_update_and_restores_the_engine(fleet: Cluster) -> None:
+    """llama@7 carries llama@2's bytes but llama@1's probe: the engine loads it, misses the
+    probe before serving anything, the job fails and names it, and ckptd restores llama@1."""
+    c = fleet
+    assert update(c, "llama", 1, ["A"]).state == tpb.JOB_SUCCEEDED
+    c.client.push("llama", 7, [c.models["llama_1"]], probe=c.probes["llama_0"])
+    job = update(c, "llama", 7, ["A"])
+    assert job.state == tpb.JOB_FAILED
+    assert "instance A: probe: token" in job.reason, job.reason
+
+    def restored() -> bool:
+        a = {i.name: i for i in c.client.instances()}["A"]
+        return a.ready and a.version == 1
+
+    wait_for(restored, 60, "A to be restored to llama@1")
+    assert tokens(c, "A") == c.hf["llama_0"]
 
 
 def test_partial_update_changes_only_its_tensors(fleet: Cluster, tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["WorkerExtension"]
+__all__ = ["ProbeScheduler", "WorkerExtension"]
 
 
 def __getattr__(name: str) -> Any:
@@ -13,4 +13,8 @@ def __getattr__(name: str) -> Any:
         from vllm_ext.extension import WorkerExtension
 
         return WorkerExtension
+    if name == "ProbeScheduler":
+        from vllm_ext.probe_scheduler import ProbeScheduler
+
+        return ProbeScheduler
     raise AttributeError(name)

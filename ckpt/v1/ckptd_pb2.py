@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ckpt.v1 import types_pb2 as ckpt_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63kpt/v1/ckptd.proto\x12\x07\x63kpt.v1\x1a\x13\x63kpt/v1/types.proto\"\x9a\x01\n\x15PushCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12 \n\x07sources\x18\x03 \x03(\x0b\x32\x0f.ckpt.v1.Source\x12\r\n\x05ranks\x18\x04 \x03(\x05\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x0c\n\x04wait\x18\x06 \x01(\x08\x12\x10\n\x08replicas\x18\x07 \x01(\x05\"{\n\x10\x42\x65ginPushRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12$\n\x07tensors\x18\x04 \x03(\x0b\x32\x13.ckpt.v1.TensorMeta\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\"O\n\x0bPushSegment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\x05\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"-\n\nPushTarget\x12\x0f\n\x07segment\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\x81\x01\n\x08PushPlan\x12\'\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x13.ckpt.v1.Checkpoint\x12&\n\x08segments\x18\x02 \x03(\x0b\x32\x14.ckpt.v1.PushSegment\x12$\n\x07targets\x18\x03 \x03(\x0b\x32\x13.ckpt.v1.PushTarget\"2\n\x11\x43ommitPushRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"N\n\x14GetCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x17\n\x0finclude_tensors\x18\x03 \x01(\x08\"&\n\x16ListCheckpointsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x17ListCheckpointsResponse\x12(\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x13.ckpt.v1.Checkpoint\"8\n\x17\x44\x65leteCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"@\n\x18\x44\x65leteCheckpointResponse\x12$\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x13.ckpt.v1.Checkpoint\"\xb7\x01\n\rUpdateRequest\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05ranks\x18\x03 \x03(\x05\x12\x11\n\tinstances\x18\x04 \x03(\t\x12%\n\x06method\x18\x05 \x01(\x0e\x32\x15.ckpt.v1.UpdateMethod\x12\x14\n\x0c\x62ucket_bytes\x18\x06 \x01(\x03\x12\x0f\n\x07tensors\x18\x07 \x03(\t\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\".\n\x10ListJobsResponse\x12\x1a\n\x04jobs\x18\x01 \x03(\x0b\x32\x0c.ckpt.v1.Job\"\x13\n\x11ListAgentsRequest\"4\n\x12ListAgentsResponse\x12\x1e\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x0e.ckpt.v1.Agent\"r\n\x13JoinInstanceRequest\x12#\n\x08instance\x18\x01 \x01(\x0b\x32\x11.ckpt.v1.Instance\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\"\x16\n\x14ListInstancesRequest\"=\n\x15ListInstancesResponse\x12$\n\tinstances\x18\x01 \x03(\x0b\x32\x11.ckpt.v1.Instance\"%\n\x15RemoveInstanceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x16RemoveInstanceResponse\x12\"\n\x07removed\x18\x01 \x01(\x0b\x32\x11.ckpt.v1.Instance2\xa3\x08\n\x04\x43kpt\x12\x45\n\x0ePushCheckpoint\x12\x1e.ckpt.v1.PushCheckpointRequest\x1a\x13.ckpt.v1.Checkpoint\x12\x43\n\rGetCheckpoint\x12\x1d.ckpt.v1.GetCheckpointRequest\x1a\x13.ckpt.v1.Checkpoint\x12T\n\x0fListCheckpoints\x12\x1f.ckpt.v1.ListCheckpointsRequest\x1a .ckpt.v1.ListCheckpointsResponse\x12W\n\x10\x44\x65leteCheckpoint\x12 .ckpt.v1.DeleteCheckpointRequest\x1a!.ckpt.v1.DeleteCheckpointResponse\x12\x39\n\tBeginPush\x12\x19.ckpt.v1.BeginPushRequest\x1a\x11.ckpt.v1.PushPlan\x12=\n\nCommitPush\x12\x1a.ckpt.v1.CommitPushRequest\x1a\x13.ckpt.v1.Checkpoint\x12.\n\x06Update\x12\x16.ckpt.v1.UpdateRequest\x1a\x0c.ckpt.v1.Job\x12.\n\x06GetJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job\x12?\n\x08ListJobs\x12\x18.ckpt.v1.ListJobsRequest\x1a\x19.ckpt.v1.ListJobsResponse\x12\x32\n\x08WatchJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job0\x01\x12\x31\n\tCancelJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job\x12\x45\n\nListAgents\x12\x1a.ckpt.v1.ListAgentsRequest\x1a\x1b.ckpt.v1.ListAgentsResponse\x12\x38\n\x10RegisterInstance\x12\x11.ckpt.v1.Instance\x1a\x11.ckpt.v1.Instance\x12:\n\x0cJoinInstance\x12\x1c.ckpt.v1.JoinInstanceRequest\x1a\x0c.ckpt.v1.Job\x12N\n\rListInstances\x12\x1d.ckpt.v1.ListInstancesRequest\x1a\x1e.ckpt.v1.ListInstancesResponse\x12Q\n\x0eRemoveInstance\x12\x1e.ckpt.v1.RemoveInstanceRequest\x1a\x1f.ckpt.v1.RemoveInstanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63kpt/v1/ckptd.proto\x12\x07\x63kpt.v1\x1a\x13\x63kpt/v1/types.proto\"\xb9\x01\n\x15PushCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12 \n\x07sources\x18\x03 \x03(\x0b\x32\x0f.ckpt.v1.Source\x12\r\n\x05ranks\x18\x04 \x03(\x05\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x0c\n\x04wait\x18\x06 \x01(\x08\x12\x10\n\x08replicas\x18\x07 \x01(\x05\x12\x1d\n\x05probe\x18\x08 \x01(\x0b\x32\x0e.ckpt.v1.Probe\"\x9a\x01\n\x10\x42\x65ginPushRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12$\n\x07tensors\x18\x04 \x03(\x0b\x32\x13.ckpt.v1.TensorMeta\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x1d\n\x05probe\x18\x06 \x01(\x0b\x32\x0e.ckpt.v1.Probe\"O\n\x0bPushSegment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\x05\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"-\n\nPushTarget\x12\x0f\n\x07segment\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\x81\x01\n\x08PushPlan\x12\'\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x13.ckpt.v1.Checkpoint\x12&\n\x08segments\x18\x02 \x03(\x0b\x32\x14.ckpt.v1.PushSegment\x12$\n\x07targets\x18\x03 \x03(\x0b\x32\x13.ckpt.v1.PushTarget\"2\n\x11\x43ommitPushRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"N\n\x14GetCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x17\n\x0finclude_tensors\x18\x03 \x01(\x08\"&\n\x16ListCheckpointsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x17ListCheckpointsResponse\x12(\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x13.ckpt.v1.Checkpoint\"8\n\x17\x44\x65leteCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"@\n\x18\x44\x65leteCheckpointResponse\x12$\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x13.ckpt.v1.Checkpoint\"\xb7\x01\n\rUpdateRequest\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05ranks\x18\x03 \x03(\x05\x12\x11\n\tinstances\x18\x04 \x03(\t\x12%\n\x06method\x18\x05 \x01(\x0e\x32\x15.ckpt.v1.UpdateMethod\x12\x14\n\x0c\x62ucket_bytes\x18\x06 \x01(\x03\x12\x0f\n\x07tensors\x18\x07 \x03(\t\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\".\n\x10ListJobsResponse\x12\x1a\n\x04jobs\x18\x01 \x03(\x0b\x32\x0c.ckpt.v1.Job\"\x13\n\x11ListAgentsRequest\"4\n\x12ListAgentsResponse\x12\x1e\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x0e.ckpt.v1.Agent\"r\n\x13JoinInstanceRequest\x12#\n\x08instance\x18\x01 \x01(\x0b\x32\x11.ckpt.v1.Instance\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\"\x16\n\x14ListInstancesRequest\"=\n\x15ListInstancesResponse\x12$\n\tinstances\x18\x01 \x03(\x0b\x32\x11.ckpt.v1.Instance\"%\n\x15RemoveInstanceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x16RemoveInstanceResponse\x12\"\n\x07removed\x18\x01 \x01(\x0b\x32\x11.ckpt.v1.Instance2\xa3\x08\n\x04\x43kpt\x12\x45\n\x0ePushCheckpoint\x12\x1e.ckpt.v1.PushCheckpointRequest\x1a\x13.ckpt.v1.Checkpoint\x12\x43\n\rGetCheckpoint\x12\x1d.ckpt.v1.GetCheckpointRequest\x1a\x13.ckpt.v1.Checkpoint\x12T\n\x0fListCheckpoints\x12\x1f.ckpt.v1.ListCheckpointsRequest\x1a .ckpt.v1.ListCheckpointsResponse\x12W\n\x10\x44\x65leteCheckpoint\x12 .ckpt.v1.DeleteCheckpointRequest\x1a!.ckpt.v1.DeleteCheckpointResponse\x12\x39\n\tBeginPush\x12\x19.ckpt.v1.BeginPushRequest\x1a\x11.ckpt.v1.PushPlan\x12=\n\nCommitPush\x12\x1a.ckpt.v1.CommitPushRequest\x1a\x13.ckpt.v1.Checkpoint\x12.\n\x06Update\x12\x16.ckpt.v1.UpdateRequest\x1a\x0c.ckpt.v1.Job\x12.\n\x06GetJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job\x12?\n\x08ListJobs\x12\x18.ckpt.v1.ListJobsRequest\x1a\x19.ckpt.v1.ListJobsResponse\x12\x32\n\x08WatchJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job0\x01\x12\x31\n\tCancelJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job\x12\x45\n\nListAgents\x12\x1a.ckpt.v1.ListAgentsRequest\x1a\x1b.ckpt.v1.ListAgentsResponse\x12\x38\n\x10RegisterInstance\x12\x11.ckpt.v1.Instance\x1a\x11.ckpt.v1.Instance\x12:\n\x0cJoinInstance\x12\x1c.ckpt.v1.JoinInstanceRequest\x1a\x0c.ckpt.v1.Job\x12N\n\rListInstances\x12\x1d.ckpt.v1.ListInstancesRequest\x1a\x1e.ckpt.v1.ListInstancesResponse\x12Q\n\x0eRemoveInstance\x12\x1e.ckpt.v1.RemoveInstanceRequest\x1a\x1f.ckpt.v1.RemoveInstanceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,49 +33,49 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ckpt.v1.ckptd_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PUSHCHECKPOINTREQUEST']._serialized_start=54
-  _globals['_PUSHCHECKPOINTREQUEST']._serialized_end=208
-  _globals['_BEGINPUSHREQUEST']._serialized_start=210
-  _globals['_BEGINPUSHREQUEST']._serialized_end=333
-  _globals['_PUSHSEGMENT']._serialized_start=335
-  _globals['_PUSHSEGMENT']._serialized_end=414
-  _globals['_PUSHTARGET']._serialized_start=416
-  _globals['_PUSHTARGET']._serialized_end=461
-  _globals['_PUSHPLAN']._serialized_start=464
-  _globals['_PUSHPLAN']._serialized_end=593
-  _globals['_COMMITPUSHREQUEST']._serialized_start=595
-  _globals['_COMMITPUSHREQUEST']._serialized_end=645
-  _globals['_GETCHECKPOINTREQUEST']._serialized_start=647
-  _globals['_GETCHECKPOINTREQUEST']._serialized_end=725
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=727
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=765
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=767
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=834
-  _globals['_DELETECHECKPOINTREQUEST']._serialized_start=836
-  _globals['_DELETECHECKPOINTREQUEST']._serialized_end=892
-  _globals['_DELETECHECKPOINTRESPONSE']._serialized_start=894
-  _globals['_DELETECHECKPOINTRESPONSE']._serialized_end=958
-  _globals['_UPDATEREQUEST']._serialized_start=961
-  _globals['_UPDATEREQUEST']._serialized_end=1144
-  _globals['_GETJOBREQUEST']._serialized_start=1146
-  _globals['_GETJOBREQUEST']._serialized_end=1173
-  _globals['_LISTJOBSREQUEST']._serialized_start=1175
-  _globals['_LISTJOBSREQUEST']._serialized_end=1207
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1209
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1255
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1257
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1276
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1278
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1330
-  _globals['_JOININSTANCEREQUEST']._serialized_start=1332
-  _globals['_JOININSTANCEREQUEST']._serialized_end=1446
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=1448
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=1470
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1472
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1533
-  _globals['_REMOVEINSTANCEREQUEST']._serialized_start=1535
-  _globals['_REMOVEINSTANCEREQUEST']._serialized_end=1572
-  _globals['_REMOVEINSTANCERESPONSE']._serialized_start=1574
-  _globals['_REMOVEINSTANCERESPONSE']._serialized_end=1634
-  _globals['_CKPT']._serialized_start=1637
-  _globals['_CKPT']._serialized_end=2696
+  _globals['_PUSHCHECKPOINTREQUEST']._serialized_end=239
+  _globals['_BEGINPUSHREQUEST']._serialized_start=242
+  _globals['_BEGINPUSHREQUEST']._serialized_end=396
+  _globals['_PUSHSEGMENT']._serialized_start=398
+  _globals['_PUSHSEGMENT']._serialized_end=477
+  _globals['_PUSHTARGET']._serialized_start=479
+  _globals['_PUSHTARGET']._serialized_end=524
+  _globals['_PUSHPLAN']._serialized_start=527
+  _globals['_PUSHPLAN']._serialized_end=656
+  _globals['_COMMITPUSHREQUEST']._serialized_start=658
+  _globals['_COMMITPUSHREQUEST']._serialized_end=708
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=710
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=788
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=790
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=828
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=830
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=897
+  _globals['_DELETECHECKPOINTREQUEST']._serialized_start=899
+  _globals['_DELETECHECKPOINTREQUEST']._serialized_end=955
+  _globals['_DELETECHECKPOINTRESPONSE']._serialized_start=957
+  _globals['_DELETECHECKPOINTRESPONSE']._serialized_end=1021
+  _globals['_UPDATEREQUEST']._serialized_start=1024
+  _globals['_UPDATEREQUEST']._serialized_end=1207
+  _globals['_GETJOBREQUEST']._serialized_start=1209
+  _globals['_GETJOBREQUEST']._serialized_end=1236
+  _globals['_LISTJOBSREQUEST']._serialized_start=1238
+  _globals['_LISTJOBSREQUEST']._serialized_end=1270
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1272
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1318
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1320
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1339
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1341
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1393
+  _globals['_JOININSTANCEREQUEST']._serialized_start=1395
+  _globals['_JOININSTANCEREQUEST']._serialized_end=1509
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=1511
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=1533
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1535
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1596
+  _globals['_REMOVEINSTANCEREQUEST']._serialized_start=1598
+  _globals['_REMOVEINSTANCEREQUEST']._serialized_end=1635
+  _globals['_REMOVEINSTANCERESPONSE']._serialized_start=1637
+  _globals['_REMOVEINSTANCERESPONSE']._serialized_end=1697
+  _globals['_CKPT']._serialized_start=1700
+  _globals['_CKPT']._serialized_end=2759
 # @@protoc_insertion_point(module_scope)

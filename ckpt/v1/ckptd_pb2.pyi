@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PushCheckpointRequest(_message.Message):
-    __slots__ = ("name", "version", "sources", "ranks", "timeout_s", "wait", "replicas")
+    __slots__ = ("name", "version", "sources", "ranks", "timeout_s", "wait", "replicas", "probe")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class PushCheckpointRequest(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     sources: _containers.RepeatedCompositeFieldContainer[_types_pb2.Source]
@@ -23,21 +24,24 @@ class PushCheckpointRequest(_message.Message):
     timeout_s: float
     wait: bool
     replicas: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[_types_pb2.Source, _Mapping]]] = ..., ranks: _Optional[_Iterable[int]] = ..., timeout_s: _Optional[float] = ..., wait: _Optional[bool] = ..., replicas: _Optional[int] = ...) -> None: ...
+    probe: _types_pb2.Probe
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[_types_pb2.Source, _Mapping]]] = ..., ranks: _Optional[_Iterable[int]] = ..., timeout_s: _Optional[float] = ..., wait: _Optional[bool] = ..., replicas: _Optional[int] = ..., probe: _Optional[_Union[_types_pb2.Probe, _Mapping]] = ...) -> None: ...
 
 class BeginPushRequest(_message.Message):
-    __slots__ = ("name", "version", "node_id", "tensors", "timeout_s")
+    __slots__ = ("name", "version", "node_id", "tensors", "timeout_s", "probe")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     node_id: str
     tensors: _containers.RepeatedCompositeFieldContainer[_types_pb2.TensorMeta]
     timeout_s: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., node_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    probe: _types_pb2.Probe
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., node_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., timeout_s: _Optional[float] = ..., probe: _Optional[_Union[_types_pb2.Probe, _Mapping]] = ...) -> None: ...
 
 class PushSegment(_message.Message):
     __slots__ = ("node_id", "device", "segment", "nbytes")

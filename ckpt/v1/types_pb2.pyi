@@ -125,7 +125,7 @@ class Shard(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., device: _Optional[int] = ..., rank: _Optional[int] = ..., nbytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., state: _Optional[_Union[ShardState, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
-    __slots__ = ("name", "version", "state", "reason", "total_bytes", "tensor_count", "shards", "created_unix", "ready_unix", "tensors", "replicas", "mirrors")
+    __slots__ = ("name", "version", "state", "reason", "total_bytes", "tensor_count", "shards", "created_unix", "ready_unix", "tensors", "replicas", "mirrors", "probe")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class Checkpoint(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MIRRORS_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     state: CheckpointState
@@ -150,7 +151,20 @@ class Checkpoint(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
     replicas: int
     mirrors: _containers.RepeatedCompositeFieldContainer[Shard]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[CheckpointState, str]] = ..., reason: _Optional[str] = ..., total_bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., created_unix: _Optional[float] = ..., ready_unix: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., replicas: _Optional[int] = ..., mirrors: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ...) -> None: ...
+    probe: Probe
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[CheckpointState, str]] = ..., reason: _Optional[str] = ..., total_bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., created_unix: _Optional[float] = ..., ready_unix: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., replicas: _Optional[int] = ..., mirrors: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ...) -> None: ...
+
+class Probe(_message.Message):
+    __slots__ = ("prompt_token_ids", "expected_token_ids", "expected_logprobs", "logprob_tolerance")
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    expected_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    expected_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    logprob_tolerance: float
+    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., expected_token_ids: _Optional[_Iterable[int]] = ..., expected_logprobs: _Optional[_Iterable[float]] = ..., logprob_tolerance: _Optional[float] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("index", "kind", "uuid", "total_bytes", "free_bytes", "rank")
