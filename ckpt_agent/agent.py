@@ -25,6 +25,7 @@ from ckpt_agent.host_store import StoreError, segment_prefix
 from ckpt_agent.scan import scan_paths
 from ckpt_agent.supervisor import Supervisor
 from ckpt_agent.worker import READY_ID
+from ckpt_common.credentials import channel_args
 from ckpt_common.ipc import ensure_private_dir, ipc_dir
 
 log = structlog.get_logger("ckpt_agent")
@@ -36,6 +37,8 @@ FLUSH_S = 1.0  # before a re-attach, how long queued messages get to leave
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
+        self._creds = cfg.credentials.resolved()
+        self._creds.check_transport(cfg.daemon)
         self.ipc_dir = ensure_private_dir(ipc_dir(cfg.ipc_dir or None))
         self.devices = self._devices()
         self.held: dict[tuple[str, int, int], tuple[int, str, apb.P2PSource]] = {}
@@ -232,6 +235,14 @@ class Agent:
             )
         )
 
+    def _channel(self) -> grpc.aio.Channel:
+        opts = [*channel_args(), ("grpc.keepalive_time_ms", 10_000)]
+        if self._creds.tls:
+            return grpc.aio.secure_channel(
+                self.cfg.daemon, self._creds.channel_credentials(), options=opts
+            )
+        return grpc.aio.insecure_channel(self.cfg.daemon, options=opts)
+
     async def _session(self, stub: agent_pb2_grpc.AgentLinkStub) -> None:
         outbox: asyncio.Queue[apb.AgentMessage] = asyncio.Queue()
         outbox.put_nowait(self._hello())
@@ -243,7 +254,7 @@ class Agent:
             while True:
                 yield await outbox.get()
 
-        call = stub.Attach(outgoing())
+        call = stub.Attach(outgoing(), metadata=self._creds.metadata())
 
         async def heartbeats() -> None:
             while True:
@@ -304,14 +315,7 @@ class Agent:
             backoff = 0.2
             while not self._stop.is_set():
                 started = time.monotonic()
-                async with grpc.aio.insecure_channel(
-                    self.cfg.daemon,
-                    options=[
-                        ("grpc.max_send_message_length", 512 << 20),
-                        ("grpc.max_receive_message_length", 512 << 20),
-                        ("grpc.keepalive_time_ms", 10_000),
-                    ],
-                ) as channel:
+                async with self._channel() as channel:
                     stub = agent_pb2_grpc.AgentLinkStub(channel)
                     session = asyncio.create_task(self._session(stub))
                     stop = asyncio.create_task(self._stop.wait())

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from ckpt_common.credentials import Credentials
 
 DAEMON_ENV = "CKPTD_ADDR"
 NODE_ID_ENV = "CKPT_NODE_ID"
@@ -22,6 +24,7 @@ class AgentConfig:
     command_timeout_s: float = 30.0
     log_level: str = "info"
     p2p: str = "auto"  # register host stores for P2P reads: auto (if Mooncake is installed)
+    credentials: Credentials = field(default_factory=Credentials)  # to ckptd: token, TLS
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):

@@ -9,6 +9,7 @@ import signal
 
 from ckpt_agent.agent import Agent
 from ckpt_agent.config import NODE_ID_ENV, AgentConfig, default_daemon
+from ckpt_common.credentials import Credentials
 from ckpt_common.logs import setup_logging
 
 
@@ -34,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         default=d.p2p,
         help="register host stores with Mooncake for P2P joins (auto: if installed)",
     )
+    p.add_argument("--token-file", default="", help="bearer token (env CKPTD_TOKEN_FILE)")
+    p.add_argument("--tls-ca", default="", help="CA that signed ckptd's certificate")
+    p.add_argument("--tls-cert", default="", help="this agent's certificate (node id in SAN)")
+    p.add_argument("--tls-key", default="", help="its private key")
+    p.add_argument("--insecure", action="store_true", help="plaintext beyond loopback")
     a = p.parse_args(argv)
     slots = a.slots if a.slots is not None else (1 if a.device == "cpu" else 0)
     return AgentConfig(
@@ -46,6 +52,13 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         heartbeat_s=a.heartbeat_s,
         log_level=a.log_level,
         p2p=a.p2p,
+        credentials=Credentials(
+            token_file=a.token_file,
+            tls_ca=a.tls_ca,
+            tls_cert=a.tls_cert,
+            tls_key=a.tls_key,
+            insecure=a.insecure,
+        ),
     )
 
 

@@ -52,6 +52,14 @@ class Internal(CkptError):
     code = "INTERNAL"
 
 
+class Unauthenticated(CkptError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(CkptError):
+    code = "PERMISSION_DENIED"
+
+
 BY_CODE: dict[str, type[CkptError]] = {
     cls.code: cls
     for cls in (
@@ -65,6 +73,8 @@ BY_CODE: dict[str, type[CkptError]] = {
         Aborted,
         Unimplemented,
         Internal,
+        Unauthenticated,
+        PermissionDenied,
     )
 }
 

@@ -30,3 +30,16 @@ def worker_endpoint(node_id: str, device: int, directory: str | None = None) -> 
     digest = hashlib.sha256(node_id.encode()).hexdigest()[:12]
     name = f"{safe(node_id)[:24]}-{digest}-{device}.sock"
     return f"ipc://{os.path.join(ipc_dir(directory), name)}"
+
+
+def endpoint_refusal(endpoint: str, directory: str | None = None) -> str:
+    """Why an engine must not connect to `endpoint`; "". Only an agent worker's socket: an
+    ipc:// path directly inside the IPC dir (after resolving links), named *.sock."""
+    if not endpoint.startswith("ipc://") or "\x00" in endpoint:
+        return "only ipc:// endpoints of the local agent are accepted"
+    path = endpoint[len("ipc://") :]
+    base = os.path.realpath(ipc_dir(directory))
+    real = os.path.realpath(path)
+    if os.path.dirname(real) != base or not real.endswith(".sock"):
+        return f"the endpoint is not an agent socket in {base}"
+    return ""

@@ -22,7 +22,14 @@ from typing import TypeVar
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt_common.errors import CkptError, DeadlineExceeded, Unavailable, error_for
+from ckpt_common.errors import (
+    CkptError,
+    DeadlineExceeded,
+    PermissionDenied,
+    Unavailable,
+    error_for,
+)
+from ckpt_daemon.auth import PRINCIPAL
 from ckpt_daemon.model import AgentInfo, DeviceInfo
 from ckpt_daemon.registry import Registry
 
@@ -77,6 +84,9 @@ class AgentHub:
         hello = first.hello
         if not hello.node_id:
             raise Unavailable("Hello without node_id")
+        who = PRINCIPAL.get()
+        if who is not None and who.node and who.node != hello.node_id:
+            raise PermissionDenied(f"{who.name} may attach as node {who.node!r} only")
         old = self._sessions.get(hello.node_id)
         if old:
             old.close("re-attached on a new stream")

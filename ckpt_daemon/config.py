@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from ckpt_common.credentials import DEFAULT_STATE_DIR
 
 STATE_DIR_ENV = "CKPTD_STATE_DIR"
 LISTEN_ENV = "CKPTD_LISTEN"
@@ -12,7 +13,7 @@ LISTEN_ENV = "CKPTD_LISTEN"
 @dataclass(frozen=True, kw_only=True)
 class DaemonConfig:
     listen: str = "127.0.0.1:7601"
-    state_dir: str = os.path.expanduser("~/.local/state/ckptd")
+    state_dir: str = DEFAULT_STATE_DIR
     heartbeat_s: float = 2.0
     command_timeout_s: float = 30.0  # small agent commands (scan, drop, prepare)
     load_timeout_s: float = 600.0  # loading a push into host memory
@@ -23,12 +24,20 @@ class DaemonConfig:
     nbuf: int = 2
     port_file: str = ""  # write the bound port here once serving
     metrics_listen: str = ""  # host:port for Prometheus /metrics; "": off
+    tls_cert: str = ""  # ckptd's certificate chain (PEM); with tls_key: TLS on the gRPC port
+    tls_key: str = ""
+    tls_ca: str = ""  # verifies client certificates (agents, clients) when they send one
+    auth_file: str = ""  # tokens and client roles (ckpt_daemon.auth); "": a local admin token
+    insecure: bool = False  # no authentication at all, and plaintext beyond loopback
+    engine_token_file: str = ""  # sent to vLLM engines (vllm_ext.guard); "": none
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be positive")
         if self.nbuf < 1:
             raise ValueError("nbuf must be at least 1")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
         for name in ("command_timeout_s", "load_timeout_s", "update_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

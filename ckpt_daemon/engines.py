@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -25,6 +26,7 @@ import structlog
 from ckpt_common.errors import Aborted, DeadlineExceeded, Unavailable
 from ckpt_common.ipc import worker_endpoint
 from ckpt_daemon import probes
+from ckpt_daemon.engine_http import bounded, http_json
 from ckpt_daemon.model import Instance, InstanceKind, Job, Probe
 from ckpt_daemon.registry import Registry
 
@@ -33,20 +35,14 @@ UPDATE_METHOD = "ckpt_update"  # vllm_ext.WorkerExtension.ckpt_update
 PROBE_TIMEOUT_S = 10.0
 
 
-def http_json(url: str, body: dict | None, timeout: float, method: str = "POST") -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        raw = resp.read()
-    return json.loads(raw) if raw else None
-
-
 class EngineTrigger:
-    def __init__(self, registry: Registry, *, control_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, registry: Registry, *, control_timeout_s: float = 30.0, engine_token: str = ""
+    ) -> None:
         self._registry = registry
         self._control_timeout = control_timeout_s
+        # shown to engines guarded by vllm_ext.guard
+        self._headers = {"X-Ckpt-Token": engine_token} if engine_token else {}
 
     def endpoints(self, instance: Instance) -> list[str]:
         out = []
@@ -56,7 +52,7 @@ class EngineTrigger:
         return out
 
     async def _post(self, url: str, body: dict | None, timeout: float) -> Any:
-        return await asyncio.to_thread(http_json, url, body, timeout)
+        return await asyncio.to_thread(http_json, url, body, timeout, "POST", self._headers)
 
     async def trigger(self, instance: Instance, job: Job, timeout: float) -> None:
         base = instance.endpoint.rstrip("/")
@@ -96,8 +92,8 @@ class EngineTrigger:
             committed = all(isinstance(r, dict) and r.get("touched") is False for r in results)
             if bad:
                 r = bad[0]
-                reason = r.get("reason") if isinstance(r, dict) else str(r)
-                raise Aborted(f"instance {instance.name}: worker failed: {reason}")
+                reason = r.get("reason") if isinstance(r, dict) else r
+                raise Aborted(f"instance {instance.name}: worker failed: {bounded(reason)}")
             await self._probe(instance, job, min(ctl, PROBE_TIMEOUT_S))
             try:
                 await self._post(
@@ -109,11 +105,11 @@ class EngineTrigger:
                 if e.code != 404:
                     raise
             committed = True
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:500]
-            raise Aborted(
-                f"instance {instance.name}: HTTP {e.code} from {e.url}: {detail}"
-            ) from None
+        except urllib.error.HTTPError as e:  # the body is the engine's: never echoed
+            path = urllib.parse.urlsplit(e.url or "").path
+            raise Aborted(f"instance {instance.name}: HTTP {e.code} from {path}") from None
+        except ValueError as e:  # not JSON, or too long
+            raise Aborted(f"instance {instance.name}: bad answer: {type(e).__name__}") from None
         except TimeoutError:
             raise DeadlineExceeded(f"instance {instance.name} did not answer in time") from None
         except (urllib.error.URLError, ConnectionError, OSError) as e:
@@ -137,7 +133,7 @@ class EngineTrigger:
         if probe is None:
             return
         t0 = time.monotonic()
-        miss = await probes.run(instance.endpoint, probe, timeout)
+        miss = await probes.run(instance.endpoint, probe, timeout, self._headers)
         log.info(
             "probe",
             instance=instance.name,

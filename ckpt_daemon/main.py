@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import signal
+import sys
 
 import structlog
 
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> DaemonConfig:
         default="",
         help="host:port to serve Prometheus metrics on (e.g. 127.0.0.1:9601)",
     )
+    add_security_args(p)
     a = p.parse_args(argv)
     extra = {}
     if a.max_bucket_mib:
@@ -53,9 +55,39 @@ def parse_args(argv: list[str] | None = None) -> DaemonConfig:
         receiver_timeout_s=a.receiver_timeout_s,
         port_file=a.port_file,
         metrics_listen=a.metrics_listen,
+        tls_cert=a.tls_cert,
+        tls_key=a.tls_key,
+        tls_ca=a.tls_ca,
+        auth_file=a.auth_file,
+        insecure=a.insecure,
+        engine_token_file=a.engine_token_file,
         **extra,
     )
     return cfg
+
+
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", default="", help="ckptd's certificate chain (PEM)")
+    p.add_argument("--tls-key", default="", help="its private key (PEM)")
+    p.add_argument(
+        "--tls-ca", default="", help="CA of client certificates: every peer must show one (mTLS)"
+    )
+    p.add_argument(
+        "--auth-file",
+        default="",
+        help="tokens and client-certificate roles (JSON, see ckpt_daemon/auth.py); default: a "
+        "local admin token in the state dir",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no authentication, and plaintext even beyond loopback (trusted networks only)",
+    )
+    p.add_argument(
+        "--engine-token-file",
+        default="",
+        help="token ckptd shows vLLM engines guarded by vllm_ext.guard (X-Ckpt-Token)",
+    )
 
 
 async def _run(cfg: DaemonConfig) -> None:
@@ -78,8 +110,14 @@ async def _run(cfg: DaemonConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] in (["certs"], ["token"]):
+        from ckpt_daemon.certs import main as certs_main
+
+        certs_main(args)
+        return
     setup_logging(json=True, service="ckptd")
-    cfg = parse_args(argv)
+    cfg = parse_args(args)
     try:
         import uvloop
 

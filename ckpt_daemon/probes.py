@@ -12,13 +12,12 @@ the update for that instance, which is then restored to its previous version.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import urllib.error
-import urllib.request
 from typing import Any
 
 from ckpt_common.errors import InvalidArgument
+from ckpt_daemon.engine_http import http_json
 from ckpt_daemon.model import Probe
 
 MAX_PROMPT = 4096
@@ -84,17 +83,6 @@ def judge(p: Probe, answer: dict) -> str:
         return f"probe: malformed answer from the engine ({type(e).__name__}: {e})"
 
 
-def _post(url: str, body: dict, timeout: float, headers: dict[str, str]) -> dict:
-    req = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json", **headers},
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
 async def run(
     endpoint: str, p: Probe, timeout: float, headers: dict[str, str] | None = None
 ) -> str:
@@ -102,13 +90,16 @@ async def run(
     Transport failures raise (the caller maps them)."""
     url = f"{endpoint.rstrip('/')}/v1/completions"
     try:
-        answer = await asyncio.to_thread(_post, url, request_body(p), timeout, headers or {})
+        answer = await asyncio.to_thread(
+            http_json, url, request_body(p), timeout, "POST", headers or {}
+        )
     except TimeoutError:
         return (
             f"probe: no answer in {timeout:g} s (is the engine started with "
             "--scheduler-cls vllm_ext.ProbeScheduler?)"
         )
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors="replace")[:300]
-        return f"probe: HTTP {e.code} from the engine: {detail}"
+    except urllib.error.HTTPError as e:  # the body is the engine's: never echoed
+        return f"probe: HTTP {e.code} from the engine"
+    except ValueError:
+        return "probe: the engine's answer is not JSON"
     return judge(p, answer)

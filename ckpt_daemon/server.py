@@ -13,6 +13,13 @@ from grpc_reflection.v1alpha import reflection
 from ckpt.v1 import agent_pb2_grpc, ckptd_pb2, ckptd_pb2_grpc
 from ckpt_daemon import __version__
 from ckpt_daemon.agents import AgentHub
+from ckpt_daemon.auth import (
+    AccessPolicy,
+    AuthInterceptor,
+    listen_refusal,
+    load_policy,
+    local_admin_policy,
+)
 from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.engines import EngineTrigger
 from ckpt_daemon.jobs import JobRunner
@@ -47,11 +54,47 @@ class Daemon:
         self.registry.close()
 
 
+def access_policy(config: DaemonConfig) -> AccessPolicy:
+    if config.insecure:
+        log.warning("authentication_off", listen=config.listen)
+        return AccessPolicy(enabled=False)
+    if config.auth_file:
+        return load_policy(config.auth_file)
+    policy, path = local_admin_policy(config.state_dir)
+    log.info("local_admin_token", path=path)
+    return policy
+
+
+def engine_token(config: DaemonConfig) -> str:
+    if not config.engine_token_file:
+        return ""
+    with open(config.engine_token_file) as f:
+        return f.read().strip()
+
+
+def server_credentials(config: DaemonConfig) -> grpc.ServerCredentials:
+    def read(p: str) -> bytes:
+        with open(p, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_server_credentials(
+        [(read(config.tls_key), read(config.tls_cert))],
+        root_certificates=read(config.tls_ca) if config.tls_ca else None,
+        # with a client CA, every peer shows a certificate it signed (mTLS); without, peers
+        # prove themselves with tokens only
+        require_client_auth=bool(config.tls_ca),
+    )
+
+
 async def start_daemon(config: DaemonConfig) -> Daemon:
+    why = listen_refusal(config.listen, tls=bool(config.tls_cert), insecure=config.insecure)
+    if why:
+        raise ValueError(why)
+    policy = access_policy(config)
     registry = Registry(config.state_dir)
     hub = AgentHub(registry, heartbeat_s=config.heartbeat_s, daemon_version=__version__)
     pusher = Pusher(registry, hub, config)
-    trigger = EngineTrigger(registry)
+    trigger = EngineTrigger(registry, engine_token=engine_token(config))
     metrics = Metrics(registry)
     jobs = JobRunner(
         registry,
@@ -68,7 +111,7 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ]
-    server = grpc.aio.server(options=opts)
+    server = grpc.aio.server(options=opts, interceptors=[AuthInterceptor(policy)])
     ckptd_pb2_grpc.add_CkptServicer_to_server(CkptServicer(registry, hub, pusher, jobs), server)
     agent_pb2_grpc.add_AgentLinkServicer_to_server(AgentLinkServicer(hub), server)
     health_servicer = health.aio.HealthServicer()
@@ -76,7 +119,10 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     reflection.enable_server_reflection(
         (SERVICE_NAME, "ckpt.v1.AgentLink", reflection.SERVICE_NAME, health.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(config.listen)
+    if config.tls_cert:
+        port = server.add_secure_port(config.listen, server_credentials(config))
+    else:
+        port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()

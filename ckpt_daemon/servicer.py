@@ -17,7 +17,9 @@ from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import CkptError, InvalidArgument, NotFound
 from ckpt_daemon import convert
 from ckpt_daemon.agents import AgentHub
+from ckpt_daemon.endpoints import endpoint_refusal, origin
 from ckpt_daemon.jobs import JobRunner
+from ckpt_daemon.model import Instance, InstanceKind
 from ckpt_daemon.planner import mirror_name
 from ckpt_daemon.push import Pusher
 from ckpt_daemon.registry import Registry
@@ -169,9 +171,19 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
             ]
         )
 
+    def _check_endpoint(self, inst: Instance) -> None:
+        if inst.kind != InstanceKind.VLLM:
+            return
+        hosts = [a.host for r in inst.ranks if (a := self._registry.agents.get(r.node_id))]
+        why = endpoint_refusal(inst.endpoint, hosts)
+        if why:
+            raise InvalidArgument(f"instance {inst.name!r}: {why}")
+        inst.endpoint = origin(inst.endpoint)
+
     @_unary
     async def RegisterInstance(self, request: tpb.Instance, context) -> tpb.Instance:
         inst = convert.instance_from_pb(request)
+        self._check_endpoint(inst)
         old = self._registry.instances.get(inst.name)
         if old:
             inst.checkpoint, inst.version, inst.ready = old.checkpoint, old.version, old.ready
@@ -184,6 +196,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         if request.timeout_s < 0:
             raise InvalidArgument("timeout_s must not be negative")
         inst = convert.instance_from_pb(request.instance)
+        self._check_endpoint(inst)
         job = await self._jobs.submit_join(
             inst, request.checkpoint, request.version, request.timeout_s
         )

@@ -13,6 +13,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_common.credentials import Credentials
 from ckpt_common.errors import CkptError
 from ckpt_common.ranks import format_ranks, parse_ranks
 from ckptctl.client import DEFAULT_ADDR, TERMINAL, Client
@@ -326,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckptctl", description="operate ckptd")
     p.add_argument("--addr", default=DEFAULT_ADDR, help="ckptd host:port (env CKPTD_ADDR)")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.add_argument("--token-file", default="", help="bearer token (env CKPTD_TOKEN_FILE)")
+    p.add_argument("--tls-ca", default="", help="CA that signed ckptd's certificate")
+    p.add_argument("--tls-cert", default="", help="client certificate (mTLS)")
+    p.add_argument("--tls-key", default="", help="its private key")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("push", help="push a checkpoint version from safetensors files")
@@ -414,12 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        with Client(a.addr) as c:
+        creds = Credentials(
+            token_file=a.token_file, tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key
+        )
+        with Client(a.addr, credentials=creds) as c:
             return a.fn(c, a)
     except CkptError as e:
         print(f"error: {e.code}: {e.message}", file=sys.stderr)
         return EXIT_ERROR
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
 

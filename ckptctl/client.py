@@ -17,6 +17,7 @@ import grpc
 from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import ckptd_pb2_grpc
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_common.credentials import Credentials, channel_args
 from ckpt_common.errors import DeadlineExceeded, error_for
 
 DEFAULT_ADDR = os.environ.get("CKPTD_ADDR", "127.0.0.1:7601")
@@ -24,16 +25,25 @@ TERMINAL = (tpb.JOB_SUCCEEDED, tpb.JOB_FAILED, tpb.JOB_CANCELLED)
 
 
 class Client:
-    def __init__(self, addr: str = DEFAULT_ADDR, *, timeout_s: float = 30.0) -> None:
+    """credentials (ckpt_common.credentials): a token and/or TLS; unset fields come from the
+    environment (CKPTD_TOKEN_FILE, CKPTD_TLS_CA, ...), else ckptd's local admin token."""
+
+    def __init__(
+        self,
+        addr: str = DEFAULT_ADDR,
+        *,
+        timeout_s: float = 30.0,
+        credentials: Credentials | None = None,
+    ) -> None:
         self.addr = addr
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(
-            addr,
-            options=[
-                ("grpc.max_send_message_length", 512 << 20),
-                ("grpc.max_receive_message_length", 512 << 20),
-            ],
-        )
+        creds = (credentials or Credentials()).resolved()
+        creds.check_transport(addr)
+        self._metadata = creds.metadata()
+        if creds.tls:
+            self._channel = grpc.secure_channel(addr, creds.channel_credentials(), channel_args())
+        else:
+            self._channel = grpc.insecure_channel(addr, options=channel_args())
         self._stub = ckptd_pb2_grpc.CkptStub(self._channel)
 
     def close(self) -> None:
@@ -47,7 +57,9 @@ class Client:
 
     def _call(self, name: str, request: Any, timeout_s: float | None = None) -> Any:
         try:
-            return getattr(self._stub, name)(request, timeout=timeout_s or self.timeout_s)
+            return getattr(self._stub, name)(
+                request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise error_for(e.code().name, e.details() or str(e)) from None
 
@@ -191,7 +203,9 @@ class Client:
 
     def watch(self, job_id: str, timeout_s: float = 3600.0) -> Iterator[tpb.Job]:
         try:
-            yield from self._stub.WatchJob(cpb.GetJobRequest(id=job_id), timeout=timeout_s)
+            yield from self._stub.WatchJob(
+                cpb.GetJobRequest(id=job_id), timeout=timeout_s, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise error_for(e.code().name, e.details() or str(e)) from None
 

@@ -47,6 +47,8 @@ def vllm_command(model_dir: str, port: int, *, tp: int = 1) -> list[str]:
         "vllm_ext.WorkerExtension",
         "--scheduler-cls",
         "vllm_ext.ProbeScheduler",
+        "--middleware",
+        "vllm_ext.guard.CkptGuard",
         "--dtype",
         "float32",
         "--max-model-len",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -11,7 +12,9 @@ import time
 from pathlib import Path
 
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_common.credentials import ADMIN_TOKEN_FILE, TOKEN_FILE_ENV, Credentials
 from ckptctl.client import Client
+from vllm_ext.guard import TOKEN_FILE_ENV as ENGINE_TOKEN_ENV
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parent.parent
@@ -31,6 +34,11 @@ class Cluster:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.state_dir = root / "state"
+        self.token_file = self.state_dir / ADMIN_TOKEN_FILE
+        self.engine_token_file = root / "engine.token"
+        fd = os.open(self.engine_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(16))
         self.ipc_dir = root / "ipc"
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -43,6 +51,10 @@ class Cluster:
             "PYTHONUNBUFFERED": "1",
             "CKPT_IPC_DIR": str(self.ipc_dir),
             "CKPT_LOG_LEVEL": os.environ.get("CKPT_LOG_LEVEL", "info"),
+            # ckptd's local admin token (it writes it at start): agents, ckptctl, SDK use it
+            TOKEN_FILE_ENV: str(self.token_file),
+            # what ckptd shows vLLM engines guarded by vllm_ext.guard (--engine-token-file)
+            ENGINE_TOKEN_ENV: str(self.engine_token_file),
         }
 
     @property
@@ -80,6 +92,8 @@ class Cluster:
                 str(port_file),
                 "--heartbeat-s",
                 "0.5",
+                "--engine-token-file",
+                str(self.engine_token_file),
                 *extra,
             ],
         )
@@ -87,7 +101,8 @@ class Cluster:
         self.port = int(port_file.read_text())
         if self.client:
             self.client.close()
-        self.client = Client(self.addr)
+        token = str(self.token_file) if self.token_file.exists() else ""  # no: an --auth-file
+        self.client = Client(self.addr, credentials=Credentials(token_file=token))
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
         """Stops a process and its whole process group (vLLM's workers, agent workers)."""

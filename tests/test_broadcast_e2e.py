@@ -227,13 +227,18 @@ def test_cli(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
     d = write_sharded(mixed_tensors(9, layers=1), tmp_path / "cli")
 
-    def ctl(*args: str) -> subprocess.CompletedProcess:
+    def ctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "ckptctl.cli", "--addr", c.addr, *args],
             capture_output=True,
             text=True,
             timeout=120,
+            env=c.env if env is None else env,
         )
+
+    anonymous = {k: v for k, v in c.env.items() if k != "CKPTD_TOKEN_FILE"}
+    r = ctl("agents", env=anonymous)
+    assert r.returncode == 2 and "UNAUTHENTICATED" in r.stderr, r.stderr
 
     r = ctl("push", "cli", "1", str(d))
     assert r.returncode == 0, r.stderr

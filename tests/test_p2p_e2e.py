@@ -117,6 +117,7 @@ def test_ckptctl_join(cluster: Cluster) -> None:
         capture_output=True,
         text=True,
         timeout=120,
+        env=cluster.env,
     )
     assert r.returncode == 0, r.stderr
     job = json.loads(r.stdout)

@@ -4,8 +4,10 @@ equal transformers' on the same weights after every update."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_common.errors import InvalidArgument
 from ckpt_daemon import convert, probes
-from ckpt_daemon.engines import http_json
+from ckpt_daemon.engine_http import http_json
 from ckptctl.probes import greedy_probe
 from demo.models import PROMPTS, build_model, hf_greedy, save_model
 from tests.cluster import Cluster, wait_for
@@ -140,22 +143,67 @@ def test_probe_runs_alone_while_the_engine_is_paused(fleet: Cluster) -> None:
     request until /resume; a probe of other weights misses."""
     c = fleet
     url = c.urls["A"]
+    token = {"X-Ckpt-Token": c.engine_token_file.read_text().strip()}
     assert update(c, "llama", 2, ["A"]).state == tpb.JOB_SUCCEEDED
-    http_json(f"{url}/pause?mode=keep", None, 30)
+    http_json(f"{url}/pause?mode=keep", None, 30, "POST", token)
     held: list[list[int]] = []
     th = threading.Thread(target=lambda: held.append(complete(url, PROMPTS[0], 4)))
     try:
         th.start()
         time.sleep(1.0)
         good = convert.probe_from_pb(c.probes["llama_1"])
-        assert asyncio.run(probes.run(url, good, 30)) == ""
-        miss = asyncio.run(probes.run(url, convert.probe_from_pb(c.probes["llama_0"]), 30))
+        assert asyncio.run(probes.run(url, good, 30, token)) == ""
+        bad = convert.probe_from_pb(c.probes["llama_0"])
+        miss = asyncio.run(probes.run(url, bad, 30, token))
         assert miss.startswith("probe: token"), miss
         assert not held  # nothing but the probes ran while paused
     finally:
-        http_json(f"{url}/resume", None, 30)
+        http_json(f"{url}/resume", None, 30, "POST", token)
         th.join(60)
     assert held == [c.hf["llama_1"][0][:4]]
+
+
+def test_engine_hook_is_guarded(fleet: Cluster) -> None:
+    """vllm_ext.guard in front of a real engine: the admin routes need ckptd's engine token,
+    /collective_rpc runs only our methods, the extension connects only to agent sockets,
+    and registration pins endpoints to the engine's node."""
+    c = fleet
+    url = c.urls["A"]
+    token = {"X-Ckpt-Token": c.engine_token_file.read_text().strip()}
+
+    def status(path: str, body: dict | None, headers: dict | None = None) -> int:
+        try:
+            http_json(f"{url}{path}", body, 30, "POST", headers)
+            return 200
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert status("/pause?mode=keep", None) == 403
+    assert status("/collective_rpc", {"method": "ckpt_info"}) == 403
+    assert status("/collective_rpc", {"method": "reload_weights"}, token) == 403
+    assert status("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/"}) == 403
+    probe = {"prompt": [1], "max_tokens": 1, "vllm_xargs": {"ckpt_probe": 1}}
+    assert status("/v1/completions", probe) == 403
+    arg = json.dumps({"endpoints": ["tcp://127.0.0.1:9"], "timeout_s": 5})
+    res = http_json(
+        f"{url}/collective_rpc", {"method": "ckpt_update", "args": [arg]}, 30, "POST", token
+    )
+    assert res["results"][0]["ok"] is False and "ipc://" in res["results"][0]["reason"]
+    assert tokens(c, "A")  # serving goes on, unguarded
+    for endpoint, why in (
+        ("http://169.254.169.254:80", "node's"),
+        (f"{url}/collective_rpc", "path"),
+    ):
+        with pytest.raises(InvalidArgument, match=why):
+            c.client.register_instance(
+                tpb.Instance(
+                    name="evil",
+                    kind=tpb.INSTANCE_VLLM,
+                    endpoint=endpoint,
+                    ranks=[tpb.InstanceRank(node_id="n1", device=0)],
+                )
+            )
+    assert "evil" not in {i.name for i in c.client.instances()}
 
 
 def test_probe_miss_fails_the_update_and_restores_the_engine(fleet: Cluster) -> None:
@@ -285,6 +333,7 @@ import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from vllm import LLM, SamplingParams
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_common.errors import InvalidArgument
 from ckptctl.client import Client
 from vllm_ext.offline import update_llm
 addr, model, n = sys.argv[1], sys.argv[2], int(sys.argv[3])

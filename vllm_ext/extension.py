@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ckpt_common.ipc import endpoint_refusal
 from vllm_ext.receiver import Receiver, UpdateInfo
 
 STEP_TIMEOUT_S = 30.0
@@ -50,6 +51,9 @@ class WorkerExtension:
                 "reason": f"worker rank {rank} has no endpoint ({len(endpoints)} given)",
                 "touched": False,
             }
+        why = endpoint_refusal(str(endpoints[rank]))
+        if why:
+            return {"ok": False, "rank": rank, "reason": why, "touched": False}
         timeout = float(spec.get("timeout_s") or 300.0)
         # Between two steps of an update (bucket to bucket) a healthy worker takes well
         # under a second; a frozen one must not hold the engine for the whole job.
