@@ -37,8 +37,8 @@ FLUSH_S = 1.0  # before a re-attach, how long queued messages get to leave
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        self._creds = cfg.credentials.resolved()
-        self._creds.check_transport(cfg.daemon)
+        cfg.credentials.resolved(read_token=False).check_transport(cfg.daemon)
+        self._creds = cfg.credentials  # resolved at each attach: a token file may come later
         self.ipc_dir = ensure_private_dir(ipc_dir(cfg.ipc_dir or None))
         self.devices = self._devices()
         self.held: dict[tuple[str, int, int], tuple[int, str, apb.P2PSource]] = {}
@@ -236,6 +236,10 @@ class Agent:
         )
 
     def _channel(self) -> grpc.aio.Channel:
+        try:
+            self._creds = self.cfg.credentials.resolved()
+        except OSError as e:  # e.g. ckptd has not written its local token yet: the next try
+            log.warning("credentials_unreadable", error=str(e))
         opts = [*channel_args(), ("grpc.keepalive_time_ms", 10_000)]
         if self._creds.tls:
             return grpc.aio.secure_channel(

@@ -63,13 +63,13 @@ class Credentials:
     tls_key: str = ""
     insecure: bool = False  # allow a plaintext channel beyond loopback (ckptd --insecure)
 
-    def resolved(self) -> Credentials:
+    def resolved(self, *, read_token: bool = True) -> Credentials:
         token_file = self.token_file or os.environ.get(TOKEN_FILE_ENV, "")
         token = self.token or os.environ.get(TOKEN_ENV, "")
         if not token and not token_file:
             local = os.path.join(DEFAULT_STATE_DIR, ADMIN_TOKEN_FILE)
             token_file = local if os.access(local, os.R_OK) else ""
-        if not token and token_file:
+        if not token and token_file and read_token:
             token = read_secret(token_file)
         return Credentials(
             token=token,
