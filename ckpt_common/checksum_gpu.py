@@ -1,8 +1,11 @@
 """The checksum's two wide reductions in one pass over the bytes, on a CUDA GPU (Triton).
 
-Same arithmetic as ckpt_common.checksum (int64 words in rows of ROW, sums modulo 2^64): each
-program sums a run of rows into ROW column sums and one row-weighted sum; torch then adds
-the programs' partial results. Imported only where Triton and a GPU are there.
+Same arithmetic as ckpt_common.checksum (int64 words in rows of ROW, sums modulo 2^64): the
+three sums over whole rows are linear in the words, so each program sums a run of rows of
+one tensor and adds its share into that tensor's sums with atomics. One launch covers every
+tensor of a bucket (a program finds its tensor in a small table by binary search): a bucket
+costs one launch and one small copy whatever its tensor count. Imported only where Triton
+and a GPU are there.
 """
 
 from __future__ import annotations
@@ -14,64 +17,84 @@ import triton
 import triton.language as tl
 
 BLOCK_R = 16  # rows per step of a program
-PROGRAMS = 1024  # at most, per tensor
 
 
 @triton.jit
-def _partials(x, rows, rows_per_prog, cols_out, rows_out, BLOCK: tl.constexpr, ROW: tl.constexpr):
-    pid = tl.program_id(0)
+def _sums(tensors, out, ROWS: tl.constexpr, BLOCK: tl.constexpr, ROW: tl.constexpr,
+          LOG: tl.constexpr):  # fmt: skip
+    """One program: ROWS rows of one tensor. tensors: (address, rows, first program) per
+    tensor, then a sentinel whose first program is the total; the program finds its tensor
+    by binary search and adds its share of the tensor's three sums (all linear in the words)
+    into out[tensor, 0:3] with atomics: every tensor of a bucket in one launch."""
+    pid = tl.program_id(0).to(tl.int64)
+    hi = tl.load(tensors - 1)  # the tensor count sits just before the table
+    lo = hi * 0
+    for _ in tl.static_range(LOG):  # first[lo] <= pid < first[hi]
+        mid = (lo + hi) // 2
+        go = tl.load(tensors + mid * 3 + 2) <= pid
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    addr = tl.load(tensors + lo * 3)
+    rows = tl.load(tensors + lo * 3 + 1)
+    start = (pid - tl.load(tensors + lo * 3 + 2)) * ROWS
+    end = tl.minimum(start + ROWS, rows)
+    x = addr.to(tl.pointer_type(tl.int64))
     cols = tl.arange(0, ROW)
-    acc_c = tl.zeros([ROW], dtype=tl.int64)
-    acc_r = tl.zeros([BLOCK], dtype=tl.int64)
-    start = pid * rows_per_prog
-    end = tl.minimum(start + rows_per_prog, rows)
+    acc_c = tl.zeros([BLOCK, ROW], dtype=tl.int64)
+    acc_r = tl.zeros([BLOCK, ROW], dtype=tl.int64)
     for r0 in range(start, end, BLOCK):
         r = r0 + tl.arange(0, BLOCK)
         keep = r < end
         w = tl.load(x + r[:, None].to(tl.int64) * ROW + cols[None, :], mask=keep[:, None], other=0)
-        acc_c += tl.sum(w, axis=0)
-        acc_r += tl.sum(w, axis=1) * (r.to(tl.int64) + 1)
-    tl.store(cols_out + pid * ROW + cols, acc_c)
-    tl.store(rows_out + pid, tl.sum(acc_r, axis=0))
+        acc_c += w
+        acc_r += w * (r.to(tl.int64) + 1)[:, None]
+    c = tl.sum(acc_c, axis=0)
+    tl.atomic_add(out + lo * 4, tl.sum(c, axis=0), sem="relaxed")
+    tl.atomic_add(out + lo * 4 + 1, tl.sum(tl.sum(acc_r, axis=1), axis=0), sem="relaxed")
+    tl.atomic_add(out + lo * 4 + 2, tl.sum(c * (cols.to(tl.int64) + 1), axis=0), sem="relaxed")
 
 
-def _split_programs(rows: int) -> tuple[int, int]:
-    """(programs, rows per program) for a tensor of `rows` rows."""
-    nprog = min(PROGRAMS, triton.cdiv(rows, BLOCK_R))
-    per = triton.cdiv(triton.cdiv(rows, nprog), BLOCK_R) * BLOCK_R
-    return triton.cdiv(rows, per), per
+ROWS_PER_PROGRAM = 256  # 256 KiB of one tensor per program: thousands per bucket
+
+
+def _table(ts: list[Any], row: int) -> tuple[list[int], int, list[int]]:
+    """[tensor count, then (address, rows, first program) per tensor with whole rows, then a
+    sentinel (0, 0, program count)], the program count, and which tensors are in it."""
+    table: list[int] = [0]
+    which: list[int] = []
+    first = 0
+    for i, t in enumerate(ts):
+        rows = t.numel() // (8 * row)
+        if rows:
+            table += [t.data_ptr(), rows, first]
+            which.append(i)
+            first += -(-rows // ROWS_PER_PROGRAM)
+    table[0] = len(which)
+    table += [0, 0, first]
+    return table, first, which
 
 
 def batch_parts(ts: list[Any], row: int, weights: Any) -> Any:
     """The four sums of each 1-D uint8 CUDA tensor (8-byte aligned) as an int64 [n, 4]
-    tensor: one kernel launch per tensor into shared partial buffers, then one reduction
-    for all of them (the Python cost per tensor is what bounds small tensors). weights:
-    1, 2, 3, ... on the device, at least 8 * row long (a tail is shorter than a row)."""
+    tensor: one kernel launch for all of them, no read-back. weights: 1, 2, 3, ... on the
+    device, at least 8 * row long (a tail is shorter than a row)."""
     dev = ts[0].device
-    launches, seg = [], []
-    for i, t in enumerate(ts):
-        rows = t.numel() // (8 * row)
-        if rows:
-            nprog, per = _split_programs(rows)
-            launches.append((t[: rows * 8 * row].view(torch.int64), rows, per, nprog, len(seg)))
-            seg += [i] * nprog
     n = len(ts)
-    cols_out = torch.empty((max(1, len(seg)), row), dtype=torch.int64, device=dev)
-    rows_out = torch.empty((max(1, len(seg)),), dtype=torch.int64, device=dev)
-    for w, rows, per, nprog, first in launches:
-        _partials[(nprog,)](
-            w, rows, per, cols_out[first:], rows_out[first:], BLOCK=BLOCK_R, ROW=row, num_warps=4
-        )
-    c = torch.zeros((n, row), dtype=torch.int64, device=dev)
-    s2 = torch.zeros((n,), dtype=torch.int64, device=dev)
-    if seg:
-        index = torch.tensor(seg, dtype=torch.int64).to(dev, non_blocking=True)
-        c.index_add_(0, index, cols_out[: len(seg)])
-        s2.index_add_(0, index, rows_out[: len(seg)])
-    s4 = torch.zeros((n,), dtype=torch.int64, device=dev)
+    table, programs, which = _table(ts, row)
+    out = torch.zeros((n, 4), dtype=torch.int64, device=dev)
+    if programs:
+        meta = torch.tensor(table, dtype=torch.int64).pin_memory().to(dev, non_blocking=True)
+        sums = out if len(which) == n else torch.zeros_like(out[: len(which)])
+        _sums[(programs,)](
+            meta[1:], sums, ROWS=ROWS_PER_PROGRAM, BLOCK=BLOCK_R, ROW=row,
+            LOG=max(1, len(which).bit_length()), num_warps=4,
+        )  # fmt: skip
+        if sums is not out:
+            index = torch.tensor(which, dtype=torch.int64).pin_memory().to(dev, non_blocking=True)
+            out.index_copy_(0, index, sums)
     for i, t in enumerate(ts):
         body = t.numel() // (8 * row) * 8 * row
         if body < t.numel():  # bytes after the last whole row: few, and few tensors have them
             tail = t[body:].to(torch.int64)
-            s4[i] = (tail * weights[: tail.numel()]).sum()
-    return torch.stack([c.sum(dim=1), s2, (c * weights[:row]).sum(dim=1), s4], dim=1)
+            out[i, 3] = (tail * weights[: tail.numel()]).sum()
+    return out

@@ -36,12 +36,12 @@ class Cluster:
         self.state_dir = root / "state"
         self.token_file = self.state_dir / ADMIN_TOKEN_FILE
         self.engine_token_file = root / "engine.token"
-        fd = os.open(self.engine_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(16))
         self.ipc_dir = root / "ipc"
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.engine_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(16))
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = 0
         self.client: Client | None = None
