@@ -170,11 +170,23 @@ class Agent:
         kind = cmd.WhichOneof("body")
         if kind == "scan":
             try:
-                result = await asyncio.to_thread(scan_paths, list(cmd.scan.paths))
+                result = await asyncio.wait_for(
+                    asyncio.to_thread(scan_paths, list(cmd.scan.paths), self.cfg.source_roots),
+                    self.cfg.command_timeout_s,
+                )
                 self._send_result(apb.CommandResult(command_id=cmd.id, ok=True, scan=result))
             except StoreError as e:
                 self._send_result(
                     apb.CommandResult(command_id=cmd.id, ok=False, code=e.code, message=e.message)
+                )
+            except TimeoutError:  # a source that blocks (a hung mount): the thread is lost
+                self._send_result(
+                    apb.CommandResult(
+                        command_id=cmd.id,
+                        ok=False,
+                        code="DEADLINE_EXCEEDED",
+                        message=f"the scan took over {self.cfg.command_timeout_s:g}s",
+                    )
                 )
             return
         body = getattr(cmd, kind)
@@ -306,6 +318,7 @@ class Agent:
             host=self.cfg.host,
             log_level=self.cfg.log_level,
             p2p=self._p2p_enabled(),
+            source_roots=self.cfg.source_roots,
             loop=loop,
             devices=[d.index for d in self.devices],
             on_message=self._on_worker_message,
@@ -347,6 +360,9 @@ class Agent:
 
     def _p2p_enabled(self) -> bool:
         if self.cfg.p2p == "off":
+            return False
+        if not self.cfg.trusted_fabric:
+            log.info("p2p_off", reason="the fabric is not declared trusted (--trusted-fabric)")
             return False
         from ckpt_agent.p2p import available
 

@@ -104,13 +104,19 @@ class GlooCollective:
     threads, which end when the operation's own timeout fires) once that operation is over:
     destroying a group joins gloo's threads while holding the GIL."""
 
-    def __init__(self, store: Any, rank: int, world: int, timeout_s: float) -> None:
+    def __init__(self, store: Any, rank: int, world: int, timeout_s: float, host: str = "") -> None:
         import torch.distributed as dist
 
         self._dist = dist
         # the rendezvous (every rank connecting) is bounded by RENDEZVOUS_S, not the job
         setup = timedelta(seconds=max(1.0, min(timeout_s, RENDEZVOUS_S)))
-        self._pg: Any = dist.ProcessGroupGloo(store, rank, world, setup)
+        if host:  # gloo listens on the agent's --host only, not on every interface
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = setup
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            self._pg: Any = dist.ProcessGroupGloo(store, rank, world, opts)
+        else:
+            self._pg = dist.ProcessGroupGloo(store, rank, world, setup)
         self.op_s = max(1.0, timeout_s)  # the next operation's deadline (set per step)
         self.abort: Any = None  # an Event (group_abort.Abort) that ends any wait
         self._abandoned: Any = None  # the operation given up on
@@ -201,8 +207,9 @@ class CpuBackend:
 
     kind = "cpu"
 
-    def __init__(self, segment_prefix: str) -> None:
+    def __init__(self, segment_prefix: str, host: str = "") -> None:
         self._prefix = segment_prefix
+        self._host = host
         self._ipc: _Ipc | None = None
         self._views: dict[str, Any] = {}
 
@@ -261,7 +268,7 @@ class CpuBackend:
     def new_group(
         self, store: Any, rank: int, world: int, timeout_s: float, job_id: str = ""
     ) -> Collective:
-        return GlooCollective(store, rank, world, timeout_s)
+        return GlooCollective(store, rank, world, timeout_s, self._host)
 
     def close(self) -> None:
         self._views.clear()

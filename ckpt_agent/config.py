@@ -7,8 +7,10 @@ import socket
 from dataclasses import dataclass, field
 
 from ckpt_common.credentials import Credentials
+from ckpt_common.sources import roots_from_env
 
 DAEMON_ENV = "CKPTD_ADDR"
+TRUSTED_FABRIC_ENV = "CKPT_TRUSTED_FABRIC"  # "1": the network between agents is trusted
 NODE_ID_ENV = "CKPT_NODE_ID"
 
 
@@ -24,7 +26,12 @@ class AgentConfig:
     command_timeout_s: float = 30.0
     log_level: str = "info"
     p2p: str = "auto"  # register host stores for P2P reads: auto (if Mooncake is installed)
+    # Mooncake (P2P) listens on every interface without authentication: it starts only when
+    # the operator states that the network between nodes is trusted
+    trusted_fabric: bool = field(default_factory=lambda: os.environ.get(TRUSTED_FABRIC_ENV) == "1")
     credentials: Credentials = field(default_factory=Credentials)  # to ckptd: token, TLS
+    # push sources are read only under these (ckpt_common.sources); env CKPT_SOURCE_ROOTS
+    source_roots: tuple[str, ...] = field(default_factory=roots_from_env)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -35,8 +42,15 @@ class AgentConfig:
             raise ValueError("node id must be non-empty and without '/'")
         if self.p2p not in ("auto", "on", "off"):
             raise ValueError("p2p must be auto, on or off")
+        if self.p2p == "on" and not self.trusted_fabric:
+            raise ValueError(
+                "--p2p on needs --trusted-fabric: Mooncake serves host stores on every "
+                "interface without authentication"
+            )
         if self.heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be positive")
+        if not self.source_roots or not all(os.path.isabs(r) for r in self.source_roots):
+            raise ValueError("source roots must be absolute directories")
 
 
 def default_daemon() -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent import shm
-from ckpt_common import checksum
+from ckpt_common import checksum, sources
 from ckpt_common.ipc import safe
 
 LOAD_THREADS_ENV = "CKPT_LOAD_THREADS"
@@ -91,8 +91,10 @@ class HostStore:
         *,
         spares: int = 0,
         release: Callable[[Store], None] | None = None,
+        roots: tuple[str, ...] = (),
     ) -> None:
         self._prefix = device_prefix(node_id, device)
+        self._roots = roots or sources.DEFAULT_ROOTS
         self._stores: dict[tuple[str, int], Store] = {}
         self._spares: list[Store] = []
         self._max_spares = spares
@@ -122,7 +124,7 @@ class HostStore:
                         raise StoreError("INVALID_ARGUMENT", f"item beyond the store: {it}")
                     fd = files.get(it.path)
                     if fd is None:
-                        fd = files[it.path] = os.open(it.path, os.O_RDONLY)
+                        fd = files[it.path] = self._open_source(it)
                     for o in range(0, it.nbytes, CHUNK):
                         n = min(CHUNK, it.nbytes - o)
                         chunks.append((it.path, fd, it.store_offset + o, it.file_offset + o, n))
@@ -137,17 +139,33 @@ class HostStore:
             finally:
                 for fd in files.values():
                     os.close(fd)
-        except FileNotFoundError as e:
+        except sources.SourceError as e:
             self._free(Store(cmd.checkpoint, cmd.version, name, cmd.nbytes, mem))
-            raise StoreError("NOT_FOUND", f"{e.filename}: no such file") from None
+            raise StoreError(e.code, e.message) from None
         except OSError as e:
             self._free(Store(cmd.checkpoint, cmd.version, name, cmd.nbytes, mem))
-            raise StoreError("FAILED_PRECONDITION", f"reading the sources failed: {e}") from None
+            raise StoreError(
+                "FAILED_PRECONDITION", f"reading the sources failed: {e.strerror}"
+            ) from None
         except BaseException:
             self._free(Store(cmd.checkpoint, cmd.version, name, cmd.nbytes, mem))
             raise
         self._stores[key] = Store(cmd.checkpoint, cmd.version, name, cmd.nbytes, mem)
         return apb.StoreReady(segment=name, nbytes=cmd.nbytes, seconds=time.monotonic() - t0)
+
+    def _open_source(self, it: apb.LoadItem) -> int:
+        """The scanned file again: confined, no links, regular, the same size (and inode on
+        the scanning node)."""
+        real = sources.confine(it.path, self._roots)
+        fd, st = sources.open_regular(real)
+        try:
+            sources.check_identity(
+                real, st, it.file_size, it.file_dev, it.file_ino, it.file_ctime_ns
+            )
+        except sources.SourceError:
+            os.close(fd)
+            raise
+        return fd
 
     def checksums(self, checkpoint: str, version: int, items: Any) -> list[int]:
         """ckpt_common.checksum of each item's range (store_offset, nbytes) of a store, in

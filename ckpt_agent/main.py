@@ -8,9 +8,10 @@ import os
 import signal
 
 from ckpt_agent.agent import Agent
-from ckpt_agent.config import NODE_ID_ENV, AgentConfig, default_daemon
+from ckpt_agent.config import NODE_ID_ENV, TRUSTED_FABRIC_ENV, AgentConfig, default_daemon
 from ckpt_common.credentials import Credentials
 from ckpt_common.logs import setup_logging
+from ckpt_common.sources import roots_from_env
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
@@ -35,6 +36,20 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         default=d.p2p,
         help="register host stores with Mooncake for P2P joins (auto: if installed)",
     )
+    p.add_argument(
+        "--source-root",
+        action="append",
+        default=[],
+        help="read push sources only under this directory (repeatable; env CKPT_SOURCE_ROOTS,"
+        " ':'-separated; default /dev/shm, where Client.push_tensors stages)",
+    )
+    p.add_argument(
+        "--trusted-fabric",
+        action="store_true",
+        default=os.environ.get(TRUSTED_FABRIC_ENV) == "1",
+        help="the network between nodes is trusted: allows P2P (Mooncake has no "
+        "authentication and listens on every interface; env CKPT_TRUSTED_FABRIC=1)",
+    )
     p.add_argument("--token-file", default="", help="bearer token (env CKPTD_TOKEN_FILE)")
     p.add_argument("--tls-ca", default="", help="CA that signed ckptd's certificate")
     p.add_argument("--tls-cert", default="", help="this agent's certificate (node id in SAN)")
@@ -52,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         heartbeat_s=a.heartbeat_s,
         log_level=a.log_level,
         p2p=a.p2p,
+        source_roots=tuple(a.source_root) or roots_from_env(),
+        trusted_fabric=a.trusted_fabric,
         credentials=Credentials(
             token_file=a.token_file,
             tls_ca=a.tls_ca,

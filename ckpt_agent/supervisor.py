@@ -49,11 +49,12 @@ class Supervisor:
         host: str,
         log_level: str,
         p2p: bool,
+        source_roots: tuple[str, ...],
         loop: asyncio.AbstractEventLoop,
         on_message: Callable[[int, apb.AgentMessage], None],
         on_death: Callable[[int], None],
     ) -> None:
-        self._args = (node_id, kind, ipc_dir, host, log_level, p2p)
+        self._args = (node_id, kind, ipc_dir, host, log_level, p2p, source_roots)
         self._loop = loop
         self._on_message = on_message
         self._on_death = on_death
@@ -64,13 +65,13 @@ class Supervisor:
             self._start(d)
 
     def _start(self, device: int) -> None:
-        node_id, kind, ipc_dir, host, log_level, p2p = self._args
+        node_id, kind, ipc_dir, host, log_level, p2p, roots = self._args
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=worker_main,
             name=f"ckpt-worker-{device}",
             daemon=True,
-            args=(child, node_id, device, kind, ipc_dir, host, log_level, p2p),
+            args=(child, node_id, device, kind, ipc_dir, host, log_level, p2p, roots),
         )
         proc.start()
         child.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -60,23 +61,28 @@ class Worker:
         ipc_dir: str,
         host: str,
         p2p: bool = False,
+        source_roots: tuple[str, ...] = (),
     ) -> None:
         self._conn = conn
         self._send_lock = threading.Lock()
         self.node_id, self.device, self.host = node_id, device, host
-        self.stores = HostStore(node_id, device)
+        self.stores = HostStore(node_id, device, roots=source_roots)
         if kind == "cuda":
             from ckpt_agent.cuda_backend import CudaBackend
 
             self.backend: Any = CudaBackend(device)
             # a dropped store stays pinned as a spare for the next version (same size)
             self.stores = HostStore(
-                node_id, device, spares=SPARE_STORES, release=self.backend.unpin_store
+                node_id,
+                device,
+                spares=SPARE_STORES,
+                release=self.backend.unpin_store,
+                roots=source_roots,
             )
         else:
             from ckpt_agent.backend import CpuBackend
 
-            self.backend = CpuBackend(device_prefix(node_id, device))
+            self.backend = CpuBackend(device_prefix(node_id, device), host)
         self.link = ReceiverLink(worker_endpoint(node_id, device, ipc_dir))
         self._io = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._group_stores: dict[str, Any] = {}
@@ -214,13 +220,24 @@ class Worker:
         import torch.distributed as dist
 
         p = cmd.prepare_group
+        # the store listens on the agent's --host only: a socket bound there, handed over
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.bind((self.host, 0))
+            sock.listen(128)
+            port = sock.getsockname()[1]
+        except OSError:
+            sock.close()
+            raise
         store = dist.TCPStore(
             self.host,
-            0,
+            port,
             p.world_size,
             is_master=True,
             timeout=timedelta(seconds=RENDEZVOUS_S),
             wait_for_workers=False,
+            master_listen_fd=sock.detach(),  # the store owns (and closes) it
         )
         self._group_stores = {p.job_id: store}  # one job at a time per device
         self.reply(cmd.id, ok=True, group=apb.GroupReady(addr=self.host, port=store.port))
@@ -326,6 +343,7 @@ def worker_main(
     host: str,
     log_level: str,
     p2p: bool = False,
+    source_roots: tuple[str, ...] = (),
 ) -> None:
     die_with_parent()
     # The agent stops its workers (pipe EOF) and cleans up after them: a signal sent to the
@@ -342,7 +360,16 @@ def worker_main(
     )
     import torch  # noqa: F401  (import once, before the first update, not during it)
 
-    w = Worker(conn, node_id=node_id, device=device, kind=kind, ipc_dir=ipc_dir, host=host, p2p=p2p)
+    w = Worker(
+        conn,
+        node_id=node_id,
+        device=device,
+        kind=kind,
+        ipc_dir=ipc_dir,
+        host=host,
+        p2p=p2p,
+        source_roots=source_roots,
+    )
     try:
         w.serve()
     finally:

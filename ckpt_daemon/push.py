@@ -45,6 +45,8 @@ from ckpt_daemon.planner import (
 from ckpt_daemon.registry import Registry
 
 log = structlog.get_logger("ckptd.push")
+# path -> (scanning node, size, dev, inode, ctime_ns)
+FileIds = dict[str, tuple[str, int, int, int, int]]
 MAX_NAME = 200
 RECOVER_S = 15.0  # after a restart, how long agents get to re-attach before a push is judged
 
@@ -124,7 +126,7 @@ class Pusher:
             holders = order
         self._inflight.add(key)
         try:
-            specs = await self._scan(sources, holders)
+            specs, files = await self._scan(sources, holders)
             try:
                 placement = await asyncio.to_thread(place, specs, holders)
             except PlanError as e:
@@ -168,20 +170,28 @@ class Pusher:
         versions = [cv] if mirror is None else [cv, mirror]
         if wait:
             try:
-                await self._load_all(versions, timeout, remove_on_failure=True)
+                await self._load_all(versions, timeout, remove_on_failure=True, files=files)
             finally:
                 self._inflight.discard(key)
         else:
-            task = asyncio.create_task(self._load_bg(versions, timeout))
+            task = asyncio.create_task(self._load_bg(versions, timeout, files))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return cv
 
     async def _load_all(
-        self, versions: list[CheckpointVersion], timeout: float, *, remove_on_failure: bool
+        self,
+        versions: list[CheckpointVersion],
+        timeout: float,
+        *,
+        remove_on_failure: bool,
+        files: FileIds | None = None,
     ) -> None:
         results = await asyncio.gather(
-            *(self._load(v, timeout, remove_on_failure=remove_on_failure) for v in versions),
+            *(
+                self._load(v, timeout, remove_on_failure=remove_on_failure, files=files)
+                for v in versions
+            ),
             return_exceptions=True,
         )
         errors = [e for e in results if isinstance(e, BaseException)]
@@ -192,15 +202,20 @@ class Pusher:
                         await self._forget(v)
             raise errors[0]
 
-    async def _load_bg(self, versions: list[CheckpointVersion], timeout: float) -> None:
+    async def _load_bg(
+        self, versions: list[CheckpointVersion], timeout: float, files: FileIds
+    ) -> None:
         try:
-            await self._load_all(versions, timeout, remove_on_failure=False)
+            await self._load_all(versions, timeout, remove_on_failure=False, files=files)
         except CkptError:
             pass
         finally:
             self._inflight.discard((versions[0].name, versions[0].version))
 
-    async def _scan(self, sources: list[SourceFile], holders: list[RankRef]) -> list[TensorSpec]:
+    async def _scan(
+        self, sources: list[SourceFile], holders: list[RankRef]
+    ) -> tuple[list[TensorSpec], FileIds]:
+        """The tensors of the sources, and each file's identity as its scanning node saw it."""
         holder_nodes = sorted({r.node_id for r in holders})
         by_node: dict[str, list[str]] = {}
         for s in sources:
@@ -228,8 +243,10 @@ class Pusher:
             "the scan of the push's sources",
         )
         specs: list[TensorSpec] = []
-        for res, (_, paths) in zip(results, by_node.items(), strict=True):
+        files: FileIds = {}
+        for res, (scanner, paths) in zip(results, by_node.items(), strict=True):
             for f in res.scan.files:
+                files[f.path] = (scanner, f.size, f.dev, f.ino, f.ctime_ns)
                 node = next((pinned[p] for p in paths if f.path.startswith(p)), "")
                 for t in f.tensors:
                     specs.append(
@@ -245,21 +262,26 @@ class Pusher:
                     )
         if not specs:
             raise InvalidArgument("the sources hold no tensors")
-        return specs
+        return specs, files
 
     async def _load(
-        self, cv: CheckpointVersion, timeout: float, *, remove_on_failure: bool
+        self,
+        cv: CheckpointVersion,
+        timeout: float,
+        *,
+        remove_on_failure: bool,
+        files: FileIds | None = None,
     ) -> None:
         by_owner: dict[RankRef, list[apb.LoadItem]] = {}
         for t in cv.tensors:
-            by_owner.setdefault(t.owner, []).append(
-                apb.LoadItem(
-                    path=t.path,
-                    file_offset=t.file_offset,
-                    nbytes=t.nbytes,
-                    store_offset=t.store_offset,
-                )
+            item = apb.LoadItem(
+                path=t.path, file_offset=t.file_offset, nbytes=t.nbytes, store_offset=t.store_offset
             )
+            scanner, size, dev, ino, ctime = (files or {}).get(t.path, ("", 0, 0, 0, 0))
+            item.file_size = size
+            if scanner == t.owner.node_id:  # inodes mean something on the scanning node only
+                item.file_dev, item.file_ino, item.file_ctime_ns = dev, ino, ctime
+            by_owner.setdefault(t.owner, []).append(item)
 
         async def load_one(r: RankRef) -> None:
             cmd = apb.Command(

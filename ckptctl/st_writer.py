@@ -48,7 +48,8 @@ def write_safetensors(tensors: dict[str, Any], path: str, threads: int = 16) -> 
         for flat, start in flats
         for o in range(0, flat.size, CHUNK)
     ]
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    # private to this user, never through a link someone planted, never someone else's file
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, max(1, size))

@@ -110,7 +110,8 @@ def start_fleet(procs: Procs, sec: Path, v1: Path, env: dict) -> tuple[str, str]
     procs.wait(port_file.exists, 60, "ckptd")
     addr = f"127.0.0.1:{port_file.read_text()}"
     agent_env = {**env, "CKPTD_TLS_CA": str(sec / "ca.pem"),
-                 "CKPTD_TOKEN_FILE": str(sec / "agent.token")}  # fmt: skip
+                 "CKPTD_TOKEN_FILE": str(sec / "agent.token"),
+                 "CKPT_SOURCE_ROOTS": f"{ROOT}:/dev/shm"}  # fmt: skip
     procs.spawn(
         "agent",
         [sys.executable, "-m", "ckpt_agent.main", "--daemon", addr, "--node-id", "demo",

@@ -8,11 +8,14 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_agent.config import TRUSTED_FABRIC_ENV
 from ckpt_common.credentials import ADMIN_TOKEN_FILE, TOKEN_FILE_ENV, Credentials
+from ckpt_common.sources import SOURCE_ROOTS_ENV
 from ckptctl.client import Client
 from vllm_ext.guard import TOKEN_FILE_ENV as ENGINE_TOKEN_ENV
 
@@ -53,6 +56,10 @@ class Cluster:
             "CKPT_LOG_LEVEL": os.environ.get("CKPT_LOG_LEVEL", "info"),
             # ckptd's local admin token (it writes it at start): agents, ckptctl, SDK use it
             TOKEN_FILE_ENV: str(self.token_file),
+            # P2P tests: loopback between agents on this machine is the fabric they trust
+            TRUSTED_FABRIC_ENV: "1",
+            # agents read push sources only under these (pytest's tmp dirs, push staging)
+            SOURCE_ROOTS_ENV: f"{tempfile.gettempdir()}:/dev/shm",
             # what ckptd shows vLLM engines guarded by vllm_ext.guard (--engine-token-file)
             ENGINE_TOKEN_ENV: str(self.engine_token_file),
         }

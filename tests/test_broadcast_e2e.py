@@ -4,6 +4,8 @@ on all four ranks. Push from files, broadcast updates, errors, restarts."""
 from __future__ import annotations
 
 import json
+import os
+import struct
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ from ckpt_common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
 )
 from ckptctl.probes import make_probe
 from tests.cluster import Cluster, read_report, wait_for
@@ -129,6 +132,23 @@ def test_errors_are_precise_and_change_nothing(cluster: Cluster, tmp_path: Path)
         c.client.push("bad/name", 1, [str(tmp_path / "e")])
     with pytest.raises(InvalidArgument, match="out of range"):
         c.client.push("errs", 3, [str(tmp_path / "e")], ranks=[7])
+    # confined agents: only regular files under the source roots, hostile headers refused
+    with pytest.raises(PermissionDenied, match="outside this agent's source roots"):
+        c.client.push("errs", 3, ["/etc/hostname"])
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    with pytest.raises(InvalidArgument, match="not a regular file"):
+        c.client.push("errs", 3, [str(tmp_path / "fifo.safetensors")])
+    hdr = json.dumps({"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}).encode()
+    neg = tmp_path / "neg.safetensors"
+    neg.write_bytes(struct.pack("<Q", len(hdr)) + hdr + b"\0" * 16)
+    with pytest.raises(InvalidArgument, match="bad shape"):
+        c.client.push("errs", 3, [str(neg)])
+    (tmp_path / "esc").mkdir()
+    (tmp_path / "esc" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "../../../../etc/hostname"}})
+    )
+    with pytest.raises(InvalidArgument, match="outside its directory"):
+        c.client.push("errs", 3, [str(tmp_path / "esc")])
     for probe, why in (
         (make_probe([], [1]), "prompt tokens"),
         (make_probe([1], [2, 3], [-0.1]), "1 log-probs for 2"),

@@ -32,7 +32,13 @@ def test_parallel_load_and_spare_reuse(tmp_path: Path, monkeypatch: pytest.Monke
     nbytes = 1 << 20
     released = []
     mems = {}
-    hs = HostStore(f"node-{os.getpid()}", 0, spares=1, release=lambda s: released.append(s))
+    hs = HostStore(
+        f"node-{os.getpid()}",
+        0,
+        spares=1,
+        release=lambda s: released.append(s),
+        roots=(str(tmp_path),),
+    )
     try:
         for v in (1, 2, 3):
             data = os.urandom(nbytes)
@@ -55,3 +61,41 @@ def test_parallel_load_and_spare_reuse(tmp_path: Path, monkeypatch: pytest.Monke
         hs.close()
     assert len(released) == 2
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(hs._prefix)]
+
+
+def test_load_reads_only_the_scanned_file(tmp_path: Path) -> None:
+    """The load opens the path again: a file swapped (another inode, a link, another size)
+    since the scan, or a path outside the roots, is refused and nothing is kept."""
+    hs = HostStore(f"node-{os.getpid()}-c", 0, roots=(str(tmp_path),))
+    src = tmp_path / "w.bin"
+    src.write_bytes(b"a" * 4096)
+    st = os.stat(src)
+
+    def load(path: str, **ident: int) -> None:
+        item = apb.LoadItem(path=path, file_offset=0, store_offset=0, nbytes=4096, **ident)
+        hs.load(apb.Load(checkpoint="c", version=1, nbytes=4096, items=[item]))
+
+    try:
+        same = {
+            "file_size": 4096,
+            "file_dev": st.st_dev,
+            "file_ino": st.st_ino,
+            "file_ctime_ns": st.st_ctime_ns,
+        }
+        load(str(src), **same)
+        hs.drop("c", 1)
+        src.unlink()
+        src.write_bytes(b"b" * 4096)  # same name and size, another file
+        with pytest.raises(host_store.StoreError, match="changed since it was scanned"):
+            load(str(src), **same)
+        src.unlink()
+        src.symlink_to("/etc/hostname")
+        with pytest.raises(host_store.StoreError) as e:
+            load(str(src), file_size=4096)
+        assert e.value.code in ("PERMISSION_DENIED", "FAILED_PRECONDITION")
+        with pytest.raises(host_store.StoreError, match="outside"):
+            load("/etc/hostname")
+        with pytest.raises(host_store.StoreError):
+            hs.get("c", 1)
+    finally:
+        hs.close()

@@ -64,14 +64,20 @@ class ScannedTensor(_message.Message):
     def __init__(self, meta: _Optional[_Union[_types_pb2.TensorMeta, _Mapping]] = ..., data_offset: _Optional[int] = ...) -> None: ...
 
 class ScannedFile(_message.Message):
-    __slots__ = ("path", "tensors", "size")
+    __slots__ = ("path", "tensors", "size", "dev", "ino", "ctime_ns")
     PATH_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEV_FIELD_NUMBER: _ClassVar[int]
+    INO_FIELD_NUMBER: _ClassVar[int]
+    CTIME_NS_FIELD_NUMBER: _ClassVar[int]
     path: str
     tensors: _containers.RepeatedCompositeFieldContainer[ScannedTensor]
     size: int
-    def __init__(self, path: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[ScannedTensor, _Mapping]]] = ..., size: _Optional[int] = ...) -> None: ...
+    dev: int
+    ino: int
+    ctime_ns: int
+    def __init__(self, path: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[ScannedTensor, _Mapping]]] = ..., size: _Optional[int] = ..., dev: _Optional[int] = ..., ino: _Optional[int] = ..., ctime_ns: _Optional[int] = ...) -> None: ...
 
 class ScanResult(_message.Message):
     __slots__ = ("files",)
@@ -152,16 +158,24 @@ class Scan(_message.Message):
     def __init__(self, paths: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadItem(_message.Message):
-    __slots__ = ("path", "file_offset", "nbytes", "store_offset")
+    __slots__ = ("path", "file_offset", "nbytes", "store_offset", "file_size", "file_dev", "file_ino", "file_ctime_ns")
     PATH_FIELD_NUMBER: _ClassVar[int]
     FILE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     STORE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    FILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FILE_DEV_FIELD_NUMBER: _ClassVar[int]
+    FILE_INO_FIELD_NUMBER: _ClassVar[int]
+    FILE_CTIME_NS_FIELD_NUMBER: _ClassVar[int]
     path: str
     file_offset: int
     nbytes: int
     store_offset: int
-    def __init__(self, path: _Optional[str] = ..., file_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., store_offset: _Optional[int] = ...) -> None: ...
+    file_size: int
+    file_dev: int
+    file_ino: int
+    file_ctime_ns: int
+    def __init__(self, path: _Optional[str] = ..., file_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., store_offset: _Optional[int] = ..., file_size: _Optional[int] = ..., file_dev: _Optional[int] = ..., file_ino: _Optional[int] = ..., file_ctime_ns: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
     __slots__ = ("checkpoint", "version", "device", "nbytes", "items")
