@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,8 +49,10 @@ def write_safetensors(tensors: dict[str, Any], path: str, threads: int = 16) -> 
         for flat, start in flats
         for o in range(0, flat.size, CHUNK)
     ]
-    # private to this user, never through a link someone planted, never someone else's file
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    # A new file private to this user (0600), renamed over `path` once written: never
+    # written through a link someone planted there, never into someone else's file.
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, max(1, size))
@@ -65,7 +68,12 @@ def write_safetensors(tensors: dict[str, Any], path: str, threads: int = 16) -> 
         view[0][:base] = np.frombuffer(len(h).to_bytes(8, "little") + h, dtype=np.uint8)
         with ThreadPoolExecutor(max(1, threads)) as ex:
             list(ex.map(put, jobs))
-    finally:
+    except BaseException:
         view.clear()
         mm.close()
+        os.unlink(tmp)
+        raise
+    view.clear()
+    mm.close()
+    os.replace(tmp, path)
     return size

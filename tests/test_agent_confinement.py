@@ -88,13 +88,15 @@ def test_other_users_read_nothing(cluster: Cluster, tmp_path: Path) -> None:
     from ckptctl import st_writer
 
     path = "/dev/shm/ckpt-push-confine-test.safetensors"
-    st_writer.write_safetensors({"w": torch.ones(4)}, path)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    os.symlink(victim, path)  # planted by someone: the writer replaces the link, not its target
     staged.append(path)
     try:
+        st_writer.write_safetensors({"w": torch.ones(4)}, path)
+        assert victim.read_bytes() == b"keep" and not os.path.islink(path)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         assert as_nobody("cat", path).returncode != 0
-        with pytest.raises(FileExistsError):  # never writes through someone else's file
-            st_writer.write_safetensors({"w": torch.ones(4)}, path)
     finally:
         for p in staged:
             os.unlink(p)
