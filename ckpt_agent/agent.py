@@ -244,6 +244,7 @@ class Agent:
                 version=__version__,
                 pid=os.getpid(),
                 ipc_dir=self.ipc_dir,
+                host_free_bytes=free_host_bytes(),
             )
         )
 
@@ -275,7 +276,13 @@ class Agent:
         async def heartbeats() -> None:
             while True:
                 await asyncio.sleep(self._heartbeat_s)
-                outbox.put_nowait(apb.AgentMessage(heartbeat=apb.Heartbeat(devices=self._free())))
+                outbox.put_nowait(
+                    apb.AgentMessage(
+                        heartbeat=apb.Heartbeat(
+                            devices=self._free(), host_free_bytes=free_host_bytes()
+                        )
+                    )
+                )
 
         async def reattach() -> None:
             await self._reattach.wait()

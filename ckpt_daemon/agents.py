@@ -23,12 +23,15 @@ import structlog
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_common.errors import (
+    AlreadyExists,
     CkptError,
     DeadlineExceeded,
+    InvalidArgument,
     PermissionDenied,
     Unavailable,
     error_for,
 )
+from ckpt_daemon.admission import check_device, check_name, check_text
 from ckpt_daemon.auth import PRINCIPAL
 from ckpt_daemon.model import AgentInfo, DeviceInfo
 from ckpt_daemon.registry import Registry
@@ -41,6 +44,31 @@ HEARTBEAT_GRACE_S = 30.0
 JOB_SILENCE_BEATS = 4  # a job fails on an agent silent for this many heartbeats
 JOB_SILENCE_MIN_S = 2.0
 WATCH_S = 0.25
+
+
+def check_hello(hello: apb.Hello) -> None:
+    """An agent's Hello is input too: refused (INVALID_ARGUMENT) before it touches anything."""
+    check_name("node_id", hello.node_id)
+    check_text("host", hello.host, 255)
+    check_text("ipc_dir", hello.ipc_dir)
+    check_text("version", hello.version, 100)
+    if not hello.devices or len(hello.devices) > 1024:
+        raise InvalidArgument("an agent has 1-1024 devices")
+    if len({d.index for d in hello.devices}) != len(hello.devices):
+        raise InvalidArgument("an agent lists a device twice")
+    for d in hello.devices:
+        check_device(d.index)
+        check_text("device kind", d.kind, 16)
+        check_text("device uuid", d.uuid, 200)
+        if d.total_bytes < 0 or d.free_bytes < 0:
+            raise InvalidArgument("device byte counts must not be negative")
+    if hello.host_free_bytes < 0 or len(hello.stores) > 1 << 16:
+        raise InvalidArgument("bad host memory or store count")
+    for st in hello.stores:
+        check_text("store checkpoint", st.checkpoint, 300)
+        check_device(st.device)
+        if st.nbytes < 0:
+            raise InvalidArgument("store byte counts must not be negative")
 
 
 @dataclass(eq=False)
@@ -80,15 +108,20 @@ class AgentHub:
     ) -> AsyncIterator[apb.DaemonMessage]:
         first = await anext(incoming, None)
         if first is None or first.WhichOneof("body") != "hello":
-            raise Unavailable("an agent stream must start with Hello")
+            raise InvalidArgument("an agent stream must start with Hello")
         hello = first.hello
-        if not hello.node_id:
-            raise Unavailable("Hello without node_id")
+        check_hello(hello)
         who = PRINCIPAL.get()
         if who is not None and who.node and who.node != hello.node_id:
             raise PermissionDenied(f"{who.name} may attach as node {who.node!r} only")
         old = self._sessions.get(hello.node_id)
-        if old:
+        if old and not old.closed:
+            # An agent whose identity is bound to this node (its certificate or token) is
+            # the node's agent, restarted: it replaces its old stream. Anyone else waits
+            # until the old stream is gone or silent, never evicts a live agent.
+            silent = time.monotonic() - old.last_seen > 3 * self._heartbeat_s
+            if not (who is not None and who.node == hello.node_id) and not silent:
+                raise AlreadyExists(f"an agent is attached as node {hello.node_id!r}")
             old.close("re-attached on a new stream")
         session = _Session(hello.node_id)
         self._sessions[hello.node_id] = session
@@ -110,6 +143,7 @@ class AgentHub:
             version=hello.version,
             pid=hello.pid,
             ipc_dir=hello.ipc_dir,
+            host_free_bytes=hello.host_free_bytes,
         )
         held = {
             (s.checkpoint, s.version, s.device): (s.nbytes, s.p2p.session, s.p2p.addr)
@@ -165,7 +199,9 @@ class AgentHub:
                 kind = msg.WhichOneof("body")
                 if kind == "heartbeat":
                     self._registry.agent_heartbeat(
-                        session.node_id, {d.index: d.free_bytes for d in msg.heartbeat.devices}
+                        session.node_id,
+                        {d.index: d.free_bytes for d in msg.heartbeat.devices},
+                        msg.heartbeat.host_free_bytes,
                     )
                 elif kind == "result":
                     fut = session.pending.pop(msg.result.command_id, None)
@@ -201,6 +237,12 @@ class AgentHub:
                     s.close("stopped sending heartbeats")
 
     # ---------------------------------------------------------------- commands
+
+    def detach(self, node_id: str, reason: str) -> None:
+        """Closes an agent's stream (it may attach again)."""
+        session = self._sessions.get(node_id)
+        if session is not None:
+            session.close(reason)
 
     def attached(self, node_id: str) -> bool:
         s = self._sessions.get(node_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import InvalidArgument
+from ckpt_daemon import admission
 from ckpt_daemon.model import (
     AgentInfo,
     CheckpointVersion,
@@ -103,6 +104,14 @@ def update_spec_from_pb(req: cpb.UpdateRequest) -> UpdateSpec:
         raise InvalidArgument(f"unknown update method {req.method}")
     if req.bucket_bytes < 0 or req.timeout_s < 0:
         raise InvalidArgument("bucket_bytes and timeout_s must not be negative")
+    admission.check_name("checkpoint", req.checkpoint)
+    admission.check_version(req.version, zero=True)
+    admission.check_list("ranks", list(req.ranks))
+    admission.check_list("instances", list(req.instances))
+    for name in req.instances:
+        admission.check_name("an instance name", name)
+    admission.check_patterns(list(req.tensors))
+    admission.check_bucket(req.bucket_bytes)
     return UpdateSpec(
         checkpoint=req.checkpoint,
         version=req.version,
@@ -181,6 +190,11 @@ def agent_to_pb(a: AgentInfo, order: dict[RankRef, int]) -> tpb.Agent:
 def instance_from_pb(p: tpb.Instance) -> Instance:
     if not p.name:
         raise InvalidArgument("instance name is required")
+    admission.check_name("instance name", p.name)
+    admission.check_list("ranks", list(p.ranks), 4096)
+    for r in p.ranks:
+        admission.check_name("a rank's node_id", r.node_id)
+        admission.check_device(r.device)
     kind = p.kind or tpb.INSTANCE_VLLM
     if kind not in (tpb.INSTANCE_VLLM, tpb.INSTANCE_RECEIVER):
         raise InvalidArgument(f"unknown instance kind {p.kind}")

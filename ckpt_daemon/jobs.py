@@ -19,6 +19,7 @@ from ckpt_common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from ckpt_daemon import admission
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.execute import EngineTrigger, Executor, no_trigger
@@ -74,6 +75,10 @@ class JobRunner:
         self.restorer = Restorer(self, registry, hub, config, alive)
 
     # ---------------------------------------------------------------- queries
+
+    def running_nodes(self) -> set[str]:
+        """Nodes a running job sends bytes to."""
+        return {r.node_id for r in self._busy_targets}
 
     def busy_checkpoints(self) -> set[tuple[str, int]]:
         return {
@@ -160,14 +165,18 @@ class JobRunner:
         if spec.method not in ("broadcast", "p2p", ""):
             raise InvalidArgument(f"unknown update method {spec.method!r}")
         cv = self.resolve_checkpoint(spec)
+        try:  # off the event loop: thousands of patterns over a million tensors take a while
+            tensors = (
+                await asyncio.to_thread(select_tensors, cv.tensors, spec.tensors)
+                if spec.tensors
+                else list(cv.tensors)
+            )
+        except PlanError as e:
+            raise InvalidArgument(admission.bounded(str(e))) from None
         targets, target_ranks = self.resolve_targets(spec)
         clash = sorted({self._busy_targets[r] for r in targets if r in self._busy_targets})
         if clash:
             raise FailedPrecondition(f"an update to some of these ranks is running: job {clash[0]}")
-        try:
-            tensors = select_tensors(cv.tensors, spec.tensors)
-        except PlanError as e:
-            raise InvalidArgument(str(e)) from None
         owners = {t.owner for t in tensors}
         p2p = spec.method == "p2p"
         sources: list[apb.P2PSource] = []

@@ -146,6 +146,7 @@ class AgentInfo:
     version: str = ""
     pid: int = 0
     ipc_dir: str = ""
+    host_free_bytes: int = 0  # host memory for stores, as last reported (0: unknown)
 
 
 @dataclass(kw_only=True, slots=True)

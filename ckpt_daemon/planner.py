@@ -191,12 +191,21 @@ class Plan:
 
 
 def select_tensors(tensors: Sequence[TensorInfo], patterns: Sequence[str]) -> list[TensorInfo]:
-    """Every tensor whose name equals a pattern or starts with it (a prefix)."""
+    """Every tensor whose name equals a pattern or starts with it (a prefix). Linear: one set
+    lookup per distinct pattern length and name, not one comparison per pattern."""
     if not patterns:
         return list(tensors)
-    chosen = [t for t in tensors if any(t.name == p or t.name.startswith(p) for p in patterns)]
+    by_len: dict[int, set[str]] = {}
+    for p in patterns:
+        by_len.setdefault(len(p), set()).add(p)
+    lengths = sorted(by_len)
+    chosen = [
+        t for t in tensors if any(t.name[:n] in by_len[n] for n in lengths if n <= len(t.name))
+    ]
     if not chosen:
-        raise PlanError(f"no tensor matches {list(patterns)}")
+        raise PlanError(
+            f"no tensor matches the {len(patterns)} pattern(s) (first: {patterns[0][:80]!r})"
+        )
     return chosen
 
 

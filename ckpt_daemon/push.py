@@ -21,7 +21,7 @@ from ckpt_common.errors import (
     InvalidArgument,
     NotFound,
 )
-from ckpt_daemon import probes
+from ckpt_daemon import admission, probes
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.model import (
@@ -52,10 +52,7 @@ RECOVER_S = 15.0  # after a restart, how long agents get to re-attach before a p
 
 
 def validate_name(name: str) -> None:
-    if not name or len(name) > MAX_NAME or any(c in name for c in "/@ \t\n"):
-        raise InvalidArgument(
-            f"checkpoint name {name!r} must be 1-{MAX_NAME} characters without '/', '@' or spaces"
-        )
+    admission.check_name("checkpoint name", name)
 
 
 def new_version(
@@ -103,10 +100,15 @@ class Pusher:
         validate_name(name)
         if probe is not None:
             probes.validate(probe)
-        if version <= 0:
-            raise InvalidArgument("version must be positive")
+        admission.check_version(version)
+        admission.check_timeout("timeout_s", timeout_s)
         if not sources:
             raise InvalidArgument("no sources")
+        admission.check_list("sources", sources, 4096)
+        admission.check_list("ranks", ranks)
+        for src in sources:
+            admission.check_text("a source path", src.path, empty=False)
+            admission.check_text("a source node", src.node_id, admission.MAX_NAME)
         if replicas not in (0, 1, 2):
             raise InvalidArgument("replicas must be 1 or 2")
         if replicas == 2 and any(s.node_id for s in sources):
@@ -152,6 +154,7 @@ class Pusher:
                     },
                     created=cv.created,
                 )
+            self._admit([cv] if mirror is None else [cv, mirror])
             await asyncio.to_thread(self._registry.add_checkpoint, cv)
             if mirror is not None:
                 await asyncio.to_thread(self._registry.add_checkpoint, mirror)
@@ -211,6 +214,26 @@ class Pusher:
             pass
         finally:
             self._inflight.discard((versions[0].name, versions[0].version))
+
+    def _admit(self, versions: list[CheckpointVersion]) -> None:
+        """RESOURCE_EXHAUSTED when the stores do not fit the host memory their nodes report,
+        less what versions still loading will take."""
+        need: dict[str, int] = {}
+        for v in versions:
+            for r, sh in v.shards.items():
+                need[r.node_id] = need.get(r.node_id, 0) + sh.nbytes
+        free: dict[str, int] = {}
+        for node, a in self._registry.agents.items():
+            cpu = sum(d.free_bytes for d in a.devices if d.kind == "cpu")
+            if a.host_free_bytes or cpu:
+                free[node] = a.host_free_bytes or cpu
+        reserved: dict[str, int] = {}
+        for cv in self._registry.checkpoints.values():
+            if cv.state == CheckpointState.LOADING:
+                for r, sh in cv.shards.items():
+                    reserved[r.node_id] = reserved.get(r.node_id, 0) + sh.nbytes
+        known = {n: b for n, b in need.items() if n in free}  # nodes that report no memory
+        admission.require_admitted(known, free, reserved)
 
     async def _scan(
         self, sources: list[SourceFile], holders: list[RankRef]
@@ -340,20 +363,26 @@ class Pusher:
         their stores. Returns the version (LOADING), its shards (segments) and, per tensor in
         request order, (shard index, offset)."""
         validate_name(name)
-        if version <= 0:
-            raise InvalidArgument("version must be positive")
+        admission.check_version(version)
+        admission.check_timeout("timeout_s", timeout_s)
+        admission.check_text("node_id", node_id, admission.MAX_NAME, empty=False)
         if not metas:
             raise InvalidArgument("no tensors")
+        admission.check_list("tensors", metas, admission.MAX_TENSORS)
         if probe is not None:
             probes.validate(probe)
         for tname, dtype, shape, nbytes in metas:
+            admission.check_text("a tensor name", tname, 1024, empty=False)
+            if len(shape) > 16:
+                raise InvalidArgument(f"tensor {admission.shown(tname)}: over 16 dimensions")
             try:
                 want = nbytes_of(dtype, shape)
             except ValueError as e:
-                raise InvalidArgument(f"tensor {tname!r}: {e}") from None
+                raise InvalidArgument(f"tensor {admission.shown(tname)}: {e}") from None
             if want != nbytes:
                 raise InvalidArgument(
-                    f"tensor {tname!r}: {dtype} {list(shape)} is {want} bytes, not {nbytes}"
+                    f"tensor {admission.shown(tname)}: {admission.shown(dtype)} {list(shape)}"
+                    f" is {want} bytes, not {nbytes}"
                 )
         key = (name, version)
         if key in self._registry.checkpoints or key in self._inflight:
@@ -373,6 +402,7 @@ class Pusher:
             raise InvalidArgument(str(e)) from None
         cv = new_version(name, version, placement, probe)
         shards = cv.shards
+        self._admit([cv])
         self._inflight.add(key)
         try:
             await asyncio.to_thread(self._registry.add_checkpoint, cv)

@@ -217,12 +217,21 @@ class Registry:
             for cv in self.checkpoints.values():
                 changed = False
                 for r, shard in cv.shards.items():
-                    if r.node_id != info.node_id or shard.state != ShardState.READY:
+                    if r.node_id != info.node_id or shard.state not in (
+                        ShardState.READY,
+                        ShardState.LOST,
+                    ):
                         continue
                     have = held.get((cv.name, cv.version, r.device))
                     if have is None or have[0] != shard.nbytes:
-                        shard.state = ShardState.LOST
-                        shard.reason = f"agent {info.node_id} no longer holds this shard"
+                        if shard.state == ShardState.READY:
+                            shard.state = ShardState.LOST
+                            shard.reason = f"agent {info.node_id} no longer holds this shard"
+                            changed = True
+                        continue
+                    if shard.state == ShardState.LOST:  # its agent is back and still holds it
+                        shard.state, shard.reason = ShardState.READY, ""
+                        shard.p2p_session, shard.p2p_addr = have[1], have[2]
                         changed = True
                     elif (have[1], have[2]) != (shard.p2p_session, shard.p2p_addr):
                         shard.p2p_session, shard.p2p_addr = have[1], have[2]
@@ -248,12 +257,13 @@ class Registry:
                 a.attached = False
                 a.last_seen = time.time()
 
-    def agent_heartbeat(self, node_id: str, free: dict[int, int]) -> None:
+    def agent_heartbeat(self, node_id: str, free: dict[int, int], host_free: int = 0) -> None:
         with self._lock:
             a = self.agents.get(node_id)
             if not a:
                 return
             a.last_seen = time.time()
+            a.host_free_bytes = max(0, host_free)
             for d in a.devices:
                 if d.index in free:
                     d.free_bytes = free[d.index]
@@ -468,6 +478,23 @@ class Registry:
                 "INSERT OR REPLACE INTO instances VALUES (?,?)",
                 (inst.name, json.dumps(instance_to_json(inst))),
             )
+
+    def remove_agent(self, node_id: str) -> AgentInfo | None:
+        """Forgets an agent; the shards it held are LOST."""
+        with self._lock:
+            a = self.agents.pop(node_id, None)
+            if a is None:
+                return None
+            self._db.execute("DELETE FROM agents WHERE node_id=?", (node_id,))
+            for cv in self.checkpoints.values():
+                lost = [s for r, s in cv.shards.items() if r.node_id == node_id]
+                for sh in lost:
+                    if sh.state != ShardState.LOST:
+                        sh.state, sh.reason = ShardState.LOST, f"agent {node_id} was removed"
+                if lost:
+                    self._save_shards(cv)
+                    self._refresh_state(cv)
+            return a
 
     def remove_instance(self, name: str) -> Instance | None:
         with self._lock:

@@ -14,8 +14,8 @@ from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import agent_pb2_grpc, ckptd_pb2_grpc
 from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
-from ckpt_common.errors import CkptError, InvalidArgument, NotFound
-from ckpt_daemon import convert
+from ckpt_common.errors import CkptError, FailedPrecondition, InvalidArgument, NotFound
+from ckpt_daemon import admission, convert
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.endpoints import endpoint_refusal, origin
 from ckpt_daemon.jobs import JobRunner
@@ -35,16 +35,17 @@ def _unary(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            admission.check_message(request)
             return await fn(self, request, context)
         except CkptError as e:
-            await context.abort(_status(e), e.message)
+            await context.abort(_status(e), admission.bounded(e.message))
         except asyncio.CancelledError:
             raise
         except Exception as e:
             if isinstance(e, grpc.aio.AbortError):
                 raise
             log.exception("rpc_crashed", rpc=fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e!r}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})")
 
     return wrapper
 
@@ -156,10 +157,11 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
 
     async def WatchJob(self, request: cpb.GetJobRequest, context) -> AsyncIterator[tpb.Job]:
         try:
+            admission.check_message(request)
             async for job in self._jobs.watch(request.id):
                 yield convert.job_to_pb(job)
         except CkptError as e:
-            await context.abort(_status(e), e.message)
+            await context.abort(_status(e), admission.bounded(e.message))
 
     @_unary
     async def ListAgents(self, request: cpb.ListAgentsRequest, context):
@@ -170,6 +172,25 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
                 for a in sorted(self._registry.agents.values(), key=lambda a: a.node_id)
             ]
         )
+
+    @_unary
+    async def RemoveAgent(self, request: cpb.RemoveAgentRequest, context):
+        admission.check_name("node_id", request.node_id)
+        if request.node_id not in self._registry.agents:
+            raise NotFound(f"agent {admission.shown(request.node_id)} not found")
+        if self._hub.attached(request.node_id):
+            if not request.force:
+                raise FailedPrecondition(
+                    f"agent {request.node_id} is attached: stop it first, or force"
+                )
+            self._hub.detach(request.node_id, "removed by an operator")
+        if request.node_id in self._jobs.running_nodes():
+            raise FailedPrecondition(f"a job is running on {request.node_id}")
+        a = await asyncio.to_thread(self._registry.remove_agent, request.node_id)
+        if a is None:
+            raise NotFound(f"agent {admission.shown(request.node_id)} not found")
+        a.attached = False
+        return cpb.RemoveAgentResponse(removed=convert.agent_to_pb(a, {}))
 
     def _check_endpoint(self, inst: Instance) -> None:
         if inst.kind != InstanceKind.VLLM:
@@ -231,4 +252,4 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
             async for msg in self._hub.serve(request_iterator):
                 yield msg
         except CkptError as e:
-            await context.abort(_status(e), e.message)
+            await context.abort(_status(e), admission.bounded(e.message))

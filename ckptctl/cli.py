@@ -200,6 +200,12 @@ def cmd_delete(c: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_agents(c: Client, a: argparse.Namespace) -> int:
+    if a.action == "remove":
+        if not a.node:
+            raise ValueError("ckptctl agents remove NODE [--force]")
+        removed = c.remove_agent(a.node, force=a.force)
+        print(_json(removed) if a.output == "json" else f"removed agent {removed.node_id}")
+        return 0
     agents = c.agents()
     if a.output == "json":
         print(_json(agents))
@@ -375,7 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.set_defaults(fn=cmd_delete)
 
-    s = sub.add_parser("agents", help="list agents, devices and global ranks")
+    s = sub.add_parser("agents", help="list agents, devices and global ranks; or remove one")
+    s.add_argument("action", nargs="?", choices=["list", "remove"], default="list")
+    s.add_argument("node", nargs="?", default="", help="remove: the agent's node id")
+    s.add_argument("--force", action="store_true", help="remove: also an attached agent")
     s.set_defaults(fn=cmd_agents)
 
     s = sub.add_parser("instances", help="list inference instances")

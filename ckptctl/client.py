@@ -221,6 +221,10 @@ class Client:
             raise DeadlineExceeded(f"job {job_id} did not finish within {timeout_s:.0f}s")
         return self.job(job_id)
 
+    def remove_agent(self, node_id: str, *, force: bool = False) -> tpb.Agent:
+        req = cpb.RemoveAgentRequest(node_id=node_id, force=force)
+        return self._call("RemoveAgent", req).removed
+
     def agents(self) -> list[tpb.Agent]:
         return list(self._call("ListAgents", cpb.ListAgentsRequest()).agents)
 

@@ -32,7 +32,7 @@ class P2PSource(_message.Message):
     def __init__(self, session: _Optional[str] = ..., addr: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("node_id", "host", "devices", "stores", "version", "pid", "ipc_dir")
+    __slots__ = ("node_id", "host", "devices", "stores", "version", "pid", "ipc_dir", "host_free_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class Hello(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     IPC_DIR_FIELD_NUMBER: _ClassVar[int]
+    HOST_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     host: str
     devices: _containers.RepeatedCompositeFieldContainer[_types_pb2.Device]
@@ -47,13 +48,16 @@ class Hello(_message.Message):
     version: str
     pid: int
     ipc_dir: str
-    def __init__(self, node_id: _Optional[str] = ..., host: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[_types_pb2.Device, _Mapping]]] = ..., stores: _Optional[_Iterable[_Union[HeldStore, _Mapping]]] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., ipc_dir: _Optional[str] = ...) -> None: ...
+    host_free_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., host: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[_types_pb2.Device, _Mapping]]] = ..., stores: _Optional[_Iterable[_Union[HeldStore, _Mapping]]] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., ipc_dir: _Optional[str] = ..., host_free_bytes: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("devices",)
+    __slots__ = ("devices", "host_free_bytes")
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    HOST_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     devices: _containers.RepeatedCompositeFieldContainer[_types_pb2.Device]
-    def __init__(self, devices: _Optional[_Iterable[_Union[_types_pb2.Device, _Mapping]]] = ...) -> None: ...
+    host_free_bytes: int
+    def __init__(self, devices: _Optional[_Iterable[_Union[_types_pb2.Device, _Mapping]]] = ..., host_free_bytes: _Optional[int] = ...) -> None: ...
 
 class ScannedTensor(_message.Message):
     __slots__ = ("meta", "data_offset")

@@ -198,3 +198,17 @@ class RemoveInstanceResponse(_message.Message):
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     removed: _types_pb2.Instance
     def __init__(self, removed: _Optional[_Union[_types_pb2.Instance, _Mapping]] = ...) -> None: ...
+
+class RemoveAgentRequest(_message.Message):
+    __slots__ = ("node_id", "force")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    force: bool
+    def __init__(self, node_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class RemoveAgentResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: _types_pb2.Agent
+    def __init__(self, removed: _Optional[_Union[_types_pb2.Agent, _Mapping]] = ...) -> None: ...

@@ -96,6 +96,11 @@ class CkptStub:
                 request_serializer=ckpt_dot_v1_dot_ckptd__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=ckpt_dot_v1_dot_ckptd__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.RemoveAgent = channel.unary_unary(
+                '/ckpt.v1.Ckpt/RemoveAgent',
+                request_serializer=ckpt_dot_v1_dot_ckptd__pb2.RemoveAgentRequest.SerializeToString,
+                response_deserializer=ckpt_dot_v1_dot_ckptd__pb2.RemoveAgentResponse.FromString,
+                _registered_method=True)
         self.RegisterInstance = channel.unary_unary(
                 '/ckpt.v1.Ckpt/RegisterInstance',
                 request_serializer=ckpt_dot_v1_dot_types__pb2.Instance.SerializeToString,
@@ -200,6 +205,14 @@ class CkptServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveAgent(self, request, context):
+        """Forgets an agent (its shards become LOST). An attached agent only with force, which
+        also closes its stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterInstance(self, request, context):
         """Autoscalers.
         """
@@ -287,6 +300,11 @@ def add_CkptServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=ckpt_dot_v1_dot_ckptd__pb2.ListAgentsRequest.FromString,
                     response_serializer=ckpt_dot_v1_dot_ckptd__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'RemoveAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAgent,
+                    request_deserializer=ckpt_dot_v1_dot_ckptd__pb2.RemoveAgentRequest.FromString,
+                    response_serializer=ckpt_dot_v1_dot_ckptd__pb2.RemoveAgentResponse.SerializeToString,
             ),
             'RegisterInstance': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterInstance,
@@ -634,6 +652,33 @@ class Ckpt:
             '/ckpt.v1.Ckpt/ListAgents',
             ckpt_dot_v1_dot_ckptd__pb2.ListAgentsRequest.SerializeToString,
             ckpt_dot_v1_dot_ckptd__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckpt.v1.Ckpt/RemoveAgent',
+            ckpt_dot_v1_dot_ckptd__pb2.RemoveAgentRequest.SerializeToString,
+            ckpt_dot_v1_dot_ckptd__pb2.RemoveAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,
