@@ -79,6 +79,10 @@ def test_serving_routes_stay_open_but_probes_need_the_token() -> None:
     status, text, _ = call("/v1/completions", probe)
     assert status == 403 and b"ckpt_probe" in text
     assert call("/v1/completions", probe, token=TOKEN)[0] == 200
+    words = json.dumps({"prompt": "what is ckpt_probe?", "max_tokens": 2}).encode()
+    assert call("/v1/completions", words)[0] == 200  # the word in a prompt is no marker
+    escaped = b'{"prompt": [1], "vllm_xargs": {"ckpt\\u005fprobe": 1}}'
+    assert call("/v1/completions", escaped)[0] == 403
 
 
 def test_collective_rpc_runs_only_our_methods() -> None:
