@@ -18,7 +18,7 @@ MAX_PATTERNS = 4096
 MAX_PATTERN = 1024
 MAX_TENSORS = 1 << 20
 MAX_BUCKET = 16 << 30
-MIN_BUCKET = 1 << 16
+MIN_BUCKET = 4096
 MAX_DETAIL = 1000  # characters of a status message
 
 

@@ -200,7 +200,7 @@ def cmd_delete(c: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_agents(c: Client, a: argparse.Namespace) -> int:
-    if a.action == "remove":
+    if getattr(a, "action", "list") == "remove":
         if not a.node:
             raise ValueError("ckptctl agents remove NODE [--force]")
         removed = c.remove_agent(a.node, force=a.force)

@@ -126,7 +126,7 @@ def test_errors_are_precise_and_change_nothing(cluster: Cluster, tmp_path: Path)
         c.client.push("errs", 2, [str(bad)])
     with pytest.raises(AlreadyExists):
         c.client.push("errs", 1, [str(tmp_path / "e")])
-    with pytest.raises(InvalidArgument, match="version must be positive"):
+    with pytest.raises(InvalidArgument, match="version must be 1-"):
         c.client.push("errs", 0, [str(tmp_path / "e")])
     with pytest.raises(InvalidArgument, match="name"):
         c.client.push("bad/name", 1, [str(tmp_path / "e")])
@@ -264,6 +264,10 @@ def test_cli(cluster: Cluster, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     r = ctl("agents")
     assert r.returncode == 0 and "node-a" in r.stdout and "RANK" in r.stdout
+    r = ctl("agents", "remove", "node-a")  # attached: only with --force
+    assert r.returncode == 2 and "FAILED_PRECONDITION" in r.stderr, r.stderr
+    r = ctl("agents", "remove", "no-such-node")
+    assert r.returncode == 2 and "NOT_FOUND" in r.stderr, r.stderr
     r = ctl("-o", "json", "update", "cli@1", "--ranks", "0-1,3", "--wait")
     assert r.returncode == 0, r.stderr
     job = json.loads(r.stdout)
