@@ -32,6 +32,7 @@ import structlog
 
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent.host_store import Store
+from ckpt_common.netif import interface_of
 
 log = structlog.get_logger("ckpt_agent.cuda")
 
@@ -294,9 +295,12 @@ class _Update:
 class CudaBackend:
     kind = "cuda"
 
-    def __init__(self, device: int, uuid: str = "") -> None:
+    def __init__(self, device: int, uuid: str = "", host: str = "") -> None:
         os.environ.setdefault(ERROR_HANDLING_ENV, "2")  # CleanUpOnly: raise, don't exit
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        iface = interface_of(host) if host else None
+        if iface:  # NCCL's bootstrap sockets on the agent's --host, unless the operator chose
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
         import torch
 
         torch.cuda.init()

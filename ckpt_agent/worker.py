@@ -70,7 +70,7 @@ class Worker:
         if kind == "cuda":
             from ckpt_agent.cuda_backend import CudaBackend
 
-            self.backend: Any = CudaBackend(device)
+            self.backend: Any = CudaBackend(device, host=host)
             # a dropped store stays pinned as a spare for the next version (same size)
             self.stores = HostStore(
                 node_id,

@@ -90,3 +90,11 @@ def test_parallel_safetensors_writer_matches_safetensors(tmp_path) -> None:
     for k, v in t.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape
         assert torch.equal(back[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8))
+
+
+def test_interface_of_an_address() -> None:
+    from ckpt_common.netif import interface_of
+
+    assert interface_of("127.0.0.1") == "lo"
+    assert interface_of("192.0.2.123") is None  # TEST-NET: on no interface here
+    assert interface_of("::1") is None and interface_of("not an ip") is None
