@@ -208,12 +208,15 @@ def instance_from_pb(p: tpb.Instance) -> Instance:
     tp = p.tp_size or len(ranks)
     if tp <= 0 or len(ranks) % tp:
         raise InvalidArgument(f"{len(ranks)} ranks do not divide into tensor-parallel size {tp}")
+    if p.weight_transfer not in ("", "extension", "ckptd"):
+        raise InvalidArgument("weight_transfer must be 'ckptd' (native) or 'extension'")
     return Instance(
         name=p.name,
         kind=InstanceKind(kind),
         endpoint=p.endpoint,
         tp_size=tp,
         ranks=ranks,
+        weight_transfer="" if p.weight_transfer == "extension" else p.weight_transfer,
     )
 
 
@@ -222,6 +225,7 @@ def instance_to_pb(i: Instance, order: dict[RankRef, int]) -> tpb.Instance:
         name=i.name,
         kind=int(i.kind),
         endpoint=i.endpoint,
+        weight_transfer=i.weight_transfer,
         tp_size=i.tp_size,
         ranks=[tpb.InstanceRank(node_id=r.node_id, device=r.device) for r in i.ranks],
         checkpoint=i.checkpoint,

@@ -14,6 +14,7 @@ brought it back to one version.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import urllib.error
@@ -32,6 +33,7 @@ from ckpt_daemon.registry import Registry
 
 log = structlog.get_logger("ckptd.engines")
 UPDATE_METHOD = "ckpt_update"  # vllm_ext.WorkerExtension.ckpt_update
+NATIVE = "ckptd"  # Instance.weight_transfer: vLLM's native API, vllm_ext.transfer_engine
 PROBE_TIMEOUT_S = 10.0
 
 
@@ -58,7 +60,8 @@ class EngineTrigger:
         base = instance.endpoint.rstrip("/")
         bind = {"instance": instance.name, "job": job.id}
         ctl = min(self._control_timeout, timeout)
-        paused = committed = False
+        paused = False
+        state = {"committed": False}  # True: on one version (new, or untouched): it may serve
         t_pause = time.monotonic()
         try:
             try:
@@ -67,44 +70,30 @@ class EngineTrigger:
             except urllib.error.HTTPError as e:
                 if e.code != 404:  # servers without /pause: collective_rpc runs between steps
                     raise
-            arg = json.dumps(
-                {
-                    "job_id": job.id,
-                    "endpoints": self.endpoints(instance),
-                    "timeout_s": timeout,
-                    "checkpoint": job.spec.checkpoint,
-                    "version": job.version,
-                }
-            )
-            res = await self._post(
-                f"{base}/collective_rpc",
-                {"method": UPDATE_METHOD, "args": [arg], "timeout": timeout},
-                timeout + 10,
-            )
-            results = (res or {}).get("results") or []
-            if len(results) != len(instance.ranks):
-                raise Aborted(
-                    f"instance {instance.name}: {len(results)} workers answered, "
-                    f"{len(instance.ranks)} expected"
-                )
-            bad = [r for r in results if not (isinstance(r, dict) and r.get("ok"))]
-            # Nothing loaded anywhere (refused before any weight was touched): it can serve.
-            committed = all(isinstance(r, dict) and r.get("touched") is False for r in results)
-            if bad:
-                r = bad[0]
-                reason = r.get("reason") if isinstance(r, dict) else r
-                raise Aborted(f"instance {instance.name}: worker failed: {bounded(reason)}")
-            await self._probe(instance, job, min(ctl, PROBE_TIMEOUT_S))
-            try:
-                await self._post(
-                    f"{base}/update_weight_version",
-                    {"new_version": f"{job.spec.checkpoint}@{job.version}"},
-                    ctl,
-                )
-            except urllib.error.HTTPError as e:
-                if e.code != 404:
+            spec = {
+                "job_id": job.id,
+                "endpoints": self.endpoints(instance),
+                "timeout_s": timeout,
+                "checkpoint": job.spec.checkpoint,
+                "version": job.version,
+            }
+            version = f"{job.spec.checkpoint}@{job.version}"
+            if instance.weight_transfer == NATIVE:
+                await self._load_native(instance, base, spec, timeout, ctl, state)
+                try:
+                    await self._probe(instance, job, min(ctl, PROBE_TIMEOUT_S))
+                except BaseException:  # close vLLM's update session; the version stays old
+                    with contextlib.suppress(Exception):
+                        await self._post(f"{base}/finish_weight_update", {}, ctl)
                     raise
-            committed = True
+                await self._post(f"{base}/finish_weight_update", {"weight_version": version}, ctl)
+            else:
+                await self._load_extension(instance, base, spec, timeout, state)
+                await self._probe(instance, job, min(ctl, PROBE_TIMEOUT_S))
+                await self._post_optional(
+                    f"{base}/update_weight_version", {"new_version": version}, ctl
+                )
+            state["committed"] = True
         except urllib.error.HTTPError as e:  # the body is the engine's: never echoed
             path = urllib.parse.urlsplit(e.url or "").path
             raise Aborted(f"instance {instance.name}: HTTP {e.code} from {path}") from None
@@ -115,11 +104,60 @@ class EngineTrigger:
         except (urllib.error.URLError, ConnectionError, OSError) as e:
             raise Unavailable(f"instance {instance.name} at {base} unreachable: {e}") from None
         finally:
-            if paused and committed:
+            if paused and state["committed"]:
                 await self.resume(instance, ctl)
                 log.info("engine_paused", seconds=round(time.monotonic() - t_pause, 4), **bind)
             elif paused:  # it may hold a mix: it serves again only once restored
                 log.warning("engine_kept_paused", **bind)
+
+    async def _post_optional(self, url: str, body: dict, timeout: float) -> None:
+        try:
+            await self._post(url, body, timeout)
+        except urllib.error.HTTPError as e:
+            if e.code != 404:
+                raise
+
+    async def _load_extension(
+        self, instance: Instance, base: str, spec: dict, timeout: float, state: dict
+    ) -> None:
+        """The worker extension, through /collective_rpc: every worker answers with a dict."""
+        res = await self._post(
+            f"{base}/collective_rpc",
+            {"method": UPDATE_METHOD, "args": [json.dumps(spec)], "timeout": timeout},
+            timeout + 10,
+        )
+        results = (res or {}).get("results") or []
+        if len(results) != len(instance.ranks):
+            raise Aborted(
+                f"instance {instance.name}: {len(results)} workers answered, "
+                f"{len(instance.ranks)} expected"
+            )
+        bad = [r for r in results if not (isinstance(r, dict) and r.get("ok"))]
+        # Nothing loaded anywhere (refused before any weight was touched): it can serve.
+        state["committed"] = all(isinstance(r, dict) and r.get("touched") is False for r in results)
+        if bad:
+            r = bad[0]
+            reason = r.get("reason") if isinstance(r, dict) else r
+            raise Aborted(f"instance {instance.name}: worker failed: {bounded(reason)}")
+
+    async def _load_native(
+        self, instance: Instance, base: str, spec: dict, timeout: float, ctl: float, state: dict
+    ) -> None:
+        """vLLM's weight-transfer API with the `ckptd` backend (vllm_ext.transfer_engine)."""
+        state["committed"] = True  # until weights may have been touched
+        await self._post(f"{base}/start_weight_update", None, ctl)
+        state["committed"] = False
+        try:
+            await self._post(f"{base}/update_weights", {"update_info": spec}, timeout + 10)
+        except urllib.error.HTTPError as e:
+            # The engine's reason reaches the job from the agent's side; from its answer
+            # only our own marker is read: whether any weight was touched.
+            body = e.read(4096)
+            state["committed"] = b"touched=False" in body
+            raise Aborted(
+                f"instance {instance.name}: its update failed (HTTP {e.code}"
+                f"{', nothing loaded' if state['committed'] else ''}); see the ranks' reasons"
+            ) from None
 
     def probe_of(self, job: Job) -> Probe | None:
         """The probe an update must pass: its version's, when it loads the whole version."""

@@ -166,6 +166,7 @@ class Instance:
     # partial updates applied on top of checkpoint@version, in order (a restore replays
     # them): {"checkpoint", "version", "tensors"}
     overlays: list[dict] = field(default_factory=list)
+    weight_transfer: str = ""  # vLLM: "ckptd" (native weight-transfer API) or "" (extension)
 
 
 @dataclass(kw_only=True, slots=True)

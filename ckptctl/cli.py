@@ -261,7 +261,12 @@ def _instance_from_args(a: argparse.Namespace) -> tpb.Instance:
         ranks.append(tpb.InstanceRank(node_id=node, device=int(dev)))
     kind = tpb.INSTANCE_RECEIVER if a.kind == "receiver" else tpb.INSTANCE_VLLM
     return tpb.Instance(
-        name=a.name, kind=kind, endpoint=a.endpoint or "", tp_size=a.tp or len(ranks), ranks=ranks
+        name=a.name,
+        kind=kind,
+        endpoint=a.endpoint or "",
+        tp_size=a.tp or len(ranks),
+        ranks=ranks,
+        weight_transfer=a.weight_transfer,
     )
 
 
@@ -400,6 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--endpoint", default="", help="http://host:port of a vLLM server")
         s.add_argument("--kind", choices=["vllm", "receiver"], default="vllm")
         s.add_argument("--tp", type=int, default=0)
+        s.add_argument(
+            "--weight-transfer",
+            choices=["extension", "ckptd"],
+            default="extension",
+            help="ckptd: the engine runs vLLM's native weight-transfer API with "
+            '--weight-transfer-config \'{"backend": "ckptd"}\'',
+        )
         if name == "join":
             s.add_argument("--checkpoint", default="")
             s.add_argument("--timeout", type=float, default=0.0)

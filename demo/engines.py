@@ -30,8 +30,10 @@ def vllm_env(base: dict, *, bind: str = "", extra: dict | None = None) -> dict:
     return env
 
 
-def vllm_command(model_dir: str, port: int, *, tp: int = 1) -> list[str]:
-    return [
+def vllm_command(model_dir: str, port: int, *, tp: int = 1, extension: bool = True) -> list[str]:
+    """extension=False: no worker extension (an engine on the `ckptd` weight-transfer
+    backend, vLLM's native API, needs none)."""
+    cmd = [
         sys.executable,
         "-m",
         "vllm.entrypoints.openai.api_server",
@@ -59,6 +61,10 @@ def vllm_command(model_dir: str, port: int, *, tp: int = 1) -> list[str]:
         "--max-num-seqs",
         "8",
     ]
+    if not extension:
+        at = cmd.index("--worker-extension-cls")
+        del cmd[at : at + 2]
+    return cmd
 
 
 def healthy(url: str) -> bool:

@@ -17,11 +17,13 @@ def start_vllm(
     bind: str = "",
     extra_env: dict | None = None,
     extra_args: list[str] | None = None,
+    extension: bool = True,
 ) -> str:
     port = free_port()
     saved, c.env = c.env, vllm_env(c.env, bind=bind, extra=extra_env)
     try:
-        c._spawn(name, vllm_command(model_dir, port, tp=tp)[1:] + (extra_args or []))
+        cmd = vllm_command(model_dir, port, tp=tp, extension=extension)
+        c._spawn(name, cmd[1:] + (extra_args or []))
     finally:
         c.env = saved
     return f"http://127.0.0.1:{port}"

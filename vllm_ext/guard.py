@@ -44,6 +44,7 @@ PUBLIC_EXACT = frozenset(
         "/score",
         "/rerank",
         "/is_paused",
+        "/weight_info",  # the weight version: what a client may want to know it is served
     }
 )
 PRIVATE_V1 = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")

@@ -211,7 +211,7 @@ class InstanceRank(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., device: _Optional[int] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("name", "kind", "endpoint", "tp_size", "ranks", "checkpoint", "version", "ready", "reason", "global_ranks")
+    __slots__ = ("name", "kind", "endpoint", "tp_size", "ranks", "checkpoint", "version", "ready", "reason", "global_ranks", "weight_transfer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +222,7 @@ class Instance(_message.Message):
     READY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_RANKS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: InstanceKind
     endpoint: str
@@ -232,7 +233,8 @@ class Instance(_message.Message):
     ready: bool
     reason: str
     global_ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[InstanceKind, str]] = ..., endpoint: _Optional[str] = ..., tp_size: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[InstanceRank, _Mapping]]] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., global_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+    weight_transfer: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[InstanceKind, str]] = ..., endpoint: _Optional[str] = ..., tp_size: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[InstanceRank, _Mapping]]] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., global_ranks: _Optional[_Iterable[int]] = ..., weight_transfer: _Optional[str] = ...) -> None: ...
 
 class PhaseTimes(_message.Message):
     __slots__ = ("copy_s", "broadcast_s", "reload_s", "setup_s", "total_s")
