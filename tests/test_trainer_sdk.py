@@ -94,3 +94,35 @@ def test_async_publish_and_push_only(cluster: Cluster) -> None:
     only = Publisher("staged", client=c.client).publish(1, {"w": torch.ones(8)})
     assert only.state is JobOutcome.NOT_RUN
     assert c.client.get("staged", 1).state == tpb.CHECKPOINT_READY
+
+
+@pytest.mark.slow
+def test_vllm_trainer_api_switches_by_name(cluster: Cluster) -> None:
+    """Code written for vLLM's trainer-side API: trainer_init + send_weights, backend ckptd."""
+    from vllm.distributed.weight_transfer.base import ModuleSource
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from ckpt_trainer.vllm_trainer import CkptdTrainerInitInfo
+
+    c = cluster
+    m = model(9)
+    token = str(c.token_file)
+    info = CkptdTrainerInitInfo("vt", instances=["T"], addr=c.addr, token_file=token, rank=0)
+    engine = WeightTransferTrainerFactory.trainer_init(info, client=None, source=ModuleSource(m))
+    try:
+        for _ in range(2):
+            engine.send_weights()
+            assert engine.last is not None and engine.last.state is JobOutcome.SUCCEEDED
+            wait_for(lambda: holds(c, m.state_dict()), 30, "the module's bytes")
+            with torch.no_grad():
+                m[0].weight.add_(1.0)
+        assert [cp.version for cp in c.client.checkpoints("vt")] == [1, 2]
+        peer = WeightTransferTrainerFactory.trainer_init(
+            CkptdTrainerInitInfo("vt", addr=c.addr, token_file=token, rank=1),
+            client=None,
+            source=ModuleSource(m),
+        )
+        peer.send_weights()  # a non-sender rank iterates, publishes nothing
+        assert peer.last is None and len(c.client.checkpoints("vt")) == 2
+    finally:
+        engine.shutdown()
