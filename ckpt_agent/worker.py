@@ -50,6 +50,24 @@ def die_with_parent() -> None:
         pass
 
 
+DONE_KEY = "finished"  # ranks that ended the update (the store's host waits for them)
+LINGER_S = 3.0
+
+
+def finished(store: Any, world: int, wait: bool) -> None:
+    """Counts this rank out of the group; the rank serving the store keeps it up until every
+    rank is out (at most LINGER_S, and only after an update that succeeded here): a peer
+    still finishing must not see the store vanish and take it for a failure."""
+    try:
+        n = int(store.add(DONE_KEY, 1))
+        deadline = time.monotonic() + LINGER_S
+        while wait and n < world and time.monotonic() < deadline:
+            time.sleep(0.01)
+            n = int(store.add(DONE_KEY, 0))
+    except Exception as e:  # the store is gone: nothing to keep up
+        log.info("group_store_gone", error=repr(e))
+
+
 class Worker:
     def __init__(
         self,
@@ -277,6 +295,9 @@ class Worker:
         u = cmd.run_update
         abort = self._aborts.setdefault(u.job_id, Abort())
         watch: PeerWatch | None = None
+        store: Any = None
+        hosting = u.job_id in self._group_stores  # this rank serves the group's store
+        result: Any = None
         try:
             self._lock_update(abort, u)
             try:
@@ -302,6 +323,8 @@ class Worker:
             if watch is not None:
                 watch.stop()
             self._aborts.pop(u.job_id, None)
+            if store is not None:
+                finished(store, u.world_size, hosting and result is not None and result.ok)
         result.node_id, result.device = self.node_id, self.device
         self.reply(cmd.id, ok=True, update=result)
 
