@@ -176,17 +176,12 @@ class Agent:
                 )
                 self._send_result(apb.CommandResult(command_id=cmd.id, ok=True, scan=result))
             except StoreError as e:
-                self._send_result(
-                    apb.CommandResult(command_id=cmd.id, ok=False, code=e.code, message=e.message)
-                )
+                self._fail(cmd.id, e.code, e.message)
             except TimeoutError:  # a source that blocks (a hung mount): the thread is lost
-                self._send_result(
-                    apb.CommandResult(
-                        command_id=cmd.id,
-                        ok=False,
-                        code="DEADLINE_EXCEEDED",
-                        message=f"the scan took over {self.cfg.command_timeout_s:g}s",
-                    )
+                self._fail(
+                    cmd.id,
+                    "DEADLINE_EXCEEDED",
+                    f"the scan took over {self.cfg.command_timeout_s:g}s",
                 )
             return
         body = getattr(cmd, kind)
@@ -200,17 +195,15 @@ class Agent:
             self._refuse_frozen(cmd, kind, device)
             return
         if device is None or device not in self.supervisor.workers:
-            self._send_result(
-                apb.CommandResult(
-                    command_id=cmd.id,
-                    ok=False,
-                    code="NOT_FOUND",
-                    message=f"no device {device} on this node",
-                )
-            )
+            self._fail(cmd.id, "NOT_FOUND", f"no device {device} on this node")
             return
         self._pending[cmd.id] = (cmd, self._session_no)
         self.supervisor.send(device, cmd)
+
+    def _fail(self, command_id: int, code: str, message: str) -> None:
+        self._send_result(
+            apb.CommandResult(command_id=command_id, ok=False, code=code, message=message)
+        )
 
     def _refuse_frozen(self, cmd: apb.Command, kind: str, device: int) -> None:
         """Fails a command for a frozen worker at once; a drop is still queued for it (it

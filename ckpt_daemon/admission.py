@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from ckpt_common.errors import InvalidArgument, ResourceExhausted
+from ckpt_daemon import engine_http
 
 MAX_NAME = 200
 MAX_TEXT = 4096  # paths, endpoints, tensor names
@@ -29,8 +30,7 @@ def shown(text: str, limit: int = 80) -> str:
 
 def bounded(message: str) -> str:
     """A status message: printable and at most MAX_DETAIL characters."""
-    s = "".join(c if c.isprintable() else "?" for c in message)
-    return s if len(s) <= MAX_DETAIL else s[:MAX_DETAIL] + "..."
+    return engine_http.bounded(message, MAX_DETAIL)
 
 
 def check_text(field: str, text: str, limit: int = MAX_TEXT, *, empty: bool = True) -> None:
