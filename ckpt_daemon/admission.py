@@ -101,7 +101,10 @@ def require_admitted(need: dict[str, int], free: dict[str, int], reserved: dict[
         raise ResourceExhausted(why)
 
 
-_NON_NEGATIVE = {"device", "tp_size", "limit", "replicas", "bucket_bytes", "nbytes", "rank"}
+_NON_NEGATIVE = {
+    "device", "tp_size", "limit", "replicas", "bucket_bytes", "nbytes", "rank", "part", "parts",
+    "shape", "piece_offset", "piece_shape",
+}  # fmt: skip
 
 
 def check_message(msg: Any, path: str = "") -> None:

@@ -45,7 +45,7 @@ def checkpoint_to_pb(
         state=int(cv.state),
         reason=cv.reason,
         total_bytes=cv.total_bytes,
-        tensor_count=len(cv.tensors),
+        tensor_count=len({t.name for t in cv.tensors}),  # pieces of one tensor count once
         created_unix=cv.created,
         ready_unix=cv.ready,
         shards=[
@@ -96,6 +96,9 @@ def tensor_meta(t: TensorInfo) -> tpb.TensorMeta:
     m = tpb.TensorMeta(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes)
     if t.checksum is not None:
         m.checksum = t.checksum
+    if t.piece is not None:
+        m.piece_offset.extend(t.piece.offset)
+        m.piece_shape.extend(t.piece.shape)
     return m
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from ckpt_common.pieces import Piece
+
 
 class CheckpointState(enum.IntEnum):
     LOADING = 1
@@ -70,6 +72,7 @@ class TensorSpec:
     path: str
     file_offset: int
     node_id: str = ""  # the source's node pin
+    piece: Piece | None = None  # a box of the tensor (shape): nbytes are the box's
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,6 +88,9 @@ class TensorInfo:
     path: str = ""
     file_offset: int = 0
     checksum: int | None = None  # ckpt_common.checksum from the host store; None: unknown
+    # a box of the tensor (ckpt_common.pieces; shape stays the whole tensor's, nbytes and
+    # checksum are the box's); None: the whole tensor
+    piece: Piece | None = None
 
 
 @dataclass(kw_only=True, slots=True)

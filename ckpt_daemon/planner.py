@@ -49,33 +49,40 @@ class Placement:
     store_bytes: dict[RankRef, int]
 
 
-def _groups(specs: Sequence[TensorSpec]) -> list[list[TensorSpec]]:
-    by_key: dict[tuple[str, str], list[TensorSpec]] = {}
-    for s in specs:
-        by_key.setdefault((s.node_id, layer_key(s.name)), []).append(s)
+def _groups(specs: Sequence[TensorSpec]) -> list[list[int]]:
+    by_key: dict[tuple[str, str], list[int]] = {}
+    for i, s in enumerate(specs):
+        by_key.setdefault((s.node_id, layer_key(s.name)), []).append(i)
     return list(by_key.values())
+
+
+def _check_unique(specs: Sequence[TensorSpec]) -> None:
+    seen: set[tuple[str, tuple[int, ...] | None]] = set()
+    for s in specs:
+        key = (s.name, None if s.piece is None else s.piece.offset)
+        if key in seen:
+            what = "tensor" if s.piece is None else f"piece {list(s.piece.offset)} of"
+            raise PlanError(f"{what} {s.name!r} appears more than once")
+        seen.add(key)
 
 
 def place(specs: Sequence[TensorSpec], ranks: Sequence[RankRef]) -> Placement:
     """Largest group first onto the least-loaded eligible rank (a node-pinned source only
-    onto that node's ranks). A group larger than a fair share is placed tensor by tensor."""
+    onto that node's ranks). A group larger than a fair share is placed tensor by tensor.
+    A tensor's pieces (ckpt_common.pieces) are placed like tensors, each on its own node."""
     if not ranks:
         raise PlanError("no ranks to hold the checkpoint")
-    seen: set[str] = set()
-    for s in specs:
-        if s.name in seen:
-            raise PlanError(f"tensor {s.name!r} appears in more than one source")
-        seen.add(s.name)
+    _check_unique(specs)
     ranks = rank_order(ranks)
     total = sum(s.nbytes for s in specs)
     fair = max(1, total // len(ranks))
-    units: list[list[TensorSpec]] = []
+    units: list[list[int]] = []
     for g in _groups(specs):
-        if sum(s.nbytes for s in g) > fair and len(g) > 1:
-            units.extend([s] for s in g)
+        if sum(specs[i].nbytes for i in g) > fair and len(g) > 1:
+            units.extend([i] for i in g)
         else:
             units.append(g)
-    units.sort(key=lambda g: (-sum(s.nbytes for s in g), g[0].name))
+    units.sort(key=lambda g: (-sum(specs[i].nbytes for i in g), specs[g[0]].name, g[0]))
 
     heaps: dict[str, list[tuple[int, int, RankRef]]] = {}
     nodes = {r.node_id for r in ranks}
@@ -92,21 +99,22 @@ def place(specs: Sequence[TensorSpec], ranks: Sequence[RankRef]) -> Placement:
         if node and node not in nodes:
             raise PlanError(f"source pinned to node {node!r}, which has no attached ranks")
 
-    owner_of: dict[str, RankRef] = {}
+    owner_of: list[RankRef | None] = [None] * len(specs)
     # Loads are tracked per heap; a shared rank in two heaps is rare (mixed pinned and
     # unpinned sources) and only makes the spread less even, never wrong.
     for unit in units:
-        heap = heap_for(unit[0].node_id)
-        load, i, r = heapq.heappop(heap)
-        for s in unit:
-            owner_of[s.name] = r
-        heapq.heappush(heap, (load + sum(s.nbytes for s in unit), i, r))
+        heap = heap_for(specs[unit[0]].node_id)
+        load, k, r = heapq.heappop(heap)
+        for i in unit:
+            owner_of[i] = r
+        heapq.heappush(heap, (load + sum(specs[i].nbytes for i in unit), k, r))
 
     # Offsets: per owner, in source order (layers stay contiguous).
     cursor: dict[RankRef, int] = {r: 0 for r in ranks}
     out: list[TensorInfo] = []
-    for s in sorted(specs, key=lambda s: (layer_key(s.name), s.name)):
-        r = owner_of[s.name]
+    for i in sorted(range(len(specs)), key=lambda i: (layer_key(specs[i].name), specs[i].name, i)):
+        s, r = specs[i], owner_of[i]
+        assert r is not None
         off = cursor[r]
         cursor[r] = align_up(off + s.nbytes)
         out.append(
@@ -119,6 +127,7 @@ def place(specs: Sequence[TensorSpec], ranks: Sequence[RankRef]) -> Placement:
                 store_offset=off,
                 path=s.path,
                 file_offset=s.file_offset,
+                piece=s.piece,
             )
         )
     return Placement(tensors=out, store_bytes={r: n for r, n in cursor.items() if n})

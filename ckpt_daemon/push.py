@@ -13,7 +13,6 @@ import time
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt_common.dtypes import nbytes_of
 from ckpt_common.errors import (
     AlreadyExists,
     CkptError,
@@ -24,6 +23,7 @@ from ckpt_common.errors import (
 from ckpt_daemon import admission, probes
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
+from ckpt_daemon.direct_push import DirectPushes, StoreOps
 from ckpt_daemon.model import (
     CheckpointState,
     CheckpointVersion,
@@ -82,7 +82,7 @@ class Pusher:
         self._hub = hub
         self._config = config
         self._inflight: set[tuple[str, int]] = set()
-        self._direct: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self.direct = DirectPushes(self._direct_ops(), config.load_timeout_s)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def push(
@@ -350,84 +350,33 @@ class Pusher:
 
     # ------------------------------------------------------------------ direct push
 
-    async def begin_direct(
-        self,
-        name: str,
-        version: int,
-        node_id: str,
-        metas: list[tuple[str, str, tuple[int, ...], int]],
-        timeout_s: float,
-        probe: Probe | None = None,
-    ) -> tuple[CheckpointVersion, list[Shard], list[tuple[int, int]]]:
-        """Places tensors (name, dtype, shape, nbytes) on the ranks of node_id and allocates
-        their stores. Returns the version (LOADING), its shards (segments) and, per tensor in
-        request order, (shard index, offset)."""
-        validate_name(name)
-        admission.check_version(version)
-        admission.check_timeout("timeout_s", timeout_s)
-        admission.check_text("node_id", node_id, admission.MAX_NAME, empty=False)
-        if not metas:
-            raise InvalidArgument("no tensors")
-        admission.check_list("tensors", metas, admission.MAX_TENSORS)
-        if probe is not None:
-            probes.validate(probe)
-        for tname, dtype, shape, nbytes in metas:
-            admission.check_text("a tensor name", tname, 1024, empty=False)
-            if len(shape) > 16:
-                raise InvalidArgument(f"tensor {admission.shown(tname)}: over 16 dimensions")
-            try:
-                want = nbytes_of(dtype, shape)
-            except ValueError as e:
-                raise InvalidArgument(f"tensor {admission.shown(tname)}: {e}") from None
-            if want != nbytes:
-                raise InvalidArgument(
-                    f"tensor {admission.shown(tname)}: {admission.shown(dtype)} {list(shape)}"
-                    f" is {want} bytes, not {nbytes}"
-                )
-        key = (name, version)
-        if key in self._registry.checkpoints or key in self._inflight:
-            raise AlreadyExists(f"checkpoint {name}@{version} already exists")
-        holders = [r for r in self._registry.rank_order() if r.node_id == node_id]
-        if not holders:
-            raise FailedPrecondition(f"no agent is attached on node {node_id!r}")
-        specs = [
-            TensorSpec(
-                name=n, dtype=d, shape=tuple(sh), nbytes=nb, path="", file_offset=0, node_id=node_id
-            )
-            for n, d, sh, nb in metas
-        ]
-        try:
-            placement = await asyncio.to_thread(place, specs, holders)
-        except PlanError as e:
-            raise InvalidArgument(str(e)) from None
-        cv = new_version(name, version, placement, probe)
-        shards = cv.shards
-        self._admit([cv])
-        self._inflight.add(key)
-        try:
-            await asyncio.to_thread(self._registry.add_checkpoint, cv)
-            try:
-                await asyncio.gather(*(self._allocate(cv, r) for r in shards))
-            except BaseException:
-                await self._forget(cv)
-                raise
-        except BaseException:
-            self._inflight.discard(key)
-            raise
-        timeout = timeout_s or self._config.load_timeout_s
-        self._direct[key] = asyncio.create_task(self._expire(cv, timeout))
-        order = sorted(shards)
-        index = {r: i for i, r in enumerate(order)}
-        where = {t.name: (index[t.owner], t.store_offset) for t in placement.tensors}
-        log.info(
-            "direct_push_begun",
-            checkpoint=name,
-            version=version,
-            node=node_id,
-            tensors=len(metas),
-            shards=len(shards),
+    def _direct_ops(self) -> StoreOps:
+        def taken(key: tuple[str, int]) -> bool:
+            return key in self._registry.checkpoints or key in self._inflight
+
+        return StoreOps(
+            ranks=self._registry.rank_order,
+            taken=taken,
+            hold=self._inflight.add,
+            release=self._inflight.discard,
+            create=self._create_direct,
+            seal=self._seal_direct,
+            forget=self._forget,
         )
-        return cv, [shards[r] for r in order], [where[m[0]] for m in metas]
+
+    async def _create_direct(
+        self, name: str, version: int, placement: Placement, probe: Probe | None
+    ) -> CheckpointVersion:
+        """A LOADING version of a direct push, admitted, recorded, its stores allocated."""
+        cv = new_version(name, version, placement, probe)
+        self._admit([cv])
+        await asyncio.to_thread(self._registry.add_checkpoint, cv)
+        try:
+            await asyncio.gather(*(self._allocate(cv, r) for r in cv.shards))
+        except BaseException:
+            await self._forget(cv)
+            raise
+        return cv
 
     async def _allocate(self, cv: CheckpointVersion, r: RankRef) -> None:
         cmd = apb.Command(
@@ -438,25 +387,9 @@ class Pusher:
         res = await self._hub.command(r.node_id, cmd, self._config.load_timeout_s)
         self._record_store(cv, r, ShardState.LOADING, res.store)
 
-    async def _expire(self, cv: CheckpointVersion, timeout: float) -> None:
-        await asyncio.sleep(timeout)
-        key = (cv.name, cv.version)
-        if self._direct.pop(key, None) is not None:
-            log.warning("direct_push_expired", checkpoint=cv.name, version=cv.version)
-            await self._forget(cv)
-            self._inflight.discard(key)
-
-    async def commit_direct(self, name: str, version: int) -> CheckpointVersion:
+    async def _seal_direct(self, cv: CheckpointVersion) -> None:
         """READY once every owner has checksummed what the trainer wrote (Seal); a seal that
         fails drops the version."""
-        key = (name, version)
-        task = self._direct.pop(key, None)
-        if task is None:
-            if key in self._registry.checkpoints:
-                raise FailedPrecondition(f"{name}@{version} is not a direct push awaiting commit")
-            raise NotFound(f"checkpoint {name}@{version} not found (or its push expired)")
-        task.cancel()
-        cv = self._registry.checkpoints[key]
         try:
             await self._hub.watched(
                 asyncio.gather(*(self._seal(cv, r) for r in cv.shards)),
@@ -466,12 +399,8 @@ class Pusher:
         except BaseException:
             await self._forget(cv)
             raise
-        finally:
-            self._inflight.discard(key)
         for r in cv.shards:
-            self._registry.set_shard(name, version, r, ShardState.READY)
-        log.info("push_ready", checkpoint=name, version=version, direct=True)
-        return cv
+            self._registry.set_shard(cv.name, cv.version, r, ShardState.READY)
 
     async def _seal(self, cv: CheckpointVersion, r: RankRef) -> None:
         items = [

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import asdict
 
+from ckpt_common.pieces import Piece
 from ckpt_daemon.model import (
     AgentInfo,
     CheckpointState,
@@ -57,7 +58,8 @@ CREATE TABLE IF NOT EXISTS tensors (
   name TEXT NOT NULL, version INTEGER NOT NULL, idx INTEGER NOT NULL, tensor TEXT NOT NULL,
   dtype TEXT NOT NULL, shape TEXT NOT NULL, nbytes INTEGER NOT NULL, node TEXT NOT NULL,
   device INTEGER NOT NULL, store_offset INTEGER NOT NULL, path TEXT NOT NULL,
-  file_offset INTEGER NOT NULL, checksum INTEGER, PRIMARY KEY (name, version, idx));
+  file_offset INTEGER NOT NULL, checksum INTEGER, piece TEXT,
+  PRIMARY KEY (name, version, idx));
 CREATE TABLE IF NOT EXISTS shards (
   name TEXT NOT NULL, version INTEGER NOT NULL, node TEXT NOT NULL, device INTEGER NOT NULL,
   nbytes INTEGER NOT NULL, tensor_count INTEGER NOT NULL, state INTEGER NOT NULL,
@@ -89,6 +91,8 @@ class Registry:
         cols = {row[1] for row in self._db.execute("PRAGMA table_info(tensors)")}
         if "checksum" not in cols:  # a registry written before checksums existed
             self._db.execute("ALTER TABLE tensors ADD COLUMN checksum INTEGER")
+        if "piece" not in cols:  # a registry written before pieces existed
+            self._db.execute("ALTER TABLE tensors ADD COLUMN piece TEXT")
         self.checkpoints: dict[tuple[str, int], CheckpointVersion] = {}
         self.agents: dict[str, AgentInfo] = {}
         self.instances: dict[str, Instance] = {}
@@ -102,9 +106,12 @@ class Registry:
         tensors: dict[tuple[str, int], list[TensorInfo]] = {}
         for row in db.execute(
             "SELECT name, version, tensor, dtype, shape, nbytes, node, device, store_offset, "
-            "path, file_offset, checksum FROM tensors ORDER BY name, version, idx"
+            "path, file_offset, checksum, piece FROM tensors ORDER BY name, version, idx"
         ):
-            name, version, tname, dtype, shape, nbytes, node, device, off, path, foff, csum = row
+            name, version, tname, dtype, shape, nbytes, node, device, off, path, foff, csum = row[
+                :12
+            ]
+            box = json.loads(row[12]) if row[12] else None
             tensors.setdefault((name, version), []).append(
                 TensorInfo(
                     name=tname,
@@ -116,6 +123,7 @@ class Registry:
                     path=path,
                     file_offset=foff,
                     checksum=None if csum is None else csum & _U64,
+                    piece=None if box is None else Piece(tuple(box[0]), tuple(box[1])),
                 )
             )
         shards: dict[tuple[str, int], dict[RankRef, Shard]] = {}
@@ -294,7 +302,7 @@ class Registry:
                     (cv.name, cv.version, int(cv.state), cv.created, cv.ready, cv.reason),
                 )
                 db.executemany(
-                    "INSERT INTO tensors VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO tensors VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     [
                         (
                             cv.name,
@@ -310,6 +318,9 @@ class Registry:
                             t.path,
                             t.file_offset,
                             _signed(t.checksum),
+                            None
+                            if t.piece is None
+                            else json.dumps([list(t.piece.offset), list(t.piece.shape)]),
                         )
                         for i, t in enumerate(cv.tensors)
                     ],

@@ -15,6 +15,7 @@ from ckpt.v1 import agent_pb2_grpc, ckptd_pb2_grpc
 from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import CkptError, FailedPrecondition, InvalidArgument, NotFound
+from ckpt_common.pieces import piece_of
 from ckpt_daemon import admission, convert
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.endpoints import endpoint_refusal, origin
@@ -84,14 +85,19 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
     async def BeginPush(self, request: cpb.BeginPushRequest, context) -> cpb.PushPlan:
         if request.timeout_s < 0:
             raise InvalidArgument("timeout_s must not be negative")
-        metas = [(t.name, t.dtype, tuple(t.shape), t.nbytes) for t in request.tensors]
-        cv, shards, where = await self._pusher.begin_direct(
+        metas = [
+            (t.name, t.dtype, tuple(t.shape), t.nbytes, piece_of(t.piece_offset, t.piece_shape))
+            for t in request.tensors
+        ]
+        cv, shards, where = await self._pusher.direct.begin(
             request.name,
             request.version,
             request.node_id,
             metas,
-            request.timeout_s,
-            convert.probe_from_pb(request.probe),
+            timeout_s=request.timeout_s,
+            probe=convert.probe_from_pb(request.probe),
+            part=request.part,
+            parts=request.parts,
         )
         return cpb.PushPlan(
             checkpoint=convert.checkpoint_to_pb(cv, self._order()),
@@ -109,7 +115,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
 
     @_unary
     async def CommitPush(self, request: cpb.CommitPushRequest, context) -> tpb.Checkpoint:
-        cv = await self._pusher.commit_direct(request.name, request.version)
+        cv = await self._pusher.direct.commit(request.name, request.version, request.part)
         return convert.checkpoint_to_pb(cv, self._order())
 
     @_unary

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 import re
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_agent.config import NODE_ID_ENV
 from ckpt_common.credentials import Credentials
 from ckptctl.client import DEFAULT_ADDR, Client
 
@@ -58,6 +61,12 @@ def _state_dict(weights: Any) -> Mapping[str, Any]:
     return sd
 
 
+def _cast(dtype: str | None) -> Any:
+    import torch
+
+    return getattr(torch, DTYPES.get(dtype, dtype)) if dtype else None
+
+
 def prepare(
     weights: Any,
     rename: Callable[[str], str | None] = strip_wrappers,
@@ -65,9 +74,7 @@ def prepare(
 ) -> dict[str, Any]:
     """The tensors to push: renamed (None drops a tensor), floating tensors cast to dtype,
     full (a DTensor is gathered), contiguous."""
-    import torch
-
-    cast = getattr(torch, DTYPES.get(dtype, dtype)) if dtype else None
+    cast = _cast(dtype)
     out: dict[str, Any] = {}
     for name, t in _state_dict(weights).items():
         new = rename(name)
@@ -96,22 +103,33 @@ class Publisher:
         rename: Callable[[str], str | None] = strip_wrappers,
         node_id: str = "",
         direct: bool = False,
+        sharded: bool = False,
+        group: Any = None,
         timeout_s: float = 600.0,
         client: Client | None = None,
     ) -> None:
         """keep: versions to keep (>= 1; the ones instances serve are always kept);
         direct: copy straight into the agents' host stores on node_id (same node, same user)
-        instead of through a staging file."""
+        instead of through a staging file; sharded: every rank of a torch.distributed job
+        (group: its process group, default the world) calls publish with its own shards
+        (DTensor/FSDP2 local shards, ckpt_trainer.sharded) and writes them into its own
+        node's host stores (node_id, default $CKPT_NODE_ID or the host name); one version,
+        committed once every rank is in; rank 0 updates the instances and prunes."""
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self.name = name
         self.instances = list(instances or [])
         self.keep, self.dtype, self.rename = keep, dtype, rename
-        self.node_id, self.direct, self.timeout_s = node_id, direct, timeout_s
+        self.node_id, self.direct, self.timeout_s = node_id, direct or sharded, timeout_s
+        self.sharded, self.group = sharded, group
+        if sharded and not node_id:
+            self.node_id = os.environ.get(NODE_ID_ENV) or socket.gethostname()
         self.client = client or Client(addr, credentials=credentials)
 
     def publish(self, step: int, weights: Any, *, probe: tpb.Probe | None = None) -> PublishResult:
         """Pushes weights as version `step`, updates the instances, prunes old versions."""
+        if self.sharded:
+            return self._publish_sharded(step, weights, probe)
         tensors = prepare(weights, self.rename, self.dtype)
         t0 = time.monotonic()
         if self.direct:
@@ -124,7 +142,45 @@ class Publisher:
                 self.name, step, tensors, node_id=self.node_id, timeout_s=self.timeout_s,
                 probe=probe,
             )  # fmt: skip
+        return self._update(step, cp, time.monotonic() - t0)
+
+    def _publish_sharded(self, step: int, weights: Any, probe: tpb.Probe | None) -> PublishResult:
+        import torch.distributed as dist
+
+        from ckpt_trainer.sharded import local_items, share
+
+        items = local_items(_state_dict(weights), self.rename, _cast(self.dtype), self.group)
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        t0 = time.monotonic()
+        cp = self.client.push_part(
+            self.name, step, items, node_id=self.node_id, part=rank, parts=world,
+            timeout_s=self.timeout_s, probe=probe,
+        )  # fmt: skip
         push_s = time.monotonic() - t0
+        if rank != 0:
+            told = share(None, self.group)
+            if "error" in told:
+                raise RuntimeError(f"rank 0 could not update the instances: {told['error']}")
+            return PublishResult(
+                checkpoint=self.name, version=step, state=JobOutcome(told["state"]),
+                reason=told["reason"], job_id=told["job_id"], push_s=push_s,
+                update_s=told["update_s"], tensors=cp.tensor_count, bytes=cp.total_bytes,
+                pruned=told["pruned"],
+            )  # fmt: skip
+        try:
+            res = self._update(step, cp, push_s)
+        except Exception as e:
+            share({"error": f"{type(e).__name__}: {str(e)[:2000]}"}, self.group)
+            raise
+        share(
+            {"state": res.state.value, "reason": res.reason[:2000], "job_id": res.job_id,
+             "update_s": res.update_s, "pruned": res.pruned},
+            self.group,
+        )  # fmt: skip
+        return res
+
+    def _update(self, step: int, cp: tpb.Checkpoint, push_s: float) -> PublishResult:
+        """Updates the instances to the pushed version, prunes once they serve it."""
         base = {"checkpoint": self.name, "version": step, "push_s": push_s,
                 "tensors": cp.tensor_count, "bytes": cp.total_bytes}  # fmt: skip
         if not self.instances:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -129,23 +129,40 @@ class Client:
         """Pushes in-memory torch tensors straight into the host stores of the agents on this
         node (node_id): no file, one parallel copy. The trainer must run on that node as the
         agent's user (it maps the agent's shared-memory segments)."""
+        from ckptctl.direct_push import whole
+
+        return self.push_part(
+            name, version, whole(tensors), node_id=node_id, threads=threads,
+            timeout_s=timeout_s, probe=probe,
+        )  # fmt: skip
+
+    def push_part(
+        self,
+        name: str,
+        version: int,
+        items: Sequence[Any],
+        *,
+        node_id: str,
+        part: int = 0,
+        parts: int = 1,
+        threads: int = 16,
+        timeout_s: float = 600.0,
+        probe: tpb.Probe | None = None,
+    ) -> tpb.Checkpoint:
+        """One part of a direct push (ckptctl.direct_push.Item: tensors or pieces of them),
+        written into this node's host stores. With parts > 1 every part calls this; it
+        returns once all parts are committed and the version is READY."""
         from ckptctl.direct_push import copy_into_segments, tensor_metas
 
-        metas, flats = tensor_metas(tensors)
-        plan = self._call(
-            "BeginPush",
-            cpb.BeginPushRequest(
-                name=name,
-                version=version,
-                node_id=node_id,
-                tensors=metas,
-                timeout_s=timeout_s,
-                probe=probe,
-            ),
-            timeout_s + 30,
-        )
+        metas, flats = tensor_metas(items)
+        req = cpb.BeginPushRequest(
+            name=name, version=version, node_id=node_id, tensors=metas,
+            timeout_s=timeout_s, probe=probe, part=part, parts=parts,
+        )  # fmt: skip
+        plan = self._call("BeginPush", req, timeout_s + 30)
         copy_into_segments(plan, flats, threads=threads)
-        return self._call("CommitPush", cpb.CommitPushRequest(name=name, version=version))
+        commit = cpb.CommitPushRequest(name=name, version=version, part=part)
+        return self._call("CommitPush", commit, timeout_s + 30)
 
     def get(self, name: str, version: int = 0, *, tensors: bool = False) -> tpb.Checkpoint:
         return self._call(

@@ -48,8 +48,8 @@ def cluster(tmp_path_factory):
     c.close()
 
 
-def meta(name="w", dtype="F32", shape=(4,), nbytes=16) -> tpb.TensorMeta:
-    return tpb.TensorMeta(name=name, dtype=dtype, shape=list(shape), nbytes=nbytes)
+def meta(name="w", dtype="F32", shape=(4,), nbytes=16, **piece) -> tpb.TensorMeta:
+    return tpb.TensorMeta(name=name, dtype=dtype, shape=list(shape), nbytes=nbytes, **piece)
 
 
 def inst(**kw) -> tpb.Instance:
@@ -120,6 +120,17 @@ CASES = [
     ("BeginPush", begin(node_id="nowhere"), FP),
     ("BeginPush", begin(version=BIG), IA),
     ("BeginPush", begin(timeout_s=-3), IA),
+    ("BeginPush", begin(parts=-1), IA),
+    ("BeginPush", begin(part=-1, parts=2), IA),
+    ("BeginPush", begin(part=2, parts=2), IA),
+    ("BeginPush", begin(part=0, parts=1 << 30), IA),
+    ("BeginPush", begin(tensors=[meta(nbytes=8, piece_offset=[-1], piece_shape=[2])]), IA),
+    ("BeginPush", begin(tensors=[meta(nbytes=20, piece_offset=[0], piece_shape=[5])]), IA),
+    ("BeginPush", begin(tensors=[meta(nbytes=4, piece_offset=[0, 0], piece_shape=[1, 1])]), IA),
+    ("BeginPush", begin(tensors=[meta(nbytes=16, piece_offset=[0], piece_shape=[2])]), IA),
+    ("BeginPush", begin(tensors=[meta(nbytes=8, piece_offset=[0], piece_shape=[2])]), IA),
+    ("BeginPush", begin(tensors=[meta(nbytes=8, piece_offset=[2], piece_shape=[2])] * 2), IA),
+    ("CommitPush", cpb.CommitPushRequest(name="d", version=1, part=-1), IA),
     ("CommitPush", cpb.CommitPushRequest(name="never", version=1), NF),
     ("CommitPush", cpb.CommitPushRequest(name="\x07", version=1), IA),
     # reads

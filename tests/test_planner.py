@@ -97,7 +97,7 @@ def test_place_respects_node_pins() -> None:
 def test_place_errors() -> None:
     with pytest.raises(PlanError, match="no ranks"):
         place([spec("a", 1)], [])
-    with pytest.raises(PlanError, match="more than one source"):
+    with pytest.raises(PlanError, match="appears more than once"):
         place([spec("a", 1), spec("a", 2)], ranks(1))
     with pytest.raises(PlanError, match="node 'zz'"):
         place([spec("a", 1, node="zz")], ranks(2))

@@ -19,8 +19,9 @@ from ckpt.v1 import types_pb2 as tpb
 from ckpt_daemon.engine_http import http_json
 from ckptctl.probes import greedy_probe
 from demo.models import PROMPTS, build_model, hf_greedy, save_model
-from tests.cluster import Cluster
+from tests.cluster import Cluster, wait_for
 from tests.engines import complete, start_vllm, wait_healthy
+from tests.sharded_job import run_fsdp2
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 N = 6
@@ -36,10 +37,11 @@ def native(tmp_path_factory):
     c.hf = {s: hf_greedy(d, PROMPTS, N) for s, d in models.items()}
     c.start_daemon("--receiver-timeout-s", "20")
     c.start_agent("n1", 1)
+    c.start_agent("n2", 1)  # a second node: trainer ranks there push pieces of versions
     c.url = start_vllm(
         c, "vllm-N", models[0], bind="nobind", extension=False, extra_args=NATIVE_ARGS
     )
-    c.wait_ranks(1)
+    c.wait_ranks(2)
     wait_healthy(c, "vllm-N", c.url)
     c.client.register_instance(
         tpb.Instance(
@@ -106,3 +108,38 @@ def test_native_refusal_leaves_the_engine_serving(native: Cluster, tmp_path: Pat
     assert tokens(c) == before  # refused before touching a weight: it serves on, unpaused
     n = {i.name: i for i in c.client.instances()}["N"]
     assert n.ready and n.version == 2
+
+
+def test_fsdp2_job_updates_the_native_engine(native: Cluster) -> None:
+    """A two-process FSDP2 job (gloo) publishes from both ranks: first with its ranks on two
+    nodes (each node's agent holds part of the version), then both on one node."""
+    c = native
+    for version, nodes, key in ((10, ["n1", "n2"], 1), (11, ["n1", "n1"], 0)):
+        res = run_fsdp2(c, nodes, "--model", c.models[key], "--name", "llama", "--version",
+                        str(version), "--instances", "N")  # fmt: skip
+        assert [r["state"] for r in res] == ["succeeded"] * 2, res
+        cp = c.client.get("llama", version)
+        assert {s.node_id for s in cp.shards} == set(nodes)
+        assert tokens(c) == c.hf[key], f"after the FSDP2 job's llama@{version}"
+        assert weight_version(c) == f"llama@{version}"
+
+
+def test_native_update_of_corrupt_bytes_is_rolled_back(native: Cluster) -> None:
+    """Bytes overwritten in a host store after the push: the engine finds the checksum
+    mismatch during /update_weights, the job fails, and the engine is restored to the
+    version it served, HF-exact, serving again."""
+    c = native
+    c.client.push("llama", 19, [c.models[0]])
+    job = c.client.wait(c.client.update("llama", 19, instances=["N"]).id, 180)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    sd = load_file(str(Path(c.models[1]) / "model.safetensors"))
+    c.client.push("llama", 20, [c.models[1]])
+    c.corrupt_store("llama", 20, sd["model.layers.1.mlp.down_proj.weight"].numpy().tobytes())
+    job = c.client.wait(c.client.update("llama", 20, instances=["N"]).id, 180)
+    assert job.state == tpb.JOB_FAILED and "checksum" in (
+        job.reason + " ".join(r.reason for r in job.results)
+    ), job
+    wait_for(lambda: {i.name: i for i in c.client.instances()}["N"].ready, 120, "restore")
+    n = {i.name: i for i in c.client.instances()}["N"]
+    assert (n.checkpoint, n.version) == ("llama", 19)
+    assert tokens(c) == c.hf[0] and weight_version(c) == "llama@19"

@@ -24,6 +24,7 @@ from ckpt.v1 import ipc_pb2 as ipb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common import checksum
 from ckpt_common.dtypes import torch_dtype
+from ckpt_common.pieces import Piece, check_tiling, piece_of, region
 from vllm_ext.buffers import MappedBuffer
 
 HELLO_EVERY_S = 2.0
@@ -47,6 +48,62 @@ def _fault(checkpoint: str, bucket: int) -> None:
 
 class ReceiveError(Exception):
     pass
+
+
+def pieces_problem(tensors: list[tpb.TensorMeta]) -> str | None:
+    """Why the update's pieces (TensorMeta.piece_*) do not tile their tensors, or None."""
+    boxes: dict[str, list[Piece]] = {}
+    for m in tensors:
+        p = piece_of(m.piece_offset, m.piece_shape)
+        if p is not None:
+            boxes.setdefault(m.name, []).append(p)
+    for m in tensors:
+        if m.name in boxes and not (m.piece_offset or m.piece_shape):
+            return f"tensor {m.name!r} comes both whole and in pieces"
+    full = {m.name: tuple(m.shape) for m in tensors}
+    for name, ps in boxes.items():
+        try:
+            check_tiling(full[name], ps)
+        except ValueError as e:
+            return f"tensor {name!r}: {e}"
+    return None
+
+
+class Assembly:
+    """Pieces of tensors copied into the whole tensor; each whole handed over once its last
+    piece came. Whole tensors pass through untouched."""
+
+    def __init__(self, tensors: list[tpb.TensorMeta]) -> None:
+        self._left: dict[str, int] = {}  # name -> piece bytes still to come
+        for m in tensors:
+            if m.piece_shape or m.piece_offset:
+                self._left[m.name] = self._left.get(m.name, 0) + m.nbytes
+        self._whole: dict[str, Any] = {}
+
+    @property
+    def waiting(self) -> int:
+        return len(self._whole)
+
+    def add(self, meta: tpb.TensorMeta, raw: Any, copy: bool) -> list[tuple[Any, Any, bool]]:
+        """(meta, raw bytes, copy) of what is now complete: the tensor, or nothing yet."""
+        p = piece_of(meta.piece_offset, meta.piece_shape)
+        if p is None:
+            return [(meta, raw, copy)]
+        import torch
+
+        dt = torch_dtype(meta.dtype)
+        whole = self._whole.get(meta.name)
+        if whole is None:
+            whole = torch.empty(tuple(meta.shape), dtype=dt, device=raw.device)
+            self._whole[meta.name] = whole
+        whole[region(p)].copy_(raw.view(dt).reshape(p.shape))
+        self._left[meta.name] -= meta.nbytes
+        if self._left[meta.name] > 0:
+            return []
+        del self._whole[meta.name]
+        m = tpb.TensorMeta(name=meta.name, dtype=meta.dtype, shape=meta.shape)
+        m.nbytes = whole.numel() * whole.element_size()
+        return [(m, whole.reshape(-1).view(torch.uint8), False)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,7 +211,7 @@ class Receiver:
             device=b.device,
         )
         try:
-            problem = validate(info) if validate else None
+            problem = pieces_problem(info.tensors) or (validate(info) if validate else None)
         except Exception as e:
             problem = f"validation crashed: {e!r}"
         self._send(
@@ -201,6 +258,7 @@ class Receiver:
         import torch
 
         partial: dict[int, tuple[Any, int]] = {}  # tensor index -> (bytes, received)
+        pieces = Assembly(info.tensors)
         while True:
             msg = self._recv(timeout_s, ("bucket", "end"))
             if msg is None:
@@ -208,8 +266,9 @@ class Receiver:
             if msg.WhichOneof("body") == "end":
                 if not msg.end.ok:
                     raise ReceiveError(f"the update failed: {msg.end.reason}")
-                if partial:
-                    raise ReceiveError(f"the update ended with {len(partial)} tensors incomplete")
+                if partial or pieces.waiting:
+                    n = len(partial) + pieces.waiting
+                    raise ReceiveError(f"the update ended with {n} tensors incomplete")
                 return
             bk = msg.bucket
             _fault(info.checkpoint, bk.bucket)
@@ -221,6 +280,7 @@ class Receiver:
                 raise ReceiveError(
                     f"checksum mismatch in bucket {bk.bucket}: {len(bad)} tensors, e.g. {bad[0]!r}"
                 )
+            ready = [w for r in ready for w in pieces.add(*r)]
             touched[0] = touched[0] or bool(ready)
             for meta, raw, copy in ready:
                 t = raw.view(torch_dtype(meta.dtype)).reshape(tuple(meta.shape))

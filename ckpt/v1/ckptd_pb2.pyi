@@ -28,20 +28,24 @@ class PushCheckpointRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[_types_pb2.Source, _Mapping]]] = ..., ranks: _Optional[_Iterable[int]] = ..., timeout_s: _Optional[float] = ..., wait: _Optional[bool] = ..., replicas: _Optional[int] = ..., probe: _Optional[_Union[_types_pb2.Probe, _Mapping]] = ...) -> None: ...
 
 class BeginPushRequest(_message.Message):
-    __slots__ = ("name", "version", "node_id", "tensors", "timeout_s", "probe")
+    __slots__ = ("name", "version", "node_id", "tensors", "timeout_s", "probe", "part", "parts")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     PROBE_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     node_id: str
     tensors: _containers.RepeatedCompositeFieldContainer[_types_pb2.TensorMeta]
     timeout_s: float
     probe: _types_pb2.Probe
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., node_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., timeout_s: _Optional[float] = ..., probe: _Optional[_Union[_types_pb2.Probe, _Mapping]] = ...) -> None: ...
+    part: int
+    parts: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., node_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., timeout_s: _Optional[float] = ..., probe: _Optional[_Union[_types_pb2.Probe, _Mapping]] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ...) -> None: ...
 
 class PushSegment(_message.Message):
     __slots__ = ("node_id", "device", "segment", "nbytes")
@@ -74,12 +78,14 @@ class PushPlan(_message.Message):
     def __init__(self, checkpoint: _Optional[_Union[_types_pb2.Checkpoint, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[PushSegment, _Mapping]]] = ..., targets: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ...) -> None: ...
 
 class CommitPushRequest(_message.Message):
-    __slots__ = ("name", "version")
+    __slots__ = ("name", "version", "part")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    part: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., part: _Optional[int] = ...) -> None: ...
 
 class GetCheckpointRequest(_message.Message):
     __slots__ = ("name", "version", "include_tensors")

@@ -85,18 +85,22 @@ UPDATE_BROADCAST: UpdateMethod
 UPDATE_P2P: UpdateMethod
 
 class TensorMeta(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "nbytes", "checksum")
+    __slots__ = ("name", "dtype", "shape", "nbytes", "checksum", "piece_offset", "piece_shape")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    PIECE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    PIECE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     nbytes: int
     checksum: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+    piece_offset: _containers.RepeatedScalarFieldContainer[int]
+    piece_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ..., piece_offset: _Optional[_Iterable[int]] = ..., piece_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Source(_message.Message):
     __slots__ = ("path", "node_id")

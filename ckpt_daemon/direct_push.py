@@ -1,0 +1,292 @@
+"""Direct push: a trainer's tensors written straight into the agents' host stores of its own
+node, in one or several parts.
+
+A version pushed by one process is one part. A sharded trainer (FSDP2/DTensor, Megatron)
+pushes one part per rank: each rank declares its node and the tensors or pieces of tensors
+(ckpt_common.pieces) it holds (BeginPush with part/parts). Every declaration waits until all
+parts are in; then the version is checked (the pieces of every tensor tile it exactly, in one
+dtype and shape), placed (every part's bytes on its own node's ranks), admitted and allocated,
+and each part gets the targets of its own tensors. Each part writes and commits; once every
+part has committed, the owners checksum their stores (Seal) and the version is READY. Every
+waiting call then returns it. A part that never begins or never commits fails the whole push
+when its timeout passes; nothing of it is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from ckpt_common.dtypes import nbytes_of
+from ckpt_common.errors import (
+    AlreadyExists,
+    CkptError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from ckpt_common.pieces import Piece, check_piece, check_tiling
+from ckpt_daemon import admission, probes
+from ckpt_daemon.model import CheckpointVersion, Probe, RankRef, Shard, TensorSpec
+from ckpt_daemon.planner import PlanError, place
+
+log = structlog.get_logger("ckptd.push")
+MAX_PARTS = 65536
+# (name, dtype, whole shape, nbytes, piece or None) as a part declares it
+Meta = tuple[str, str, tuple[int, ...], int, Piece | None]
+# what a part gets back: the version, the shards it writes, per tensor (shard index, offset)
+Targets = tuple[CheckpointVersion, list[Shard], list[tuple[int, int]]]
+
+
+def part_specs(node_id: str, metas: Sequence[Meta]) -> list[TensorSpec]:
+    """A part's tensors as specs pinned to its node. InvalidArgument on a bad one."""
+    admission.check_list("tensors", metas, admission.MAX_TENSORS)
+    out = []
+    for name, dtype, shape, nbytes, piece in metas:
+        admission.check_text("a tensor name", name, 1024, empty=False)
+        shown = admission.shown(name)
+        if len(shape) > 16:
+            raise InvalidArgument(f"tensor {shown}: over 16 dimensions")
+        try:
+            nbytes_of(dtype, shape)
+            if piece is not None:
+                check_piece(shape, piece)
+            want = nbytes_of(dtype, shape if piece is None else piece.shape)
+        except ValueError as e:
+            raise InvalidArgument(f"tensor {shown}: {e}") from None
+        if want != nbytes:
+            box = list(shape) if piece is None else f"{list(piece.shape)} of {list(shape)}"
+            raise InvalidArgument(
+                f"tensor {shown}: {admission.shown(dtype)} {box} is {want} bytes, not {nbytes}"
+            )
+        if piece is not None and piece.is_whole(shape):
+            piece = None
+        out.append(
+            TensorSpec(
+                name=name,
+                dtype=dtype,
+                shape=tuple(shape),
+                nbytes=nbytes,
+                path="",
+                file_offset=0,
+                node_id=node_id,
+                piece=piece,
+            )  # fmt: skip
+        )
+    return out
+
+
+def check_whole(specs: Sequence[TensorSpec]) -> None:
+    """Every tensor of the version is whole once: pushed whole by one part, or in pieces that
+    agree on dtype and shape and tile it. InvalidArgument says which is not."""
+    by_name: dict[str, list[TensorSpec]] = {}
+    for s in specs:
+        by_name.setdefault(s.name, []).append(s)
+    for name, group in by_name.items():
+        shown = admission.shown(name)
+        if len({(s.dtype, s.shape) for s in group}) > 1:
+            raise InvalidArgument(f"tensor {shown}: parts disagree on its dtype or shape")
+        if len(group) == 1 and group[0].piece is None:
+            continue
+        if any(s.piece is None for s in group):
+            raise InvalidArgument(f"tensor {shown}: pushed whole and in pieces")
+        try:
+            check_tiling(group[0].shape, [s.piece for s in group if s.piece is not None])
+        except ValueError as e:
+            raise InvalidArgument(f"tensor {shown}: {e}") from None
+
+
+@dataclass(eq=False)
+class Gathering:
+    """A version whose parts are being declared, written and committed."""
+
+    name: str
+    version: int
+    parts: int
+    probe: Probe | None
+    declared: dict[int, tuple[str, list[TensorSpec]]] = field(default_factory=dict)
+    committed: set[int] = field(default_factory=set)
+    placed: asyncio.Future[CheckpointVersion] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    sealed: asyncio.Future[CheckpointVersion] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    expiry: asyncio.Task[None] | None = None
+
+    def fail(self, error: BaseException) -> None:
+        for f in (self.placed, self.sealed):
+            if not f.done():
+                f.set_exception(error)
+                f.exception()  # retrieved: a part no longer waiting must not log it
+
+
+class DirectPushes:
+    """The direct pushes in progress. `store` is the Pusher's half: admit, allocate, seal,
+    forget and the set of versions in flight (no second push or delete meanwhile)."""
+
+    def __init__(self, store: StoreOps, load_timeout_s: float) -> None:
+        self._store = store
+        self._timeout = load_timeout_s
+        self._open: dict[tuple[str, int], Gathering] = {}
+
+    async def begin(
+        self, name: str, version: int, node_id: str, metas: Sequence[Meta], *,
+        timeout_s: float, probe: Probe | None = None, part: int = 0, parts: int = 1,
+    ) -> Targets:  # fmt: skip
+        admission.check_name("checkpoint name", name)
+        admission.check_version(version)
+        admission.check_timeout("timeout_s", timeout_s)
+        admission.check_text("node_id", node_id, admission.MAX_NAME, empty=False)
+        parts = max(1, parts)
+        if parts > MAX_PARTS or not 0 <= part < parts:
+            raise InvalidArgument(
+                f"part {part} of {parts}: parts must be 1-{MAX_PARTS}, part below it"
+            )
+        if not metas and parts == 1:
+            raise InvalidArgument("no tensors")
+        if probe is not None:
+            probes.validate(probe)
+        specs = part_specs(node_id, metas)
+        if not any(r.node_id == node_id for r in self._store.ranks()):
+            raise FailedPrecondition(f"no agent is attached on node {node_id!r}")
+        g = self._gathering(name, version, parts, probe, timeout_s)
+        if part in g.declared:
+            raise AlreadyExists(f"part {part} of {name}@{version} has already begun")
+        if g.placed.done():
+            raise FailedPrecondition(f"{name}@{version} is no longer taking parts")
+        g.probe = g.probe or probe
+        g.declared[part] = (node_id, specs)
+        if len(g.declared) == parts:
+            asyncio.create_task(self._place(g))
+        cv = await asyncio.shield(g.placed)
+        return self._targets(cv, g, part)
+
+    def _gathering(
+        self, name: str, version: int, parts: int, probe: Probe | None, timeout_s: float
+    ) -> Gathering:
+        key = (name, version)
+        g = self._open.get(key)
+        if g is None:
+            if self._store.taken(key):
+                raise AlreadyExists(f"checkpoint {name}@{version} already exists")
+            g = Gathering(name=name, version=version, parts=parts, probe=probe)
+            self._open[key] = g
+            self._store.hold(key)
+            g.expiry = asyncio.create_task(self._expire(g, timeout_s or self._timeout))
+        elif g.parts != parts:
+            raise InvalidArgument(f"{name}@{version} is pushed in {g.parts} parts, not {parts}")
+        elif probe is not None and g.probe is not None and probe != g.probe:
+            raise InvalidArgument(f"parts of {name}@{version} carry different probes")
+        return g
+
+    async def _place(self, g: Gathering) -> None:
+        specs = [s for p in sorted(g.declared) for s in g.declared[p][1]]
+        holders = [
+            r for r in self._store.ranks() if r.node_id in {n for n, _ in g.declared.values()}
+        ]
+        try:
+            check_whole(specs)
+            try:
+                placement = await asyncio.to_thread(place, specs, holders)
+            except PlanError as e:
+                raise InvalidArgument(str(e)) from None
+            cv = await self._store.create(g.name, g.version, placement, g.probe)
+        except BaseException as e:
+            self._close(g)
+            g.fail(e)
+            return
+        if g.placed.done():  # expired while the stores were allocated
+            with contextlib.suppress(CkptError):
+                await self._store.forget(cv)
+            return
+        g.placed.set_result(cv)
+        log.info(
+            "direct_push_begun", checkpoint=g.name, version=g.version, parts=g.parts,
+            tensors=len(cv.tensors), shards=len(cv.shards),
+        )  # fmt: skip
+
+    @staticmethod
+    def _targets(cv: CheckpointVersion, g: Gathering, part: int) -> Targets:
+        """The shards this part writes (its node's) and where each of its tensors goes."""
+        node, specs = g.declared[part]
+        mine = sorted(r for r in cv.shards if r.node_id == node)
+        index = {r: i for i, r in enumerate(mine)}
+        where = {
+            (t.name, None if t.piece is None else t.piece.offset): (index[t.owner], t.store_offset)
+            for t in cv.tensors
+            if t.owner in index
+        }
+        return (
+            cv,
+            [cv.shards[r] for r in mine],
+            [where[(s.name, None if s.piece is None else s.piece.offset)] for s in specs],
+        )
+
+    async def commit(self, name: str, version: int, part: int = 0) -> CheckpointVersion:
+        key = (name, version)
+        g = self._open.get(key)
+        if g is None:
+            if self._store.taken(key):
+                raise FailedPrecondition(f"{name}@{version} is not a direct push awaiting commit")
+            raise NotFound(f"checkpoint {name}@{version} not found (or its push expired)")
+        if part not in g.declared:
+            raise FailedPrecondition(f"part {part} of {name}@{version} has not begun")
+        if not g.placed.done():
+            raise FailedPrecondition(f"not every part of {name}@{version} has begun")
+        g.committed.add(part)
+        if len(g.committed) == g.parts and g.expiry is not None and not g.expiry.done():
+            g.expiry.cancel()
+            asyncio.create_task(self._seal(g))
+        return await asyncio.shield(g.sealed)
+
+    async def _seal(self, g: Gathering) -> None:
+        cv = g.placed.result()
+        try:
+            await self._store.seal(cv)
+        except BaseException as e:
+            self._close(g)
+            g.fail(e)
+            return
+        self._close(g)
+        g.sealed.set_result(cv)
+        log.info("push_ready", checkpoint=g.name, version=g.version, direct=True, parts=g.parts)
+
+    async def _expire(self, g: Gathering, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+        stage = "begun" if not g.placed.done() else "committed"
+        seen = g.declared if stage == "begun" else g.committed
+        missing = [p for p in range(g.parts) if p not in seen]
+        why = f"parts {missing[:8]} of {g.name}@{g.version} had not {stage} within {timeout:.0f}s"
+        log.warning("direct_push_expired", checkpoint=g.name, version=g.version, reason=why)
+        self._close(g)
+        g.fail(DeadlineExceeded(why))
+        if g.placed.done() and g.placed.exception() is None:
+            with contextlib.suppress(CkptError):
+                await self._store.forget(g.placed.result())
+
+    def _close(self, g: Gathering) -> None:
+        key = (g.name, g.version)
+        if self._open.get(key) is g:
+            del self._open[key]
+            self._store.release(key)
+        if g.expiry is not None and g.expiry is not asyncio.current_task():
+            g.expiry.cancel()
+
+
+@dataclass(frozen=True)
+class StoreOps:
+    """What a direct push needs from the Pusher."""
+
+    ranks: Callable[[], list[RankRef]]
+    taken: Callable[[tuple[str, int]], bool]
+    hold: Callable[[tuple[str, int]], None]
+    release: Callable[[tuple[str, int]], None]
+    create: Callable[..., Awaitable[CheckpointVersion]]  # (name, version, placement, probe)
+    seal: Callable[[CheckpointVersion], Awaitable[None]]
+    forget: Callable[[CheckpointVersion], Awaitable[None]]
