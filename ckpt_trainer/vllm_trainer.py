@@ -10,7 +10,9 @@ init info it passes.
 ckptd drives the inference engines itself (through the agents, and vLLM's native API for
 engines on the `ckptd` backend), so the vLLM client is not used: pass None, or the client
 you have. Every rank iterates the source in lockstep (materializing a DTensor is a
-collective); only rank 0 publishes.
+collective); only rank 0 publishes. With `sharded=True` nothing is gathered: every rank
+publishes its own shards of a ModuleSource's parameters into its node's host stores, and
+ckptd commits the version once all ranks are in.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class CkptdTrainerInitInfo(TrainerInitInfo):
     keep: int = 2
     dtype: str | None = None
     start_version: int = 0  # 0: one past the newest version ckptd holds
+    # every rank pushes its own shards (DTensor local pieces) into its node's host stores,
+    # nothing is gathered (Publisher(sharded=True)); rank 0 updates the instances
+    sharded: bool = False
 
 
 class UpdateFailed(RuntimeError):
@@ -58,7 +63,8 @@ class CkptdTrainerWeightTransferEngine(TrainerWeightTransferEngine[CkptdTrainerI
     def trainer_init(
         cls, init_info: CkptdTrainerInitInfo, *, client: Any, source: Any = None
     ) -> CkptdTrainerWeightTransferEngine:
-        engine = cls(client=client, source=source, is_sender=init_info.is_sender, info=init_info)
+        sender = init_info.is_sender or init_info.sharded
+        engine = cls(client=client, source=source, is_sender=sender, info=init_info)
         if engine.is_sender:
             kw: dict[str, Any] = {"addr": init_info.addr} if init_info.addr else {}
             kw["credentials"] = Credentials(
@@ -69,6 +75,7 @@ class CkptdTrainerWeightTransferEngine(TrainerWeightTransferEngine[CkptdTrainerI
                 instances=init_info.instances,
                 keep=init_info.keep,
                 dtype=init_info.dtype,
+                sharded=init_info.sharded,
                 **kw,
             )
             held = [c.version for c in engine.publisher.client.checkpoints(init_info.checkpoint)]
@@ -78,7 +85,11 @@ class CkptdTrainerWeightTransferEngine(TrainerWeightTransferEngine[CkptdTrainerI
     def send_weights(self) -> None:
         if self.source is None:
             raise ValueError("the ckptd trainer backend sends a WeightSource: pass source=")
-        tensors = {name: t for name, t in self.source}  # every rank: the gathers are collectives
+        module = getattr(self.source, "_module", None)
+        if self.info.sharded and module is not None:  # local shards, no gather
+            tensors = dict(module.named_parameters())
+        else:  # every rank: the gathers are collectives
+            tensors = {name: t for name, t in self.source}
         if not self.is_sender:
             return
         assert self.publisher is not None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Any
 
 
 def main() -> None:
@@ -26,6 +27,11 @@ def main() -> None:
     p.add_argument("--instances", default="", help="comma-separated; empty: push only")
     p.add_argument("--dtype", default=None, help="cast floating tensors (bf16, fp16, fp32)")
     p.add_argument("--result", default="", help="write each rank's result here (JSON)")
+    p.add_argument(
+        "--vllm-api",
+        action="store_true",
+        help="publish through vLLM's trainer-side API (WeightTransferTrainerFactory)",
+    )
     a = p.parse_args()
 
     import torch
@@ -46,22 +52,40 @@ def main() -> None:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
-    pub = Publisher(
-        a.name,
-        instances=[i for i in a.instances.split(",") if i],
-        dtype=a.dtype,
-        sharded=True,
-        keep=3,
-    )
-    res = pub.publish(a.version, model)
+    instances = [i for i in a.instances.split(",") if i]
+    if a.vllm_api:
+        res = publish_with_vllm_api(a, model, instances)
+    else:
+        pub = Publisher(a.name, instances=instances, dtype=a.dtype, sharded=True, keep=3)
+        res = pub.publish(a.version, model)
+        pub.close()
     if a.result:
         with open(f"{a.result}.{dist.get_rank()}", "w") as f:
             json.dump({"state": res.state.value, "reason": res.reason, "push_s": res.push_s,
                        "update_s": res.update_s, "tensors": res.tensors, "bytes": res.bytes},
                       f)  # fmt: skip
-    pub.close()
     dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
+
+
+def publish_with_vllm_api(a: argparse.Namespace, model: Any, instances: list[str]) -> Any:
+    """The same through vLLM's trainer-side API: code written for it switches by init info."""
+    import torch.distributed as dist
+    from vllm.distributed.weight_transfer.base import ModuleSource
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from ckpt_trainer.vllm_trainer import CkptdTrainerInitInfo
+
+    info = CkptdTrainerInitInfo(
+        a.name, instances=instances, rank=dist.get_rank(), sharded=True, dtype=a.dtype,
+        start_version=a.version, keep=3,
+    )  # fmt: skip
+    engine = WeightTransferTrainerFactory.trainer_init(
+        info, client=None, source=ModuleSource(model)
+    )
+    engine.send_weights()
+    engine.shutdown()
+    return engine.last
 
 
 if __name__ == "__main__":

@@ -63,6 +63,12 @@ def test_fsdp2_ranks_on_two_nodes_push_one_version(cluster: Cluster) -> None:
     assert res[1]["state"] == "succeeded", res
     half = {k: v.to(torch.bfloat16) for k, v in want.items()}
     wait_for(lambda: read_report(c.reports[0]).get("tensors") == digests(half), 30, "bf16 bytes")
+    # the same job written for vLLM's trainer-side API, switched to ckptd by its init info
+    res = run_fsdp2(c, ["n1", "n2"], "--model", str(c.model), "--name", "fsdp", "--version",
+                    "3", "--instances", "R", "--vllm-api")  # fmt: skip
+    assert [r["state"] for r in res] == ["succeeded", "succeeded"], res
+    assert sorted(s.node_id for s in c.client.get("fsdp", 3).shards) == ["n1", "n2"]
+    wait_for(lambda: read_report(c.reports[0]).get("tensors") == digests(want), 30, "v3's bytes")
 
 
 def parts(c: Cluster, name: str, calls: list[tuple[str, list[Item]]], **kw) -> list:
