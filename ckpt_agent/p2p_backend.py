@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt_agent.backend import Backend, Collective
+from ckpt_agent.backend import Backend, Collective, Done, InFlight
 from ckpt_agent.p2p import P2PEngine, P2PError
-from ckpt_agent.pipeline import PEER_FAILED, UpdateFailed
+from ckpt_agent.pipeline import UpdateFailed
 from ckpt_common.p2p import decode
 
 # Fault injection for tests: "p2p_delay:<seconds>" slows every bucket's reads, so a test
@@ -47,18 +47,38 @@ class RemoteStores:
 
 
 class _AgreeingCollective:
+    """Before each bucket's agreement the reader issues the bucket's queued reads; a failed
+    read is this rank's failure flag, so no rank broadcasts (or hands its engine) bytes that
+    did not arrive. Host-synchronous: every step is done when it returns."""
+
     def __init__(self, inner: Collective, backend: P2PReadBackend) -> None:
         self._inner = inner
         self._backend = backend
 
     def broadcast(self, tensor: Any, root: int) -> None:
-        problem = self._backend.flush()
-        if self._inner.agree(1 if problem else 0):
-            raise UpdateFailed(problem or f"{PEER_FAILED}: a P2P read failed")
         self._inner.broadcast(tensor, root)
 
     def agree(self, flag: int) -> int:
         return self._inner.agree(flag)
+
+    def step(
+        self,
+        flag: int,
+        tensor: Any,
+        root: int,
+        *,
+        after: Any = None,
+        side_copy: tuple[Any, Any] | None = None,
+    ) -> InFlight:
+        problem = self._backend.flush()
+        worst = self._inner.agree(1 if (flag or problem) else 0)
+        if worst:
+            if problem:
+                raise UpdateFailed(problem)
+            return Done(worst)
+        self._inner.broadcast(tensor, root)
+        self._backend.sync()
+        return Done(0)
 
     def bind(self, abort: Any, op_s: float) -> None:
         bind = getattr(self._inner, "bind", None)
@@ -70,6 +90,10 @@ class _AgreeingCollective:
 
 
 class P2PReadBackend:
+    """The staged backend interface over one-sided reads: a reader's "H2D" of a bucket
+    queues the reads of its ranges (remote host memory -> this rank's hand-off slot), issued
+    in one batch right before the bucket's agreement; there is no staging."""
+
     def __init__(self, inner: Backend, engine: P2PEngine, sources: list[apb.P2PSource]) -> None:
         self.kind = inner.kind
         self._inner = inner
@@ -80,12 +104,23 @@ class P2PReadBackend:
     def store_tensor(self, store: Any) -> Any:
         return store if isinstance(store, _RemoteStore) else self._inner.store_tensor(store)
 
-    def ipc_buffer(self, nbytes: int) -> tuple[str, Any]:
+    def plan_slots(self, nbuf: int, bucket_bytes: int, owns: bool) -> tuple[int, int]:
+        return nbuf, 0
+
+    def ipc_buffer(self, nbytes: int, share: bool = True) -> tuple[str, Any]:
         name, buf = self._inner.ipc_buffer(nbytes)
         self._engine.register(buf.data_ptr(), buf.numel() * buf.element_size())
         return name, buf
 
-    def copy(self, dst: Any, src: Any) -> None:
+    def device_buffer(self, nbytes: int) -> Any:
+        raise NotImplementedError("P2P reads need no staging")
+
+    def h2d(self, dst: Any, src: Any, ranges: list[tuple[int, int, int]], after: list[Any]) -> Any:
+        for d, o, n in ranges:
+            self._read(dst[d : d + n], src[o : o + n])
+        return None, None
+
+    def _read(self, dst: Any, src: Any) -> None:
         if not isinstance(src, _RemoteSlice):
             self._inner.copy(dst, src)
             return
@@ -108,7 +143,15 @@ class P2PReadBackend:
             return str(e)
         return ""
 
-    def new_group(self, store: Any, rank: int, world: int, timeout_s: float) -> Collective:
+    def end_update(self, shared_never_opened: bool = False) -> None:
+        self._queue.clear()
+        fn = getattr(self._inner, "end_update", None)
+        if fn is not None:
+            fn(shared_never_opened)
+
+    def new_group(
+        self, store: Any, rank: int, world: int, timeout_s: float, job_id: str = ""
+    ) -> Collective:
         return _AgreeingCollective(self._inner.new_group(store, rank, world, timeout_s), self)
 
     def sync(self) -> None:

@@ -35,12 +35,13 @@ from typing import Any
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt.v1 import ipc_pb2 as ipb
 from ckpt.v1 import types_pb2 as tpb
-from ckpt_agent.backend import Backend, Collective, Done, InFlight
+from ckpt_agent.backend import Backend, Collective, InFlight
+from ckpt_agent.engine_session import EngineSession
 from ckpt_agent.group_abort import PEER_FAILED
 from ckpt_agent.host_store import HostStore, StoreError
 from ckpt_agent.receiver_link import LinkError, ReceiverLink
+from ckpt_agent.schedule import COPY, FORGET, LOAD, REAP, SEND, STAGE, Step, bucket_schedule
 from ckpt_common.layers import layer_key
 
 log = structlog.get_logger("ckpt_agent.pipeline")
@@ -141,10 +142,6 @@ def coalesce(entries: Any) -> list[tuple[int, int, int]]:
     return [(d, o, n) for d, o, n in out]
 
 
-def _per_entry(entries: Any) -> list[tuple[int, int, int]]:
-    return [(e.bucket_offset, e.store_offset, e.nbytes) for e in entries]
-
-
 def _elapsed(pairs: list[tuple[Any, Any]]) -> float:
     total = 0.0
     for t0, t1 in pairs:
@@ -154,75 +151,6 @@ def _elapsed(pairs: list[tuple[Any, Any]]) -> float:
             except RuntimeError:
                 pass
     return total
-
-
-class _Legacy:
-    """Adapts a backend with only the one-copy interface (copy/sync/broadcast, e.g. the P2P
-    reader) to the staged one: serial, per-entry copies, host-synchronous steps."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.kind = inner.kind
-
-    def store_tensor(self, store: Any) -> Any:
-        return self._inner.store_tensor(store)
-
-    def plan_slots(self, nbuf: int, bucket_bytes: int, owns: bool) -> tuple[int, int]:
-        return nbuf, 0
-
-    def ipc_buffer(self, nbytes: int, share: bool = True) -> tuple[str, Any]:
-        return self._inner.ipc_buffer(nbytes)
-
-    def device_buffer(self, nbytes: int) -> Any:
-        raise NotImplementedError
-
-    def h2d(self, dst: Any, src: Any, ranges: list[tuple[int, int, int]], after: list[Any]) -> Any:
-        for d, o, n in ranges:
-            self._inner.copy(dst[d : d + n], src[o : o + n])
-        return None, None
-
-    def end_update(self, shared_never_opened: bool = False) -> None:
-        fn = getattr(self._inner, "end_update", None)
-        if fn is not None:
-            fn(shared_never_opened)
-
-    def new_group(
-        self, store: Any, rank: int, world: int, timeout_s: float, job_id: str = ""
-    ) -> Collective:
-        return _LegacyCollective(self._inner.new_group(store, rank, world, timeout_s), self._inner)
-
-
-class _LegacyCollective:
-    def __init__(self, inner: Any, backend: Any) -> None:
-        self._inner = inner
-        self._backend = backend
-
-    def broadcast(self, tensor: Any, root: int) -> None:
-        self._inner.broadcast(tensor, root)
-
-    def agree(self, flag: int) -> int:
-        return self._inner.agree(flag)
-
-    def bind(self, abort: Any, op_s: float) -> None:
-        _bind(self._inner, abort, op_s)
-
-    def step(
-        self,
-        flag: int,
-        tensor: Any,
-        root: int,
-        *,
-        after: Any = None,
-        side_copy: tuple[Any, Any] | None = None,
-    ) -> InFlight:
-        worst = self._inner.agree(flag)
-        if worst == OK:
-            self._inner.broadcast(tensor, root)
-            self._backend.sync()
-        return Done(worst)
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 def _bind(coll: Any, abort: threading.Event, op_s: float) -> None:
@@ -249,296 +177,277 @@ def run_update(
     publish: Callable[[str], None] | None = None,
 ) -> tpb.RankResult:
     """publish(reason): tells the other ranks that this one failed (they stop at once)."""
-    t0 = time.monotonic()
-    dl = StepDeadlines.for_update(cmd, t0)
-    timer = Timer()
-    me = cmd.group_rank
-    nbuf = max(1, cmd.nbuf)
-    B = cmd.bucket_bytes
-    reason = ""
-    sent_bytes = 0
-    coll: Collective | None = None
-    local_fail = ""
-    told = False  # the engine already knows this update will not happen
-    told_peers = False  # this rank published its failure to the group
-    proceeded = False  # the engine was told to map the buffer
-    steps: dict[int, InFlight] = {}
-    gpu_h2d: list[tuple[Any, Any]] = []
-    gpu_bcast: list[tuple[Any, Any]] = []
+    return UpdateRun(cmd, backend, stores, link, group_store, abort, progress, publish).run()
 
-    def check(flag_reason: str) -> None:
-        """Everyone agrees now (host-synchronous); raises if anyone failed."""
-        assert coll is not None
-        nonlocal local_fail
-        if abort.is_set() and not flag_reason:
-            flag_reason = abort_reason(abort)
-        if flag_reason and not local_fail:
-            local_fail = flag_reason
-        if local_fail and not abort.is_set():
-            tell_peers(local_fail)
-        worst = coll.agree(FAILED if local_fail else OK)
-        if worst != OK:
-            raise UpdateFailed(local_fail or PEER_FAILED)
 
-    def tell_peers(why: str) -> None:
-        nonlocal told_peers
-        if publish is not None and not told_peers:
-            told_peers = True
-            publish(why)
+class UpdateRun:
+    """One rank's update: set-up, the bucket schedule (ckpt_agent.schedule) executed step by
+    step, the engine's end, and the failure protocol around them."""
 
-    def settle(why: str) -> str:
-        """The reason this rank reports: its own failure (told to its peers), or what
-        ended the update from outside (ckptd, a peer) rather than how a wait ended."""
-        if told_peers:
-            return local_fail or why
-        if abort.is_set():
-            return abort_reason(abort)
-        if not why.startswith(PEER_FAILED):
-            tell_peers(why)
-        return why
+    def __init__(
+        self,
+        cmd: apb.RunUpdate,
+        backend: Backend,
+        stores: HostStore,
+        link: ReceiverLink,
+        group_store: Any,
+        abort: threading.Event,
+        progress: Callable[[int, int], None],
+        publish: Callable[[str], None] | None,
+    ) -> None:
+        self.t0 = time.monotonic()
+        self.cmd, self.backend, self.stores = cmd, backend, stores
+        self.group_store, self.abort = group_store, abort
+        self.progress, self.publish = progress, publish
+        self.dl = StepDeadlines.for_update(cmd, self.t0)
+        self.engine = EngineSession(link, cmd, abort, self.dl.engine)
+        self.timer = Timer()
+        self.me = cmd.group_rank
+        self.B = cmd.bucket_bytes
+        self.buckets = cmd.buckets
+        self.coll: Collective | None = None
+        self.local_fail = ""
+        self.told_peers = False  # this rank published its failure to the group
+        self.sent_bytes = 0
+        self.steps: dict[int, InFlight] = {}
+        self.staged: dict[int, Any] = {}  # bucket -> its H2D's done event
+        self.gpu_h2d: list[tuple[Any, Any]] = []
+        self.gpu_bcast: list[tuple[Any, Any]] = []
+        self.store_t: Any = None
+        self.buf: Any = None
+        self.staging: Any = None
+        self.nslots = self.nstage = 0
+        self.flags: list[list[bool]] = []
+        self.mine = [k for k, b in enumerate(cmd.buckets) if b.owner == self.me]
+        self.pos = {k: m for m, k in enumerate(self.mine)}  # bucket -> index among mine
 
-    staged = hasattr(backend, "h2d")
-    if not staged:
-        backend = _Legacy(backend)  # type: ignore[assignment]
-    ranges = coalesce if staged else _per_entry
-    link.peer = None
-    try:
-        owns = any(b.owner == me for b in cmd.buckets)
-        store_t = None
-        if owns:
-            store_t = backend.store_tensor(stores.get(cmd.checkpoint, cmd.version))
-        nslots, nstage = backend.plan_slots(nbuf, B, owns)
-        buf_name, buf = backend.ipc_buffer(nslots * B, share=cmd.is_target)
-        staging = backend.device_buffer(nstage * B) if nstage else None
-        coll = backend.new_group(group_store, me, cmd.world_size, cmd.timeout_s, cmd.job_id)
-        _bind(coll, abort, dl.first_s)
-        # Every rank reads bucket j's agreed flag after issuing bucket j + lag.
-        lag = 0 if backend.kind == "cpu" else nbuf - 1
-        # The engine: connect, describe the update, let it validate.
-        problem = ""
-        if cmd.is_target:
-            try:
-                begin = ipb.WorkerMessage(
-                    begin=ipb.Begin(
-                        job_id=cmd.job_id,
-                        checkpoint=cmd.checkpoint,
-                        version=cmd.version,
-                        buffer=buf_name,
-                        slot_bytes=B,
-                        nbuf=nslots,
-                        bucket_count=len(cmd.buckets),
-                        tensors=cmd.tensors,
-                        partial=cmd.partial,
-                        device=cmd.device,
-                    )
-                )
-                deadline = time.monotonic() + cmd.receiver_timeout_s
-                while True:  # a hello from an engine that has since gone is skipped
-                    link.wait_hello(cmd.job_id, max(0.0, deadline - time.monotonic()), abort)
-                    try:
-                        link.send(begin)
-                        break
-                    except LinkError:
-                        continue
-                v = link.expect("validated", cmd.receiver_timeout_s, abort).validated
-                if not v.ok:
-                    problem = f"engine refused the update: {v.reason}"
-            except LinkError as e:
-                problem = str(e)
+    # ------------------------------------------------------------------ the update
+
+    def run(self) -> tpb.RankResult:
+        cmd = self.cmd
         try:
-            check(problem)  # on NCCL the first collective also connects the group
-        except UpdateFailed as e:
-            if cmd.is_target and link.peer is not None:
-                told = True
-                try:
-                    link.send(ipb.WorkerMessage(proceed=ipb.Proceed(ok=False, reason=str(e))))
-                except LinkError:
-                    pass
-            raise
-        _bind(coll, abort, dl.collective(B))
+            self._setup()
+            self._start()
+            self.timer.setup_s = time.monotonic() - self.t0
+            self.flags = copy_flags(cmd) if cmd.is_target else []
+            lag = 0 if self.backend.kind == "cpu" else max(1, cmd.nbuf) - 1
+            owners = [b.owner for b in self.buckets]
+            plan = bucket_schedule(
+                owners, self.me, nslots=self.nslots, nstage=self.nstage, lag=lag,
+                target=cmd.is_target,
+            )  # fmt: skip
+            for step in plan:
+                self._do(step)
+            return self._finish()
+        except (UpdateFailed, StoreError, LinkError) as e:
+            reason = self.settle(getattr(e, "message", None) or str(e))
+        except Exception as e:  # gloo/NCCL errors (a peer died, timeouts) land here
+            reason = self.settle(f"{type(e).__name__}: {e}")
+            if self.coll is not None and hasattr(self.coll, "healthy"):
+                self.coll.healthy = False  # type: ignore[attr-defined]
+        finally:
+            self._release()
         if cmd.is_target:
-            link.send(ipb.WorkerMessage(proceed=ipb.Proceed(ok=True)))
-            proceeded = True
-        timer.setup_s = time.monotonic() - t0
-
-        flags = copy_flags(cmd) if cmd.is_target else []
-        loaded = -1  # highest bucket the engine has loaded
-        buckets = cmd.buckets
-        mine = [k for k, b in enumerate(buckets) if b.owner == me]
-        pos = {k: m for m, k in enumerate(mine)}
-        h2d_done: dict[int, Any] = {}
-        next_h2d = 0
-
-        def wait_loaded(k: int) -> None:
-            nonlocal loaded
-            t = time.monotonic()
-            while loaded < k:
-                msg = link.expect("loaded", dl.engine(buckets[loaded + 1].nbytes), abort)
-                loaded = max(loaded, msg.loaded.bucket)
-                progress(msg.loaded.bucket, buckets[msg.loaded.bucket].nbytes)
-            timer.reload_s += time.monotonic() - t
-
-        def stage_view(k: int) -> Any:
-            assert staging is not None
-            s0 = (pos[k] % nstage) * B
-            return staging[s0 : s0 + buckets[k].nbytes]
-
-        def issue_h2d(issued: int) -> None:
-            """H2D of my buckets whose staging slot's previous bucket has been issued
-            (buckets < issued): the copy stream waits on that broadcast, not the host."""
-            nonlocal next_h2d
-            while next_h2d < len(mine) and not local_fail:
-                m = next_h2d
-                prev = mine[m - nstage] if m >= nstage else -1
-                if prev >= issued:
-                    return
-                k = mine[m]
-                after = steps[prev].events if prev >= 0 else []
-                t = time.monotonic()
-                done, start = backend.h2d(stage_view(k), store_t, ranges(buckets[k].entries), after)
-                timer.copy_s += time.monotonic() - t
-                gpu_h2d.append((start, done))
-                h2d_done[k] = done
-                next_h2d += 1
-
-        def reap(j: int) -> None:
-            nonlocal local_fail, sent_bytes
-            st = steps[j]
-            t = time.monotonic()
-            worst = st.wait(time.monotonic() + dl.collective(buckets[j].nbytes), abort)
-            timer.broadcast_s += time.monotonic() - t
-            gpu_bcast.append((getattr(st, "t_start", None), getattr(st, "t_end", None)))
-            if worst != OK:
-                raise UpdateFailed(local_fail or PEER_FAILED)
-            b = buckets[j]
-            sent_bytes += b.nbytes
-            if not cmd.is_target:
-                return
-            try:
-                link.send(
-                    ipb.WorkerMessage(
-                        bucket=ipb.BucketReady(
-                            bucket=j,
-                            slot=j % nslots,
-                            entries=[
-                                ipb.IpcTensor(
-                                    tensor=e.tensor,
-                                    offset=e.bucket_offset,
-                                    nbytes=e.nbytes,
-                                    chunk_offset=e.chunk_offset,
-                                    copy=flags[j][i],
-                                )
-                                for i, e in enumerate(b.entries)
-                            ],
-                        )
-                    )
-                )
-            except LinkError as e:
-                local_fail = local_fail or str(e)
-
-        for k, b in enumerate(buckets):
-            problem = ""
-            if cmd.is_target and k >= nslots and not local_fail:
-                try:
-                    wait_loaded(k - nslots)
-                except LinkError as e:
-                    problem = str(e)
-            if abort.is_set() and not problem:
-                problem = abort_reason(abort)
-            if problem and not local_fail:
-                local_fail = problem
-                if not abort.is_set():
-                    tell_peers(problem)
-            s0 = (k % nslots) * B
-            view = buf[s0 : s0 + b.nbytes]
-            src, after, side = view, None, None
-            if b.owner == me and not local_fail:
-                assert store_t is not None
-                if nstage:
-                    issue_h2d(k)
-                    src, after = stage_view(k), h2d_done.pop(k)
-                    if cmd.is_target:
-                        side = (view, src)
-                else:  # serial: straight into the slot, once its last broadcast is done
-                    prev = steps.get(k - nslots)
-                    t = time.monotonic()
-                    after, start = backend.h2d(
-                        view, store_t, ranges(b.entries), prev.events if prev else []
-                    )
-                    timer.copy_s += time.monotonic() - t
-                    gpu_h2d.append((start, after))
-            t = time.monotonic()
-            steps[k] = coll.step(
-                FAILED if local_fail else OK, src, b.owner, after=after, side_copy=side
-            )
-            timer.broadcast_s += time.monotonic() - t
-            if nstage:
-                issue_h2d(k + 1)
-            if k - lag >= 0:
-                reap(k - lag)
-            steps.pop(k - lag - nslots - nstage - 1, None)
-        for j in range(max(0, len(buckets) - lag), len(buckets)):
-            reap(j)
-        problem = ""
-        version_seen = 0
-        if cmd.is_target:
-            try:
-                if buckets:
-                    wait_loaded(len(buckets) - 1)
-                link.send(ipb.WorkerMessage(end=ipb.End(ok=True)))
-                total = sum(b.nbytes for b in buckets)
-                done = link.expect("done", dl.engine_done(total), abort).done
-                if not done.ok:
-                    problem = f"engine failed: {done.reason}"
-                version_seen = done.version
-            except LinkError as e:
-                problem = str(e)
-        check(problem)
-        steps.clear()
-        if gpu_h2d or gpu_bcast:  # device time of the stages (they overlap)
-            timer.copy_s = _elapsed(gpu_h2d) or timer.copy_s
-            timer.broadcast_s = _elapsed(gpu_bcast) or timer.broadcast_s
-        log.info(
-            "update_done",
-            job=cmd.job_id,
-            rank=me,
-            buckets=len(buckets),
-            bytes=sent_bytes,
-            seconds=round(time.monotonic() - t0, 4),
-            slots=nslots,
-            staging=nstage,
-            engine_version=version_seen,
+            self.engine.end_failed(reason)
+        log.warning("update_failed", job=cmd.job_id, rank=self.me, reason=reason)
+        return tpb.RankResult(
+            ok=False,
+            reason=reason,
+            bytes=self.sent_bytes,
+            times=self.timer.pb(time.monotonic() - self.t0),
+            engine_untouched=cmd.is_target and not self.engine.proceeded,
         )
-        return tpb.RankResult(ok=True, bytes=sent_bytes, times=timer.pb(time.monotonic() - t0))
-    except (UpdateFailed, StoreError, LinkError) as e:
-        reason = settle(getattr(e, "message", None) or str(e))
-    except Exception as e:  # gloo/NCCL errors (a peer died, timeouts) land here
-        reason = settle(f"{type(e).__name__}: {e}")
-        if coll is not None and hasattr(coll, "healthy"):
-            coll.healthy = False
-    finally:
-        if coll is not None:
-            _drain(steps, coll)
-            coll.close()
-        steps.clear()
-        # This frame's views are the last references to the update's device buffers: drop
-        # them first, or end_update can only hand them to the allocator's cache, where they
-        # stay (the memory would not return to its level before the update).
-        buf = staging = view = src = side = None
-        backend.end_update(shared_never_opened=cmd.is_target and not proceeded)
-    if cmd.is_target and link.peer is not None and not told:
+
+    def _setup(self) -> None:
+        cmd, backend = self.cmd, self.backend
+        owns = bool(self.mine)
+        if owns:
+            self.store_t = backend.store_tensor(self.stores.get(cmd.checkpoint, cmd.version))
+        self.nslots, self.nstage = backend.plan_slots(max(1, cmd.nbuf), self.B, owns)
+        self.buf_name, self.buf = backend.ipc_buffer(self.nslots * self.B, share=cmd.is_target)
+        if self.nstage:
+            self.staging = backend.device_buffer(self.nstage * self.B)
+        self.coll = backend.new_group(
+            self.group_store, self.me, cmd.world_size, cmd.timeout_s, cmd.job_id
+        )
+        _bind(self.coll, self.abort, self.dl.first_s)
+
+    def _start(self) -> None:
+        """The engine validates the update; every rank agrees to go on (on NCCL the first
+        collective also connects the group)."""
+        problem = self.engine.begin(self.buf_name, self.nslots) if self.cmd.is_target else ""
         try:
-            link.send(ipb.WorkerMessage(end=ipb.End(ok=False, reason=reason)))
-        except LinkError:
-            pass
-    log.warning("update_failed", job=cmd.job_id, rank=me, reason=reason)
-    return tpb.RankResult(
-        ok=False,
-        reason=reason,
-        bytes=sent_bytes,
-        times=timer.pb(time.monotonic() - t0),
-        engine_untouched=cmd.is_target and not proceeded,
-    )
+            self.check(problem)
+        except UpdateFailed as e:
+            if self.cmd.is_target:
+                self.engine.refuse(str(e))
+            raise
+        assert self.coll is not None
+        _bind(self.coll, self.abort, self.dl.collective(self.B))
+        if self.cmd.is_target:
+            self.engine.proceed()
+
+    def _do(self, step: Step) -> None:
+        kind, k = step
+        if kind == SEND:
+            self._send(k)
+        elif kind == REAP:
+            self._reap(k)
+        elif kind == STAGE:
+            if not self.local_fail:
+                self.staged[k] = self._h2d(k, self._stage_view(k), self._stage_after(k))
+        elif kind == COPY:
+            if not self.local_fail:
+                prev = self.steps.get(k - self.nslots)
+                self.staged[k] = self._h2d(k, self._slot(k), prev.events if prev else [])
+        elif kind == LOAD:
+            if not self.local_fail:
+                try:
+                    self._wait_loaded(k)
+                except LinkError as e:
+                    self.fail(str(e))
+        elif kind == FORGET:
+            self.steps.pop(k, None)
+
+    def _slot(self, k: int) -> Any:
+        s0 = (k % self.nslots) * self.B
+        return self.buf[s0 : s0 + self.buckets[k].nbytes]
+
+    def _stage_view(self, k: int) -> Any:
+        s0 = (self.pos[k] % self.nstage) * self.B
+        return self.staging[s0 : s0 + self.buckets[k].nbytes]
+
+    def _stage_after(self, k: int) -> list[Any]:
+        """The send that last used k's staging slot (my bucket nstage before k)."""
+        m = self.pos[k]
+        prev = self.steps.get(self.mine[m - self.nstage]) if m >= self.nstage else None
+        return prev.events if prev else []
+
+    def _h2d(self, k: int, dst: Any, after: list[Any]) -> Any:
+        assert self.store_t is not None
+        t = time.monotonic()
+        done, start = self.backend.h2d(dst, self.store_t, coalesce(self.buckets[k].entries), after)
+        self.timer.copy_s += time.monotonic() - t
+        self.gpu_h2d.append((start, done))
+        return done
+
+    def _send(self, k: int) -> None:
+        assert self.coll is not None
+        if self.abort.is_set() and not self.local_fail:
+            self.fail(abort_reason(self.abort))
+        b = self.buckets[k]
+        view = self._slot(k)
+        src, after, side = view, None, None
+        if b.owner == self.me and not self.local_fail and k in self.staged:
+            after = self.staged.pop(k)
+            if self.nstage:
+                src = self._stage_view(k)
+                side = (view, src) if self.cmd.is_target else None
+        t = time.monotonic()
+        flag = FAILED if self.local_fail else OK
+        self.steps[k] = self.coll.step(flag, src, b.owner, after=after, side_copy=side)
+        self.timer.broadcast_s += time.monotonic() - t
+
+    def _reap(self, j: int) -> None:
+        st = self.steps[j]
+        t = time.monotonic()
+        worst = st.wait(time.monotonic() + self.dl.collective(self.buckets[j].nbytes), self.abort)
+        self.timer.broadcast_s += time.monotonic() - t
+        self.gpu_bcast.append((getattr(st, "t_start", None), getattr(st, "t_end", None)))
+        if worst != OK:
+            raise UpdateFailed(self.local_fail or PEER_FAILED)
+        self.sent_bytes += self.buckets[j].nbytes
+        if not self.cmd.is_target:
+            return
+        try:
+            self.engine.bucket_ready(j, j % self.nslots, self.buckets[j], self.flags[j])
+        except LinkError as e:
+            self.local_fail = self.local_fail or str(e)
+
+    def _wait_loaded(self, k: int) -> None:
+        t = time.monotonic()
+        try:
+            self.engine.wait_loaded(k, self.progress)
+        finally:
+            self.timer.reload_s += time.monotonic() - t
+
+    def _finish(self) -> tpb.RankResult:
+        problem, version_seen = "", 0
+        if self.cmd.is_target:
+            try:
+                if self.buckets:
+                    self._wait_loaded(len(self.buckets) - 1)
+            except LinkError as e:
+                problem = str(e)
+            if not problem:
+                total = sum(b.nbytes for b in self.buckets)
+                problem, version_seen = self.engine.end(self.dl.engine_done(total))
+        self.check(problem)
+        self.steps.clear()
+        if self.gpu_h2d or self.gpu_bcast:  # device time of the stages (they overlap)
+            self.timer.copy_s = _elapsed(self.gpu_h2d) or self.timer.copy_s
+            self.timer.broadcast_s = _elapsed(self.gpu_bcast) or self.timer.broadcast_s
+        total_s = time.monotonic() - self.t0
+        log.info(
+            "update_done", job=self.cmd.job_id, rank=self.me, buckets=len(self.buckets),
+            bytes=self.sent_bytes, seconds=round(total_s, 4), slots=self.nslots,
+            staging=self.nstage, engine_version=version_seen,
+        )  # fmt: skip
+        return tpb.RankResult(ok=True, bytes=self.sent_bytes, times=self.timer.pb(total_s))
+
+    def _release(self) -> None:
+        if self.coll is not None:
+            _drain(self.steps, self.coll)
+            self.coll.close()
+        self.steps.clear()
+        self.staged.clear()
+        # These are the last references to the update's device buffers: drop them first,
+        # or end_update can only hand them to the allocator's cache, where they stay (the
+        # memory would not return to its level before the update).
+        self.buf = self.staging = None
+        self.backend.end_update(
+            shared_never_opened=self.cmd.is_target and not self.engine.proceeded
+        )
+
+    # ------------------------------------------------------------------ failures
+
+    def fail(self, problem: str) -> None:
+        """This rank cannot go on: remember why, and tell the group (unless ckptd aborted)."""
+        if not self.local_fail:
+            self.local_fail = problem
+            if not self.abort.is_set():
+                self.tell_peers(problem)
+
+    def check(self, flag_reason: str) -> None:
+        """Everyone agrees now (host-synchronous); raises if anyone failed."""
+        assert self.coll is not None
+        if self.abort.is_set() and not flag_reason:
+            flag_reason = abort_reason(self.abort)
+        if flag_reason and not self.local_fail:
+            self.local_fail = flag_reason
+        if self.local_fail and not self.abort.is_set():
+            self.tell_peers(self.local_fail)
+        if self.coll.agree(FAILED if self.local_fail else OK) != OK:
+            raise UpdateFailed(self.local_fail or PEER_FAILED)
+
+    def tell_peers(self, why: str) -> None:
+        if self.publish is not None and not self.told_peers:
+            self.told_peers = True
+            self.publish(why)
+
+    def settle(self, why: str) -> str:
+        """The reason this rank reports: its own failure (its engine's, even when ckptd's
+        abort came first: the engine's reason is the one the job needs), or what ended the
+        update from outside (ckptd, a peer) rather than how a wait ended."""
+        if self.local_fail:
+            return self.local_fail
+        if self.told_peers:
+            return why
+        if self.abort.is_set():
+            return abort_reason(self.abort)
+        if not why.startswith(PEER_FAILED):
+            self.tell_peers(why)
+        return why
 
 
 def _drain(steps: dict[int, InFlight], coll: Collective) -> None:
