@@ -395,3 +395,53 @@ def test_engine_dying_mid_update_fails_the_job_in_bounded_time(fleet: Cluster) -
     assert not b.ready and b.reason
     # the other engines keep serving
     assert tokens(c, "A")
+
+
+def test_tp2_engine_reports_its_sharding_map(fleet: Cluster) -> None:
+    """vllm_ext.layout on a real TP=2 engine: each rank's kept part of every checkpoint
+    tensor comes from vLLM's own loaders (q/k/v and gate/up through their fused
+    parameters), the ranks' parts tile each sharded tensor, replicated ones are whole; the
+    capture changes nothing: the engine serves the same tokens and updates after it."""
+    from safetensors import safe_open
+
+    from ckpt_common.pieces import Piece, check_tiling
+
+    c = fleet
+    url = c.urls["C"]
+    token = {"X-Ckpt-Token": c.engine_token_file.read_text().strip()}
+    path = Path(c.models["llama_0"]) / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    arg = json.dumps([[n, "F32", s] for n, s in sorted(shapes.items())])
+    before = tokens(c, "C")
+    res = http_json(
+        f"{url}/collective_rpc", {"method": "ckpt_layout", "args": [arg]}, 60, "POST", token
+    )["results"]
+    assert [r["rank"] for r in res] == [0, 1]
+    keeps = [r["keeps"] for r in res]
+    assert set(keeps[0]) == set(keeps[1]) == set(shapes)
+    h, inter = 64, 128  # demo llama: hidden 64, intermediate 128, 2 heads, 2 KV heads
+    layer = "model.layers.0."
+    for r in (0, 1):
+        k = keeps[r]
+        assert k[layer + "self_attn.q_proj.weight"] == [[r * h // 2, 0], [h // 2, h]]
+        assert k[layer + "self_attn.k_proj.weight"] == [[r * h // 2, 0], [h // 2, h]]
+        assert k[layer + "self_attn.o_proj.weight"] == [[0, r * h // 2], [h, h // 2]]
+        assert k[layer + "mlp.gate_proj.weight"] == [[r * inter // 2, 0], [inter // 2, h]]
+        assert k[layer + "mlp.down_proj.weight"] == [[0, r * inter // 2], [h, inter // 2]]
+        assert k[layer + "input_layernorm.weight"] == "whole"
+    sharded = 0
+    for name, shape in shapes.items():
+        parts = [keeps[r][name] for r in (0, 1)]
+        if "whole" in parts:
+            assert parts == ["whole", "whole"], (name, parts)
+            continue
+        check_tiling(shape, [Piece(tuple(p[0]), tuple(p[1])) for p in parts])
+        sharded += shape[0] * shape[1]
+    total = sum(s[0] * (s[1] if len(s) > 1 else 1) for s in shapes.values())
+    print(f"\nTP=2 llama: {sharded / total:.0%} of the elements sharded")
+    assert tokens(c, "C") == before
+    for version, key in ((1, "llama_0"), (2, "llama_1")):
+        job = update(c, "llama", version, ["C"])
+        assert job.state == tpb.JOB_SUCCEEDED, job.reason
+        assert tokens(c, "C") == c.hf[key]

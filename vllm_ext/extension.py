@@ -30,6 +30,20 @@ class WorkerExtension:
         """What this worker serves, as far as ckptd's updates went."""
         return self._ckpt().info(int(getattr(self, "rank", 0)))
 
+    def ckpt_layout(self, arg: str) -> dict:
+        """This worker's sharding map (vllm_ext.layout) for the checkpoint tensors in arg:
+        JSON [[name, dtype, shape], ...]. Returns {rank, keeps: {name: "whole" | [offset,
+        shape]}}; a tensor this rank keeps nothing of is absent."""
+        from vllm_ext.layout import capture
+
+        runner: Any = self.model_runner  # type: ignore[attr-defined]
+        tensors = [(str(n), str(d), [int(x) for x in s]) for n, d, s in json.loads(arg)]
+        device = getattr(self, "device", None) or "cpu"
+        return {
+            "rank": int(getattr(self, "rank", 0)),
+            "keeps": capture(runner.model, tensors, device),
+        }
+
     def _ckpt(self) -> EngineUpdate:
         up = getattr(self, "_ckpt_update", None)
         if up is None:

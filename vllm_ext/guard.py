@@ -9,7 +9,8 @@ otherwise let anyone who reaches the port call any worker method. With the guard
 - every other route (pause, resume, collective_rpc, sleep, weight transfer, LoRA loading,
   profiling, ...) needs the engine token in `X-Ckpt-Token`; a route vLLM adds later is
   closed until listed here;
-- /collective_rpc runs only ckptd's own worker methods (`ckpt_update`, `ckpt_info`).
+- /collective_rpc runs only ckptd's own worker methods (`ckpt_update`, `ckpt_info`,
+  `ckpt_layout`).
 
 The token is read from CKPT_ENGINE_TOKEN_FILE (the file ckptd's `--engine-token-file`
 names, 0600). Without it, every guarded route answers 403. Refusals name the rule, never
@@ -27,7 +28,7 @@ from typing import Any
 TOKEN_FILE_ENV = "CKPT_ENGINE_TOKEN_FILE"
 TOKEN_HEADER = b"x-ckpt-token"
 PROBE_MARK = b"ckpt_probe"  # vllm_ext.probe_scheduler.PROBE_ARG
-ALLOWED_RPC = frozenset({"ckpt_update", "ckpt_info"})
+ALLOWED_RPC = frozenset({"ckpt_update", "ckpt_info", "ckpt_layout"})
 MAX_BODY = 64 << 20  # a guarded body is read whole before it goes on
 PUBLIC_EXACT = frozenset(
     {
