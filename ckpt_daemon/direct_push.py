@@ -118,6 +118,7 @@ class Gathering:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     expiry: asyncio.Task[None] | None = None
+    work: asyncio.Task[None] | None = None  # placing or sealing
 
     def fail(self, error: BaseException) -> None:
         for f in (self.placed, self.sealed):
@@ -163,7 +164,7 @@ class DirectPushes:
         g.probe = g.probe or probe
         g.declared[part] = (node_id, specs)
         if len(g.declared) == parts:
-            asyncio.create_task(self._place(g))
+            g.work = asyncio.create_task(self._place(g))  # held: a task must be referenced
         cv = await asyncio.shield(g.placed)
         return self._targets(cv, g, part)
 
@@ -242,7 +243,7 @@ class DirectPushes:
         g.committed.add(part)
         if len(g.committed) == g.parts and g.expiry is not None and not g.expiry.done():
             g.expiry.cancel()
-            asyncio.create_task(self._seal(g))
+            g.work = asyncio.create_task(self._seal(g))
         return await asyncio.shield(g.sealed)
 
     async def _seal(self, g: Gathering) -> None:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_daemon.engine_http import http_json
 from ckptctl.probes import greedy_probe
+from demo.engines import healthy
 from demo.models import PROMPTS, build_model, hf_greedy, save_model
 from tests.cluster import Cluster, wait_for
 from tests.engines import complete, start_vllm, wait_healthy
@@ -143,3 +144,36 @@ def test_native_update_of_corrupt_bytes_is_rolled_back(native: Cluster) -> None:
     n = {i.name: i for i in c.client.instances()}["N"]
     assert (n.checkpoint, n.version) == ("llama", 19)
     assert tokens(c) == c.hf[0] and weight_version(c) == "llama@19"
+
+
+def test_native_engine_dying_mid_update_fails_the_job_in_bounded_time(native: Cluster) -> None:
+    """A native-backend engine that dies inside /update_weights (after loading a bucket):
+    the job fails within seconds, the instance is named and kept out of service, the other
+    engine keeps serving."""
+    c = native
+    url = start_vllm(
+        c, "vllm-X", c.models[0], bind="nobind", extension=False, extra_args=NATIVE_ARGS,
+        extra_env={"CKPT_FAULT": "exit:crash:1"},
+    )  # fmt: skip
+    wait_healthy(c, "vllm-X", url)
+    c.client.register_instance(
+        tpb.Instance(name="X", kind=tpb.INSTANCE_VLLM, endpoint=url, weight_transfer="ckptd",
+                     ranks=[tpb.InstanceRank(node_id="n2", device=0)])
+    )  # fmt: skip
+    try:
+        c.client.push("crash", 1, [c.models[1]])
+        t0 = time.monotonic()
+        job = c.client.update("crash", 1, instances=["X"], bucket_bytes=64 * 1024)
+        done = c.client.wait(job.id, 120)
+        took = time.monotonic() - t0
+        print(f"\nnative engine died mid-update: job failed after {took:.1f}s: {done.reason}")
+        assert done.state == tpb.JOB_FAILED
+        assert took < 60
+        # X may hold a mix (it held no version ckptd knows): named, out of service
+        assert "instance X" in done.reason and "not ready" in done.reason, done.reason
+        x = {i.name: i for i in c.client.instances()}["X"]
+        assert not x.ready and x.reason
+        wait_for(lambda: not healthy(url), 60, "the crashed engine to stop answering")
+        assert tokens(c)  # the other engine serves on
+    finally:
+        c.client.remove_instance("X")
