@@ -423,10 +423,10 @@ class UpdateRun:
         assert self.coll is not None
         if self.abort.is_set() and not flag_reason:
             flag_reason = abort_reason(self.abort)
-        if flag_reason and not self.local_fail:
-            self.local_fail = flag_reason
+        if flag_reason:
+            self.fail(flag_reason)
         if self.local_fail and not self.abort.is_set():
-            self.tell_peers(self.local_fail)
+            self.tell_peers(self.local_fail)  # a failure noted while the group was not told
         if self.coll.agree(FAILED if self.local_fail else OK) != OK:
             raise UpdateFailed(self.local_fail or PEER_FAILED)
 

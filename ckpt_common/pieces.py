@@ -12,7 +12,7 @@ Pure: no torch, no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -88,6 +88,34 @@ def check_tiling(full: Sequence[int], pieces: Sequence[Piece]) -> None:
         for b in boxes[i + 1 :]:
             if _overlap(a, b):
                 raise ValueError(f"pieces {list(a.offset)} and {list(b.offset)} overlap")
+
+
+def entry_key(name: str, piece: Piece | None) -> tuple[str, tuple[int, ...] | None]:
+    """What names one entry of a version: the tensor, and its piece's offset."""
+    return name, None if piece is None else piece.offset
+
+
+def tiling_problem(
+    entries: Iterable[tuple[str, str, Sequence[int], Piece | None]],
+) -> tuple[str, str] | None:
+    """(tensor, why) for the first tensor whose pieces do not make it whole, or None.
+    entries: (name, dtype, whole shape, piece or None). A tensor with any piece must come
+    only in pieces, agreeing on dtype and shape, that tile it (check_tiling)."""
+    groups: dict[str, list[tuple[str, tuple[int, ...], Piece | None]]] = {}
+    for name, dtype, shape, piece in entries:
+        groups.setdefault(name, []).append((dtype, tuple(shape), piece))
+    for name, group in groups.items():
+        if all(p is None for _, _, p in group):
+            continue
+        if len({(d, s) for d, s, _ in group}) > 1:
+            return name, "its pieces disagree on its dtype or shape"
+        if any(p is None for _, _, p in group):
+            return name, "it comes whole and in pieces"
+        try:
+            check_tiling(group[0][1], [p for _, _, p in group if p is not None])
+        except ValueError as e:
+            return name, str(e)
+    return None
 
 
 def region(p: Piece) -> tuple[slice, ...]:

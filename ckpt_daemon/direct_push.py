@@ -30,7 +30,7 @@ from ckpt_common.errors import (
     InvalidArgument,
     NotFound,
 )
-from ckpt_common.pieces import Piece, check_piece, check_tiling
+from ckpt_common.pieces import Piece, check_piece, entry_key, tiling_problem
 from ckpt_daemon import admission, probes
 from ckpt_daemon.model import CheckpointVersion, Probe, RankRef, Shard, TensorSpec
 from ckpt_daemon.planner import PlanError, place
@@ -82,23 +82,11 @@ def part_specs(node_id: str, metas: Sequence[Meta]) -> list[TensorSpec]:
 
 
 def check_whole(specs: Sequence[TensorSpec]) -> None:
-    """Every tensor of the version is whole once: pushed whole by one part, or in pieces that
-    agree on dtype and shape and tile it. InvalidArgument says which is not."""
-    by_name: dict[str, list[TensorSpec]] = {}
-    for s in specs:
-        by_name.setdefault(s.name, []).append(s)
-    for name, group in by_name.items():
-        shown = admission.shown(name)
-        if len({(s.dtype, s.shape) for s in group}) > 1:
-            raise InvalidArgument(f"tensor {shown}: parts disagree on its dtype or shape")
-        if len(group) == 1 and group[0].piece is None:
-            continue
-        if any(s.piece is None for s in group):
-            raise InvalidArgument(f"tensor {shown}: pushed whole and in pieces")
-        try:
-            check_tiling(group[0].shape, [s.piece for s in group if s.piece is not None])
-        except ValueError as e:
-            raise InvalidArgument(f"tensor {shown}: {e}") from None
+    """Every tensor pushed in pieces is whole once its parts are in (INVALID_ARGUMENT says
+    which is not); tensors named twice are refused when they are placed."""
+    bad = tiling_problem((s.name, s.dtype, s.shape, s.piece) for s in specs)
+    if bad is not None:
+        raise InvalidArgument(f"tensor {admission.shown(bad[0])}: {bad[1]}")
 
 
 @dataclass(eq=False)
@@ -219,14 +207,14 @@ class DirectPushes:
         mine = sorted(r for r in cv.shards if r.node_id == node)
         index = {r: i for i, r in enumerate(mine)}
         where = {
-            (t.name, None if t.piece is None else t.piece.offset): (index[t.owner], t.store_offset)
+            entry_key(t.name, t.piece): (index[t.owner], t.store_offset)
             for t in cv.tensors
             if t.owner in index
         }
         return (
             cv,
             [cv.shards[r] for r in mine],
-            [where[(s.name, None if s.piece is None else s.piece.offset)] for s in specs],
+            [where[entry_key(s.name, s.piece)] for s in specs],
         )
 
     async def commit(self, name: str, version: int, part: int = 0) -> CheckpointVersion:

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from ckpt_common.layers import layer_key
 from ckpt_common.p2p import encode as p2p_encode
+from ckpt_common.pieces import entry_key
 from ckpt_daemon.model import RankRef, TensorInfo, TensorSpec
 
 ALIGN = 256  # bytes; keeps every tensor view aligned for any dtype and for CUDA copies
@@ -59,11 +60,11 @@ def _groups(specs: Sequence[TensorSpec]) -> list[list[int]]:
 def _check_unique(specs: Sequence[TensorSpec]) -> None:
     seen: set[tuple[str, tuple[int, ...] | None]] = set()
     for s in specs:
-        key = (s.name, None if s.piece is None else s.piece.offset)
-        if key in seen:
+        k = entry_key(s.name, s.piece)
+        if k in seen:
             what = "tensor" if s.piece is None else f"piece {list(s.piece.offset)} of"
             raise PlanError(f"{what} {s.name!r} appears more than once")
-        seen.add(key)
+        seen.add(k)
 
 
 def place(specs: Sequence[TensorSpec], ranks: Sequence[RankRef]) -> Placement:

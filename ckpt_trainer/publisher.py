@@ -10,7 +10,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,29 @@ def _cast(dtype: str | None) -> Any:
     return getattr(torch, DTYPES.get(dtype, dtype)) if dtype else None
 
 
+def renamed(
+    state: Mapping[str, Any], rename: Callable[[str], str | None]
+) -> Iterator[tuple[str, Any]]:
+    """(new name, tensor) for each tensor the hook keeps (None drops one); two tensors
+    mapping to one name raise ValueError."""
+    seen: set[str] = set()
+    for name, t in state.items():
+        new = rename(name)
+        if new is None:
+            continue
+        if new in seen:
+            raise ValueError(f"two tensors map to {new!r}")
+        seen.add(new)
+        yield new, t
+
+
+def cast_to(t: Any, cast: Any) -> Any:
+    """t contiguous, floating tensors cast (cast None: as they are)."""
+    if cast is not None and t.is_floating_point():
+        t = t.to(cast)
+    return t.contiguous()
+
+
 def prepare(
     weights: Any,
     rename: Callable[[str], str | None] = strip_wrappers,
@@ -76,17 +99,9 @@ def prepare(
     full (a DTensor is gathered), contiguous."""
     cast = _cast(dtype)
     out: dict[str, Any] = {}
-    for name, t in _state_dict(weights).items():
-        new = rename(name)
-        if new is None:
-            continue
+    for new, t in renamed(_state_dict(weights), rename):
         full = getattr(t, "full_tensor", None)
-        t = (full() if callable(full) else t).detach()
-        if cast is not None and t.is_floating_point():
-            t = t.to(cast)
-        if new in out:
-            raise ValueError(f"two tensors map to {new!r}")
-        out[new] = t.contiguous()
+        out[new] = cast_to((full() if callable(full) else t).detach(), cast)
     return out
 
 

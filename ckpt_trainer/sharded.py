@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ckpt_common.pieces import Piece
+from ckpt_trainer.publisher import cast_to, renamed
 from ckptctl.direct_push import Item
 
 SHARE_BYTES = 8192  # what rank 0 tells the others of the outcome, as JSON
@@ -29,21 +30,10 @@ def local_items(
 
     rank = dist.get_rank(group)
     out: list[Item] = []
-    seen: set[str] = set()
-    for name, t in state.items():
-        new = rename(name)
-        if new is None:
-            continue
-        if new in seen:
-            raise ValueError(f"two tensors map to {new!r}")
-        seen.add(new)
-        item = _item(new, t.detach(), rank)
-        if item is None:
-            continue
-        local = item.tensor
-        if cast is not None and local.is_floating_point():
-            local = local.to(cast)
-        out.append(item._replace(tensor=local.contiguous()))
+    for name, t in renamed(state, rename):
+        item = _item(name, t.detach(), rank)
+        if item is not None:
+            out.append(item._replace(tensor=cast_to(item.tensor, cast)))
     return out
 
 

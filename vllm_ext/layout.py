@@ -20,7 +20,6 @@ sharded-RDT backend uses); anything unexpected makes every tensor whole, never w
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -108,6 +107,9 @@ def capture(model: Any, tensors: Sequence[tuple[str, str, Sequence[int]]], devic
     """{name: "whole" | [offset, shape]} for every checkpoint tensor (name, dtype, shape)
     this rank keeps; names it keeps nothing of are absent."""
     import torch
+    from vllm.distributed.weight_transfer.sharded_rdt_engine import (
+        ShardedRDTWeightTransferEngine as Rdt,
+    )
     from vllm.distributed.weight_transfer.sharded_rdt_fake import FakeRDTTensor
     from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
 
@@ -117,7 +119,9 @@ def capture(model: Any, tensors: Sequence[tuple[str, str, Sequence[int]]], devic
     with torch.device(device):
         initialize_layerwise_reload(model)
         try:
-            _stamp(model, sink)
+            # vLLM's own dry-run set-up and restore (they use neither engine state nor
+            # self): each loader stamps sink.current; parameters and loaders put back
+            Rdt._install_recording_stamps(None, model, sink)  # type: ignore[arg-type]
             for name, dtype, shape in tensors:
                 fake = FakeRDTTensor(name, torch.Size(shape), torch_dtype(dtype), device, sink=sink)
                 try:  # one tensor at a time: a loader the recorder cannot follow costs one
@@ -126,62 +130,7 @@ def capture(model: Any, tensors: Sequence[tuple[str, str, Sequence[int]]], devic
                     refused.add(name)
                     log.info("layout_whole", tensor=name, why=f"{type(e).__name__}: {e}"[:200])
         finally:
-            _restore(model)
+            Rdt._restore_after_dry_run(None, model)  # type: ignore[arg-type]
     out = {n: _merge(full[n], b) for n, b in sink.boxes.items()}
     out.update(dict.fromkeys(refused, WHOLE))
     return out
-
-
-def _stamp(model: Any, sink: _Sink) -> None:
-    """Each parameter's original loader (not the layerwise wrapper) sets sink.current."""
-    from vllm.model_executor.model_loader.reload.layerwise import _get_original_loader
-    from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
-    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-
-    def stamp(layer: Any, name: str, inner: Any, added: bool = False) -> Any:
-        @functools.wraps(inner)
-        def stamped(*args: Any, **kwargs: Any) -> Any:
-            sink.current = (layer, name)
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                sink.current = None
-
-        stamped._ckpt_inner = inner  # type: ignore[attr-defined]
-        stamped._ckpt_added = added  # type: ignore[attr-defined]
-        return stamped
-
-    for module in model.modules():
-        for name, tensor in get_layer_tensors(module).items():
-            if getattr(tensor, "weight_loader", None) is None:
-                tensor.weight_loader = stamp(module, name, default_weight_loader, added=True)
-            else:
-                tensor.weight_loader = stamp(module, name, _get_original_loader(tensor))
-
-
-def _restore(model: Any) -> None:
-    """The parameters back as they were (their kernel tensors, loaders, no reload state)."""
-    from vllm.model_executor.model_loader.reload.layerwise import (
-        LAYERWISE_INFO,
-        _place_kernel_tensors,
-    )
-    from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
-
-    for layer in model.modules():
-        info = LAYERWISE_INFO.get(layer)
-        if info is not None and info.can_load():
-            if info.kernel_tensors is not None:
-                _place_kernel_tensors(layer, info)
-            info.reset()
-    for module in model.modules():
-        for _name, tensor in get_layer_tensors(module).items():
-            loader = getattr(tensor, "weight_loader", None)
-            added = False
-            while loader is not None and hasattr(loader, "_ckpt_inner"):
-                added = added or loader._ckpt_added
-                loader = loader._ckpt_inner
-                tensor.weight_loader = loader
-            if added:
-                del tensor.weight_loader
-    if hasattr(model, "_original_do_torchao_reload"):
-        model._do_torchao_reload = model._original_do_torchao_reload

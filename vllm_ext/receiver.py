@@ -24,7 +24,7 @@ from ckpt.v1 import ipc_pb2 as ipb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common import checksum
 from ckpt_common.dtypes import torch_dtype
-from ckpt_common.pieces import Piece, check_tiling, piece_of, region
+from ckpt_common.pieces import piece_of, region, tiling_problem
 from vllm_ext.buffers import MappedBuffer
 
 HELLO_EVERY_S = 2.0
@@ -51,22 +51,11 @@ class ReceiveError(Exception):
 
 
 def pieces_problem(tensors: list[tpb.TensorMeta]) -> str | None:
-    """Why the update's pieces (TensorMeta.piece_*) do not tile their tensors, or None."""
-    boxes: dict[str, list[Piece]] = {}
-    for m in tensors:
-        p = piece_of(m.piece_offset, m.piece_shape)
-        if p is not None:
-            boxes.setdefault(m.name, []).append(p)
-    for m in tensors:
-        if m.name in boxes and not (m.piece_offset or m.piece_shape):
-            return f"tensor {m.name!r} comes both whole and in pieces"
-    full = {m.name: tuple(m.shape) for m in tensors}
-    for name, ps in boxes.items():
-        try:
-            check_tiling(full[name], ps)
-        except ValueError as e:
-            return f"tensor {name!r}: {e}"
-    return None
+    """Why the update's pieces (TensorMeta.piece_*) do not make their tensors whole, or None."""
+    bad = tiling_problem(
+        (m.name, m.dtype, m.shape, piece_of(m.piece_offset, m.piece_shape)) for m in tensors
+    )
+    return None if bad is None else f"tensor {bad[0]!r}: {bad[1]}"
 
 
 class Assembly:
