@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing import shared_memory
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ckpt_agent import shm
 from ckpt_agent.host_store import Store
@@ -27,6 +27,35 @@ def free_host_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+class Copy(NamedTuple):
+    """One copy of a bucket's H2D: `rows` runs of `run` bytes from the store (each `stride`
+    bytes after the previous) into the bucket at `dst`, packed back to back."""
+
+    dst: int
+    src: int
+    run: int
+    rows: int = 1
+    stride: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.run
+
+
+def strided(t: Any, c: Copy) -> Any:
+    """The copy's source bytes in a 1-D uint8 tensor, as a (rows, run) view."""
+    if c.rows <= 1:
+        return t[c.src : c.src + c.run].view(1, c.run)
+    if c.src < 0 or c.src + (c.rows - 1) * c.stride + c.run > t.numel():
+        raise ValueError("a strided copy reaches beyond its store")
+    return t[c.src :].as_strided((c.rows, c.run), (c.stride, 1))
+
+
+def copy_into(dst: Any, src: Any, c: Copy, non_blocking: bool = False) -> None:
+    """dst[c.dst : c.dst + c.nbytes] = the copy's bytes of src (both 1-D uint8)."""
+    dst[c.dst : c.dst + c.nbytes].view(c.rows, c.run).copy_(strided(src, c), non_blocking)
 
 
 class InFlight(Protocol):
@@ -70,9 +99,9 @@ class Backend(Protocol):
 
     def ipc_buffer(self, nbytes: int, share: bool = True) -> tuple[str, Any]: ...
     def device_buffer(self, nbytes: int) -> Any: ...
-    def h2d(self, dst: Any, src: Any, ranges: list[tuple[int, int, int]], after: list[Any]) -> Any:
-        """Copies src[o:o+n] into dst[d:d+n] for each (d, o, n); returns (done, start) events
-        (None on CPU, where it is synchronous)."""
+    def h2d(self, dst: Any, src: Any, copies: list[Copy], after: list[Any]) -> Any:
+        """Copies each Copy of src into dst; returns (done, start) events (None on CPU,
+        where it is synchronous)."""
         ...
 
     def end_update(self, shared_never_opened: bool = False) -> None: ...
@@ -230,9 +259,9 @@ class CpuBackend:
 
         return torch.empty(max(1, nbytes), dtype=torch.uint8)
 
-    def h2d(self, dst: Any, src: Any, ranges: list[tuple[int, int, int]], after: list[Any]) -> Any:
-        for d, o, n in ranges:
-            dst[d : d + n].copy_(src[o : o + n])
+    def h2d(self, dst: Any, src: Any, copies: list[Copy], after: list[Any]) -> Any:
+        for c in copies:
+            copy_into(dst, src, c)
         return None, None
 
     def end_update(self, shared_never_opened: bool = False) -> None:

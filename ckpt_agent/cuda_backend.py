@@ -31,6 +31,8 @@ from typing import Any
 import structlog
 
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_agent.backend import Copy
+from ckpt_agent.cuda_memcpy import memcpy_2d
 from ckpt_agent.host_store import Store
 from ckpt_common.netif import interface_of
 
@@ -407,9 +409,9 @@ class CudaBackend:
         self._upd.shared.append((doc["ref_handle"], doc["ref_offset"]))
         return "cuda:" + enc, t
 
-    def h2d(self, dst: Any, src: Any, ranges: list[tuple[int, int, int]], after: list[Any]) -> Any:
-        """Copies src[s:s+n] -> dst[d:d+n] on the copy stream once `after` events fired;
-        returns (done event, start timing event)."""
+    def h2d(self, dst: Any, src: Any, copies: list[Copy], after: list[Any]) -> Any:
+        """Copies each Copy of src into dst on the copy stream once `after` events fired
+        (a strided one as one 2-D DMA); returns (done event, start timing event)."""
         import torch
 
         s = self._s.copy
@@ -419,8 +421,11 @@ class CudaBackend:
                     s.wait_event(ev)
             t0 = torch.cuda.Event(enable_timing=True)
             t0.record(s)
-            for d, o, n in ranges:
-                dst[d : d + n].copy_(src[o : o + n], non_blocking=True)
+            for c in copies:
+                if c.rows <= 1:
+                    dst[c.dst : c.dst + c.run].copy_(src[c.src : c.src + c.run], non_blocking=True)
+                else:
+                    memcpy_2d(dst, src, c, s)
             t1 = torch.cuda.Event(enable_timing=True)
             t1.record(s)
         return t1, t0

@@ -40,6 +40,7 @@ class EngineSession:
         self.loaded = -1  # highest bucket the engine has loaded
         self.told = False  # the engine already knows this update will not happen
         self.proceeded = False  # the engine was told to map the buffer
+        self.layout = ""  # the engine's sharding map (JSON), when the update asked for it
         link.peer = None
 
     def begin(self, buffer: str, nslots: int) -> str:
@@ -57,6 +58,8 @@ class EngineSession:
                 tensors=cmd.tensors,
                 partial=cmd.partial,
                 device=cmd.device,
+                kept=cmd.kept,
+                want_layout=cmd.want_layout,
             )
         )
         try:
@@ -71,6 +74,7 @@ class EngineSession:
             v = self.link.expect("validated", cmd.receiver_timeout_s, self.abort).validated
         except LinkError as e:
             return str(e)
+        self.layout = v.layout
         return "" if v.ok else f"engine refused the update: {v.reason}"
 
     def refuse(self, reason: str) -> None:

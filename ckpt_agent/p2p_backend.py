@@ -1,5 +1,7 @@
 """P2P reads behind the pipeline's Backend interface, so the broadcast pipeline runs a join
-unchanged: a bucket's "owner" is a reader in the receiving group, its "store" is remote.
+(and each class of a shard-aware update) unchanged: a bucket's "owner" is a reader in the
+receiving group, its "store" another rank's. A source on the reader's own node is read from
+its shared segment directly; any other through the transfer engine (Mooncake).
 
 Reads a bucket needs are queued by `copy` and issued in one batch right before the bucket's
 broadcast; then every rank agrees whether all reads succeeded, so no rank ever broadcasts
@@ -10,11 +12,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt_agent.backend import Backend, Collective, Done, InFlight
+from ckpt_agent import shm
+from ckpt_agent.backend import Backend, Collective, Copy, Done, InFlight
+from ckpt_agent.host_store import segment_prefix
 from ckpt_agent.p2p import P2PEngine, P2PError
 from ckpt_agent.pipeline import UpdateFailed
 from ckpt_common.p2p import decode
@@ -25,25 +28,15 @@ _FAULT = os.environ.get("CKPT_FAULT", "")
 _DELAY_S = float(_FAULT.split(":", 1)[1]) if _FAULT.startswith("p2p_delay:") else 0.0
 
 
-@dataclass(frozen=True)
-class _RemoteSlice:
-    source: int
-    offset: int
-    nbytes: int
-
-
-class _RemoteStore:
-    """Stands in for a host store tensor: slicing it names remote bytes."""
-
-    def __getitem__(self, s: slice) -> _RemoteSlice:
-        start, stop = s.start or 0, s.stop
-        source, offset = decode(start)
-        return _RemoteSlice(source, offset, stop - start)
+class _Sources:
+    """What a reader "owns": its copies' sources are other ranks' stores (P2PSource)."""
 
 
 class RemoteStores:
+    """Stands in for the host store: a P2P update's sources are other ranks' stores."""
+
     def get(self, checkpoint: str, version: int) -> Any:
-        return _RemoteStore()
+        return _Sources()
 
 
 class _AgreeingCollective:
@@ -90,46 +83,83 @@ class _AgreeingCollective:
 
 
 class P2PReadBackend:
-    """The staged backend interface over one-sided reads: a reader's "H2D" of a bucket
-    queues the reads of its ranges (remote host memory -> this rank's hand-off slot), issued
-    in one batch right before the bucket's agreement; there is no staging."""
+    """The staged backend interface over reads of other ranks' stores: a reader's "H2D" of
+    a bucket copies from same-node sources at once and queues the remote reads (one per
+    run), issued in one batch right before the bucket's agreement; there is no staging."""
 
-    def __init__(self, inner: Backend, engine: P2PEngine, sources: list[apb.P2PSource]) -> None:
+    def __init__(
+        self,
+        inner: Backend,
+        engine: P2PEngine | None,
+        sources: list[apb.P2PSource],
+        node_id: str = "",
+    ) -> None:
         self.kind = inner.kind
         self._inner = inner
         self._engine = engine
         self._sources = list(sources)
+        self._prefix = segment_prefix(node_id)
+        self._local: dict[int, tuple[Any, Any]] = {}  # source -> (segment, tensor)
         self._queue: dict[int, tuple[list[int], list[int], list[int]]] = {}
 
     def store_tensor(self, store: Any) -> Any:
-        return store if isinstance(store, _RemoteStore) else self._inner.store_tensor(store)
+        return store
 
     def plan_slots(self, nbuf: int, bucket_bytes: int, owns: bool) -> tuple[int, int]:
         return nbuf, 0
 
     def ipc_buffer(self, nbytes: int, share: bool = True) -> tuple[str, Any]:
         name, buf = self._inner.ipc_buffer(nbytes)
-        self._engine.register(buf.data_ptr(), buf.numel() * buf.element_size())
+        if self._engine is not None:
+            self._engine.register(buf.data_ptr(), buf.numel() * buf.element_size())
         return name, buf
 
     def device_buffer(self, nbytes: int) -> Any:
         raise NotImplementedError("P2P reads need no staging")
 
-    def h2d(self, dst: Any, src: Any, ranges: list[tuple[int, int, int]], after: list[Any]) -> Any:
-        for d, o, n in ranges:
-            self._read(dst[d : d + n], src[o : o + n])
+    def h2d(self, dst: Any, src: Any, copies: list[Copy], after: list[Any]) -> Any:
+        local = []
+        for c in copies:
+            source, offset = decode(c.src)
+            if source >= len(self._sources):
+                raise P2PError(f"no P2P source {source}")
+            c = c._replace(src=offset)
+            if self._sources[source].local_segment:
+                local.append((source, c))
+            else:
+                self._queue_reads(dst, source, c)
+        for source, c in local:
+            done, _ = self._inner.h2d(dst, self._mapped(source), [c], [])
+            if done is not None:  # CUDA: the broadcast comes next, on another stream
+                done.synchronize()
         return None, None
 
-    def _read(self, dst: Any, src: Any) -> None:
-        if not isinstance(src, _RemoteSlice):
-            self._inner.copy(dst, src)
-            return
-        if src.source >= len(self._sources):
-            raise P2PError(f"no P2P source {src.source}")
-        loc, rem, lens = self._queue.setdefault(src.source, ([], [], []))
-        loc.append(dst.data_ptr())
-        rem.append(self._sources[src.source].addr + src.offset)
-        lens.append(src.nbytes)
+    def _mapped(self, source: int) -> Any:
+        """A same-node source's store, mapped read-only (the name must be one of this node's
+        segments: ckptd cannot make a reader open anything else)."""
+        got = self._local.get(source)
+        if got is None:
+            import torch
+
+            name = self._sources[source].local_segment
+            if not name.startswith(self._prefix) or "/" in name:
+                raise P2PError(f"source {source}: {name!r} is not a store of this node")
+            try:
+                seg = shm.attach(name)
+            except OSError as e:
+                raise P2PError(f"source {source}: its store is gone ({e})") from None
+            got = self._local[source] = (seg, torch.frombuffer(seg.buf, dtype=torch.uint8))
+        return got[1]
+
+    def _queue_reads(self, dst: Any, source: int, c: Copy) -> None:
+        if self._engine is None:
+            raise P2PError(f"source {source} is on another node and P2P is off here")
+        loc, rem, lens = self._queue.setdefault(source, ([], [], []))
+        base, addr = dst.data_ptr() + c.dst, self._sources[source].addr + c.src
+        for r in range(c.rows):
+            loc.append(base + r * c.run)
+            rem.append(addr + r * c.stride)
+            lens.append(c.run)
 
     def flush(self) -> str:
         """Issues the queued reads; returns why they failed, or ""."""
@@ -138,6 +168,7 @@ class P2PReadBackend:
             time.sleep(_DELAY_S)
         try:
             for idx, (loc, rem, lens) in queue.items():
+                assert self._engine is not None
                 self._engine.read(self._sources[idx].session, loc, rem, lens)
         except P2PError as e:
             return str(e)
@@ -145,6 +176,7 @@ class P2PReadBackend:
 
     def end_update(self, shared_never_opened: bool = False) -> None:
         self._queue.clear()
+        self._unmap()
         fn = getattr(self._inner, "end_update", None)
         if fn is not None:
             fn(shared_never_opened)
@@ -157,5 +189,14 @@ class P2PReadBackend:
     def sync(self) -> None:
         self._inner.sync()
 
+    def _unmap(self) -> None:
+        local, self._local = self._local, {}
+        for seg, _ in local.values():
+            try:
+                seg.close()
+            except BufferError:  # a view is still alive somewhere: the mapping goes with it
+                pass
+
     def close(self) -> None:
         self._queue.clear()
+        self._unmap()

@@ -36,7 +36,7 @@ import structlog
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import types_pb2 as tpb
-from ckpt_agent.backend import Backend, Collective, InFlight
+from ckpt_agent.backend import Backend, Collective, Copy, InFlight
 from ckpt_agent.engine_session import EngineSession
 from ckpt_agent.group_abort import PEER_FAILED
 from ckpt_agent.host_store import HostStore, StoreError
@@ -125,21 +125,26 @@ def copy_flags(cmd: apb.RunUpdate) -> list[list[bool]]:
     ]
 
 
-def coalesce(entries: Any) -> list[tuple[int, int, int]]:
-    """Copy ranges (bucket offset, store offset, bytes): consecutive entries laid out the same
-    way in the store and the bucket become one copy (the padding between them rides along)."""
-    out: list[list[int]] = []
+def coalesce(entries: Any) -> list[Copy]:
+    """The bucket's copies: consecutive entries laid out the same way in the store and the
+    bucket become one copy (the padding between them rides along); strided reads (kept
+    parts, rows > 1) stay as they are."""
+    out: list[Copy] = []
     for e in sorted(entries, key=lambda e: e.bucket_offset):
         if e.nbytes == 0:
             continue
-        if out:
-            d, o, n = out[-1]
+        rows = max(1, e.rows)
+        if rows > 1:
+            out.append(Copy(e.bucket_offset, e.store_offset, e.nbytes // rows, rows, e.stride))
+            continue
+        if out and out[-1].rows == 1:
+            d, o, n = out[-1][:3]
             gap = e.bucket_offset - (d + n)
             if 0 <= gap < MERGE_GAP and e.store_offset - o == e.bucket_offset - d:
-                out[-1][2] = e.bucket_offset + e.nbytes - d
+                out[-1] = Copy(d, o, e.bucket_offset + e.nbytes - d)
                 continue
-        out.append([e.bucket_offset, e.store_offset, e.nbytes])
-    return [(d, o, n) for d, o, n in out]
+        out.append(Copy(e.bucket_offset, e.store_offset, e.nbytes))
+    return out
 
 
 def _elapsed(pairs: list[tuple[Any, Any]]) -> float:
@@ -393,7 +398,9 @@ class UpdateRun:
             bytes=self.sent_bytes, seconds=round(total_s, 4), slots=self.nslots,
             staging=self.nstage, engine_version=version_seen,
         )  # fmt: skip
-        return tpb.RankResult(ok=True, bytes=self.sent_bytes, times=self.timer.pb(total_s))
+        return tpb.RankResult(
+            ok=True, bytes=self.sent_bytes, times=self.timer.pb(total_s), layout=self.engine.layout
+        )
 
     def _release(self) -> None:
         if self.coll is not None:

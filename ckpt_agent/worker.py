@@ -68,6 +68,11 @@ def finished(store: Any, world: int, wait: bool) -> None:
         log.info("group_store_gone", error=repr(e))
 
 
+def group_key(m: apb.PrepareGroup | apb.RunUpdate) -> str:
+    """A job's group (a job runs one per class of a shard-aware update)."""
+    return f"{m.job_id}/{m.group}" if m.group else m.job_id
+
+
 class Worker:
     def __init__(
         self,
@@ -257,7 +262,7 @@ class Worker:
             wait_for_workers=False,
             master_listen_fd=sock.detach(),  # the store owns (and closes) it
         )
-        self._group_stores = {p.job_id: store}  # one job at a time per device
+        self._group_stores = {group_key(p): store}  # one group at a time per device
         self.reply(cmd.id, ok=True, group=apb.GroupReady(addr=self.host, port=store.port))
 
     def _group_store(self, u: apb.RunUpdate) -> Any:
@@ -265,10 +270,10 @@ class Worker:
         so a reused store never mixes two groups."""
         import torch.distributed as dist
 
-        store = self._group_stores.pop(u.job_id, None)
+        store = self._group_stores.pop(group_key(u), None)
         if store is None:
             store = self._store_client(u)
-        return dist.PrefixStore(f"job/{u.job_id}", store)
+        return dist.PrefixStore(f"job/{group_key(u)}", store)
 
     @staticmethod
     def _store_client(u: apb.RunUpdate) -> Any:
@@ -296,7 +301,7 @@ class Worker:
         abort = self._aborts.setdefault(u.job_id, Abort())
         watch: PeerWatch | None = None
         store: Any = None
-        hosting = u.job_id in self._group_stores  # this rank serves the group's store
+        hosting = group_key(u) in self._group_stores  # this rank serves the group's store
         result: Any = None
         try:
             self._lock_update(abort, u)
@@ -304,7 +309,7 @@ class Worker:
                 import torch.distributed as dist
 
                 store = self._group_store(u)
-                scoped = lambda: dist.PrefixStore(f"job/{u.job_id}", self._store_client(u))  # noqa: E731
+                scoped = lambda: dist.PrefixStore(f"job/{group_key(u)}", self._store_client(u))  # noqa: E731
                 watch = PeerWatch(scoped, store, abort).start()
                 where = f"rank {u.group_rank} ({self.node_id}/{self.device})"
                 result = run_update(
@@ -342,7 +347,9 @@ class Worker:
             return self.backend
         from ckpt_agent.p2p_backend import P2PReadBackend
 
-        return P2PReadBackend(self.backend, self.p2p(), list(u.p2p_sources))
+        remote = any(not s.local_segment for s in u.p2p_sources)
+        engine = self.p2p() if remote else None  # same-node sources need no transfer engine
+        return P2PReadBackend(self.backend, engine, list(u.p2p_sources), self.node_id)
 
     def _update_stores(self, u: apb.RunUpdate) -> Any:
         if not u.p2p_sources:

@@ -21,11 +21,12 @@ from ckpt_daemon.model import (
 )
 
 _METHODS = {
-    tpb.UPDATE_METHOD_UNSPECIFIED: "broadcast",
+    tpb.UPDATE_METHOD_UNSPECIFIED: "auto",
     tpb.UPDATE_BROADCAST: "broadcast",
     tpb.UPDATE_P2P: "p2p",
+    tpb.UPDATE_SHARDED: "sharded",
 }
-_METHOD_PB = {"broadcast": tpb.UPDATE_BROADCAST, "p2p": tpb.UPDATE_P2P}
+_METHOD_PB = {v: k for k, v in _METHODS.items()}
 
 
 def sources_from_pb(sources: list[tpb.Source]) -> list[SourceFile]:
@@ -144,7 +145,7 @@ def job_to_pb(job: Job) -> tpb.Job:
         created_unix=job.created,
         started_unix=job.started,
         finished_unix=job.finished,
-        method=_METHOD_PB.get(job.spec.method, tpb.UPDATE_BROADCAST),
+        method=_METHOD_PB.get(job.spec.method, tpb.UPDATE_METHOD_UNSPECIFIED),
         first_bucket_s=job.first_bucket_s,
         results=[
             tpb.RankResult(

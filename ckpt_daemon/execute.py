@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
+from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import Aborted, CkptError
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
@@ -31,6 +33,80 @@ async def no_trigger(instance: Instance, job: Job, timeout: float) -> None:
     return None
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Group:
+    """One group of a job: its plan (participants, buckets) and the stores its readers
+    read from (P2P and shard-aware plans; empty: owners take part and send)."""
+
+    plan: Plan
+    sources: list[apb.P2PSource] = field(default_factory=list)
+
+
+def _buckets(plan: Plan) -> list[apb.Bucket]:
+    return [
+        apb.Bucket(
+            owner=b.owner,
+            nbytes=b.nbytes,
+            entries=[
+                apb.BucketEntry(
+                    tensor=e.tensor,
+                    bucket_offset=e.bucket_offset,
+                    store_offset=e.store_offset,
+                    nbytes=e.nbytes,
+                    chunk_offset=e.chunk_offset,
+                    rows=e.rows,
+                    stride=e.stride,
+                )  # fmt: skip
+                for e in b.entries
+            ],
+        )
+        for b in plan.buckets
+    ]
+
+
+def _rank_result(rank: int, r: RankRef, u: tpb.RankResult) -> RankResult:
+    return RankResult(
+        rank=rank,
+        owner=r,
+        ok=u.ok,
+        reason=u.reason,
+        bytes=u.bytes,
+        engine_untouched=u.engine_untouched,
+        times=PhaseTimes(
+            copy_s=u.times.copy_s,
+            broadcast_s=u.times.broadcast_s,
+            reload_s=u.times.reload_s,
+            setup_s=u.times.setup_s,
+            total_s=u.times.total_s,
+        ),
+    )
+
+
+class _Progress:
+    """Buckets each target has handed its engine; the job's count is, per group, what its
+    slowest target has, summed over the groups."""
+
+    def __init__(self, job: Job, groups: list[Group], notify: Callable[[Job], None]) -> None:
+        self.job, self.notify = job, notify
+        self.group_of = {r: i for i, g in enumerate(groups) for r in g.plan.targets}
+        self.done: dict[RankRef, int] = dict.fromkeys(self.group_of, 0)
+        self.ngroups = len(groups)
+
+    def __call__(self, node_id: str, p: apb.Progress) -> None:
+        r = RankRef(node_id, p.device)
+        if r not in self.done:
+            return
+        job = self.job
+        self.done[r] = max(self.done[r], p.bucket + 1)
+        low = [min((n for q, n in self.done.items() if self.group_of[q] == g), default=0)
+               for g in range(self.ngroups)]  # fmt: skip
+        if job.first_bucket_s == 0.0 and p.bucket == 0:
+            job.first_bucket_s = time.time() - job.created
+        if sum(low) != job.buckets_done:
+            job.buckets_done = sum(low)
+            self.notify(job)
+
+
 class Executor:
     def __init__(
         self, registry: Registry, hub: AgentHub, config: DaemonConfig, trigger: EngineTrigger
@@ -40,139 +116,103 @@ class Executor:
         self._config = config
         self._trigger = trigger
 
-    def abort(self, job: Job, plan: Plan, reason: str) -> None:
-        for r in plan.participants:
-            self._hub.send(r.node_id, apb.Command(abort=apb.Abort(job_id=job.id, reason=reason)))
+    def abort(self, job: Job, participants: list[RankRef], reason: str) -> None:
+        for node in sorted({r.node_id for r in participants}):
+            self._hub.send(node, apb.Command(abort=apb.Abort(job_id=job.id, reason=reason)))
 
-    async def run(
-        self,
-        job: Job,
-        plan: Plan,
-        deadline: float,
-        sources: list[apb.P2PSource],
-        notify: Callable[[Job], None],
-    ) -> None:
-        """Runs a planned job on the agents (and triggers the engines); raises on failure."""
-        left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
+    async def _prepare(self, job: Job, plan: Plan, left: Callable[[], float]) -> tuple[str, int]:
         master = plan.participants[0]
         res = await self._hub.command(
             master.node_id,
             apb.Command(
                 prepare_group=apb.PrepareGroup(
-                    job_id=job.id, device=master.device, world_size=len(plan.participants)
-                )
+                    job_id=job.id,
+                    device=master.device,
+                    world_size=len(plan.participants),
+                    group=plan.group,
+                )  # fmt: skip
             ),
             min(self._config.command_timeout_s, left()),
         )
-        addr, port = res.group.addr, res.group.port
+        return res.group.addr, res.group.port
 
-        done_per_target: dict[RankRef, int] = {r: 0 for r in plan.targets}
-
-        def progress(node_id: str, p: apb.Progress) -> None:
-            r = RankRef(node_id, p.device)
-            if r in done_per_target:
-                done_per_target[r] = max(done_per_target[r], p.bucket + 1)
-                new = min(done_per_target.values())
-                if job.first_bucket_s == 0.0 and p.bucket == 0:
-                    job.first_bucket_s = time.time() - job.created
-                if new != job.buckets_done:
-                    job.buckets_done = new
-                    notify(job)
-
-        self._hub.on_progress(job.id, progress)
+    async def _commands(
+        self, job: Job, g: Group, left: Callable[[], float], want_layout: set[RankRef]
+    ) -> list[tuple[RankRef, apb.Command]]:
+        """One RunUpdate per participant of the group (its rendezvous prepared first)."""
+        plan = g.plan
+        addr, port = await self._prepare(job, plan, left)
         tensors = [tensor_meta(t) for t in plan.tensors]
-        buckets = [
-            apb.Bucket(
-                owner=b.owner,
-                nbytes=b.nbytes,
-                entries=[
-                    apb.BucketEntry(
-                        tensor=e.tensor,
-                        bucket_offset=e.bucket_offset,
-                        store_offset=e.store_offset,
-                        nbytes=e.nbytes,
-                        chunk_offset=e.chunk_offset,
+        buckets = _buckets(plan)
+        return [
+            (
+                r,
+                apb.Command(
+                    run_update=apb.RunUpdate(
+                        job_id=job.id,
+                        device=r.device,
+                        group_rank=i,
+                        world_size=len(plan.participants),
+                        master_addr=addr,
+                        master_port=port,
+                        is_target=plan.is_target(i),
+                        checkpoint=job.spec.checkpoint,
+                        version=job.version,
+                        bucket_bytes=plan.bucket_bytes,
+                        nbuf=plan.nbuf,
+                        tensors=tensors,
+                        buckets=buckets,
+                        timeout_s=left(),
+                        receiver_timeout_s=min(self._config.receiver_timeout_s, left()),
+                        partial=plan.partial,
+                        p2p_sources=g.sources,
+                        group=plan.group,
+                        kept=plan.kept,
+                        want_layout=r in want_layout and plan.is_target(i),
                     )
-                    for e in b.entries
-                ],
-            )
-            for b in plan.buckets
+                ),
+            )  # fmt: skip
+            for i, r in enumerate(plan.participants)
         ]
+
+    async def run(
+        self,
+        job: Job,
+        groups: list[Group],
+        deadline: float,
+        notify: Callable[[Job], None],
+        layouts: dict[RankRef, str] | None = None,
+    ) -> None:
+        """Runs a planned job on the agents (and triggers the engines); raises on failure.
+        `layouts`: the ranks whose engines are asked for their sharding map, filled with
+        what they answer."""
+        left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
+        asked = set(layouts or {})
+        cmds = [c for g in groups for c in await self._commands(job, g, left, asked)]
+        participants = [r for r, _ in cmds]
+        targets = {r for g in groups for r in g.plan.targets}
+        self._hub.on_progress(job.id, _Progress(job, groups, notify))
         order = {r: i for i, r in enumerate(self._registry.rank_order())}
 
-        async def run_rank(g: int, r: RankRef) -> RankResult:
-            cmd = apb.Command(
-                run_update=apb.RunUpdate(
-                    job_id=job.id,
-                    device=r.device,
-                    group_rank=g,
-                    world_size=len(plan.participants),
-                    master_addr=addr,
-                    master_port=port,
-                    is_target=plan.is_target(g),
-                    checkpoint=job.spec.checkpoint,
-                    version=job.version,
-                    bucket_bytes=plan.bucket_bytes,
-                    nbuf=plan.nbuf,
-                    tensors=tensors,
-                    buckets=buckets,
-                    timeout_s=left(),
-                    receiver_timeout_s=min(self._config.receiver_timeout_s, left()),
-                    partial=plan.partial,
-                    p2p_sources=sources,
-                )
-            )
+        async def run_rank(r: RankRef, cmd: apb.Command) -> RankResult:
             try:
                 res = await self._hub.command(r.node_id, cmd, left() + 5.0)
             except CkptError as e:
                 raise type(e)(f"rank {order.get(r, -1)} ({r}): {e.message}") from None
-            u = res.update
-            return RankResult(
-                rank=order.get(r, -1),
-                owner=r,
-                ok=u.ok,
-                reason=u.reason,
-                bytes=u.bytes,
-                engine_untouched=u.engine_untouched,
-                times=PhaseTimes(
-                    copy_s=u.times.copy_s,
-                    broadcast_s=u.times.broadcast_s,
-                    reload_s=u.times.reload_s,
-                    setup_s=u.times.setup_s,
-                    total_s=u.times.total_s,
-                ),
-            )
+            if layouts is not None and r in asked and res.update.layout:
+                layouts[r] = res.update.layout
+            return _rank_result(order.get(r, -1), r, res.update)
 
         instances = [
             inst
             for inst in self._registry.instances.values()
-            if inst.kind == InstanceKind.VLLM and set(inst.ranks) & set(plan.targets)
+            if inst.kind == InstanceKind.VLLM and set(inst.ranks) & targets
         ]
-        rank_tasks = [
-            asyncio.ensure_future(run_rank(g, r)) for g, r in enumerate(plan.participants)
-        ]
+        rank_tasks = [asyncio.ensure_future(run_rank(r, c)) for r, c in cmds]
         engine_tasks = [asyncio.ensure_future(self._trigger(i, job, left())) for i in instances]
-        watchdog = asyncio.ensure_future(
-            self._hub.watch({r.node_id for r in plan.participants}, f"job {job.id}")
-        )
-        everything = rank_tasks + engine_tasks + [watchdog]
         try:
-            work = set(rank_tasks + engine_tasks)
-            while work:
-                done, _ = await asyncio.wait(work | {watchdog}, return_when=asyncio.FIRST_COMPLETED)
-                work -= done
-                failed = [t for t in done if t.exception() is not None]
-                if failed:
-                    err = failed[0].exception()
-                    self.abort(job, plan, str(getattr(err, "message", err)))
-                    # Give the others a bounded moment to report their own view.
-                    if work:
-                        await asyncio.wait(work, timeout=min(REPORT_GRACE_S, left()))
-                    raise err  # type: ignore[misc]
+            await self._wait(job, participants, rank_tasks + engine_tasks, left)
         finally:
-            for t in everything:
-                if not t.done():
-                    t.cancel()
             job.results = [
                 t.result()
                 for t in rank_tasks
@@ -184,3 +224,32 @@ class Executor:
         )
         if bad:
             raise Aborted(f"rank {bad[0].rank} ({bad[0].owner}): {bad[0].reason}")
+
+    async def _wait(
+        self,
+        job: Job,
+        participants: list[RankRef],
+        tasks: list[asyncio.Future],
+        left: Callable[[], float],
+    ) -> None:
+        """Until every task is done; the first failure aborts the others (who get a bounded
+        moment to report their own view) and is raised."""
+        watchdog = asyncio.ensure_future(
+            self._hub.watch({r.node_id for r in participants}, f"job {job.id}")
+        )
+        try:
+            work = set(tasks)
+            while work:
+                done, _ = await asyncio.wait(work | {watchdog}, return_when=asyncio.FIRST_COMPLETED)
+                work -= done
+                failed = [t for t in done if t.exception() is not None]
+                if failed:
+                    err = failed[0].exception()
+                    self.abort(job, participants, str(getattr(err, "message", err)))
+                    if work:
+                        await asyncio.wait(work, timeout=min(REPORT_GRACE_S, left()))
+                    raise err  # type: ignore[misc]
+        finally:
+            for t in [*tasks, watchdog]:
+                if not t.done():
+                    t.cancel()

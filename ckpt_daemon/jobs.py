@@ -4,6 +4,7 @@ records the outcome. Every wait has a deadline; the first failure aborts the oth
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -19,22 +20,23 @@ from ckpt_common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from ckpt_daemon import admission
+from ckpt_daemon import admission, shard_jobs
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
-from ckpt_daemon.execute import EngineTrigger, Executor, no_trigger
+from ckpt_daemon.execute import EngineTrigger, Executor, Group, no_trigger
 from ckpt_daemon.model import (
     CheckpointState,
     CheckpointVersion,
     Instance,
+    InstanceKind,
     Job,
     JobKind,
     JobState,
     RankRef,
+    TensorInfo,
     UpdateSpec,
 )
 from ckpt_daemon.planner import (
-    Plan,
     PlanError,
     align_up,
     choose_bucket_bytes,
@@ -45,9 +47,70 @@ from ckpt_daemon.planner import (
 )
 from ckpt_daemon.registry import Registry
 from ckpt_daemon.restore import Restorer, settle, split_instance
+from ckpt_daemon.shard_plan import Keep
 from ckpt_daemon.sources import p2p_sources
 
 log = structlog.get_logger("ckptd.jobs")
+
+
+METHODS = ("auto", "broadcast", "sharded", "p2p", "")
+
+
+def owner_bytes(tensors: list[TensorInfo]) -> int:
+    """The most bytes one owner sends (aligned)."""
+    per: dict[RankRef, int] = {}
+    for t in tensors:
+        per[t.owner] = per.get(t.owner, 0) + align_up(t.nbytes)
+    return max(per.values(), default=0)
+
+
+def maps_bytes(tensors: list[TensorInfo], maps: dict[RankRef, list[Keep]]) -> int:
+    """The most bytes one rank keeps (a bound on one class's stream from one owner)."""
+    by = {t.name: t for t in tensors}
+
+    def part(k: Keep) -> int:
+        t = by[k.name]
+        return t.nbytes if k.dim < 0 else t.nbytes // t.shape[k.dim] * k.length
+
+    return max((sum(align_up(part(k)) for k in ks) for ks in maps.values()), default=0)
+
+
+def layout_unknown(registry: Registry, targets: list[RankRef]) -> list[RankRef]:
+    """Target ranks whose vLLM engine has not reported its sharding layout."""
+    tset = set(targets)
+    return [
+        r
+        for inst in registry.instances.values()
+        if inst.kind == InstanceKind.VLLM and not inst.layout and set(inst.ranks) & tset
+        for r in inst.ranks
+    ]
+
+
+def learn_layouts(registry: Registry, answers: dict[RankRef, str]) -> None:
+    """Stores the layout of each instance whose every rank's engine reported its map."""
+    for inst in list(registry.instances.values()):
+        if inst.layout or not inst.ranks or not all(answers.get(r) for r in inst.ranks):
+            continue
+        try:
+            maps = [json.loads(answers[r]) for r in inst.ranks]
+        except ValueError:
+            log.warning("layout_unreadable", instance=inst.name)
+            continue
+        if not all(isinstance(m, dict) for m in maps):
+            continue
+        inst.layout = registry.put_layout(maps)
+        registry.put_instance(inst)
+        log.info("layout_learned", instance=inst.name, layout=inst.layout)
+
+
+def forget_layouts(registry: Registry, targets: list[RankRef]) -> None:
+    """After a failed shard-aware update: the layouts are learned again (an engine that
+    changed its sharding refuses parts planned for the old one)."""
+    tset = set(targets)
+    for inst in registry.instances.values():
+        if inst.layout and set(inst.ranks) & tset:
+            inst.layout = ""
+            registry.put_instance(inst)
 
 
 class JobRunner:
@@ -162,7 +225,7 @@ class JobRunner:
         return cv
 
     async def submit_update(self, spec: UpdateSpec, kind: JobKind = JobKind.UPDATE) -> Job:
-        if spec.method not in ("broadcast", "p2p", ""):
+        if spec.method not in METHODS:
             raise InvalidArgument(f"unknown update method {spec.method!r}")
         cv = self.resolve_checkpoint(spec)
         try:  # off the event loop: thousands of patterns over a million tensors take a while
@@ -177,69 +240,7 @@ class JobRunner:
         clash = sorted({self._busy_targets[r] for r in targets if r in self._busy_targets})
         if clash:
             raise FailedPrecondition(f"an update to some of these ranks is running: job {clash[0]}")
-        owners = {t.owner for t in tensors}
-        p2p = spec.method == "p2p"
-        sources: list[apb.P2PSource] = []
-        live: dict[RankRef, tuple[str, int]] = {}
-        if p2p:
-            # Readers read each shard from its owner or, when the owner is gone, from its
-            # mirror (replicas=2); the owners themselves take no part in the collective.
-            live = self._p2p_sources(cv) or {}
-            missing = sorted(str(o) for o in owners if not live.get(o, ("", 0))[0])
-            if missing:
-                raise FailedPrecondition(
-                    f"shards of {missing} can be read from nowhere: their agents are gone (and "
-                    "no mirror holds them) or are not registered for P2P (no Mooncake, --p2p off)"
-                )
-        else:
-            gone = sorted(str(o) for o in owners if not self._hub.attached(o.node_id))
-            if gone:
-                raise Unavailable(f"agents holding checkpoint bytes are not attached: {gone}")
-        participants = set(targets) if p2p else set(targets) | owners
-        kinds = {self._device_kind(r) for r in participants}
-        cap = (
-            self._config.max_bucket_bytes_cuda
-            if "cuda" in kinds
-            else self._config.max_bucket_bytes_cpu
-        )
-        free = [self._registry.free_bytes(r) for r in participants]
-        nbuf = choose_nbuf(kinds, free, self._config.nbuf)
-        per_owner: dict[RankRef, int] = {}
-        for t in tensors:
-            per_owner[t.owner] = per_owner.get(t.owner, 0) + align_up(t.nbytes)
-        try:
-            bucket_bytes = choose_bucket_bytes(
-                free,
-                nbuf=nbuf,
-                cap=cap,
-                requested=spec.bucket_bytes,
-                largest_owner_bytes=max(per_owner.values()),
-            )
-        except PlanError as e:
-            cls = InvalidArgument if spec.bucket_bytes else ResourceExhausted
-            raise cls(str(e)) from None
-        partial = len(tensors) != len(cv.tensors)
-        if p2p:
-            plan, owners_order = await asyncio.to_thread(
-                plan_p2p,
-                tensors,
-                targets,
-                bucket_bytes=bucket_bytes,
-                nbuf=nbuf,
-                partial=partial,
-            )
-            for o in owners_order:
-                session, addr = live[o]
-                sources.append(apb.P2PSource(session=session, addr=addr))
-        else:
-            plan = await asyncio.to_thread(
-                plan_update,
-                tensors,
-                targets,
-                bucket_bytes=bucket_bytes,
-                nbuf=nbuf,
-                partial=partial,
-            )
+        groups = await self._plan(spec, cv, tensors, targets)
         job = Job(
             id=uuid.uuid4().hex[:12],
             kind=kind,
@@ -249,25 +250,89 @@ class JobRunner:
             version=cv.version,
             targets=targets,
             target_ranks=target_ranks,
-            buckets_total=len(plan.buckets),
-            bytes_total=plan.total_bytes,
-            bucket_bytes=bucket_bytes,
+            buckets_total=sum(len(g.plan.buckets) for g in groups),
+            bytes_total=sum(t.nbytes for t in tensors),
+            bucket_bytes=groups[0].plan.bucket_bytes,
         )
         for r in targets:
             self._busy_targets[r] = job.id
         self._registry.put_job(job)
         self._changed[job.id] = asyncio.Event()
-        self._tasks[job.id] = asyncio.create_task(self._run(job, plan, sources))
+        self._tasks[job.id] = asyncio.create_task(self._run(job, groups))
         log.info(
-            "job_submitted",
-            job=job.id,
-            checkpoint=cv.name,
-            version=cv.version,
-            ranks=target_ranks,
-            buckets=len(plan.buckets),
-            bucket_bytes=bucket_bytes,
-        )
+            "job_submitted", job=job.id, checkpoint=cv.name, version=cv.version,
+            ranks=target_ranks, buckets=job.buckets_total, bucket_bytes=job.bucket_bytes,
+            groups=len(groups), sharded=groups[0].plan.kept,
+        )  # fmt: skip
         return job
+
+    async def _plan(
+        self,
+        spec: UpdateSpec,
+        cv: CheckpointVersion,
+        tensors: list[TensorInfo],
+        targets: list[RankRef],
+    ) -> list[Group]:
+        """The job's groups: shard-aware where it can be (method auto/sharded), a P2P join,
+        or a broadcast."""
+        partial = len(tensors) != len(cv.tensors)
+        if spec.method in ("auto", "sharded"):
+            try:
+                maps = shard_jobs.keeps(tensors, shard_jobs.target_maps(self._registry, targets))
+                bucket_bytes, nbuf = self._buckets(spec, set(targets), maps_bytes(tensors, maps))
+                return await asyncio.to_thread(
+                    shard_jobs.groups, cv, tensors, maps, self._p2p_sources(cv) or {},
+                    bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial,
+                )  # fmt: skip
+            except shard_jobs.NotSharded as e:
+                if spec.method == "sharded":
+                    raise FailedPrecondition(f"no shard-aware plan: {e}") from None
+                log.info("broadcast_not_sharded", why=str(e))
+        owners = {t.owner for t in tensors}
+        if spec.method == "p2p":
+            live = self._p2p_sources(cv) or {}
+            missing = sorted(str(o) for o in owners if not live.get(o, ("", 0))[0])
+            if missing:
+                raise FailedPrecondition(
+                    f"shards of {missing} can be read from nowhere: their agents are gone (and "
+                    "no mirror holds them) or are not registered for P2P (no Mooncake, --p2p off)"
+                )
+            bucket_bytes, nbuf = self._buckets(spec, set(targets), owner_bytes(tensors))
+            plan, order = await asyncio.to_thread(
+                plan_p2p, tensors, targets, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial
+            )
+            sources = [apb.P2PSource(session=live[o][0], addr=live[o][1]) for o in order]
+            return [Group(plan=plan, sources=sources)]
+        gone = sorted(str(o) for o in owners if not self._hub.attached(o.node_id))
+        if gone:
+            raise Unavailable(f"agents holding checkpoint bytes are not attached: {gone}")
+        bucket_bytes, nbuf = self._buckets(spec, set(targets) | owners, owner_bytes(tensors))
+        plan = await asyncio.to_thread(
+            plan_update, tensors, targets, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial
+        )
+        return [Group(plan=plan)]
+
+    def _buckets(
+        self, spec: UpdateSpec, participants: set[RankRef], largest_stream: int
+    ) -> tuple[int, int]:
+        """(bucket bytes, buffers per participant) for these participants' free memory."""
+        kinds = {self._device_kind(r) for r in participants}
+        cap = (
+            self._config.max_bucket_bytes_cuda
+            if "cuda" in kinds
+            else self._config.max_bucket_bytes_cpu
+        )
+        free = [self._registry.free_bytes(r) for r in participants]
+        nbuf = choose_nbuf(kinds, free, self._config.nbuf)
+        try:
+            size = choose_bucket_bytes(
+                free, nbuf=nbuf, cap=cap, requested=spec.bucket_bytes,
+                largest_owner_bytes=largest_stream,
+            )  # fmt: skip
+        except PlanError as e:
+            cls = InvalidArgument if spec.bucket_bytes else ResourceExhausted
+            raise cls(str(e)) from None
+        return size, nbuf
 
     def _p2p_sources(self, cv: CheckpointVersion) -> dict[RankRef, tuple[str, int]] | None:
         return p2p_sources(self._registry, self._hub.attached, cv)
@@ -341,8 +406,10 @@ class JobRunner:
 
     # ---------------------------------------------------------------- run
 
-    async def _acquire_participants(self, job: Job, plan: Plan, deadline: float) -> None:
-        while any(r in self._busy_participants for r in plan.participants):
+    async def _acquire_participants(
+        self, job: Job, participants: list[RankRef], deadline: float
+    ) -> None:
+        while any(r in self._busy_participants for r in participants):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise Unavailable("timed out waiting for another job on the same ranks")
@@ -351,11 +418,11 @@ class JobRunner:
                 await asyncio.wait_for(self._participants_freed.wait(), left)
             except TimeoutError:
                 pass
-        for r in plan.participants:
+        for r in participants:
             self._busy_participants[r] = job.id
 
-    def _release(self, job: Job, plan: Plan) -> None:
-        for r in plan.participants:
+    def _release(self, job: Job, participants: list[RankRef]) -> None:
+        for r in participants:
             if self._busy_participants.get(r) == job.id:
                 del self._busy_participants[r]
         for r in job.targets:
@@ -363,19 +430,22 @@ class JobRunner:
                 del self._busy_targets[r]
         self._participants_freed.set()
 
-    async def _run(self, job: Job, plan: Plan, sources: list[apb.P2PSource]) -> None:
+    async def _run(self, job: Job, groups: list[Group]) -> None:
         timeout = job.spec.timeout_s or self._config.update_timeout_s
         deadline = time.monotonic() + timeout
         bind = structlog.contextvars.bound_contextvars(job=job.id, checkpoint=job.spec.checkpoint)
         bind.__enter__()
+        participants = [r for g in groups for r in g.plan.participants]
+        layouts = dict.fromkeys(layout_unknown(self._registry, job.targets), "")
         try:
-            await self._acquire_participants(job, plan, deadline)
+            await self._acquire_participants(job, participants, deadline)
             self._mark_pending(job)
             job.state = JobState.RUNNING
             job.started = time.time()
             self._registry.put_job(job)
             self._notify(job)
-            await self._exec.run(job, plan, deadline, sources, self._notify)
+            await self._exec.run(job, groups, deadline, self._notify, layouts)
+            learn_layouts(self._registry, layouts)
             job.state = JobState.SUCCEEDED
             log.info(
                 "job_succeeded", seconds=round(time.time() - job.started, 4), bytes=job.bytes_total
@@ -383,7 +453,7 @@ class JobRunner:
         except asyncio.CancelledError:
             why = "ckptd stopped while the job ran" if self._closing else "cancelled"
             job.state, job.reason = JobState.CANCELLED, why
-            self._exec.abort(job, plan, why)
+            self._exec.abort(job, participants, why)
         except CkptError as e:
             job.state, job.reason = JobState.FAILED, e.message
             log.warning("job_failed", reason=e.message)
@@ -393,8 +463,10 @@ class JobRunner:
         finally:
             job.finished = time.time()
             self._hub.on_progress(job.id, None)
-            self._release(job, plan)
+            self._release(job, participants)
             self._settle_instances(job)
+            if job.state != JobState.SUCCEEDED and groups[0].plan.kept:
+                forget_layouts(self._registry, job.targets)
             if job.state != JobState.SUCCEEDED and not self._closing:
                 await self.restorer.after(job, self._touched(job))
             self._registry.put_job(job)

@@ -173,6 +173,7 @@ class Instance:
     # them): {"checkpoint", "version", "tensors"}
     overlays: list[dict] = field(default_factory=list)
     weight_transfer: str = ""  # vLLM: "ckptd" (native weight-transfer API) or "" (extension)
+    layout: str = ""  # its engine's sharding layout (Registry.layout), "" until reported
 
 
 @dataclass(kw_only=True, slots=True)
@@ -201,7 +202,7 @@ class UpdateSpec:
     version: int = 0
     ranks: list[int] = field(default_factory=list)
     instances: list[str] = field(default_factory=list)
-    method: str = "broadcast"
+    method: str = "auto"  # auto (shard-aware where layouts are known) | broadcast | sharded | p2p
     bucket_bytes: int = 0
     tensors: list[str] = field(default_factory=list)
     timeout_s: float = 0.0

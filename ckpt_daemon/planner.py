@@ -176,6 +176,8 @@ class Entry(NamedTuple):
     store_offset: int
     nbytes: int
     chunk_offset: int
+    rows: int = 1  # a strided read (shard_plan): rows runs of nbytes // rows bytes,
+    stride: int = 0  # stride bytes apart in the store, packed in the bucket
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -195,6 +197,8 @@ class Plan:
     nbuf: int
     total_bytes: int
     partial: bool
+    kept: bool = False  # tensors are the parts the targets keep (shard_plan), not whole
+    group: str = ""  # one of several groups of a job (shard-aware: one per class)
 
     def is_target(self, group_rank: int) -> bool:
         return group_rank < len(self.targets)

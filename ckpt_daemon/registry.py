@@ -8,6 +8,7 @@ All methods are synchronous and thread-safe; callers on the event loop hand the 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sqlite3
@@ -73,6 +74,8 @@ CREATE TABLE IF NOT EXISTS agents (
   version TEXT NOT NULL, pid INTEGER NOT NULL, ipc_dir TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS instances (
   name TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS layouts (
+  id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
   id TEXT PRIMARY KEY, created REAL NOT NULL, body TEXT NOT NULL);
 """
@@ -97,6 +100,7 @@ class Registry:
         self.agents: dict[str, AgentInfo] = {}
         self.instances: dict[str, Instance] = {}
         self.jobs: dict[str, Job] = {}
+        self._layouts: dict[str, list[dict]] = {}
         self._load()
 
     # ------------------------------------------------------------------ loading
@@ -513,6 +517,28 @@ class Registry:
             if inst:
                 self._db.execute("DELETE FROM instances WHERE name=?", (name,))
             return inst
+
+    # ------------------------------------------------------------------ layouts
+
+    def put_layout(self, maps: list[dict]) -> str:
+        """Stores a sharding layout (each engine rank's map, vllm_ext.layout, in the
+        instance's rank order) under its digest; instances of one layout share it."""
+        body = json.dumps(maps, sort_keys=True, separators=(",", ":"))
+        lid = hashlib.sha256(body.encode()).hexdigest()[:24]
+        with self._lock:
+            if lid not in self._layouts:
+                self._db.execute("INSERT OR REPLACE INTO layouts VALUES (?,?)", (lid, body))
+                self._layouts[lid] = json.loads(body)
+        return lid
+
+    def layout(self, lid: str) -> list[dict] | None:
+        with self._lock:
+            got = self._layouts.get(lid)
+            if got is None and lid:
+                row = self._db.execute("SELECT body FROM layouts WHERE id=?", (lid,)).fetchone()
+                if row:
+                    got = self._layouts[lid] = json.loads(row[0])
+            return got
 
     # ------------------------------------------------------------------ jobs
 

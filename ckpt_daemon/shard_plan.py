@@ -18,15 +18,17 @@ row at an element). Vectorised with numpy: a million kept parts plan in well und
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ckpt_common.dtypes import DTYPE_SIZES
+from ckpt_common.p2p import encode as p2p_encode
+from ckpt_common.pieces import Piece
 from ckpt_daemon.model import RankRef, TensorInfo
-from ckpt_daemon.planner import ALIGN, PlanError
+from ckpt_daemon.planner import ALIGN, BucketPlan, Entry, Plan, PlanError
 
 MAX_DIMS = 8
 
@@ -91,31 +93,48 @@ class _Tensors:
 
     def __init__(self, tensors: Sequence[TensorInfo], owners: list[RankRef]) -> None:
         n = len(tensors)
-        self.index: dict[str, int] = {}
         owner_ix = {r: i for i, r in enumerate(owners)}
-        self.owner = np.empty(n, dtype=np.int64)
-        self.offset = np.empty(n, dtype=np.int64)
-        self.item = np.empty(n, dtype=np.int64)
-        self.nbytes = np.empty(n, dtype=np.int64)
-        self.ndim = np.empty(n, dtype=np.int64)
+        # a tensor stored in pieces is kept whole (see the module doc): it has no index
+        self.pieces = {t.name for t in tensors if t.piece is not None}
+        self.index = {t.name: i for i, t in enumerate(tensors) if t.piece is None}
+        if any(len(t.shape) > MAX_DIMS for t in tensors):
+            raise PlanError(f"a tensor has over {MAX_DIMS} dimensions")
+
+        def col(values: list[int]) -> np.ndarray:
+            return np.array(values, dtype=np.int64).reshape(n)
+
+        by_id = {id(r): i for r, i in owner_ix.items()}  # owners are shared objects: no hashing
+        self.owner = col([by_id.get(id(t.owner), -1) for t in tensors])
+        for i in np.nonzero(self.owner < 0)[0]:  # an equal owner held in another object
+            self.owner[i] = owner_ix[tensors[i].owner]
+        self.offset = col([t.store_offset for t in tensors])
+        self.item = col([DTYPE_SIZES[t.dtype] for t in tensors])
+        self.nbytes = col([t.nbytes for t in tensors])
+        self.ndim = col([len(t.shape) for t in tensors])
         self.shape = np.ones((n, MAX_DIMS), dtype=np.int64)
-        self.pieces: set[str] = set()
-        for i, t in enumerate(tensors):
-            if t.piece is not None:
-                self.pieces.add(t.name)
-                continue  # a tensor stored in pieces is kept whole (see the module doc)
-            if len(t.shape) > MAX_DIMS:
-                raise PlanError(f"tensor {t.name!r} has over {MAX_DIMS} dimensions")
-            self.index[t.name] = i
-            self.owner[i] = owner_ix[t.owner]
-            self.offset[i] = t.store_offset
-            self.item[i] = DTYPE_SIZES[t.dtype]
-            self.nbytes[i] = t.nbytes
-            self.ndim[i] = len(t.shape)
-            self.shape[i, : len(t.shape)] = t.shape
+        for d in np.unique(self.ndim):
+            rows = np.nonzero(self.ndim == d)[0]
+            if d:
+                self.shape[rows, :d] = np.array([tensors[i].shape for i in rows], np.int64)
+        self._last: tuple[list[str], np.ndarray] | None = None
         # inner[i, d]: elements of one step along dimension d (product of the later dims)
         rev = np.cumprod(self.shape[:, ::-1], axis=1)[:, ::-1]
         self.inner = np.concatenate([rev[:, 1:], np.ones((n, 1), dtype=np.int64)], axis=1)
+
+    def indices(self, names: list[str]) -> np.ndarray:
+        """The stored entry of each name (the classes of a layout keep the same names: the
+        last lookup is reused when they are equal, which compares string identities)."""
+        if self._last is not None and self._last[0] == names:
+            return self._last[1]
+        try:
+            t = np.array(list(map(self.index.__getitem__, names)), dtype=np.int64)
+        except KeyError as e:
+            missing = e.args[0]
+            why = "is stored in pieces" if missing in self.pieces else "is not in the checkpoint"
+            raise PlanError(f"a rank keeps part of {missing!r}, which {why}") from None
+        t = t.reshape(len(names))
+        self._last = (names, t)
+        return t
 
 
 def plan_class(
@@ -139,15 +158,10 @@ def _plan(ts: _Tensors, owners: list[RankRef], keeps: list[Keep], bucket_bytes: 
     if bucket_bytes < ALIGN or bucket_bytes % ALIGN:
         raise PlanError(f"bucket_bytes must be a positive multiple of {ALIGN}")
     n = len(keeps)
-    try:
-        t = np.fromiter((ts.index[k.name] for k in keeps), dtype=np.int64, count=n)
-    except KeyError as e:
-        missing = e.args[0]
-        why = "is stored in pieces" if missing in ts.pieces else "is not in the checkpoint"
-        raise PlanError(f"a rank keeps part of {missing!r}, which {why}") from None
-    dim = np.fromiter((k.dim for k in keeps), dtype=np.int64, count=n)
-    start = np.fromiter((k.start for k in keeps), dtype=np.int64, count=n)
-    length = np.fromiter((k.length for k in keeps), dtype=np.int64, count=n)
+    t = ts.indices([k[0] for k in keeps])
+    dim = np.array([k[1] for k in keeps], dtype=np.int64).reshape(n)
+    start = np.array([k[2] for k in keeps], dtype=np.int64).reshape(n)
+    length = np.array([k[3] for k in keeps], dtype=np.int64).reshape(n)
     whole = dim < 0
     d = np.where(whole, 0, dim)
     if np.any(~whole & (d >= ts.ndim[t])):
@@ -163,7 +177,7 @@ def _plan(ts: _Tensors, owners: list[RankRef], keeps: list[Keep], bucket_bytes: 
     total = outer * run
     # the stream of each owner: parts in store order, each aligned
     owner = ts.owner[t]
-    order = np.lexsort((src, owner))
+    order = np.argsort((owner << 40) | src)  # unique keys (a store is under 1 TiB)
     size = (total[order] + ALIGN - 1) // ALIGN * ALIGN
     first = np.ones(n, dtype=bool)
     first[1:] = owner[order][1:] != owner[order][:-1]
@@ -255,4 +269,133 @@ def _split_part(
         n = min(run - inrow, room) // item * item or min(run - inrow, room)
         out.append((keep, t, src + r * stride + inrow, 1, n, n, done, base + b, pos + done - b * B))
         done += n
+    return out
+
+
+# --------------------------------------------------------------------------- from maps to groups
+
+
+def keeps_of(layout: Mapping[str, Any], tensors: Sequence[TensorInfo]) -> list[Keep]:
+    """A rank's keeps among the tensors of an update, from its sharding map (vllm_ext.layout:
+    {name: "whole" | [offset, shape]}), in the tensors' order. A box narrowed on one
+    dimension is a part; narrowed on none, or on several, the tensor is kept whole (the
+    engine's loader narrows it). Names the map lacks are not kept. A malformed map: PlanError."""
+    out: list[Keep] = []
+    for t in tensors:
+        box = layout.get(t.name)
+        if box is None:
+            continue
+        if box == "whole":
+            out.append(Keep(t.name))
+            continue
+        try:
+            off, shape = ([int(x) for x in v] for v in box)
+        except (TypeError, ValueError):
+            raise PlanError(f"the sharding map of {t.name!r} is malformed: {box!r:.80}") from None
+        n = len(t.shape)
+        if (
+            len(off) != n
+            or len(shape) != n
+            or any(
+                o < 0 or s <= 0 or o + s > f for o, s, f in zip(off, shape, t.shape, strict=True)
+            )
+        ):
+            raise PlanError(f"the sharding map of {t.name!r} lies outside its shape {t.shape}")
+        narrowed = [d for d in range(n) if off[d] != 0 or shape[d] != t.shape[d]]
+        if len(narrowed) == 1:
+            d = narrowed[0]
+            out.append(Keep(t.name, d, off[d], shape[d]))
+        else:
+            out.append(Keep(t.name))
+    return out
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GroupPlan:
+    """One class's group: its members read the class's buckets from the owners' stores
+    (each bucket by one member, on the owner's node where the class has one) and broadcast
+    them among themselves. `sources[i]` is the owner an entry's source index i names, and
+    `local[i]` whether every read of it is on the owner's own node."""
+
+    plan: Plan
+    sources: list[RankRef]
+    local: list[bool]
+
+
+def _part(t: TensorInfo, k: Keep) -> TensorInfo:
+    if k.dim < 0:
+        return t
+    off = [0] * len(t.shape)
+    shape = list(t.shape)
+    off[k.dim], shape[k.dim] = k.start, k.length
+    nbytes = t.nbytes // t.shape[k.dim] * k.length
+    return replace(t, nbytes=nbytes, checksum=None, piece=Piece(tuple(off), tuple(shape)))
+
+
+def _readers(cp: ClassPlan, members: list[RankRef]) -> list[int]:
+    """Each bucket's reader (group rank): the class's members on its owner's node in turn,
+    or every member in turn where none is there."""
+    turn: dict[RankRef, int] = {}
+    out = []
+    for b in cp.buckets:
+        near = [g for g, m in enumerate(members) if m.node_id == b.owner.node_id]
+        pool = near or list(range(len(members)))
+        k = turn.get(b.owner, 0)
+        turn[b.owner] = k + 1
+        out.append(pool[k % len(pool)])
+    return out
+
+
+def _interleave(cp: ClassPlan) -> list[int]:
+    """Bucket order: owners in turn, so consecutive buckets come from different owners."""
+    per: dict[RankRef, list[int]] = {}
+    for i, b in enumerate(cp.buckets):
+        per.setdefault(b.owner, []).append(i)
+    lists = list(per.values())
+    return [lst[k] for k in range(max(map(len, lists), default=0)) for lst in lists if k < len(lst)]
+
+
+def group_plans(
+    tensors: Sequence[TensorInfo],
+    maps: Mapping[RankRef, Sequence[Keep]],
+    *,
+    bucket_bytes: int,
+    nbuf: int,
+    partial: bool,
+) -> list[GroupPlan]:
+    """A shard-aware update: one group per class of target ranks keeping the same parts."""
+    ranks = sorted(maps)
+    plans, of = plan_classes(tensors, [maps[r] for r in ranks], bucket_bytes=bucket_bytes)
+    by_name = {t.name: t for t in tensors if t.piece is None}
+    out = []
+    for c, cp in enumerate(plans):
+        members = [r for r, k in zip(ranks, of, strict=True) if k == c]
+        owners = sorted({b.owner for b in cp.buckets})
+        src = {o: i for i, o in enumerate(owners)}
+        readers = _readers(cp, members)
+        order = _interleave(cp)
+        new = {old: i for i, old in enumerate(order)}
+        r = cp.runs
+        entries: list[list[Entry]] = [[] for _ in order]
+        for i in np.lexsort((r.offset, r.bucket)):
+            b = int(r.bucket[i])
+            rows, run = int(r.rows[i]), int(r.run[i])
+            entries[new[b]].append(
+                Entry(int(r.keep[i]), int(r.offset[i]),
+                      p2p_encode(src[cp.buckets[b].owner], int(r.src[i])),
+                      rows * run, int(r.dst[i]), rows, int(r.stride[i]))
+            )  # fmt: skip
+        buckets = [
+            BucketPlan(owner=readers[old], nbytes=cp.buckets[old].nbytes, entries=tuple(e))
+            for old, e in zip(order, entries, strict=True)
+        ]
+        plan = Plan(
+            participants=members, targets=members,
+            tensors=[_part(by_name[k.name], k) for k in cp.keeps], buckets=buckets,
+            bucket_bytes=bucket_bytes, nbuf=nbuf, total_bytes=cp.nbytes, partial=partial,
+            kept=True, group=f"c{c}",
+        )  # fmt: skip
+        near = [all(members[readers[i]].node_id == o.node_id
+                    for i, b in enumerate(cp.buckets) if b.owner == o) for o in owners]  # fmt: skip
+        out.append(GroupPlan(plan=plan, sources=owners, local=near))
     return out

@@ -146,7 +146,12 @@ def cmd_update(c: Client, a: argparse.Namespace) -> int:
     name, version = _split_ref(a.checkpoint)
     ranks = parse_ranks(a.ranks) if a.ranks else []
     instances = a.instances.split(",") if a.instances else []
-    method = tpb.UPDATE_P2P if a.method == "p2p" else tpb.UPDATE_BROADCAST
+    method = {
+        "auto": tpb.UPDATE_METHOD_UNSPECIFIED,
+        "broadcast": tpb.UPDATE_BROADCAST,
+        "sharded": tpb.UPDATE_SHARDED,
+        "p2p": tpb.UPDATE_P2P,
+    }[a.method]
     job = c.update(
         name,
         version,
@@ -372,7 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ranks", default="", help="e.g. 0-3,6")
     s.add_argument("--instances", default="", help="comma-separated instance names")
     s.add_argument("--tensors", default="", help="partial update: names or prefixes")
-    s.add_argument("--method", choices=["broadcast", "p2p"], default="broadcast")
+    s.add_argument(
+        "--method",
+        choices=["auto", "broadcast", "sharded", "p2p"],
+        default="auto",
+        help="auto: each rank receives only what it keeps once its engine reported its "
+        "sharding (sharded: or fail), else everything (broadcast)",
+    )
     s.add_argument("--bucket-mib", type=int, default=0)
     s.add_argument("--timeout", type=float, default=0.0)
     s.add_argument("--wait", action="store_true", help="follow progress until it ends")

@@ -193,7 +193,7 @@ class Client:
         tensors: list[str] | None = None,
         bucket_bytes: int = 0,
         timeout_s: float = 0.0,
-        method: int = tpb.UPDATE_BROADCAST,
+        method: int = tpb.UPDATE_METHOD_UNSPECIFIED,
     ) -> tpb.Job:
         return self._call(
             "Update",

@@ -44,6 +44,7 @@ class EngineUpdate:
         self._receiver: Receiver | None = None
         self._expected: dict[str, tuple[int, ...]] | None = None
         self._feeds: Any = None
+        self._layout: dict[tuple[str, str, tuple[int, ...]], Any] = {}  # tensor -> box
 
     def update(self, spec: dict, rank: int) -> dict:
         """Takes one update. spec: {job_id, endpoints, timeout_s, step_timeout_s,
@@ -66,6 +67,7 @@ class EngineUpdate:
             done = recv.receive(
                 load=self._load,
                 validate=self._validate,
+                layout=self._layout_of,
                 job_id=str(spec.get("job_id", "")),
                 wait_s=min(60.0, timeout),
                 step_timeout_s=step,
@@ -114,11 +116,25 @@ class EngineUpdate:
             self._expected = expected_from_model(self.vllm_config, self._model())
         return self._expected or None
 
+    def _layout_of(self, info: UpdateInfo) -> dict[str, Any]:
+        """This rank's sharding map over the update's tensors (vllm_ext.layout), taken once
+        per tensor (name, dtype, shape) for the life of the engine."""
+        from vllm_ext.layout import capture
+
+        keys = [(m.name, m.dtype, tuple(int(d) for d in m.shape)) for m in info.tensors]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._layout))
+        if todo:
+            got = capture(self._model(), todo, self.device or "cpu")
+            for k in todo:
+                self._layout[k] = got.get(k[0])
+        return {k[0]: self._layout[k] for k in keys if self._layout[k] is not None}
+
     def _validate(self, info: UpdateInfo) -> str | None:
         from vllm_ext.model_names import check_names
 
         expected = self._expected_names()
-        problem = check_names(info.tensors, expected, self._model(), partial=info.partial)
+        partial = info.partial or info.kept  # a rank's parts: the layout check covers them
+        problem = check_names(info.tensors, expected, self._model(), partial=partial)
         if problem or not info.partial:
             return problem
         return self._check_layers({t.name for t in info.tensors}, expected)

@@ -11,6 +11,7 @@ continues in a later bucket) and tensors cut into chunks, which are handed over 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -58,12 +59,41 @@ def pieces_problem(tensors: list[tpb.TensorMeta]) -> str | None:
     return None if bad is None else f"tensor {bad[0]!r}: {bad[1]}"
 
 
+def kept_problem(
+    tensors: list[tpb.TensorMeta], layout: dict[str, Any], partial: bool
+) -> str | None:
+    """Why the parts of a shard-aware update are not what this rank keeps (its layout has
+    changed since ckptd planned), or None."""
+    got = set()
+    for m in tensors:
+        mine = layout.get(m.name)
+        p = piece_of(m.piece_offset, m.piece_shape)
+        if mine is None:
+            return f"tensor {m.name!r}: this rank keeps none of it"
+        if p is not None and mine != [list(p.offset), list(p.shape)]:
+            return (
+                f"tensor {m.name!r}: sent {list(p.offset)}+{list(p.shape)}, this rank keeps {mine}"
+            )
+        got.add(m.name)
+    if not partial:
+        missing = sorted(set(layout) - got)
+        if missing:
+            return f"{len(missing)} tensors this rank keeps are missing, e.g. {missing[0]!r}"
+    return None
+
+
 class Assembly:
     """Pieces of tensors copied into the whole tensor; each whole handed over once its last
-    piece came. Whole tensors pass through untouched."""
+    piece came. Whole tensors pass through untouched.
 
-    def __init__(self, tensors: list[tpb.TensorMeta]) -> None:
+    Kept parts (a shard-aware update: each piece is the part this rank keeps) are handed
+    over one by one, each in a tensor of the full shape of which only the part is written:
+    the engine's loader narrows it to exactly that part (the layout says so), and nothing
+    else of it is read."""
+
+    def __init__(self, tensors: list[tpb.TensorMeta], kept: bool = False) -> None:
         self._left: dict[str, int] = {}  # name -> piece bytes still to come
+        self._kept = kept
         for m in tensors:
             if m.piece_shape or m.piece_offset:
                 self._left[m.name] = self._left.get(m.name, 0) + m.nbytes
@@ -87,7 +117,7 @@ class Assembly:
             self._whole[meta.name] = whole
         whole[region(p)].copy_(raw.view(dt).reshape(p.shape))
         self._left[meta.name] -= meta.nbytes
-        if self._left[meta.name] > 0:
+        if self._left[meta.name] > 0 and not self._kept:
             return []
         del self._whole[meta.name]
         m = tpb.TensorMeta(name=meta.name, dtype=meta.dtype, shape=meta.shape)
@@ -103,10 +133,12 @@ class UpdateInfo:
     tensors: list[tpb.TensorMeta]
     partial: bool
     device: int
+    kept: bool = False  # the tensors are this rank's parts (TensorMeta.piece_*)
 
 
 Validate = Callable[[UpdateInfo], str | None]
 Load = Callable[[UpdateInfo, Iterator[tuple[str, Any]]], None]
+Layout = Callable[[UpdateInfo], dict[str, Any]]  # the engine's sharding map (vllm_ext.layout)
 
 
 class Receiver:
@@ -171,6 +203,7 @@ class Receiver:
         *,
         load: Load,
         validate: Validate | None = None,
+        layout: Layout | None = None,
         job_id: str = "",
         wait_s: float = 60.0,
         step_timeout_s: float = 300.0,
@@ -198,13 +231,13 @@ class Receiver:
             tensors=list(b.tensors),
             partial=b.partial,
             device=b.device,
+            kept=b.kept,
         )
-        try:
-            problem = pieces_problem(info.tensors) or (validate(info) if validate else None)
-        except Exception as e:
-            problem = f"validation crashed: {e!r}"
+        problem, mine = self._validate(info, b.want_layout, validate, layout)
         self._send(
-            ipb.ReceiverMessage(validated=ipb.Validated(ok=not problem, reason=problem or ""))
+            ipb.ReceiverMessage(
+                validated=ipb.Validated(ok=not problem, reason=problem or "", layout=mine)
+            )
         )
         try:
             go = self._recv(step_timeout_s, ("proceed",))
@@ -239,6 +272,26 @@ class Receiver:
         self._send(ipb.ReceiverMessage(done=done))
         return done
 
+    @staticmethod
+    def _validate(
+        info: UpdateInfo, want_layout: bool, validate: Validate | None, layout: Layout | None
+    ) -> tuple[str | None, str]:
+        """(why the update cannot be taken or None, this rank's layout as JSON if asked)."""
+        mine = ""
+        try:
+            if info.kept:
+                if layout is None:
+                    return "this engine cannot take kept parts (it reports no layout)", ""
+                problem = kept_problem(info.tensors, layout(info), info.partial)
+            else:
+                problem = pieces_problem(info.tensors)
+            problem = problem or (validate(info) if validate else None)
+            if want_layout and layout is not None and not problem:
+                mine = json.dumps(layout(info), separators=(",", ":"))
+        except Exception as e:
+            problem = f"validation crashed: {e!r}"
+        return problem, mine
+
     def _tensors(
         self, info: UpdateInfo, buf: Any, slot_bytes: int, timeout_s: float, touched: list[bool]
     ) -> Iterator[tuple[str, Any]]:
@@ -247,7 +300,7 @@ class Receiver:
         import torch
 
         partial: dict[int, tuple[Any, int]] = {}  # tensor index -> (bytes, received)
-        pieces = Assembly(info.tensors)
+        pieces = Assembly(info.tensors, info.kept)
         while True:
             msg = self._recv(timeout_s, ("bucket", "end"))
             if msg is None:

@@ -24,12 +24,14 @@ class HeldStore(_message.Message):
     def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., device: _Optional[int] = ..., segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., p2p: _Optional[_Union[P2PSource, _Mapping]] = ...) -> None: ...
 
 class P2PSource(_message.Message):
-    __slots__ = ("session", "addr")
+    __slots__ = ("session", "addr", "local_segment")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ADDR_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     session: str
     addr: int
-    def __init__(self, session: _Optional[str] = ..., addr: _Optional[int] = ...) -> None: ...
+    local_segment: str
+    def __init__(self, session: _Optional[str] = ..., addr: _Optional[int] = ..., local_segment: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("node_id", "host", "devices", "stores", "version", "pid", "ipc_dir", "host_free_bytes")
@@ -218,28 +220,34 @@ class Drop(_message.Message):
     def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., device: _Optional[int] = ...) -> None: ...
 
 class PrepareGroup(_message.Message):
-    __slots__ = ("job_id", "device", "world_size")
+    __slots__ = ("job_id", "device", "world_size", "group")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     device: int
     world_size: int
-    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+    group: str
+    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., world_size: _Optional[int] = ..., group: _Optional[str] = ...) -> None: ...
 
 class BucketEntry(_message.Message):
-    __slots__ = ("tensor", "bucket_offset", "store_offset", "nbytes", "chunk_offset")
+    __slots__ = ("tensor", "bucket_offset", "store_offset", "nbytes", "chunk_offset", "rows", "stride")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     BUCKET_OFFSET_FIELD_NUMBER: _ClassVar[int]
     STORE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
     tensor: int
     bucket_offset: int
     store_offset: int
     nbytes: int
     chunk_offset: int
-    def __init__(self, tensor: _Optional[int] = ..., bucket_offset: _Optional[int] = ..., store_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., chunk_offset: _Optional[int] = ...) -> None: ...
+    rows: int
+    stride: int
+    def __init__(self, tensor: _Optional[int] = ..., bucket_offset: _Optional[int] = ..., store_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., chunk_offset: _Optional[int] = ..., rows: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
 
 class Bucket(_message.Message):
     __slots__ = ("owner", "nbytes", "entries")
@@ -252,7 +260,7 @@ class Bucket(_message.Message):
     def __init__(self, owner: _Optional[int] = ..., nbytes: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[BucketEntry, _Mapping]]] = ...) -> None: ...
 
 class RunUpdate(_message.Message):
-    __slots__ = ("job_id", "device", "group_rank", "world_size", "master_addr", "master_port", "is_target", "checkpoint", "version", "bucket_bytes", "nbuf", "tensors", "buckets", "timeout_s", "receiver_timeout_s", "partial", "p2p_sources")
+    __slots__ = ("job_id", "device", "group_rank", "world_size", "master_addr", "master_port", "is_target", "checkpoint", "version", "bucket_bytes", "nbuf", "tensors", "buckets", "timeout_s", "receiver_timeout_s", "partial", "p2p_sources", "group", "kept", "want_layout")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +278,9 @@ class RunUpdate(_message.Message):
     RECEIVER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     P2P_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    WANT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     device: int
     group_rank: int
@@ -287,7 +298,10 @@ class RunUpdate(_message.Message):
     receiver_timeout_s: float
     partial: bool
     p2p_sources: _containers.RepeatedCompositeFieldContainer[P2PSource]
-    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., group_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., is_target: _Optional[bool] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., bucket_bytes: _Optional[int] = ..., nbuf: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., timeout_s: _Optional[float] = ..., receiver_timeout_s: _Optional[float] = ..., partial: _Optional[bool] = ..., p2p_sources: _Optional[_Iterable[_Union[P2PSource, _Mapping]]] = ...) -> None: ...
+    group: str
+    kept: bool
+    want_layout: bool
+    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., group_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., is_target: _Optional[bool] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., bucket_bytes: _Optional[int] = ..., nbuf: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., timeout_s: _Optional[float] = ..., receiver_timeout_s: _Optional[float] = ..., partial: _Optional[bool] = ..., p2p_sources: _Optional[_Iterable[_Union[P2PSource, _Mapping]]] = ..., group: _Optional[str] = ..., kept: _Optional[bool] = ..., want_layout: _Optional[bool] = ...) -> None: ...
 
 class Abort(_message.Message):
     __slots__ = ("job_id", "reason")

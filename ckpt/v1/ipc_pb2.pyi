@@ -38,12 +38,14 @@ class ReceiverDone(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., touched: _Optional[bool] = ...) -> None: ...
 
 class Validated(_message.Message):
-    __slots__ = ("ok", "reason")
+    __slots__ = ("ok", "reason", "layout")
     OK_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     reason: str
-    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    layout: str
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class ReceiverMessage(_message.Message):
     __slots__ = ("hello", "loaded", "done", "validated")
@@ -58,7 +60,7 @@ class ReceiverMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[ReceiverHello, _Mapping]] = ..., loaded: _Optional[_Union[BucketLoaded, _Mapping]] = ..., done: _Optional[_Union[ReceiverDone, _Mapping]] = ..., validated: _Optional[_Union[Validated, _Mapping]] = ...) -> None: ...
 
 class Begin(_message.Message):
-    __slots__ = ("job_id", "checkpoint", "version", "buffer", "slot_bytes", "nbuf", "bucket_count", "tensors", "partial", "device")
+    __slots__ = ("job_id", "checkpoint", "version", "buffer", "slot_bytes", "nbuf", "bucket_count", "tensors", "partial", "device", "kept", "want_layout")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +71,8 @@ class Begin(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    WANT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     checkpoint: str
     version: int
@@ -79,7 +83,9 @@ class Begin(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[_types_pb2.TensorMeta]
     partial: bool
     device: int
-    def __init__(self, job_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., buffer: _Optional[str] = ..., slot_bytes: _Optional[int] = ..., nbuf: _Optional[int] = ..., bucket_count: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., partial: _Optional[bool] = ..., device: _Optional[int] = ...) -> None: ...
+    kept: bool
+    want_layout: bool
+    def __init__(self, job_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., buffer: _Optional[str] = ..., slot_bytes: _Optional[int] = ..., nbuf: _Optional[int] = ..., bucket_count: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., partial: _Optional[bool] = ..., device: _Optional[int] = ..., kept: _Optional[bool] = ..., want_layout: _Optional[bool] = ...) -> None: ...
 
 class IpcTensor(_message.Message):
     __slots__ = ("tensor", "offset", "nbytes", "chunk_offset", "copy")

@@ -55,6 +55,7 @@ class UpdateMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPDATE_METHOD_UNSPECIFIED: _ClassVar[UpdateMethod]
     UPDATE_BROADCAST: _ClassVar[UpdateMethod]
     UPDATE_P2P: _ClassVar[UpdateMethod]
+    UPDATE_SHARDED: _ClassVar[UpdateMethod]
 CHECKPOINT_STATE_UNSPECIFIED: CheckpointState
 CHECKPOINT_LOADING: CheckpointState
 CHECKPOINT_READY: CheckpointState
@@ -83,6 +84,7 @@ JOB_CANCELLED: JobState
 UPDATE_METHOD_UNSPECIFIED: UpdateMethod
 UPDATE_BROADCAST: UpdateMethod
 UPDATE_P2P: UpdateMethod
+UPDATE_SHARDED: UpdateMethod
 
 class TensorMeta(_message.Message):
     __slots__ = ("name", "dtype", "shape", "nbytes", "checksum", "piece_offset", "piece_shape")
@@ -255,7 +257,7 @@ class PhaseTimes(_message.Message):
     def __init__(self, copy_s: _Optional[float] = ..., broadcast_s: _Optional[float] = ..., reload_s: _Optional[float] = ..., setup_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class RankResult(_message.Message):
-    __slots__ = ("rank", "node_id", "device", "ok", "reason", "times", "bytes", "engine_untouched")
+    __slots__ = ("rank", "node_id", "device", "ok", "reason", "times", "bytes", "engine_untouched", "layout")
     RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +266,7 @@ class RankResult(_message.Message):
     TIMES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_UNTOUCHED_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     rank: int
     node_id: str
     device: int
@@ -272,7 +275,8 @@ class RankResult(_message.Message):
     times: PhaseTimes
     bytes: int
     engine_untouched: bool
-    def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[int] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., bytes: _Optional[int] = ..., engine_untouched: _Optional[bool] = ...) -> None: ...
+    layout: str
+    def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[int] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., bytes: _Optional[int] = ..., engine_untouched: _Optional[bool] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "kind", "state", "reason", "checkpoint", "version", "ranks", "instances", "buckets_total", "buckets_done", "bytes_total", "bucket_bytes", "created_unix", "started_unix", "finished_unix", "results", "method", "first_bucket_s")

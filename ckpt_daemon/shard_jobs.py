@@ -1,0 +1,93 @@
+"""Whether an update can be shard-aware, and its groups when it can.
+
+An update is shard-aware when every target rank sits in a vLLM instance whose engine has
+reported its sharding layout (Registry.layout; it does so during its first update), the
+checkpoint is stored whole (not in pieces) and some rank keeps less than every tensor whole.
+Then each class of ranks keeping the same parts is one group (shard_plan.group_plans) whose
+members read their parts from the owners' stores: from the shared segment where the owner
+is on the reader's node, else by P2P (Mooncake) where the owner's store is registered.
+Anything else makes it a broadcast (method "auto") or a refusal saying why ("sharded").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ckpt.v1 import agent_pb2 as apb
+from ckpt_daemon.execute import Group
+from ckpt_daemon.model import CheckpointVersion, InstanceKind, RankRef, TensorInfo
+from ckpt_daemon.planner import PlanError
+from ckpt_daemon.registry import Registry
+from ckpt_daemon.shard_plan import Keep, group_plans, keeps_of
+
+
+class NotSharded(Exception):
+    """Why this update cannot be shard-aware."""
+
+
+def target_maps(registry: Registry, targets: Sequence[RankRef]) -> dict[RankRef, dict]:
+    """Each target rank's sharding map, from its instance's stored layout."""
+    tset = set(targets)
+    out: dict[RankRef, dict] = {}
+    for inst in registry.instances.values():
+        mine = [r for r in inst.ranks if r in tset]
+        if not mine:
+            continue
+        if inst.kind != InstanceKind.VLLM:
+            raise NotSharded(f"instance {inst.name!r} is not a vLLM engine")
+        maps = registry.layout(inst.layout) if inst.layout else None
+        if maps is None or len(maps) != len(inst.ranks):
+            raise NotSharded(f"instance {inst.name!r} has not reported its sharding layout yet")
+        out.update((r, maps[i]) for i, r in enumerate(inst.ranks) if r in tset)
+    missing = sorted(str(r) for r in tset - set(out))
+    if missing:
+        raise NotSharded(f"ranks {missing} belong to no registered engine")
+    return out
+
+
+def keeps(tensors: Sequence[TensorInfo], maps: dict[RankRef, dict]) -> dict[RankRef, list[Keep]]:
+    if any(t.piece is not None for t in tensors):
+        raise NotSharded("the checkpoint is stored in pieces (a sharded push)")
+    try:
+        out = {r: keeps_of(m, tensors) for r, m in maps.items()}
+    except PlanError as e:
+        raise NotSharded(str(e)) from None
+    n = len(tensors)
+    if all(len(k) == n and all(x.dim < 0 for x in k) for k in out.values()):
+        raise NotSharded("every rank keeps every tensor whole: a broadcast is the plan")
+    return out
+
+
+def groups(
+    cv: CheckpointVersion,
+    tensors: Sequence[TensorInfo],
+    maps: dict[RankRef, list[Keep]],
+    live: dict[RankRef, tuple[str, int]],
+    *,
+    bucket_bytes: int,
+    nbuf: int,
+    partial: bool,
+) -> list[Group]:
+    """The update's groups, each with the sources its readers read. live: owners whose
+    store can be read by P2P (session, address)."""
+    try:
+        plans = group_plans(tensors, maps, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial)
+    except PlanError as e:
+        raise NotSharded(str(e)) from None
+    out = []
+    for gp in plans:
+        sources = []
+        for owner, near in zip(gp.sources, gp.local, strict=True):
+            shard = cv.shards.get(owner)
+            if near and shard is not None and shard.segment:
+                sources.append(apb.P2PSource(local_segment=shard.segment))
+            elif owner in live:
+                session, addr = live[owner]
+                sources.append(apb.P2PSource(session=session, addr=addr))
+            else:
+                raise NotSharded(
+                    f"the store of {owner} is on no node of the ranks that keep its parts, "
+                    "and it is not registered for P2P"
+                )
+        out.append(Group(plan=gp.plan, sources=sources))
+    return out
