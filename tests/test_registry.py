@@ -157,7 +157,7 @@ def test_convert_round_trips() -> None:
             checkpoint="m", version=2, ranks=[3, 1, 3], tensors=["model.layers.0."], timeout_s=5
         )
     )
-    assert spec.ranks == [1, 3] and spec.method == "broadcast" and spec.version == 2
+    assert spec.ranks == [1, 3] and spec.method == "auto" and spec.version == 2
     with pytest.raises(InvalidArgument):
         convert.update_spec_from_pb(cpb.UpdateRequest(checkpoint="m", bucket_bytes=-1))
 
@@ -197,3 +197,15 @@ def test_convert_round_trips() -> None:
     )
     jp = convert.job_to_pb(job)
     assert jp.state == tpb.JOB_FAILED and list(jp.ranks) == [0, 2] and jp.results[0].device == 1
+
+
+def test_layouts_are_stored_by_digest_and_survive_a_restart(tmp_path) -> None:
+    reg = Registry(str(tmp_path))
+    maps = [{"a.weight": [[0, 0], [2, 4]], "n.weight": "whole"}, {"a.weight": [[2, 0], [2, 4]]}]
+    lid = reg.put_layout(maps)
+    assert reg.put_layout([dict(m) for m in maps]) == lid  # same layout, same id
+    assert reg.put_layout(maps[::-1]) != lid
+    reg.close()
+    again = Registry(str(tmp_path))
+    assert again.layout(lid) == maps and again.layout("nope") is None
+    again.close()

@@ -117,8 +117,9 @@ class EngineUpdate:
         return self._expected or None
 
     def _layout_of(self, info: UpdateInfo) -> dict[str, Any]:
-        """This rank's sharding map over the update's tensors (vllm_ext.layout), taken once
-        per tensor (name, dtype, shape) for the life of the engine."""
+        """This rank's sharding map (vllm_ext.layout) over every tensor it has seen, the
+        update's included: taken once per tensor (name, dtype, shape) for the life of the
+        engine, so a full update's map covers the checkpoint."""
         from vllm_ext.layout import capture
 
         keys = [(m.name, m.dtype, tuple(int(d) for d in m.shape)) for m in info.tensors]
@@ -127,7 +128,7 @@ class EngineUpdate:
             got = capture(self._model(), todo, self.device or "cpu")
             for k in todo:
                 self._layout[k] = got.get(k[0])
-        return {k[0]: self._layout[k] for k in keys if self._layout[k] is not None}
+        return {k[0]: box for k, box in self._layout.items() if box is not None}
 
     def _validate(self, info: UpdateInfo) -> str | None:
         from vllm_ext.model_names import check_names
