@@ -93,13 +93,16 @@ class P2PReadBackend:
         engine: P2PEngine | None,
         sources: list[apb.P2PSource],
         node_id: str = "",
+        own: dict[str, Any] | None = None,
     ) -> None:
+        """own: this rank's own stores by segment name (read in place, not mapped again)."""
         self.kind = inner.kind
         self._inner = inner
         self._engine = engine
         self._sources = list(sources)
         self._prefix = segment_prefix(node_id)
         self._local: dict[int, tuple[Any, Any]] = {}  # source -> (segment, tensor)
+        self._own = own or {}
         self._queue: dict[int, tuple[list[int], list[int], list[int]]] = {}
 
     def store_tensor(self, store: Any) -> Any:
@@ -142,6 +145,9 @@ class P2PReadBackend:
             import torch
 
             name = self._sources[source].local_segment
+            if name in self._own:
+                got = self._local[source] = (None, self._own[name])
+                return got[1]
             if not name.startswith(self._prefix) or "/" in name:
                 raise P2PError(f"source {source}: {name!r} is not a store of this node")
             try:
@@ -192,6 +198,8 @@ class P2PReadBackend:
     def _unmap(self) -> None:
         local, self._local = self._local, {}
         for seg, _ in local.values():
+            if seg is None:  # this rank's own store: not ours to close
+                continue
             try:
                 seg.close()
             except BufferError:  # a view is still alive somewhere: the mapping goes with it

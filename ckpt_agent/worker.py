@@ -349,7 +349,13 @@ class Worker:
 
         remote = any(not s.local_segment for s in u.p2p_sources)
         engine = self.p2p() if remote else None  # same-node sources need no transfer engine
-        return P2PReadBackend(self.backend, engine, list(u.p2p_sources), self.node_id)
+        own: dict[str, Any] = {}
+        try:  # this device's own store is read where it is (pinned on CUDA)
+            store = self.stores.get(u.checkpoint, u.version)
+            own[store.segment] = self.backend.store_tensor(store)
+        except StoreError:
+            pass
+        return P2PReadBackend(self.backend, engine, list(u.p2p_sources), self.node_id, own)
 
     def _update_stores(self, u: apb.RunUpdate) -> Any:
         if not u.p2p_sources:

@@ -20,6 +20,7 @@ from ckpt_common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from ckpt_common.p2p import SOURCE_SHIFT
 from ckpt_daemon import admission, shard_jobs
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
@@ -28,15 +29,16 @@ from ckpt_daemon.model import (
     CheckpointState,
     CheckpointVersion,
     Instance,
-    InstanceKind,
     Job,
     JobKind,
     JobState,
     RankRef,
+    ShardState,
     TensorInfo,
     UpdateSpec,
 )
 from ckpt_daemon.planner import (
+    Plan,
     PlanError,
     align_up,
     choose_bucket_bytes,
@@ -76,12 +78,12 @@ def maps_bytes(tensors: list[TensorInfo], maps: dict[RankRef, list[Keep]]) -> in
 
 
 def layout_unknown(registry: Registry, targets: list[RankRef]) -> list[RankRef]:
-    """Target ranks whose vLLM engine has not reported its sharding layout."""
+    """Target ranks whose engine has not reported its sharding layout."""
     tset = set(targets)
     return [
         r
         for inst in registry.instances.values()
-        if inst.kind == InstanceKind.VLLM and not inst.layout and set(inst.ranks) & tset
+        if not inst.layout and set(inst.ranks) & tset
         for r in inst.ranks
     ]
 
@@ -290,19 +292,11 @@ class JobRunner:
                 log.info("broadcast_not_sharded", why=str(e))
         owners = {t.owner for t in tensors}
         if spec.method == "p2p":
-            live = self._p2p_sources(cv) or {}
-            missing = sorted(str(o) for o in owners if not live.get(o, ("", 0))[0])
-            if missing:
-                raise FailedPrecondition(
-                    f"shards of {missing} can be read from nowhere: their agents are gone (and "
-                    "no mirror holds them) or are not registered for P2P (no Mooncake, --p2p off)"
-                )
             bucket_bytes, nbuf = self._buckets(spec, set(targets), owner_bytes(tensors))
             plan, order = await asyncio.to_thread(
                 plan_p2p, tensors, targets, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial
             )
-            sources = [apb.P2PSource(session=live[o][0], addr=live[o][1]) for o in order]
-            return [Group(plan=plan, sources=sources)]
+            return [Group(plan=plan, sources=self._read_sources(cv, plan, order))]
         gone = sorted(str(o) for o in owners if not self._hub.attached(o.node_id))
         if gone:
             raise Unavailable(f"agents holding checkpoint bytes are not attached: {gone}")
@@ -311,6 +305,39 @@ class JobRunner:
             plan_update, tensors, targets, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial
         )
         return [Group(plan=plan)]
+
+    def _read_sources(
+        self, cv: CheckpointVersion, plan: Plan, owners: list[RankRef]
+    ) -> list[apb.P2PSource]:
+        """Where a P2P plan's readers read each owner's store: its shared segment where every
+        reader of it is on its node and it is READY there, else by P2P from the owner (or its
+        mirror, replicas=2)."""
+        readers: dict[int, set[str]] = {}
+        for b in plan.buckets:
+            for e in b.entries[:1]:
+                src = e.store_offset >> SOURCE_SHIFT
+                readers.setdefault(src, set()).add(plan.participants[b.owner].node_id)
+        live = self._p2p_sources(cv) or {}
+        out, missing = [], []
+        for i, o in enumerate(owners):
+            sh = cv.shards.get(o)
+            here = sh is not None and sh.state == ShardState.READY and sh.segment
+            if (
+                here
+                and readers.get(i, {o.node_id}) == {o.node_id}
+                and self._hub.attached(o.node_id)
+            ):
+                out.append(apb.P2PSource(local_segment=sh.segment))
+            elif live.get(o, ("", 0))[0]:
+                out.append(apb.P2PSource(session=live[o][0], addr=live[o][1]))
+            else:
+                missing.append(str(o))
+        if missing:
+            raise FailedPrecondition(
+                f"shards of {missing} can be read from nowhere: their agents are gone (and "
+                "no mirror holds them) or are not registered for P2P (no Mooncake, --p2p off)"
+            )
+        return out
 
     def _buckets(
         self, spec: UpdateSpec, participants: set[RankRef], largest_stream: int

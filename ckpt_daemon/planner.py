@@ -373,23 +373,29 @@ def plan_p2p(
     partial: bool = False,
 ) -> tuple[Plan, list[RankRef]]:
     """A P2P plan: only the targets take part. Each bucket is read from its owner's host
-    memory by one target (spread round-robin over the targets, owners already interleaved),
-    then broadcast inside the targets. Returns the plan and the sources (owners) whose index
-    is encoded in each entry's store_offset (ckpt_common.p2p)."""
+    memory by one target (a target on the owner's node where there is one, in turn; else
+    every target in turn), then broadcast inside the targets. Returns the plan and the
+    sources (owners) whose index is encoded in each entry's store_offset (ckpt_common.p2p)."""
     base = plan_update(tensors, targets, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial)
     tlist = base.targets
     sources = rank_order({t.owner for t in tensors})
     src_index = {r: i for i, r in enumerate(sources)}
+    near: dict[str, list[int]] = {}
+    for g, r in enumerate(tlist):
+        near.setdefault(r.node_id, []).append(g)
+    turn: dict[str, int] = {}
     buckets = []
     for k, b in enumerate(base.buckets):
-        src = src_index[base.participants[b.owner]]
-        entries = tuple(
-            Entry(
-                e.tensor, e.bucket_offset, p2p_encode(src, e.store_offset), e.nbytes, e.chunk_offset
-            )
-            for e in b.entries
-        )
-        buckets.append(BucketPlan(owner=k % len(tlist), nbytes=b.nbytes, entries=entries))
+        owner = base.participants[b.owner]
+        src = src_index[owner]
+        entries = tuple(e._replace(store_offset=p2p_encode(src, e.store_offset)) for e in b.entries)
+        pool = near.get(owner.node_id)
+        if pool:
+            i = turn[owner.node_id] = turn.get(owner.node_id, -1) + 1
+            reader = pool[i % len(pool)]
+        else:
+            reader = k % len(tlist)
+        buckets.append(BucketPlan(owner=reader, nbytes=b.nbytes, entries=entries))
     plan = Plan(
         participants=list(tlist),
         targets=list(tlist),

@@ -1,6 +1,6 @@
 """Whether an update can be shard-aware, and its groups when it can.
 
-An update is shard-aware when every target rank sits in a vLLM instance whose engine has
+An update is shard-aware when every target rank sits in an instance whose engine has
 reported its sharding layout (Registry.layout; it does so during its first update), the
 checkpoint is stored whole (not in pieces) and some rank keeps less than every tensor whole.
 Then each class of ranks keeping the same parts is one group (shard_plan.group_plans) whose
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_daemon.execute import Group
-from ckpt_daemon.model import CheckpointVersion, InstanceKind, RankRef, TensorInfo
+from ckpt_daemon.model import CheckpointVersion, RankRef, TensorInfo
 from ckpt_daemon.planner import PlanError
 from ckpt_daemon.registry import Registry
 from ckpt_daemon.shard_plan import Keep, group_plans, keeps_of
@@ -33,8 +33,6 @@ def target_maps(registry: Registry, targets: Sequence[RankRef]) -> dict[RankRef,
         mine = [r for r in inst.ranks if r in tset]
         if not mine:
             continue
-        if inst.kind != InstanceKind.VLLM:
-            raise NotSharded(f"instance {inst.name!r} is not a vLLM engine")
         maps = registry.layout(inst.layout) if inst.layout else None
         if maps is None or len(maps) != len(inst.ranks):
             raise NotSharded(f"instance {inst.name!r} has not reported its sharding layout yet")

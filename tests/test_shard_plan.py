@@ -5,8 +5,8 @@ keeps; a million kept parts over 2048 ranks plan in under a second."""
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest

@@ -91,9 +91,12 @@ class Assembly:
     the engine's loader narrows it to exactly that part (the layout says so), and nothing
     else of it is read."""
 
-    def __init__(self, tensors: list[tpb.TensorMeta], kept: bool = False) -> None:
+    def __init__(
+        self, tensors: list[tpb.TensorMeta], kept: bool = False, as_parts: bool = False
+    ) -> None:
         self._left: dict[str, int] = {}  # name -> piece bytes still to come
         self._kept = kept
+        self._as_parts = kept and as_parts  # hand kept parts over as they are (their box)
         for m in tensors:
             if m.piece_shape or m.piece_offset:
                 self._left[m.name] = self._left.get(m.name, 0) + m.nbytes
@@ -108,6 +111,10 @@ class Assembly:
         p = piece_of(meta.piece_offset, meta.piece_shape)
         if p is None:
             return [(meta, raw, copy)]
+        if self._as_parts:
+            part = tpb.TensorMeta(name=meta.name, dtype=meta.dtype, shape=p.shape)
+            part.nbytes = meta.nbytes
+            return [(part, raw, copy)]
         import torch
 
         dt = torch_dtype(meta.dtype)
@@ -142,8 +149,13 @@ Layout = Callable[[UpdateInfo], dict[str, Any]]  # the engine's sharding map (vl
 
 
 class Receiver:
-    def __init__(self, endpoint: str, *, engine: str = "reference", device: Any = None) -> None:
+    def __init__(
+        self, endpoint: str, *, engine: str = "reference", device: Any = None, parts: bool = False
+    ) -> None:
+        """parts: an engine that takes kept parts as they are (shaped as their box) rather
+        than inside a tensor of the full shape (what vLLM's loaders need)."""
         self.endpoint = endpoint
+        self.parts = parts
         self.engine = engine
         self.device = device  # torch device for CUDA buffers
         self._ctx = zmq.Context.instance()
@@ -300,7 +312,7 @@ class Receiver:
         import torch
 
         partial: dict[int, tuple[Any, int]] = {}  # tensor index -> (bytes, received)
-        pieces = Assembly(info.tensors, info.kept)
+        pieces = Assembly(info.tensors, info.kept, self.parts)
         while True:
             msg = self._recv(timeout_s, ("bucket", "end"))
             if msg is None:

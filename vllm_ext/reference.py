@@ -53,6 +53,7 @@ class ReferenceEngine:
         self.device = device
         self.expect = expect  # name -> shape; validates like a real model would
         self.prealloc = prealloc  # allocate every tensor of an update before its first bucket
+        self.tp: tuple[int, int] | None = None  # (size, rank): emulate a TP engine's layout
 
     def validate(self, info: UpdateInfo) -> str | None:
         if self.prealloc:
@@ -67,6 +68,24 @@ class ReferenceEngine:
                 return f"tensor {t.name!r} has shape {list(t.shape)}, model wants {want}"
         return None
 
+    def layout(self, info: UpdateInfo) -> dict[str, Any]:
+        """An emulated tensor-parallel engine's sharding map (benchmarks on fewer GPUs than
+        ranks): row-parallel weights (o_proj, down_proj) split on dimension 1, other
+        matrices on dimension 0 where it divides, anything else whole."""
+        assert self.tp is not None
+        n, r = self.tp
+        out: dict[str, Any] = {}
+        for t in info.tensors:
+            shape = [int(d) for d in t.shape]
+            d = 1 if t.name.endswith(("o_proj.weight", "down_proj.weight")) else 0
+            if len(shape) != 2 or shape[d] % n:
+                out[t.name] = "whole"
+                continue
+            off = [0, 0]
+            off[d], shape[d] = r * shape[d] // n, shape[d] // n
+            out[t.name] = [off, shape]
+        return out
+
     def _allocate(self, info: UpdateInfo) -> None:
         """Parameters exist before weights arrive, as in an engine (vLLM loads into them)."""
         import torch
@@ -74,7 +93,7 @@ class ReferenceEngine:
         from ckpt_common.dtypes import torch_dtype
 
         for t in info.tensors:
-            shape, dt = tuple(t.shape), torch_dtype(t.dtype)
+            shape, dt = tuple(t.piece_shape or t.shape), torch_dtype(t.dtype)
             cur = self.tensors.get(t.name)
             if cur is None or tuple(cur.shape) != shape or cur.dtype != dt:
                 self.tensors[t.name] = torch.empty(shape, dtype=dt, device=self.device)
@@ -128,6 +147,13 @@ def main(argv: list[str] | None = None) -> None:
         "--prealloc", action="store_true", help="allocate all parameters before the first bucket"
     )
     p.add_argument(
+        "--tp",
+        default="",
+        metavar="SIZE/RANK",
+        help="emulate rank RANK of a SIZE-way tensor-parallel engine: report its layout and "
+        "keep only its parts (benchmarks on fewer GPUs than ranks)",
+    )
+    p.add_argument(
         "--step-timeout-s",
         type=float,
         default=STEP_TIMEOUT_S,
@@ -148,7 +174,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch  # noqa: F401  (before announcing readiness, not during the first update)
 
     engine = ReferenceEngine(device=device, prealloc=a.prealloc)
-    r = Receiver(worker_endpoint(a.node_id, a.device, a.ipc_dir or None), device=device)
+    if a.tp:
+        size, _, rank = a.tp.partition("/")
+        engine.tp = (int(size), int(rank))
+    endpoint = worker_endpoint(a.node_id, a.device, a.ipc_dir or None)
+    r = Receiver(endpoint, device=device, parts=engine.tp is not None)
     log.info("receiver_ready", endpoint=r.endpoint)
     if a.report:
         write_json(a.report, engine.report())
@@ -158,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             done = r.receive(
                 load=engine.load,
                 validate=engine.validate,
+                layout=engine.layout if engine.tp else None,
                 wait_s=3600.0,
                 step_timeout_s=a.step_timeout_s,
             )
