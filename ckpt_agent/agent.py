@@ -58,6 +58,13 @@ class Agent:
             from ckpt_agent.cuda_backend import list_devices
 
             devs = list_devices()
+            if devs and self.cfg.slots > len(devs):  # ranks share GPUs (emulating more ranks)
+                return [
+                    tpb.Device(index=i, kind="cuda", uuid=devs[i % len(devs)].uuid,
+                               total_bytes=devs[i % len(devs)].total_bytes,
+                               free_bytes=devs[i % len(devs)].free_bytes)
+                    for i in range(self.cfg.slots)
+                ]  # fmt: skip
             return devs[: self.cfg.slots] if self.cfg.slots else devs
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return [

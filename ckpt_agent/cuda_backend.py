@@ -115,7 +115,7 @@ def list_devices() -> list[tpb.Device]:
 
 def free_bytes(index: int) -> int:
     devs = _visible(_nvml_query())
-    return devs[index][3] if 0 <= index < len(devs) else 0
+    return devs[index % len(devs)][3] if devs and index >= 0 else 0
 
 
 def cuda_index_of(uuid: str) -> int:
@@ -308,7 +308,7 @@ class CudaBackend:
         torch.cuda.init()
         if not uuid:
             devs = list_devices()
-            uuid = devs[device].uuid if device < len(devs) else ""
+            uuid = devs[device % len(devs)].uuid if devs else ""  # more slots than GPUs: shared
         idx = cuda_index_of(uuid) if uuid else device
         self.device = torch.device("cuda", idx)
         torch.cuda.set_device(self.device)

@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         "--slots",
         type=int,
         default=None,
-        help="cpu: devices to play (default 1); cuda: first N GPUs (default all)",
+        help="cpu: devices to play (default 1); cuda: first N GPUs (default all), more than "
+        "there are: ranks share them in turn (benchmarks emulating more ranks than GPUs)",
     )
     p.add_argument("--ipc-dir", default=d.ipc_dir)
     p.add_argument("--heartbeat-s", type=float, default=d.heartbeat_s)

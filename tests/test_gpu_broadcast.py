@@ -190,3 +190,23 @@ def test_direct_push_of_cuda_pieces_in_two_parts(tmp_path: Path) -> None:
         wait_for(lambda: read_report(c.reports[0]).get("tensors") == want, 30, "the bytes")
     finally:
         c.close()
+
+
+def test_strided_h2d_is_one_exact_2d_copy() -> None:
+    """A kept part of a row-parallel weight (one run per row) copied from pinned host memory
+    by cudaMemcpy2DAsync on the copy stream, next to plain runs: byte-exact."""
+    from ckpt_agent.backend import Copy
+    from ckpt_agent.cuda_backend import CudaBackend
+    from ckpt_agent.cuda_memcpy import _cudart
+
+    be = CudaBackend(0)
+    assert _cudart() is not None, "the CUDA runtime torch loaded was not found"
+    src = torch.randint(0, 255, (1 << 20,), dtype=torch.uint8).pin_memory()
+    dst = torch.zeros(1 << 19, dtype=torch.uint8, device=be.device)
+    copies = [Copy(0, 4096, 1000), Copy(1024, 8192, 300, rows=700, stride=1024)]
+    done, _ = be.h2d(dst, src, copies, [])
+    done.synchronize()
+    want = torch.zeros_like(dst, device="cpu")
+    want[:1000] = src[4096:5096]
+    want[1024 : 1024 + 700 * 300] = src[8192:].as_strided((700, 300), (1024, 1)).reshape(-1)
+    assert torch.equal(dst.cpu(), want)
