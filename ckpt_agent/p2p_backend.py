@@ -15,11 +15,10 @@ import time
 from typing import Any
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt_agent import shm
 from ckpt_agent.backend import Backend, Collective, Copy, Done, InFlight
-from ckpt_agent.host_store import segment_prefix
 from ckpt_agent.p2p import P2PEngine, P2PError
 from ckpt_agent.pipeline import UpdateFailed
+from ckpt_agent.siblings import SiblingError, SiblingStores
 from ckpt_common.p2p import decode
 
 # Fault injection for tests: "p2p_delay:<seconds>" slows every bucket's reads, so a test
@@ -92,16 +91,17 @@ class P2PReadBackend:
         inner: Backend,
         engine: P2PEngine | None,
         sources: list[apb.P2PSource],
-        node_id: str = "",
+        siblings: SiblingStores | None = None,
         own: dict[str, Any] | None = None,
     ) -> None:
-        """own: this rank's own stores by segment name (read in place, not mapped again)."""
+        """siblings: this node's stores (ckpt_agent.siblings); own: this rank's own stores by
+        segment name (read in place)."""
         self.kind = inner.kind
         self._inner = inner
         self._engine = engine
         self._sources = list(sources)
-        self._prefix = segment_prefix(node_id)
-        self._local: dict[int, tuple[Any, Any]] = {}  # source -> (segment, tensor)
+        self._siblings = siblings
+        self._local: dict[int, Any] = {}  # source -> its store (1-D uint8)
         self._own = own or {}
         self._queue: dict[int, tuple[list[int], list[int], list[int]]] = {}
 
@@ -138,24 +138,21 @@ class P2PReadBackend:
         return None, None
 
     def _mapped(self, source: int) -> Any:
-        """A same-node source's store, mapped read-only (the name must be one of this node's
-        segments: ckptd cannot make a reader open anything else)."""
+        """A same-node source's store (only this node's store segments can be named)."""
         got = self._local.get(source)
         if got is None:
-            import torch
-
             name = self._sources[source].local_segment
             if name in self._own:
-                got = self._local[source] = (None, self._own[name])
-                return got[1]
-            if not name.startswith(self._prefix) or "/" in name:
-                raise P2PError(f"source {source}: {name!r} is not a store of this node")
-            try:
-                seg = shm.attach(name)
-            except OSError as e:
-                raise P2PError(f"source {source}: its store is gone ({e})") from None
-            got = self._local[source] = (seg, torch.frombuffer(seg.buf, dtype=torch.uint8))
-        return got[1]
+                got = self._own[name]
+            elif self._siblings is None:
+                raise P2PError(f"source {source}: no access to this node's stores")
+            else:
+                try:
+                    got = self._siblings.get(name)
+                except SiblingError as e:
+                    raise P2PError(f"source {source}: {e}") from None
+            self._local[source] = got
+        return got
 
     def _queue_reads(self, dst: Any, source: int, c: Copy) -> None:
         if self._engine is None:
@@ -182,7 +179,7 @@ class P2PReadBackend:
 
     def end_update(self, shared_never_opened: bool = False) -> None:
         self._queue.clear()
-        self._unmap()
+        self._local.clear()
         fn = getattr(self._inner, "end_update", None)
         if fn is not None:
             fn(shared_never_opened)
@@ -195,16 +192,6 @@ class P2PReadBackend:
     def sync(self) -> None:
         self._inner.sync()
 
-    def _unmap(self) -> None:
-        local, self._local = self._local, {}
-        for seg, _ in local.values():
-            if seg is None:  # this rank's own store: not ours to close
-                continue
-            try:
-                seg.close()
-            except BufferError:  # a view is still alive somewhere: the mapping goes with it
-                pass
-
     def close(self) -> None:
         self._queue.clear()
-        self._unmap()
+        self._local.clear()

@@ -25,6 +25,7 @@ from ckpt_agent.backend import RENDEZVOUS_S
 from ckpt_agent.group_abort import Abort, PeerWatch
 from ckpt_agent.host_store import HostStore, StoreError, device_prefix
 from ckpt_agent.receiver_link import ReceiverLink
+from ckpt_agent.siblings import SiblingStores
 from ckpt_common.ipc import worker_endpoint
 from ckpt_common.logs import setup_logging
 
@@ -113,6 +114,7 @@ class Worker:
         self._update_lock = threading.Lock()
         self._p2p_enabled = p2p
         self._p2p_engine: Any = None
+        self.siblings = SiblingStores(node_id, self.backend)
 
     def p2p(self) -> Any:
         """The transfer engine, started on first use."""
@@ -355,7 +357,8 @@ class Worker:
             own[store.segment] = self.backend.store_tensor(store)
         except StoreError:
             pass
-        return P2PReadBackend(self.backend, engine, list(u.p2p_sources), self.node_id, own)
+        self.siblings.prune()
+        return P2PReadBackend(self.backend, engine, list(u.p2p_sources), self.siblings, own)
 
     def _update_stores(self, u: apb.RunUpdate) -> Any:
         if not u.p2p_sources:
@@ -365,6 +368,7 @@ class Worker:
         return RemoteStores()
 
     def close(self) -> None:
+        self.siblings.close()
         self.backend.close()  # first: it unpins the stores and drops its views of them
         self.stores.close()
         self.link.close()

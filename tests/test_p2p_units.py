@@ -87,3 +87,37 @@ def test_mirror_map_puts_mirrors_on_other_nodes() -> None:
     assert mirror_map(one_node) == {one_node[0]: one_node[1], one_node[1]: one_node[0]}
     with pytest.raises(PlanError):
         mirror_map([RankRef("a", 0)])
+
+
+def test_sibling_stores_map_this_nodes_stores_once_and_refuse_others(tmp_path) -> None:
+    import os
+
+    import pytest
+
+    from ckpt_agent import shm
+    from ckpt_agent.backend import CpuBackend
+    from ckpt_agent.host_store import segment_prefix
+    from ckpt_agent.siblings import SiblingError, SiblingStores
+
+    node = f"sib-{os.getpid()}"
+    prefix = segment_prefix(node)
+    name, renamed = f"{prefix}1_va", f"{prefix}1_vb"
+    mem = shm.create(name, 4096)
+    mem.buf[:4] = b"abcd"
+    sib = SiblingStores(node, CpuBackend(f"{prefix}9_", "127.0.0.1"))
+    try:
+        t = sib.get(name)
+        assert bytes(t[:4].numpy()) == b"abcd"
+        os.rename(os.path.join(shm.SHM_DIR, name), os.path.join(shm.SHM_DIR, renamed))
+        assert sib.get(renamed) is t  # a spare reused under a new name: the same mapping
+        for bad in ("ckpt_other_1_v", f"{prefix}../x", "..", f"{prefix}1_nope"):
+            with pytest.raises(SiblingError):
+                sib.get(bad)
+        shm.unlink(renamed)
+        sib.prune()
+        assert not sib._maps
+    finally:
+        sib.close()
+        mem.close()
+        shm.unlink(renamed)
+        shm.unlink(name)
