@@ -151,7 +151,7 @@ class Cluster:
             ],
         )
 
-    def start_receiver(self, node_id: str, device: int) -> Path:
+    def start_receiver(self, node_id: str, device: int, *extra: str) -> Path:
         report = self.root / f"report-{node_id}-{device}.json"
         self._spawn(
             f"recv-{node_id}-{device}",
@@ -164,6 +164,7 @@ class Cluster:
                 str(device),
                 "--report",
                 str(report),
+                *extra,
             ],
         )
         return report

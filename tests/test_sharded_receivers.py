@@ -1,0 +1,137 @@
+"""Shard-aware updates end to end on real processes without vLLM: ckptd, two agents x 2
+slots, reference receivers emulating two TP=2 engines (`ckpt-receiver --tp 2/r`). Each rank
+receives exactly the parts its layout keeps (sha256 of every part), a fraction of the
+checkpoint; an engine whose layout changed refuses the parts planned for the old one before
+loading anything, and the next update learns the new layout."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ckpt.v1 import types_pb2 as tpb
+from ckpt_common.errors import FailedPrecondition
+from tests.cluster import Cluster, read_report, wait_for
+
+pytestmark = pytest.mark.slow
+INSTANCES = {"T1": "na", "T2": "nb"}
+
+
+def weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(3):
+        p = f"model.layers.{i}."
+        out[p + "self_attn.q_proj.weight"] = torch.randn(64, 48, generator=g).bfloat16()
+        out[p + "self_attn.o_proj.weight"] = torch.randn(48, 64, generator=g)  # dim 1
+        out[p + "mlp.down_proj.weight"] = torch.randn(40, 96, generator=g).bfloat16()
+        out[p + "input_layernorm.weight"] = torch.randn(48, generator=g)  # whole
+        out[p + "odd.weight"] = torch.randn(7, 5, generator=g)  # indivisible: whole
+    out["model.embed_tokens.weight"] = torch.randn(200, 48, generator=g).bfloat16()
+    return out
+
+
+def part(name: str, t: torch.Tensor, rank: int) -> torch.Tensor:
+    """What a `--tp 2/rank` receiver keeps (vllm_ext.reference.ReferenceEngine.layout)."""
+    d = 1 if name.endswith(("o_proj.weight", "down_proj.weight")) else 0
+    if t.dim() != 2 or t.shape[d] % 2:
+        return t
+    n = t.shape[d] // 2
+    return t.narrow(d, rank * n, n)
+
+
+def sha(t: torch.Tensor) -> str:
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded-recv")
+    c = Cluster(root)
+    c.start_daemon("--receiver-timeout-s", "10")
+    c.start_agent("na", 2)
+    c.start_agent("nb", 2)
+    c.wait_ranks(4)
+    c.reports = {}
+    for name, node in INSTANCES.items():
+        for d in (0, 1):
+            c.reports[node, d] = c.start_receiver(node, d, "--tp", f"2/{d}")
+        for d in (0, 1):
+            wait_for(c.reports[node, d].exists, 60, "receivers to start")
+        c.client.register_instance(
+            tpb.Instance(
+                name=name,
+                kind=tpb.INSTANCE_RECEIVER,
+                tp_size=2,
+                ranks=[tpb.InstanceRank(node_id=node, device=d) for d in (0, 1)],
+            )
+        )
+    c.w = {}
+    for v in (1, 2):
+        c.w[v] = weights(v)
+        path = root / f"w{v}.safetensors"
+        save_file(c.w[v], str(path))
+        c.client.push("m", v, [str(path)])
+    yield c
+    c.close()
+
+
+def update(c: Cluster, version: int, method: int) -> tpb.Job:
+    job = c.client.update("m", version, instances=list(INSTANCES), method=method)
+    return c.client.wait(job.id, 60)
+
+
+def held(c: Cluster, node: str, d: int) -> dict:
+    return read_report(c.reports[node, d])
+
+
+def assert_parts(c: Cluster, version: int, layout: dict[tuple[str, int], int]) -> None:
+    for (node, d), rank in layout.items():
+        rep = held(c, node, d)
+        assert rep["version"] == version
+        want = {n: sha(part(n, t, rank)) for n, t in c.w[version].items()}
+        assert rep["tensors"] == want, f"{node}/{d} (TP rank {rank}) after v{version}"
+
+
+def test_each_rank_receives_exactly_its_parts(cluster: Cluster) -> None:
+    c = cluster
+    with pytest.raises(FailedPrecondition, match="sharding layout"):
+        update(c, 2, tpb.UPDATE_SHARDED)
+    job = update(c, 1, tpb.UPDATE_METHOD_UNSPECIFIED)  # a broadcast; layouts reported
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    full = job.bytes_total
+    assert all(r.bytes >= full for r in job.results)
+    ranks = {(n, d): d for n in INSTANCES.values() for d in (0, 1)}
+    for v in (2, 1):
+        job = update(c, v, tpb.UPDATE_SHARDED)
+        assert job.state == tpb.JOB_SUCCEEDED, job.reason
+        assert all(0 < r.bytes <= 0.55 * full for r in job.results), [r.bytes for r in job.results]
+        assert_parts(c, v, ranks)
+
+
+def test_a_changed_layout_is_refused_untouched_then_learned(cluster: Cluster) -> None:
+    c = cluster
+    c.stop("recv-na-1")
+    Path(c.reports["na", 1]).unlink()
+    c.reports["na", 1] = c.start_receiver("na", 1, "--tp", "2/0")  # now keeps rank 0's parts
+    wait_for(c.reports["na", 1].exists, 60, "the receiver to restart")
+    job = update(c, 2, tpb.UPDATE_SHARDED)
+    assert job.state == tpb.JOB_FAILED
+    assert "this rank keeps" in job.reason, job.reason
+    refused = [r for r in job.results if "this rank keeps" in r.reason]
+    assert refused and all(r.engine_untouched for r in refused)
+    # ckptd restored what the instances committed (v1, by broadcast): nobody serves v2
+    wait_for(lambda: all(i.ready for i in c.client.instances()), 60, "the restore")
+    assert {held(c, n, d)["version"] for n in INSTANCES.values() for d in (0, 1)} == {1}
+    # the layouts were forgotten, and learned again by the restore (a broadcast): the next
+    # updates give each rank the parts of its new layout
+    now = {("na", 0): 0, ("na", 1): 0, ("nb", 0): 0, ("nb", 1): 1}
+    for v in (2, 1):
+        job = update(c, v, tpb.UPDATE_SHARDED)
+        assert job.state == tpb.JOB_SUCCEEDED, job.reason
+        assert_parts(c, v, now)
