@@ -78,6 +78,19 @@ def store_segment(prefix: str, checkpoint: str, version: int) -> str:
     return f"{prefix}v{digest}_{safe(checkpoint)[:40]}_{version}"
 
 
+def _strided_range(it: Any, size: int) -> tuple[int, int, int, int]:
+    """(offset, bytes, rows, stride) of a checksum item, checked to lie inside the store."""
+    off, n = int(it.store_offset), int(it.nbytes)
+    rows, stride = max(1, int(getattr(it, "rows", 0))), int(getattr(it, "stride", 0))
+    run = n // rows
+    bad = off < 0 or n < 0 or run * rows != n
+    if rows > 1:
+        bad = bad or stride < run or off + (rows - 1) * stride + run > size
+    if bad or off + n > size and rows == 1:
+        raise StoreError("INVALID_ARGUMENT", "a checksum range lies beyond the store")
+    return off, n, rows, stride
+
+
 class HostStore:
     """With spares > 0, a dropped store's segment is kept (still pinned, its pages in place)
     for the next load of the same size: each version of one model is, so a trainer pushing
@@ -174,15 +187,19 @@ class HostStore:
 
         s = self.get(checkpoint, version)
         whole = np.frombuffer(s.mem.buf, dtype=np.uint8)
-        ranges = [(int(it.store_offset), int(it.nbytes)) for it in items]
-        for off, n in ranges:
-            if off < 0 or n < 0 or off + n > s.nbytes:
-                raise StoreError("INVALID_ARGUMENT", "a checksum range lies beyond the store")
+        ranges = [_strided_range(it, s.nbytes) for it in items]
 
-        def one(r: tuple[int, int]) -> int:
-            return checksum.of_numpy(whole[r[0] : r[0] + r[1]])
+        def one(r: tuple[int, int, int, int]) -> int:
+            off, n, rows, stride = r
+            if rows <= 1:
+                return checksum.of_numpy(whole[off : off + n])
+            run = n // rows
+            part = np.lib.stride_tricks.as_strided(
+                whole[off:], shape=(rows, run), strides=(stride, 1), writeable=False
+            )
+            return checksum.of_numpy(np.ascontiguousarray(part).reshape(-1))
 
-        total = sum(n for _, n in ranges)
+        total = sum(r[1] for r in ranges)
         nthreads = min(load_threads(), max(1, total // PARALLEL_MIN))
         if nthreads > 1:
             with ThreadPoolExecutor(nthreads, thread_name_prefix="store-sum") as ex:

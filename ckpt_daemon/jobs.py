@@ -37,6 +37,7 @@ from ckpt_daemon.model import (
     TensorInfo,
     UpdateSpec,
 )
+from ckpt_daemon.part_sums import PartSums
 from ckpt_daemon.planner import (
     Plan,
     PlanError,
@@ -138,6 +139,7 @@ class JobRunner:
         self._prev_pending: dict[tuple[str, str], str] = {}  # (job, instance) -> before it
         self._closing = False
         self.restorer = Restorer(self, registry, hub, config, alive)
+        self._sums = PartSums(hub, config.load_timeout_s)
 
     # ---------------------------------------------------------------- queries
 
@@ -282,10 +284,16 @@ class JobRunner:
             try:
                 maps = shard_jobs.keeps(tensors, shard_jobs.target_maps(self._registry, targets))
                 bucket_bytes, nbuf = self._buckets(spec, set(targets), maps_bytes(tensors, maps))
-                return await asyncio.to_thread(
+                groups = await asyncio.to_thread(
                     shard_jobs.groups, cv, tensors, maps, self._p2p_sources(cv) or {},
                     bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial,
                 )  # fmt: skip
+                self._sums.forget(set(self._registry.checkpoints))
+                try:
+                    await self._sums.fill(cv, groups)
+                except CkptError as e:
+                    raise shard_jobs.NotSharded(f"checksums of the parts: {e.message}") from None
+                return groups
             except shard_jobs.NotSharded as e:
                 if spec.method == "sharded":
                     raise FailedPrecondition(f"no shard-aware plan: {e}") from None

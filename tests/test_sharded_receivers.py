@@ -135,3 +135,17 @@ def test_a_changed_layout_is_refused_untouched_then_learned(cluster: Cluster) ->
         job = update(c, v, tpb.UPDATE_SHARDED)
         assert job.state == tpb.JOB_SUCCEEDED, job.reason
         assert_parts(c, v, now)
+
+
+def test_each_part_is_verified_against_its_own_checksum(cluster: Cluster) -> None:
+    """Parts carry checksums taken from the owners' stores when first planned: a byte
+    changed in a store afterwards fails the rank whose part holds it, before it loads."""
+    c = cluster
+    name = "model.layers.1.self_attn.o_proj.weight"  # split on dim 1: strided parts
+    t = c.w[2][name]
+    c.corrupt_store("m", 2, t.contiguous().view(torch.uint8).numpy().tobytes())
+    job = update(c, 2, tpb.UPDATE_SHARDED)
+    assert job.state == tpb.JOB_FAILED
+    assert "checksum mismatch" in job.reason and name in job.reason, job.reason
+    wait_for(lambda: all(i.ready for i in c.client.instances()), 60, "the restore")
+    assert {held(c, n, d)["version"] for n in INSTANCES.values() for d in (0, 1)} == {1}

@@ -164,7 +164,7 @@ class Scan(_message.Message):
     def __init__(self, paths: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadItem(_message.Message):
-    __slots__ = ("path", "file_offset", "nbytes", "store_offset", "file_size", "file_dev", "file_ino", "file_ctime_ns")
+    __slots__ = ("path", "file_offset", "nbytes", "store_offset", "file_size", "file_dev", "file_ino", "file_ctime_ns", "rows", "stride")
     PATH_FIELD_NUMBER: _ClassVar[int]
     FILE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,8 @@ class LoadItem(_message.Message):
     FILE_DEV_FIELD_NUMBER: _ClassVar[int]
     FILE_INO_FIELD_NUMBER: _ClassVar[int]
     FILE_CTIME_NS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
     path: str
     file_offset: int
     nbytes: int
@@ -181,7 +183,9 @@ class LoadItem(_message.Message):
     file_dev: int
     file_ino: int
     file_ctime_ns: int
-    def __init__(self, path: _Optional[str] = ..., file_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., store_offset: _Optional[int] = ..., file_size: _Optional[int] = ..., file_dev: _Optional[int] = ..., file_ino: _Optional[int] = ..., file_ctime_ns: _Optional[int] = ...) -> None: ...
+    rows: int
+    stride: int
+    def __init__(self, path: _Optional[str] = ..., file_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., store_offset: _Optional[int] = ..., file_size: _Optional[int] = ..., file_dev: _Optional[int] = ..., file_ino: _Optional[int] = ..., file_ctime_ns: _Optional[int] = ..., rows: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
     __slots__ = ("checkpoint", "version", "device", "nbytes", "items")
