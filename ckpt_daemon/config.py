@@ -30,6 +30,7 @@ class DaemonConfig:
     auth_file: str = ""  # tokens and client roles (ckpt_daemon.auth); "": a local admin token
     insecure: bool = False  # no authentication at all, and plaintext beyond loopback
     engine_token_file: str = ""  # sent to vLLM engines (vllm_ext.guard); "": none
+    drain_s: float = 20.0  # on SIGTERM: running jobs get this long to end before cancelled
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:

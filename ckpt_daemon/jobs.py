@@ -138,6 +138,7 @@ class JobRunner:
         self._participants_freed = asyncio.Event()
         self._prev_pending: dict[tuple[str, str], str] = {}  # (job, instance) -> before it
         self._closing = False
+        self._draining = False
         self.restorer = Restorer(self, registry, hub, config, alive)
         self._sums = PartSums(hub, config.load_timeout_s)
 
@@ -229,6 +230,8 @@ class JobRunner:
         return cv
 
     async def submit_update(self, spec: UpdateSpec, kind: JobKind = JobKind.UPDATE) -> Job:
+        if self._draining:
+            raise Unavailable("ckptd is shutting down: it takes no new job")
         if spec.method not in METHODS:
             raise InvalidArgument(f"unknown update method {spec.method!r}")
         cv = self.resolve_checkpoint(spec)
@@ -530,6 +533,14 @@ class JobRunner:
             prev = self._prev_pending.pop((job.id, inst.name), None)
             if prev is not None and settle(inst, job, prev):
                 self._registry.put_instance(inst)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuses new jobs; waits (bounded) for the running ones to end on their own."""
+        self._draining = True
+        tasks = list(self._tasks.values())
+        if tasks and timeout_s > 0:
+            log.info("draining", jobs=len(tasks), seconds=timeout_s)
+            await asyncio.wait(tasks, timeout=timeout_s)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Cancels the running jobs and waits for them to record their end."""

@@ -33,6 +33,13 @@ def parse_args(argv: list[str] | None = None) -> DaemonConfig:
         default=0,
         help="cap on the bucket size (default: 64 on CPU, 512 on CUDA)",
     )
+    p.add_argument(
+        "--drain-s",
+        type=float,
+        default=d.drain_s,
+        help="on SIGTERM, running jobs get this long to end (new ones are refused) before "
+        "they are cancelled",
+    )
     p.add_argument("--port-file", default="", help="write the bound port here once serving")
     p.add_argument(
         "--metrics-listen",
@@ -54,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> DaemonConfig:
         update_timeout_s=a.update_timeout_s,
         receiver_timeout_s=a.receiver_timeout_s,
         port_file=a.port_file,
+        drain_s=a.drain_s,
         metrics_listen=a.metrics_listen,
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,

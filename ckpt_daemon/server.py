@@ -46,6 +46,9 @@ class Daemon:
     _reconciler: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
+        """Drains (running jobs end on their own for up to config.drain_s, new ones are
+        refused), then stops serving and cancels what still runs."""
+        await self.jobs.drain(self.config.drain_s)
         for task in (self._monitor, self._reconciler):
             if task:
                 task.cancel()

@@ -1,26 +1,38 @@
-"""ckptctl: the operator CLI on ckptd's gRPC API. `-o json` everywhere; non-zero exit with
-the server's reason on failure."""
+"""ckptctl: the operator CLI on ckptd's gRPC API.
+
+`-o table|json|yaml` anywhere on the line (JSON/YAML carry every field, 64-bit integers as
+numbers). Exit codes: 0 done, 1 a job failed (or was cancelled), 2 usage, 3 the server
+refused or could not be reached (its gRPC status and reason on stderr). Waiting on a job
+(`--wait`, `watch`) has its own deadline (`--wait-timeout`), longer than the job's own, so a
+failed job is reported with its reason; Ctrl-C stops waiting, not the job, and says how to
+cancel it."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
-
-from google.protobuf.json_format import MessageToDict
 
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.credentials import Credentials
 from ckpt_common.errors import CkptError
 from ckpt_common.ranks import format_ranks, parse_ranks
 from ckptctl.client import DEFAULT_ADDR, TERMINAL, Client
+from ckptctl.output import render
 from ckptctl.probes import load_probe
 
 EXIT_FAILED = 1
-EXIT_ERROR = 2
+EXIT_USAGE = 2
+EXIT_ERROR = 3
+EXIT_INTERRUPTED = 130
+WAIT_MARGIN_S = 120.0  # a wait outlives the job's own deadline by this much
+FORMATS = ("table", "json", "yaml")
+
+
+def _structured(out: str) -> bool:
+    return out in ("json", "yaml")
 
 
 def _enum(enum: Any, value: int, prefix: str) -> str:
@@ -42,12 +54,11 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _json(msgs: Any) -> str:
-    if isinstance(msgs, list):
-        return json.dumps(
-            [MessageToDict(m, preserving_proto_field_name=True) for m in msgs], indent=2
-        )
-    return json.dumps(MessageToDict(msgs, preserving_proto_field_name=True), indent=2)
+_OUT = {"fmt": "table"}
+
+
+def _render(x: Any) -> str:
+    return render(x, _OUT["fmt"])
 
 
 def _job_line(j: tpb.Job) -> str:
@@ -63,8 +74,8 @@ def _job_line(j: tpb.Job) -> str:
 
 
 def _print_jobs(jobs: list[tpb.Job], out: str) -> None:
-    if out == "json":
-        print(_json(jobs))
+    if _structured(out):
+        print(_render(jobs))
         return
     rows = []
     for j in jobs:
@@ -91,23 +102,49 @@ def _print_jobs(jobs: list[tpb.Job], out: str) -> None:
 
 
 def _wait(c: Client, job: tpb.Job, out: str, timeout_s: float) -> int:
+    """Follows a job to its end (or timeout_s); 0 if it succeeded, 1 if not."""
     tty = sys.stderr.isatty()
     last = job
-    for last in c.watch(job.id, timeout_s):
-        if out != "json":
-            line = _job_line(last)
-            print(
-                ("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True
-            )
-        if last.state in TERMINAL:
-            break
-    if out != "json" and tty:
+    try:
+        for last in c.watch(job.id, timeout_s):
+            if not _structured(out):
+                line = _job_line(last)
+                end = "" if tty else "\n"
+                print(("\r" + line) if tty else line, end=end, file=sys.stderr, flush=True)
+            if last.state in TERMINAL:
+                break
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: job {job.id} keeps running; `ckptctl watch {job.id}` follows it, "
+            f"`ckptctl cancel {job.id}` stops it",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    if not _structured(out) and tty:
         print(file=sys.stderr)
-    if out == "json":
-        print(_json(last))
+    if last.state not in TERMINAL:
+        last = c.job(job.id)
+    if _structured(out):
+        print(_render(last))
     elif last.state == tpb.JOB_SUCCEEDED:
         print(_job_line(last))
-    return 0 if last.state == tpb.JOB_SUCCEEDED else EXIT_FAILED
+    if last.state in TERMINAL and last.state != tpb.JOB_SUCCEEDED:
+        kind = _enum(tpb.JobKind, last.kind, "JOB_").lower()
+        state = _enum(tpb.JobState, last.state, "JOB_").lower()
+        print(f"error: {kind} job {last.id} {state}: {last.reason}", file=sys.stderr)
+        return EXIT_FAILED
+    if last.state != tpb.JOB_SUCCEEDED:
+        print(f"error: job {last.id} still running after {timeout_s:.0f}s of waiting "
+              f"(`ckptctl watch {last.id}` goes on)", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+    return 0
+
+
+def _wait_s(a: argparse.Namespace) -> float:
+    """The client's wait: its own flag, else past the job's own deadline."""
+    if getattr(a, "wait_timeout", 0):
+        return float(a.wait_timeout)
+    return (getattr(a, "timeout", 0) or 3600.0) + WAIT_MARGIN_S
 
 
 def cmd_push(c: Client, a: argparse.Namespace) -> int:
@@ -124,8 +161,8 @@ def cmd_push(c: Client, a: argparse.Namespace) -> int:
         replicas=a.replicas,
         probe=load_probe(a.probe) if a.probe else None,
     )
-    if a.output == "json":
-        print(_json(cp))
+    if _structured(a.output):
+        print(_render(cp))
     else:
         print(
             f"{cp.name}@{cp.version} {_enum(tpb.CheckpointState, cp.state, 'CHECKPOINT_')} "
@@ -138,7 +175,7 @@ def cmd_push(c: Client, a: argparse.Namespace) -> int:
 def _split_ref(ref: str) -> tuple[str, int]:
     name, _, ver = ref.partition("@")
     if ver and not ver.isdigit():
-        raise SystemExit(f"bad version in {ref!r}")
+        raise ValueError(f"bad version in {ref!r}: want NAME or NAME@VERSION")
     return name, int(ver or 0)
 
 
@@ -163,19 +200,15 @@ def cmd_update(c: Client, a: argparse.Namespace) -> int:
         method=method,
     )
     if not a.wait:
-        print(_json(job) if a.output == "json" else _job_line(job))
+        print(_render(job) if _structured(a.output) else _job_line(job))
         return 0
-    rc = _wait(c, job, a.output, a.timeout or 3600)
-    if rc:
-        final = c.job(job.id)
-        print(f"error: update failed: {final.reason}", file=sys.stderr)
-    return rc
+    return _wait(c, job, a.output, _wait_s(a))
 
 
 def cmd_checkpoints(c: Client, a: argparse.Namespace) -> int:
     cps = c.checkpoints(a.name or "")
-    if a.output == "json":
-        print(_json(cps))
+    if _structured(a.output):
+        print(_render(cps))
         return 0
     rows = [
         [
@@ -196,8 +229,8 @@ def cmd_checkpoints(c: Client, a: argparse.Namespace) -> int:
 def cmd_delete(c: Client, a: argparse.Namespace) -> int:
     name, version = _split_ref(a.checkpoint)
     deleted = c.delete(name, version)
-    if a.output == "json":
-        print(_json(deleted))
+    if _structured(a.output):
+        print(_render(deleted))
     else:
         for cp in deleted:
             print(f"deleted {cp.name}@{cp.version}")
@@ -209,11 +242,11 @@ def cmd_agents(c: Client, a: argparse.Namespace) -> int:
         if not a.node:
             raise ValueError("ckptctl agents remove NODE [--force]")
         removed = c.remove_agent(a.node, force=a.force)
-        print(_json(removed) if a.output == "json" else f"removed agent {removed.node_id}")
+        print(_render(removed) if _structured(a.output) else f"removed agent {removed.node_id}")
         return 0
     agents = c.agents()
-    if a.output == "json":
-        print(_json(agents))
+    if _structured(a.output):
+        print(_render(agents))
         return 0
     rows = []
     for ag in agents:
@@ -237,8 +270,8 @@ def cmd_agents(c: Client, a: argparse.Namespace) -> int:
 
 def cmd_instances(c: Client, a: argparse.Namespace) -> int:
     insts = c.instances()
-    if a.output == "json":
-        print(_json(insts))
+    if _structured(a.output):
+        print(_render(insts))
         return 0
     rows = [
         [
@@ -262,7 +295,7 @@ def _instance_from_args(a: argparse.Namespace) -> tpb.Instance:
     for item in a.devices.split(","):
         node, _, dev = item.rpartition("/")
         if not node or not dev.isdigit():
-            raise SystemExit(f"bad device {item!r}: want NODE/INDEX")
+            raise ValueError(f"bad device {item!r}: want NODE/INDEX")
         ranks.append(tpb.InstanceRank(node_id=node, device=int(dev)))
     kind = tpb.INSTANCE_RECEIVER if a.kind == "receiver" else tpb.INSTANCE_VLLM
     return tpb.Instance(
@@ -278,8 +311,8 @@ def _instance_from_args(a: argparse.Namespace) -> tpb.Instance:
 def cmd_register(c: Client, a: argparse.Namespace) -> int:
     inst = c.register_instance(_instance_from_args(a))
     print(
-        _json(inst)
-        if a.output == "json"
+        _render(inst)
+        if _structured(a.output)
         else f"registered {inst.name} on ranks {format_ranks(list(inst.global_ranks))}"
     )
     return 0
@@ -287,14 +320,17 @@ def cmd_register(c: Client, a: argparse.Namespace) -> int:
 
 def cmd_remove(c: Client, a: argparse.Namespace) -> int:
     inst = c.remove_instance(a.name)
-    print(_json(inst) if a.output == "json" else f"removed {inst.name}")
+    print(_render(inst) if _structured(a.output) else f"removed {inst.name}")
     return 0
 
 
 def cmd_join(c: Client, a: argparse.Namespace) -> int:
     name, version = _split_ref(a.checkpoint) if a.checkpoint else ("", 0)
     job = c.join(_instance_from_args(a), name, version, timeout_s=a.timeout)
-    return _wait(c, job, a.output, a.timeout or 3600) if a.wait else (print(_job_line(job)) or 0)
+    if a.wait:
+        return _wait(c, job, a.output, _wait_s(a))
+    print(_render(job) if _structured(a.output) else _job_line(job))
+    return 0
 
 
 def cmd_jobs(c: Client, a: argparse.Namespace) -> int:
@@ -305,28 +341,12 @@ def cmd_jobs(c: Client, a: argparse.Namespace) -> int:
 def cmd_status(c: Client, a: argparse.Namespace) -> int:
     if a.job:
         j = c.job(a.job)
-        print(_json(j) if a.output == "json" else _job_line(j))
+        print(_render(j) if _structured(a.output) else _job_line(j))
         return 0
-    if a.output == "json":
-        print(
-            json.dumps(
-                {
-                    "agents": [
-                        MessageToDict(x, preserving_proto_field_name=True) for x in c.agents()
-                    ],
-                    "checkpoints": [
-                        MessageToDict(x, preserving_proto_field_name=True) for x in c.checkpoints()
-                    ],
-                    "instances": [
-                        MessageToDict(x, preserving_proto_field_name=True) for x in c.instances()
-                    ],
-                    "jobs": [
-                        MessageToDict(x, preserving_proto_field_name=True) for x in c.jobs(10)
-                    ],
-                },
-                indent=2,
-            )
-        )
+    if _structured(a.output):
+        every = {"agents": c.agents(), "checkpoints": c.checkpoints(),
+                 "instances": c.instances(), "jobs": c.jobs(10)}  # fmt: skip
+        print(_render(every))
         return 0
     for fn in (cmd_agents, cmd_checkpoints, cmd_instances, cmd_jobs):
         a.name, a.limit = "", 10
@@ -336,18 +356,61 @@ def cmd_status(c: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_watch(c: Client, a: argparse.Namespace) -> int:
-    return _wait(c, c.job(a.job), a.output, a.timeout or 3600)
+    return _wait(c, c.job(a.job), a.output, a.timeout or 3600.0 + WAIT_MARGIN_S)
+
+
+def cmd_cancel(c: Client, a: argparse.Namespace) -> int:
+    j = c.cancel(a.job)
+    print(_render(j) if _structured(a.output) else f"cancelling job {j.id}")
+    return 0
+
+
+def cmd_describe(c: Client, a: argparse.Namespace) -> int:
+    """One object in full: a checkpoint version (with its tensors) or a job."""
+    if a.kind == "job":
+        obj: Any = c.job(a.ref)
+    else:
+        name, version = _split_ref(a.ref)
+        obj = c.get(name, version, tensors=True)
+    print(_render(obj) if _structured(a.output) else render(obj, "yaml"))
+    return 0
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ckptd")
+    except Exception:
+        return "unknown"
+
+
+GLOBALS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("--addr",), {"default": DEFAULT_ADDR, "help": "ckptd host:port (env CKPTD_ADDR)"}),
+    (("-o", "--output"), {"choices": FORMATS, "default": "table",
+                          "help": "table, or every field as json or yaml"}),
+    (("--token-file",), {"default": "", "help": "bearer token (env CKPTD_TOKEN_FILE)"}),
+    (("--tls-ca",), {"default": "", "help": "CA that signed ckptd's certificate"}),
+    (("--tls-cert",), {"default": "", "help": "client certificate (mTLS)"}),
+    (("--tls-key",), {"default": "", "help": "its private key"}),
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Global options go anywhere on the line: before the subcommand or after it."""
+    common = argparse.ArgumentParser(add_help=False)
     p = argparse.ArgumentParser(prog="ckptctl", description="operate ckptd")
-    p.add_argument("--addr", default=DEFAULT_ADDR, help="ckptd host:port (env CKPTD_ADDR)")
-    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    p.add_argument("--token-file", default="", help="bearer token (env CKPTD_TOKEN_FILE)")
-    p.add_argument("--tls-ca", default="", help="CA that signed ckptd's certificate")
-    p.add_argument("--tls-cert", default="", help="client certificate (mTLS)")
-    p.add_argument("--tls-key", default="", help="its private key")
+    p.add_argument("--version", action="version", version=f"ckptctl {_version()}")
+    for flags, kw in GLOBALS:
+        p.add_argument(*flags, **kw)
+        common.add_argument(*flags, **{**kw, "default": argparse.SUPPRESS})
     sub = p.add_subparsers(dest="cmd", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     s = sub.add_parser("push", help="push a checkpoint version from safetensors files")
     s.add_argument("name")
@@ -355,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", help="files or directories (model.safetensors.index.json)")
     s.add_argument("--node", default="", help="the files are on this node only")
     s.add_argument("--ranks", default="", help="ranks that hold the bytes (default all)")
-    s.add_argument("--no-wait", action="store_true")
+    s.add_argument("--no-wait", action="store_true", help="return once the push is accepted")
     s.add_argument(
         "--replicas",
         type=int,
@@ -369,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON file: {prompt, expected[, logprobs, tolerance]} token ids each engine must"
         " answer before it serves this version",
     )
-    s.add_argument("--timeout", type=float, default=600.0)
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds the push may take")
     s.set_defaults(fn=cmd_push)
 
     s = sub.add_parser("update", help="broadcast a checkpoint into running engines")
@@ -384,9 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: each rank receives only what it keeps once its engine reported its "
         "sharding (sharded: or fail), else everything (broadcast)",
     )
-    s.add_argument("--bucket-mib", type=int, default=0)
-    s.add_argument("--timeout", type=float, default=0.0)
+    s.add_argument("--bucket-mib", type=int, default=0, help="bucket size (0: ckptd chooses)")
+    s.add_argument(
+        "--timeout", type=float, default=0.0, help="the job's deadline in seconds (0: ckptd's)"
+    )
     s.add_argument("--wait", action="store_true", help="follow progress until it ends")
+    s.add_argument(
+        "--wait-timeout", type=float, default=0.0,
+        help="how long --wait waits (default: the job's deadline + 120 s)",
+    )  # fmt: skip
     s.set_defaults(fn=cmd_update)
 
     s = sub.add_parser("checkpoints", help="list checkpoints")
@@ -415,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--devices", required=True, help="NODE/INDEX,... in engine rank order")
         s.add_argument("--endpoint", default="", help="http://host:port of a vLLM server")
         s.add_argument("--kind", choices=["vllm", "receiver"], default="vllm")
-        s.add_argument("--tp", type=int, default=0)
+        s.add_argument("--tp", type=int, default=0, help="TP size (default: the devices)")
         s.add_argument(
             "--weight-transfer",
             choices=["extension", "ckptd"],
@@ -424,9 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
             '--weight-transfer-config \'{"backend": "ckptd"}\'',
         )
         if name == "join":
-            s.add_argument("--checkpoint", default="")
-            s.add_argument("--timeout", type=float, default=0.0)
-            s.add_argument("--wait", action="store_true")
+            s.add_argument("--checkpoint", default="", help="NAME@VERSION (default: the fleet's)")
+            s.add_argument("--timeout", type=float, default=0.0, help="the job's deadline (s)")
+            s.add_argument("--wait", action="store_true", help="follow it until it ends")
+            s.add_argument("--wait-timeout", type=float, default=0.0, help="how long --wait waits")
         s.set_defaults(fn=fn)
 
     s = sub.add_parser("remove", help="forget an instance")
@@ -434,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_remove)
 
     s = sub.add_parser("jobs", help="list recent jobs")
-    s.add_argument("--limit", type=int, default=20)
+    s.add_argument("--limit", type=int, default=20, help="newest N jobs")
     s.set_defaults(fn=cmd_jobs)
 
     s = sub.add_parser("status", help="overview, or one job")
@@ -443,13 +513,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("watch", help="follow a job until it ends")
     s.add_argument("job")
-    s.add_argument("--timeout", type=float, default=0.0)
+    s.add_argument("--timeout", type=float, default=0.0, help="seconds to wait (default 1 h)")
     s.set_defaults(fn=cmd_watch)
+
+    s = sub.add_parser("cancel", help="cancel a running job (engines are restored)")
+    s.add_argument("job")
+    s.set_defaults(fn=cmd_cancel)
+
+    s = sub.add_parser("describe", help="one checkpoint version (with its tensors) or job")
+    s.add_argument("kind", choices=["checkpoint", "job"])
+    s.add_argument("ref", help="NAME[@VERSION] or a job id")
+    s.set_defaults(fn=cmd_describe)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    _OUT["fmt"] = a.output
     try:
         creds = Credentials(
             token_file=a.token_file, tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key
@@ -459,9 +539,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CkptError as e:
         print(f"error: {e.code}: {e.message}", file=sys.stderr)
         return EXIT_ERROR
-    except (ValueError, OSError) as e:
+    except ValueError as e:  # what was asked is malformed: a usage error
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

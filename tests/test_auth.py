@@ -132,7 +132,7 @@ def test_local_token_is_required_and_private(tmp_path: Path) -> None:
             timeout=60,
             env={**env, "HOME": str(tmp_path)},
         )
-        assert r.returncode == 2 and "UNAUTHENTICATED" in r.stderr, r.stderr
+        assert r.returncode == 3 and "UNAUTHENTICATED" in r.stderr, r.stderr
         with grpc.insecure_channel(c.addr) as ch:  # health needs nothing and shows nothing
             res = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert res.status == health_pb2.HealthCheckResponse.SERVING

@@ -258,28 +258,59 @@ def test_cli(cluster: Cluster, tmp_path: Path) -> None:
 
     anonymous = {k: v for k, v in c.env.items() if k != "CKPTD_TOKEN_FILE"}
     r = ctl("agents", env=anonymous)
-    assert r.returncode == 2 and "UNAUTHENTICATED" in r.stderr, r.stderr
+    assert r.returncode == 3 and "UNAUTHENTICATED" in r.stderr, r.stderr  # server: 3
 
     r = ctl("push", "cli", "1", str(d))
     assert r.returncode == 0, r.stderr
     r = ctl("agents")
     assert r.returncode == 0 and "node-a" in r.stdout and "RANK" in r.stdout
     r = ctl("agents", "remove", "node-a")  # attached: only with --force
-    assert r.returncode == 2 and "FAILED_PRECONDITION" in r.stderr, r.stderr
+    assert r.returncode == 3 and "FAILED_PRECONDITION" in r.stderr, r.stderr
     r = ctl("agents", "remove", "no-such-node")
-    assert r.returncode == 2 and "NOT_FOUND" in r.stderr, r.stderr
-    r = ctl("-o", "json", "update", "cli@1", "--ranks", "0-1,3", "--wait")
+    assert r.returncode == 3 and "NOT_FOUND" in r.stderr, r.stderr
+    r = ctl("update", "cli@1", "--ranks", "0-1,3", "--wait", "-o", "json")  # -o anywhere
     assert r.returncode == 0, r.stderr
     job = json.loads(r.stdout)
     assert job["state"] == "JOB_SUCCEEDED" and job["ranks"] == [0, 1, 3]
+    # every field, zeros included, 64-bit integers as numbers
+    assert job["results"][0]["rank"] == 0 and job["results"][0]["device"] == 0
+    assert isinstance(job["bytes_total"], int) and isinstance(job["version"], int)
     r = ctl("update", "cli@1", "--ranks", "0-9")
-    assert r.returncode == 2 and "INVALID_ARGUMENT" in r.stderr and "out of range" in r.stderr
-    r = ctl("-o", "json", "checkpoints", "cli")
-    assert json.loads(r.stdout)[0]["state"] == "CHECKPOINT_READY"
+    assert r.returncode == 3 and "INVALID_ARGUMENT" in r.stderr and "out of range" in r.stderr
+    for usage in (["update", "cli@x"], ["bogus"], ["update"]):
+        assert ctl(*usage).returncode == 2, usage
+    r = ctl("checkpoints", "cli", "-o", "yaml")
+    assert "state: CHECKPOINT_READY" in r.stdout, r.stdout
+    r = ctl("-o", "json", "describe", "checkpoint", "cli@1")
+    cp = json.loads(r.stdout)
+    assert cp["tensors"] and all("checksum" in t for t in cp["tensors"])
     for sub in ("jobs", "instances", "status"):
         assert ctl(sub).returncode == 0
     r = ctl("status", job["id"])
     assert r.returncode == 0 and "SUCCEEDED" in r.stdout
+    r = ctl("cancel", job["id"])
+    assert r.returncode == 3 and "SUCCEEDED" in r.stderr
+    assert ctl("--version").stdout.startswith("ckptctl ")
+
+
+def test_cli_reports_a_failed_jobs_reason_not_its_own_deadline(cluster: Cluster) -> None:
+    """The job's deadline is short, the client waits past it: a job that fails (no engine
+    on the rank) exits 1 with the job's own reason."""
+    c = cluster
+    c.start_agent("node-x", 1)
+    c.wait_ranks(5)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "ckptctl.cli", "--addr", c.addr, "update", "cli@1",
+             "--ranks", "4", "--timeout", "8", "--wait"],
+            capture_output=True, text=True, timeout=120, env=c.env,
+        )  # fmt: skip
+        assert r.returncode == 1, r.stderr
+        assert "failed" in r.stderr and "engine" in r.stderr, r.stderr
+        assert "DEADLINE_EXCEEDED" not in r.stderr
+    finally:
+        c.stop("agent-node-x")
+        c.client.remove_agent("node-x", force=True)
 
 
 def test_direct_push_from_trainer_memory(cluster: Cluster) -> None:

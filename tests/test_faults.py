@@ -359,8 +359,23 @@ def test_fault(cluster: Cluster, tmp_path: Path, target: str, sig: str, moment: 
     )
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has exited
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
-def test_agent_sigterm_exits_promptly_and_leaves_no_segments(tmp_path: Path) -> None:
+@pytest.mark.parametrize("to", ["group", "pid"])
+def test_agent_sigterm_exits_promptly_and_leaves_no_segments(tmp_path: Path, to: str) -> None:
+    """SIGTERM as Kubernetes (the pid) and systemd (the group) send it: the agent and its
+    workers are gone within 3 s, and so are their shared-memory segments."""
     c = Cluster(tmp_path)
     try:
         c.start_daemon()
@@ -371,10 +386,43 @@ def test_agent_sigterm_exits_promptly_and_leaves_no_segments(tmp_path: Path) -> 
         assert [n for n in os.listdir("/dev/shm") if n.startswith(pre)]
         agent = c.procs.pop("agent-term")
         t0 = time.monotonic()
-        os.killpg(agent.pid, signal.SIGTERM)  # as a service manager does: the whole group
+        kids = _children(agent.pid)
+        assert kids
+        (os.killpg if to == "group" else os.kill)(agent.pid, signal.SIGTERM)
         agent.wait(10)
-        assert time.monotonic() - t0 < 5
-        wait_for(lambda: not _children(agent.pid), 5, "workers to exit")
+        wait_for(lambda: not [k for k in kids if _alive(k)], 10, "workers to exit")
+        took = time.monotonic() - t0
+        assert took < 3, f"{took:.2f}s"
         assert not [n for n in os.listdir("/dev/shm") if n.startswith(pre)]
+    finally:
+        c.close()
+
+
+@pytest.mark.slow
+def test_ckptd_sigterm_drains_running_jobs_to_their_own_end(tmp_path: Path) -> None:
+    """SIGTERM while a job runs: new jobs are refused, the running one ends on its own (here:
+    failed, its engine never came) rather than being cut off, then ckptd exits; the
+    restarted ckptd shows the job with its own reason."""
+    c = Cluster(tmp_path)
+    try:
+        c.start_daemon("--receiver-timeout-s", "3", "--drain-s", "20")
+        c.start_agent("drain", 1)
+        c.wait_ranks(1)
+        c.client.push("d", 1, [str(write_sharded(_tensors(3, 1 << 16), tmp_path / "d"))])
+        job = c.client.update("d", 1, ranks=[0])  # no engine on rank 0: fails after 3 s
+        ckptd = c.procs["ckptd"]
+        t0 = time.monotonic()
+        ckptd.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(Unavailable, match="shutting down"):
+            c.client.update("d", 1, ranks=[0])
+        ckptd.wait(30)
+        took = time.monotonic() - t0
+        c.procs.pop("ckptd")
+        c.start_daemon()
+        done = c.client.job(job.id)
+        assert done.state == tpb.JOB_FAILED, done
+        assert "ckptd stopped" not in done.reason and "engine" in done.reason, done.reason
+        assert took < 15, f"{took:.1f}s"
     finally:
         c.close()
