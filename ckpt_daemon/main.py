@@ -10,9 +10,17 @@ import sys
 
 import structlog
 
+from ckpt_common.envflags import apply_env_defaults
 from ckpt_common.logs import setup_logging
 from ckpt_daemon.config import LISTEN_ENV, STATE_DIR_ENV, DaemonConfig
 from ckpt_daemon.server import start_daemon
+
+# ckptd's own TLS files: CKPTD_TLS_* name what clients and agents show ckptd
+SERVER_ENV_NAMES = {
+    "--tls-cert": "CKPTD_SERVER_TLS_CERT",
+    "--tls-key": "CKPTD_SERVER_TLS_KEY",
+    "--tls-ca": "CKPTD_SERVER_TLS_CA",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> DaemonConfig:
@@ -47,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> DaemonConfig:
         help="host:port to serve Prometheus metrics on (e.g. 127.0.0.1:9601)",
     )
     add_security_args(p)
+    apply_env_defaults(p, "CKPTD_", SERVER_ENV_NAMES)
     a = p.parse_args(argv)
     extra = {}
     if a.max_bucket_mib:

@@ -98,3 +98,23 @@ def test_interface_of_an_address() -> None:
     assert interface_of("127.0.0.1") == "lo"
     assert interface_of("192.0.2.123") is None  # TEST-NET: on no interface here
     assert interface_of("::1") is None and interface_of("not an ip") is None
+
+
+def test_every_ckptd_flag_is_settable_by_env(monkeypatch) -> None:
+    import pytest
+
+    from ckpt_daemon.main import parse_args
+
+    monkeypatch.setenv("CKPTD_DRAIN_S", "7")
+    monkeypatch.setenv("CKPTD_RECEIVER_TIMEOUT_S", "9.5")
+    monkeypatch.setenv("CKPTD_SERVER_TLS_CERT", "/c.pem")
+    monkeypatch.setenv("CKPTD_SERVER_TLS_KEY", "/k.pem")
+    monkeypatch.setenv("CKPTD_TLS_CERT", "/client.pem")  # a client's: not ckptd's own
+    cfg = parse_args([])
+    assert (cfg.drain_s, cfg.receiver_timeout_s, cfg.tls_cert) == (7.0, 9.5, "/c.pem")
+    assert parse_args(["--drain-s", "1"]).drain_s == 1.0  # the flag wins
+    monkeypatch.setenv("CKPTD_INSECURE", "yes")
+    assert parse_args([]).insecure
+    monkeypatch.setenv("CKPTD_HEARTBEAT_S", "soon")
+    with pytest.raises(SystemExit):
+        parse_args([])
