@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -39,9 +40,16 @@ PROBE_TIMEOUT_S = 10.0
 
 class EngineTrigger:
     def __init__(
-        self, registry: Registry, *, control_timeout_s: float = 30.0, engine_token: str = ""
+        self,
+        registry: Registry,
+        *,
+        control_timeout_s: float = 30.0,
+        engine_token: str = "",
+        on_pause: Callable[[str, float], None] | None = None,
     ) -> None:
+        """on_pause(instance, seconds): told how long an engine was paused (metrics)."""
         self._registry = registry
+        self._on_pause = on_pause
         self._control_timeout = control_timeout_s
         # shown to engines guarded by vllm_ext.guard
         self._headers = {"X-Ckpt-Token": engine_token} if engine_token else {}
@@ -106,7 +114,10 @@ class EngineTrigger:
         finally:
             if paused and state["committed"]:
                 await self.resume(instance, ctl)
-                log.info("engine_paused", seconds=round(time.monotonic() - t_pause, 4), **bind)
+                paused_s = time.monotonic() - t_pause
+                log.info("engine_paused", seconds=round(paused_s, 4), **bind)
+                if self._on_pause is not None:
+                    self._on_pause(instance.name, paused_s)
             elif paused:  # it may hold a mix: it serves again only once restored
                 log.warning("engine_kept_paused", **bind)
 

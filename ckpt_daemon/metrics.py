@@ -1,55 +1,118 @@
-"""Prometheus metrics of ckptd: jobs, bytes and per-phase seconds (copy/H2D, broadcast,
-engine reload, setup), agents and checkpoints. Served on --metrics-listen (off by default)."""
+"""Prometheus metrics of ckptd, served on --metrics-listen (off by default). Names and labels
+follow Prometheus conventions (base units, `_total` counters, no `_created` series).
+
+Events: jobs by kind and outcome, their seconds and bytes; each rank's seconds per phase
+(copy/H2D, broadcast, engine reload, set-up; `ckptd_rank_update_seconds` the whole) by node;
+the time from Update to the first bucket; rollbacks (restore jobs) by outcome; how long each
+engine was paused for an update (what its users see); pushes by outcome, seconds and bytes.
+State, read at scrape: agents attached, each agent's heartbeat age, host-store bytes per
+node, checkpoint versions by state, instances ready."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import time
+from collections.abc import Iterator
 
-from ckpt_daemon.model import Job
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ckpt_daemon.model import CheckpointVersion, Job, ShardState
 from ckpt_daemon.registry import Registry
 
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 300)
+PHASES = ("copy", "broadcast", "reload", "setup")
+
+try:  # no `_created` series next to every counter and histogram
+    from prometheus_client import disable_created_metrics
+
+    disable_created_metrics()
+except ImportError:  # older prometheus_client
+    pass
+
+
+class _State(Collector):
+    """Gauges read from the registry at scrape time."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._r = registry
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        r, now = self._r, time.time()
+        attached = GaugeMetricFamily("ckptd_agents_attached", "Agents attached now")
+        attached.add_metric([], sum(a.attached for a in list(r.agents.values())))
+        age = GaugeMetricFamily(
+            "ckptd_agent_heartbeat_age_seconds", "Since an agent was last heard", labels=["node"]
+        )
+        for a in list(r.agents.values()):
+            if a.attached:
+                age.add_metric([a.node_id], max(0.0, now - a.last_seen))
+        store = GaugeMetricFamily(
+            "ckptd_host_store_bytes", "Checkpoint bytes held in host stores", labels=["node"]
+        )
+        per_node: dict[str, int] = {}
+        states: dict[str, int] = {}
+        for cv in list(r.checkpoints.values()):
+            states[cv.state.name.lower()] = states.get(cv.state.name.lower(), 0) + 1
+            for rank, sh in cv.shards.items():
+                if sh.state != ShardState.LOST:
+                    per_node[rank.node_id] = per_node.get(rank.node_id, 0) + sh.nbytes
+        for node, n in sorted(per_node.items()):
+            store.add_metric([node], n)
+        versions = GaugeMetricFamily(
+            "ckptd_checkpoint_versions", "Checkpoint versions by state", labels=["state"]
+        )
+        for state, n in sorted(states.items()):
+            versions.add_metric([state], n)
+        ready = GaugeMetricFamily("ckptd_instances", "Registered instances", labels=["ready"])
+        insts = list(r.instances.values())
+        ready.add_metric(["true"], sum(i.ready for i in insts))
+        ready.add_metric(["false"], sum(not i.ready for i in insts))
+        yield from (attached, age, store, versions, ready)
 
 
 class Metrics:
     def __init__(self, registry: Registry) -> None:
-        self.prom = CollectorRegistry()
-        self.jobs = Counter(
-            "ckptd_jobs", "Jobs finished, by kind and state", ["kind", "state"], registry=self.prom
-        )
+        self.prom = p = CollectorRegistry()
+        self.jobs = Counter("ckptd_jobs", "Jobs ended", ["kind", "state"], registry=p)
         self.job_seconds = Histogram(
-            "ckptd_job_seconds",
-            "Job run time (start to end)",
-            ["kind"],
-            buckets=_BUCKETS,
-            registry=self.prom,
-        )
+            "ckptd_job_seconds", "Job run time, start to end", ["kind"], buckets=_BUCKETS,
+            registry=p,
+        )  # fmt: skip
         self.bytes = Counter(
-            "ckptd_update_bytes", "Checkpoint bytes delivered by jobs", ["kind"], registry=self.prom
+            "ckptd_update_bytes", "Checkpoint bytes of succeeded jobs", ["kind"], registry=p
         )
         self.phase = Histogram(
-            "ckptd_rank_phase_seconds",
-            "Per-rank time in each phase of an update",
-            ["phase"],
-            buckets=_BUCKETS,
-            registry=self.prom,
-        )
+            "ckptd_rank_phase_seconds", "A rank's time in one phase of an update",
+            ["phase", "node"], buckets=_BUCKETS, registry=p,
+        )  # fmt: skip
+        self.rank_total = Histogram(
+            "ckptd_rank_update_seconds", "A rank's whole update", ["node"], buckets=_BUCKETS,
+            registry=p,
+        )  # fmt: skip
         self.first_bucket = Histogram(
-            "ckptd_first_bucket_seconds",
-            "From the Update call to the first bucket delivered",
-            buckets=_BUCKETS,
-            registry=self.prom,
+            "ckptd_first_bucket_seconds", "From the Update call to the first bucket delivered",
+            buckets=_BUCKETS, registry=p,
+        )  # fmt: skip
+        self.rollbacks = Counter(
+            "ckptd_rollbacks", "Restore jobs run after a failed update", ["state"], registry=p
         )
-        agents = Gauge("ckptd_agents_attached", "Attached agents", registry=self.prom)
-        agents.set_function(lambda: registry.counts()[0])
-        ready = Gauge(
-            "ckptd_checkpoint_versions_ready", "READY checkpoint versions", registry=self.prom
+        self.pause = Histogram(
+            "ckptd_engine_pause_seconds", "How long an engine was paused for an update",
+            ["instance"], buckets=_BUCKETS, registry=p,
+        )  # fmt: skip
+        self.pushes = Counter("ckptd_pushes", "Pushes ended", ["state"], registry=p)
+        self.push_seconds = Histogram(
+            "ckptd_push_seconds", "A push, accepted to ready", buckets=_BUCKETS, registry=p
         )
-        ready.set_function(lambda: registry.counts()[1])
+        self.push_bytes = Counter("ckptd_push_bytes", "Bytes of ready pushes", registry=p)
+        p.register(_State(registry))
 
     def job_finished(self, job: Job) -> None:
-        kind = job.kind.name.lower()
-        self.jobs.labels(kind, job.state.name.lower()).inc()
+        kind, state = job.kind.name.lower(), job.state.name.lower()
+        self.jobs.labels(kind, state).inc()
+        if job.spec.rollback_of:
+            self.rollbacks.labels(state).inc()
         if job.started and job.finished:
             self.job_seconds.labels(kind).observe(job.finished - job.started)
         if job.state.name == "SUCCEEDED":
@@ -57,8 +120,19 @@ class Metrics:
             if job.first_bucket_s:
                 self.first_bucket.observe(job.first_bucket_s)
         for r in job.results:
-            for phase in ("copy_s", "broadcast_s", "reload_s", "setup_s", "total_s"):
-                self.phase.labels(phase[:-2]).observe(getattr(r.times, phase))
+            node = r.owner.node_id
+            for phase in PHASES:
+                self.phase.labels(phase, node).observe(getattr(r.times, f"{phase}_s"))
+            self.rank_total.labels(node).observe(r.times.total_s)
+
+    def engine_paused(self, instance: str, seconds: float) -> None:
+        self.pause.labels(instance).observe(seconds)
+
+    def push_done(self, cv: CheckpointVersion, ok: bool) -> None:
+        self.pushes.labels("ready" if ok else "failed").inc()
+        if ok:
+            self.push_seconds.observe(max(0.0, time.time() - cv.created))
+            self.push_bytes.inc(sum(t.nbytes for t in cv.tensors))
 
     def serve(self, listen: str) -> int:
         host, _, port = listen.rpartition(":")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -84,6 +85,8 @@ class Pusher:
         self._inflight: set[tuple[str, int]] = set()
         self.direct = DirectPushes(self._direct_ops(), config.load_timeout_s)
         self._tasks: set[asyncio.Task[None]] = set()
+        # told of every push that ends: (version, ok); metrics
+        self.on_done: Callable[[CheckpointVersion, bool], None] | None = None
 
     async def push(
         self,
@@ -337,9 +340,11 @@ class Pusher:
         errors = [e for e in results if isinstance(e, BaseException)]
         if not errors:
             log.info("push_ready", checkpoint=cv.name, version=cv.version)
+            self._done(cv, True)
             return
         first = errors[0]
         log.warning("push_failed", checkpoint=cv.name, version=cv.version, error=str(first))
+        self._done(cv, False)
         if remove_on_failure:
             await self._forget(cv)
         else:
@@ -387,6 +392,13 @@ class Pusher:
         res = await self._hub.command(r.node_id, cmd, self._config.load_timeout_s)
         self._record_store(cv, r, ShardState.LOADING, res.store)
 
+    def _done(self, cv: CheckpointVersion, ok: bool) -> None:
+        if self.on_done is not None:
+            try:
+                self.on_done(cv, ok)
+            except Exception:
+                log.exception("push_hook_failed")
+
     async def _seal_direct(self, cv: CheckpointVersion) -> None:
         """READY once every owner has checksummed what the trainer wrote (Seal); a seal that
         fails drops the version."""
@@ -397,10 +409,12 @@ class Pusher:
                 f"the commit of {cv.name}@{cv.version}",
             )
         except BaseException:
+            self._done(cv, False)
             await self._forget(cv)
             raise
         for r in cv.shards:
             self._registry.set_shard(cv.name, cv.version, r, ShardState.READY)
+        self._done(cv, True)
 
     async def _seal(self, cv: CheckpointVersion, r: RankRef) -> None:
         items = [

@@ -97,8 +97,11 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     registry = Registry(config.state_dir)
     hub = AgentHub(registry, heartbeat_s=config.heartbeat_s, daemon_version=__version__)
     pusher = Pusher(registry, hub, config)
-    trigger = EngineTrigger(registry, engine_token=engine_token(config))
     metrics = Metrics(registry)
+    pusher.on_done = metrics.push_done
+    trigger = EngineTrigger(
+        registry, engine_token=engine_token(config), on_pause=metrics.engine_paused
+    )
     jobs = JobRunner(
         registry,
         hub,

@@ -82,10 +82,17 @@ def test_prometheus_metrics(tmp_path) -> None:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         text = text.decode()
         assert 'ckptd_jobs_total{kind="update",state="succeeded"} 1.0' in text
-        assert 'ckptd_rank_phase_seconds_count{phase="broadcast"} 1.0' in text
+        assert 'ckptd_rank_phase_seconds_count{node="m",phase="broadcast"} 1.0' in text
+        assert 'phase="total"' not in text  # the whole is its own metric
+        assert 'ckptd_rank_update_seconds_count{node="m"} 1.0' in text
         assert "ckptd_agents_attached 1.0" in text
-        assert "ckptd_checkpoint_versions_ready 1.0" in text
+        assert 'ckptd_agent_heartbeat_age_seconds{node="m"}' in text
+        assert 'ckptd_checkpoint_versions{state="ready"} 1.0' in text
+        assert 'ckptd_host_store_bytes{node="m"}' in text
+        assert 'ckptd_pushes_total{state="ready"} 1.0' in text
+        assert "ckptd_push_seconds_count 1.0" in text
         assert f'ckptd_update_bytes_total{{kind="update"}} {float(job.bytes_total)}' in text
+        assert "_created" not in text
     finally:
         c.close()
 

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from ckpt_common.errors import InvalidArgument
 from ckpt_daemon import convert, probes
 from ckpt_daemon.engine_http import http_json
 from ckptctl.probes import greedy_probe
+from demo.engines import free_port
 from demo.models import PROMPTS, build_model, hf_greedy, save_model
 from tests.cluster import Cluster, wait_for
 from tests.engines import complete, start_vllm, wait_healthy
@@ -38,7 +40,8 @@ def fleet(tmp_path_factory):
     c = Cluster(root)
     c.models = models
     c.hf = {k: hf_greedy(d, PROMPTS, N) for k, d in models.items()}
-    c.start_daemon("--receiver-timeout-s", "20")
+    c.metrics_port = free_port()
+    c.start_daemon("--receiver-timeout-s", "20", "--metrics-listen", f"127.0.0.1:{c.metrics_port}")
     c.start_agent("n1", 2)
     c.start_agent("n2", 2)
     c.urls = {
@@ -128,6 +131,11 @@ def test_one_job_updates_two_instances_while_serving(fleet: Cluster) -> None:
     assert tokens(c, "C") == c.hf["llama_1"]
     insts = {i.name: i for i in c.client.instances()}
     assert insts["A"].version == 2 and insts["C"].version == 2 and insts["A"].ready
+    # what the engines' users saw: each paused once, for how long, by instance
+    scrape = urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=5)
+    text = scrape.read().decode()
+    for name in ("A", "C"):
+        assert f'ckptd_engine_pause_seconds_count{{instance="{name}"}} 1.0' in text, text[:3000]
 
 
 def test_qwen_tied_embeddings_v1_v2_v1(fleet: Cluster) -> None:
