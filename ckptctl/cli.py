@@ -61,11 +61,32 @@ def _render(x: Any) -> str:
     return render(x, _OUT["fmt"])
 
 
-def _job_line(j: tpb.Job) -> str:
-    state = _enum(tpb.JobState, j.state, "JOB_")
+_COLORS = {"SUCCEEDED": "32", "FAILED": "31", "CANCELLED": "33", "RUNNING": "36"}
+
+
+def _colored(state: str, stream: Any) -> str:
+    code = _COLORS.get(state)
+    return f"\x1b[{code}m{state}\x1b[0m" if code and stream.isatty() else state
+
+
+def _progress(j: tpb.Job) -> str:
+    """Bytes delivered, rate and time left of a running job (from its buckets)."""
+    if j.state != tpb.JOB_RUNNING or not j.started_unix or not j.buckets_total:
+        return ""
+    done = j.bytes_total * j.buckets_done // j.buckets_total
+    spent = max(1e-3, time.time() - j.started_unix)
+    rate = done / spent
+    eta = (j.bytes_total - done) / rate if rate else 0.0
+    return f"  {_size(done)}/{_size(j.bytes_total)} {rate / 1e9:.2f} GB/s" + (
+        f" ETA {eta:.1f}s" if done else ""
+    )
+
+
+def _job_line(j: tpb.Job, stream: Any = sys.stdout) -> str:
+    state = _colored(_enum(tpb.JobState, j.state, "JOB_"), stream)
     took = (j.finished_unix - j.started_unix) if j.finished_unix and j.started_unix else 0
     gbps = j.bytes_total / took / 1e9 if took else 0
-    extra = f"  {took:.3f}s {gbps:.2f} GB/s" if took else ""
+    extra = f"  {took:.3f}s {gbps:.2f} GB/s" if took else _progress(j)
     reason = f"  reason: {j.reason}" if j.reason else ""
     return (
         f"job {j.id} {state} {j.checkpoint}@{j.version} ranks {format_ranks(list(j.ranks))} "
@@ -108,7 +129,7 @@ def _wait(c: Client, job: tpb.Job, out: str, timeout_s: float) -> int:
     try:
         for last in c.watch(job.id, timeout_s):
             if not _structured(out):
-                line = _job_line(last)
+                line = _job_line(last, sys.stderr)
                 end = "" if tty else "\n"
                 print(("\r" + line) if tty else line, end=end, file=sys.stderr, flush=True)
             if last.state in TERMINAL:
