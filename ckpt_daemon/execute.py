@@ -43,22 +43,12 @@ class Group:
 
 
 def _buckets(plan: Plan) -> list[apb.Bucket]:
+    """The plan's buckets on the wire (planner.Entry's fields are BucketEntry's)."""
     return [
         apb.Bucket(
             owner=b.owner,
             nbytes=b.nbytes,
-            entries=[
-                apb.BucketEntry(
-                    tensor=e.tensor,
-                    bucket_offset=e.bucket_offset,
-                    store_offset=e.store_offset,
-                    nbytes=e.nbytes,
-                    chunk_offset=e.chunk_offset,
-                    rows=e.rows,
-                    stride=e.stride,
-                )  # fmt: skip
-                for e in b.entries
-            ],
+            entries=[apb.BucketEntry(**e._asdict()) for e in b.entries],
         )
         for b in plan.buckets
     ]
