@@ -44,8 +44,14 @@ def target_maps(registry: Registry, targets: Sequence[RankRef]) -> dict[RankRef,
 
 
 def keeps(tensors: Sequence[TensorInfo], maps: dict[RankRef, dict]) -> dict[RankRef, list[Keep]]:
+    """Each rank's keeps. A tensor some engine has never seen (not in its map: a name its
+    model may not have) makes it a broadcast, so the engine itself judges it."""
     if any(t.piece is not None for t in tensors):
         raise NotSharded("the checkpoint is stored in pieces (a sharded push)")
+    for r, m in maps.items():
+        unseen = next((t.name for t in tensors if t.name not in m), None)
+        if unseen is not None:
+            raise NotSharded(f"the engine on {r} has not seen tensor {unseen!r}")
     try:
         out = {r: keeps_of(m, tensors) for r, m in maps.items()}
     except PlanError as e:

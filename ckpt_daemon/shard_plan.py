@@ -279,11 +279,12 @@ def keeps_of(layout: Mapping[str, Any], tensors: Sequence[TensorInfo]) -> list[K
     """A rank's keeps among the tensors of an update, from its sharding map (vllm_ext.layout:
     {name: "whole" | [offset, shape]}), in the tensors' order. A box narrowed on one
     dimension is a part; narrowed on none, or on several, the tensor is kept whole (the
-    engine's loader narrows it). Names the map lacks are not kept. A malformed map: PlanError."""
+    engine's loader narrows it). "none" (or a name the map lacks): not kept. A malformed map:
+    PlanError."""
     out: list[Keep] = []
     for t in tensors:
         box = layout.get(t.name)
-        if box is None:
+        if box is None or box == "none":
             continue
         if box == "whole":
             out.append(Keep(t.name))

@@ -182,3 +182,26 @@ def test_group_plans_give_every_rank_its_parts_read_near_their_owners() -> None:
             whole = t.piece is None
             assert whole == (k.dim < 0)
             assert (t.checksum is not None) == (whole and by_name[t.name].checksum is not None)
+
+
+def test_a_tensor_an_engine_never_saw_makes_it_a_broadcast() -> None:
+    """Shard-aware plans only send what the engines' maps name: a tensor missing from a map
+    (a name the model may not have) must reach the engine whole, for it to judge; "none"
+    (taken by the loader, kept elsewhere) is simply not sent."""
+    from ckpt_daemon.shard_jobs import NotSharded, keeps
+    from ckpt_daemon.shard_plan import keeps_of
+
+    tensors, _ = checkpoint(5, 6)
+    r0, r1 = RankRef("n1", 0), RankRef("n1", 1)
+    full = {t.name: "whole" for t in tensors}
+    first = tensors[0]
+    off, shape = [0] * len(first.shape), list(first.shape)
+    shape[0] = max(1, shape[0] // 2)
+    half = {**full, first.name: [off, shape]}
+    got = keeps(tensors, {r0: half, r1: {**full, first.name: "none"}})
+    assert [k.name for k in got[r1]] == [t.name for t in tensors[1:]]
+    assert keeps_of({first.name: "none"}, tensors) == []
+    with pytest.raises(NotSharded, match="has not seen tensor"):
+        keeps(tensors, {r0: half, r1: {k: v for k, v in full.items() if k != first.name}})
+    with pytest.raises(NotSharded, match="broadcast is the plan"):
+        keeps(tensors, {r0: full, r1: full})

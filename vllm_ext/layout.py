@@ -10,8 +10,9 @@ that is a box of the tensor (an offset and an extent per dimension; TP shards of
 q/k/v and gate/up included, since the loader narrows each checkpoint tensor before copying
 it into its section of the fused parameter) is what the rank keeps. A tensor whose loader
 does anything else (a transpose, a computation, a copy the recorder cannot attribute) is
-kept whole: the engine gets the full tensor and its own loader does the rest. A tensor no
-loader touched on this rank (another expert-parallel rank's experts) is not kept.
+kept whole: the engine gets the full tensor and its own loader does the rest (an unknown
+name too, so the engine refuses it). A tensor the loader took without copying anything on
+this rank (another expert-parallel rank's experts, a buffer it skips) is "none".
 
 The parameters are put back exactly as they were (vLLM's dry-run restore), so this can run
 on a serving engine between updates. It leans on vLLM 0.32 internals (the same the
@@ -30,6 +31,7 @@ from ckpt_common.dtypes import torch_dtype
 
 log = structlog.get_logger("vllm_ext.layout")
 WHOLE = "whole"
+NONE = "none"  # the loader took the tensor and kept none of it here (another EP rank's expert)
 
 
 class _Sink:
@@ -104,8 +106,8 @@ def _merge(
 
 
 def capture(model: Any, tensors: Sequence[tuple[str, str, Sequence[int]]], device: Any) -> dict:
-    """{name: "whole" | [offset, shape]} for every checkpoint tensor (name, dtype, shape)
-    this rank keeps; names it keeps nothing of are absent."""
+    """{name: "whole" | [offset, shape] | "none"} for every checkpoint tensor (name, dtype,
+    shape): "none" where the model's loader took it and kept nothing of it on this rank."""
     import torch
     from vllm.distributed.weight_transfer.sharded_rdt_engine import (
         ShardedRDTWeightTransferEngine as Rdt,
@@ -131,6 +133,7 @@ def capture(model: Any, tensors: Sequence[tuple[str, str, Sequence[int]]], devic
                     log.info("layout_whole", tensor=name, why=f"{type(e).__name__}: {e}"[:200])
         finally:
             Rdt._restore_after_dry_run(None, model)  # type: ignore[arg-type]
-    out = {n: _merge(full[n], b) for n, b in sink.boxes.items()}
+    out = dict.fromkeys(full, NONE)  # accepted, nothing copied: this rank keeps none of it
+    out.update({n: _merge(full[n], b) for n, b in sink.boxes.items()})
     out.update(dict.fromkeys(refused, WHOLE))
     return out

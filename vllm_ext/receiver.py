@@ -68,7 +68,7 @@ def kept_problem(
     for m in tensors:
         mine = layout.get(m.name)
         p = piece_of(m.piece_offset, m.piece_shape)
-        if mine is None:
+        if mine is None or mine == "none":
             return f"tensor {m.name!r}: this rank keeps none of it"
         if p is not None and mine != [list(p.offset), list(p.shape)]:
             return (
@@ -76,7 +76,7 @@ def kept_problem(
             )
         got.add(m.name)
     if not partial:
-        missing = sorted(set(layout) - got)
+        missing = sorted(n for n, box in layout.items() if box != "none" and n not in got)
         if missing:
             return f"{len(missing)} tensors this rank keeps are missing, e.g. {missing[0]!r}"
     return None
