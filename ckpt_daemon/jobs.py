@@ -301,6 +301,8 @@ class JobRunner:
                 if spec.method == "sharded":
                     raise FailedPrecondition(f"no shard-aware plan: {e}") from None
                 log.info("broadcast_not_sharded", why=str(e))
+                if e.relearn and not partial:  # this broadcast learns the layouts again
+                    forget_layouts(self._registry, targets)
         owners = {t.owner for t in tensors}
         if spec.method == "p2p":
             bucket_bytes, nbuf = self._buckets(spec, set(targets), owner_bytes(tensors))
@@ -474,7 +476,9 @@ class JobRunner:
         bind = structlog.contextvars.bound_contextvars(job=job.id, checkpoint=job.spec.checkpoint)
         bind.__enter__()
         participants = [r for g in groups for r in g.plan.participants]
-        layouts = dict.fromkeys(layout_unknown(self._registry, job.targets), "")
+        # a full update's engines describe every tensor: only those teach ckptd a layout
+        learn = not job.spec.tensors
+        layouts = dict.fromkeys(layout_unknown(self._registry, job.targets) if learn else [], "")
         try:
             await self._acquire_participants(job, participants, deadline)
             self._mark_pending(job)

@@ -22,7 +22,12 @@ from ckpt_daemon.shard_plan import Keep, group_plans, keeps_of
 
 
 class NotSharded(Exception):
-    """Why this update cannot be shard-aware."""
+    """Why this update cannot be shard-aware; relearn: the layouts known are out of date
+    (a tensor an engine has not described), so the broadcast should learn them again."""
+
+    def __init__(self, why: str, relearn: bool = False) -> None:
+        super().__init__(why)
+        self.relearn = relearn
 
 
 def target_maps(registry: Registry, targets: Sequence[RankRef]) -> dict[RankRef, dict]:
@@ -51,7 +56,7 @@ def keeps(tensors: Sequence[TensorInfo], maps: dict[RankRef, dict]) -> dict[Rank
     for r, m in maps.items():
         unseen = next((t.name for t in tensors if t.name not in m), None)
         if unseen is not None:
-            raise NotSharded(f"the engine on {r} has not seen tensor {unseen!r}")
+            raise NotSharded(f"the engine on {r} has not seen tensor {unseen!r}", relearn=True)
     try:
         out = {r: keeps_of(m, tensors) for r, m in maps.items()}
     except PlanError as e:

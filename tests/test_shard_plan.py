@@ -201,7 +201,8 @@ def test_a_tensor_an_engine_never_saw_makes_it_a_broadcast() -> None:
     got = keeps(tensors, {r0: half, r1: {**full, first.name: "none"}})
     assert [k.name for k in got[r1]] == [t.name for t in tensors[1:]]
     assert keeps_of({first.name: "none"}, tensors) == []
-    with pytest.raises(NotSharded, match="has not seen tensor"):
+    with pytest.raises(NotSharded, match="has not seen tensor") as e:
         keeps(tensors, {r0: half, r1: {k: v for k, v in full.items() if k != first.name}})
+    assert e.value.relearn  # the broadcast instead learns the layouts again
     with pytest.raises(NotSharded, match="broadcast is the plan"):
         keeps(tensors, {r0: full, r1: full})
