@@ -120,6 +120,10 @@ class HostStore:
             raise StoreError("NOT_FOUND", f"this device holds no bytes of {checkpoint}@{version}")
         return s
 
+    def by_segment(self, segment: str) -> Store | None:
+        """The store held in that segment, if this device holds it."""
+        return next((s for s in list(self._stores.values()) if s.segment == segment), None)
+
     def load(self, cmd: apb.Load) -> apb.StoreReady:
         key = (cmd.checkpoint, cmd.version)
         if key in self._stores:

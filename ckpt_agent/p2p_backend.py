@@ -92,17 +92,14 @@ class P2PReadBackend:
         engine: P2PEngine | None,
         sources: list[apb.P2PSource],
         siblings: SiblingStores | None = None,
-        own: dict[str, Any] | None = None,
     ) -> None:
-        """siblings: this node's stores (ckpt_agent.siblings); own: this rank's own stores by
-        segment name (read in place)."""
+        """siblings: this node's stores, this rank's own included (ckpt_agent.siblings)."""
         self.kind = inner.kind
         self._inner = inner
         self._engine = engine
         self._sources = list(sources)
         self._siblings = siblings
         self._local: dict[int, Any] = {}  # source -> its store (1-D uint8)
-        self._own = own or {}
         self._queue: dict[int, tuple[list[int], list[int], list[int]]] = {}
 
     def store_tensor(self, store: Any) -> Any:
@@ -142,9 +139,7 @@ class P2PReadBackend:
         got = self._local.get(source)
         if got is None:
             name = self._sources[source].local_segment
-            if name in self._own:
-                got = self._own[name]
-            elif self._siblings is None:
+            if self._siblings is None:
                 raise P2PError(f"source {source}: no access to this node's stores")
             else:
                 try:

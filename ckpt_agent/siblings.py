@@ -23,9 +23,12 @@ class SiblingError(Exception):
 
 
 class SiblingStores:
-    def __init__(self, node_id: str, backend: Any) -> None:
+    def __init__(self, node_id: str, backend: Any, own: Any = None) -> None:
+        """own: this worker's HostStore; a segment it holds is read in place (already
+        mapped, and pinned on CUDA), not mapped again."""
         self._prefix = segment_prefix(node_id)
         self._backend = backend
+        self._own = own
         self._lock = threading.Lock()
         self._maps: dict[tuple[int, int], tuple[Store, Any]] = {}  # (dev, inode) -> mapping
 
@@ -33,6 +36,9 @@ class SiblingStores:
         """The store segment `name` of this node as a 1-D uint8 tensor."""
         if not name.startswith(self._prefix) or "/" in name or name in (".", ".."):
             raise SiblingError(f"{name!r} is not a store of this node")
+        mine = self._own.by_segment(name) if self._own is not None else None
+        if mine is not None:
+            return self._backend.store_tensor(mine)
         try:
             st = os.stat(os.path.join(shm.SHM_DIR, name))
         except OSError as e:

@@ -114,7 +114,7 @@ class Worker:
         self._update_lock = threading.Lock()
         self._p2p_enabled = p2p
         self._p2p_engine: Any = None
-        self.siblings = SiblingStores(node_id, self.backend)
+        self.siblings = SiblingStores(node_id, self.backend, self.stores)
 
     def p2p(self) -> Any:
         """The transfer engine, started on first use."""
@@ -351,14 +351,8 @@ class Worker:
 
         remote = any(not s.local_segment for s in u.p2p_sources)
         engine = self.p2p() if remote else None  # same-node sources need no transfer engine
-        own: dict[str, Any] = {}
-        try:  # this device's own store is read where it is (pinned on CUDA)
-            store = self.stores.get(u.checkpoint, u.version)
-            own[store.segment] = self.backend.store_tensor(store)
-        except StoreError:
-            pass
         self.siblings.prune()
-        return P2PReadBackend(self.backend, engine, list(u.p2p_sources), self.siblings, own)
+        return P2PReadBackend(self.backend, engine, list(u.p2p_sources), self.siblings)
 
     def _update_stores(self, u: apb.RunUpdate) -> Any:
         if not u.p2p_sources:

@@ -20,7 +20,6 @@ from ckpt_common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from ckpt_common.p2p import SOURCE_SHIFT
 from ckpt_daemon import admission, shard_jobs
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
@@ -39,18 +38,18 @@ from ckpt_daemon.model import (
 )
 from ckpt_daemon.part_sums import PartSums
 from ckpt_daemon.planner import (
-    Plan,
     PlanError,
     align_up,
     choose_bucket_bytes,
     choose_nbuf,
     plan_p2p,
     plan_update,
+    readers_near,
     select_tensors,
 )
 from ckpt_daemon.registry import Registry
 from ckpt_daemon.restore import Restorer, settle, split_instance
-from ckpt_daemon.shard_plan import Keep
+from ckpt_daemon.shard_plan import Keep, part_nbytes
 from ckpt_daemon.sources import p2p_sources
 
 log = structlog.get_logger("ckptd.jobs")
@@ -70,12 +69,10 @@ def owner_bytes(tensors: list[TensorInfo]) -> int:
 def maps_bytes(tensors: list[TensorInfo], maps: dict[RankRef, list[Keep]]) -> int:
     """The most bytes one rank keeps (a bound on one class's stream from one owner)."""
     by = {t.name: t for t in tensors}
-
-    def part(k: Keep) -> int:
-        t = by[k.name]
-        return t.nbytes if k.dim < 0 else t.nbytes // t.shape[k.dim] * k.length
-
-    return max((sum(align_up(part(k)) for k in ks) for ks in maps.values()), default=0)
+    return max(
+        (sum(align_up(part_nbytes(by[k.name], k)) for k in ks) for ks in maps.values()),
+        default=0,
+    )
 
 
 def layout_unknown(registry: Registry, targets: list[RankRef]) -> list[RankRef]:
@@ -287,10 +284,19 @@ class JobRunner:
             try:
                 maps = shard_jobs.keeps(tensors, shard_jobs.target_maps(self._registry, targets))
                 bucket_bytes, nbuf = self._buckets(spec, set(targets), maps_bytes(tensors, maps))
-                groups = await asyncio.to_thread(
-                    shard_jobs.groups, cv, tensors, maps, self._p2p_sources(cv) or {},
-                    bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial,
+                plans = await asyncio.to_thread(
+                    shard_jobs.plan, tensors, maps, bucket_bytes=bucket_bytes, nbuf=nbuf,
+                    partial=partial,
                 )  # fmt: skip
+                groups = []
+                for gp in plans:
+                    sources, missing = self.read_sources(cv, gp.sources, gp.local)
+                    if missing:
+                        raise shard_jobs.NotSharded(
+                            f"the stores of {missing} are on no node of the ranks that keep "
+                            "their parts, and cannot be read by P2P"
+                        )
+                    groups.append(Group(plan=gp.plan, sources=sources))
                 self._sums.forget(set(self._registry.checkpoints))
                 try:
                     await self._sums.fill(cv, groups)
@@ -309,7 +315,13 @@ class JobRunner:
             plan, order = await asyncio.to_thread(
                 plan_p2p, tensors, targets, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial
             )
-            return [Group(plan=plan, sources=self._read_sources(cv, plan, order))]
+            sources, missing = self.read_sources(cv, order, readers_near(plan, len(order), order))
+            if missing:
+                raise FailedPrecondition(
+                    f"shards of {missing} can be read from nowhere: their agents are gone (and "
+                    "no mirror holds them) or are not registered for P2P (no Mooncake, --p2p off)"
+                )
+            return [Group(plan=plan, sources=sources)]
         gone = sorted(str(o) for o in owners if not self._hub.attached(o.node_id))
         if gone:
             raise Unavailable(f"agents holding checkpoint bytes are not attached: {gone}")
@@ -319,38 +331,25 @@ class JobRunner:
         )
         return [Group(plan=plan)]
 
-    def _read_sources(
-        self, cv: CheckpointVersion, plan: Plan, owners: list[RankRef]
-    ) -> list[apb.P2PSource]:
-        """Where a P2P plan's readers read each owner's store: its shared segment where every
-        reader of it is on its node and it is READY there, else by P2P from the owner (or its
-        mirror, replicas=2)."""
-        readers: dict[int, set[str]] = {}
-        for b in plan.buckets:
-            for e in b.entries[:1]:
-                src = e.store_offset >> SOURCE_SHIFT
-                readers.setdefault(src, set()).add(plan.participants[b.owner].node_id)
+    def read_sources(
+        self, cv: CheckpointVersion, owners: list[RankRef], near: list[bool]
+    ) -> tuple[list[apb.P2PSource], list[str]]:
+        """Where readers read each owner's store (near: all its readers are on its node):
+        its shared segment where it is READY and its agent attached, else by P2P from the
+        owner (or its mirror, replicas=2). Returns the sources and the owners read from
+        nowhere."""
         live = self._p2p_sources(cv) or {}
         out, missing = [], []
-        for i, o in enumerate(owners):
+        for o, n in zip(owners, near, strict=True):
             sh = cv.shards.get(o)
             here = sh is not None and sh.state == ShardState.READY and sh.segment
-            if (
-                here
-                and readers.get(i, {o.node_id}) == {o.node_id}
-                and self._hub.attached(o.node_id)
-            ):
+            if n and here and self._hub.attached(o.node_id):
                 out.append(apb.P2PSource(local_segment=sh.segment))
             elif live.get(o, ("", 0))[0]:
                 out.append(apb.P2PSource(session=live[o][0], addr=live[o][1]))
             else:
                 missing.append(str(o))
-        if missing:
-            raise FailedPrecondition(
-                f"shards of {missing} can be read from nowhere: their agents are gone (and "
-                "no mirror holds them) or are not registered for P2P (no Mooncake, --p2p off)"
-            )
-        return out
+        return out, missing
 
     def _buckets(
         self, spec: UpdateSpec, participants: set[RankRef], largest_stream: int

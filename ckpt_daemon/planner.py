@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from ckpt_common.layers import layer_key
+from ckpt_common.p2p import decode as p2p_decode
 from ckpt_common.p2p import encode as p2p_encode
 from ckpt_common.pieces import entry_key
 from ckpt_daemon.model import RankRef, TensorInfo, TensorSpec
@@ -407,3 +408,15 @@ def plan_p2p(
         partial=partial,
     )
     return plan, sources
+
+
+def readers_near(plan: Plan, nsources: int, owners: Sequence[RankRef]) -> list[bool]:
+    """For each source of a reading plan (P2P, shard-aware): whether every bucket read from
+    it is read by a participant on the owner's own node (a bucket holds one owner's bytes)."""
+    near = [True] * nsources
+    for b in plan.buckets:
+        node = plan.participants[b.owner].node_id
+        for e in b.entries[:1]:
+            src = p2p_decode(e.store_offset)[0]
+            near[src] = near[src] and node == owners[src].node_id
+    return near

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ckpt.v1 import agent_pb2 as apb
-from ckpt_daemon.execute import Group
-from ckpt_daemon.model import CheckpointVersion, RankRef, TensorInfo
+from ckpt_daemon.model import RankRef, TensorInfo
 from ckpt_daemon.planner import PlanError
 from ckpt_daemon.registry import Registry
-from ckpt_daemon.shard_plan import Keep, group_plans, keeps_of
+from ckpt_daemon.shard_plan import GroupPlan, Keep, group_plans, keeps_of
 
 
 class NotSharded(Exception):
@@ -67,36 +65,17 @@ def keeps(tensors: Sequence[TensorInfo], maps: dict[RankRef, dict]) -> dict[Rank
     return out
 
 
-def groups(
-    cv: CheckpointVersion,
+def plan(
     tensors: Sequence[TensorInfo],
     maps: dict[RankRef, list[Keep]],
-    live: dict[RankRef, tuple[str, int]],
     *,
     bucket_bytes: int,
     nbuf: int,
     partial: bool,
-) -> list[Group]:
-    """The update's groups, each with the sources its readers read. live: owners whose
-    store can be read by P2P (session, address)."""
+) -> list[GroupPlan]:
+    """The update's groups (shard_plan.group_plans); where their readers read is ckptd's
+    decision (JobRunner.read_sources), as for a P2P join."""
     try:
-        plans = group_plans(tensors, maps, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial)
+        return group_plans(tensors, maps, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial)
     except PlanError as e:
         raise NotSharded(str(e)) from None
-    out = []
-    for gp in plans:
-        sources = []
-        for owner, near in zip(gp.sources, gp.local, strict=True):
-            shard = cv.shards.get(owner)
-            if near and shard is not None and shard.segment:
-                sources.append(apb.P2PSource(local_segment=shard.segment))
-            elif owner in live:
-                session, addr = live[owner]
-                sources.append(apb.P2PSource(session=session, addr=addr))
-            else:
-                raise NotSharded(
-                    f"the store of {owner} is on no node of the ranks that keep its parts, "
-                    "and it is not registered for P2P"
-                )
-        out.append(Group(plan=gp.plan, sources=sources))
-    return out

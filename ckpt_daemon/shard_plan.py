@@ -28,7 +28,7 @@ from ckpt_common.dtypes import DTYPE_SIZES
 from ckpt_common.p2p import encode as p2p_encode
 from ckpt_common.pieces import Piece
 from ckpt_daemon.model import RankRef, TensorInfo
-from ckpt_daemon.planner import ALIGN, BucketPlan, Entry, Plan, PlanError
+from ckpt_daemon.planner import ALIGN, BucketPlan, Entry, Plan, PlanError, readers_near
 
 MAX_DIMS = 8
 
@@ -323,14 +323,19 @@ class GroupPlan:
     local: list[bool]
 
 
+def part_nbytes(t: TensorInfo, k: Keep) -> int:
+    return t.nbytes if k.dim < 0 else t.nbytes // t.shape[k.dim] * k.length
+
+
 def _part(t: TensorInfo, k: Keep) -> TensorInfo:
     if k.dim < 0:
         return t
     off = [0] * len(t.shape)
     shape = list(t.shape)
     off[k.dim], shape[k.dim] = k.start, k.length
-    nbytes = t.nbytes // t.shape[k.dim] * k.length
-    return replace(t, nbytes=nbytes, checksum=None, piece=Piece(tuple(off), tuple(shape)))
+    return replace(
+        t, nbytes=part_nbytes(t, k), checksum=None, piece=Piece(tuple(off), tuple(shape))
+    )
 
 
 def _readers(cp: ClassPlan, members: list[RankRef]) -> list[int]:
@@ -396,7 +401,6 @@ def group_plans(
             bucket_bytes=bucket_bytes, nbuf=nbuf, total_bytes=cp.nbytes, partial=partial,
             kept=True, group=f"c{c}",
         )  # fmt: skip
-        near = [all(members[readers[i]].node_id == o.node_id
-                    for i, b in enumerate(cp.buckets) if b.owner == o) for o in owners]  # fmt: skip
+        near = readers_near(plan, len(owners), owners)
         out.append(GroupPlan(plan=plan, sources=owners, local=near))
     return out

@@ -116,6 +116,16 @@ def test_sibling_stores_map_this_nodes_stores_once_and_refuse_others(tmp_path) -
         shm.unlink(renamed)
         sib.prune()
         assert not sib._maps
+        # the worker's own store is read where it is: no second mapping
+        from ckpt.v1 import agent_pb2 as apb
+        from ckpt_agent.host_store import HostStore
+
+        own = HostStore(node, 3)
+        held = own.load(apb.Load(checkpoint="c", version=1, device=3, nbytes=4096))
+        mine = SiblingStores(node, CpuBackend(f"{prefix}8_", "127.0.0.1"), own)
+        t = mine.get(held.segment)
+        assert t.numel() >= 4096 and not mine._maps
+        own.close()
     finally:
         sib.close()
         mem.close()
