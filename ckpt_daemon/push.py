@@ -174,15 +174,19 @@ class Pusher:
         )
         timeout = timeout_s or self._config.load_timeout_s
         versions = [cv] if mirror is None else [cv, mirror]
+        # The load outlives the call: a client that goes away (Ctrl-C) leaves it to finish
+        # (and, with wait, to be removed on failure), never half-loaded and LOADING forever.
+        load = (
+            self._load_all(versions, timeout, remove_on_failure=True, files=files)
+            if wait
+            else self._load_bg(versions, timeout, files)
+        )
+        task = asyncio.create_task(load)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: self._load_ended(key, t))
         if wait:
-            try:
-                await self._load_all(versions, timeout, remove_on_failure=True, files=files)
-            finally:
-                self._inflight.discard(key)
-        else:
-            task = asyncio.create_task(self._load_bg(versions, timeout, files))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            await asyncio.shield(task)
         return cv
 
     async def _load_all(
@@ -208,6 +212,11 @@ class Pusher:
                         await self._forget(v)
             raise errors[0]
 
+    def _load_ended(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
+        self._inflight.discard(key)
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller (if still there) raised it already
+
     async def _load_bg(
         self, versions: list[CheckpointVersion], timeout: float, files: FileIds
     ) -> None:
@@ -215,8 +224,6 @@ class Pusher:
             await self._load_all(versions, timeout, remove_on_failure=False, files=files)
         except CkptError:
             pass
-        finally:
-            self._inflight.discard((versions[0].name, versions[0].version))
 
     def _admit(self, versions: list[CheckpointVersion]) -> None:
         """RESOURCE_EXHAUSTED when the stores do not fit the host memory their nodes report,

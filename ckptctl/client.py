@@ -238,6 +238,17 @@ class Client:
             raise DeadlineExceeded(f"job {job_id} did not finish within {timeout_s:.0f}s")
         return self.job(job_id)
 
+    def healthy(self) -> bool:
+        """Whether ckptd's grpc.health.v1 service says SERVING."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            res = stub.Check(health_pb2.HealthCheckRequest(), timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise error_for(e.code().name, e.details() or str(e)) from None
+        return res.status == health_pb2.HealthCheckResponse.SERVING
+
     def remove_agent(self, node_id: str, *, force: bool = False) -> tpb.Agent:
         req = cpb.RemoveAgentRequest(node_id=node_id, force=force)
         return self._call("RemoveAgent", req).removed

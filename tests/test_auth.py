@@ -18,6 +18,7 @@ from ckpt_common.errors import PermissionDenied, Unauthenticated
 from ckpt_daemon import auth
 from ckpt_daemon.auth import AccessPolicy, Principal, Role, authorize
 from ckpt_daemon.certs import add_token, make_certs
+from tests.test_deploy import probe_command
 from ckptctl.client import Client
 from tests.cluster import PY, REPO, Cluster, wait_for
 from tests.tensors import mixed_tensors, write_sharded
@@ -126,7 +127,7 @@ def test_local_token_is_required_and_private(tmp_path: Path) -> None:
                 bad.agents()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
         r = subprocess.run(
-            [PY, "-m", "ckptctl.cli", "--addr", c.addr, "checkpoints"],
+            [PY, "-m", "ckptctl.cli", "--addr", c.addr, "get", "checkpoints"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -199,7 +200,7 @@ def test_roles_from_an_auth_file(tmp_path: Path) -> None:
 
 def test_mtls_agents_are_their_node_and_clients_need_a_certificate(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
-    make_certs(certs, ["n1"], ["ops"], [])
+    make_certs(certs, ["n1"], ["ops", "probe"], [])
     f = tmp_path / "auth.json"
     f.write_text(json.dumps({"tokens": [], "clients": {"ops": ["operator", "reader"]}}))
     c = Cluster(tmp_path)
@@ -259,6 +260,16 @@ def test_mtls_agents_are_their_node_and_clients_need_a_certificate(tmp_path: Pat
             stub = health_pb2_grpc.HealthStub(ch)
             with pytest.raises(grpc.RpcError):
                 stub.Check(health_pb2.HealthCheckRequest(), timeout=3)
+        # the Kubernetes probe's own command line (its paths here): mTLS, no role needed
+        cmd = [x.replace("/etc/ckptd/tls/", f"{certs}/").replace("/etc/ckptd/probe/", f"{certs}/")
+               .replace("localhost:7601", f"localhost:{c.port}") for x in probe_command()]  # fmt: skip
+        bare = {k: v for k, v in c.env.items() if not k.startswith("CKPTD_")}
+        r = subprocess.run([PY, "-m", "ckptctl.cli", *cmd[1:]], capture_output=True, text=True,
+                           timeout=60, env=bare)  # fmt: skip
+        assert r.returncode == 0 and r.stdout.strip() == "SERVING", r.stderr
+        r = subprocess.run([PY, "-m", "ckptctl.cli", *[x for x in cmd[1:] if "client-" not in x]],
+                           capture_output=True, text=True, timeout=60, env=bare)  # fmt: skip
+        assert r.returncode == 3, r.stderr  # no client certificate: no handshake
     finally:
         c.close()
 

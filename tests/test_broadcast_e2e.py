@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -243,30 +244,37 @@ def test_trainer_push_from_process_and_delete(cluster: Cluster, tmp_path: Path) 
         c.client.get("trainer", 1)
 
 
+def _ctl(c: Cluster, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ckptctl.cli", "--addr", c.addr, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=c.env if env is None else env,
+    )
+
+
 def test_cli(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
     d = write_sharded(mixed_tensors(9, layers=1), tmp_path / "cli")
 
     def ctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "ckptctl.cli", "--addr", c.addr, *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=c.env if env is None else env,
-        )
+        return _ctl(c, *args, env=env)
 
     anonymous = {k: v for k, v in c.env.items() if k != "CKPTD_TOKEN_FILE"}
-    r = ctl("agents", env=anonymous)
+    r = ctl("get", "agents", env=anonymous)
     assert r.returncode == 3 and "UNAUTHENTICATED" in r.stderr, r.stderr  # server: 3
 
     r = ctl("push", "cli", "1", str(d))
-    assert r.returncode == 0, r.stderr
-    r = ctl("agents")
+    assert r.returncode == 0 and "cli@1 READY" in r.stdout, r.stderr
+    assert "push cli@1" in r.stderr  # progress (lines: stderr is no terminal)
+    r = ctl("get", "agents")
     assert r.returncode == 0 and "node-a" in r.stdout and "RANK" in r.stdout
-    r = ctl("agents", "remove", "node-a")  # attached: only with --force
+    r = ctl("get", "agents", "-o", "wide")
+    assert "UUID" in r.stdout and "HEARD" in r.stdout, r.stdout
+    r = ctl("delete", "agent", "node-a")  # attached: only with --force
     assert r.returncode == 3 and "FAILED_PRECONDITION" in r.stderr, r.stderr
-    r = ctl("agents", "remove", "no-such-node")
+    r = ctl("delete", "agent", "no-such-node")
     assert r.returncode == 3 and "NOT_FOUND" in r.stderr, r.stderr
     r = ctl("update", "cli@1", "--ranks", "0-1,3", "--wait", "-o", "json")  # -o anywhere
     assert r.returncode == 0, r.stderr
@@ -277,37 +285,91 @@ def test_cli(cluster: Cluster, tmp_path: Path) -> None:
     assert isinstance(job["bytes_total"], int) and isinstance(job["version"], int)
     r = ctl("update", "cli@1", "--ranks", "0-9")
     assert r.returncode == 3 and "INVALID_ARGUMENT" in r.stderr and "out of range" in r.stderr
-    for usage in (["update", "cli@x"], ["bogus"], ["update"]):
+    for usage in (["update", "cli@x"], ["bogus"], ["update"], ["get", "bogus"],
+                  ["update", "cli", "--ranks", "3-1"], ["push", "cli", "0", str(d)],
+                  ["delete", "jobs", "x"], ["cancel", "a", "b", "c"], []):  # fmt: skip
         assert ctl(*usage).returncode == 2, usage
-    r = ctl("checkpoints", "cli", "-o", "yaml")
+    r = ctl("get", "checkpoints", "cli", "-o", "yaml")
     assert "state: CHECKPOINT_READY" in r.stdout, r.stdout
+    r = ctl("get", "cp", "cli@1", "-o", "json")  # one object, not a list
+    assert json.loads(r.stdout)["version"] == 1, r.stdout
     r = ctl("-o", "json", "describe", "checkpoint", "cli@1")
     cp = json.loads(r.stdout)
     assert cp["tensors"] and all("checksum" in t for t in cp["tensors"])
-    for sub in ("jobs", "instances", "status"):
-        assert ctl(sub).returncode == 0
-    r = ctl("status", job["id"])
+    r = ctl("describe", "job", job["id"])  # table: the job as YAML
+    assert r.returncode == 0 and "results:" in r.stdout and "JOB_SUCCEEDED" in r.stdout
+    r = ctl("describe", "agent", "node-a", "-o", "json")
+    assert json.loads(r.stdout)["node_id"] == "node-a"
+    assert ctl("describe", "instance", "nope").returncode == 3
+    for kind in ("jobs", "instances", "checkpoints", "all"):
+        for fmt in ("table", "wide", "json", "yaml"):
+            r = ctl("get", kind, "-o", fmt)
+            assert r.returncode == 0, (kind, fmt, r.stderr)
+    assert ctl("status").returncode == 0
+    r = ctl("get", "job", job["id"])
     assert r.returncode == 0 and "SUCCEEDED" in r.stdout
-    r = ctl("cancel", job["id"])
+    r = ctl("cancel", "job", job["id"])
     assert r.returncode == 3 and "SUCCEEDED" in r.stderr
+    r = ctl("watch", job["id"], "-o", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)["id"] == job["id"]
     assert ctl("--version").stdout.startswith("ckptctl ")
+    r = ctl("health")
+    assert r.returncode == 0 and "SERVING" in r.stdout
+    r = ctl("delete", "checkpoint", "cli@1", "-o", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["version"] == 1
+    assert ctl("get", "checkpoints", "cli").returncode == 3  # NOT_FOUND
+
+
+def test_cli_completion(cluster: Cluster) -> None:
+    """The script, and completion itself (bash's protocol), including names from ckptd."""
+    c = cluster
+    r = _ctl(c, "completion", "bash")
+    assert r.returncode == 0 and "_CKPTCTL_COMPLETE" in r.stdout
+
+    def complete(line: str) -> list[str]:
+        words = line.split(" ")
+        env = {**c.env, "_CKPTCTL_COMPLETE": "bash_complete", "COMP_WORDS": line,
+               "COMP_CWORD": str(len(words) - 1)}  # fmt: skip
+        r = subprocess.run([sys.executable, "-m", "ckptctl.cli"], capture_output=True,
+                           text=True, timeout=60, env=env)  # fmt: skip
+        return [x.partition(",")[2] for x in r.stdout.splitlines()]
+
+    assert "update" in complete("ckptctl up")
+    assert set(complete("ckptctl get ")) >= {"checkpoints", "jobs", "agents", "instances"}
+    agents = complete(f"ckptctl --addr {c.addr} describe agents ")
+    assert "node-a" in agents, agents
 
 
 def test_cli_reports_a_failed_jobs_reason_not_its_own_deadline(cluster: Cluster) -> None:
     """The job's deadline is short, the client waits past it: a job that fails (no engine
-    on the rank) exits 1 with the job's own reason."""
+    on the rank) exits 1 with the job's own reason. Ctrl-C while waiting leaves the job
+    running and says how to follow or cancel it."""
     c = cluster
     c.start_agent("node-x", 1)
     c.wait_ranks(5)
+    cmd = [sys.executable, "-m", "ckptctl.cli", "--addr", c.addr, "update", "cli@1",
+           "--ranks", "4", "--wait"]  # fmt: skip
     try:
-        r = subprocess.run(
-            [sys.executable, "-m", "ckptctl.cli", "--addr", c.addr, "update", "cli@1",
-             "--ranks", "4", "--timeout", "8", "--wait"],
-            capture_output=True, text=True, timeout=120, env=c.env,
-        )  # fmt: skip
+        c.client.push("cli", 1, [str(write_sharded(mixed_tensors(9, layers=1), c.root / "x"))])
+        r = subprocess.run([*cmd, "--timeout", "8"], capture_output=True, text=True,
+                           timeout=120, env=c.env)  # fmt: skip
         assert r.returncode == 1, r.stderr
         assert "failed" in r.stderr and "engine" in r.stderr, r.stderr
         assert "DEADLINE_EXCEEDED" not in r.stderr
+
+        p = subprocess.Popen([*cmd, "--timeout", "60"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=c.env)  # fmt: skip
+        assert p.stderr is not None
+        first = p.stderr.readline()  # the job's first progress line
+        job_id = first.split()[1]
+        p.send_signal(signal.SIGINT)
+        _out, err = p.communicate(timeout=10)
+        assert p.returncode == 130, (first, err)
+        assert f"job {job_id} keeps running" in err and f"ckptctl cancel {job_id}" in err, err
+        assert c.client.job(job_id).state in (tpb.JOB_PENDING, tpb.JOB_RUNNING)
+        r = _ctl(c, "cancel", job_id)
+        assert r.returncode == 0, r.stderr
+        assert c.client.wait(job_id, 60).state == tpb.JOB_CANCELLED
     finally:
         c.stop("agent-node-x")
         c.client.remove_agent("node-x", force=True)

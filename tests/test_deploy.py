@@ -90,6 +90,22 @@ def test_manifest_command_lines_are_accepted() -> None:
     assert a.device == "cuda" and a.daemon.startswith("ckptd.") and a.credentials.tls_cert
 
 
+def probe_command() -> list[str]:
+    """The exec probe ckptd's pod runs (startup and readiness: the same command)."""
+    probes = _container("StatefulSet")
+    cmd = probes["readinessProbe"]["exec"]["command"]
+    assert probes["startupProbe"]["exec"]["command"] == cmd
+    return cmd
+
+
+def test_probe_command_line_is_accepted() -> None:
+    from ckptctl.verbs import health
+
+    cmd = probe_command()
+    assert cmd[:2] == ["ckptctl", "health"]
+    health.make_context("health", cmd[2:])  # parses: raises on an unknown option
+
+
 def _exec_start(unit: str) -> list[str]:
     text = (DEPLOY / unit).read_text().replace("\\\n", " ")
     line = next(x for x in text.splitlines() if x.startswith("ExecStart="))
