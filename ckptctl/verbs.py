@@ -211,4 +211,3 @@ def completion(shell: str) -> int:
     assert cls is not None
     click.echo(cls(cli, {}, "ckptctl", "_CKPTCTL_COMPLETE").source())
     return 0
-

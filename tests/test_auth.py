@@ -18,10 +18,10 @@ from ckpt_common.errors import PermissionDenied, Unauthenticated
 from ckpt_daemon import auth
 from ckpt_daemon.auth import AccessPolicy, Principal, Role, authorize
 from ckpt_daemon.certs import add_token, make_certs
-from tests.test_deploy import probe_command
 from ckptctl.client import Client
 from tests.cluster import PY, REPO, Cluster, wait_for
 from tests.tensors import mixed_tensors, write_sharded
+from tests.test_deploy import probe_command
 
 pytestmark = pytest.mark.slow
 
@@ -261,8 +261,11 @@ def test_mtls_agents_are_their_node_and_clients_need_a_certificate(tmp_path: Pat
             with pytest.raises(grpc.RpcError):
                 stub.Check(health_pb2.HealthCheckRequest(), timeout=3)
         # the Kubernetes probe's own command line (its paths here): mTLS, no role needed
-        cmd = [x.replace("/etc/ckptd/tls/", f"{certs}/").replace("/etc/ckptd/probe/", f"{certs}/")
-               .replace("localhost:7601", f"localhost:{c.port}") for x in probe_command()]  # fmt: skip
+        here = {"/etc/ckptd/tls/": f"{certs}/", "/etc/ckptd/probe/": f"{certs}/",
+                "localhost:7601": f"localhost:{c.port}"}  # fmt: skip
+        cmd = list(probe_command())
+        for a, b in here.items():
+            cmd = [x.replace(a, b) for x in cmd]
         bare = {k: v for k, v in c.env.items() if not k.startswith("CKPTD_")}
         r = subprocess.run([PY, "-m", "ckptctl.cli", *cmd[1:]], capture_output=True, text=True,
                            timeout=60, env=bare)  # fmt: skip
