@@ -79,6 +79,13 @@ class Agent:
         ]
 
     def _free(self) -> list[tpb.Device]:
+        """The devices as reported: free memory now, the ceilings their workers measured."""
+        workers = self.supervisor.workers if self.supervisor is not None else {}
+        for d in self.devices:
+            h = workers.get(d.index)
+            if h is not None and h.ceilings:
+                d.ceilings.clear()
+                d.ceilings.update(h.ceilings)
         if self.cfg.device == "cpu":
             free = free_host_bytes() // self.cfg.slots
             for d in self.devices:

@@ -27,6 +27,7 @@ class WorkerHandle:
         self.proc = proc
         self.conn = conn
         self.ready = threading.Event()
+        self.ceilings: dict[str, float] = {}  # what the worker measured of its device
         self.last_seen = time.monotonic()
         self._lock = threading.Lock()
 
@@ -92,6 +93,7 @@ class Supervisor:
             if msg.WhichOneof("body") == "heartbeat":
                 continue
             if msg.WhichOneof("body") == "result" and msg.result.command_id == READY_ID:
+                h.ceilings = dict(msg.result.ready.ceilings)
                 h.ready.set()
                 continue
             self._loop.call_soon_threadsafe(self._on_message, h.device, msg)

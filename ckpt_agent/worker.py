@@ -147,7 +147,10 @@ class Worker:
     def serve(self) -> None:
         if self._p2p_enabled:
             self.p2p()  # start the transfer engine now, not inside the first load or join
-        self.reply(READY_ID, ok=True)
+        from ckpt_agent.ceilings import measure
+
+        ready = apb.WorkerReady(ceilings=measure(self.backend.kind, self.device))
+        self.reply(READY_ID, ok=True, ready=ready)
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         while True:
             try:

@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -46,6 +46,17 @@ JOB_SILENCE_MIN_S = 2.0
 WATCH_S = 0.25
 
 
+CEILING_PHASES = ("copy",)
+MAX_RATE = 1e13  # bytes/s: 10 TB/s, beyond any device's copy engine
+
+
+def check_ceilings(ceilings: Mapping[str, float]) -> None:
+    """Measured rates: known phases, finite, within what hardware does."""
+    for phase, rate in ceilings.items():
+        if phase not in CEILING_PHASES or not (0.0 <= rate <= MAX_RATE):
+            raise InvalidArgument(f"bad device ceiling {phase!r}: {rate}")
+
+
 def check_hello(hello: apb.Hello) -> None:
     """An agent's Hello is input too: refused (INVALID_ARGUMENT) before it touches anything."""
     check_name("node_id", hello.node_id)
@@ -62,6 +73,7 @@ def check_hello(hello: apb.Hello) -> None:
         check_text("device uuid", d.uuid, 200)
         if d.total_bytes < 0 or d.free_bytes < 0:
             raise InvalidArgument("device byte counts must not be negative")
+        check_ceilings(d.ceilings)
     if hello.host_free_bytes < 0 or len(hello.stores) > 1 << 16:
         raise InvalidArgument("bad host memory or store count")
     for st in hello.stores:
@@ -135,6 +147,7 @@ class AgentHub:
                     uuid=d.uuid,
                     total_bytes=d.total_bytes,
                     free_bytes=d.free_bytes,
+                    ceilings=dict(d.ceilings),
                 )
                 for d in hello.devices
             ],
@@ -192,17 +205,25 @@ class AgentHub:
             cmd = apb.Command(id=next(self._ids), drop=drop)
             session.outbox.put_nowait(apb.DaemonMessage(command=cmd))
 
+    def _heartbeat(self, node_id: str, hb: apb.Heartbeat) -> None:
+        ceilings = {}
+        for d in hb.devices:
+            try:
+                check_ceilings(d.ceilings)
+            except InvalidArgument:
+                continue  # what a device measured is advisory: a bad report is not kept
+            if d.ceilings:
+                ceilings[d.index] = dict(d.ceilings)
+        free = {d.index: d.free_bytes for d in hb.devices}
+        self._registry.agent_heartbeat(node_id, free, hb.host_free_bytes, ceilings)
+
     async def _read(self, session: _Session, incoming: AsyncIterator[apb.AgentMessage]) -> None:
         try:
             async for msg in incoming:
                 session.last_seen = time.monotonic()
                 kind = msg.WhichOneof("body")
                 if kind == "heartbeat":
-                    self._registry.agent_heartbeat(
-                        session.node_id,
-                        {d.index: d.free_bytes for d in msg.heartbeat.devices},
-                        msg.heartbeat.host_free_bytes,
-                    )
+                    self._heartbeat(session.node_id, msg.heartbeat)
                 elif kind == "result":
                     fut = session.pending.pop(msg.result.command_id, None)
                     if fut and not fut.done():

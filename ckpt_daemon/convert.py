@@ -186,6 +186,7 @@ def agent_to_pb(a: AgentInfo, order: dict[RankRef, int]) -> tpb.Agent:
                 total_bytes=d.total_bytes,
                 free_bytes=d.free_bytes,
                 rank=order.get(RankRef(a.node_id, d.index), -1),
+                ceilings=d.ceilings,
             )
             for d in a.devices
         ],

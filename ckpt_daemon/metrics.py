@@ -6,21 +6,24 @@ Events: jobs by kind and outcome, their seconds and bytes; each rank's seconds p
 the time from Update to the first bucket; rollbacks (restore jobs) by outcome; how long each
 engine was paused for an update (what its users see); pushes by outcome, seconds and bytes.
 State, read at scrape: agents attached, each agent's heartbeat age, host-store bytes per
-node, checkpoint versions by state, instances ready."""
+node, checkpoint versions by state, instances ready, each device's measured ceilings (bytes/s
+per phase). Rates: each rank's achieved rate per phase whose bytes are known (copy), and its
+last one over its device's ceiling."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ckpt_daemon.model import CheckpointVersion, Job, ShardState
+from ckpt_daemon.model import CheckpointVersion, Job, RankResult, ShardState
 from ckpt_daemon.registry import Registry
 
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 300)
+_RATES = tuple(g * 1e9 for g in (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 50, 100, 200, 500))
 PHASES = ("copy", "broadcast", "reload", "setup")
 
 try:  # no `_created` series next to every counter and histogram
@@ -64,6 +67,16 @@ class _State(Collector):
         )
         for state, n in sorted(states.items()):
             versions.add_metric([state], n)
+        ceiling = GaugeMetricFamily(
+            "ckptd_device_ceiling_bytes_per_second",
+            "What a device's worker measured at start, per update phase",
+            labels=["node", "device", "phase"],
+        )
+        for a in list(r.agents.values()):
+            for d in a.devices:
+                for phase, rate in sorted(d.ceilings.items()):
+                    ceiling.add_metric([a.node_id, str(d.index), phase], rate)
+        yield ceiling
         ready = GaugeMetricFamily("ckptd_instances", "Registered instances", labels=["ready"])
         insts = list(r.instances.values())
         ready.add_metric(["true"], sum(i.ready for i in insts))
@@ -101,6 +114,16 @@ class Metrics:
             "ckptd_engine_pause_seconds", "How long an engine was paused for an update",
             ["instance"], buckets=_BUCKETS, registry=p,
         )  # fmt: skip
+        self.achieved = Histogram(
+            "ckptd_rank_phase_bytes_per_second", "A rank's achieved rate in one phase",
+            ["phase", "node"], buckets=_RATES, registry=p,
+        )  # fmt: skip
+        self.of_ceiling = Gauge(
+            "ckptd_rank_phase_ceiling_ratio",
+            "A rank's achieved rate in its last update over its device's measured ceiling",
+            ["phase", "node", "device"], registry=p,
+        )  # fmt: skip
+        self._registry = registry
         self.pushes = Counter("ckptd_pushes", "Pushes ended", ["state"], registry=p)
         self.push_seconds = Histogram(
             "ckptd_push_seconds", "A push, accepted to ready", buckets=_BUCKETS, registry=p
@@ -124,6 +147,18 @@ class Metrics:
             for phase in PHASES:
                 self.phase.labels(phase, node).observe(getattr(r.times, f"{phase}_s"))
             self.rank_total.labels(node).observe(r.times.total_s)
+            self._rates(r)
+
+    def _rates(self, r: RankResult) -> None:
+        """Phases whose bytes are known: copy (the bytes the rank staged from host stores)."""
+        if not r.ok or r.bytes <= 0 or r.times.copy_s <= 0:
+            return
+        rate = r.bytes / r.times.copy_s
+        node = r.owner.node_id
+        self.achieved.labels("copy", node).observe(rate)
+        ceiling = self._registry.ceiling(r.owner, "copy")
+        if ceiling:
+            self.of_ceiling.labels("copy", node, str(r.owner.device)).set(rate / ceiling)
 
     def engine_paused(self, instance: str, seconds: float) -> None:
         self.pause.labels(instance).observe(seconds)

@@ -140,6 +140,7 @@ class DeviceInfo:
     uuid: str
     total_bytes: int
     free_bytes: int
+    ceilings: dict[str, float] = field(default_factory=dict)  # bytes/s per phase, measured
 
 
 @dataclass(kw_only=True, slots=True)

@@ -269,7 +269,14 @@ class Registry:
                 a.attached = False
                 a.last_seen = time.time()
 
-    def agent_heartbeat(self, node_id: str, free: dict[int, int], host_free: int = 0) -> None:
+    def agent_heartbeat(
+        self,
+        node_id: str,
+        free: dict[int, int],
+        host_free: int = 0,
+        ceilings: dict[int, dict[str, float]] | None = None,
+    ) -> None:
+        """Free memory now, and the ceilings of workers that (re)started since."""
         with self._lock:
             a = self.agents.get(node_id)
             if not a:
@@ -279,6 +286,15 @@ class Registry:
             for d in a.devices:
                 if d.index in free:
                     d.free_bytes = free[d.index]
+                if ceilings and d.index in ceilings:
+                    d.ceilings = ceilings[d.index]
+
+    def ceiling(self, r: RankRef, phase: str) -> float:
+        """What r's device measured for phase (bytes/s); 0 when unknown."""
+        with self._lock:
+            a = self.agents.get(r.node_id)
+            d = next((d for d in a.devices if d.index == r.device), None) if a else None
+            return d.ceilings.get(phase, 0.0) if d else 0.0
 
     def free_bytes(self, r: RankRef) -> int:
         with self._lock:

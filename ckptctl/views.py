@@ -106,7 +106,7 @@ def _checkpoints(cps: list[tpb.Checkpoint], wide: bool, now: float) -> tuple[lis
 def _agents(agents: list[tpb.Agent], wide: bool, now: float) -> tuple[list, list]:
     header = ["RANK", "NODE", "DEVICE", "KIND", "STATE", "HOST"]
     if wide:
-        header += ["FREE", "TOTAL", "HEARD", "PID", "VERSION", "UUID"]
+        header += ["FREE", "TOTAL", "COPY-CEILING", "HEARD", "PID", "VERSION", "UUID"]
     rows = []
     for ag in agents:
         for d in ag.devices:
@@ -119,7 +119,9 @@ def _agents(agents: list[tpb.Agent], wide: bool, now: float) -> tuple[list, list
                 ag.host,
             ]
             if wide:
-                row += [size(d.free_bytes), size(d.total_bytes), age(ag.last_seen_unix, now),
+                copy = d.ceilings.get("copy", 0.0)
+                row += [size(d.free_bytes), size(d.total_bytes),
+                        f"{copy / 1e9:.1f} GB/s" if copy else "-", age(ag.last_seen_unix, now),
                         str(ag.pid), ag.version or "-", d.uuid]  # fmt: skip
             rows.append(row)
     return header, rows

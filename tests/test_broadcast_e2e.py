@@ -271,7 +271,7 @@ def test_cli(cluster: Cluster, tmp_path: Path) -> None:
     r = ctl("get", "agents")
     assert r.returncode == 0 and "node-a" in r.stdout and "RANK" in r.stdout
     r = ctl("get", "agents", "-o", "wide")
-    assert "UUID" in r.stdout and "HEARD" in r.stdout, r.stdout
+    assert "UUID" in r.stdout and "HEARD" in r.stdout and "GB/s" in r.stdout, r.stdout
     r = ctl("delete", "agent", "node-a")  # attached: only with --force
     assert r.returncode == 3 and "FAILED_PRECONDITION" in r.stderr, r.stderr
     r = ctl("delete", "agent", "no-such-node")

@@ -58,6 +58,12 @@ def test_workers_die_with_their_agent(tmp_path) -> None:
         c.close()
 
 
+def _sample(text: str, series: str) -> float:
+    line = next((x for x in text.splitlines() if x.startswith(series + " ")), None)
+    assert line is not None, f"{series} not in the scrape"
+    return float(line.split()[-1])
+
+
 @pytest.mark.slow
 def test_prometheus_metrics(tmp_path) -> None:
     import urllib.request
@@ -93,6 +99,16 @@ def test_prometheus_metrics(tmp_path) -> None:
         assert "ckptd_push_seconds_count 1.0" in text
         assert f'ckptd_update_bytes_total{{kind="update"}} {float(job.bytes_total)}' in text
         assert "_created" not in text
+        # achieved vs measured: the device's copy ceiling, the rank's rate and their ratio
+        ceil = _sample(
+            text, 'ckptd_device_ceiling_bytes_per_second{device="0",node="m",phase="copy"}'
+        )
+        assert 1e7 < ceil < 1e12, ceil
+        agent = c.client.agents()[0]
+        assert agent.devices[0].ceilings["copy"] == pytest.approx(ceil)
+        assert 'ckptd_rank_phase_bytes_per_second_count{node="m",phase="copy"} 1.0' in text
+        ratio = _sample(text, 'ckptd_rank_phase_ceiling_ratio{device="0",node="m",phase="copy"}')
+        assert 0 < ratio < 100, ratio
     finally:
         c.close()
 

@@ -114,7 +114,7 @@ class StoreReady(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., seconds: _Optional[float] = ..., p2p: _Optional[_Union[P2PSource, _Mapping]] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommandResult(_message.Message):
-    __slots__ = ("command_id", "ok", "code", "message", "scan", "group", "store", "update")
+    __slots__ = ("command_id", "ok", "code", "message", "scan", "group", "store", "update", "ready")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class CommandResult(_message.Message):
     GROUP_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     ok: bool
     code: str
@@ -131,7 +132,21 @@ class CommandResult(_message.Message):
     group: GroupReady
     store: StoreReady
     update: _types_pb2.RankResult
-    def __init__(self, command_id: _Optional[int] = ..., ok: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., scan: _Optional[_Union[ScanResult, _Mapping]] = ..., group: _Optional[_Union[GroupReady, _Mapping]] = ..., store: _Optional[_Union[StoreReady, _Mapping]] = ..., update: _Optional[_Union[_types_pb2.RankResult, _Mapping]] = ...) -> None: ...
+    ready: WorkerReady
+    def __init__(self, command_id: _Optional[int] = ..., ok: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., scan: _Optional[_Union[ScanResult, _Mapping]] = ..., group: _Optional[_Union[GroupReady, _Mapping]] = ..., store: _Optional[_Union[StoreReady, _Mapping]] = ..., update: _Optional[_Union[_types_pb2.RankResult, _Mapping]] = ..., ready: _Optional[_Union[WorkerReady, _Mapping]] = ...) -> None: ...
+
+class WorkerReady(_message.Message):
+    __slots__ = ("ceilings",)
+    class CeilingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CEILINGS_FIELD_NUMBER: _ClassVar[int]
+    ceilings: _containers.ScalarMap[str, float]
+    def __init__(self, ceilings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("job_id", "device", "bucket", "bytes")

@@ -173,20 +173,29 @@ class Probe(_message.Message):
     def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., expected_token_ids: _Optional[_Iterable[int]] = ..., expected_logprobs: _Optional[_Iterable[float]] = ..., logprob_tolerance: _Optional[float] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("index", "kind", "uuid", "total_bytes", "free_bytes", "rank")
+    __slots__ = ("index", "kind", "uuid", "total_bytes", "free_bytes", "rank", "ceilings")
+    class CeilingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     INDEX_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    CEILINGS_FIELD_NUMBER: _ClassVar[int]
     index: int
     kind: str
     uuid: str
     total_bytes: int
     free_bytes: int
     rank: int
-    def __init__(self, index: _Optional[int] = ..., kind: _Optional[str] = ..., uuid: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
+    ceilings: _containers.ScalarMap[str, float]
+    def __init__(self, index: _Optional[int] = ..., kind: _Optional[str] = ..., uuid: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., ceilings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Agent(_message.Message):
     __slots__ = ("node_id", "host", "state", "devices", "last_seen_unix", "version", "pid", "ipc_dir")
