@@ -24,6 +24,7 @@ class DaemonConfig:
     nbuf: int = 2
     port_file: str = ""  # write the bound port here once serving
     metrics_listen: str = ""  # host:port for Prometheus /metrics; "": off
+    otel_endpoint: str = ""  # OTLP/HTTP traces URL (ckpt_daemon.tracing); "": off
     tls_cert: str = ""  # ckptd's certificate chain (PEM); with tls_key: TLS on the gRPC port
     tls_key: str = ""
     tls_ca: str = ""  # verifies client certificates (agents, clients) when they send one

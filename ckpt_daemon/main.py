@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> DaemonConfig:
         default="",
         help="host:port to serve Prometheus metrics on (e.g. 127.0.0.1:9601)",
     )
+    p.add_argument(
+        "--otel-endpoint",
+        default="",
+        help="OpenTelemetry spans per job and rank, OTLP/HTTP to this URL (e.g. "
+        "http://127.0.0.1:4318/v1/traces; http only to loopback); off when empty",
+    )
     add_security_args(p)
     apply_env_defaults(p, "CKPTD_", SERVER_ENV_NAMES)
     a = p.parse_args(argv)
@@ -72,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> DaemonConfig:
         port_file=a.port_file,
         drain_s=a.drain_s,
         metrics_listen=a.metrics_listen,
+        otel_endpoint=a.otel_endpoint,
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
         tls_ca=a.tls_ca,

