@@ -321,17 +321,19 @@ def test_cli(cluster: Cluster, tmp_path: Path) -> None:
 
 
 def test_cli_completion(cluster: Cluster) -> None:
-    """The script, and completion itself (bash's protocol), including names from ckptd."""
+    """The script, and completion itself (bash's protocol), including names from ckptd,
+    through the installed `ckptctl` command (what a shell runs)."""
     c = cluster
-    r = _ctl(c, "completion", "bash")
+    binary = str(Path(sys.executable).parent / "ckptctl")
+    r = subprocess.run([binary, "completion", "bash"], capture_output=True, text=True,
+                       timeout=60, env=c.env)  # fmt: skip
     assert r.returncode == 0 and "_CKPTCTL_COMPLETE" in r.stdout
 
     def complete(line: str) -> list[str]:
         words = line.split(" ")
         env = {**c.env, "_CKPTCTL_COMPLETE": "bash_complete", "COMP_WORDS": line,
                "COMP_CWORD": str(len(words) - 1)}  # fmt: skip
-        r = subprocess.run([sys.executable, "-m", "ckptctl.cli"], capture_output=True,
-                           text=True, timeout=60, env=env)  # fmt: skip
+        r = subprocess.run([binary], capture_output=True, text=True, timeout=60, env=env)
         return [x.partition(",")[2] for x in r.stdout.splitlines()]
 
     assert "update" in complete("ckptctl up")
