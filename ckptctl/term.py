@@ -47,12 +47,17 @@ def colored(state: str, stream: Any) -> str:
     return cap.get()
 
 
-def table(header: list[str], rows: list[list[Any]], stream: Any = None) -> None:
+def table(
+    header: list[str], rows: list[list[Any]], stream: Any = None, *, show_header: bool = True
+) -> None:
     """Rows under a header, kubectl's way: columns two spaces apart, no borders. A cell is
     a str or a rich Text (a colored state)."""
     out = stream or sys.stdout
     con = console(out)
-    t = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), header_style="bold")
+    t = Table(
+        box=None, pad_edge=False, padding=(0, 2, 0, 0), header_style="bold",
+        show_header=show_header,
+    )  # fmt: skip
     for h in header:
         t.add_column(h, no_wrap=True)
     for r in rows:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -10,8 +11,18 @@ from click.shell_completion import CompletionItem, get_completion_class
 
 from ckpt_common.errors import NotFound
 from ckptctl.actions import WAIT_MARGIN_S, split_ref, wait_and_report
-from ckptctl.app import cli, command, connect, show, show_list, structured, with_client
+from ckptctl.app import (
+    cli,
+    command,
+    connect,
+    output,
+    show,
+    show_list,
+    structured,
+    with_client,
+)
 from ckptctl.client import Client
+from ckptctl.watching import watch_list
 
 KINDS = {
     "checkpoints": ("checkpoints", "checkpoint", "cp", "ckpt"),
@@ -84,23 +95,35 @@ def _list(c: Client, kind: str, limit: int, name: str = "") -> list[Any]:
     return c.agents() if kind == "agents" else c.instances()
 
 
+def _fetcher(c: Client, kind: str, name: str, limit: int) -> Callable[[], list[Any]]:
+    """What `get KIND [NAME]` shows: one object, or a list (a checkpoint NAME: its versions)."""
+    if name and (kind != "checkpoints" or "@" in name):
+        return lambda: [_one(c, kind, name)]
+    return lambda: _list(c, kind, limit, name)
+
+
 @command("get", short_help="list resources, or one")
 @click.argument("kind", type=Kind(("checkpoints", "jobs", "agents", "instances", "all")))
 @click.argument("name", required=False, default="", shell_complete=complete_ref)
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
               help="jobs: the newest N")  # fmt: skip
+@click.option("-w", "--watch", "follow", is_flag=True,
+              help="then print each row that changes, until Ctrl-C")  # fmt: skip
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="--watch: seconds between looks")  # fmt: skip
 @with_client
-def get(c: Client, kind: str, name: str, limit: int) -> int:
+def get(c: Client, kind: str, name: str, limit: int, follow: bool, interval: float) -> int:
     """List KIND (checkpoints, jobs, agents, instances, all), or the one named: a checkpoint
     NAME (its versions) or NAME@VERSION, a job id, an agent's node id, an instance name."""
     if kind == "all":
+        if follow:
+            raise click.UsageError("--watch needs one kind, not all")
         return _overview(c)
-    if name and (kind != "checkpoints" or "@" in name):
-        items = [_one(c, kind, name)]
-    else:
-        items = _list(c, kind, limit, name)
-        if name and not items:
-            raise NotFound(f"no checkpoint {name!r}")
+    if follow:
+        return watch_list(_fetcher(c, kind, name, limit), kind, output(), interval)
+    items = _fetcher(c, kind, name, limit)()
+    if name and not items:
+        raise NotFound(f"no checkpoint {name!r}")
     if name and structured():
         show(items[0])
     else:
@@ -160,14 +183,19 @@ def cancel(c: Client, job: tuple[str, ...]) -> int:
     return 0
 
 
-@command("watch", short_help="follow a job until it ends")
-@click.argument("job", nargs=-1, required=True, shell_complete=complete_ref)
+@command("watch", short_help="follow a job until it ends, or watch a list")
+@click.argument("what", nargs=-1, required=True, shell_complete=complete_ref)
 @click.option("--timeout", type=click.FloatRange(min=0), default=0.0,
-              help="seconds to follow it (default 1 h)")  # fmt: skip
+              help="a job: seconds to follow it (default 1 h)")  # fmt: skip
 @with_client
-def watch(c: Client, job: tuple[str, ...], timeout: float) -> int:
-    """Follow a job with a progress bar; exit 0 if it succeeds, 1 if not."""
-    return wait_and_report(c, c.job(_job_id(job)), timeout or 3600.0 + WAIT_MARGIN_S)
+def watch(c: Client, what: tuple[str, ...], timeout: float) -> int:
+    """JOB (or `job JOB`): follow it with a progress bar; exit 0 if it succeeds, 1 if not.
+    KIND [NAME] (checkpoints, agents, instances, jobs): as `get KIND [NAME] --watch`."""
+    kind = ALIASES.get(what[0].lower())
+    if kind is not None and kind != "all" and (kind != "jobs" or len(what) == 1):
+        fetch = _fetcher(c, kind, what[1] if len(what) > 1 else "", 20)
+        return watch_list(fetch, kind, output(), 1.0)
+    return wait_and_report(c, c.job(_job_id(what)), timeout or 3600.0 + WAIT_MARGIN_S)
 
 
 def _overview(c: Client) -> int:

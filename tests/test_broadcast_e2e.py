@@ -315,6 +315,25 @@ def test_cli(cluster: Cluster, tmp_path: Path) -> None:
     assert ctl("--version").stdout.startswith("ckptctl ")
     r = ctl("health")
     assert r.returncode == 0 and "SERVING" in r.stdout
+    # get -w: the list, then each row that changes (a new version), until Ctrl-C (exit 0)
+    w = subprocess.Popen(
+        [sys.executable, "-m", "ckptctl.cli", "--addr", c.addr, "get", "checkpoints", "-w",
+         "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=c.env,
+    )  # fmt: skip
+    assert w.stdout is not None
+    assert w.stdout.readline().split()[:2] == ["NAME", "VERSION"]
+    assert w.stdout.readline().split()[:3] == ["cli", "1", "READY"]
+    c.client.push("cli", 2, [str(d)])
+    seen = []  # LOADING first, maybe
+    while (line := w.stdout.readline()) and line.split()[:3] != ["cli", "2", "READY"]:
+        seen.append(line)
+    assert line.split()[:3] == ["cli", "2", "READY"], seen
+    assert all(x.split()[:2] == ["cli", "2"] for x in seen), seen  # nothing else changed
+    w.send_signal(signal.SIGINT)
+    assert w.wait(10) == 0
+    r = ctl("delete", "checkpoint", "cli@2")
+    assert r.returncode == 0 and "deleted checkpoint cli@2" in r.stdout
     r = ctl("delete", "checkpoint", "cli@1", "-o", "json")
     assert r.returncode == 0 and json.loads(r.stdout)[0]["version"] == 1
     assert ctl("get", "checkpoints", "cli").returncode == 3  # NOT_FOUND
