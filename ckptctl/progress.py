@@ -25,7 +25,7 @@ from rich.progress import (
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import CkptError
 from ckptctl.client import TERMINAL, Client
-from ckptctl.term import colored, console
+from ckptctl.term import console, markup
 from ckptctl.views import delivered, job_line, job_state
 
 EXIT_INTERRUPTED = 130
@@ -89,7 +89,7 @@ def follow_job(c: Client, job: tpb.Job, timeout_s: float, show: bool) -> tpb.Job
     )
     with interrupted(message), Bar(f"job {job.id}", show) as bar:
         for last in c.watch(job.id, timeout_s):
-            state = colored(job_state(last), sys.stderr)
+            state = markup(job_state(last))
             bar.update(delivered(last), last.bytes_total, f"job {last.id} {state}")
             bar.line(job_line(last))
             if last.state in TERMINAL:

@@ -37,14 +37,10 @@ def styled(state: str) -> Text:
     return Text(state, style=_STYLES.get(state, ""))
 
 
-def colored(state: str, stream: Any) -> str:
-    """state with its color as ANSI codes when stream is a terminal."""
-    con = console(stream)
-    if not con.is_terminal or con.no_color:
-        return state
-    with con.capture() as cap:
-        con.print(styled(state), end="")
-    return cap.get()
+def markup(state: str) -> str:
+    """state in rich markup with its color (for a progress bar's description)."""
+    style = _STYLES.get(state)
+    return f"[{style}]{state}[/]" if style else state
 
 
 def table(
