@@ -221,12 +221,13 @@ def run(procs: Procs) -> bool:
     print(f"vLLM serves v1 now: {got}  {'== transformers v1' if ok else '!='}")
     ok &= live_updates(ops, url, prompt, predicted)
     ok &= refused_bad_version(trainer, ops, url, v2, probes[1], predicted[1])
-    say("fleet state (ckptctl instances, operator token over TLS)")
-    subprocess.run(
-        [sys.executable, "-m", "ckptctl.cli", "--addr", addr, "--tls-ca", str(sec / "ca.pem"),
-         "--token-file", str(sec / "operator.token"), "instances"],
+    say("fleet state (ckptctl get instances -o wide, operator token over TLS)")
+    r = subprocess.run(
+        [sys.executable, "-m", "ckptctl.cli", "get", "instances", "-o", "wide", "--addr", addr,
+         "--tls-ca", str(sec / "ca.pem"), "--token-file", str(sec / "operator.token")],
         check=False,
     )  # fmt: skip
+    ok &= r.returncode == 0
     trainer.close()
     ops.close()
     return ok

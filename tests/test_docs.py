@@ -37,3 +37,31 @@ def test_every_daemon_flag_is_settable_by_environment(monkeypatch) -> None:
     cfg = parse_args([])
     assert cfg.drain_s == 7.5 and cfg.metrics_listen == "127.0.0.1:9999"
     assert parse_args(["--drain-s", "3"]).drain_s == 3  # the flag wins
+
+
+def readme_ckptctl_lines() -> list[str]:
+    """Every `ckptctl ...` command line in the README's shell blocks."""
+    out, fence = [], ""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            fence = "" if fence else (line[3:].strip() or "text")
+        elif fence in ("sh", "bash", "console") and line.strip().startswith("ckptctl "):
+            out.append(line.strip())
+    return out
+
+
+def test_readme_ckptctl_commands_parse() -> None:
+    """What the README shows, ckptctl accepts as written (parsed, not run: no server)."""
+    import shlex
+
+    from ckptctl.cli import cli
+
+    lines = readme_ckptctl_lines()
+    assert len(lines) >= 5, lines
+    for line in lines:
+        args = shlex.split(line.split(" #")[0])[1:]
+        ctx = cli.make_context("ckptctl", args)
+        rest = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        name, cmd, sub_args = cli.resolve_command(ctx, rest)
+        assert cmd is not None, line
+        cmd.make_context(name or "", sub_args, parent=ctx)  # raises on what it does not take
