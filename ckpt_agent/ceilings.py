@@ -34,7 +34,7 @@ def _cpu(nbytes: int) -> float:
     return _best(lambda: dst.copy_(src), nbytes)
 
 
-def _cuda(device: int, nbytes: int) -> float:
+def _cuda(device: Any, nbytes: int) -> float:
     import torch
 
     host = torch.ones(nbytes, dtype=torch.uint8)
@@ -42,8 +42,9 @@ def _cuda(device: int, nbytes: int) -> float:
     err = cudart.cudaHostRegister(host.data_ptr(), nbytes, 0)
     if int(err) != 0:
         raise RuntimeError(f"cudaHostRegister: {err}")
+    dst = None
     try:
-        dst = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{device}")
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
         stream = torch.cuda.Stream(device)
 
         def copy() -> None:
@@ -55,14 +56,18 @@ def _cuda(device: int, nbytes: int) -> float:
         return _best(copy, nbytes)
     finally:
         cudart.cudaHostUnregister(host.data_ptr())
+        dst = None
+        torch.cuda.empty_cache()  # the device buffer goes back, not to torch's cache
 
 
-def measure(kind: str, device: int) -> dict[str, float]:
-    """Bytes/s per phase; empty when the measurement failed (the worker serves anyway)."""
+def measure(backend: Any) -> dict[str, float]:
+    """Bytes/s per phase of a worker's backend (CUDA: its torch device); empty when the
+    measurement failed (the worker serves anyway)."""
+    kind = backend.kind
     try:
-        rate = _cuda(device, CUDA_BYTES) if kind == "cuda" else _cpu(CPU_BYTES)
+        rate = _cuda(backend.device, CUDA_BYTES) if kind == "cuda" else _cpu(CPU_BYTES)
     except Exception as e:
-        log.warning("ceiling_not_measured", kind=kind, device=device, error=str(e))
+        log.warning("ceiling_not_measured", kind=kind, error=str(e))
         return {}
     log.info("ceiling_measured", phase="copy", gbps=round(rate / 1e9, 2))
     return {"copy": rate}

@@ -149,7 +149,7 @@ class Worker:
             self.p2p()  # start the transfer engine now, not inside the first load or join
         from ckpt_agent.ceilings import measure
 
-        ready = apb.WorkerReady(ceilings=measure(self.backend.kind, self.device))
+        ready = apb.WorkerReady(ceilings=measure(self.backend))
         self.reply(READY_ID, ok=True, ready=ready)
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         while True:

@@ -118,6 +118,10 @@ def test_broadcast_update_on_gpus(ngpu: int, tmp_path: Path) -> None:
         assert job.state == tpb.JOB_SUCCEEDED, job.reason + c.log("agent-g")[-3000:]
         for r in ranks:
             assert read_report(c.reports[r])["tensors"] == digests(t1)
+        # each worker measured its GPU's pinned H2D at start (PCIe 4/5: 20-60 GB/s)
+        ceilings = [d.ceilings["copy"] for a in c.client.agents() for d in a.devices]
+        assert len(ceilings) == ngpu and all(5e9 < x < 1e12 for x in ceilings), ceilings
+        print(f"copy ceilings: {[round(x / 1e9, 1) for x in ceilings]} GB/s")
 
         t2 = mixed_tensors(2, layers=4)
         c.client.push("g", 2, [str(write_sharded(t2, tmp_path / "v2"))])
