@@ -25,7 +25,7 @@ lint: venv
 	.venv/bin/ruff format --check .
 
 test: venv proto-check lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: venv
 	$(PY) -m pytest -q tests -m "not vllm and not slow"

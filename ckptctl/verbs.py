@@ -220,7 +220,8 @@ def status(c: Client) -> int:
 
 
 @command("health", short_help="whether ckptd serves (for probes)")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=3.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
+              help="seconds to wait for the answer")  # fmt: skip
 def health(timeout: float) -> int:
     """Ask ckptd's grpc.health.v1 service over the same connection (TLS, mTLS) the other
     commands use: exit 0 when SERVING, 3 otherwise. For exec probes where the kubelet's

@@ -65,3 +65,18 @@ def test_readme_ckptctl_commands_parse() -> None:
         name, cmd, sub_args = cli.resolve_command(ctx, rest)
         assert cmd is not None, line
         cmd.make_context(name or "", sub_args, parent=ctx)  # raises on what it does not take
+
+
+def test_every_ckptctl_option_has_help() -> None:
+    import click
+
+    from ckptctl.cli import cli
+
+    missing = [
+        f"{name} {opt.opts[0]}"
+        for name, cmd in cli.commands.items()
+        for opt in cmd.params
+        if isinstance(opt, click.Option) and not opt.help and opt.name != "help"
+    ]
+    assert not missing, missing
+    assert all(cmd.help for cmd in cli.commands.values())
