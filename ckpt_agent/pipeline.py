@@ -214,6 +214,7 @@ class UpdateRun:
         self.local_fail = ""
         self.told_peers = False  # this rank published its failure to the group
         self.sent_bytes = 0
+        self.copied_bytes = 0
         self.steps: dict[int, InFlight] = {}
         self.staged: dict[int, Any] = {}  # bucket -> its H2D's done event
         self.gpu_h2d: list[tuple[Any, Any]] = []
@@ -333,6 +334,7 @@ class UpdateRun:
         t = time.monotonic()
         done, start = self.backend.h2d(dst, self.store_t, coalesce(self.buckets[k].entries), after)
         self.timer.copy_s += time.monotonic() - t
+        self.copied_bytes += self.buckets[k].nbytes
         self.gpu_h2d.append((start, done))
         return done
 
@@ -399,8 +401,9 @@ class UpdateRun:
             staging=self.nstage, engine_version=version_seen,
         )  # fmt: skip
         return tpb.RankResult(
-            ok=True, bytes=self.sent_bytes, times=self.timer.pb(total_s), layout=self.engine.layout
-        )
+            ok=True, bytes=self.sent_bytes, copy_bytes=self.copied_bytes,
+            times=self.timer.pb(total_s), layout=self.engine.layout,
+        )  # fmt: skip
 
     def _release(self) -> None:
         if self.coll is not None:

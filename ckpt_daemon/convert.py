@@ -155,6 +155,7 @@ def job_to_pb(job: Job) -> tpb.Job:
                 ok=r.ok,
                 reason=r.reason,
                 bytes=r.bytes,
+                copy_bytes=r.copy_bytes,
                 engine_untouched=r.engine_untouched,
                 times=tpb.PhaseTimes(
                     copy_s=r.times.copy_s,

@@ -61,6 +61,7 @@ def _rank_result(rank: int, r: RankRef, u: tpb.RankResult) -> RankResult:
         ok=u.ok,
         reason=u.reason,
         bytes=u.bytes,
+        copy_bytes=u.copy_bytes,
         engine_untouched=u.engine_untouched,
         times=PhaseTimes(
             copy_s=u.times.copy_s,

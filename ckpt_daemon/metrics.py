@@ -7,8 +7,8 @@ the time from Update to the first bucket; rollbacks (restore jobs) by outcome; h
 engine was paused for an update (what its users see); pushes by outcome, seconds and bytes.
 State, read at scrape: agents attached, each agent's heartbeat age, host-store bytes per
 node, checkpoint versions by state, instances ready, each device's measured ceilings (bytes/s
-per phase). Rates: each rank's achieved rate per phase whose bytes are known (copy), and its
-last one over its device's ceiling."""
+per phase). Rates: each rank's achieved rate per phase whose bytes are known (copy, broadcast), and
+its last copy rate over its device's ceiling."""
 
 from __future__ import annotations
 
@@ -150,11 +150,16 @@ class Metrics:
             self._rates(r)
 
     def _rates(self, r: RankResult) -> None:
-        """Phases whose bytes are known: copy (the bytes the rank staged from host stores)."""
-        if not r.ok or r.bytes <= 0 or r.times.copy_s <= 0:
+        """Phases whose bytes are known: copy (what the rank staged from host stores) against
+        its device's ceiling; broadcast (what passed through its collective)."""
+        if not r.ok:
             return
-        rate = r.bytes / r.times.copy_s
         node = r.owner.node_id
+        if r.bytes > 0 and r.times.broadcast_s > 0:
+            self.achieved.labels("broadcast", node).observe(r.bytes / r.times.broadcast_s)
+        if r.copy_bytes <= 0 or r.times.copy_s <= 0:
+            return
+        rate = r.copy_bytes / r.times.copy_s
         self.achieved.labels("copy", node).observe(rate)
         ceiling = self._registry.ceiling(r.owner, "copy")
         if ceiling:

@@ -193,8 +193,9 @@ class RankResult:
     ok: bool
     reason: str = ""
     times: PhaseTimes = field(default_factory=PhaseTimes)
-    bytes: int = 0
+    bytes: int = 0  # through its group's collective
     engine_untouched: bool = False  # its engine was never told to load (False: unknown)
+    copy_bytes: int = 0  # staged from host stores (its own buckets), in copy_s
 
 
 @dataclass(kw_only=True, slots=True)

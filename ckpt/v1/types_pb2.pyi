@@ -266,7 +266,7 @@ class PhaseTimes(_message.Message):
     def __init__(self, copy_s: _Optional[float] = ..., broadcast_s: _Optional[float] = ..., reload_s: _Optional[float] = ..., setup_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class RankResult(_message.Message):
-    __slots__ = ("rank", "node_id", "device", "ok", "reason", "times", "bytes", "engine_untouched", "layout")
+    __slots__ = ("rank", "node_id", "device", "ok", "reason", "times", "bytes", "engine_untouched", "layout", "copy_bytes")
     RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +276,7 @@ class RankResult(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_UNTOUCHED_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    COPY_BYTES_FIELD_NUMBER: _ClassVar[int]
     rank: int
     node_id: str
     device: int
@@ -285,7 +286,8 @@ class RankResult(_message.Message):
     bytes: int
     engine_untouched: bool
     layout: str
-    def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[int] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., bytes: _Optional[int] = ..., engine_untouched: _Optional[bool] = ..., layout: _Optional[str] = ...) -> None: ...
+    copy_bytes: int
+    def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[int] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., bytes: _Optional[int] = ..., engine_untouched: _Optional[bool] = ..., layout: _Optional[str] = ..., copy_bytes: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "kind", "state", "reason", "checkpoint", "version", "ranks", "instances", "buckets_total", "buckets_done", "bytes_total", "bucket_bytes", "created_unix", "started_unix", "finished_unix", "results", "method", "first_bucket_s")
