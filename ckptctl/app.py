@@ -105,7 +105,7 @@ def cli() -> None:
     """Operate ckptd: push checkpoints, update engines, and see what runs.
 
     \b
-    Exit codes: 0 done; 1 a job or push failed (or was cancelled); 2 usage;
+    Exit codes: 0 done; 1 a job failed (or was cancelled); 2 usage;
     3 ckptd refused or could not be reached (its gRPC status on stderr);
     130 interrupted (the work goes on in ckptd).
     """
