@@ -317,7 +317,7 @@ def test_cli(cluster: Cluster, tmp_path: Path) -> None:
     assert r.returncode == 0 and "SERVING" in r.stdout
     # get -w: the list, then each row that changes (a new version), until Ctrl-C (exit 0)
     w = subprocess.Popen(
-        [sys.executable, "-m", "ckptctl.cli", "--addr", c.addr, "get", "checkpoints", "-w",
+        [sys.executable, "-m", "ckptctl.cli", "--addr", c.addr, "get", "checkpoints", "cli", "-w",
          "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=c.env,
     )  # fmt: skip
@@ -368,10 +368,11 @@ def test_cli_reports_a_failed_jobs_reason_not_its_own_deadline(cluster: Cluster)
     c = cluster
     c.start_agent("node-x", 1)
     c.wait_ranks(5)
-    cmd = [sys.executable, "-m", "ckptctl.cli", "--addr", c.addr, "update", "cli@1",
+    cmd = [sys.executable, "-m", "ckptctl.cli", "--addr", c.addr, "update", "nowait@1",
            "--ranks", "4", "--wait"]  # fmt: skip
     try:
-        c.client.push("cli", 1, [str(write_sharded(mixed_tensors(9, layers=1), c.root / "x"))])
+        d = write_sharded(mixed_tensors(9, layers=1), c.root / "nowait")
+        c.client.push("nowait", 1, [str(d)])
         r = subprocess.run([*cmd, "--timeout", "8"], capture_output=True, text=True,
                            timeout=120, env=c.env)  # fmt: skip
         assert r.returncode == 1, r.stderr

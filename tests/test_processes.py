@@ -109,8 +109,9 @@ def test_prometheus_metrics(tmp_path) -> None:
         assert agent.devices[0].ceilings["copy"] == pytest.approx(ceil)
         assert 'ckptd_rank_phase_bytes_per_second_count{node="m",phase="copy"} 1.0' in text
         assert 'ckptd_rank_phase_bytes_per_second_count{node="m",phase="broadcast"} 1.0' in text
-        # one rank owns everything: it staged all of it, and all of it passed its collective
-        assert job.results[0].copy_bytes == job.results[0].bytes == job.bytes_total
+        # one rank owns every bucket: it staged all of them, and all passed its collective
+        r0 = job.results[0]  # buckets: tensor bytes plus alignment
+        assert r0.copy_bytes == r0.bytes and 0 <= r0.bytes - job.bytes_total < 4096, r0
         ratio = _sample(text, 'ckptd_rank_phase_ceiling_ratio{device="0",node="m",phase="copy"}')
         assert 0 < ratio < 100, ratio
         # traces (OTLP/HTTP): the job's span, and its rank's span under it
