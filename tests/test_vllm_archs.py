@@ -2,8 +2,9 @@
 architecture in demo.models.MATRIX, updated in place through ckptd; greedy tokens equal
 transformers' on the same weights after every update, full and partial, v1 -> v2 -> v1.
 
-One engine per architecture, started, updated several times and stopped before the next
-(a 2-core machine): MoE with and without shared experts (one whose experts the CPU kernel
+One engine per architecture, started, updated several times and stopped; the next one boots
+meanwhile, on the agent's other device (two cores: a boot is mostly one process importing,
+so two overlap well). MoE with and without shared experts (one whose experts the CPU kernel
 pads), embeddings tied at model.embed_tokens / transformer.wte (with and without a separate
 lm_head module), qkv fused on disk, q/k norms. Llama is covered by test_vllm_e2e.
 """
@@ -32,10 +33,48 @@ LAYER = r"\.(?:layers|h)\.{}\."
 def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("archs"))
     c.start_daemon("--receiver-timeout-s", "20")
-    c.start_agent("n1", 1)
-    c.wait_ranks(1)
+    c.start_agent("n1", 2)  # engines alternate between its devices
+    c.wait_ranks(2)
     yield c
     c.close()
+
+
+class Engines:
+    """Each architecture's engine, launched one test ahead of its own test."""
+
+    def __init__(self, c: Cluster, root: Path) -> None:
+        self.c, self.root = c, root
+        self.launched: dict[str, tuple[str, dict[int, Path], int]] = {}
+
+    def _launch(self, arch: str) -> None:
+        c, device = self.c, ARCHS.index(arch) % 2
+        dirs = {v: save_model(arch, v - 1, self.root / f"{arch}_{v}") for v in (1, 2)}
+        for v, d in dirs.items():
+            c.client.push(arch, v, [str(d)])
+        url = start_vllm(c, f"vllm-{arch}", str(dirs[1]), bind="nobind")
+        self.launched[arch] = (url, dirs, device)
+
+    def start(self, arch: str) -> tuple[str, dict[int, Path]]:
+        """arch's engine serving and registered; the next architecture's booting."""
+        for a in ARCHS[ARCHS.index(arch) : ARCHS.index(arch) + 2]:
+            if a not in self.launched:
+                self._launch(a)
+        url, dirs, device = self.launched[arch]
+        wait_healthy(self.c, f"vllm-{arch}", url)
+        self.c.client.register_instance(
+            tpb.Instance(
+                name=arch,
+                kind=tpb.INSTANCE_VLLM,
+                endpoint=url,
+                ranks=[tpb.InstanceRank(node_id="n1", device=device)],
+            )
+        )
+        return url, dirs
+
+
+@pytest.fixture(scope="module")
+def engines(cluster: Cluster, tmp_path_factory) -> Engines:
+    return Engines(cluster, tmp_path_factory.mktemp("models"))
 
 
 def tokens(url: str) -> list[list[int]]:
@@ -67,27 +106,12 @@ def half_layers(names: list[str]) -> dict[str, list[str]]:
     return {k: v for k, v in picks.items() if v}
 
 
-def start_engine(c: Cluster, arch: str, root: Path) -> tuple[str, dict[int, Path]]:
-    dirs = {v: save_model(arch, v - 1, root / f"{arch}_{v}") for v in (1, 2)}
-    for v, d in dirs.items():
-        c.client.push(arch, v, [str(d)])
-    url = start_vllm(c, f"vllm-{arch}", str(dirs[1]), bind="nobind")
-    wait_healthy(c, f"vllm-{arch}", url)
-    c.client.register_instance(
-        tpb.Instance(
-            name=arch,
-            kind=tpb.INSTANCE_VLLM,
-            endpoint=url,
-            ranks=[tpb.InstanceRank(node_id="n1", device=0)],
-        )
-    )
-    return url, dirs
-
-
 @pytest.mark.parametrize("arch", ARCHS)
-def test_updates_are_hf_exact(cluster: Cluster, arch: str, tmp_path: Path) -> None:
+def test_updates_are_hf_exact(
+    cluster: Cluster, engines: Engines, arch: str, tmp_path: Path
+) -> None:
     c = cluster
-    url, dirs = start_engine(c, arch, tmp_path)
+    url, dirs = engines.start(arch)
     try:
         _check_arch(c, arch, url, dirs, tmp_path)
     finally:
@@ -136,7 +160,7 @@ def test_moe_engine_joins_by_p2p(cluster: Cluster, tmp_path: Path) -> None:
             c.client.push(arch, v, [str(d)])
     hf = {v: hf_greedy(d, PROMPTS, N) for v, d in dirs.items()}
     c.start_agent("n2", 1)
-    c.wait_ranks(2)
+    c.wait_ranks(3)
     url = start_vllm(
         c, "vllm-join", str(dirs[1]), bind="nobind", extra_args=["--load-format", "dummy"]
     )
