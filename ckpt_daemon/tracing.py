@@ -17,11 +17,11 @@ from urllib.parse import urlsplit
 import structlog
 
 from ckpt_common.credentials import is_loopback_host
+from ckpt_daemon.metrics import PHASES
 from ckpt_daemon.model import Job, JobState, RankResult
 
 log = structlog.get_logger("ckptd")
 EXPORT_TIMEOUT_S = 5.0
-PHASES = ("copy", "broadcast", "reload", "setup")
 
 
 def check_endpoint(url: str) -> None:

@@ -66,6 +66,29 @@ def wait_s(wait_timeout: float, job_timeout: float) -> float:
     return wait_timeout or (job_timeout or 3600.0) + WAIT_MARGIN_S
 
 
+def job_options(f: Any) -> Any:
+    """--timeout (the job's), --wait and --wait-timeout (the client's), for a command that
+    starts a job."""
+    opts = [
+        click.option("--timeout", type=click.FloatRange(min=0), default=0.0,
+                     help="the job's deadline in seconds (0: ckptd's)"),
+        click.option("--wait", is_flag=True, help="follow it with a progress bar until it ends"),
+        click.option("--wait-timeout", type=click.FloatRange(min=0), default=0.0,
+                     help="how long --wait waits (default: the job's deadline + 120 s)"),
+    ]  # fmt: skip
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def started(c: Client, job: tpb.Job, wait: bool, wait_timeout: float, timeout: float) -> int:
+    """A job just started: shown as it is, or followed to its end (--wait)."""
+    if not wait:
+        show(job, job_line(job))
+        return 0
+    return wait_and_report(c, job, wait_s(wait_timeout, timeout))
+
+
 @command("push", short_help="push a checkpoint version from safetensors files")
 @click.argument("name")
 @click.argument("version", type=click.IntRange(min=1))
@@ -114,11 +137,7 @@ def push(c: Client, name: str, version: int, paths: tuple[str, ...], node: str, 
                    "p2p: read the owners' host stores")  # fmt: skip
 @click.option("--bucket-mib", type=click.IntRange(min=0), default=0,
               help="bucket size in MiB (0: ckptd chooses)")  # fmt: skip
-@click.option("--timeout", type=click.FloatRange(min=0), default=0.0,
-              help="the job's deadline in seconds (0: ckptd's)")  # fmt: skip
-@click.option("--wait", is_flag=True, help="follow it with a progress bar until it ends")
-@click.option("--wait-timeout", type=click.FloatRange(min=0), default=0.0,
-              help="how long --wait waits (default: the job's deadline + 120 s)")  # fmt: skip
+@job_options
 @with_client
 def update(c: Client, checkpoint: str, ranks: str, instances: str, tensors: str, method: str,
            bucket_mib: int, timeout: float, wait: bool, wait_timeout: float) -> int:  # fmt: skip
@@ -131,10 +150,7 @@ def update(c: Client, checkpoint: str, ranks: str, instances: str, tensors: str,
         tensors=[t for t in tensors.split(",") if t],
         bucket_bytes=bucket_mib << 20, timeout_s=timeout, method=METHODS[method],
     )  # fmt: skip
-    if not wait:
-        show(job, job_line(job))
-        return 0
-    return wait_and_report(c, job, wait_s(wait_timeout, timeout))
+    return started(c, job, wait, wait_timeout, timeout)
 
 
 def _instance(name: str, devices: str, endpoint: str, kind: str, tp: int, wt: str) -> tpb.Instance:
@@ -188,11 +204,7 @@ def register(c: Client, name: str, devices: str, endpoint: str, kind: str, tp: i
 @command("join", short_help="bring a new instance to the fleet's version")
 @instance_options
 @click.option("--checkpoint", default="", help="NAME@VERSION (default: what the fleet serves)")
-@click.option("--timeout", type=click.FloatRange(min=0), default=0.0,
-              help="the job's deadline in seconds (0: ckptd's)")  # fmt: skip
-@click.option("--wait", is_flag=True, help="follow it with a progress bar until it ends")
-@click.option("--wait-timeout", type=click.FloatRange(min=0), default=0.0,
-              help="how long --wait waits (default: the job's deadline + 120 s)")  # fmt: skip
+@job_options
 @with_client
 def join(c: Client, name: str, devices: str, endpoint: str, kind: str, tp: int,
          weight_transfer: str, checkpoint: str, timeout: float, wait: bool,
@@ -202,7 +214,4 @@ def join(c: Client, name: str, devices: str, endpoint: str, kind: str, tp: int,
     ref = split_ref(checkpoint) if checkpoint else ("", 0)
     inst = _instance(name, devices, endpoint, kind, tp, weight_transfer)
     job = c.join(inst, ref[0], ref[1], timeout_s=timeout)
-    if not wait:
-        show(job, job_line(job))
-        return 0
-    return wait_and_report(c, job, wait_s(wait_timeout, timeout))
+    return started(c, job, wait, wait_timeout, timeout)

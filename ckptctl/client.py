@@ -55,9 +55,11 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, name: str, request: Any, timeout_s: float | None = None) -> Any:
+    def _call(
+        self, name: str, request: Any, timeout_s: float | None = None, stub: Any = None
+    ) -> Any:
         try:
-            return getattr(self._stub, name)(
+            return getattr(stub or self._stub, name)(
                 request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
             )
         except grpc.RpcError as e:
@@ -243,10 +245,7 @@ class Client:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self._channel)
-        try:
-            res = stub.Check(health_pb2.HealthCheckRequest(), timeout=self.timeout_s)
-        except grpc.RpcError as e:
-            raise error_for(e.code().name, e.details() or str(e)) from None
+        res = self._call("Check", health_pb2.HealthCheckRequest(), stub=stub)
         return res.status == health_pb2.HealthCheckResponse.SERVING
 
     def remove_agent(self, node_id: str, *, force: bool = False) -> tpb.Agent:

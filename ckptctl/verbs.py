@@ -53,17 +53,22 @@ class Kind(click.ParamType):
         return [CompletionItem(k) for k in self.kinds if k.startswith(incomplete)]
 
 
+def ref_of(kind: str, x: Any) -> str:
+    """The NAME a command takes for x: NAME@VERSION, a job id, a node id, an instance name."""
+    if kind == "checkpoints":
+        return f"{x.name}@{x.version}"
+    if kind == "jobs":
+        return x.id
+    return x.node_id if kind == "agents" else x.name
+
+
 def _names(ctx: click.Context, kind: str) -> list[str]:
     """What the server has of kind (for completion): empty when it cannot be asked."""
+    if kind == "all":
+        return []
     try:
         with connect(ctx, timeout_s=COMPLETE_TIMEOUT_S) as c:
-            if kind == "checkpoints":
-                return [f"{cp.name}@{cp.version}" for cp in c.checkpoints()]
-            if kind == "jobs":
-                return [j.id for j in c.jobs(50)]
-            if kind == "agents":
-                return [a.node_id for a in c.agents()]
-            return [i.name for i in c.instances()]
+            return [ref_of(kind, x) for x in _list(c, kind, 50)]
     except Exception:
         return []
 
@@ -79,10 +84,8 @@ def _one(c: Client, kind: str, ref: str, *, full: bool = False) -> Any:
         return c.get(name, version, tensors=full)
     if kind == "jobs":
         return c.job(ref)
-    items = c.agents() if kind == "agents" else c.instances()
-    key = "node_id" if kind == "agents" else "name"
-    for x in items:
-        if getattr(x, key) == ref:
+    for x in _list(c, kind, 0):  # agents, instances: no call gets one
+        if ref_of(kind, x) == ref:
             return x
     raise NotFound(f"no {kind[:-1]} {ref!r}")
 
