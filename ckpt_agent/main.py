@@ -7,10 +7,13 @@ import asyncio
 import os
 import signal
 
+import structlog
+
 from ckpt_agent.agent import Agent
 from ckpt_agent.config import NODE_ID_ENV, TRUSTED_FABRIC_ENV, AgentConfig, default_daemon
 from ckpt_common.credentials import Credentials
 from ckpt_common.logs import setup_logging
+from ckpt_common.rendezvous import RendezvousError
 from ckpt_common.sources import roots_from_env
 
 
@@ -91,7 +94,11 @@ async def _run(cfg: AgentConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     setup_logging(json=True, level=cfg.log_level, service="ckpt-agent", node=cfg.node_id)
-    asyncio.run(_run(cfg))
+    try:
+        asyncio.run(_run(cfg))
+    except RendezvousError as e:  # an IPC dir someone else could control: never adopted
+        structlog.get_logger("ckpt_agent").error("ipc_dir_refused", reason=str(e))
+        raise SystemExit(f"ckpt-agent: {e}") from None
 
 
 if __name__ == "__main__":

@@ -6,9 +6,13 @@ import os
 import threading
 import time
 
+import structlog
 import zmq
 
 from ckpt.v1 import ipc_pb2 as ipb
+from ckpt_common.rendezvous import others_allowed, peer_refusal, peer_uid, trusted_uids
+
+log = structlog.get_logger("ckpt_agent.link")
 
 
 class LinkError(Exception):
@@ -16,6 +20,9 @@ class LinkError(Exception):
 
 
 class ReceiverLink:
+    """Only engines that run as a trusted uid (ckpt_common.rendezvous) are heard: every
+    message's sender is checked (SO_PEERCRED); others' messages are dropped unread."""
+
     def __init__(self, endpoint: str) -> None:
         path = endpoint.removeprefix("ipc://")
         try:
@@ -27,22 +34,32 @@ class ReceiverLink:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.bind(endpoint)
-        os.chmod(path, 0o600)
+        # Other users reach it only where the operator trusts one (CKPT_IPC_PEER_UIDS).
+        os.chmod(path, 0o666 if others_allowed() else 0o600)
         self.endpoint = endpoint
+        self.trusted = trusted_uids()
         self.peer: bytes | None = None
+        self._refused: set[int | None] = set()  # uids already logged
 
     def recv(self, timeout_s: float) -> tuple[bytes, ipb.ReceiverMessage] | None:
         if not self._sock.poll(max(0, int(timeout_s * 1000))):
             return None
-        frames = self._sock.recv_multipart()
+        frames = self._sock.recv_multipart(copy=False)
         if len(frames) != 2:
+            return None
+        why = peer_refusal(frames[1], self.trusted)
+        if why:
+            uid = peer_uid(frames[1])
+            if uid not in self._refused:
+                self._refused.add(uid)
+                log.warning("engine_peer_refused", endpoint=self.endpoint, uid=uid, reason=why)
             return None
         msg = ipb.ReceiverMessage()
         try:
-            msg.ParseFromString(frames[1])
+            msg.ParseFromString(frames[1].bytes)
         except Exception:
             return None
-        return frames[0], msg
+        return frames[0].bytes, msg
 
     def wait_hello(
         self, job_id: str, timeout_s: float, abort: threading.Event | None = None

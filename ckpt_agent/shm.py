@@ -1,12 +1,25 @@
 """POSIX shared memory without the resource tracker (which would unlink segments it did not
-create when the process exits)."""
+create when the process exits).
+
+A segment is created by its owner alone (O_EXCL, mode 0600). One is attached only when a
+trusted uid (ckpt_common.rendezvous: ours, root's, the operator's CKPT_IPC_PEER_UIDS) owns it
+and nobody else can write it: /dev/shm is everyone's, so a name says nothing about who made
+the segment (shm_open never follows a link)."""
 
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Iterable
 from multiprocessing import resource_tracker, shared_memory
 
+from ckpt_common.rendezvous import stat_refusal, trusted_uids
+
 SHM_DIR = "/dev/shm"
+
+
+class UntrustedSegment(PermissionError):
+    """A segment someone untrusted owns or can write: never mapped."""
 
 
 def _untrack(shm: shared_memory.SharedMemory) -> None:
@@ -23,9 +36,18 @@ def create(name: str, size: int) -> shared_memory.SharedMemory:
     return shm
 
 
-def attach(name: str) -> shared_memory.SharedMemory:
+def attach(name: str, trusted: Iterable[int] | None = None) -> shared_memory.SharedMemory:
+    """Maps an existing segment; UntrustedSegment if it is not a regular file a trusted uid
+    owns and nobody else can write (checked on the opened descriptor)."""
     shm = shared_memory.SharedMemory(name=name, create=False)
     _untrack(shm)
+    st = os.fstat(shm._fd)  # type: ignore[attr-defined]
+    why = stat_refusal(st, trusted_uids() if trusted is None else trusted, f"segment {name}")
+    if not why and not stat.S_ISREG(st.st_mode):
+        why = f"segment {name} is not a regular file"
+    if why:
+        shm.close()
+        raise UntrustedSegment(why)
     return shm
 
 

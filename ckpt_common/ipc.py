@@ -1,4 +1,5 @@
-"""Where an agent worker listens for its engine: one ipc:// socket per device."""
+"""Where an agent worker listens for its engine: one ipc:// socket per device, in a directory
+only the agent's user can write (ckpt_common.rendezvous says who else may connect)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,39 @@ import hashlib
 import os
 import re
 
+from ckpt_common.rendezvous import MAX_SOCKET_PATH, RendezvousError, dir_refusal, trusted_uids
+
 IPC_DIR_ENV = "CKPT_IPC_DIR"
-DEFAULT_IPC_DIR = "/tmp/ckpt-ipc"
+ROOT_IPC_DIR = "/run/ckpt"
+RUNTIME_DIR_ENV = "XDG_RUNTIME_DIR"
+# the longest socket name worker_endpoint makes: 24 + 1 + 12 + 1 + device digits + 5
+LONGEST_NAME = 24 + 1 + 12 + 1 + 5 + len(".sock")
+
+
+def default_ipc_dir() -> str:
+    """Never under a directory everyone can write: /run/ckpt for root, else
+    $XDG_RUNTIME_DIR/ckpt (the user's own runtime dir), else ~/.ckpt/ipc."""
+    if os.geteuid() == 0:
+        return ROOT_IPC_DIR
+    runtime = os.environ.get(RUNTIME_DIR_ENV, "")
+    if os.path.isabs(runtime):
+        return os.path.join(runtime, "ckpt")
+    return os.path.join(os.path.expanduser("~"), ".ckpt", "ipc")
 
 
 def ipc_dir(override: str | None = None) -> str:
-    return override or os.environ.get(IPC_DIR_ENV) or DEFAULT_IPC_DIR
+    return override or os.environ.get(IPC_DIR_ENV) or default_ipc_dir()
 
 
-def ensure_private_dir(path: str) -> str:
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
+def path_length_problem(directory: str) -> str:
+    """Why sockets in `directory` would not fit a unix socket path, or ""."""
+    longest = len(os.path.join(directory, "x" * LONGEST_NAME).encode())
+    if longest > MAX_SOCKET_PATH:
+        return (
+            f"IPC dir {directory} is too long for unix socket paths ({longest} > "
+            f"{MAX_SOCKET_PATH} bytes with its socket names): choose a shorter {IPC_DIR_ENV}"
+        )
+    return ""
 
 
 def safe(text: str) -> str:
@@ -34,7 +56,8 @@ def worker_endpoint(node_id: str, device: int, directory: str | None = None) -> 
 
 def endpoint_refusal(endpoint: str, directory: str | None = None) -> str:
     """Why an engine must not connect to `endpoint`; "". Only an agent worker's socket: an
-    ipc:// path directly inside the IPC dir (after resolving links), named *.sock."""
+    ipc:// path directly inside the IPC dir (after resolving links), named *.sock, in a
+    directory a trusted uid owns and nobody else can write (ckpt_common.rendezvous)."""
     if not endpoint.startswith("ipc://") or "\x00" in endpoint:
         return "only ipc:// endpoints of the local agent are accepted"
     path = endpoint[len("ipc://") :]
@@ -42,4 +65,13 @@ def endpoint_refusal(endpoint: str, directory: str | None = None) -> str:
     real = os.path.realpath(path)
     if os.path.dirname(real) != base or not real.endswith(".sock"):
         return f"the endpoint is not an agent socket in {base}"
-    return ""
+    return socket_dir_refusal(endpoint)
+
+
+def socket_dir_refusal(endpoint: str) -> str:
+    """Why the directory of an ipc:// endpoint is not one a trusted agent alone controls."""
+    try:
+        why = dir_refusal(os.path.dirname(endpoint.removeprefix("ipc://")), trusted_uids())
+    except RendezvousError as e:
+        why = str(e)
+    return f"refusing the agent socket {endpoint}: {why}" if why else ""

@@ -25,7 +25,9 @@ from ckpt.v1 import ipc_pb2 as ipb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common import checksum
 from ckpt_common.dtypes import torch_dtype
+from ckpt_common.ipc import socket_dir_refusal
 from ckpt_common.pieces import piece_of, region, tiling_problem
+from ckpt_common.rendezvous import peer_refusal, trusted_uids
 from vllm_ext.buffers import MappedBuffer
 
 HELLO_EVERY_S = 2.0
@@ -158,6 +160,7 @@ class Receiver:
         self.parts = parts
         self.engine = engine
         self.device = device  # torch device for CUDA buffers
+        self.trusted = trusted_uids()  # who may be the worker (SO_PEERCRED, every message)
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._mon: zmq.Socket | None = None
@@ -165,6 +168,9 @@ class Receiver:
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
+            why = socket_dir_refusal(self.endpoint)
+            if why:
+                raise ReceiveError(why)
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             # A disconnect tells an engine in the middle of an update that its worker died:
@@ -202,7 +208,11 @@ class Receiver:
                 raise ReceiveError("the agent worker went away during the update")
             if sock not in ready:
                 continue
-            msg = ipb.WorkerMessage.FromString(sock.recv())
+            frame = sock.recv(copy=False)
+            why = peer_refusal(frame, self.trusted)
+            if why:  # not the agent's worker: nothing it says is read
+                raise ReceiveError(f"refusing the worker at {self.endpoint}: {why}")
+            msg = ipb.WorkerMessage.FromString(frame.bytes)
             kind = msg.WhichOneof("body")
             if kind in kinds:
                 return msg

@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as e:  # never die: the next update may work
             log.error("receive_failed", error=repr(e))
             r.reset()
+            time.sleep(0.5)  # a refused rendezvous refuses again at once: no busy loop
             continue
         log.info(
             "update_received",
