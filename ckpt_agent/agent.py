@@ -26,7 +26,7 @@ from ckpt_agent.scan import scan_paths
 from ckpt_agent.supervisor import Supervisor
 from ckpt_agent.worker import READY_ID
 from ckpt_common.credentials import channel_args
-from ckpt_common.ipc import ipc_dir, path_length_problem
+from ckpt_common.ipc import ipc_dir, path_length_problem, worker_endpoint
 from ckpt_common.rendezvous import RendezvousError, ensure_private_dir, others_allowed
 
 log = structlog.get_logger("ckpt_agent")
@@ -40,8 +40,14 @@ class Agent:
         self.cfg = cfg
         cfg.credentials.resolved(read_token=False).check_transport(cfg.daemon)
         self._creds = cfg.credentials  # resolved at each attach: a token file may come later
-        self.ipc_dir = self._ipc_dir(ipc_dir(cfg.ipc_dir or None))
+        self.ipc_dir = ensure_private_dir(
+            ipc_dir(cfg.ipc_dir or None), 0o711 if others_allowed() else 0o700
+        )  # this user's alone (RendezvousError otherwise); 0711: others' engines are checked
         self.devices = self._devices()
+        for d in self.devices:
+            why = path_length_problem(worker_endpoint(cfg.node_id, d.index, self.ipc_dir))
+            if why:
+                raise RendezvousError(why)
         self.held: dict[tuple[str, int, int], tuple[int, str, apb.P2PSource]] = {}
         # command id -> (command, attach session it came on); kept across sessions
         self._pending: dict[int, tuple[apb.Command, int]] = {}
@@ -53,16 +59,6 @@ class Agent:
         self._reattach = asyncio.Event()
         self.supervisor: Supervisor | None = None
         self.attached = asyncio.Event()
-
-    @staticmethod
-    def _ipc_dir(path: str) -> str:
-        """The workers' socket directory, this user's alone (RendezvousError otherwise): 0700,
-        or 0711 where the operator trusts other users' engines (their peer is checked)."""
-        real = ensure_private_dir(path, 0o711 if others_allowed() else 0o700)
-        why = path_length_problem(real)
-        if why:
-            raise RendezvousError(why)
-        return real
 
     def _devices(self) -> list[tpb.Device]:
         if self.cfg.device == "cuda":

@@ -12,8 +12,6 @@ from ckpt_common.rendezvous import MAX_SOCKET_PATH, RendezvousError, dir_refusal
 IPC_DIR_ENV = "CKPT_IPC_DIR"
 ROOT_IPC_DIR = "/run/ckpt"
 RUNTIME_DIR_ENV = "XDG_RUNTIME_DIR"
-# the longest socket name worker_endpoint makes: 24 + 1 + 12 + 1 + device digits + 5
-LONGEST_NAME = 24 + 1 + 12 + 1 + 5 + len(".sock")
 
 
 def default_ipc_dir() -> str:
@@ -31,13 +29,13 @@ def ipc_dir(override: str | None = None) -> str:
     return override or os.environ.get(IPC_DIR_ENV) or default_ipc_dir()
 
 
-def path_length_problem(directory: str) -> str:
-    """Why sockets in `directory` would not fit a unix socket path, or ""."""
-    longest = len(os.path.join(directory, "x" * LONGEST_NAME).encode())
-    if longest > MAX_SOCKET_PATH:
+def path_length_problem(endpoint: str) -> str:
+    """Why an ipc:// endpoint would not fit a unix socket path, or ""."""
+    n = len(endpoint.removeprefix("ipc://").encode())
+    if n > MAX_SOCKET_PATH:
         return (
-            f"IPC dir {directory} is too long for unix socket paths ({longest} > "
-            f"{MAX_SOCKET_PATH} bytes with its socket names): choose a shorter {IPC_DIR_ENV}"
+            f"the socket path {endpoint} is too long for a unix socket ({n} > "
+            f"{MAX_SOCKET_PATH} bytes): choose a shorter {IPC_DIR_ENV}"
         )
     return ""
 

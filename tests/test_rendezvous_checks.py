@@ -171,8 +171,8 @@ def test_default_dirs_are_off_world_writable_parents(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("HOME", "/home/u")
     assert ipc.ipc_dir() == "/home/u/.ckpt/ipc"
     assert ipc.ipc_dir("/x") == "/x"
-    assert ipc.path_length_problem("/run/ckpt") == ""
-    assert "too long" in ipc.path_length_problem("/" + "d" * 80)
+    assert ipc.path_length_problem(ipc.worker_endpoint("n" * 64, 7, "/run/ckpt")) == ""
+    assert "too long" in ipc.path_length_problem(ipc.worker_endpoint("n1", 0, "/" + "d" * 90))
 
 
 def test_an_engine_refuses_a_loose_ipc_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
