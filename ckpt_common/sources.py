@@ -5,9 +5,8 @@ read what the client could not: every path must resolve (links followed) to a re
 under one of the agent's source roots (`ckpt-agent --source-root`, env CKPT_SOURCE_ROOTS);
 the file is then opened again from `/` one component at a time without following any link
 (a component swapped for a link after the check fails the open), never blocking (a FIFO or
-device is refused, not waited on); a file everyone may write is refused. The scan records
-the file's identity (device, inode, size); the load checks that the file it opened is that
-one.
+device is refused, not waited on). The scan records the file's identity (device, inode,
+size); the load checks that the file it opened is that one.
 """
 
 from __future__ import annotations
@@ -89,9 +88,6 @@ def open_regular(real: str) -> tuple[int, os.stat_result]:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise SourceError("INVALID_ARGUMENT", f"{shown(real)} is not a regular file")
-    if st.st_mode & stat.S_IWOTH:  # anyone could change the bytes under the load
-        os.close(fd)
-        raise SourceError("FAILED_PRECONDITION", f"{shown(real)} is writable by everyone")
     return fd, st
 
 

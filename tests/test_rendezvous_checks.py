@@ -21,7 +21,6 @@ from ckpt_common.rendezvous import (
     peer_refusal,
     peer_uid,
 )
-from ckpt_common.sources import SourceError, open_regular
 
 NOBODY = 65534
 ME = frozenset({os.geteuid()})
@@ -205,14 +204,3 @@ def test_segments_someone_else_could_write_are_not_mapped() -> None:
     finally:
         mem.close()
         shm.unlink(name)
-
-
-def test_a_source_everyone_can_write_is_refused(tmp_path: Path) -> None:
-    f = tmp_path / "w.safetensors"
-    f.write_bytes(b"x")
-    fd, _ = open_regular(str(f))
-    os.close(fd)
-    f.chmod(0o666)
-    with pytest.raises(SourceError, match="writable by everyone") as e:
-        open_regular(str(f))
-    assert e.value.code == "FAILED_PRECONDITION"
