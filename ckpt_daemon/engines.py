@@ -31,6 +31,7 @@ from ckpt_daemon import probes
 from ckpt_daemon.engine_http import bounded, http_json
 from ckpt_daemon.model import Instance, InstanceKind, Job, Probe
 from ckpt_daemon.registry import Registry
+from ckpt_daemon.serving import serving_after
 
 log = structlog.get_logger("ckptd.engines")
 UPDATE_METHOD = "ckpt_update"  # vllm_ext.WorkerExtension.ckpt_update
@@ -85,7 +86,7 @@ class EngineTrigger:
                 "checkpoint": job.spec.checkpoint,
                 "version": job.version,
             }
-            version = f"{job.spec.checkpoint}@{job.version}"
+            version = serving_after(instance, job)  # what it serves once committed
             if instance.weight_transfer == NATIVE:
                 await self._load_native(instance, base, spec, timeout, ctl, state)
                 try:

@@ -230,3 +230,5 @@ class Job:
     finished: float = 0.0
     first_bucket_s: float = 0.0
     results: list[RankResult] = field(default_factory=list)
+    method: str = ""  # what it ran: broadcast | sharded | p2p ("" until planned)
+    method_reason: str = ""  # why (auto's choice, or "<method>: requested")

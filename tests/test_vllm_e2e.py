@@ -249,6 +249,22 @@ def test_partial_update_changes_only_its_tensors(fleet: Cluster, tmp_path: Path)
     want = hf_greedy(d, PROMPTS, N)
     assert want != c.hf["llama_0"] and want != c.hf["llama_1"]
     assert tokens(c, "A") == want
+    # named as what it is everywhere: llama@1 with an overlay of llama@2's layer 1
+    a = {i.name: i for i in c.client.instances()}["A"]
+    assert (a.checkpoint, a.version) == ("llama", 1)
+    assert [(o.checkpoint, o.version, list(o.tensors)) for o in a.overlays] == [
+        ("llama", 2, ["model.layers.1."])
+    ]
+    assert a.serving.startswith("llama@1+llama@2[partial:"), a.serving
+    assert http_json(f"{c.urls['A']}/weight_info", None, 10, "GET")["weight_version"] == a.serving
+    # the job says which method it ran and why
+    assert job.method in (tpb.UPDATE_BROADCAST, tpb.UPDATE_SHARDED), job
+    assert job.requested_method == tpb.UPDATE_METHOD_UNSPECIFIED and job.method_reason, job
+    # a whole version replaces the overlay
+    assert update(c, "llama", 1, ["A"]).state == tpb.JOB_SUCCEEDED
+    a = {i.name: i for i in c.client.instances()}["A"]
+    assert (a.serving, list(a.overlays)) == ("llama@1", [])
+    assert http_json(f"{c.urls['A']}/weight_info", None, 10, "GET")["weight_version"] == "llama@1"
 
 
 def test_mismatched_checkpoint_is_refused_before_touching_weights(
