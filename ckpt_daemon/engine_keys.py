@@ -58,7 +58,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--instance", required=True, help="the instance's name, as registered")
     p.add_argument("--out", required=True, help="write the key here (0600); - for stdout")
     a = p.parse_args(argv)
-    write_key(a.master, a.instance, a.out)
+    try:
+        write_key(a.master, a.instance, a.out)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"ckptd engine-key: {e}") from None
 
 
 if __name__ == "__main__":

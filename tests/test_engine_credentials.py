@@ -237,3 +237,22 @@ def test_metrics_refuse_plaintext_beyond_loopback() -> None:
     assert metrics_http.refusal(AccessPolicy(tokens={}), "Bearer x") == "unknown token"
     assert metrics_http.refusal(AccessPolicy(enabled=False), "") == ""
     assert "bearer token" in metrics_http.refusal(AccessPolicy(tokens={}), "Basic x")
+
+
+def test_engine_key_command_derives_each_instance_key(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from tests.cluster import PY, REPO
+
+    master = tmp_path / "engine.token"
+    master.write_text("ab" * 16)
+    out = tmp_path / "a.key"
+    cmd = [PY, "-m", "ckpt_daemon.main", "engine-key", "--master", str(master), "--instance"]
+    subprocess.run([*cmd, "A", "--out", str(out)], check=True, cwd=REPO, timeout=60)
+    assert os.stat(out).st_mode & 0o777 == 0o600
+    assert out.read_bytes().strip() == ea.instance_key(b"ab" * 16, "A")
+    assert ea.instance_key(b"ab" * 16, "A") != ea.instance_key(b"ab" * 16, "B")
+    master.write_text("short")
+    r = subprocess.run([*cmd, "A", "--out", "-"], capture_output=True, cwd=REPO, timeout=60)
+    assert r.returncode != 0 and b"at least 16 bytes" in r.stderr
