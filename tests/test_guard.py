@@ -226,6 +226,23 @@ def test_collective_rpc_runs_only_our_methods() -> None:
     assert call("/collective_rpc", utf16, key=KEY)[0] == 403
 
 
+def test_websockets_only_on_serving_routes() -> None:
+    out: list[dict] = []
+    reached: list[str] = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def send(m):
+        out.append(m)
+
+    g = guard.CkptGuard(app)
+    for path in ("/pause", "/collective_rpc", "/v1/realtime"):
+        asyncio.run(g({"type": "websocket", "path": path, "headers": []}, None, send))
+    assert reached == ["/v1/realtime"]
+    assert out == [{"type": "websocket.close", "code": 1008}] * 2
+
+
 def test_no_key_configured_closes_every_guarded_route(monkeypatch) -> None:
     monkeypatch.delenv(guard.TOKEN_FILE_ENV, raising=False)
     assert guard.CkptGuard(lambda *a: None).verifier.key == b""

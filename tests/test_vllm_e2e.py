@@ -179,7 +179,7 @@ def test_probe_runs_alone_while_the_engine_is_paused(fleet: Cluster) -> None:
 
 
 def test_engine_hook_is_guarded(fleet: Cluster) -> None:
-    """vllm_ext.guard in front of a real engine: the admin routes need ckptd's engine token,
+    """vllm_ext.guard in front of a real engine: the admin routes need ckptd's signature,
     /collective_rpc runs only our methods, the extension connects only to agent sockets,
     and registration pins endpoints to the engine's node."""
     c = fleet

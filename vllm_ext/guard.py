@@ -80,10 +80,13 @@ class CkptGuard:
         self.verifier = Verifier(load_key(), configured_address())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope.get("type") == "websocket" and not is_public(path):
+            await send({"type": "websocket.close", "code": 1008})  # closed like HTTP routes
+            return
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
         headers = scope.get("headers") or ()
         if path == PROOF_PATH:
             status, answer = self.verifier.proof(scope)
