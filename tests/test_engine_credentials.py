@@ -228,6 +228,47 @@ def test_an_endpoint_never_gets_a_reusable_secret(tmp_path: Path) -> None:
         c.close()
 
 
+def test_metrics_over_tls_with_a_reader_token(tmp_path: Path) -> None:
+    import ssl
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from ckpt_daemon import metrics_http
+    from ckpt_daemon.auth import AccessPolicy, Principal, Role, token_digest
+    from ckpt_daemon.certs import make_certs
+
+    make_certs(tmp_path, [], [], [])
+    prom = CollectorRegistry()
+    Counter("ckptd_test", "a counter", registry=prom).inc()
+    policy = AccessPolicy(
+        tokens={
+            token_digest("r"): Principal(name="r", roles=frozenset({Role.READER})),
+            token_digest("t"): Principal(name="t", roles=frozenset({Role.TRAINER})),
+        }
+    )
+    tls = (str(tmp_path / "server.pem"), str(tmp_path / "server.key"))
+    server = metrics_http.serve("127.0.0.1:0", prom, policy, tls=tls)
+    try:
+        url = f"https://localhost:{server.server_port}/metrics"
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        for token, want in ((None, 401), ("t", 401), ("x", 401), ("r", 200)):
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            try:
+                with urllib.request.urlopen(
+                    urllib.request.Request(url, headers=headers), timeout=5, context=ctx
+                ) as r:
+                    status, text = r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                status, text = e.code, ""
+            assert status == want, token
+        assert "ckptd_test_total 1.0" in text
+        with pytest.raises(OSError):  # plaintext to the TLS port
+            urllib.request.urlopen(url.replace("https", "http"), timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_metrics_refuse_plaintext_beyond_loopback() -> None:
     from ckpt_daemon import metrics_http
     from ckpt_daemon.auth import AccessPolicy
