@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -52,11 +52,21 @@ def _unary(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class CkptServicer(ckptd_pb2_grpc.CkptServicer):
-    def __init__(self, registry: Registry, hub: AgentHub, pusher: Pusher, jobs: JobRunner) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        hub: AgentHub,
+        pusher: Pusher,
+        jobs: JobRunner,
+        verify: Callable[[Instance], Awaitable[None]] | None = None,
+    ) -> None:
+        """verify(instance): the engine behind its endpoint proves it is the instance's
+        (ckpt_daemon.engines.EngineTrigger.verify); raises a CkptError otherwise."""
         self._registry = registry
         self._hub = hub
         self._pusher = pusher
         self._jobs = jobs
+        self._verify = verify
 
     def _order(self) -> dict:
         return {r: i for i, r in enumerate(self._registry.rank_order())}
@@ -198,7 +208,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         a.attached = False
         return cpb.RemoveAgentResponse(removed=convert.agent_to_pb(a, {}))
 
-    def _check_endpoint(self, inst: Instance) -> None:
+    async def _check_endpoint(self, inst: Instance) -> None:
         if inst.kind != InstanceKind.VLLM:
             return
         hosts = [a.host for r in inst.ranks if (a := self._registry.agents.get(r.node_id))]
@@ -206,11 +216,13 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         if why:
             raise InvalidArgument(f"instance {inst.name!r}: {why}")
         inst.endpoint = origin(inst.endpoint)
+        if self._verify is not None:  # accepted only once its engine proved it is the one
+            await self._verify(inst)
 
     @_unary
     async def RegisterInstance(self, request: tpb.Instance, context) -> tpb.Instance:
         inst = convert.instance_from_pb(request)
-        self._check_endpoint(inst)
+        await self._check_endpoint(inst)
         old = self._registry.instances.get(inst.name)
         if old:
             inst.checkpoint, inst.version, inst.ready = old.checkpoint, old.version, old.ready
@@ -223,7 +235,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         if request.timeout_s < 0:
             raise InvalidArgument("timeout_s must not be negative")
         inst = convert.instance_from_pb(request.instance)
-        self._check_endpoint(inst)
+        await self._check_endpoint(inst)
         job = await self._jobs.submit_join(
             inst, request.checkpoint, request.version, request.timeout_s
         )
