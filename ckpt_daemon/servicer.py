@@ -16,7 +16,7 @@ from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import CkptError, FailedPrecondition, InvalidArgument, NotFound
 from ckpt_common.pieces import piece_of
-from ckpt_daemon import admission, convert
+from ckpt_daemon import admission, auth, convert
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.endpoints import endpoint_refusal, origin
 from ckpt_daemon.jobs import JobRunner
@@ -78,6 +78,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
             wait=request.wait,
             replicas=request.replicas,
             probe=convert.probe_from_pb(request.probe),
+            read_uid=auth.read_uid(),
         )
         return self._cp(cv)
 
