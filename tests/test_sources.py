@@ -155,3 +155,25 @@ def test_index_entries_stay_in_their_directory(tmp_path: Path) -> None:
     with pytest.raises(SafetensorsError, match="not an index") as e:
         expand_source(str(d), (str(tmp_path),), ROOT)
     assert "SECRET" not in str(e.value)
+
+
+def test_reader_follows_the_kernel_mode_rule() -> None:
+    """Owner bits for the owner (even when others may more), else group, else other; uid 0
+    everything; nobody in particular: other bits only; a hard-linked file of another user
+    is refused even when its bits allow."""
+    from ckpt_common.read_as import ANYONE, R, Reader, X
+
+    def st(mode: int, uid: int = 10, gid: int = 20, nlink: int = 1) -> os.stat_result:
+        return os.stat_result((0o100000 | mode, 1, 1, nlink, uid, gid, 0, 0, 0, 0))
+
+    owner, member, other = Reader(10), Reader(11, frozenset({20})), Reader(12, frozenset({30}))
+    assert owner.may(st(0o600), R) and not member.may(st(0o600), R)
+    assert not owner.may(st(0o044), R) and member.may(st(0o044), R)  # owner bits win
+    assert other.may(st(0o604), R) and not other.may(st(0o640), R)
+    assert ROOT.may(st(0o000), R | X)
+    assert ANYONE.may(st(0o004), R) and not ANYONE.may(st(0o660, uid=10), R)
+    assert "hard links" in other.refusal(st(0o644, nlink=2), R, "'f'")
+    assert owner.refusal(st(0o644, nlink=2), R, "'f'") == ""
+    assert ROOT.refusal(st(0o600, nlink=3), R, "'f'") == ""
+    assert "may not read" in ANYONE.refusal(st(0o640), R, "'f'")
+    assert Reader.of_uid(0).uid == 0 and Reader.of_uid(None) is ANYONE
