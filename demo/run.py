@@ -84,8 +84,10 @@ def make_credentials() -> Path:
     and the key of the demo's instance (vllm-demo)."""
     sec = ROOT / "secrets"
     make_certs(sec, [], [], [])
-    for name, roles in ROLES.items():
-        add_token(sec / "auth.json", name, roles.split(","), "", sec / f"{name}.token")
+    for name, roles in ROLES.items():  # acting as this user: agents read what it may
+        add_token(
+            sec / "auth.json", name, roles.split(","), "", sec / f"{name}.token", uid=os.getuid()
+        )
     add_token(sec / "auth.json", "agent-demo", ["agent"], "demo", sec / "agent.token")
     fd = os.open(sec / "engine.token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
