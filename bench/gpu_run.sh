@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=index,name,uuid,memory.total,memory.free --format=csv | t
 python3 -c "import torch,grpc,google.protobuf as p,zmq,structlog;print(torch.__version__,grpc.__version__,p.__version__)"
 timeout "${TEST_S:-240}" python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_broadcast.py tests/test_pipeline.py \
   ${K:+-k "$K"} --basetemp=/tmp/gt 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-for f in /tmp/gt/*/*/logs/agent-g.log; do [ -f "$f" ] && tail -c 3000 "$f"; done > "$OUT/gpu_test_agent_tail.log" 2>/dev/null
+for f in /tmp/gt/*/logs/agent-g.log /tmp/gt/*/*/logs/agent-g.log; do [ -f "$f" ] && tail -c 3000 "$f"; done > "$OUT/gpu_test_agent_tail.log" 2>/dev/null
 LEFT=$(( ${BUDGET_S:-575} - SECONDS )); echo "bench: ${LEFT}s left"
 timeout "$LEFT" python3 -m bench.run --size-gib "$SIZE" --iters "$ITERS" --out "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"
 tail -40 "$OUT/bench.err"

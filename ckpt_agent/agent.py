@@ -192,7 +192,7 @@ class Agent:
         if kind == "scan":
             try:
                 result = await asyncio.wait_for(
-                    asyncio.to_thread(scan_paths, list(cmd.scan.paths), self.cfg.source_roots),
+                    asyncio.to_thread(scan_paths, cmd.scan, self.cfg.source_roots),
                     self.cfg.command_timeout_s,
                 )
                 self._send_result(apb.CommandResult(command_id=cmd.id, ok=True, scan=result))

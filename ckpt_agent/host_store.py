@@ -15,6 +15,7 @@ from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent import shm
 from ckpt_common import checksum, sources
 from ckpt_common.ipc import safe
+from ckpt_common.read_as import Reader
 
 LOAD_THREADS_ENV = "CKPT_LOAD_THREADS"
 CHUNK = 64 << 20  # bytes one read covers
@@ -134,6 +135,7 @@ class HostStore:
         mem = spare.mem if spare is not None else shm.create(name, cmd.nbytes)
         try:
             files: dict[str, int] = {}
+            reader = Reader.of_uid(cmd.read_uid if cmd.HasField("read_uid") else None)
             try:
                 chunks = []
                 for it in cmd.items:
@@ -141,7 +143,7 @@ class HostStore:
                         raise StoreError("INVALID_ARGUMENT", f"item beyond the store: {it}")
                     fd = files.get(it.path)
                     if fd is None:
-                        fd = files[it.path] = self._open_source(it)
+                        fd = files[it.path] = self._open_source(it, reader)
                     for o in range(0, it.nbytes, CHUNK):
                         n = min(CHUNK, it.nbytes - o)
                         chunks.append((it.path, fd, it.store_offset + o, it.file_offset + o, n))
@@ -170,11 +172,11 @@ class HostStore:
         self._stores[key] = Store(cmd.checkpoint, cmd.version, name, cmd.nbytes, mem)
         return apb.StoreReady(segment=name, nbytes=cmd.nbytes, seconds=time.monotonic() - t0)
 
-    def _open_source(self, it: apb.LoadItem) -> int:
-        """The scanned file again: confined, no links, regular, the same size (and inode on
-        the scanning node)."""
+    def _open_source(self, it: apb.LoadItem, reader: Reader) -> int:
+        """The scanned file again: confined, no links, regular, readable by the pushing
+        principal (`reader`), the same size (and inode on the scanning node)."""
         real = sources.confine(it.path, self._roots)
-        fd, st = sources.open_regular(real)
+        fd, st = sources.open_regular(real, reader)
         try:
             sources.check_identity(
                 real, st, it.file_size, it.file_dev, it.file_ino, it.file_ctime_ns

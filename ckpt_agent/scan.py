@@ -1,6 +1,8 @@
 """Scanning push sources on this node: safetensors headers only, no tensor bytes. Only
-regular files under the agent's source roots (ckpt_common.sources); each file's identity
-goes back with its tensors so that the load reads the very file that was scanned."""
+regular files under the agent's source roots (ckpt_common.sources) that the pushing
+principal's uid may read (ckpt_common.read_as: the Scan's read_uid; unset: only what everyone
+may read); each file's identity goes back with its tensors so that the load reads the very
+file that was scanned."""
 
 from __future__ import annotations
 
@@ -10,13 +12,19 @@ from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent.host_store import StoreError
 from ckpt_common import sources
+from ckpt_common.read_as import Reader
 from ckpt_common.safetensors_header import SafetensorsError, expand_source, read_header
 
 MAX_TENSORS = 1 << 20  # per push
 
 
-def _scan_file(f: str) -> apb.ScannedFile:
-    fd, st = sources.open_regular(f)
+def reader_of(cmd: apb.Scan | apb.Load) -> Reader:
+    """Whose permissions the command's reads follow (unset: nobody in particular)."""
+    return Reader.of_uid(cmd.read_uid if cmd.HasField("read_uid") else None)
+
+
+def _scan_file(f: str, reader: Reader) -> apb.ScannedFile:
+    fd, st = sources.open_regular(f, reader)
     try:
         tensors, size = read_header(f, fd)
     finally:
@@ -39,13 +47,14 @@ def _scan_file(f: str) -> apb.ScannedFile:
     )
 
 
-def scan_paths(paths: list[str], roots: tuple[str, ...]) -> apb.ScanResult:
+def scan_paths(cmd: apb.Scan, roots: tuple[str, ...]) -> apb.ScanResult:
     out = apb.ScanResult()
     count = 0
-    for path in paths:
+    reader = reader_of(cmd)
+    for path in cmd.paths:
         try:
-            for f in expand_source(path, roots):
-                out.files.append(_scan_file(f))
+            for f in expand_source(path, roots, reader):
+                out.files.append(_scan_file(f, reader))
                 count += len(out.files[-1].tensors)
                 if count > MAX_TENSORS:
                     raise StoreError("INVALID_ARGUMENT", f"more than {MAX_TENSORS} tensors")

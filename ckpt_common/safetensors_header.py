@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ckpt_common import sources
 from ckpt_common.dtypes import DTYPE_SIZES, nbytes_of
+from ckpt_common.read_as import ANYONE, Reader
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -78,32 +79,66 @@ def read_header(path: str, fd: int | None = None) -> tuple[list[FileTensor], int
         if len(head) != 8:
             raise SafetensorsError(f"{path}: too short for a safetensors file")
         (hlen,) = struct.unpack("<Q", head)
-        if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-            raise SafetensorsError(f"{path}: header length {hlen} exceeds the file")
+        if hlen > MAX_HEADER_BYTES or 8 + hlen > size:  # never the length: it is file bytes
+            raise SafetensorsError(
+                f"{path}: not a safetensors file (its header length does not fit the file)"
+            )
         raw = os.pread(fd, hlen, 8)
     finally:
         if own:
             os.close(fd)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise SafetensorsError(f"{path}: the header is not JSON (UTF-8)") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique)
+    except _DuplicateKey as e:
+        raise SafetensorsError(f"{path}: the header has key {e.name!r} twice") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):  # never the parser's excerpt
+        raise SafetensorsError(
+            f"{path}: not a safetensors file (its header is not UTF-8 JSON)"
+        ) from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: the header is not a JSON object")
     base = 8 + hlen
     out = [_entry(path, n, i, base, size) for n, i in header.items() if n != "__metadata__"]
-    out.sort(key=lambda t: t.data_offset)
+    out.sort(key=lambda t: (t.data_offset, t.nbytes))
+    _check_disjoint(path, out)
     return out, size
 
 
-def _index_files(path: str, roots: tuple[str, ...] | None) -> list[str]:
+class _DuplicateKey(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose keys are all different (json.loads keeps the last one silently)."""
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k if len(k) <= MAX_NAME and k.isprintable() else "?")
+        out[k] = v
+    return out
+
+
+def _check_disjoint(path: str, tensors: list[FileTensor]) -> None:
+    """No two tensors share a byte (tensors sorted by offset; empty ones share none)."""
+    end, last = 0, ""
+    for t in tensors:
+        if t.nbytes == 0:
+            continue
+        if t.data_offset < end:
+            raise SafetensorsError(f"{path}: tensors {last!r} and {t.name!r} overlap")
+        end, last = t.data_offset + t.nbytes, t.name
+
+
+def _index_files(path: str, roots: tuple[str, ...] | None, reader: Reader) -> list[str]:
     index = os.path.join(path, INDEX_FILE)
     try:
         if roots is None:
             with open(index, "rb") as f:
                 raw = f.read(MAX_INDEX_BYTES + 1)
         else:
-            raw = sources.read_all(index, MAX_INDEX_BYTES)
+            raw = sources.read_all(index, MAX_INDEX_BYTES, reader)
         weight_map = json.loads(raw.decode("utf-8"))["weight_map"]
         names = set(weight_map.values())
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
@@ -117,18 +152,21 @@ def _index_files(path: str, roots: tuple[str, ...] | None) -> list[str]:
     return files
 
 
-def expand_source(path: str, roots: tuple[str, ...] | None = None) -> list[str]:
+def expand_source(
+    path: str, roots: tuple[str, ...] | None = None, reader: Reader = ANYONE
+) -> list[str]:
     """A file, or a directory with model.safetensors.index.json (or *.safetensors files).
-    roots: confine every path to them (sources.confine: returns real paths)."""
+    roots: confine every path to them (sources.confine: returns real paths) and read only
+    what `reader` may (ckpt_common.read_as); None: the caller's own files, unchecked."""
     if roots is not None:
         path = sources.confine(path, roots)
-        is_dir = sources.is_dir(path)
+        names = sources.list_dir(path, reader)
     else:
-        is_dir = os.path.isdir(path)
-    if is_dir:
-        if os.path.exists(os.path.join(path, INDEX_FILE)):
-            return _index_files(path, roots)
-        files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        names = os.listdir(path) if os.path.isdir(path) else None
+    if names is not None:
+        if INDEX_FILE in names:
+            return _index_files(path, roots, reader)
+        files = sorted(n for n in names if n.endswith(".safetensors"))
         if not files:
             raise FileNotFoundError(f"{path}: no safetensors files in directory")
         out = [os.path.join(path, n) for n in files]

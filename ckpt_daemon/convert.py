@@ -19,6 +19,7 @@ from ckpt_daemon.model import (
     TensorInfo,
     UpdateSpec,
 )
+from ckpt_daemon.serving import serving
 
 _METHODS = {
     tpb.UPDATE_METHOD_UNSPECIFIED: "auto",
@@ -145,7 +146,9 @@ def job_to_pb(job: Job) -> tpb.Job:
         created_unix=job.created,
         started_unix=job.started,
         finished_unix=job.finished,
-        method=_METHOD_PB.get(job.spec.method, tpb.UPDATE_METHOD_UNSPECIFIED),
+        method=_METHOD_PB.get(job.method, tpb.UPDATE_METHOD_UNSPECIFIED),
+        requested_method=_METHOD_PB.get(job.spec.method, tpb.UPDATE_METHOD_UNSPECIFIED),
+        method_reason=job.method_reason,
         first_bucket_s=job.first_bucket_s,
         results=[
             tpb.RankResult(
@@ -240,4 +243,9 @@ def instance_to_pb(i: Instance, order: dict[RankRef, int]) -> tpb.Instance:
         ready=i.ready,
         reason=i.reason,
         global_ranks=[order.get(r, -1) for r in i.ranks],
+        overlays=[
+            tpb.Overlay(checkpoint=o["checkpoint"], version=int(o["version"]), tensors=o["tensors"])
+            for o in i.overlays
+        ],
+        serving=serving(i),
     )

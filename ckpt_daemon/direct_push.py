@@ -49,20 +49,20 @@ def part_specs(node_id: str, metas: Sequence[Meta]) -> list[TensorSpec]:
     out = []
     for name, dtype, shape, nbytes, piece in metas:
         admission.check_text("a tensor name", name, 1024, empty=False)
-        shown = admission.shown(name)
         if len(shape) > 16:
-            raise InvalidArgument(f"tensor {shown}: over 16 dimensions")
+            raise InvalidArgument(f"tensor {admission.shown(name)}: over 16 dimensions")
         try:
-            nbytes_of(dtype, shape)
+            want = nbytes_of(dtype, shape)
             if piece is not None:
                 check_piece(shape, piece)
-            want = nbytes_of(dtype, shape if piece is None else piece.shape)
+                want = nbytes_of(dtype, piece.shape)
         except ValueError as e:
-            raise InvalidArgument(f"tensor {shown}: {e}") from None
+            raise InvalidArgument(f"tensor {admission.shown(name)}: {e}") from None
         if want != nbytes:
             box = list(shape) if piece is None else f"{list(piece.shape)} of {list(shape)}"
             raise InvalidArgument(
-                f"tensor {shown}: {admission.shown(dtype)} {box} is {want} bytes, not {nbytes}"
+                f"tensor {admission.shown(name)}: {admission.shown(dtype)} {box} is {want} "
+                f"bytes, not {nbytes}"
             )
         if piece is not None and piece.is_whole(shape):
             piece = None
@@ -84,7 +84,10 @@ def part_specs(node_id: str, metas: Sequence[Meta]) -> list[TensorSpec]:
 def check_whole(specs: Sequence[TensorSpec]) -> None:
     """Every tensor pushed in pieces is whole once its parts are in (INVALID_ARGUMENT says
     which is not); tensors named twice are refused when they are placed."""
-    bad = tiling_problem((s.name, s.dtype, s.shape, s.piece) for s in specs)
+    pieced = {s.name for s in specs if s.piece is not None}
+    if not pieced:
+        return  # whole tensors only: duplicates are the placement's to refuse
+    bad = tiling_problem((s.name, s.dtype, s.shape, s.piece) for s in specs if s.name in pieced)
     if bad is not None:
         raise InvalidArgument(f"tensor {admission.shown(bad[0])}: {bad[1]}")
 
@@ -141,7 +144,7 @@ class DirectPushes:
             raise InvalidArgument("no tensors")
         if probe is not None:
             probes.validate(probe)
-        specs = part_specs(node_id, metas)
+        specs = await asyncio.to_thread(part_specs, node_id, metas)  # 100k: off the loop
         if not any(r.node_id == node_id for r in self._store.ranks()):
             raise FailedPrecondition(f"no agent is attached on node {node_id!r}")
         g = self._gathering(name, version, parts, probe, timeout_s)
@@ -154,7 +157,7 @@ class DirectPushes:
         if len(g.declared) == parts:
             g.work = asyncio.create_task(self._place(g))  # held: a task must be referenced
         cv = await asyncio.shield(g.placed)
-        return self._targets(cv, g, part)
+        return await asyncio.to_thread(self._targets, cv, g, part)
 
     def _gathering(
         self, name: str, version: int, parts: int, probe: Probe | None, timeout_s: float

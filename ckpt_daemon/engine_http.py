@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
+# (method, url, body) -> headers that sign the request (ckpt_daemon.engine_proof)
+Signer = Callable[[str, str, bytes], dict[str, str]]
 MAX_ANSWER = 16 << 20  # an engine's JSON answer; more is refused, never echoed
 
 
@@ -15,13 +18,15 @@ def http_json(
     timeout: float,
     method: str = "POST",
     headers: dict[str, str] | None = None,
+    signer: Signer | None = None,
 ) -> Any:
     data = None if body is None else json.dumps(body).encode()
+    signed = signer(method, url, data or b"") if signer is not None else {}
     req = urllib.request.Request(
         url,
         data=data,
         method=method,
-        headers={"Content-Type": "application/json", **(headers or {})},
+        headers={"Content-Type": "application/json", **(headers or {}), **signed},
     )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         raw = resp.read(MAX_ANSWER + 1)

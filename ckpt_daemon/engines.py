@@ -25,12 +25,15 @@ from typing import Any
 
 import structlog
 
-from ckpt_common.errors import Aborted, DeadlineExceeded, Unavailable
+from ckpt_common.errors import Aborted, DeadlineExceeded, FailedPrecondition, Unavailable
 from ckpt_common.ipc import worker_endpoint
 from ckpt_daemon import probes
-from ckpt_daemon.engine_http import bounded, http_json
+from ckpt_daemon.engine_http import Signer, bounded, http_json
+from ckpt_daemon.engine_keys import EngineKeys
+from ckpt_daemon.engine_proof import EngineUnproven, prove
 from ckpt_daemon.model import Instance, InstanceKind, Job, Probe
 from ckpt_daemon.registry import Registry
+from ckpt_daemon.serving import serving_after
 
 log = structlog.get_logger("ckptd.engines")
 UPDATE_METHOD = "ckpt_update"  # vllm_ext.WorkerExtension.ckpt_update
@@ -44,15 +47,16 @@ class EngineTrigger:
         registry: Registry,
         *,
         control_timeout_s: float = 30.0,
-        engine_token: str = "",
+        keys: EngineKeys | None = None,
         on_pause: Callable[[str, float], None] | None = None,
     ) -> None:
-        """on_pause(instance, seconds): told how long an engine was paused (metrics)."""
+        """keys: each instance's key, to sign requests for engines behind vllm_ext.guard
+        (None: requests go unsigned). on_pause(instance, seconds): how long an engine was
+        paused (metrics)."""
         self._registry = registry
         self._on_pause = on_pause
         self._control_timeout = control_timeout_s
-        # shown to engines guarded by vllm_ext.guard
-        self._headers = {"X-Ckpt-Token": engine_token} if engine_token else {}
+        self._keys = keys
 
     def endpoints(self, instance: Instance) -> list[str]:
         out = []
@@ -61,8 +65,33 @@ class EngineTrigger:
             out.append(worker_endpoint(r.node_id, r.device, agent.ipc_dir if agent else None))
         return out
 
-    async def _post(self, url: str, body: dict | None, timeout: float) -> Any:
-        return await asyncio.to_thread(http_json, url, body, timeout, "POST", self._headers)
+    async def signer(self, instance: Instance, timeout: float) -> Signer | None:
+        """Signs requests for the instance's engine once it proved it holds the instance's
+        key (nothing signed goes to an endpoint before). Raises EngineUnproven, OSError."""
+        if self._keys is None:
+            return None
+        key = self._keys.key(instance.name)
+        return await asyncio.to_thread(prove, instance.endpoint, key, timeout)
+
+    async def verify(self, instance: Instance, timeout: float = 10.0) -> None:
+        """Registration: the engine at the endpoint proves it is the instance's, or a precise
+        error (FailedPrecondition, Unavailable, DeadlineExceeded)."""
+        if instance.kind != InstanceKind.VLLM or self._keys is None:
+            return
+        where = f"instance {instance.name!r} at {instance.endpoint}"
+        try:
+            await self.signer(instance, timeout)
+        except EngineUnproven as e:
+            raise FailedPrecondition(
+                f"{where} did not prove it is the instance's engine: {e}"
+            ) from None
+        except TimeoutError:
+            raise DeadlineExceeded(f"{where} did not answer the proof in time") from None
+        except OSError as e:
+            raise Unavailable(f"{where} unreachable: {e}") from None
+
+    async def _post(self, url: str, body: dict | None, timeout: float, sign: Signer | None) -> Any:
+        return await asyncio.to_thread(http_json, url, body, timeout, "POST", None, sign)
 
     async def trigger(self, instance: Instance, job: Job, timeout: float) -> None:
         base = instance.endpoint.rstrip("/")
@@ -71,9 +100,11 @@ class EngineTrigger:
         paused = False
         state = {"committed": False}  # True: on one version (new, or untouched): it may serve
         t_pause = time.monotonic()
+        sign: Signer | None = None
         try:
+            sign = await self.signer(instance, ctl)
             try:
-                await self._post(f"{base}/pause?mode=keep", None, ctl)
+                await self._post(f"{base}/pause?mode=keep", None, ctl, sign)
                 paused = True
             except urllib.error.HTTPError as e:
                 if e.code != 404:  # servers without /pause: collective_rpc runs between steps
@@ -85,23 +116,28 @@ class EngineTrigger:
                 "checkpoint": job.spec.checkpoint,
                 "version": job.version,
             }
-            version = f"{job.spec.checkpoint}@{job.version}"
+            version = serving_after(instance, job)  # what it serves once committed
             if instance.weight_transfer == NATIVE:
-                await self._load_native(instance, base, spec, timeout, ctl, state)
+                await self._load_native(instance, base, spec, (timeout, ctl), state, sign)
                 try:
-                    await self._probe(instance, job, min(ctl, PROBE_TIMEOUT_S))
+                    await self._probe(instance, job, min(ctl, PROBE_TIMEOUT_S), sign)
                 except BaseException:  # close vLLM's update session; the version stays old
                     with contextlib.suppress(Exception):
-                        await self._post(f"{base}/finish_weight_update", {}, ctl)
+                        await self._post(f"{base}/finish_weight_update", {}, ctl, sign)
                     raise
-                await self._post(f"{base}/finish_weight_update", {"weight_version": version}, ctl)
+                finish = {"weight_version": version}
+                await self._post(f"{base}/finish_weight_update", finish, ctl, sign)
             else:
-                await self._load_extension(instance, base, spec, timeout, state)
-                await self._probe(instance, job, min(ctl, PROBE_TIMEOUT_S))
+                await self._load_extension(instance, base, spec, timeout, state, sign)
+                await self._probe(instance, job, min(ctl, PROBE_TIMEOUT_S), sign)
                 await self._post_optional(
-                    f"{base}/update_weight_version", {"new_version": version}, ctl
+                    f"{base}/update_weight_version", {"new_version": version}, ctl, sign
                 )
             state["committed"] = True
+        except EngineUnproven as e:  # nothing signed was sent to it
+            raise Aborted(
+                f"instance {instance.name} at {base} did not prove it is the instance's engine: {e}"
+            ) from None
         except urllib.error.HTTPError as e:  # the body is the engine's: never echoed
             path = urllib.parse.urlsplit(e.url or "").path
             raise Aborted(f"instance {instance.name}: HTTP {e.code} from {path}") from None
@@ -113,7 +149,7 @@ class EngineTrigger:
             raise Unavailable(f"instance {instance.name} at {base} unreachable: {e}") from None
         finally:
             if paused and state["committed"]:
-                await self.resume(instance, ctl)
+                await self.resume(instance, ctl, sign)
                 paused_s = time.monotonic() - t_pause
                 log.info("engine_paused", seconds=round(paused_s, 4), **bind)
                 if self._on_pause is not None:
@@ -121,21 +157,30 @@ class EngineTrigger:
             elif paused:  # it may hold a mix: it serves again only once restored
                 log.warning("engine_kept_paused", **bind)
 
-    async def _post_optional(self, url: str, body: dict, timeout: float) -> None:
+    async def _post_optional(
+        self, url: str, body: dict, timeout: float, sign: Signer | None
+    ) -> None:
         try:
-            await self._post(url, body, timeout)
+            await self._post(url, body, timeout, sign)
         except urllib.error.HTTPError as e:
             if e.code != 404:
                 raise
 
     async def _load_extension(
-        self, instance: Instance, base: str, spec: dict, timeout: float, state: dict
+        self,
+        instance: Instance,
+        base: str,
+        spec: dict,
+        timeout: float,
+        state: dict,
+        sign: Signer | None,
     ) -> None:
         """The worker extension, through /collective_rpc: every worker answers with a dict."""
         res = await self._post(
             f"{base}/collective_rpc",
             {"method": UPDATE_METHOD, "args": [json.dumps(spec)], "timeout": timeout},
             timeout + 10,
+            sign,
         )
         results = (res or {}).get("results") or []
         if len(results) != len(instance.ranks):
@@ -152,14 +197,23 @@ class EngineTrigger:
             raise Aborted(f"instance {instance.name}: worker failed: {bounded(reason)}")
 
     async def _load_native(
-        self, instance: Instance, base: str, spec: dict, timeout: float, ctl: float, state: dict
+        self,
+        instance: Instance,
+        base: str,
+        spec: dict,
+        timeouts: tuple[float, float],
+        state: dict,
+        sign: Signer | None,
     ) -> None:
-        """vLLM's weight-transfer API with the `ckptd` backend (vllm_ext.transfer_engine)."""
+        """vLLM's weight-transfer API with the `ckptd` backend (vllm_ext.transfer_engine).
+        timeouts: (the update's, a control call's)."""
+        timeout, ctl = timeouts
         state["committed"] = True  # until weights may have been touched
-        await self._post(f"{base}/start_weight_update", None, ctl)
+        await self._post(f"{base}/start_weight_update", None, ctl, sign)
         state["committed"] = False
         try:
-            await self._post(f"{base}/update_weights", {"update_info": spec}, timeout + 10)
+            info = {"update_info": spec}
+            await self._post(f"{base}/update_weights", info, timeout + 10, sign)
         except urllib.error.HTTPError as e:
             # The engine's reason reaches the job from the agent's side; from its answer
             # only our own marker is read: whether any weight was touched.
@@ -177,12 +231,14 @@ class EngineTrigger:
         cv = self._registry.checkpoints.get((job.spec.checkpoint, job.version))
         return cv.probe if cv is not None else None
 
-    async def _probe(self, instance: Instance, job: Job, timeout: float) -> None:
+    async def _probe(
+        self, instance: Instance, job: Job, timeout: float, sign: Signer | None
+    ) -> None:
         probe = self.probe_of(job)
         if probe is None:
             return
         t0 = time.monotonic()
-        miss = await probes.run(instance.endpoint, probe, timeout, self._headers)
+        miss = await probes.run(instance.endpoint, probe, timeout, sign)
         log.info(
             "probe",
             instance=instance.name,
@@ -205,8 +261,8 @@ class EngineTrigger:
         except Exception:
             return False
 
-    async def resume(self, instance: Instance, timeout: float) -> None:
+    async def resume(self, instance: Instance, timeout: float, sign: Signer | None) -> None:
         try:
-            await self._post(f"{instance.endpoint.rstrip('/')}/resume", None, timeout)
+            await self._post(f"{instance.endpoint.rstrip('/')}/resume", None, timeout, sign)
         except Exception as e:  # still report the update's own outcome
             log.error("engine_resume_failed", error=str(e), instance=instance.name)

@@ -244,7 +244,7 @@ class JobRunner:
         clash = sorted({self._busy_targets[r] for r in targets if r in self._busy_targets})
         if clash:
             raise FailedPrecondition(f"an update to some of these ranks is running: job {clash[0]}")
-        groups = await self._plan(spec, cv, tensors, targets)
+        groups, method, why = await self._plan(spec, cv, tensors, targets)
         job = Job(
             id=uuid.uuid4().hex[:12],
             kind=kind,
@@ -257,6 +257,8 @@ class JobRunner:
             buckets_total=sum(len(g.plan.buckets) for g in groups),
             bytes_total=sum(t.nbytes for t in tensors),
             bucket_bytes=groups[0].plan.bucket_bytes,
+            method=method,
+            method_reason=why,
         )
         for r in targets:
             self._busy_targets[r] = job.id
@@ -276,10 +278,11 @@ class JobRunner:
         cv: CheckpointVersion,
         tensors: list[TensorInfo],
         targets: list[RankRef],
-    ) -> list[Group]:
+    ) -> tuple[list[Group], str, str]:
         """The job's groups: shard-aware where it can be (method auto/sharded), a P2P join,
-        or a broadcast."""
+        or a broadcast; with the method chosen and why."""
         partial = len(tensors) != len(cv.tensors)
+        why = f"{spec.method}: requested"
         if spec.method in ("auto", "sharded"):
             try:
                 maps = shard_jobs.keeps(tensors, shard_jobs.target_maps(self._registry, targets))
@@ -302,11 +305,12 @@ class JobRunner:
                     await self._sums.fill(cv, groups)
                 except CkptError as e:
                     raise shard_jobs.NotSharded(f"checksums of the parts: {e.message}") from None
-                return groups
+                return groups, "sharded", f"{spec.method}: every target engine's layout is known"
             except shard_jobs.NotSharded as e:
                 if spec.method == "sharded":
                     raise FailedPrecondition(f"no shard-aware plan: {e}") from None
                 log.info("broadcast_not_sharded", why=str(e))
+                why = f"auto: not shard-aware: {e}"
                 if e.relearn and not partial:  # this broadcast learns the layouts again
                     forget_layouts(self._registry, targets)
         owners = {t.owner for t in tensors}
@@ -321,7 +325,7 @@ class JobRunner:
                     f"shards of {missing} can be read from nowhere: their agents are gone (and "
                     "no mirror holds them) or are not registered for P2P (no Mooncake, --p2p off)"
                 )
-            return [Group(plan=plan, sources=sources)]
+            return [Group(plan=plan, sources=sources)], "p2p", why
         gone = sorted(str(o) for o in owners if not self._hub.attached(o.node_id))
         if gone:
             raise Unavailable(f"agents holding checkpoint bytes are not attached: {gone}")
@@ -329,7 +333,7 @@ class JobRunner:
         plan = await asyncio.to_thread(
             plan_update, tensors, targets, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial
         )
-        return [Group(plan=plan)]
+        return [Group(plan=plan)], "broadcast", why
 
     def read_sources(
         self, cv: CheckpointVersion, owners: list[RankRef], near: list[bool]

@@ -110,7 +110,9 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--engine-token-file",
         default="",
-        help="token ckptd shows vLLM engines guarded by vllm_ext.guard (X-Ckpt-Token)",
+        help="master secret of the engine keys: ckptd signs each request to a vLLM engine "
+        "(vllm_ext.guard) with its instance's key (`ckptd engine-key`), once the engine proved "
+        "it holds it; no key is ever sent",
     )
 
 
@@ -139,6 +141,11 @@ def main(argv: list[str] | None = None) -> None:
         from ckpt_daemon.certs import main as certs_main
 
         certs_main(args)
+        return
+    if args[:1] == ["engine-key"]:
+        from ckpt_daemon.engine_keys import main as engine_key_main
+
+        engine_key_main(args[1:])
         return
     setup_logging(json=True, service="ckptd")
     cfg = parse_args(args)

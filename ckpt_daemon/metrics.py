@@ -15,10 +15,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ckpt_daemon import metrics_http
+from ckpt_daemon.auth import AccessPolicy
 from ckpt_daemon.model import CheckpointVersion, Job, RankResult, ShardState
 from ckpt_daemon.registry import Registry
 
@@ -174,7 +176,7 @@ class Metrics:
             self.push_seconds.observe(max(0.0, time.time() - cv.created))
             self.push_bytes.inc(sum(t.nbytes for t in cv.tensors))
 
-    def serve(self, listen: str) -> int:
-        host, _, port = listen.rpartition(":")
-        server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.prom)
+    def serve(self, listen: str, policy: AccessPolicy, tls: tuple[str, str] | None = None) -> int:
+        """Serves /metrics (ckpt_daemon.metrics_http: a reader's token, ckptd's TLS)."""
+        server = metrics_http.serve(listen, self.prom, policy, tls=tls)
         return server.server_port

@@ -51,10 +51,10 @@ class Placement:
     store_bytes: dict[RankRef, int]
 
 
-def _groups(specs: Sequence[TensorSpec]) -> list[list[int]]:
+def _groups(specs: Sequence[TensorSpec], layers: Sequence[str]) -> list[list[int]]:
     by_key: dict[tuple[str, str], list[int]] = {}
     for i, s in enumerate(specs):
-        by_key.setdefault((s.node_id, layer_key(s.name)), []).append(i)
+        by_key.setdefault((s.node_id, layers[i]), []).append(i)
     return list(by_key.values())
 
 
@@ -76,15 +76,17 @@ def place(specs: Sequence[TensorSpec], ranks: Sequence[RankRef]) -> Placement:
         raise PlanError("no ranks to hold the checkpoint")
     _check_unique(specs)
     ranks = rank_order(ranks)
-    total = sum(s.nbytes for s in specs)
-    fair = max(1, total // len(ranks))
-    units: list[list[int]] = []
-    for g in _groups(specs):
-        if sum(specs[i].nbytes for i in g) > fair and len(g) > 1:
-            units.extend([i] for i in g)
+    sizes = [s.nbytes for s in specs]
+    layers = [layer_key(s.name) for s in specs]
+    fair = max(1, sum(sizes) // len(ranks))
+    units: list[tuple[int, list[int]]] = []  # (bytes, tensor indexes)
+    for g in _groups(specs, layers):
+        n = sum(sizes[i] for i in g)
+        if n > fair and len(g) > 1:
+            units.extend((sizes[i], [i]) for i in g)
         else:
-            units.append(g)
-    units.sort(key=lambda g: (-sum(specs[i].nbytes for i in g), specs[g[0]].name, g[0]))
+            units.append((n, g))
+    units.sort(key=lambda u: (-u[0], specs[u[1][0]].name, u[1][0]))
 
     heaps: dict[str, list[tuple[int, int, RankRef]]] = {}
     nodes = {r.node_id for r in ranks}
@@ -104,17 +106,17 @@ def place(specs: Sequence[TensorSpec], ranks: Sequence[RankRef]) -> Placement:
     owner_of: list[RankRef | None] = [None] * len(specs)
     # Loads are tracked per heap; a shared rank in two heaps is rare (mixed pinned and
     # unpinned sources) and only makes the spread less even, never wrong.
-    for unit in units:
+    for n, unit in units:
         heap = heap_for(specs[unit[0]].node_id)
         load, k, r = heapq.heappop(heap)
         for i in unit:
             owner_of[i] = r
-        heapq.heappush(heap, (load + sum(specs[i].nbytes for i in unit), k, r))
+        heapq.heappush(heap, (load + n, k, r))
 
     # Offsets: per owner, in source order (layers stay contiguous).
     cursor: dict[RankRef, int] = {r: 0 for r in ranks}
     out: list[TensorInfo] = []
-    for i in sorted(range(len(specs)), key=lambda i: (layer_key(specs[i].name), specs[i].name, i)):
+    for i in sorted(range(len(specs)), key=lambda i: (layers[i], specs[i].name, i)):
         s, r = specs[i], owner_of[i]
         assert r is not None
         off = cursor[r]

@@ -17,7 +17,7 @@ import urllib.error
 from typing import Any
 
 from ckpt_common.errors import InvalidArgument
-from ckpt_daemon.engine_http import http_json
+from ckpt_daemon.engine_http import Signer, http_json
 from ckpt_daemon.model import Probe
 
 MAX_PROMPT = 4096
@@ -83,15 +83,14 @@ def judge(p: Probe, answer: dict) -> str:
         return f"probe: malformed answer from the engine ({type(e).__name__}: {e})"
 
 
-async def run(
-    endpoint: str, p: Probe, timeout: float, headers: dict[str, str] | None = None
-) -> str:
-    """Runs the probe on a paused vLLM engine; returns why it missed ("" when it passed).
-    Transport failures raise (the caller maps them)."""
+async def run(endpoint: str, p: Probe, timeout: float, signer: Signer | None = None) -> str:
+    """Runs the probe on a paused vLLM engine, signed by `signer` (vllm_ext.guard lets only
+    ckptd's probes in); returns why it missed ("" when it passed). Transport failures raise
+    (the caller maps them)."""
     url = f"{endpoint.rstrip('/')}/v1/completions"
     try:
         answer = await asyncio.to_thread(
-            http_json, url, request_body(p), timeout, "POST", headers or {}
+            http_json, url, request_body(p), timeout, "POST", None, signer
         )
     except TimeoutError:
         return (

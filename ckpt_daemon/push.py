@@ -99,7 +99,10 @@ class Pusher:
         wait: bool,
         replicas: int = 1,
         probe: Probe | None = None,
+        read_uid: int | None = None,
     ) -> CheckpointVersion:
+        """read_uid: the pushing principal's local uid; agents read only the files it could
+        (None: only files everyone may read)."""
         validate_name(name)
         if probe is not None:
             probes.validate(probe)
@@ -131,7 +134,7 @@ class Pusher:
             holders = order
         self._inflight.add(key)
         try:
-            specs, files = await self._scan(sources, holders)
+            specs, files = await self._scan(sources, holders, read_uid)
             try:
                 placement = await asyncio.to_thread(place, specs, holders)
             except PlanError as e:
@@ -177,9 +180,9 @@ class Pusher:
         # The load outlives the call: a client that goes away (Ctrl-C) leaves it to finish
         # (and, with wait, to be removed on failure), never half-loaded and LOADING forever.
         load = (
-            self._load_all(versions, timeout, remove_on_failure=True, files=files)
+            self._load_all(versions, timeout, remove_on_failure=True, files=files, uid=read_uid)
             if wait
-            else self._load_bg(versions, timeout, files)
+            else self._load_bg(versions, timeout, files, read_uid)
         )
         task = asyncio.create_task(load)
         self._tasks.add(task)
@@ -196,10 +199,11 @@ class Pusher:
         *,
         remove_on_failure: bool,
         files: FileIds | None = None,
+        uid: int | None = None,
     ) -> None:
         results = await asyncio.gather(
             *(
-                self._load(v, timeout, remove_on_failure=remove_on_failure, files=files)
+                self._load(v, timeout, remove_on_failure=remove_on_failure, files=files, uid=uid)
                 for v in versions
             ),
             return_exceptions=True,
@@ -218,10 +222,10 @@ class Pusher:
             task.exception()  # retrieved: the caller (if still there) raised it already
 
     async def _load_bg(
-        self, versions: list[CheckpointVersion], timeout: float, files: FileIds
+        self, versions: list[CheckpointVersion], timeout: float, files: FileIds, uid: int | None
     ) -> None:
         try:
-            await self._load_all(versions, timeout, remove_on_failure=False, files=files)
+            await self._load_all(versions, timeout, remove_on_failure=False, files=files, uid=uid)
         except CkptError:
             pass
 
@@ -246,7 +250,7 @@ class Pusher:
         admission.require_admitted(known, free, reserved)
 
     async def _scan(
-        self, sources: list[SourceFile], holders: list[RankRef]
+        self, sources: list[SourceFile], holders: list[RankRef], uid: int | None
     ) -> tuple[list[TensorSpec], FileIds]:
         """The tensors of the sources, and each file's identity as its scanning node saw it."""
         holder_nodes = sorted({r.node_id for r in holders})
@@ -266,7 +270,7 @@ class Pusher:
                 *(
                     self._hub.command(
                         node,
-                        apb.Command(scan=apb.Scan(paths=paths)),
+                        apb.Command(scan=apb.Scan(paths=paths, read_uid=uid)),
                         self._config.command_timeout_s,
                     )
                     for node, paths in by_node.items()
@@ -304,6 +308,7 @@ class Pusher:
         *,
         remove_on_failure: bool,
         files: FileIds | None = None,
+        uid: int | None = None,
     ) -> None:
         by_owner: dict[RankRef, list[apb.LoadItem]] = {}
         for t in cv.tensors:
@@ -324,6 +329,7 @@ class Pusher:
                     device=r.device,
                     nbytes=cv.shards[r].nbytes,
                     items=by_owner[r],
+                    read_uid=uid,
                 )
             )
             try:

@@ -7,7 +7,6 @@ All methods are synchronous and thread-safe; callers on the event loop hand the 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ from ckpt_daemon.model import (
     Shard,
     ShardState,
     TensorInfo,
+    with_checksum,
 )
 from ckpt_daemon.planner import MIRROR_PREFIX, rank_order
 from ckpt_daemon.serialize import (
@@ -37,17 +37,12 @@ from ckpt_daemon.serialize import (
     job_from_json,
     job_to_json,
     probe_from_json,
+    tensor_rows,
 )
+from ckpt_daemon.serialize import signed as _signed
 
 DB_FILE = "registry.sqlite3"
 _U64 = (1 << 64) - 1
-
-
-def _signed(v: int | None) -> int | None:
-    """A uint64 as SQLite's signed 64-bit INTEGER."""
-    if v is None:
-        return None
-    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 _SCHEMA = """
@@ -309,6 +304,7 @@ class Registry:
     # ------------------------------------------------------------------ checkpoints
 
     def add_checkpoint(self, cv: CheckpointVersion) -> None:
+        rows = tensor_rows(cv)  # before the lock: it is held while the loop waits for it
         with self._lock:
             key = (cv.name, cv.version)
             if key in self.checkpoints:
@@ -321,30 +317,7 @@ class Registry:
                     "INSERT INTO checkpoints VALUES (?,?,?,?,?,?)",
                     (cv.name, cv.version, int(cv.state), cv.created, cv.ready, cv.reason),
                 )
-                db.executemany(
-                    "INSERT INTO tensors VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [
-                        (
-                            cv.name,
-                            cv.version,
-                            i,
-                            t.name,
-                            t.dtype,
-                            json.dumps(list(t.shape)),
-                            t.nbytes,
-                            t.owner.node_id,
-                            t.owner.device,
-                            t.store_offset,
-                            t.path,
-                            t.file_offset,
-                            _signed(t.checksum),
-                            None
-                            if t.piece is None
-                            else json.dumps([list(t.piece.offset), list(t.piece.shape)]),
-                        )
-                        for i, t in enumerate(cv.tensors)
-                    ],
-                )
+                db.executemany("INSERT INTO tensors VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
                 if cv.probe is not None:
                     db.execute(
                         "INSERT INTO probes VALUES (?,?,?)",
@@ -434,11 +407,17 @@ class Registry:
             if len(idx) != len(sums):
                 raise ValueError(f"{r} reported {len(sums)} checksums for {len(idx)} tensors")
             for i, c in zip(idx, sums, strict=True):
-                cv.tensors[i] = dataclasses.replace(cv.tensors[i], checksum=int(c) & _U64)
-            self._db.executemany(
-                "UPDATE tensors SET checksum=? WHERE name=? AND version=? AND idx=?",
-                [(_signed(c), name, version, i) for i, c in zip(idx, sums, strict=True)],
-            )
+                cv.tensors[i] = with_checksum(cv.tensors[i], int(c) & _U64)
+            self._db.execute("BEGIN")  # one transaction: not one commit per tensor
+            try:
+                self._db.executemany(
+                    "UPDATE tensors SET checksum=? WHERE name=? AND version=? AND idx=?",
+                    [(_signed(c), name, version, i) for i, c in zip(idx, sums, strict=True)],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def fail_checkpoint(self, name: str, version: int, reason: str) -> None:
         with self._lock:

@@ -24,6 +24,7 @@ from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.model import Instance, Job, JobState, RankRef, UpdateSpec
 from ckpt_daemon.registry import Registry
+from ckpt_daemon.serving import overlay_of, serving
 
 if TYPE_CHECKING:
     from ckpt_daemon.jobs import JobRunner
@@ -95,14 +96,7 @@ def settle(inst: Instance, job: Job, prev_pending: str) -> bool:
         return False
     if job.state == JobState.SUCCEEDED:
         if job.spec.tensors:  # a partial update on top of what it holds: replayed on restore
-            inst.overlays = [
-                *inst.overlays,
-                {
-                    "checkpoint": job.spec.checkpoint,
-                    "version": job.version,
-                    "tensors": list(job.spec.tensors),
-                },
-            ]
+            inst.overlays = [*inst.overlays, overlay_of(job)]
         else:
             inst.checkpoint, inst.version, inst.overlays = job.spec.checkpoint, job.version, []
         inst.ready, inst.reason, inst.pending = True, "", ""
@@ -135,11 +129,6 @@ def restore_steps(inst: Instance, method: str, cause: str) -> list[UpdateSpec]:
         )
         for o in inst.overlays
     ]
-
-
-def describe(inst: Instance) -> str:
-    s = f"{inst.checkpoint}@{inst.version}"
-    return s + (f" (+{len(inst.overlays)} partial updates)" if inst.overlays else "")
 
 
 class Restorer:
@@ -189,7 +178,7 @@ class Restorer:
             self._busy.discard(inst.name)
 
     async def _attempt(self, inst: Instance) -> str:
-        target, cause = describe(inst), inst.pending or "reconcile"
+        target, cause = serving(inst), inst.pending or "reconcile"
         if self._alive is not None and not await self._alive(inst):
             return self._failed(inst, target, ["its engine does not answer"])
         errors: list[str] = []

@@ -1,10 +1,12 @@
-"""Instances and jobs as JSON for the registry's SQLite rows."""
+"""Instances, jobs and tensors as JSON and rows for the registry's SQLite tables."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 
 from ckpt_daemon.model import (
+    CheckpointVersion,
     Instance,
     InstanceKind,
     Job,
@@ -67,3 +69,33 @@ def probe_from_json(d: dict) -> Probe:
         logprobs=tuple(d["logprobs"]),
         tolerance=float(d["tolerance"]),
     )
+
+
+def signed(v: int | None) -> int | None:
+    """A uint64 as SQLite's signed 64-bit INTEGER."""
+    if v is None:
+        return None
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def tensor_rows(cv: CheckpointVersion) -> list[tuple]:
+    """The rows of a version's tensors (the registry's tensors table)."""
+    return [
+        (
+            cv.name,
+            cv.version,
+            i,
+            t.name,
+            t.dtype,
+            json.dumps(list(t.shape)),
+            t.nbytes,
+            t.owner.node_id,
+            t.owner.device,
+            t.store_offset,
+            t.path,
+            t.file_offset,
+            signed(t.checksum),
+            None if t.piece is None else json.dumps([list(t.piece.offset), list(t.piece.shape)]),
+        )
+        for i, t in enumerate(cv.tensors)
+    ]

@@ -21,6 +21,7 @@ from ckpt_daemon.auth import (
     local_admin_policy,
 )
 from ckpt_daemon.config import DaemonConfig
+from ckpt_daemon.engine_keys import load_keys
 from ckpt_daemon.engines import EngineTrigger
 from ckpt_daemon.jobs import JobRunner
 from ckpt_daemon.metrics import Metrics
@@ -73,13 +74,6 @@ def access_policy(config: DaemonConfig) -> AccessPolicy:
     return policy
 
 
-def engine_token(config: DaemonConfig) -> str:
-    if not config.engine_token_file:
-        return ""
-    with open(config.engine_token_file) as f:
-        return f.read().strip()
-
-
 def server_credentials(config: DaemonConfig) -> grpc.ServerCredentials:
     def read(p: str) -> bytes:
         with open(p, "rb") as f:
@@ -105,7 +99,7 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     metrics = Metrics(registry)
     pusher.on_done = metrics.push_done
     trigger = EngineTrigger(
-        registry, engine_token=engine_token(config), on_pause=metrics.engine_paused
+        registry, keys=load_keys(config.engine_token_file), on_pause=metrics.engine_paused
     )
     tracer = JobTracer(config.otel_endpoint) if config.otel_endpoint else None
 
@@ -125,7 +119,9 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ]
     server = grpc.aio.server(options=opts, interceptors=[AuthInterceptor(policy)])
-    ckptd_pb2_grpc.add_CkptServicer_to_server(CkptServicer(registry, hub, pusher, jobs), server)
+    ckptd_pb2_grpc.add_CkptServicer_to_server(
+        CkptServicer(registry, hub, pusher, jobs, trigger.verify), server
+    )
     agent_pb2_grpc.add_AgentLinkServicer_to_server(AgentLinkServicer(hub), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -143,7 +139,8 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     daemon = Daemon(config, registry, hub, jobs, server, port, tracer=tracer)
     if config.metrics_listen:
-        daemon.metrics_port = metrics.serve(config.metrics_listen)
+        tls = (config.tls_cert, config.tls_key) if config.tls_cert else None
+        daemon.metrics_port = metrics.serve(config.metrics_listen, policy, tls)
     daemon._monitor = asyncio.create_task(hub.monitor())
     pusher.start_recovery()  # pushes a restart interrupted: complete or remove them
     daemon._reconciler = asyncio.create_task(jobs.restorer.reconcile_forever())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -16,7 +16,7 @@ from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import CkptError, FailedPrecondition, InvalidArgument, NotFound
 from ckpt_common.pieces import piece_of
-from ckpt_daemon import admission, convert
+from ckpt_daemon import admission, auth, convert
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.endpoints import endpoint_refusal, origin
 from ckpt_daemon.jobs import JobRunner
@@ -28,6 +28,9 @@ from ckpt_daemon.registry import Registry
 log = structlog.get_logger("ckptd.servicer")
 
 
+BIG_REQUEST = 1 << 20  # bytes: a request this large is checked in a thread
+
+
 def _status(err: CkptError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, err.code, grpc.StatusCode.UNKNOWN)
 
@@ -36,7 +39,10 @@ def _unary(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            admission.check_message(request)
+            if request.ByteSize() > BIG_REQUEST:  # 100k tensors: off the loop (heartbeats)
+                await asyncio.to_thread(admission.check_message, request)
+            else:
+                admission.check_message(request)
             return await fn(self, request, context)
         except CkptError as e:
             await context.abort(_status(e), admission.bounded(e.message))
@@ -52,11 +58,21 @@ def _unary(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class CkptServicer(ckptd_pb2_grpc.CkptServicer):
-    def __init__(self, registry: Registry, hub: AgentHub, pusher: Pusher, jobs: JobRunner) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        hub: AgentHub,
+        pusher: Pusher,
+        jobs: JobRunner,
+        verify: Callable[[Instance], Awaitable[None]] | None = None,
+    ) -> None:
+        """verify(instance): the engine behind its endpoint proves it is the instance's
+        (ckpt_daemon.engines.EngineTrigger.verify); raises a CkptError otherwise."""
         self._registry = registry
         self._hub = hub
         self._pusher = pusher
         self._jobs = jobs
+        self._verify = verify
 
     def _order(self) -> dict:
         return {r: i for i, r in enumerate(self._registry.rank_order())}
@@ -78,6 +94,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
             wait=request.wait,
             replicas=request.replicas,
             probe=convert.probe_from_pb(request.probe),
+            read_uid=auth.read_uid(),
         )
         return self._cp(cv)
 
@@ -85,10 +102,12 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
     async def BeginPush(self, request: cpb.BeginPushRequest, context) -> cpb.PushPlan:
         if request.timeout_s < 0:
             raise InvalidArgument("timeout_s must not be negative")
-        metas = [
-            (t.name, t.dtype, tuple(t.shape), t.nbytes, piece_of(t.piece_offset, t.piece_shape))
-            for t in request.tensors
-        ]
+        metas = await asyncio.to_thread(
+            lambda: [
+                (t.name, t.dtype, tuple(t.shape), t.nbytes, piece_of(t.piece_offset, t.piece_shape))
+                for t in request.tensors
+            ]
+        )
         cv, shards, where = await self._pusher.direct.begin(
             request.name,
             request.version,
@@ -110,7 +129,9 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
                 )
                 for s in shards
             ],
-            targets=[cpb.PushTarget(segment=i, offset=o) for i, o in where],
+            targets=await asyncio.to_thread(
+                lambda: [cpb.PushTarget(segment=i, offset=o) for i, o in where]
+            ),
         )
 
     @_unary
@@ -198,7 +219,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         a.attached = False
         return cpb.RemoveAgentResponse(removed=convert.agent_to_pb(a, {}))
 
-    def _check_endpoint(self, inst: Instance) -> None:
+    async def _check_endpoint(self, inst: Instance) -> None:
         if inst.kind != InstanceKind.VLLM:
             return
         hosts = [a.host for r in inst.ranks if (a := self._registry.agents.get(r.node_id))]
@@ -206,11 +227,13 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         if why:
             raise InvalidArgument(f"instance {inst.name!r}: {why}")
         inst.endpoint = origin(inst.endpoint)
+        if self._verify is not None:  # accepted only once its engine proved it is the one
+            await self._verify(inst)
 
     @_unary
     async def RegisterInstance(self, request: tpb.Instance, context) -> tpb.Instance:
         inst = convert.instance_from_pb(request)
-        self._check_endpoint(inst)
+        await self._check_endpoint(inst)
         old = self._registry.instances.get(inst.name)
         if old:
             inst.checkpoint, inst.version, inst.ready = old.checkpoint, old.version, old.ready
@@ -223,7 +246,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         if request.timeout_s < 0:
             raise InvalidArgument("timeout_s must not be negative")
         inst = convert.instance_from_pb(request.instance)
-        self._check_endpoint(inst)
+        await self._check_endpoint(inst)
         job = await self._jobs.submit_join(
             inst, request.checkpoint, request.version, request.timeout_s
         )

@@ -66,7 +66,9 @@ def _jobs(jobs: list[tpb.Job], wide: bool, now: float) -> tuple[list[str], list[
         ]
         if wide:
             row += [
-                enum_name(tpb.UpdateMethod, j.method, "UPDATE_").lower(),
+                enum_name(tpb.UpdateMethod, j.method, "UPDATE_")
+                .lower()
+                .replace("method_unspecified", "-"),
                 f"{j.bytes_total / took / 1e9:.2f}" if took else "-",
                 f"{j.first_bucket_s:.3f}s" if j.first_bucket_s else "-",
                 ",".join(j.instances) or "-",
@@ -139,7 +141,7 @@ def _instances(insts: list[tpb.Instance], wide: bool, now: float) -> tuple[list,
             enum_name(tpb.InstanceKind, i.kind, "INSTANCE_"),
             str(i.tp_size),
             format_ranks([r for r in i.global_ranks if r >= 0]) or "-",
-            f"{i.checkpoint}@{i.version}" if i.checkpoint else "-",
+            i.serving or (f"{i.checkpoint}@{i.version}" if i.checkpoint else "-"),
             styled("yes" if i.ready else "no"),
         ]
         if wide:

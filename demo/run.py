@@ -2,7 +2,7 @@
 
 Builds a tiny Llama locally (two random versions), a development CA and role tokens, starts
 ckptd (TLS, tokens), one agent (its own node-bound token) and a vLLM OpenAI server behind
-the guard (ckptd's engine token), pushes both versions, and updates the running engine
+the guard (its instance's own key), pushes both versions, and updates the running engine
 v1 -> v2 -> v1, showing a completion each time next to what transformers predicts on the
 same weights. Each version carries a probe (transformers' greedy tokens on its weights) that
 the engine must answer before it serves it; a version whose probe does not match its bytes
@@ -24,6 +24,7 @@ from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.credentials import Credentials
 from ckpt_common.errors import PermissionDenied
 from ckpt_daemon.certs import add_token, make_certs
+from ckpt_daemon.engine_keys import write_key
 from ckptctl.client import Client
 from ckptctl.probes import greedy_probe
 from demo.engines import complete, free_port, healthy, vllm_command, vllm_env
@@ -79,15 +80,19 @@ class Procs:
 
 
 def make_credentials() -> Path:
-    """A dev CA and server certificate, role tokens, the agent's token, the engine token."""
+    """A dev CA and server certificate, role tokens, the agent's token, the engines' master
+    and the key of the demo's instance (vllm-demo)."""
     sec = ROOT / "secrets"
     make_certs(sec, [], [], [])
-    for name, roles in ROLES.items():
-        add_token(sec / "auth.json", name, roles.split(","), "", sec / f"{name}.token")
+    for name, roles in ROLES.items():  # acting as this user: agents read what it may
+        add_token(
+            sec / "auth.json", name, roles.split(","), "", sec / f"{name}.token", uid=os.getuid()
+        )
     add_token(sec / "auth.json", "agent-demo", ["agent"], "demo", sec / "agent.token")
     fd = os.open(sec / "engine.token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(os.urandom(16).hex())
+    write_key(str(sec / "engine.token"), "vllm-demo", str(sec / "vllm-demo.key"))
     return sec
 
 
@@ -120,7 +125,7 @@ def start_fleet(procs: Procs, sec: Path, v1: Path, env: dict) -> tuple[str, str]
     )  # fmt: skip
     vport = free_port()
     url = f"http://127.0.0.1:{vport}"
-    engine_env = vllm_env(env, extra={"CKPT_ENGINE_TOKEN_FILE": str(sec / "engine.token")})
+    engine_env = vllm_env(env, extra={"CKPT_ENGINE_TOKEN_FILE": str(sec / "vllm-demo.key")})
     procs.spawn("vllm", vllm_command(str(v1), vport), engine_env)
     with client(addr, sec, "operator") as c:
         procs.wait(lambda: any(a.state == tpb.AGENT_ATTACHED for a in c.agents()), 120, "the agent")

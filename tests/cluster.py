@@ -15,9 +15,9 @@ from pathlib import Path
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent.config import TRUSTED_FABRIC_ENV
 from ckpt_common.credentials import ADMIN_TOKEN_FILE, TOKEN_FILE_ENV, Credentials
+from ckpt_common.engine_auth import instance_key
 from ckpt_common.sources import SOURCE_ROOTS_ENV
 from ckptctl.client import Client
-from vllm_ext.guard import TOKEN_FILE_ENV as ENGINE_TOKEN_ENV
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parent.parent
@@ -60,9 +60,19 @@ class Cluster:
             TRUSTED_FABRIC_ENV: "1",
             # agents read push sources only under these (pytest's tmp dirs, push staging)
             SOURCE_ROOTS_ENV: f"{tempfile.gettempdir()}:/dev/shm",
-            # what ckptd shows vLLM engines guarded by vllm_ext.guard (--engine-token-file)
-            ENGINE_TOKEN_ENV: str(self.engine_token_file),
         }
+
+    def engine_key(self, instance: str) -> bytes:
+        """The key of one instance, from ckptd's master (--engine-token-file)."""
+        return instance_key(self.engine_token_file.read_text().strip().encode(), instance)
+
+    def engine_key_file(self, instance: str) -> Path:
+        """A file (0600) with the key of one instance: its engine's CKPT_ENGINE_TOKEN_FILE."""
+        path = self.root / f"engine-{instance}.key"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.engine_key(instance) + b"\n")
+        return path
 
     @property
     def addr(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from demo.engines import complete, free_port, healthy, vllm_command, vllm_env
 from tests.cluster import Cluster, wait_for
+from vllm_ext.guard import TOKEN_FILE_ENV as ENGINE_KEY_ENV
 
 __all__ = ["complete", "start_vllm", "wait_healthy"]
 
@@ -18,9 +19,14 @@ def start_vllm(
     extra_env: dict | None = None,
     extra_args: list[str] | None = None,
     extension: bool = True,
+    instance: str = "",
 ) -> str:
+    """instance: the name the engine is registered under (default: `name` less "vllm-"):
+    its guard holds that instance's key."""
     port = free_port()
-    saved, c.env = c.env, vllm_env(c.env, bind=bind, extra=extra_env)
+    key = c.engine_key_file(instance or name.removeprefix("vllm-"))
+    extra = {ENGINE_KEY_ENV: str(key), **(extra_env or {})}
+    saved, c.env = c.env, vllm_env(c.env, bind=bind, extra=extra)
     try:
         cmd = vllm_command(model_dir, port, tp=tp, extension=extension)
         c._spawn(name, cmd[1:] + (extra_args or []))

@@ -84,11 +84,22 @@ def test_policy_file_and_identities(tmp_path: Path) -> None:
     assert p.from_uris(["spiffe://ckpt/client/ops"]).roles == {Role.OPERATOR}
     assert p.from_uris(["spiffe://ckpt/client/nobody"]).roles == frozenset()
     assert p.from_uris(["spiffe://other/agent/n1", "spiffe://ckpt/agent/"]) is None
+    assert t1.uid is None and a1.uid is None  # no uid: only files everyone may read
+    d["tokens"][0]["uid"] = 1000
+    d["clients"]["tr"] = {"roles": ["trainer"], "uid": 1001}
+    f.write_text(json.dumps(d))
+    p = auth.load_policy(str(f))
+    assert p.from_token((tmp_path / "t1.token").read_text().strip()).uid == 1000
+    assert p.from_uris(["spiffe://ckpt/client/tr"]).uid == 1001
+    assert auth.local_admin_policy(str(tmp_path / "s"))[0].tokens.popitem()[1].uid == os.getuid()
     for bad, why in (
         ({"tokens": [{"name": "x", "sha256": "ab", "roles": ["reader"]}]}, "64 hex"),
         ({"tokens": [{"name": "x", "sha256": "a" * 64, "roles": ["root"]}]}, "roles must be"),
         ({"tokens": [{"name": "x", "sha256": "a" * 64, "roles": ["agent"]}]}, "name its node"),
         ({"tokens": [], "extra": 1}, "want an object"),
+        ({"tokens": [{"name": "x", "sha256": "a" * 64, "roles": ["reader"], "uid": "0"}]}, "uid"),
+        ({"tokens": [{"name": "x", "sha256": "a" * 64, "roles": ["reader"], "uid": -1}]}, "uid"),
+        ({"clients": {"c": {"roles": ["reader"], "uid": True}}}, "uid"),
     ):
         f.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=why):
@@ -164,8 +175,9 @@ def test_roles_from_an_auth_file(tmp_path: Path) -> None:
         ("reader", "reader", ""),
         ("ops", "operator,reader", ""),
         ("agent-n1", "agent", "n1"),
-    ):
-        add_token(f, name, roles.split(","), node, tmp_path / f"{name}.token")
+    ):  # the trainer acts as this test's user: its files are in a 0700 tmp dir
+        uid = os.getuid() if name == "trainer" else None
+        add_token(f, name, roles.split(","), node, tmp_path / f"{name}.token", uid=uid)
     c = Cluster(tmp_path)
     c.env["CKPTD_TOKEN_FILE"] = str(tmp_path / "agent-n1.token")
     try:

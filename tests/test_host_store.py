@@ -18,6 +18,7 @@ def _load_cmd(path: Path, version: int, nbytes: int) -> apb.Load:
         checkpoint="t",
         version=version,
         nbytes=nbytes,
+        read_uid=0,  # as root: the test's tmp dir is root's
         items=[  # the file's two halves, swapped in the store
             apb.LoadItem(path=str(path), file_offset=0, store_offset=half, nbytes=half),
             apb.LoadItem(path=str(path), file_offset=half, store_offset=0, nbytes=half),
@@ -73,7 +74,7 @@ def test_load_reads_only_the_scanned_file(tmp_path: Path) -> None:
 
     def load(path: str, **ident: int) -> None:
         item = apb.LoadItem(path=path, file_offset=0, store_offset=0, nbytes=4096, **ident)
-        hs.load(apb.Load(checkpoint="c", version=1, nbytes=4096, items=[item]))
+        hs.load(apb.Load(checkpoint="c", version=1, nbytes=4096, items=[item], read_uid=0))
 
     try:
         same = {

@@ -66,6 +66,7 @@ def _sample(text: str, series: str) -> float:
 
 @pytest.mark.slow
 def test_prometheus_metrics(tmp_path) -> None:
+    import urllib.error
     import urllib.request
 
     from safetensors.torch import save_file
@@ -86,8 +87,12 @@ def test_prometheus_metrics(tmp_path) -> None:
         c.client.push("met", 1, [str(tmp_path / "w.safetensors")])
         job = c.client.wait(c.client.update("met", ranks=[0]).id, 60)
         assert job.state == 3, job.reason
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-        text = text.decode()
+        url = f"http://127.0.0.1:{port}/metrics"
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # a reader's token, or none
+            urllib.request.urlopen(url, timeout=5)
+        admin = {"Authorization": f"Bearer {c.token_file.read_text().strip()}"}
+        req = urllib.request.Request(url, headers=admin)
+        text = urllib.request.urlopen(req, timeout=5).read().decode()
         assert 'ckptd_jobs_total{kind="update",state="succeeded"} 1.0' in text
         assert 'ckptd_rank_phase_seconds_count{node="m",phase="broadcast"} 1.0' in text
         assert 'phase="total"' not in text  # the whole is its own metric

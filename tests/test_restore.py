@@ -21,6 +21,7 @@ from ckpt_daemon.restore import (
     settle,
     split_instance,
 )
+from ckpt_daemon.serving import serving, serving_after
 
 A0, A1, B0 = RankRef("a", 0), RankRef("a", 1), RankRef("b", 0)
 
@@ -111,3 +112,23 @@ def test_settle_success_full_partial_and_failures() -> None:
     # a job the instance was not pending on changes nothing
     i.pending = "other"
     assert not settle(i, _job(JobState.FAILED), "")
+
+
+def test_what_an_instance_serves_is_named_with_its_overlays() -> None:
+    """The label ckptd stores, reports and sends to the engine (its weight version): the
+    base version, then each partial update on top; a whole version clears them."""
+    i = inst("I", [A0], checkpoint="m", version=1, ready=True, pending="j9")
+    assert serving(i) == "m@1"
+    part = _job(JobState.SUCCEEDED, tensors=["model.layers.1."])
+    after = serving_after(i, part)
+    assert after.startswith("m@1+m@2[partial:") and after.endswith("]")
+    assert settle(i, part, "")
+    assert serving(i) == after  # what the engine was told is what the registry says
+    other = _job(JobState.SUCCEEDED, tensors=["model.layers.0."])
+    assert serving_after(i, other).startswith(after + "+m@2[partial:")
+    assert serving_after(i, other) != after + "+" + after.split("+")[1]  # selections differ
+    assert serving_after(i, _job(JobState.SUCCEEDED)) == "m@2"
+    # weights ckptd never sent (an engine's own start-up weights): named unknown, not m@0
+    fresh = inst("F", [A1])
+    assert serving(fresh) == ""
+    assert serving_after(fresh, part).startswith("unknown+m@2[partial:")

@@ -104,12 +104,14 @@ def test_each_rank_receives_exactly_its_parts(cluster: Cluster) -> None:
         update(c, 2, tpb.UPDATE_SHARDED)
     job = update(c, 1, tpb.UPDATE_METHOD_UNSPECIFIED)  # a broadcast; layouts reported
     assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert job.method == tpb.UPDATE_BROADCAST and "has not reported" in job.method_reason, job
     full = job.bytes_total
     assert all(r.bytes >= full for r in job.results)
     ranks = {(n, d): d for n in INSTANCES.values() for d in (0, 1)}
     for v in (2, 1):
-        job = update(c, v, tpb.UPDATE_SHARDED)
+        job = update(c, v, tpb.UPDATE_SHARDED if v == 2 else tpb.UPDATE_METHOD_UNSPECIFIED)
         assert job.state == tpb.JOB_SUCCEEDED, job.reason
+        assert job.method == tpb.UPDATE_SHARDED and "layout is known" in job.method_reason, job
         assert all(0 < r.bytes <= 0.55 * full for r in job.results), [r.bytes for r in job.results]
         assert_parts(c, v, ranks)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_common import sources
+from ckpt_common.read_as import ROOT
 from ckpt_common.safetensors_header import SafetensorsError, expand_source, read_header
 from ckpt_common.sources import SourceError
 
@@ -103,19 +104,19 @@ def test_confinement(tmp_path: Path) -> None:
         assert e.value.code == code
     (root / "link.safetensors").symlink_to(outside)  # a link that leaves the roots
     with pytest.raises(SourceError, match="outside"):
-        expand_source(str(root / "link.safetensors"), roots)
+        expand_source(str(root / "link.safetensors"), roots, ROOT)
     (root / "in.safetensors").symlink_to(inside)  # a link that stays inside is followed
-    assert expand_source(str(root / "in.safetensors"), roots) == [str(inside.resolve())]
+    assert expand_source(str(root / "in.safetensors"), roots, ROOT) == [str(inside.resolve())]
 
 
 def test_fifo_and_devices_are_refused_without_blocking(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(SourceError, match="not a regular file"):
-        sources.open_regular(str(tmp_path / "fifo"))
+        sources.open_regular(str(tmp_path / "fifo"), ROOT)
     with pytest.raises(SourceError, match="not a regular file"):
-        sources.open_regular("/dev/zero")
+        sources.open_regular("/dev/zero", ROOT)
     with pytest.raises(SourceError) as e:
-        sources.open_regular(str(tmp_path / "missing"))
+        sources.open_regular(str(tmp_path / "missing"), ROOT)
     assert e.value.code == "NOT_FOUND"
 
 
@@ -123,21 +124,21 @@ def test_a_link_swapped_in_after_the_check_is_not_followed(tmp_path: Path) -> No
     (tmp_path / "d").mkdir()
     f = st_file(tmp_path / "d" / "w.safetensors", {}, b"")
     real = sources.confine(str(f), (str(tmp_path),))
-    fd, st = sources.open_regular(real)
+    fd, st = sources.open_regular(real, ROOT)
     os.close(fd)
     os.rename(tmp_path / "d", tmp_path / "d2")  # a directory on the way becomes a link
     (tmp_path / "d").symlink_to(tmp_path / "d2")
     with pytest.raises(SourceError, match="changed into a link"):
-        sources.open_regular(real)
+        sources.open_regular(real, ROOT)
     os.unlink(tmp_path / "d")
     os.rename(tmp_path / "d2", tmp_path / "d")
     f.unlink()  # the file itself becomes a link
     f.symlink_to("/etc/hostname")
     with pytest.raises(SourceError, match="changed into a link"):
-        sources.open_regular(real)
+        sources.open_regular(real, ROOT)
     f.unlink()  # another file under the same name: not the scanned one
     st_file(f, {}, b"1234")
-    fd, st2 = sources.open_regular(real)
+    fd, st2 = sources.open_regular(real, ROOT)
     os.close(fd)
     with pytest.raises(SourceError, match="changed since it was scanned"):
         sources.check_identity(real, st2, st.st_size, st.st_dev, st.st_ino, st.st_ctime_ns)
@@ -149,8 +150,30 @@ def test_index_entries_stay_in_their_directory(tmp_path: Path) -> None:
     for target in ("../secret.safetensors", "/etc/passwd", "a/../../x.safetensors"):
         (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": target}}))
         with pytest.raises(SafetensorsError, match="outside its directory"):
-            expand_source(str(d), (str(tmp_path),))
+            expand_source(str(d), (str(tmp_path),), ROOT)
     (d / "model.safetensors.index.json").write_bytes(b"\xff" + SECRET)
     with pytest.raises(SafetensorsError, match="not an index") as e:
-        expand_source(str(d), (str(tmp_path),))
+        expand_source(str(d), (str(tmp_path),), ROOT)
     assert "SECRET" not in str(e.value)
+
+
+def test_reader_follows_the_kernel_mode_rule() -> None:
+    """Owner bits for the owner (even when others may more), else group, else other; uid 0
+    everything; nobody in particular: other bits only; a hard-linked file of another user
+    is refused even when its bits allow."""
+    from ckpt_common.read_as import ANYONE, R, Reader, X
+
+    def st(mode: int, uid: int = 10, gid: int = 20, nlink: int = 1) -> os.stat_result:
+        return os.stat_result((0o100000 | mode, 1, 1, nlink, uid, gid, 0, 0, 0, 0))
+
+    owner, member, other = Reader(10), Reader(11, frozenset({20})), Reader(12, frozenset({30}))
+    assert owner.may(st(0o600), R) and not member.may(st(0o600), R)
+    assert not owner.may(st(0o044), R) and member.may(st(0o044), R)  # owner bits win
+    assert other.may(st(0o604), R) and not other.may(st(0o640), R)
+    assert ROOT.may(st(0o000), R | X)
+    assert ANYONE.may(st(0o004), R) and not ANYONE.may(st(0o660, uid=10), R)
+    assert "hard links" in other.refusal(st(0o644, nlink=2), R, "'f'")
+    assert owner.refusal(st(0o644, nlink=2), R, "'f'") == ""
+    assert ROOT.refusal(st(0o600, nlink=3), R, "'f'") == ""
+    assert "may not read" in ANYONE.refusal(st(0o640), R, "'f'")
+    assert Reader.of_uid(0).uid == 0 and Reader.of_uid(None) is ANYONE

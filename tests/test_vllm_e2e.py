@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckpt.v1 import types_pb2 as tpb
-from ckpt_common.errors import InvalidArgument
+from ckpt_common.errors import FailedPrecondition, InvalidArgument
 from ckpt_daemon import convert, probes
 from ckpt_daemon.engine_http import http_json
+from ckpt_daemon.engine_proof import EngineSigner, EngineUnproven, prove
 from ckptctl.probes import greedy_probe
 from demo.engines import free_port
 from demo.models import PROMPTS, build_model, hf_greedy, save_model
@@ -132,7 +133,13 @@ def test_one_job_updates_two_instances_while_serving(fleet: Cluster) -> None:
     insts = {i.name: i for i in c.client.instances()}
     assert insts["A"].version == 2 and insts["C"].version == 2 and insts["A"].ready
     # what the engines' users saw: each paused once, for how long, by instance
-    scrape = urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=5)
+    scrape = urllib.request.urlopen(
+        urllib.request.Request(
+            f"http://127.0.0.1:{c.metrics_port}/metrics",
+            headers={"Authorization": f"Bearer {c.token_file.read_text().strip()}"},
+        ),
+        timeout=5,
+    )
     text = scrape.read().decode()
     for name in ("A", "C"):
         assert f'ckptd_engine_pause_seconds_count{{instance="{name}"}} 1.0' in text, text[:3000]
@@ -151,50 +158,53 @@ def test_probe_runs_alone_while_the_engine_is_paused(fleet: Cluster) -> None:
     request until /resume; a probe of other weights misses."""
     c = fleet
     url = c.urls["A"]
-    token = {"X-Ckpt-Token": c.engine_token_file.read_text().strip()}
+    sign = prove(url, c.engine_key("A"), 10)
     assert update(c, "llama", 2, ["A"]).state == tpb.JOB_SUCCEEDED
-    http_json(f"{url}/pause?mode=keep", None, 30, "POST", token)
+    http_json(f"{url}/pause?mode=keep", None, 30, "POST", None, sign)
     held: list[list[int]] = []
     th = threading.Thread(target=lambda: held.append(complete(url, PROMPTS[0], 4)))
     try:
         th.start()
         time.sleep(1.0)
         good = convert.probe_from_pb(c.probes["llama_1"])
-        assert asyncio.run(probes.run(url, good, 30, token)) == ""
+        assert asyncio.run(probes.run(url, good, 30, sign)) == ""
         bad = convert.probe_from_pb(c.probes["llama_0"])
-        miss = asyncio.run(probes.run(url, bad, 30, token))
+        miss = asyncio.run(probes.run(url, bad, 30, sign))
         assert miss.startswith("probe: token"), miss
         assert not held  # nothing but the probes ran while paused
     finally:
-        http_json(f"{url}/resume", None, 30, "POST", token)
+        http_json(f"{url}/resume", None, 30, "POST", None, sign)
         th.join(60)
     assert held == [c.hf["llama_1"][0][:4]]
 
 
 def test_engine_hook_is_guarded(fleet: Cluster) -> None:
-    """vllm_ext.guard in front of a real engine: the admin routes need ckptd's engine token,
+    """vllm_ext.guard in front of a real engine: the admin routes need ckptd's signature,
     /collective_rpc runs only our methods, the extension connects only to agent sockets,
     and registration pins endpoints to the engine's node."""
     c = fleet
     url = c.urls["A"]
-    token = {"X-Ckpt-Token": c.engine_token_file.read_text().strip()}
+    sign = prove(url, c.engine_key("A"), 10)
 
-    def status(path: str, body: dict | None, headers: dict | None = None) -> int:
+    def status(path: str, body: dict | None, signer=None) -> int:
         try:
-            http_json(f"{url}{path}", body, 30, "POST", headers)
+            http_json(f"{url}{path}", body, 30, "POST", None, signer)
             return 200
         except urllib.error.HTTPError as e:
             return e.code
 
     assert status("/pause?mode=keep", None) == 403
     assert status("/collective_rpc", {"method": "ckpt_info"}) == 403
-    assert status("/collective_rpc", {"method": "reload_weights"}, token) == 403
+    assert status("/collective_rpc", {"method": "reload_weights"}, sign) == 403
+    with pytest.raises(EngineUnproven, match="does not match"):  # B's key does not open A
+        prove(url, c.engine_key("B"), 10)
+    assert status("/pause?mode=keep", None, EngineSigner(c.engine_key("B"), sign.server)) == 403
     assert status("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/"}) == 403
     probe = {"prompt": [1], "max_tokens": 1, "vllm_xargs": {"ckpt_probe": 1}}
     assert status("/v1/completions", probe) == 403
     arg = json.dumps({"endpoints": ["tcp://127.0.0.1:9"], "timeout_s": 5})
     res = http_json(
-        f"{url}/collective_rpc", {"method": "ckpt_update", "args": [arg]}, 30, "POST", token
+        f"{url}/collective_rpc", {"method": "ckpt_update", "args": [arg]}, 30, "POST", None, sign
     )
     assert res["results"][0]["ok"] is False and "ipc://" in res["results"][0]["reason"]
     assert tokens(c, "A")  # serving goes on, unguarded
@@ -211,6 +221,17 @@ def test_engine_hook_is_guarded(fleet: Cluster) -> None:
                     ranks=[tpb.InstanceRank(node_id="n1", device=0)],
                 )
             )
+    # an endpoint is accepted only once the engine behind it proves it holds the instance's
+    # key: A's engine is not instance "evil"'s
+    with pytest.raises(FailedPrecondition, match="did not prove"):
+        c.client.register_instance(
+            tpb.Instance(
+                name="evil",
+                kind=tpb.INSTANCE_VLLM,
+                endpoint=url,
+                ranks=[tpb.InstanceRank(node_id="n1", device=0)],
+            )
+        )
     assert "evil" not in {i.name for i in c.client.instances()}
 
 
@@ -249,6 +270,22 @@ def test_partial_update_changes_only_its_tensors(fleet: Cluster, tmp_path: Path)
     want = hf_greedy(d, PROMPTS, N)
     assert want != c.hf["llama_0"] and want != c.hf["llama_1"]
     assert tokens(c, "A") == want
+    # named as what it is everywhere: llama@1 with an overlay of llama@2's layer 1
+    a = {i.name: i for i in c.client.instances()}["A"]
+    assert (a.checkpoint, a.version) == ("llama", 1)
+    assert [(o.checkpoint, o.version, list(o.tensors)) for o in a.overlays] == [
+        ("llama", 2, ["model.layers.1."])
+    ]
+    assert a.serving.startswith("llama@1+llama@2[partial:"), a.serving
+    assert http_json(f"{c.urls['A']}/weight_info", None, 10, "GET")["weight_version"] == a.serving
+    # the job says which method it ran and why
+    assert job.method in (tpb.UPDATE_BROADCAST, tpb.UPDATE_SHARDED), job
+    assert job.requested_method == tpb.UPDATE_METHOD_UNSPECIFIED and job.method_reason, job
+    # a whole version replaces the overlay
+    assert update(c, "llama", 1, ["A"]).state == tpb.JOB_SUCCEEDED
+    a = {i.name: i for i in c.client.instances()}["A"]
+    assert (a.serving, list(a.overlays)) == ("llama@1", [])
+    assert http_json(f"{c.urls['A']}/weight_info", None, 10, "GET")["weight_version"] == "llama@1"
 
 
 def test_mismatched_checkpoint_is_refused_before_touching_weights(
@@ -416,14 +453,14 @@ def test_tp2_engine_reports_its_sharding_map(fleet: Cluster) -> None:
 
     c = fleet
     url = c.urls["C"]
-    token = {"X-Ckpt-Token": c.engine_token_file.read_text().strip()}
+    sign = prove(url, c.engine_key("C"), 10)
     path = Path(c.models["llama_0"]) / "model.safetensors"
     with safe_open(str(path), "pt") as f:
         shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     arg = json.dumps([[n, "F32", s] for n, s in sorted(shapes.items())])
     before = tokens(c, "C")
     res = http_json(
-        f"{url}/collective_rpc", {"method": "ckpt_layout", "args": [arg]}, 60, "POST", token
+        f"{url}/collective_rpc", {"method": "ckpt_layout", "args": [arg]}, 60, "POST", None, sign
     )["results"]
     assert [r["rank"] for r in res] == [0, 1]
     keeps = [r["keeps"] for r in res]

@@ -41,6 +41,7 @@ class EngineUpdate:
         self.checkpoint = ""
         self.version = 0
         self.updates = 0
+        self.overlays: list[str] = []  # partial updates since the last whole one: "ck@v"
         self._receiver: Receiver | None = None
         self._expected: dict[str, tuple[int, ...]] | None = None
         self._feeds: Any = None
@@ -95,6 +96,7 @@ class EngineUpdate:
             "rank": rank,
             "checkpoint": self.checkpoint,
             "version": self.version,
+            "overlays": list(self.overlays),
             "updates": self.updates,
             "pid": os.getpid(),
         }
@@ -171,5 +173,8 @@ class EngineUpdate:
                     is_checkpoint_format=True,
                 )
         post.finish()
-        self.checkpoint, self.version = info.checkpoint, int(info.version)
+        if info.partial:  # what it serves: the base it had, this version's tensors on top
+            self.overlays.append(f"{info.checkpoint}@{info.version}")
+        else:
+            self.checkpoint, self.version, self.overlays = info.checkpoint, int(info.version), []
         self.updates += 1

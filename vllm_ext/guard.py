@@ -5,30 +5,36 @@ otherwise let anyone who reaches the port call any worker method. With the guard
 
 - the serving API stays open (/v1/..., /health, /metrics, tokenize, ...), except that a
   request carrying ckptd's probe marker (`vllm_xargs.ckpt_probe`: it runs while the engine
-  is paused) needs the engine token;
+  is paused) must be ckptd's; a body that could carry it is read exactly as the server reads
+  it, or refused (vllm_ext.guard_body);
 - every other route (pause, resume, collective_rpc, sleep, weight transfer, LoRA loading,
-  profiling, ...) needs the engine token in `X-Ckpt-Token`; a route vLLM adds later is
-  closed until listed here;
+  profiling, ...) needs ckptd's per-call signature (`X-Ckpt-Signature`, made with this
+  instance's own key: ckpt_common.engine_auth, vllm_ext.guard_auth); a route vLLM adds later
+  is closed until listed here;
 - /collective_rpc runs only ckptd's own worker methods (`ckpt_update`, `ckpt_info`,
-  `ckpt_layout`).
+  `ckpt_layout`);
+- `GET /ckpt_engine_proof?nonce=..` is answered here: the proof ckptd asks for before it
+  signs anything for this endpoint.
 
-The token is read from CKPT_ENGINE_TOKEN_FILE (the file ckptd's `--engine-token-file`
-names, 0600). Without it, every guarded route answers 403. Refusals name the rule, never
-echo the request.
+The key is read from CKPT_ENGINE_TOKEN_FILE (this instance's key, `ckptd engine-key NAME`,
+0600). Without it, every guarded route answers 403. Refusals name the rule, never echo the
+request.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-TOKEN_FILE_ENV = "CKPT_ENGINE_TOKEN_FILE"
-TOKEN_HEADER = b"x-ckpt-token"
-PROBE_MARK = b"ckpt_probe"  # vllm_ext.probe_scheduler.PROBE_ARG
-ALLOWED_RPC = frozenset({"ckpt_update", "ckpt_info", "ckpt_layout"})
+from ckpt_common.engine_auth import PROOF_PATH, SIG_HEADER
+from vllm_ext import guard_body
+from vllm_ext.guard_auth import TOKEN_FILE_ENV, Verifier, configured_address, load_key
+from vllm_ext.guard_body import ALLOWED_RPC, rpc_refusal
+
+__all__ = ["ALLOWED_RPC", "TOKEN_FILE_ENV", "CkptGuard", "is_public", "rpc_refusal"]
+
+SIG = SIG_HEADER.lower().encode()
 MAX_BODY = 64 << 20  # a guarded body is read whole before it goes on
 PUBLIC_EXACT = frozenset(
     {
@@ -49,6 +55,7 @@ PUBLIC_EXACT = frozenset(
     }
 )
 PRIVATE_V1 = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+SAFE = ("GET", "HEAD", "OPTIONS")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -61,73 +68,60 @@ def is_public(path: str) -> bool:
     return path.startswith(("/v1/", "/v2/")) and not path.startswith(PRIVATE_V1)
 
 
-def load_token() -> bytes:
-    path = os.environ.get(TOKEN_FILE_ENV, "")
-    if not path:
-        return b""
-    with open(path, "rb") as f:
-        return f.read().strip()
-
-
-def is_probe(body: bytes) -> bool:
-    """The request carries the probe marker in vllm_xargs (not merely the word in a prompt)."""
-    try:
-        xargs = json.loads(body).get("vllm_xargs")
-    except (ValueError, AttributeError):
-        return False
-    return isinstance(xargs, dict) and "ckpt_probe" in xargs
-
-
-def rpc_refusal(body: bytes) -> str:
-    """Why a /collective_rpc body is refused; "" when it calls one of our methods."""
-    try:
-        method = json.loads(body).get("method")
-    except (ValueError, AttributeError):
-        return "collective_rpc: the body is not a JSON object"
-    if method not in ALLOWED_RPC:
-        return f"collective_rpc: only {sorted(ALLOWED_RPC)} may be called"
-    return ""
+def _bodiless(headers: Any) -> bool:
+    length = guard_body.header(headers, b"content-length").strip()
+    chunked = guard_body.header(headers, b"transfer-encoding")
+    return not chunked and length in (b"", b"0")
 
 
 class CkptGuard:
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
-        self.token = load_token()
-
-    def _authorized(self, scope: Scope) -> bool:
-        if not self.token:
-            return False
-        for key, value in scope.get("headers") or ():
-            if key.lower() == TOKEN_HEADER:
-                return hmac.compare_digest(value.strip(), self.token)
-        return False
+        self.verifier = Verifier(load_key(), configured_address())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope.get("type") == "websocket" and not is_public(path):
+            await send({"type": "websocket.close", "code": 1008})  # closed like HTTP routes
+            return
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
+        headers = scope.get("headers") or ()
+        if path == PROOF_PATH:
+            status, answer = self.verifier.proof(scope)
+            await _answer(send, status, answer)
+            return
         public = is_public(path)
-        if public and scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+        if public and scope.get("method") in SAFE and _bodiless(headers):
             await self.app(scope, receive, send)
             return
-        authorized = self._authorized(scope)
-        if not public and not authorized:
-            await _deny(send, 403, "this route needs ckptd's engine token (X-Ckpt-Token)")
+        sig = guard_body.header(headers, SIG).decode("latin-1")
+        if not public and not sig:
+            await _deny(send, 403, "this route needs ckptd's signature (X-Ckpt-Signature)")
+            return
+        why = guard_body.encoding_refusal(headers)
+        if why:
+            await _deny(send, *why)
             return
         body, more = await _read_body(receive)
         if more:
             await _deny(send, 413, "request body too large")
             return
-        # (a marker spelled with JSON escapes has no plain bytes: those bodies are parsed too)
-        maybe = PROBE_MARK in body or b"\\u" in body
-        if public and not authorized and maybe and is_probe(body):
-            await _deny(send, 403, "ckpt_probe requests need ckptd's engine token")
-            return
-        if path == "/collective_rpc":
-            why = rpc_refusal(body)
+        if sig:
+            bad = self.verifier.check(scope, body, sig)
+            if bad:
+                await _deny(send, 403, f"ckptd's signature refused: {bad}")
+                return
+        else:  # a public route, unsigned: the probe marker is ckptd's alone
+            why = guard_body.probe_refusal(headers, body)
             if why:
-                await _deny(send, 403, why)
+                await _deny(send, *why)
+                return
+        if path == "/collective_rpc":
+            rpc = rpc_refusal(body)
+            if rpc:
+                await _deny(send, 403, rpc)
                 return
         await self.app(scope, _replay(body, receive), send)
 
@@ -164,7 +158,11 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 async def _deny(send: Send, status: int, why: str) -> None:
-    body = json.dumps({"error": why}).encode()
+    await _answer(send, status, {"error": why})
+
+
+async def _answer(send: Send, status: int, answer: dict) -> None:
+    body = json.dumps(answer).encode()
     await send(
         {
             "type": "http.response.start",

@@ -9,7 +9,7 @@ is vLLM's own scheduler (the synchronous one, or the asynchronous one where vLLM
 asks for it), and a marked request is an ordinary request.
 
 Whether a marked request may come in at all is the HTTP layer's decision
-(vllm_ext.guard): it is ckptd's, authenticated with the engine token.
+(vllm_ext.guard): it is ckptd's, signed with the instance's key.
 """
 
 from __future__ import annotations

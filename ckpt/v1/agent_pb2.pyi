@@ -173,10 +173,12 @@ class AgentMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
 
 class Scan(_message.Message):
-    __slots__ = ("paths",)
+    __slots__ = ("paths", "read_uid")
     PATHS_FIELD_NUMBER: _ClassVar[int]
+    READ_UID_FIELD_NUMBER: _ClassVar[int]
     paths: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, paths: _Optional[_Iterable[str]] = ...) -> None: ...
+    read_uid: int
+    def __init__(self, paths: _Optional[_Iterable[str]] = ..., read_uid: _Optional[int] = ...) -> None: ...
 
 class LoadItem(_message.Message):
     __slots__ = ("path", "file_offset", "nbytes", "store_offset", "file_size", "file_dev", "file_ino", "file_ctime_ns", "rows", "stride")
@@ -203,18 +205,20 @@ class LoadItem(_message.Message):
     def __init__(self, path: _Optional[str] = ..., file_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., store_offset: _Optional[int] = ..., file_size: _Optional[int] = ..., file_dev: _Optional[int] = ..., file_ino: _Optional[int] = ..., file_ctime_ns: _Optional[int] = ..., rows: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("checkpoint", "version", "device", "nbytes", "items")
+    __slots__ = ("checkpoint", "version", "device", "nbytes", "items", "read_uid")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    READ_UID_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     version: int
     device: int
     nbytes: int
     items: _containers.RepeatedCompositeFieldContainer[LoadItem]
-    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., device: _Optional[int] = ..., nbytes: _Optional[int] = ..., items: _Optional[_Iterable[_Union[LoadItem, _Mapping]]] = ...) -> None: ...
+    read_uid: int
+    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., device: _Optional[int] = ..., nbytes: _Optional[int] = ..., items: _Optional[_Iterable[_Union[LoadItem, _Mapping]]] = ..., read_uid: _Optional[int] = ...) -> None: ...
 
 class Seal(_message.Message):
     __slots__ = ("checkpoint", "version", "device", "items")

@@ -226,7 +226,7 @@ class InstanceRank(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., device: _Optional[int] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("name", "kind", "endpoint", "tp_size", "ranks", "checkpoint", "version", "ready", "reason", "global_ranks", "weight_transfer")
+    __slots__ = ("name", "kind", "endpoint", "tp_size", "ranks", "checkpoint", "version", "ready", "reason", "global_ranks", "weight_transfer", "overlays", "serving")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,8 @@ class Instance(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_RANKS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    OVERLAYS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: InstanceKind
     endpoint: str
@@ -249,7 +251,19 @@ class Instance(_message.Message):
     reason: str
     global_ranks: _containers.RepeatedScalarFieldContainer[int]
     weight_transfer: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[InstanceKind, str]] = ..., endpoint: _Optional[str] = ..., tp_size: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[InstanceRank, _Mapping]]] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., global_ranks: _Optional[_Iterable[int]] = ..., weight_transfer: _Optional[str] = ...) -> None: ...
+    overlays: _containers.RepeatedCompositeFieldContainer[Overlay]
+    serving: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[InstanceKind, str]] = ..., endpoint: _Optional[str] = ..., tp_size: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[InstanceRank, _Mapping]]] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., global_ranks: _Optional[_Iterable[int]] = ..., weight_transfer: _Optional[str] = ..., overlays: _Optional[_Iterable[_Union[Overlay, _Mapping]]] = ..., serving: _Optional[str] = ...) -> None: ...
+
+class Overlay(_message.Message):
+    __slots__ = ("checkpoint", "version", "tensors")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    version: int
+    tensors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., tensors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PhaseTimes(_message.Message):
     __slots__ = ("copy_s", "broadcast_s", "reload_s", "setup_s", "total_s")
@@ -290,7 +304,7 @@ class RankResult(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[int] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., times: _Optional[_Union[PhaseTimes, _Mapping]] = ..., bytes: _Optional[int] = ..., engine_untouched: _Optional[bool] = ..., layout: _Optional[str] = ..., copy_bytes: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "kind", "state", "reason", "checkpoint", "version", "ranks", "instances", "buckets_total", "buckets_done", "bytes_total", "bucket_bytes", "created_unix", "started_unix", "finished_unix", "results", "method", "first_bucket_s")
+    __slots__ = ("id", "kind", "state", "reason", "checkpoint", "version", "ranks", "instances", "buckets_total", "buckets_done", "bytes_total", "bucket_bytes", "created_unix", "started_unix", "finished_unix", "results", "method", "first_bucket_s", "requested_method", "method_reason")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +323,8 @@ class Job(_message.Message):
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     FIRST_BUCKET_S_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_METHOD_FIELD_NUMBER: _ClassVar[int]
+    METHOD_REASON_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: JobKind
     state: JobState
@@ -327,4 +343,6 @@ class Job(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[RankResult]
     method: UpdateMethod
     first_bucket_s: float
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., instances: _Optional[_Iterable[str]] = ..., buckets_total: _Optional[int] = ..., buckets_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bucket_bytes: _Optional[int] = ..., created_unix: _Optional[float] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., results: _Optional[_Iterable[_Union[RankResult, _Mapping]]] = ..., method: _Optional[_Union[UpdateMethod, str]] = ..., first_bucket_s: _Optional[float] = ...) -> None: ...
+    requested_method: UpdateMethod
+    method_reason: str
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., instances: _Optional[_Iterable[str]] = ..., buckets_total: _Optional[int] = ..., buckets_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bucket_bytes: _Optional[int] = ..., created_unix: _Optional[float] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., results: _Optional[_Iterable[_Union[RankResult, _Mapping]]] = ..., method: _Optional[_Union[UpdateMethod, str]] = ..., first_bucket_s: _Optional[float] = ..., requested_method: _Optional[_Union[UpdateMethod, str]] = ..., method_reason: _Optional[str] = ...) -> None: ...
