@@ -123,7 +123,7 @@ def test_errors_are_precise_and_change_nothing(cluster: Cluster, tmp_path: Path)
         c.client.push("errs", 2, [str(tmp_path / "missing.safetensors")])
     bad = tmp_path / "corrupt.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    with pytest.raises(InvalidArgument, match="not JSON"):
+    with pytest.raises(InvalidArgument, match="not UTF-8 JSON"):
         c.client.push("errs", 2, [str(bad)])
     with pytest.raises(AlreadyExists):
         c.client.push("errs", 1, [str(tmp_path / "e")])

@@ -56,7 +56,7 @@ def test_corrupt_headers(tmp_path) -> None:
     with pytest.raises(SafetensorsError, match="exceeds"):
         read_header(str(p))
     p.write_bytes(struct.pack("<Q", 4) + b"nope")
-    with pytest.raises(SafetensorsError, match="not JSON"):
+    with pytest.raises(SafetensorsError, match="not UTF-8 JSON"):
         read_header(str(p))
     hdr = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
     p.write_bytes(struct.pack("<Q", len(hdr)) + hdr + b"\0" * 8)
