@@ -90,6 +90,7 @@ class _Session:
     pending: dict[int, asyncio.Future[apb.CommandResult]] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     closed: bool = False
+    error: CkptError | None = None  # why ckptd ended the stream (its status)
 
     def close(self, reason: str) -> None:
         if self.closed:
@@ -181,6 +182,8 @@ class AgentHub:
                 if msg is None:
                     break
                 yield msg
+            if session.error is not None:
+                raise session.error
         finally:
             reader.cancel()
             session.close("detached")
@@ -234,6 +237,9 @@ class AgentHub:
                         fn(session.node_id, msg.progress)
         except (asyncio.CancelledError, GeneratorExit):
             raise
+        except CkptError as e:  # the agent sent what is not a message: its stream ends so
+            log.warning("agent_stream_refused", node=session.node_id, error=e.message)
+            session.error = e
         except Exception as e:  # the stream broke
             log.warning("agent_stream_error", node=session.node_id, error=str(e))
         session.close("stream closed")

@@ -73,6 +73,14 @@ def _rank_result(rank: int, r: RankRef, u: tpb.RankResult) -> RankResult:
     )
 
 
+class RankFailed(Aborted):
+    """A rank reported its failure (a result with ok=False)."""
+
+    def __init__(self, result: RankResult) -> None:
+        super().__init__(f"rank {result.rank} ({result.owner}): {result.reason}")
+        self.result = result
+
+
 class _Progress:
     """Buckets each target has handed its engine; the job's count is, per group, what its
     slowest target has, summed over the groups."""
@@ -185,6 +193,8 @@ class Executor:
         self._hub.on_progress(job.id, _Progress(job, groups, notify))
         order = {r: i for i, r in enumerate(self._registry.rank_order())}
 
+        results: dict[RankRef, RankResult] = {}
+
         async def run_rank(r: RankRef, cmd: apb.Command) -> RankResult:
             try:
                 res = await self._hub.command(r.node_id, cmd, left() + 5.0)
@@ -192,7 +202,10 @@ class Executor:
                 raise type(e)(f"rank {order.get(r, -1)} ({r}): {e.message}") from None
             if layouts is not None and r in asked and res.update.layout:
                 layouts[r] = res.update.layout
-            return _rank_result(order.get(r, -1), r, res.update)
+            got = results[r] = _rank_result(order.get(r, -1), r, res.update)
+            if not got.ok:  # a reported failure aborts the peers at once, as a raised one
+                raise RankFailed(got)
+            return got
 
         instances = [
             inst
@@ -203,12 +216,10 @@ class Executor:
         engine_tasks = [asyncio.ensure_future(self._trigger(i, job, left())) for i in instances]
         try:
             await self._wait(job, participants, rank_tasks + engine_tasks, left)
+        except RankFailed:
+            pass  # the most telling of the reported failures is raised below
         finally:
-            job.results = [
-                t.result()
-                for t in rank_tasks
-                if t.done() and not t.cancelled() and t.exception() is None
-            ]
+            job.results = [results[r] for r in participants if r in results]
         bad = sorted(
             (r for r in job.results if not r.ok),
             key=lambda r: (r.reason.startswith(PEER_FAILED), r.rank),

@@ -142,8 +142,8 @@ class JobRunner:
     # ---------------------------------------------------------------- queries
 
     def running_nodes(self) -> set[str]:
-        """Nodes a running job sends bytes to."""
-        return {r.node_id for r in self._busy_targets}
+        """Nodes a running job sends bytes to or reads them from."""
+        return {r.node_id for r in (*self._busy_targets, *self._busy_participants)}
 
     def busy_checkpoints(self) -> set[tuple[str, int]]:
         return {

@@ -287,3 +287,30 @@ def test_still_healthy_after_all_that(cluster: Cluster, tmp_path: Path) -> None:
     job = c.client.wait(c.client.update("after", 1, ranks=[0]).id, 60)
     assert job.state == tpb.JOB_SUCCEEDED, job.reason
     wait_for(lambda: read_report(c.reports[0]).get("tensors") == digests(t), 30, "the bytes")
+
+
+@pytest.mark.parametrize("after_hello", [False, True])
+def test_garbage_on_attach(cluster: Cluster, after_hello: bool) -> None:
+    """Bytes that are no AgentMessage, first or after a valid Hello: INVALID_ARGUMENT,
+    nothing changes, no agent stays listed."""
+    c = cluster
+    before = state(c)
+    attach = c.channel.stream_stream(
+        "/ckpt.v1.AgentLink/Attach",
+        request_serializer=lambda b: b,
+        response_deserializer=apb.DaemonMessage.FromString,
+    )
+    first = [hello(node_id="garbage").SerializeToString()] if after_hello else []
+
+    def requests():
+        yield from first
+        yield b"\xff\xff\xff\xff\x0f"  # a truncated varint: no protobuf parses it
+        time.sleep(5)  # the stream stays open: the status is ckptd's verdict, not EOF
+
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in attach(requests(), metadata=c.md, timeout=10):
+            pass
+    assert e.value.code() == IA, (e.value.code(), e.value.details())
+    if not after_hello:
+        assert state(c) == before
+    assert [a.node_id for a in c.client.agents() if a.state == tpb.AGENT_ATTACHED] == ["n1"]
