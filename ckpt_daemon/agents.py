@@ -275,6 +275,10 @@ class AgentHub:
         s = self._sessions.get(node_id)
         return bool(s and not s.closed)
 
+    def live(self, node_id: str) -> bool:
+        """Attached and not silent (a frozen agent's stores are no source to plan reads of)."""
+        return self.silence(node_id) <= self.silence_limit
+
     @property
     def silence_limit(self) -> float:
         return max(JOB_SILENCE_BEATS * self._heartbeat_s, JOB_SILENCE_MIN_S)

@@ -215,7 +215,8 @@ class Executor:
         rank_tasks = [asyncio.ensure_future(run_rank(r, c)) for r, c in cmds]
         engine_tasks = [asyncio.ensure_future(self._trigger(i, job, left())) for i in instances]
         try:
-            await self._wait(job, participants, rank_tasks + engine_tasks, left)
+            watched = {r.node_id for r in participants} | self._source_nodes(groups)
+            await self._wait(job, participants, watched, rank_tasks + engine_tasks, left)
         except RankFailed:
             pass  # the most telling of the reported failures is raised below
         finally:
@@ -227,18 +228,30 @@ class Executor:
         if bad:
             raise Aborted(f"rank {bad[0].rank} ({bad[0].owner}): {bad[0].reason}")
 
+    def _source_nodes(self, groups: list[Group]) -> set[str]:
+        """The nodes whose stores the job's readers read by P2P: one that goes silent
+        (frozen) fails the job, as a participant's does (a read of it may block)."""
+        sessions = {s.session for g in groups for s in g.sources if s.session}
+        if not sessions:
+            return set()
+        return {
+            r.node_id
+            for cv in self._registry.checkpoints.values()
+            for r, sh in cv.shards.items()
+            if sh.p2p_session in sessions
+        }
+
     async def _wait(
         self,
         job: Job,
         participants: list[RankRef],
+        watched: set[str],
         tasks: list[asyncio.Future],
         left: Callable[[], float],
     ) -> None:
         """Until every task is done; the first failure aborts the others (who get a bounded
         moment to report their own view) and is raised."""
-        watchdog = asyncio.ensure_future(
-            self._hub.watch({r.node_id for r in participants}, f"job {job.id}")
-        )
+        watchdog = asyncio.ensure_future(self._hub.watch(watched, f"job {job.id}"))
         try:
             work = set(tasks)
             while work:

@@ -374,7 +374,7 @@ class JobRunner:
         return size, nbuf
 
     def _p2p_sources(self, cv: CheckpointVersion) -> dict[RankRef, tuple[str, int]] | None:
-        return p2p_sources(self._registry, self._hub.attached, cv)
+        return p2p_sources(self._registry, self._hub.live, cv)
 
     def fleet_version(self) -> tuple[str, int]:
         """What most ready instances serve."""
