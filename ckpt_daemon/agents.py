@@ -91,6 +91,7 @@ class _Session:
     last_seen: float = field(default_factory=time.monotonic)
     closed: bool = False
     error: CkptError | None = None  # why ckptd ended the stream (its status)
+    heard: bool = False  # the agent sent something after its Hello
 
     def close(self, reason: str) -> None:
         if self.closed:
@@ -223,7 +224,7 @@ class AgentHub:
     async def _read(self, session: _Session, incoming: AsyncIterator[apb.AgentMessage]) -> None:
         try:
             async for msg in incoming:
-                session.last_seen = time.monotonic()
+                session.last_seen, session.heard = time.monotonic(), True
                 kind = msg.WhichOneof("body")
                 if kind == "heartbeat":
                     self._heartbeat(session.node_id, msg.heartbeat)
@@ -247,8 +248,11 @@ class AgentHub:
     async def monitor(self) -> None:
         """Drops agents whose heartbeats stopped (3 missed, and at least 30 s: a busy node is
         not a dead one; a closed stream is noticed at once anyway). When this loop itself
-        woke up late (ckptd was starved), heartbeats may be waiting unread: skip a round."""
+        woke up late (ckptd was starved), heartbeats may be waiting unread: skip a round.
+        An agent never heard from after its Hello gets no grace: 3 missed beats detach it
+        (attached and silent, it would be planned into every push and update)."""
         limit = max(3 * self._heartbeat_s, HEARTBEAT_GRACE_S)
+        unheard = 3 * self._heartbeat_s
         last = time.monotonic()
         while True:
             await asyncio.sleep(self._heartbeat_s)
@@ -259,7 +263,7 @@ class AgentHub:
                 await asyncio.sleep(0)  # let queued stream reads run first
                 continue
             for s in list(self._sessions.values()):
-                if now - s.last_seen > limit:
+                if now - s.last_seen > (limit if s.heard else unheard):
                     log.warning("agent_heartbeat_lost", node=s.node_id)
                     s.close("stopped sending heartbeats")
 

@@ -314,3 +314,44 @@ def test_garbage_on_attach(cluster: Cluster, after_hello: bool) -> None:
     if not after_hello:
         assert state(c) == before
     assert [a.node_id for a in c.client.agents() if a.state == tpb.AGENT_ATTACHED] == ["n1"]
+
+
+def test_silent_agent_is_detached_and_spares_other_pushes(cluster: Cluster, tmp_path: Path) -> None:
+    """A principal that attaches a node and then says nothing: detached after 3 missed
+    heartbeats (not the 30 s grace of an agent that has spoken), and a push to every
+    attached rank succeeds afterwards without it."""
+    import threading
+
+    c = cluster
+    stub = agent_pb2_grpc.AgentLinkStub(c.channel)
+    quiet = threading.Event()
+
+    def requests():
+        yield hello(node_id="mute")
+        quiet.wait(30)
+
+    def attach() -> None:
+        try:
+            for _ in stub.Attach(requests(), metadata=c.md, timeout=30):
+                pass
+        except grpc.RpcError:
+            pass
+
+    th = threading.Thread(target=attach, daemon=True)
+    th.start()
+    try:
+        wait_for(lambda: "mute" in attached(c), 10, "the mute agent to attach")
+        t0 = time.monotonic()
+        wait_for(lambda: "mute" not in attached(c), 15, "the mute agent to be detached")
+        assert time.monotonic() - t0 < 10
+        t = mixed_tensors(9, layers=1)
+        cp = c.client.push("after-mute", 1, [str(write_sharded(t, tmp_path / "m"))])
+        assert {s.node_id for s in cp.shards} == {"n1"}
+    finally:
+        quiet.set()
+        th.join(10)
+    c.client.delete("after-mute", 1)
+
+
+def attached(c: Cluster) -> list[str]:
+    return [a.node_id for a in c.client.agents() if a.state == tpb.AGENT_ATTACHED]
