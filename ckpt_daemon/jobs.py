@@ -322,9 +322,9 @@ class JobRunner:
                     "no mirror holds them) or are not registered for P2P (no Mooncake, --p2p off)"
                 )
             return [Group(plan=plan, sources=sources)]
-        gone = sorted(str(o) for o in owners if not self._hub.attached(o.node_id))
+        gone = sorted(str(o) for o in owners if not self._hub.live(o.node_id))
         if gone:
-            raise Unavailable(f"agents holding checkpoint bytes are not attached: {gone}")
+            raise Unavailable(f"agents holding checkpoint bytes are detached or silent: {gone}")
         bucket_bytes, nbuf = self._buckets(spec, set(targets) | owners, owner_bytes(tensors))
         plan = await asyncio.to_thread(
             plan_update, tensors, targets, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial

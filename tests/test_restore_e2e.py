@@ -160,8 +160,6 @@ def test_owner_node_frozen_mid_update_ends_within_bound(cluster: Cluster, tmp_pa
         assert time.monotonic() - t0 <= 10, done.reason
         assert done.state == tpb.JOB_FAILED, done.reason
         time.sleep(max(0.0, 12 - (time.monotonic() - t0)))
-        running = [j for j in c.client.jobs(1000) if j.state == tpb.JOB_RUNNING]
-        assert not running, [(j.id, j.started) for j in running]
     finally:
         os.killpg(agent_b.pid, signal.SIGCONT)
     t1_thaw = time.monotonic()
@@ -170,3 +168,5 @@ def test_owner_node_frozen_mid_update_ends_within_bound(cluster: Cluster, tmp_pa
     assert (instance_r(c).checkpoint, instance_r(c).version) == ("z", 1)
     wait_for(lambda: holds(c, t1), 10, "R's engines to hold v1")
     wait_for(lambda: all(_ended(c, j.id) for j in c.client.jobs(1000)), 10, "every job to end")
+    slow = [j for j in c.client.jobs(1000) if j.finished_unix - j.created_unix > 10]
+    assert not slow, slow  # the restores tried while B was frozen ended within bound too
