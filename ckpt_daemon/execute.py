@@ -216,7 +216,8 @@ class Executor:
         engine_tasks = [asyncio.ensure_future(self._trigger(i, job, left())) for i in instances]
         try:
             watched = {r.node_id for r in participants} | self._source_nodes(groups)
-            await self._wait(job, participants, watched, rank_tasks + engine_tasks, left)
+            node_of = {t: r.node_id for t, (r, _) in zip(rank_tasks, cmds, strict=True)}
+            await self._wait(job, participants, watched, rank_tasks + engine_tasks, left, node_of)
         except RankFailed:
             pass  # the most telling of the reported failures is raised below
         finally:
@@ -227,6 +228,22 @@ class Executor:
         )
         if bad:
             raise Aborted(f"rank {bad[0].rank} ({bad[0].owner}): {bad[0].reason}")
+
+    async def _grace(
+        self, work: set[asyncio.Future], node_of: dict[asyncio.Future, str], grace_s: float
+    ) -> None:
+        """Waits (at most grace_s) for the tasks still running to report, except those of
+        ranks whose agent is silent or gone: they will not report."""
+        end = time.monotonic() + grace_s
+        while True:
+            waiting = {
+                t for t in work
+                if not t.done() and (t not in node_of or self._hub.live(node_of[t]))
+            }  # fmt: skip
+            rest = end - time.monotonic()
+            if not waiting or rest <= 0:
+                return
+            await asyncio.wait(waiting, timeout=min(rest, 0.25))
 
     def _source_nodes(self, groups: list[Group]) -> set[str]:
         """The nodes whose stores the job's readers read by P2P: one that goes silent
@@ -248,6 +265,7 @@ class Executor:
         watched: set[str],
         tasks: list[asyncio.Future],
         left: Callable[[], float],
+        node_of: dict[asyncio.Future, str],
     ) -> None:
         """Until every task is done; the first failure aborts the others (who get a bounded
         moment to report their own view) and is raised."""
@@ -262,7 +280,7 @@ class Executor:
                     err = failed[0].exception()
                     self.abort(job, participants, str(getattr(err, "message", err)))
                     if work:
-                        await asyncio.wait(work, timeout=min(REPORT_GRACE_S, left()))
+                        await self._grace(work, node_of, min(REPORT_GRACE_S, left()))
                     raise err  # type: ignore[misc]
         finally:
             for t in [*tasks, watchdog]:
