@@ -4,7 +4,6 @@ records the outcome. Every wait has a deadline; the first failure aborts the oth
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -23,7 +22,9 @@ from ckpt_common.errors import (
 from ckpt_daemon import admission, shard_jobs
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
+from ckpt_daemon.engine_alive import check_engines
 from ckpt_daemon.execute import EngineTrigger, Executor, Group, no_trigger
+from ckpt_daemon.layouts import forget_layouts, layout_unknown, learn_layouts
 from ckpt_daemon.model import (
     CheckpointState,
     CheckpointVersion,
@@ -75,44 +76,6 @@ def maps_bytes(tensors: list[TensorInfo], maps: dict[RankRef, list[Keep]]) -> in
     )
 
 
-def layout_unknown(registry: Registry, targets: list[RankRef]) -> list[RankRef]:
-    """Target ranks whose engine has not reported its sharding layout."""
-    tset = set(targets)
-    return [
-        r
-        for inst in registry.instances.values()
-        if not inst.layout and set(inst.ranks) & tset
-        for r in inst.ranks
-    ]
-
-
-def learn_layouts(registry: Registry, answers: dict[RankRef, str]) -> None:
-    """Stores the layout of each instance whose every rank's engine reported its map."""
-    for inst in list(registry.instances.values()):
-        if inst.layout or not inst.ranks or not all(answers.get(r) for r in inst.ranks):
-            continue
-        try:
-            maps = [json.loads(answers[r]) for r in inst.ranks]
-        except ValueError:
-            log.warning("layout_unreadable", instance=inst.name)
-            continue
-        if not all(isinstance(m, dict) for m in maps):
-            continue
-        inst.layout = registry.put_layout(maps)
-        registry.put_instance(inst)
-        log.info("layout_learned", instance=inst.name, layout=inst.layout)
-
-
-def forget_layouts(registry: Registry, targets: list[RankRef]) -> None:
-    """After a failed shard-aware update: the layouts are learned again (an engine that
-    changed its sharding refuses parts planned for the old one)."""
-    tset = set(targets)
-    for inst in registry.instances.values():
-        if inst.layout and set(inst.ranks) & tset:
-            inst.layout = ""
-            registry.put_instance(inst)
-
-
 class JobRunner:
     def __init__(
         self,
@@ -136,6 +99,7 @@ class JobRunner:
         self._prev_pending: dict[tuple[str, str], str] = {}  # (job, instance) -> before it
         self._closing = False
         self._draining = False
+        self._alive = alive
         self.restorer = Restorer(self, registry, hub, config, alive)
         self._sums = PartSums(hub, config.load_timeout_s)
 
@@ -244,6 +208,7 @@ class JobRunner:
         clash = sorted({self._busy_targets[r] for r in targets if r in self._busy_targets})
         if clash:
             raise FailedPrecondition(f"an update to some of these ranks is running: job {clash[0]}")
+        await check_engines(self._registry.instances.values(), targets, self._alive)
         groups = await self._plan(spec, cv, tensors, targets)
         job = Job(
             id=uuid.uuid4().hex[:12],
