@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Protocol
 from ckpt_agent import shm
 from ckpt_agent.host_store import Store
 
-RENDEZVOUS_S = 6.0  # every rank of a group connects within this (they start together)
+RENDEZVOUS_S = 10.0  # every rank of a group connects within this (they start together)
 WAIT_SLICE_S = 0.05  # a collective's wait is polled this often (abort, deadline)
 
 

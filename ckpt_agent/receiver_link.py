@@ -65,7 +65,8 @@ class ReceiverLink:
         gone = self._none_since
         if gone is not None and time.monotonic() - max(gone, since) > grace_s:
             raise LinkError(
-                f"the engine disconnected from {self.endpoint} and none is connected (it died?)"
+                f"no engine connected to {self.endpoint}: the one that was disconnected "
+                f"{time.monotonic() - gone:.1f}s ago (it died?)"
             )
 
     def recv(self, timeout_s: float) -> tuple[bytes, ipb.ReceiverMessage] | None:

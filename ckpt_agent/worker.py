@@ -35,6 +35,7 @@ READY_ID = 0  # command_id of the result a worker sends once it is ready
 SPARE_STORES = 1  # CUDA: dropped stores kept pinned for reuse (host memory they hold)
 HEARTBEAT_S = 0.5  # a worker tells its agent it is alive this often (frozen: it stops)
 CONNECT_SLICE_S = 0.5  # one attempt to reach the group's store (then the abort is looked at)
+STORE_CONNECT_S = 6.0  # the group's store is up (PrepareGroup) before any rank connects
 
 
 def buffer_address(mem: Any) -> int:
@@ -299,11 +300,11 @@ class Worker:
 
     @staticmethod
     def _store_client(u: apb.RunUpdate, abort: Abort | None = None) -> Any:
-        """A client of the group's store: connects within RENDEZVOUS_S, in short attempts
+        """A client of the group's store: connects within STORE_CONNECT_S, in short attempts
         so an abort ends the wait (a store whose host is gone refuses connections)."""
         import torch.distributed as dist
 
-        deadline = time.monotonic() + RENDEZVOUS_S
+        deadline = time.monotonic() + STORE_CONNECT_S
         while True:
             try:
                 st = dist.TCPStore(
@@ -322,7 +323,7 @@ class Worker:
                     raise StoreError(
                         "UNAVAILABLE",
                         f"the group's store {u.master_addr}:{u.master_port} did not answer "
-                        f"within {RENDEZVOUS_S:g}s: {e}",
+                        f"within {STORE_CONNECT_S:g}s: {e}",
                     ) from None
 
     def _lock_update(self, abort: Abort, u: apb.RunUpdate) -> None:

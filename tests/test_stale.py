@@ -59,7 +59,7 @@ def test_a_dead_engine_is_known_at_once(tmp_path: Path) -> None:
         link.wait_hello("j", 5)
         eng.close(0)  # the engine dies between two updates
         t0 = time.monotonic()
-        with pytest.raises(LinkError, match="disconnected"):
+        with pytest.raises(LinkError, match="no engine connected.*disconnected"):
             link.wait_hello("j2", 30)
         assert time.monotonic() - t0 < 5
     finally:

@@ -1,0 +1,28 @@
+"""Every rank of a group has begun (its engine validated the update) before the first
+collective: the wait is on the group's store, polled, so an abort ends it at once and no
+rank is left in a gloo/NCCL operation it must abandon (an abandoned operation keeps its
+group, and the group's listening sockets, until the operation's own timeout)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+BEGUN_KEY = "begun"
+POLL_S = 0.1
+
+
+def all_begun(store: Any, world: int, abort: threading.Event, timeout_s: float) -> str:
+    """Counts this rank in and waits for the others: "" once all are in; else why not
+    (the abort's reason, or the deadline's)."""
+    deadline = time.monotonic() + timeout_s
+    n = int(store.add(BEGUN_KEY, 1))
+    while n < world:
+        if abort.is_set():
+            return getattr(abort, "reason", "") or "aborted by ckptd"
+        if time.monotonic() > deadline:
+            return f"{world - n} of {world} ranks did not begin within {timeout_s:.0f}s"
+        time.sleep(POLL_S)
+        n = int(store.add(BEGUN_KEY, 0))
+    return ""
