@@ -274,14 +274,11 @@ class UpdateRun:
         self.buf_name, self.buf = backend.ipc_buffer(self.nslots * self.B, share=cmd.is_target)
         if self.nstage:
             self.staging = backend.device_buffer(self.nstage * self.B)
-        self.coll = backend.new_group(
-            self.group_store, self.me, cmd.world_size, cmd.timeout_s, cmd.job_id
-        )
-        _bind(self.coll, self.abort, self.dl.first_s)
 
     def _start(self) -> None:
-        """The engine validates the update; every rank agrees to go on (on NCCL the first
-        collective also connects the group)."""
+        """The engine validates the update; once every rank has (an abortable wait), the
+        group is made (its rendezvous is not abortable) and every rank agrees to go on (on
+        NCCL the first collective also connects the group)."""
         problem = self.engine.begin(self.buf_name, self.nslots) if self.cmd.is_target else ""
         try:
             if not problem:  # no rank enters a collective before all have begun
@@ -290,7 +287,10 @@ class UpdateRun:
             if problem:
                 self.fail(problem)
                 raise UpdateFailed(problem)
-            assert self.coll is not None
+            cmd = self.cmd
+            self.coll = self.backend.new_group(
+                self.group_store, self.me, cmd.world_size, cmd.timeout_s, cmd.job_id
+            )
             _bind(self.coll, self.abort, self.dl.collective(self.B))
             self.check(problem)
         except UpdateFailed as e:

@@ -73,6 +73,10 @@ def _rank_result(rank: int, r: RankRef, u: tpb.RankResult) -> RankResult:
     )
 
 
+def _raised(t: asyncio.Future) -> BaseException | None:
+    return t.exception() if t.done() and not t.cancelled() else None
+
+
 class RankFailed(Aborted):
     """A rank reported its failure (a result with ok=False)."""
 
@@ -218,8 +222,10 @@ class Executor:
             watched = {r.node_id for r in participants} | self._source_nodes(groups)
             node_of = {t: r.node_id for t, (r, _) in zip(rank_tasks, cmds, strict=True)}
             await self._wait(job, participants, watched, rank_tasks + engine_tasks, left, node_of)
-        except RankFailed:
-            pass  # the most telling of the reported failures is raised below
+        except RankFailed:  # the most telling failure is raised below: a rank's own end
+            raised = [e for t in rank_tasks if (e := _raised(t)) and not isinstance(e, RankFailed)]
+            if raised:  # (its worker died, its agent left) first: peers saw only its absence
+                raise raised[0] from None
         finally:
             job.results = [results[r] for r in participants if r in results]
         bad = sorted(
