@@ -24,6 +24,7 @@ from ckpt_daemon.registry import Registry
 
 log = structlog.get_logger("ckptd.execute")
 PEER_FAILED = "another rank failed"  # how a worker says the failure was not its own
+NOT_OWN = (PEER_FAILED, "aborted by ckptd")  # reasons of ranks that were told to stop
 REPORT_GRACE_S = 3.0  # after the first failure, how long the others get to report theirs
 
 EngineTrigger = Callable[[Instance, Job, float], Awaitable[None]]
@@ -230,7 +231,7 @@ class Executor:
             job.results = [results[r] for r in participants if r in results]
         bad = sorted(
             (r for r in job.results if not r.ok),
-            key=lambda r: (r.reason.startswith(PEER_FAILED), r.rank),
+            key=lambda r: (r.reason.startswith(NOT_OWN), r.rank),
         )
         if bad:
             raise Aborted(f"rank {bad[0].rank} ({bad[0].owner}): {bad[0].reason}")
