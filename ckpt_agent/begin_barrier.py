@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 BEGUN_KEY = "begun"
-POLL_S = 0.1
+POLL_S = 0.1  # the longest pause between two looks (the first ones are shorter)
 
 
 def all_begun(store: Any, world: int, abort: threading.Event, timeout_s: float) -> str:
@@ -18,11 +18,13 @@ def all_begun(store: Any, world: int, abort: threading.Event, timeout_s: float) 
     (the abort's reason, or the deadline's)."""
     deadline = time.monotonic() + timeout_s
     n = int(store.add(BEGUN_KEY, 1))
+    pause = 0.005
     while n < world:
         if abort.is_set():
             return getattr(abort, "reason", "") or "aborted by ckptd"
         if time.monotonic() > deadline:
             return f"{world - n} of {world} ranks did not begin within {timeout_s:.0f}s"
-        time.sleep(POLL_S)
+        time.sleep(pause)
+        pause = min(POLL_S, pause * 1.5)
         n = int(store.add(BEGUN_KEY, 0))
     return ""

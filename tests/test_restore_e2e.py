@@ -49,6 +49,11 @@ def instance_r(c: Cluster) -> tpb.Instance:
     return {i.name: i for i in c.client.instances()}["R"]
 
 
+def flowing(c: Cluster, job_id: str) -> None:
+    """Waits until the job's engines have loaded a bucket (they are touched)."""
+    wait_for(lambda: c.client.job(job_id).buckets_done >= 1, 30, "buckets to flow", 0.01)
+
+
 def serving_v1(c: Cluster, tmp: Path, name: str, seed: int, replicas: int = 1) -> tuple:
     """Pushes versions 1 and 2 of `name` and brings R to version 1; returns their tensors."""
     t1, t2 = tensors(seed), tensors(seed + 1)
@@ -69,6 +74,7 @@ def test_owner_killed_mid_update_instance_restored_from_mirrors(
     t1, t2 = serving_v1(c, tmp_path, "m", 1, replicas=2)
 
     job = c.client.update("m", 2, instances=["R"], bucket_bytes=16 << 10)
+    flowing(c, job.id)  # the engines have begun loading v2: R must be restored
     c.stop(f"agent-{B}", signal.SIGKILL)  # owner of half of v1 and v2, and of mirrors
     t0 = time.monotonic()
     done = c.client.wait(job.id, 60)
@@ -100,6 +106,7 @@ def test_unrestorable_instance_is_named_and_restored_when_possible(
     t1, _ = serving_v1(c, tmp_path, "n", 3)
 
     job = c.client.update("n", 2, instances=["R"], bucket_bytes=16 << 10)
+    flowing(c, job.id)
     agent_b = c.procs[f"agent-{B}"]
     os.killpg(agent_b.pid, signal.SIGSTOP)
     try:
