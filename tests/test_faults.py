@@ -428,6 +428,18 @@ def test_ckptd_sigterm_drains_running_jobs_to_their_own_end(tmp_path: Path) -> N
         c.close()
 
 
+def _hold(c: Cluster, t: dict) -> None:
+    """Every receiver holds exactly t's bytes (its report is written once it has loaded)."""
+    want = digests(t)
+
+    def held() -> bool:
+        return all(
+            {k: read_report(r).get("tensors", {}).get(k) for k in want} == want for r in c.reports
+        )
+
+    wait_for(held, 10, "every receiver to hold the update's bytes")
+
+
 def _update_when_accepted(c: Cluster, name: str, within: float) -> tpb.Job:
     return wait_for(lambda: _try_update(c, name), within, "an update to be accepted", 0.05)
 
@@ -454,10 +466,7 @@ def test_thawed_worker_drops_commands_of_ended_jobs(cluster: Cluster, tmp_path: 
     took = time.monotonic() - t0
     assert done.state == tpb.JOB_SUCCEEDED, done.reason
     assert took < 6, f"{took:.1f}s"
-    want = digests(t)
-    for r in c.reports:
-        got = read_report(r).get("tensors", {})
-        assert {k: got.get(k) for k in want} == want, r
+    _hold(c, t)
     _clean(c)
 
 
@@ -478,8 +487,5 @@ def test_forced_removal_during_an_update_is_refused_before_it_changes_anything(
     assert agents["node-b"] == tpb.AGENT_ATTACHED, agents
     done = _wait_job(c, job.id, 60)
     assert done.state == tpb.JOB_SUCCEEDED, done.reason
-    want = digests(t)
-    for r in c.reports:
-        got = read_report(r).get("tensors", {})
-        assert {k: got.get(k) for k in want} == want, r
+    _hold(c, t)
     _clean(c)
