@@ -5,6 +5,7 @@ wait for an engine that has died ends at once rather than at the receiver timeou
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 import time
 from pathlib import Path
 
@@ -75,3 +76,26 @@ def test_an_engine_never_seen_gets_the_whole_wait(tmp_path: Path) -> None:
         assert time.monotonic() - t0 >= 1.4
     finally:
         link.close()
+
+
+def test_begin_barrier_ends_on_abort_or_a_lost_store() -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from ckpt_agent.begin_barrier import all_begun
+    from ckpt_agent.group_abort import PEER_FAILED, Abort
+
+    server = dist.TCPStore("127.0.0.1", 0, 2, True, timedelta(seconds=5), wait_for_workers=False)
+    abort = Abort()
+    threading.Timer(0.3, abort.trip, args=("aborted by ckptd: x",)).start()
+    t0 = time.monotonic()
+    assert all_begun(dist.PrefixStore("a", server), 2, abort, 30) == "aborted by ckptd: x"
+    assert time.monotonic() - t0 < 2
+    assert all_begun(dist.PrefixStore("b", server), 1, Abort(), 30) == ""  # alone: at once
+
+    class Gone:
+        def add(self, key: str, n: int) -> int:
+            raise RuntimeError("Connection was likely closed")
+
+    assert all_begun(Gone(), 2, Abort(), 30).startswith(PEER_FAILED)
