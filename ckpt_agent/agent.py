@@ -23,6 +23,7 @@ from ckpt_agent.backend import free_host_bytes
 from ckpt_agent.config import AgentConfig
 from ckpt_agent.host_store import StoreError, segment_prefix
 from ckpt_agent.scan import scan_paths
+from ckpt_agent.stale import JOB_COMMANDS
 from ckpt_agent.supervisor import Supervisor
 from ckpt_agent.worker import READY_ID
 from ckpt_common.credentials import channel_args
@@ -143,7 +144,9 @@ class Agent:
         if self.supervisor is not None:  # its result comes back as READY_ID: not relayed
             self.supervisor.send(device, apb.Command(id=READY_ID, drop=drop))
 
-    def _fail_pending(self, device: int, code: str, message: str) -> None:
+    def _fail_pending(self, device: int, code: str, message: str, tell: bool = False) -> None:
+        """Fails what `device`'s worker owes; tell: the worker lives on (frozen) and is told
+        to drop the jobs of what failed (it reads that before their commands, see stale)."""
         for cid, (cmd, _) in list(self._pending.items()):
             body = getattr(cmd, cmd.WhichOneof("body"))
             if getattr(body, "device", -1) == device:
@@ -151,6 +154,28 @@ class Agent:
                 self._send_result(
                     apb.CommandResult(command_id=cid, ok=False, code=code, message=message)
                 )
+                if tell and cmd.WhichOneof("body") in JOB_COMMANDS:
+                    self._abort_locally(device, body.job_id, message)
+
+    def _abort_locally(self, device: int, job_id: str, reason: str) -> None:
+        """Ends a job on one worker without ckptd: what ckptd no longer waits for."""
+        if self.supervisor is None:
+            return
+        try:
+            self.supervisor.send(
+                device, apb.Command(id=READY_ID, abort=apb.Abort(job_id=job_id, reason=reason))
+            )
+        except (KeyError, OSError):  # the worker is gone: its commands went with it
+            pass
+
+    def _abort_orphans(self) -> None:
+        """On a new attach session: the jobs of commands sent on an earlier one were failed
+        by ckptd when that session closed; their workers drop them."""
+        for cmd, session in list(self._pending.values()):
+            kind = cmd.WhichOneof("body")
+            if session != self._session_no and kind in JOB_COMMANDS:
+                body = getattr(cmd, kind)
+                self._abort_locally(body.device, body.job_id, "its attach session ended")
 
     def _on_worker_death(self, device: int) -> None:
         lost = [k for k in self.held if k[2] == device]
@@ -172,7 +197,7 @@ class Agent:
                 if silent > WORKER_SILENCE_S and d not in self._frozen:
                     self._frozen.add(d)
                     log.error("worker_unresponsive", device=d, seconds=round(silent, 2))
-                    self._fail_pending(d, "UNAVAILABLE", self._frozen_message(d, silent))
+                    self._fail_pending(d, "UNAVAILABLE", self._frozen_message(d, silent), True)
                 elif silent <= WORKER_SILENCE_S and d in self._frozen:
                     self._frozen.discard(d)
                     log.warning("worker_responsive", device=d)
@@ -280,6 +305,7 @@ class Agent:
         self._outbox = outbox
         self._reattach.clear()
         self._session_no += 1
+        self._abort_orphans()
 
         async def outgoing():
             while True:

@@ -73,6 +73,8 @@ class EngineSession:
                     continue
             v = self.link.expect("validated", cmd.receiver_timeout_s, self.abort).validated
         except LinkError as e:
+            if self.abort.is_set():  # the wait ended from outside: that is the reason
+                return getattr(self.abort, "reason", "") or str(e)
             return str(e)
         self.layout = v.layout
         return "" if v.ok else f"engine refused the update: {v.reason}"

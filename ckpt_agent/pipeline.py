@@ -37,6 +37,7 @@ import structlog
 from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent.backend import Backend, Collective, Copy, InFlight
+from ckpt_agent.begin_barrier import all_begun
 from ckpt_agent.engine_session import EngineSession
 from ckpt_agent.group_abort import PEER_FAILED
 from ckpt_agent.host_store import HostStore, StoreError
@@ -273,23 +274,29 @@ class UpdateRun:
         self.buf_name, self.buf = backend.ipc_buffer(self.nslots * self.B, share=cmd.is_target)
         if self.nstage:
             self.staging = backend.device_buffer(self.nstage * self.B)
-        self.coll = backend.new_group(
-            self.group_store, self.me, cmd.world_size, cmd.timeout_s, cmd.job_id
-        )
-        _bind(self.coll, self.abort, self.dl.first_s)
 
     def _start(self) -> None:
-        """The engine validates the update; every rank agrees to go on (on NCCL the first
-        collective also connects the group)."""
+        """The engine validates the update; once every rank has (an abortable wait), the
+        group is made (its rendezvous is not abortable) and every rank agrees to go on (on
+        NCCL the first collective also connects the group)."""
         problem = self.engine.begin(self.buf_name, self.nslots) if self.cmd.is_target else ""
         try:
+            if not problem:  # no rank enters a collective before all have begun
+                n, first_s = self.cmd.world_size, self.dl.first_s
+                problem = all_begun(self.group_store, n, self.abort, first_s)
+            if problem:
+                self.fail(problem)
+                raise UpdateFailed(problem)
+            cmd = self.cmd
+            self.coll = self.backend.new_group(
+                self.group_store, self.me, cmd.world_size, cmd.timeout_s, cmd.job_id
+            )
+            _bind(self.coll, self.abort, self.dl.collective(self.B))
             self.check(problem)
         except UpdateFailed as e:
             if self.cmd.is_target:
                 self.engine.refuse(str(e))
             raise
-        assert self.coll is not None
-        _bind(self.coll, self.abort, self.dl.collective(self.B))
         if self.cmd.is_target:
             self.engine.proceed()
 

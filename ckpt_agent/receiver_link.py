@@ -1,4 +1,10 @@
-"""The worker's side of the engine hand-off: a ZMQ ROUTER on ipc://, typed protobuf frames."""
+"""The worker's side of the engine hand-off: a ZMQ ROUTER on ipc://, typed protobuf frames.
+
+The link counts the engines connected to it (a socket monitor): once an engine has been
+connected, a wait that finds none (it died: the kernel closed its socket) fails within
+seconds, not at the receiver timeout: ENGINE_GONE_S in the middle of an update, ABSENT_S
+while waiting for an engine's hello (an engine that reset its socket after a failed update
+connects again when it is triggered)."""
 
 from __future__ import annotations
 
@@ -8,11 +14,15 @@ import time
 
 import structlog
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ckpt.v1 import ipc_pb2 as ipb
 from ckpt_common.rendezvous import others_allowed, peer_refusal, peer_uid, trusted_uids
 
 log = structlog.get_logger("ckpt_agent.link")
+
+ENGINE_GONE_S = 1.0  # mid-update: no engine connected this long (after one was): it is gone
+ABSENT_S = 5.0  # waiting for a hello: the same, from the wait's start at the earliest
 
 
 class LinkError(Exception):
@@ -33,6 +43,7 @@ class ReceiverLink:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._mon = self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._sock.bind(endpoint)
         # Other users reach it only where the operator trusts one (CKPT_IPC_PEER_UIDS).
         os.chmod(path, 0o666 if others_allowed() else 0o600)
@@ -40,6 +51,33 @@ class ReceiverLink:
         self.trusted = trusted_uids()
         self.peer: bytes | None = None
         self._refused: set[int | None] = set()  # uids already logged
+        self.connected = 0  # engines connected now
+        self._seen = False  # an engine was connected once
+        self._none_since: float | None = None  # when the last engine went away
+
+    def _count(self) -> None:
+        """Drains the monitor into `connected`."""
+        while self._mon.poll(0):
+            ev = recv_monitor_message(self._mon)["event"]
+            if ev == zmq.EVENT_ACCEPTED:
+                self.connected, self._seen = self.connected + 1, True
+            elif ev == zmq.EVENT_DISCONNECTED:
+                self.connected = max(0, self.connected - 1)
+        if self.connected or not self._seen:
+            self._none_since = None
+        elif self._none_since is None:
+            self._none_since = time.monotonic()
+
+    def check_engine(self, grace_s: float = ENGINE_GONE_S, since: float = 0.0) -> None:
+        """Raises LinkError when the engine that was connected is gone for grace_s (counted
+        from `since` at the earliest)."""
+        self._count()
+        gone = self._none_since
+        if gone is not None and time.monotonic() - max(gone, since) > grace_s:
+            raise LinkError(
+                f"no engine connected to {self.endpoint}: the one that was disconnected "
+                f"{time.monotonic() - gone:.1f}s ago (it died?)"
+            )
 
     def recv(self, timeout_s: float) -> tuple[bytes, ipb.ReceiverMessage] | None:
         if not self._sock.poll(max(0, int(timeout_s * 1000))):
@@ -65,13 +103,15 @@ class ReceiverLink:
         self, job_id: str, timeout_s: float, abort: threading.Event | None = None
     ) -> ipb.ReceiverHello:
         """Waits for an engine that wants this job (or any next job)."""
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline = start + timeout_s
         while True:
             left = deadline - time.monotonic()
             if abort is not None and abort.is_set():
                 raise LinkError("aborted while waiting for the engine to connect")
             if left <= 0:
                 raise LinkError(f"no engine connected to {self.endpoint} within {timeout_s:.0f}s")
+            self.check_engine(ABSENT_S, start)
             got = self.recv(min(left, 0.5))
             if got is None:
                 continue
@@ -103,6 +143,7 @@ class ReceiverLink:
                 raise LinkError(f"aborted while waiting for the engine's {kind}")
             if left <= 0:
                 raise LinkError(f"engine sent no {kind} within {timeout_s:.0f}s")
+            self.check_engine()
             got = self.recv(min(left, 0.5))
             if got is None:
                 continue
@@ -116,6 +157,7 @@ class ReceiverLink:
                 return msg
 
     def close(self) -> None:
+        self._mon.close(0)
         self._sock.close(0)
         try:
             os.unlink(self.endpoint.removeprefix("ipc://"))

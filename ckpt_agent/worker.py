@@ -26,6 +26,7 @@ from ckpt_agent.group_abort import Abort, PeerWatch
 from ckpt_agent.host_store import HostStore, StoreError, device_prefix
 from ckpt_agent.receiver_link import ReceiverLink
 from ckpt_agent.siblings import SiblingStores
+from ckpt_agent.stale import EndedJobs, read_batch
 from ckpt_common.ipc import worker_endpoint
 from ckpt_common.logs import setup_logging
 
@@ -33,6 +34,8 @@ log = structlog.get_logger("ckpt_agent.worker")
 READY_ID = 0  # command_id of the result a worker sends once it is ready
 SPARE_STORES = 1  # CUDA: dropped stores kept pinned for reuse (host memory they hold)
 HEARTBEAT_S = 0.5  # a worker tells its agent it is alive this often (frozen: it stops)
+CONNECT_SLICE_S = 0.5  # one attempt to reach the group's store (then the abort is looked at)
+STORE_CONNECT_S = 6.0  # the group's store is up (PrepareGroup) before any rank connects
 
 
 def buffer_address(mem: Any) -> int:
@@ -111,6 +114,7 @@ class Worker:
         self._io = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._group_stores: dict[str, Any] = {}
         self._aborts: dict[str, Abort] = {}
+        self.ended = EndedJobs()  # jobs ckptd aborted: their late commands are dropped
         self._update_lock = threading.Lock()
         self._p2p_enabled = p2p
         self._p2p_engine: Any = None
@@ -153,19 +157,24 @@ class Worker:
         self.reply(READY_ID, ok=True, ready=ready)
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         while True:
-            try:
-                data = self._conn.recv_bytes()
+            try:  # what waits in the pipe is read first: aborts act before stale commands
+                batch = read_batch(self._conn, self._conn.recv_bytes())
             except (EOFError, OSError):
                 return
-            cmd = apb.Command.FromString(data)
-            try:
-                self.handle(cmd)
-            except Exception as e:
-                log.exception("command_crashed", command=cmd.WhichOneof("body"))
-                self.fail(cmd.id, "INTERNAL", f"{type(e).__name__}: {e}")
+            for cmd in batch:
+                try:
+                    self.handle(cmd)
+                except Exception as e:
+                    log.exception("command_crashed", command=cmd.WhichOneof("body"))
+                    self.fail(cmd.id, "INTERNAL", f"{type(e).__name__}: {e}")
 
     def handle(self, cmd: apb.Command) -> None:
         kind = cmd.WhichOneof("body")
+        stale = self.ended.stale(cmd)
+        if stale is not None:
+            log.warning("stale_command_dropped", command=kind, why=stale)
+            self.fail(cmd.id, "ABORTED", stale)
+            return
         if kind == "load":
             self._io.submit(self._guard, cmd.id, self._load, cmd)
         elif kind == "seal":
@@ -182,11 +191,20 @@ class Worker:
                 daemon=True,
             ).start()
         elif kind == "abort":
-            ev = self._aborts.get(cmd.abort.job_id)
-            if ev:
-                ev.trip(f"aborted by ckptd: {cmd.abort.reason or 'no reason given'}")
+            self._abort(cmd.abort)
         else:
             self.fail(cmd.id, "UNIMPLEMENTED", f"worker cannot {kind}")
+
+    def _abort(self, a: apb.Abort) -> None:
+        """Trips the job's running update; remembers the job as ended (its commands still
+        on their way are dropped) and closes a group store prepared for it, never used."""
+        why = f"aborted by ckptd: {a.reason or 'no reason given'}"
+        self.ended.end(a.job_id, why)
+        ev = self._aborts.get(a.job_id)
+        if ev:
+            ev.trip(why)
+        for key in [k for k in self._group_stores if k.split("/", 1)[0] == a.job_id]:
+            self._group_stores.pop(key, None)  # its listening socket closes with it
 
     def _guard(self, cid: int, fn: Any, cmd: apb.Command) -> None:
         try:
@@ -270,31 +288,49 @@ class Worker:
         self._group_stores = {group_key(p): store}  # one group at a time per device
         self.reply(cmd.id, ok=True, group=apb.GroupReady(addr=self.host, port=store.port))
 
-    def _group_store(self, u: apb.RunUpdate) -> Any:
+    def _group_store(self, u: apb.RunUpdate, abort: Abort) -> Any:
         """The job's store (rank 0 holds the server since PrepareGroup), scoped to the job
         so a reused store never mixes two groups."""
         import torch.distributed as dist
 
         store = self._group_stores.pop(group_key(u), None)
         if store is None:
-            store = self._store_client(u)
+            store = self._store_client(u, abort)
         return dist.PrefixStore(f"job/{group_key(u)}", store)
 
     @staticmethod
-    def _store_client(u: apb.RunUpdate) -> Any:
+    def _store_client(u: apb.RunUpdate, abort: Abort | None = None) -> Any:
+        """A client of the group's store: connects within STORE_CONNECT_S, in short attempts
+        so an abort ends the wait (a store whose host is gone refuses connections)."""
         import torch.distributed as dist
 
-        return dist.TCPStore(
-            u.master_addr,
-            u.master_port,
-            u.world_size,
-            is_master=False,
-            timeout=timedelta(seconds=RENDEZVOUS_S),
-        )
+        deadline = time.monotonic() + STORE_CONNECT_S
+        while True:
+            try:
+                st = dist.TCPStore(
+                    u.master_addr,
+                    u.master_port,
+                    u.world_size,
+                    is_master=False,
+                    timeout=timedelta(seconds=CONNECT_SLICE_S),
+                )
+                st.set_timeout(timedelta(seconds=RENDEZVOUS_S))
+                return st
+            except (RuntimeError, OSError) as e:  # DistStoreError is a RuntimeError
+                if abort is not None and abort.is_set():
+                    raise StoreError("ABORTED", abort.reason) from None
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        "UNAVAILABLE",
+                        f"the group's store {u.master_addr}:{u.master_port} did not answer "
+                        f"within {STORE_CONNECT_S:g}s: {e}",
+                    ) from None
 
     def _lock_update(self, abort: Abort, u: apb.RunUpdate) -> None:
         """One update at a time; a job aborted (or out of time) while it waits gives up."""
         deadline = time.monotonic() + max(1.0, u.timeout_s)
+        if abort.is_set():  # the job ended before its turn came
+            raise StoreError("ABORTED", abort.reason)
         while not self._update_lock.acquire(timeout=0.2):
             if abort.is_set() or time.monotonic() > deadline:
                 raise StoreError("ABORTED", abort.reason or "another update held this device")
@@ -304,6 +340,9 @@ class Worker:
 
         u = cmd.run_update
         abort = self._aborts.setdefault(u.job_id, Abort())
+        ended = self.ended.why(u.job_id)  # an Abort handled before the line above
+        if ended is not None:
+            abort.trip(ended)
         watch: PeerWatch | None = None
         store: Any = None
         hosting = group_key(u) in self._group_stores  # this rank serves the group's store
@@ -313,7 +352,7 @@ class Worker:
             try:
                 import torch.distributed as dist
 
-                store = self._group_store(u)
+                store = self._group_store(u, abort)
                 scoped = lambda: dist.PrefixStore(f"job/{group_key(u)}", self._store_client(u))  # noqa: E731
                 watch = PeerWatch(scoped, store, abort).start()
                 where = f"rank {u.group_rank} ({self.node_id}/{self.device})"

@@ -90,6 +90,8 @@ class _Session:
     pending: dict[int, asyncio.Future[apb.CommandResult]] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     closed: bool = False
+    error: CkptError | None = None  # why ckptd ended the stream (its status)
+    heard: bool = False  # the agent sent something after its Hello
 
     def close(self, reason: str) -> None:
         if self.closed:
@@ -181,6 +183,8 @@ class AgentHub:
                 if msg is None:
                     break
                 yield msg
+            if session.error is not None:
+                raise session.error
         finally:
             reader.cancel()
             session.close("detached")
@@ -220,7 +224,7 @@ class AgentHub:
     async def _read(self, session: _Session, incoming: AsyncIterator[apb.AgentMessage]) -> None:
         try:
             async for msg in incoming:
-                session.last_seen = time.monotonic()
+                session.last_seen, session.heard = time.monotonic(), True
                 kind = msg.WhichOneof("body")
                 if kind == "heartbeat":
                     self._heartbeat(session.node_id, msg.heartbeat)
@@ -234,6 +238,9 @@ class AgentHub:
                         fn(session.node_id, msg.progress)
         except (asyncio.CancelledError, GeneratorExit):
             raise
+        except CkptError as e:  # the agent sent what is not a message: its stream ends so
+            log.warning("agent_stream_refused", node=session.node_id, error=e.message)
+            session.error = e
         except Exception as e:  # the stream broke
             log.warning("agent_stream_error", node=session.node_id, error=str(e))
         session.close("stream closed")
@@ -241,8 +248,11 @@ class AgentHub:
     async def monitor(self) -> None:
         """Drops agents whose heartbeats stopped (3 missed, and at least 30 s: a busy node is
         not a dead one; a closed stream is noticed at once anyway). When this loop itself
-        woke up late (ckptd was starved), heartbeats may be waiting unread: skip a round."""
+        woke up late (ckptd was starved), heartbeats may be waiting unread: skip a round.
+        An agent never heard from after its Hello gets no grace: 3 missed beats detach it
+        (attached and silent, it would be planned into every push and update)."""
         limit = max(3 * self._heartbeat_s, HEARTBEAT_GRACE_S)
+        unheard = 3 * self._heartbeat_s
         last = time.monotonic()
         while True:
             await asyncio.sleep(self._heartbeat_s)
@@ -253,7 +263,7 @@ class AgentHub:
                 await asyncio.sleep(0)  # let queued stream reads run first
                 continue
             for s in list(self._sessions.values()):
-                if now - s.last_seen > limit:
+                if now - s.last_seen > (limit if s.heard else unheard):
                     log.warning("agent_heartbeat_lost", node=s.node_id)
                     s.close("stopped sending heartbeats")
 
@@ -268,6 +278,10 @@ class AgentHub:
     def attached(self, node_id: str) -> bool:
         s = self._sessions.get(node_id)
         return bool(s and not s.closed)
+
+    def live(self, node_id: str) -> bool:
+        """Attached and not silent (a frozen agent's stores are no source to plan reads of)."""
+        return self.silence(node_id) <= self.silence_limit
 
     @property
     def silence_limit(self) -> float:

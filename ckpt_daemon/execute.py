@@ -24,6 +24,7 @@ from ckpt_daemon.registry import Registry
 
 log = structlog.get_logger("ckptd.execute")
 PEER_FAILED = "another rank failed"  # how a worker says the failure was not its own
+NOT_OWN = (PEER_FAILED, "aborted by ckptd")  # reasons of ranks that were told to stop
 REPORT_GRACE_S = 3.0  # after the first failure, how long the others get to report theirs
 
 EngineTrigger = Callable[[Instance, Job, float], Awaitable[None]]
@@ -71,6 +72,18 @@ def _rank_result(rank: int, r: RankRef, u: tpb.RankResult) -> RankResult:
             total_s=u.times.total_s,
         ),
     )
+
+
+def _raised(t: asyncio.Future) -> BaseException | None:
+    return t.exception() if t.done() and not t.cancelled() else None
+
+
+class RankFailed(Aborted):
+    """A rank reported its failure (a result with ok=False)."""
+
+    def __init__(self, result: RankResult) -> None:
+        super().__init__(f"rank {result.rank} ({result.owner}): {result.reason}")
+        self.result = result
 
 
 class _Progress:
@@ -185,6 +198,8 @@ class Executor:
         self._hub.on_progress(job.id, _Progress(job, groups, notify))
         order = {r: i for i, r in enumerate(self._registry.rank_order())}
 
+        results: dict[RankRef, RankResult] = {}
+
         async def run_rank(r: RankRef, cmd: apb.Command) -> RankResult:
             try:
                 res = await self._hub.command(r.node_id, cmd, left() + 5.0)
@@ -192,7 +207,10 @@ class Executor:
                 raise type(e)(f"rank {order.get(r, -1)} ({r}): {e.message}") from None
             if layouts is not None and r in asked and res.update.layout:
                 layouts[r] = res.update.layout
-            return _rank_result(order.get(r, -1), r, res.update)
+            got = results[r] = _rank_result(order.get(r, -1), r, res.update)
+            if not got.ok:  # a reported failure aborts the peers at once, as a raised one
+                raise RankFailed(got)
+            return got
 
         instances = [
             inst
@@ -202,32 +220,63 @@ class Executor:
         rank_tasks = [asyncio.ensure_future(run_rank(r, c)) for r, c in cmds]
         engine_tasks = [asyncio.ensure_future(self._trigger(i, job, left())) for i in instances]
         try:
-            await self._wait(job, participants, rank_tasks + engine_tasks, left)
+            watched = {r.node_id for r in participants} | self._source_nodes(groups)
+            node_of = {t: r.node_id for t, (r, _) in zip(rank_tasks, cmds, strict=True)}
+            await self._wait(job, participants, watched, rank_tasks + engine_tasks, left, node_of)
+        except RankFailed:  # the most telling failure is raised below: a rank's own end
+            raised = [e for t in rank_tasks if (e := _raised(t)) and not isinstance(e, RankFailed)]
+            if raised:  # (its worker died, its agent left) first: peers saw only its absence
+                raise raised[0] from None
         finally:
-            job.results = [
-                t.result()
-                for t in rank_tasks
-                if t.done() and not t.cancelled() and t.exception() is None
-            ]
+            job.results = [results[r] for r in participants if r in results]
         bad = sorted(
             (r for r in job.results if not r.ok),
-            key=lambda r: (r.reason.startswith(PEER_FAILED), r.rank),
+            key=lambda r: (r.reason.startswith(NOT_OWN), r.rank),
         )
         if bad:
             raise Aborted(f"rank {bad[0].rank} ({bad[0].owner}): {bad[0].reason}")
+
+    async def _grace(
+        self, work: set[asyncio.Future], node_of: dict[asyncio.Future, str], grace_s: float
+    ) -> None:
+        """Waits (at most grace_s) for the tasks still running to report, except those of
+        ranks whose agent is silent or gone: they will not report."""
+        end = time.monotonic() + grace_s
+        while True:
+            waiting = {
+                t for t in work
+                if not t.done() and (t not in node_of or self._hub.live(node_of[t]))
+            }  # fmt: skip
+            rest = end - time.monotonic()
+            if not waiting or rest <= 0:
+                return
+            await asyncio.wait(waiting, timeout=min(rest, 0.25))
+
+    def _source_nodes(self, groups: list[Group]) -> set[str]:
+        """The nodes whose stores the job's readers read by P2P: one that goes silent
+        (frozen) fails the job, as a participant's does (a read of it may block)."""
+        sessions = {s.session for g in groups for s in g.sources if s.session}
+        if not sessions:
+            return set()
+        return {
+            r.node_id
+            for cv in self._registry.checkpoints.values()
+            for r, sh in cv.shards.items()
+            if sh.p2p_session in sessions
+        }
 
     async def _wait(
         self,
         job: Job,
         participants: list[RankRef],
+        watched: set[str],
         tasks: list[asyncio.Future],
         left: Callable[[], float],
+        node_of: dict[asyncio.Future, str],
     ) -> None:
         """Until every task is done; the first failure aborts the others (who get a bounded
         moment to report their own view) and is raised."""
-        watchdog = asyncio.ensure_future(
-            self._hub.watch({r.node_id for r in participants}, f"job {job.id}")
-        )
+        watchdog = asyncio.ensure_future(self._hub.watch(watched, f"job {job.id}"))
         try:
             work = set(tasks)
             while work:
@@ -238,7 +287,7 @@ class Executor:
                     err = failed[0].exception()
                     self.abort(job, participants, str(getattr(err, "message", err)))
                     if work:
-                        await asyncio.wait(work, timeout=min(REPORT_GRACE_S, left()))
+                        await self._grace(work, node_of, min(REPORT_GRACE_S, left()))
                     raise err  # type: ignore[misc]
         finally:
             for t in [*tasks, watchdog]:

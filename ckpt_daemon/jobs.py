@@ -4,7 +4,6 @@ records the outcome. Every wait has a deadline; the first failure aborts the oth
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -23,7 +22,9 @@ from ckpt_common.errors import (
 from ckpt_daemon import admission, shard_jobs
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
+from ckpt_daemon.engine_alive import check_engines
 from ckpt_daemon.execute import EngineTrigger, Executor, Group, no_trigger
+from ckpt_daemon.layouts import forget_layouts, layout_unknown, learn_layouts
 from ckpt_daemon.model import (
     CheckpointState,
     CheckpointVersion,
@@ -75,44 +76,6 @@ def maps_bytes(tensors: list[TensorInfo], maps: dict[RankRef, list[Keep]]) -> in
     )
 
 
-def layout_unknown(registry: Registry, targets: list[RankRef]) -> list[RankRef]:
-    """Target ranks whose engine has not reported its sharding layout."""
-    tset = set(targets)
-    return [
-        r
-        for inst in registry.instances.values()
-        if not inst.layout and set(inst.ranks) & tset
-        for r in inst.ranks
-    ]
-
-
-def learn_layouts(registry: Registry, answers: dict[RankRef, str]) -> None:
-    """Stores the layout of each instance whose every rank's engine reported its map."""
-    for inst in list(registry.instances.values()):
-        if inst.layout or not inst.ranks or not all(answers.get(r) for r in inst.ranks):
-            continue
-        try:
-            maps = [json.loads(answers[r]) for r in inst.ranks]
-        except ValueError:
-            log.warning("layout_unreadable", instance=inst.name)
-            continue
-        if not all(isinstance(m, dict) for m in maps):
-            continue
-        inst.layout = registry.put_layout(maps)
-        registry.put_instance(inst)
-        log.info("layout_learned", instance=inst.name, layout=inst.layout)
-
-
-def forget_layouts(registry: Registry, targets: list[RankRef]) -> None:
-    """After a failed shard-aware update: the layouts are learned again (an engine that
-    changed its sharding refuses parts planned for the old one)."""
-    tset = set(targets)
-    for inst in registry.instances.values():
-        if inst.layout and set(inst.ranks) & tset:
-            inst.layout = ""
-            registry.put_instance(inst)
-
-
 class JobRunner:
     def __init__(
         self,
@@ -136,14 +99,15 @@ class JobRunner:
         self._prev_pending: dict[tuple[str, str], str] = {}  # (job, instance) -> before it
         self._closing = False
         self._draining = False
+        self._alive = alive
         self.restorer = Restorer(self, registry, hub, config, alive)
         self._sums = PartSums(hub, config.load_timeout_s)
 
     # ---------------------------------------------------------------- queries
 
     def running_nodes(self) -> set[str]:
-        """Nodes a running job sends bytes to."""
-        return {r.node_id for r in self._busy_targets}
+        """Nodes a running job sends bytes to or reads them from."""
+        return {r.node_id for r in (*self._busy_targets, *self._busy_participants)}
 
     def busy_checkpoints(self) -> set[tuple[str, int]]:
         return {
@@ -244,6 +208,7 @@ class JobRunner:
         clash = sorted({self._busy_targets[r] for r in targets if r in self._busy_targets})
         if clash:
             raise FailedPrecondition(f"an update to some of these ranks is running: job {clash[0]}")
+        await check_engines(self._registry.instances.values(), targets, self._alive)
         groups, method, why = await self._plan(spec, cv, tensors, targets)
         job = Job(
             id=uuid.uuid4().hex[:12],
@@ -326,9 +291,9 @@ class JobRunner:
                     "no mirror holds them) or are not registered for P2P (no Mooncake, --p2p off)"
                 )
             return [Group(plan=plan, sources=sources)], "p2p", why
-        gone = sorted(str(o) for o in owners if not self._hub.attached(o.node_id))
+        gone = sorted(str(o) for o in owners if not self._hub.live(o.node_id))
         if gone:
-            raise Unavailable(f"agents holding checkpoint bytes are not attached: {gone}")
+            raise Unavailable(f"agents holding checkpoint bytes are detached or silent: {gone}")
         bucket_bytes, nbuf = self._buckets(spec, set(targets) | owners, owner_bytes(tensors))
         plan = await asyncio.to_thread(
             plan_update, tensors, targets, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial
@@ -378,7 +343,7 @@ class JobRunner:
         return size, nbuf
 
     def _p2p_sources(self, cv: CheckpointVersion) -> dict[RankRef, tuple[str, int]] | None:
-        return p2p_sources(self._registry, self._hub.attached, cv)
+        return p2p_sources(self._registry, self._hub.live, cv)
 
     def fleet_version(self) -> tuple[str, int]:
         """What most ready instances serve."""

@@ -208,11 +208,12 @@ class Restorer:
         )
 
     async def reconcile(self) -> None:
-        """Restores pending instances whose turn has come."""
+        """Restores pending instances whose turn has come (an agent attached but silent,
+        frozen, counts as gone: an attempt would only fail)."""
         due, _ = due_restores(
             list(self._registry.instances.values()),
             busy=self._jobs.busy_targets(),
-            attached=set(self._hub.attached_nodes()),
+            attached={n for n in self._hub.attached_nodes() if self._hub.live(n)},
             now=time.monotonic(),
             not_before={k: v[0] for k, v in self._backoff.items()},
         )

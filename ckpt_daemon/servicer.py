@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import agent_pb2_grpc, ckptd_pb2_grpc
@@ -205,14 +206,17 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         admission.check_name("node_id", request.node_id)
         if request.node_id not in self._registry.agents:
             raise NotFound(f"agent {admission.shown(request.node_id)} not found")
+        # refused before anything changes: a forced removal never cuts a running job short
+        if request.node_id in self._jobs.running_nodes():
+            raise FailedPrecondition(
+                f"a job is running on {request.node_id}: wait for it or cancel it first"
+            )
         if self._hub.attached(request.node_id):
             if not request.force:
                 raise FailedPrecondition(
                     f"agent {request.node_id} is attached: stop it first, or force"
                 )
             self._hub.detach(request.node_id, "removed by an operator")
-        if request.node_id in self._jobs.running_nodes():
-            raise FailedPrecondition(f"a job is running on {request.node_id}")
         a = await asyncio.to_thread(self._registry.remove_agent, request.node_id)
         if a is None:
             raise NotFound(f"agent {admission.shown(request.node_id)} not found")
@@ -270,6 +274,15 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         return cpb.RemoveInstanceResponse(removed=convert.instance_to_pb(inst, self._order()))
 
 
+async def _decoded(messages: AsyncIterator[apb.AgentMessage]) -> AsyncIterator[apb.AgentMessage]:
+    """The agent stream's messages; bytes that are no AgentMessage end it: INVALID_ARGUMENT."""
+    try:
+        async for msg in messages:
+            yield msg
+    except DecodeError as e:
+        raise InvalidArgument(f"the agent stream carried a malformed message: {e}") from None
+
+
 class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
     def __init__(self, hub: AgentHub) -> None:
         self._hub = hub
@@ -278,7 +291,7 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
         self, request_iterator: AsyncIterator[apb.AgentMessage], context
     ) -> AsyncIterator[apb.DaemonMessage]:
         try:
-            async for msg in self._hub.serve(request_iterator):
+            async for msg in self._hub.serve(_decoded(request_iterator)):
                 yield msg
         except CkptError as e:
             await context.abort(_status(e), admission.bounded(e.message))

@@ -287,3 +287,71 @@ def test_still_healthy_after_all_that(cluster: Cluster, tmp_path: Path) -> None:
     job = c.client.wait(c.client.update("after", 1, ranks=[0]).id, 60)
     assert job.state == tpb.JOB_SUCCEEDED, job.reason
     wait_for(lambda: read_report(c.reports[0]).get("tensors") == digests(t), 30, "the bytes")
+
+
+@pytest.mark.parametrize("after_hello", [False, True])
+def test_garbage_on_attach(cluster: Cluster, after_hello: bool) -> None:
+    """Bytes that are no AgentMessage, first or after a valid Hello: INVALID_ARGUMENT,
+    nothing changes, no agent stays listed."""
+    c = cluster
+    before = state(c)
+    attach = c.channel.stream_stream(
+        "/ckpt.v1.AgentLink/Attach",
+        request_serializer=lambda b: b,
+        response_deserializer=apb.DaemonMessage.FromString,
+    )
+    first = [hello(node_id="garbage").SerializeToString()] if after_hello else []
+
+    def requests():
+        yield from first
+        yield b"\xff\xff\xff\xff\x0f"  # a truncated varint: no protobuf parses it
+        time.sleep(5)  # the stream stays open: the status is ckptd's verdict, not EOF
+
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in attach(requests(), metadata=c.md, timeout=10):
+            pass
+    assert e.value.code() == IA, (e.value.code(), e.value.details())
+    if not after_hello:
+        assert state(c) == before
+    assert [a.node_id for a in c.client.agents() if a.state == tpb.AGENT_ATTACHED] == ["n1"]
+
+
+def test_silent_agent_is_detached_and_spares_other_pushes(cluster: Cluster, tmp_path: Path) -> None:
+    """A principal that attaches a node and then says nothing: detached after 3 missed
+    heartbeats (not the 30 s grace of an agent that has spoken), and a push to every
+    attached rank succeeds afterwards without it."""
+    import threading
+
+    c = cluster
+    stub = agent_pb2_grpc.AgentLinkStub(c.channel)
+    quiet = threading.Event()
+
+    def requests():
+        yield hello(node_id="mute")
+        quiet.wait(30)
+
+    def attach() -> None:
+        try:
+            for _ in stub.Attach(requests(), metadata=c.md, timeout=30):
+                pass
+        except grpc.RpcError:
+            pass
+
+    th = threading.Thread(target=attach, daemon=True)
+    th.start()
+    try:
+        wait_for(lambda: "mute" in attached(c), 10, "the mute agent to attach")
+        t0 = time.monotonic()
+        wait_for(lambda: "mute" not in attached(c), 15, "the mute agent to be detached")
+        assert time.monotonic() - t0 < 10
+        t = mixed_tensors(9, layers=1)
+        cp = c.client.push("after-mute", 1, [str(write_sharded(t, tmp_path / "m"))])
+        assert {s.node_id for s in cp.shards} == {"n1"}
+    finally:
+        quiet.set()
+        th.join(10)
+    c.client.delete("after-mute", 1)
+
+
+def attached(c: Cluster) -> list[str]:
+    return [a.node_id for a in c.client.agents() if a.state == tpb.AGENT_ATTACHED]

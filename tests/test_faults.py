@@ -28,7 +28,7 @@ import torch
 
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent.host_store import segment_prefix
-from ckpt_common.errors import CkptError, Unavailable
+from ckpt_common.errors import CkptError, FailedPrecondition, Unavailable
 from tests.cluster import Cluster, read_report, wait_for
 from tests.tensors import digests, write_sharded
 
@@ -426,3 +426,66 @@ def test_ckptd_sigterm_drains_running_jobs_to_their_own_end(tmp_path: Path) -> N
         assert took < 15, f"{took:.1f}s"
     finally:
         c.close()
+
+
+def _hold(c: Cluster, t: dict) -> None:
+    """Every receiver holds exactly t's bytes (its report is written once it has loaded)."""
+    want = digests(t)
+
+    def held() -> bool:
+        return all(
+            {k: read_report(r).get("tensors", {}).get(k) for k in want} == want for r in c.reports
+        )
+
+    wait_for(held, 10, "every receiver to hold the update's bytes")
+
+
+def _update_when_accepted(c: Cluster, name: str, within: float) -> tpb.Job:
+    return wait_for(lambda: _try_update(c, name), within, "an update to be accepted", 0.05)
+
+
+def test_thawed_worker_drops_commands_of_ended_jobs(cluster: Cluster, tmp_path: Path) -> None:
+    """A worker frozen while two updates are sent to it finds their commands (and their
+    aborts) queued when it thaws: it drops them instead of connecting to groups long gone
+    (RENDEZVOUS_S each, deaf to aborts), so an update right after the thaw runs at once."""
+    c = cluster
+    t = _tensors(2000 + c.seq, 64 << 10)
+    name = _push(c, tmp_path, t)
+    pids = _pids(c, "worker")
+    _signal(pids, STOP)
+    try:
+        for _ in range(2):  # each reaches the frozen worker before its agent notices
+            job = _update_when_accepted(c, name, BOUND_S)
+            done = _wait_job(c, job.id, BOUND_S + 5)
+            assert done.state == tpb.JOB_FAILED, done
+    finally:
+        _signal(pids, signal.SIGCONT)
+    t0 = time.monotonic()
+    job = _update_when_accepted(c, name, BOUND_S)
+    done = _wait_job(c, job.id, NEXT_S)
+    took = time.monotonic() - t0
+    assert done.state == tpb.JOB_SUCCEEDED, done.reason
+    assert took < 6, f"{took:.1f}s"
+    _hold(c, t)
+    _clean(c)
+
+
+def test_forced_removal_during_an_update_is_refused_before_it_changes_anything(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """RemoveAgent --force while a job sends bytes to the node: FAILED_PRECONDITION, the
+    agent stays attached and the job succeeds."""
+    c = cluster
+    t = _tensors(3000 + c.seq, 8 << 20)
+    name = _push(c, tmp_path, t)
+    job = c.client.update(name, ranks=RANKS, bucket_bytes=BUCKET)
+    flowing = wait_for(lambda: _flowing(c, job.id), 30, "buckets to flow", 0.02)
+    assert flowing.state == tpb.JOB_RUNNING, flowing.reason
+    with pytest.raises(FailedPrecondition, match="a job is running on node-b"):
+        c.client.remove_agent("node-b", force=True)
+    agents = {a.node_id: a.state for a in c.client.agents()}
+    assert agents["node-b"] == tpb.AGENT_ATTACHED, agents
+    done = _wait_job(c, job.id, 60)
+    assert done.state == tpb.JOB_SUCCEEDED, done.reason
+    _hold(c, t)
+    _clean(c)

@@ -239,3 +239,51 @@ def test_bytes_changed_in_an_owners_store_are_refused_on_p2p(
     for r in c.reports:  # (a report also lists names of earlier checkpoints)
         got = read_report(r)["tensors"]
         assert {k: got.get(k) for k in want} == want
+
+
+def test_cold_join_whose_owner_is_frozen_ends_within_bound(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The owner's agent restarted (its transfer sessions are new: a first contact blocks in
+    Mooncake's handshake) and frozen just before a join: ckptd watches the nodes a job
+    reads from, so the join fails within 10 s, not when the owner is thawed; after the thaw
+    a retry succeeds byte-exact."""
+    c = cluster
+    c.stop(f"agent-{OWNER}")
+    c.start_agent(OWNER, 2)
+    c.wait_ranks(4)
+    t = big(9)
+    save_file(t, str(tmp_path / "cold.safetensors"))
+    c.client.push("cold", 1, [str(tmp_path / "cold.safetensors")], ranks=[0, 1])
+    owner = c.procs[f"agent-{OWNER}"]
+    os.killpg(owner.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        job = c.client.join(instance_b(), "cold", 1)
+        done = wait_for(
+            lambda: (j := c.client.job(job.id)).state in (tpb.JOB_FAILED, tpb.JOB_SUCCEEDED) and j,
+            30,
+            "the join to end",
+            0.05,
+        )
+        took = time.monotonic() - t0
+    finally:
+        os.killpg(owner.pid, signal.SIGCONT)
+    print(f"\ncold join, frozen owner: ended after {took:.1f}s: {done.reason}")
+    assert done.state == tpb.JOB_FAILED, done.reason
+    assert took <= 10, (took, done.reason)
+    assert OWNER in done.reason, done.reason
+    c.wait_ranks(4)
+    job = wait_for(lambda: _join_accepted(c, "cold"), 30, "a join to be accepted")
+    job = c.client.wait(job.id, 60)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    for r in c.reports:
+        got = read_report(r)["tensors"]
+        assert {k: got[k] for k in t} == digests(t)
+
+
+def _join_accepted(c: Cluster, name: str) -> tpb.Job | None:
+    try:
+        return c.client.join(instance_b(), name, 1)
+    except CkptError:
+        return None

@@ -49,6 +49,11 @@ def instance_r(c: Cluster) -> tpb.Instance:
     return {i.name: i for i in c.client.instances()}["R"]
 
 
+def flowing(c: Cluster, job_id: str) -> None:
+    """Waits until the job's engines have loaded a bucket (they are touched)."""
+    wait_for(lambda: c.client.job(job_id).buckets_done >= 1, 30, "buckets to flow", 0.01)
+
+
 def serving_v1(c: Cluster, tmp: Path, name: str, seed: int, replicas: int = 1) -> tuple:
     """Pushes versions 1 and 2 of `name` and brings R to version 1; returns their tensors."""
     t1, t2 = tensors(seed), tensors(seed + 1)
@@ -69,6 +74,7 @@ def test_owner_killed_mid_update_instance_restored_from_mirrors(
     t1, t2 = serving_v1(c, tmp_path, "m", 1, replicas=2)
 
     job = c.client.update("m", 2, instances=["R"], bucket_bytes=16 << 10)
+    flowing(c, job.id)  # the engines have begun loading v2: R must be restored
     c.stop(f"agent-{B}", signal.SIGKILL)  # owner of half of v1 and v2, and of mirrors
     t0 = time.monotonic()
     done = c.client.wait(job.id, 60)
@@ -100,6 +106,7 @@ def test_unrestorable_instance_is_named_and_restored_when_possible(
     t1, _ = serving_v1(c, tmp_path, "n", 3)
 
     job = c.client.update("n", 2, instances=["R"], bucket_bytes=16 << 10)
+    flowing(c, job.id)
     agent_b = c.procs[f"agent-{B}"]
     os.killpg(agent_b.pid, signal.SIGSTOP)
     try:
@@ -138,3 +145,35 @@ def test_ckptd_killed_mid_update_restores_after_restart(cluster: Cluster, tmp_pa
     want = t2 if (r.checkpoint, r.version) == ("k", 2) else t1
     assert (r.checkpoint, r.version) in (("k", 1), ("k", 2))
     wait_for(lambda: holds(c, want), 10, "R's engines to hold what the registry says")
+
+
+def _ended(c: Cluster, job_id: str) -> tpb.Job | None:
+    j = c.client.job(job_id)
+    return j if j.state in (tpb.JOB_FAILED, tpb.JOB_SUCCEEDED, tpb.JOB_CANCELLED) else None
+
+
+def test_owner_node_frozen_mid_update_ends_within_bound(cluster: Cluster, tmp_path: Path) -> None:
+    """The node owning half the bytes is frozen for 12 s mid-update: the update ends within
+    10 s of the freeze, its restore attempts end within the freeze too (none stays RUNNING),
+    and once the node is thawed R is back on v1 within seconds, byte-exact."""
+    c = cluster
+    t1, _ = serving_v1(c, tmp_path, "z", 11)
+    job = c.client.update("z", 2, instances=["R"], bucket_bytes=16 << 10)
+    agent_b = c.procs[f"agent-{B}"]
+    os.killpg(agent_b.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        done = wait_for(lambda: _ended(c, job.id), 15, "the update to end", 0.05)
+        assert time.monotonic() - t0 <= 10, done.reason
+        assert done.state == tpb.JOB_FAILED, done.reason
+        time.sleep(max(0.0, 12 - (time.monotonic() - t0)))
+    finally:
+        os.killpg(agent_b.pid, signal.SIGCONT)
+    t1_thaw = time.monotonic()
+    wait_for(lambda: instance_r(c).ready, 20, "R restored once B is back")
+    assert time.monotonic() - t1_thaw < 20
+    assert (instance_r(c).checkpoint, instance_r(c).version) == ("z", 1)
+    wait_for(lambda: holds(c, t1), 10, "R's engines to hold v1")
+    wait_for(lambda: all(_ended(c, j.id) for j in c.client.jobs(1000)), 10, "every job to end")
+    slow = [j for j in c.client.jobs(1000) if j.finished_unix - j.created_unix > 10]
+    assert not slow, slow  # the restores tried while B was frozen ended within bound too

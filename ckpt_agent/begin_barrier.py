@@ -1,0 +1,38 @@
+"""Every rank of a group has begun (its engine validated the update) before the first
+collective: the wait is on the group's store, polled, so an abort ends it at once and no
+rank is left in a gloo/NCCL operation it must abandon (an abandoned operation keeps its
+group, and the group's listening sockets, until the operation's own timeout)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from ckpt_agent.group_abort import PEER_FAILED
+
+BEGUN_KEY = "begun"
+POLL_S = 0.1  # the longest pause between two looks (the first ones are shorter)
+
+
+def all_begun(store: Any, world: int, abort: threading.Event, timeout_s: float) -> str:
+    """Counts this rank in and waits for the others: "" once all are in; else why not
+    (the abort's reason, or the deadline's)."""
+    deadline = time.monotonic() + timeout_s
+    pause, n = 0.005, 0
+    try:
+        n = int(store.add(BEGUN_KEY, 1))
+        while n < world:
+            if abort.is_set():
+                break
+            if time.monotonic() > deadline:
+                return f"{world - n} of {world} ranks did not begin within {timeout_s:.0f}s"
+            time.sleep(pause)
+            pause = min(POLL_S, pause * 1.5)
+            n = int(store.add(BEGUN_KEY, 0))
+    except Exception as e:  # the store's host rank ended: it failed (and says why itself)
+        if not abort.is_set():
+            return f"{PEER_FAILED}: the group's store is gone (its host rank ended): {e}"
+    if abort.is_set():
+        return getattr(abort, "reason", "") or "aborted by ckptd"
+    return ""

@@ -1,0 +1,101 @@
+"""A worker's defences against faults, in one process: commands of a job ckptd already
+aborted are dropped (the abort is read before them, whatever order they queued in), and a
+wait for an engine that has died ends at once rather than at the receiver timeout."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from ckpt.v1 import agent_pb2 as apb
+from ckpt.v1 import ipc_pb2 as ipb
+from ckpt_agent.receiver_link import LinkError, ReceiverLink
+from ckpt_agent.stale import MAX_ENDED, EndedJobs, read_batch
+
+
+def _cmd(**kw) -> bytes:
+    return apb.Command(**kw).SerializeToString()
+
+
+def test_queued_abort_is_read_before_the_jobs_commands() -> None:
+    a, b = mp.Pipe()
+    a.send_bytes(_cmd(id=1, prepare_group=apb.PrepareGroup(job_id="j1", world_size=2)))
+    a.send_bytes(_cmd(id=2, run_update=apb.RunUpdate(job_id="j1")))
+    a.send_bytes(_cmd(id=3, abort=apb.Abort(job_id="j1", reason="rank 2 failed")))
+    a.send_bytes(_cmd(id=4, run_update=apb.RunUpdate(job_id="j2")))
+    batch = read_batch(b, b.recv_bytes())
+    assert [c.id for c in batch] == [3, 1, 2, 4]
+    ended = EndedJobs()
+    ended.end(batch[0].abort.job_id, batch[0].abort.reason)
+    assert "ended before this prepare_group ran: rank 2 failed" in ended.stale(batch[1])
+    assert ended.stale(batch[2]) is not None
+    assert ended.stale(batch[3]) is None  # another job runs
+    assert ended.stale(apb.Command(drop=apb.Drop(checkpoint="c"))) is None
+
+
+def test_ended_jobs_are_bounded() -> None:
+    ended = EndedJobs()
+    for i in range(MAX_ENDED + 10):
+        ended.end(f"j{i}", "x")
+    assert ended.why("j0") is None and ended.why(f"j{MAX_ENDED + 9}") == "x"
+
+
+def _hello(job_id: str = "") -> bytes:
+    return ipb.ReceiverMessage(hello=ipb.ReceiverHello(job_id=job_id)).SerializeToString()
+
+
+def test_a_dead_engine_is_known_at_once(tmp_path: Path) -> None:
+    link = ReceiverLink(f"ipc://{tmp_path}/w.sock")
+    ctx = zmq.Context.instance()
+    try:
+        eng = ctx.socket(zmq.DEALER)
+        eng.setsockopt(zmq.LINGER, 0)
+        eng.connect(link.endpoint)
+        eng.send(_hello())
+        link.wait_hello("j", 5)
+        eng.close(0)  # the engine dies between two updates
+        t0 = time.monotonic()
+        with pytest.raises(LinkError, match="no engine connected.*disconnected"):
+            link.wait_hello("j2", 30)
+        assert time.monotonic() - t0 < 5
+    finally:
+        link.close()
+
+
+def test_an_engine_never_seen_gets_the_whole_wait(tmp_path: Path) -> None:
+    link = ReceiverLink(f"ipc://{tmp_path}/w.sock")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LinkError, match="no engine connected"):
+            link.wait_hello("j", 1.5)
+        assert time.monotonic() - t0 >= 1.4
+    finally:
+        link.close()
+
+
+def test_begin_barrier_ends_on_abort_or_a_lost_store() -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from ckpt_agent.begin_barrier import all_begun
+    from ckpt_agent.group_abort import PEER_FAILED, Abort
+
+    server = dist.TCPStore("127.0.0.1", 0, 2, True, timedelta(seconds=5), wait_for_workers=False)
+    abort = Abort()
+    threading.Timer(0.3, abort.trip, args=("aborted by ckptd: x",)).start()
+    t0 = time.monotonic()
+    assert all_begun(dist.PrefixStore("a", server), 2, abort, 30) == "aborted by ckptd: x"
+    assert time.monotonic() - t0 < 2
+    assert all_begun(dist.PrefixStore("b", server), 1, Abort(), 30) == ""  # alone: at once
+
+    class Gone:
+        def add(self, key: str, n: int) -> int:
+            raise RuntimeError("Connection was likely closed")
+
+    assert all_begun(Gone(), 2, Abort(), 30).startswith(PEER_FAILED)
