@@ -1,8 +1,9 @@
 """The worker's side of the engine hand-off: a ZMQ ROUTER on ipc://, typed protobuf frames.
 
 The link counts the engines connected to it (a socket monitor): once an engine has been
-connected, a wait that finds none (it died: the kernel closed its socket) fails within
-seconds, not at the receiver timeout: ENGINE_GONE_S in the middle of an update, ABSENT_S
+connected, a wait that finds none (it died: the kernel closed its socket; or it is stopped:
+it missed the heartbeats, ckpt_common.ipc.keepalive) fails within seconds, not at the
+receiver timeout: ENGINE_GONE_S in the middle of an update, ABSENT_S
 while waiting for an engine's hello (an engine that reset its socket after a failed update
 connects again when it is triggered)."""
 
@@ -17,6 +18,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from ckpt.v1 import ipc_pb2 as ipb
+from ckpt_common.ipc import keepalive
 from ckpt_common.rendezvous import others_allowed, peer_refusal, peer_uid, trusted_uids
 
 log = structlog.get_logger("ckpt_agent.link")
@@ -43,6 +45,7 @@ class ReceiverLink:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        keepalive(self._sock)  # a stopped engine is disconnected: check_engine sees it
         self._mon = self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._sock.bind(endpoint)
         # Other users reach it only where the operator trusts one (CKPT_IPC_PEER_UIDS).
@@ -69,14 +72,15 @@ class ReceiverLink:
             self._none_since = time.monotonic()
 
     def check_engine(self, grace_s: float = ENGINE_GONE_S, since: float = 0.0) -> None:
-        """Raises LinkError when the engine that was connected is gone for grace_s (counted
-        from `since` at the earliest)."""
+        """Raises LinkError when the engine that was connected is gone: for ENGINE_GONE_S,
+        and past since + grace_s (a wait gives an engine that reset its socket that long to
+        connect again)."""
         self._count()
-        gone = self._none_since
-        if gone is not None and time.monotonic() - max(gone, since) > grace_s:
+        gone, now = self._none_since, time.monotonic()
+        if gone is not None and now > max(gone + ENGINE_GONE_S, since + grace_s):
             raise LinkError(
                 f"no engine connected to {self.endpoint}: the one that was disconnected "
-                f"{time.monotonic() - gone:.1f}s ago (it died?)"
+                f"{now - gone:.1f}s ago (it died or is stopped?)"
             )
 
     def recv(self, timeout_s: float) -> tuple[bytes, ipb.ReceiverMessage] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from typing import Any
 
 from ckpt_common.rendezvous import MAX_SOCKET_PATH, RendezvousError, dir_refusal, trusted_uids
 
@@ -73,3 +74,20 @@ def socket_dir_refusal(endpoint: str) -> str:
     except RendezvousError as e:
         why = str(e)
     return f"refusing the agent socket {endpoint}: {why}" if why else ""
+
+
+# ZMTP heartbeats on the hand-off socket, both ends: libzmq's I/O thread answers pings
+# without the GIL, so only a process that is stopped (SIGSTOP, a frozen node) or gone stops
+# answering; its connection is then closed, and the other end sees a disconnect (a frozen
+# engine becomes a gone engine within HEARTBEAT_TIMEOUT_MS; a frozen worker likewise).
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
+
+
+def keepalive(sock: Any) -> None:
+    """Heartbeats on a ZMQ socket (set before it binds or connects)."""
+    import zmq
+
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)

@@ -67,6 +67,48 @@ def test_a_dead_engine_is_known_at_once(tmp_path: Path) -> None:
         link.close()
 
 
+_FROZEN_ENGINE = """
+import sys, time, zmq
+from ckpt.v1 import ipc_pb2 as ipb
+from ckpt_common.ipc import keepalive
+s = zmq.Context.instance().socket(zmq.DEALER)
+keepalive(s)
+s.connect(sys.argv[1])
+s.send(ipb.ReceiverMessage(hello=ipb.ReceiverHello(job_id="")).SerializeToString())
+print("sent", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("job_after_s", [0.0, 4.0])
+def test_a_stopped_engine_is_known_within_seconds(tmp_path: Path, job_after_s: float) -> None:
+    """An engine that is stopped (SIGSTOP: its socket stays open, its hello is queued) stops
+    answering the link's heartbeats: the wait for it fails within seconds, whether the job
+    starts right after the freeze (its queued hello is taken, then it vanishes) or later."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    link = ReceiverLink(f"ipc://{tmp_path}/w.sock")
+    eng = subprocess.Popen([sys.executable, "-c", _FROZEN_ENGINE, link.endpoint],
+                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert eng.stdout is not None and eng.stdout.readline().strip() == "sent"
+        time.sleep(0.5)
+        os.kill(eng.pid, signal.SIGSTOP)
+        time.sleep(job_after_s)
+        t0 = time.monotonic()
+        with pytest.raises(LinkError, match="no engine connected|engine went away"):
+            link.wait_hello("j", 60)
+            link.expect("validated", 60)  # the queued hello was taken: it never validates
+        assert time.monotonic() - t0 < ABSENT_S + 2
+    finally:
+        os.kill(eng.pid, signal.SIGKILL)
+        eng.wait(10)
+        link.close()
+
+
 def test_an_engine_never_seen_gets_the_whole_wait(tmp_path: Path) -> None:
     link = ReceiverLink(f"ipc://{tmp_path}/w.sock")
     try:

@@ -25,7 +25,7 @@ from ckpt.v1 import ipc_pb2 as ipb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common import checksum
 from ckpt_common.dtypes import torch_dtype
-from ckpt_common.ipc import socket_dir_refusal
+from ckpt_common.ipc import keepalive, socket_dir_refusal
 from ckpt_common.pieces import piece_of, region, tiling_problem
 from ckpt_common.rendezvous import peer_refusal, trusted_uids
 from vllm_ext.buffers import MappedBuffer
@@ -173,9 +173,10 @@ class Receiver:
                 raise ReceiveError(why)
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
-            # A disconnect tells an engine in the middle of an update that its worker died:
-            # it gives up at once rather than at its step timeout (ZMQ reconnects by itself
-            # for the next update).
+            keepalive(s)
+            # A disconnect tells an engine in the middle of an update that its worker died
+            # (or is stopped: it missed the heartbeats): it gives up at once rather than at
+            # its step timeout (ZMQ reconnects by itself for the next update).
             self._mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             s.connect(self.endpoint)
             self._sock = s
