@@ -42,7 +42,7 @@ ProgressFn = Callable[[str, apb.Progress], None]
 T = TypeVar("T")
 HEARTBEAT_GRACE_S = 30.0
 JOB_SILENCE_BEATS = 4  # a job fails on an agent silent for this many heartbeats
-JOB_SILENCE_MIN_S = 2.0
+JOB_SILENCE_MIN_S = 4.0  # a loaded machine delays heartbeats by seconds: no false alarms
 WATCH_S = 0.25
 
 
