@@ -137,7 +137,7 @@ def ensure_private_dir(path: str, mode: int = 0o700) -> str:
     os.makedirs(parent, mode=0o755, exist_ok=True)
     why = parents_refusal(path, me)
     if why:
-        raise RendezvousError(f"IPC dir {path}: {why}")
+        raise RendezvousError(f"private dir {path}: {why}")
     try:
         os.mkdir(path, mode)
     except FileExistsError:
@@ -145,11 +145,13 @@ def ensure_private_dir(path: str, mode: int = 0o700) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
-        raise RendezvousError(f"IPC dir {path}: {e.strerror} (a link or not a directory)") from None
+        raise RendezvousError(
+            f"private dir {path}: {e.strerror} (a link or not a directory)"
+        ) from None
     try:
-        why = stat_refusal(os.fstat(fd), me, f"IPC dir {path}")
+        why = stat_refusal(os.fstat(fd), me, f"private dir {path}")
         if why:
-            raise RendezvousError(f"{why}: refused (remove it, or choose another CKPT_IPC_DIR)")
+            raise RendezvousError(f"{why}: refused (remove it, or choose another directory)")
         os.fchmod(fd, mode)
     finally:
         os.close(fd)

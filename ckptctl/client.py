@@ -104,10 +104,14 @@ class Client:
         timeout_s: float = 600.0,
         probe: tpb.Probe | None = None,
     ) -> tpb.Checkpoint:
-        """Pushes in-memory torch tensors (written once to a safetensors file the agents read)."""
+        """Pushes in-memory torch tensors (written once to a safetensors file the agents read).
+        The file is staged in this user's own 0700 directory inside `directory`
+        (`ckpt-stage-<uid>`: created, or refused if anyone else owns it or can write it)."""
+        from ckpt_common.rendezvous import ensure_private_dir
         from ckptctl.st_writer import write_safetensors
 
-        path = os.path.join(directory, f"ckpt-push-{name}-{version}-{os.getpid()}.safetensors")
+        stage = ensure_private_dir(os.path.join(directory, f"ckpt-stage-{os.geteuid()}"))
+        path = os.path.join(stage, f"ckpt-push-{name}-{version}-{os.getpid()}.safetensors")
         write_safetensors(dict(tensors), path)
         try:
             return self.push(

@@ -204,3 +204,34 @@ def test_segments_someone_else_could_write_are_not_mapped() -> None:
     finally:
         mem.close()
         shm.unlink(name)
+
+
+def test_push_tensors_stages_only_in_its_own_dir(tmp_path: Path) -> None:
+    """Client.push_tensors stages its file in this user's own dir inside /dev/shm (or the
+    directory given): one another user made first (in a sticky dir) is refused, nothing is
+    written into it; its own is made 0700 and the file is removed after the push."""
+    import torch
+
+    from ckpt_common.errors import CkptError
+    from ckptctl.client import Client
+
+    sticky = tmp_path / "shm"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    theirs = sticky / f"ckpt-stage-{os.geteuid()}"
+    theirs.mkdir()
+    theirs.chmod(0o777)
+    os.chown(theirs, NOBODY, NOBODY)
+    client = Client("127.0.0.1:1")  # never reached: the staging dir is refused first
+    try:
+        with pytest.raises(RendezvousError, match="owned by uid 65534"):
+            client.push_tensors("m", 1, {"w": torch.zeros(4)}, directory=str(sticky))
+        assert list(theirs.iterdir()) == []
+        theirs.rmdir()
+        with pytest.raises(CkptError):  # the push itself fails (nothing listens)
+            client.push_tensors("m", 1, {"w": torch.zeros(4)}, directory=str(sticky), timeout_s=1)
+        st = theirs.stat()
+        assert st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o700
+        assert list(theirs.iterdir()) == []
+    finally:
+        client.close()
