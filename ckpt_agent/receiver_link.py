@@ -53,6 +53,7 @@ class ReceiverLink:
         self.endpoint = endpoint
         self.trusted = trusted_uids()
         self.peer: bytes | None = None
+        self.job_id = ""  # the job every message sent is stamped with, and answers must name
         self._refused: set[int | None] = set()  # uids already logged
         self.connected = 0  # engines connected now
         self._seen = False  # an engine was connected once
@@ -124,12 +125,13 @@ class ReceiverLink:
                 continue  # left over from an earlier job
             if msg.hello.job_id and msg.hello.job_id != job_id:
                 continue
-            self.peer = peer
+            self.peer, self.job_id = peer, job_id
             return msg.hello
 
     def send(self, msg: ipb.WorkerMessage) -> None:
         if self.peer is None:
             raise LinkError("no engine connected")
+        msg.job_id = self.job_id
         try:
             self._sock.send_multipart([self.peer, msg.SerializeToString()], flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
@@ -152,8 +154,8 @@ class ReceiverLink:
             if got is None:
                 continue
             peer, msg = got
-            if peer != self.peer:
-                continue
+            if peer != self.peer or msg.job_id != self.job_id:
+                continue  # another engine's, or an answer to a job given up on
             body = msg.WhichOneof("body")
             if body == "done" and kind != "done" and not msg.done.ok:
                 raise LinkError(f"engine failed: {msg.done.reason}")

@@ -97,9 +97,9 @@ def test_failure_message_is_not_an_end(tmp_path: Path) -> None:
         begin.slot_bytes, begin.nbuf = 4096, 1
         begin.tensors.append(meta)
         for m in (
-            ipb.WorkerMessage(begin=begin),
-            ipb.WorkerMessage(proceed=ipb.Proceed(ok=True)),
-            ipb.WorkerMessage(end=ipb.End(ok=False, reason="rank 3 died")),
+            ipb.WorkerMessage(begin=begin, job_id="j"),
+            ipb.WorkerMessage(proceed=ipb.Proceed(ok=True), job_id="j"),
+            ipb.WorkerMessage(end=ipb.End(ok=False, reason="rank 3 died"), job_id="j"),
         ):
             if m.WhichOneof("body") == "proceed":
                 router.recv_multipart()  # validated

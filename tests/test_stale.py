@@ -141,3 +141,68 @@ def test_begin_barrier_ends_on_abort_or_a_lost_store() -> None:
             raise RuntimeError("Connection was likely closed")
 
     assert all_begun(Gone(), 2, Abort(), 30).startswith(PEER_FAILED)
+
+
+def _begin(job: str, seg: str, data) -> ipb.WorkerMessage:
+    from ckpt.v1 import types_pb2 as tpb
+    from ckpt_common import checksum
+
+    meta = tpb.TensorMeta(name="w", dtype="F32", shape=[data.size // 4], nbytes=data.size)
+    meta.checksum = checksum.of_numpy(data)
+    begin = ipb.Begin(job_id=job, checkpoint=f"c-{job}", version=1, buffer=f"shm:{seg}",
+                      slot_bytes=data.size, nbuf=1, bucket_count=1, tensors=[meta])  # fmt: skip
+    return ipb.WorkerMessage(begin=begin)
+
+
+def test_an_engine_stopped_through_a_job_never_mixes_it_with_the_next(tmp_path: Path) -> None:
+    """The engine was stopped while the worker began job j1 and gave up on it. Resumed, the
+    engine answers j1's Begin; the worker, now in j2, skips that answer (another job's), and
+    the engine leaves j1 when j2's Begin comes and takes j2 at once: j2's bytes, j2's sums
+    (answered for j1, it loaded j2's bytes against j1's checksums and failed)."""
+    import numpy as np
+    import torch
+
+    from ckpt_agent import shm
+    from vllm_ext.receiver import Receiver
+
+    link = ReceiverLink(f"ipc://{tmp_path}/w.sock")
+    seg = f"ckpt_test_stale_{time.monotonic_ns()}"
+    old, new = (np.full(64, v, np.float32).view(np.uint8) for v in (1.0, 2.0))
+    mem = shm.create(seg, old.size)
+    r = Receiver(link.endpoint)
+    results: list = []
+
+    def engine() -> None:
+        for _ in range(2):
+            got: dict = {}
+            done = r.receive(load=lambda info, it: got.update((n, t.clone()) for n, t in it),
+                             wait_s=20, step_timeout_s=20)  # fmt: skip
+            results.append((done, got))
+
+    th = threading.Thread(target=engine, daemon=True)
+    try:
+        th.start()
+        time.sleep(2.5)  # two hellos queued: one for each job
+        link.wait_hello("j1", 10)
+        link.send(_begin("j1", seg, old))  # j1: given up on, its Validated comes late
+        time.sleep(0.5)
+        link.wait_hello("j2", 10)
+        mem.buf[: new.size] = new.tobytes()
+        link.send(_begin("j2", seg, new))
+        assert link.expect("validated", 10).validated.ok
+        link.send(ipb.WorkerMessage(proceed=ipb.Proceed(ok=True)))
+        entry = ipb.IpcTensor(tensor=0, offset=0, nbytes=new.size)
+        link.send(ipb.WorkerMessage(bucket=ipb.BucketReady(bucket=0, slot=0, entries=[entry])))
+        assert link.expect("loaded", 10).loaded.bucket == 0
+        link.send(ipb.WorkerMessage(end=ipb.End(ok=True)))
+        done = link.expect("done", 10).done
+        assert done.ok and done.checkpoint == "c-j2", done
+        th.join(10)
+        (first, _), (second, got) = results
+        assert not first.ok and "began job j2" in first.reason, first
+        assert second.ok and torch.equal(got["w"], torch.full((64,), 2.0))
+    finally:
+        r.close()
+        link.close()
+        mem.close()
+        shm.unlink(seg)

@@ -165,6 +165,8 @@ class Receiver:
         self._sock: zmq.Socket | None = None
         self._mon: zmq.Socket | None = None
         self.buffer = MappedBuffer()
+        self._job = ""  # the update under way: replies name it, other jobs' messages are skipped
+        self._next: ipb.WorkerMessage | None = None  # a newer job's Begin that ended the last
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
@@ -190,6 +192,7 @@ class Receiver:
         return lost
 
     def _send(self, msg: ipb.ReceiverMessage) -> None:
+        msg.job_id = "" if msg.HasField("hello") else self._job
         self._socket().send(msg.SerializeToString())
 
     def _recv(self, timeout_s: float, kinds: tuple[str, ...]) -> ipb.WorkerMessage | None:
@@ -215,6 +218,11 @@ class Receiver:
                 raise ReceiveError(f"refusing the worker at {self.endpoint}: {why}")
             msg = ipb.WorkerMessage.FromString(frame.bytes)
             kind = msg.WhichOneof("body")
+            if kind == "begin" and "begin" not in kinds and msg.job_id != self._job:
+                self._next = msg  # taken by the next receive(), at once
+                raise ReceiveError(f"the worker began job {msg.job_id} before this one ended")
+            if "begin" not in kinds and msg.job_id != self._job:
+                continue  # a message of a job this engine is not in (one it was stopped through)
             if kind in kinds:
                 return msg
             if kind == "end" and not msg.end.ok and "begin" not in kinds:
@@ -238,7 +246,7 @@ class Receiver:
         self._socket()
         self._worker_lost()  # a disconnect between updates is no news
         deadline = time.monotonic() + wait_s
-        msg = None
+        msg, self._next, self._job = self._next, None, ""
         while msg is None and time.monotonic() < deadline:
             # Said again now and then: a worker that restarted never saw the first one.
             self._send(hello)
@@ -247,6 +255,7 @@ class Receiver:
             self.reset()
             raise TimeoutError(f"no update started on {self.endpoint} within {wait_s:.0f}s")
         b = msg.begin
+        self._job = b.job_id
         info = UpdateInfo(
             job_id=b.job_id,
             checkpoint=b.checkpoint,

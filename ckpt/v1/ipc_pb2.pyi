@@ -48,16 +48,18 @@ class Validated(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class ReceiverMessage(_message.Message):
-    __slots__ = ("hello", "loaded", "done", "validated")
+    __slots__ = ("hello", "loaded", "done", "validated", "job_id")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     VALIDATED_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     hello: ReceiverHello
     loaded: BucketLoaded
     done: ReceiverDone
     validated: Validated
-    def __init__(self, hello: _Optional[_Union[ReceiverHello, _Mapping]] = ..., loaded: _Optional[_Union[BucketLoaded, _Mapping]] = ..., done: _Optional[_Union[ReceiverDone, _Mapping]] = ..., validated: _Optional[_Union[Validated, _Mapping]] = ...) -> None: ...
+    job_id: str
+    def __init__(self, hello: _Optional[_Union[ReceiverHello, _Mapping]] = ..., loaded: _Optional[_Union[BucketLoaded, _Mapping]] = ..., done: _Optional[_Union[ReceiverDone, _Mapping]] = ..., validated: _Optional[_Union[Validated, _Mapping]] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class Begin(_message.Message):
     __slots__ = ("job_id", "checkpoint", "version", "buffer", "slot_bytes", "nbuf", "bucket_count", "tensors", "partial", "device", "kept", "want_layout")
@@ -128,13 +130,15 @@ class End(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("begin", "proceed", "bucket", "end")
+    __slots__ = ("begin", "proceed", "bucket", "end", "job_id")
     BEGIN_FIELD_NUMBER: _ClassVar[int]
     PROCEED_FIELD_NUMBER: _ClassVar[int]
     BUCKET_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     begin: Begin
     proceed: Proceed
     bucket: BucketReady
     end: End
-    def __init__(self, begin: _Optional[_Union[Begin, _Mapping]] = ..., proceed: _Optional[_Union[Proceed, _Mapping]] = ..., bucket: _Optional[_Union[BucketReady, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ...) -> None: ...
+    job_id: str
+    def __init__(self, begin: _Optional[_Union[Begin, _Mapping]] = ..., proceed: _Optional[_Union[Proceed, _Mapping]] = ..., bucket: _Optional[_Union[BucketReady, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ..., job_id: _Optional[str] = ...) -> None: ...
