@@ -175,9 +175,11 @@ def test_an_engine_stopped_through_a_job_never_mixes_it_with_the_next(tmp_path: 
     def engine() -> None:
         for _ in range(2):
             got: dict = {}
-            done = r.receive(load=lambda info, it: got.update((n, t.clone()) for n, t in it),
-                             wait_s=20, step_timeout_s=20)  # fmt: skip
-            results.append((done, got))
+
+            def load(info, it, got=got) -> None:
+                got.update((n, t.clone()) for n, t in it)
+
+            results.append((r.receive(load=load, wait_s=20, step_timeout_s=20), got))
 
     th = threading.Thread(target=engine, daemon=True)
     try:
