@@ -170,7 +170,7 @@ def test_an_endpoint_never_gets_a_reusable_secret(tmp_path: Path) -> None:
     c = Cluster(tmp_path)
     c.env["CKPTD_TOKEN_FILE"] = str(tmp_path / "agent-n1.token")
     metrics_port = free_port()
-    engine = attacker = taker = None
+    engine = attacker = taker = other = None
     try:
         c.start_daemon(
             "--auth-file", str(tokens(tmp_path)), "--metrics-listen", f"127.0.0.1:{metrics_port}"
@@ -196,10 +196,13 @@ def test_an_endpoint_never_gets_a_reusable_secret(tmp_path: Path) -> None:
         insts = {i.name: i for i in c.client.instances()}
         assert set(insts) == {"real"} and insts["real"].endpoint == engine.url
 
-        # the engine goes away and the attacker takes its port: an update fails at the proof
+        # the engine goes away and the attacker takes its port, relaying challenges to the
+        # engine of another instance (relaying to its own endpoint would loop): an update
+        # fails at the proof
         c.client.push("m", 1, [str(write_sharded(mixed_tensors(1, layers=1), tmp_path / "w"))])
         engine.stop()
-        taker = Attacker(relay=attacker.url, port=engine.port)
+        other = GuardedEngine(c.engine_key("other"))
+        taker = Attacker(relay=other.url, port=engine.port)
         job = c.client.wait(c.client.update("m", 1, instances=["real"]).id, 60)
         assert job.state == tpb.JOB_FAILED
         assert "instance real" in job.reason and "did not prove" in job.reason, job.reason
@@ -229,7 +232,7 @@ def test_an_endpoint_never_gets_a_reusable_secret(tmp_path: Path) -> None:
         status, text = scrape(metrics_port, tmp_path / "reader.token")
         assert status == 200 and "ckptd_agents_attached 1.0" in text
     finally:
-        for s in (engine, attacker, taker):
+        for s in (engine, attacker, taker, other):
             if s is not None:
                 s.stop()
         c.close()
