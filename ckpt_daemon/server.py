@@ -10,7 +10,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ckpt.v1 import agent_pb2_grpc, ckptd_pb2, ckptd_pb2_grpc
+from ckpt.v1 import ckptd_pb2, ckptd_pb2_grpc
 from ckpt_daemon import __version__
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.auth import (
@@ -28,7 +28,7 @@ from ckpt_daemon.metrics import Metrics
 from ckpt_daemon.model import Job
 from ckpt_daemon.push import Pusher
 from ckpt_daemon.registry import Registry
-from ckpt_daemon.servicer import AgentLinkServicer, CkptServicer
+from ckpt_daemon.servicer import AgentLinkServicer, CkptServicer, add_agent_link
 from ckpt_daemon.tracing import JobTracer
 
 log = structlog.get_logger("ckptd")
@@ -122,7 +122,7 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     ckptd_pb2_grpc.add_CkptServicer_to_server(
         CkptServicer(registry, hub, pusher, jobs, trigger.verify), server
     )
-    agent_pb2_grpc.add_AgentLinkServicer_to_server(AgentLinkServicer(hub), server)
+    add_agent_link(AgentLinkServicer(hub), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

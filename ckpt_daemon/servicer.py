@@ -274,24 +274,58 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         return cpb.RemoveInstanceResponse(removed=convert.instance_to_pb(inst, self._order()))
 
 
-async def _decoded(messages: AsyncIterator[apb.AgentMessage]) -> AsyncIterator[apb.AgentMessage]:
-    """The agent stream's messages; bytes that are no AgentMessage end it: INVALID_ARGUMENT."""
-    try:
-        async for msg in messages:
-            yield msg
-    except DecodeError as e:
-        raise InvalidArgument(f"the agent stream carried a malformed message: {e}") from None
+OFF_LOOP_BYTES = 1 << 20  # an agent message larger than this is parsed on a thread
+MAX_HELLO_BYTES = 64 << 20  # 1024 devices and 65536 stores fit in a fraction of it
+
+
+async def _decoded(messages: AsyncIterator[bytes]) -> AsyncIterator[apb.AgentMessage]:
+    """The agent stream's messages, parsed here (not by gRPC on the event loop): a large one
+    on a thread, so the loop serves every other call meanwhile. A first message (the Hello)
+    over MAX_HELLO_BYTES is refused unread; bytes that are no AgentMessage end the stream:
+    INVALID_ARGUMENT either way."""
+    first = True
+    async for raw in messages:
+        if first and len(raw) > MAX_HELLO_BYTES:
+            raise InvalidArgument(
+                f"the agent's hello is {len(raw)} bytes: over {MAX_HELLO_BYTES >> 20} MiB"
+            )
+        first = False
+        try:
+            if len(raw) > OFF_LOOP_BYTES:
+                msg = await asyncio.to_thread(apb.AgentMessage.FromString, raw)
+            else:
+                msg = apb.AgentMessage.FromString(raw)
+        except DecodeError as e:
+            raise InvalidArgument(f"the agent stream carried a malformed message: {e}") from None
+        yield msg
 
 
 class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
+    """Its requests arrive as bytes (add_agent_link): _decoded parses them."""
+
     def __init__(self, hub: AgentHub) -> None:
         self._hub = hub
 
     async def Attach(
-        self, request_iterator: AsyncIterator[apb.AgentMessage], context
+        self, request_iterator: AsyncIterator[bytes], context
     ) -> AsyncIterator[apb.DaemonMessage]:
         try:
             async for msg in self._hub.serve(_decoded(request_iterator)):
                 yield msg
         except CkptError as e:
             await context.abort(_status(e), admission.bounded(e.message))
+
+
+def add_agent_link(servicer: AgentLinkServicer, server: Any) -> None:
+    """agent_pb2_grpc.add_AgentLinkServicer_to_server, with requests left as bytes."""
+    handlers = {
+        "Attach": grpc.stream_stream_rpc_method_handler(
+            servicer.Attach,
+            request_deserializer=None,
+            response_serializer=apb.DaemonMessage.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("ckpt.v1.AgentLink", handlers),)
+    )
+    server.add_registered_method_handlers("ckpt.v1.AgentLink", handlers)

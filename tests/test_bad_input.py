@@ -355,3 +355,45 @@ def test_silent_agent_is_detached_and_spares_other_pushes(cluster: Cluster, tmp_
 
 def attached(c: Cluster) -> list[str]:
     return [a.node_id for a in c.client.agents() if a.state == tpb.AGENT_ATTACHED]
+
+
+@pytest.mark.parametrize("mb", [60, 200, 600])
+def test_a_huge_hello_neither_stalls_nor_attaches(cluster: Cluster, mb: int) -> None:
+    """A hello of 60 MB (parsed on a thread, refused for its content), 200 MB (over the
+    hello's cap: refused unread) or 600 MB (over any message's: gRPC refuses it,
+    RESOURCE_EXHAUSTED): refused within seconds, and every other call is answered meanwhile
+    in well under a second."""
+    import threading
+
+    c = cluster
+    raw = hello(node_id="huge", version="v" * (mb << 20)).SerializeToString()
+    attach = c.channel.stream_stream(
+        "/ckpt.v1.AgentLink/Attach",
+        request_serializer=lambda b: b,
+        response_deserializer=apb.DaemonMessage.FromString,
+    )
+    stop, worst = threading.Event(), [0.0]
+
+    def ping() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            c.client.agents()
+            worst[0] = max(worst[0], time.monotonic() - t0)
+            time.sleep(0.02)
+
+    th = threading.Thread(target=ping, daemon=True)
+    th.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in attach(iter([raw]), metadata=c.md, timeout=30):
+                pass
+    finally:
+        took = time.monotonic() - t0
+        stop.set()
+        th.join(10)
+    want = IA if mb < 512 else grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert e.value.code() == want, (e.value.code(), e.value.details())
+    assert took < 5, took
+    assert worst[0] < 1.0, worst[0]
+    assert attached(c) == ["n1"]
