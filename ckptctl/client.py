@@ -223,7 +223,7 @@ class Client:
         """Maps and page-locks every host store the agent of node_id (this node) holds now,
         its spare stores included, so that the first direct push of a run copies at the
         steady rate (agents started with --prealloc-store-gib hold spares from the start).
-        Returns how many segments were newly pinned."""
+        Returns how many segments were newly mapped."""
         from ckpt_agent import shm
         from ckpt_agent.host_store import segment_prefix
 

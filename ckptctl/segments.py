@@ -109,16 +109,16 @@ class SegmentCache:
             self._evict()
 
     def pin_all(self, names: Sequence[str]) -> int:
-        """Maps and page-locks these segments ahead of a push (a run's first push then finds
-        them ready); returns how many were newly pinned. Ones that vanish meanwhile are
-        skipped."""
-        before = self.stats.pinned
+        """Maps and (where CUDA runs) page-locks these segments ahead of a push: a run's first
+        push then finds them ready. Returns how many were newly mapped; ones that vanish
+        meanwhile, or that this user may not map, are skipped."""
+        before = self.stats.misses
         for name in names:
             try:
                 self.release(self.acquire([name], pin=True))
             except (FileNotFoundError, PermissionError):
                 continue
-        return self.stats.pinned - before
+        return self.stats.misses - before
 
     def close(self) -> None:
         """Unregisters and unmaps every segment (pushes in flight must have returned)."""
