@@ -62,6 +62,7 @@ class Client:
         self._stub = ckptd_pb2_grpc.CkptStub(self._channel)
         self._segments: Any = None  # ckptctl.segments.SegmentCache, on the first direct push
         self.last_push: PushTimes | None = None
+        self.push_streams = 4  # CUDA streams per device a direct push copies GPU tensors on
 
     def close(self) -> None:
         """Closes the channel and releases the segments direct pushes mapped."""
@@ -173,7 +174,7 @@ class Client:
         part: int = 0,
         parts: int = 1,
         threads: int = 16,
-        streams: int = 4,
+        streams: int | None = None,
         timeout_s: float = 600.0,
         probe: tpb.Probe | None = None,
         checksums: bool = True,
@@ -182,7 +183,8 @@ class Client:
         written into this node's host stores. With parts > 1 every part calls this; it
         returns once all parts are committed and the version is READY.
 
-        GPU tensors are copied over `streams` CUDA streams per device into segments this
+        GPU tensors are copied over `streams` CUDA streams per device (default
+        `self.push_streams`, 4) into segments this
         client keeps mapped and page-locked for the next push (`close` releases them); CPU
         tensors by `threads` threads. With checksums (the default) each item's checksum is
         computed here, from the trainer's own bytes, and sent with the commit: the agents
@@ -198,8 +200,9 @@ class Client:
         plan = self._call("BeginPush", req, timeout_s + 30)
         t1 = time.monotonic()
         sums, stats = write_items(
-            plan, flats, self.segments, threads=threads, streams=streams, sums=checksums
-        )
+            plan, flats, self.segments, threads=threads, sums=checksums,
+            streams=streams or self.push_streams,
+        )  # fmt: skip
         t2 = time.monotonic()
         commit = cpb.CommitPushRequest(name=name, version=version, part=part, checksums=sums)
         cp = self._call("CommitPush", commit, timeout_s + 30)

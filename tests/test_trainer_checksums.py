@@ -258,3 +258,19 @@ def test_parts_in_one_process_map_a_segment_once(cluster: Cluster) -> None:
     assert "KeyError" not in r.stderr and "resource_tracker" not in r.stderr, r.stderr
     job = update(c, "parts", 1)
     assert job.state == tpb.JOB_SUCCEEDED, job.reason
+
+
+@pytest.mark.slow
+def test_rl_step_bench_runs_on_cpu(tmp_path) -> None:
+    """bench.rl_step's CPU smoke mode: the GPU benchmark's code path, end to end."""
+    import json
+
+    out = tmp_path / "rl.json"
+    r = subprocess.run(
+        [PY, "-m", "bench.rl_step", "--cpu-smoke", "--steps", "3", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    k = json.loads(out.read_text())["ckptd"]
+    assert len(k["steps"]) == 3 and all(s["trainer_checksums"] for s in k["steps"])
+    assert k["segments"]["hits"] == 3 and k["segments"]["misses"] == 2, k["segments"]
