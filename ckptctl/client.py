@@ -225,11 +225,14 @@ class Client:
     def pin_segments(self, node_id: str) -> int:
         """Maps and page-locks every host store the agent of node_id (this node) holds now,
         its spare stores included, so that the first direct push of a run copies at the
-        steady rate (agents started with --prealloc-store-gib hold spares from the start).
-        Returns how many segments were newly mapped."""
+        steady rate (agents started with --prealloc-store-gib hold spares from the start);
+        on CUDA it also builds the GPU checksum kernel. Returns how many segments were newly
+        mapped."""
         from ckpt_agent import shm
         from ckpt_agent.host_store import segment_prefix
+        from ckptctl.direct_push import warm_gpu
 
+        warm_gpu()
         prefix = segment_prefix(node_id)
         try:
             names = sorted(n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefix))

@@ -60,6 +60,16 @@ def tensor_metas(items: Sequence[Item]) -> tuple[list[tpb.TensorMeta], list[Any]
     return metas, flats
 
 
+def warm_gpu() -> None:
+    """Compiles (or loads) the GPU checksum kernel on the current device now, not inside the
+    first push (Triton builds it on first use)."""
+    import torch
+
+    if torch.cuda.is_available():
+        t = torch.zeros(1 << 16, dtype=torch.uint8, device="cuda")
+        checksum.finish_many([t.numel()], checksum.launch_parts([t]))
+
+
 @dataclass(frozen=True, kw_only=True)
 class WriteStats:
     """What one part's write took (seconds, from this process's clock)."""
@@ -85,6 +95,9 @@ def _targets(plan: cpb.PushPlan, flats: Sequence[Any], hosts: Sequence[Any]) -> 
 def _copy_cpu(jobs: list[tuple[int, Any, Any]], threads: int, sums: list[int] | None) -> None:
     """Copies CPU sources (index, src, dst) in CHUNK pieces on a thread pool and, with sums,
     puts each item's checksum (numpy releases the GIL) at its index."""
+
+    if not jobs:
+        return
 
     def put(job: tuple[Any, Any]) -> None:
         job[1].copy_(job[0])

@@ -26,7 +26,10 @@ from typing import Any
 import structlog
 
 log = structlog.get_logger("ckptctl.segments")
-MAX_SEGMENTS = 16  # unused mappings kept (a device's ring is a few stores)
+# idle mappings kept while their files exist: a node's rings (a few stores per device, 8
+# devices) fit many times; an idle mapping holds no memory of its own (the agent's store
+# exists anyway), only its registration with CUDA
+MAX_SEGMENTS = 256
 HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
 
 
