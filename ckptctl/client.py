@@ -8,6 +8,7 @@ and pushed by path.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class Client:
             self._channel = grpc.insecure_channel(addr, options=channel_args())
         self._stub = ckptd_pb2_grpc.CkptStub(self._channel)
         self._segments: Any = None  # ckptctl.segments.SegmentCache, on the first direct push
+        self._segments_lock = threading.Lock()
         self.last_push: PushTimes | None = None
         self.push_streams = 4  # CUDA streams per device a direct push copies GPU tensors on
 
@@ -184,11 +186,11 @@ class Client:
         returns once all parts are committed and the version is READY.
 
         GPU tensors are copied over `streams` CUDA streams per device (default
-        `self.push_streams`, 4) into segments this
-        client keeps mapped and page-locked for the next push (`close` releases them); CPU
-        tensors by `threads` threads. With checksums (the default) each item's checksum is
-        computed here, from the trainer's own bytes, and sent with the commit: the agents
-        do not read their stores again. What the push took is in `last_push`."""
+        `self.push_streams`, 4) into segments this client keeps mapped and page-locked for
+        the next push (`close` releases them); CPU tensors by `threads` threads. With
+        checksums (the default) each item's checksum is computed here, from the trainer's
+        own bytes, and sent with the commit: the agents do not read their stores again.
+        What the push took is in `last_push`."""
         from ckptctl.direct_push import tensor_metas, write_items
 
         t0 = time.monotonic()
@@ -209,18 +211,19 @@ class Client:
         self.last_push = PushTimes(
             begin_s=t1 - t0, write_s=t2 - t1, commit_s=time.monotonic() - t2,
             map_s=stats.map_s, copy_s=stats.copy_s, bytes=stats.bytes,
-            newly_pinned=stats.newly_pinned, trainer_checksums=bool(sums),
+            newly_pinned=stats.newly_pinned, trainer_checksums=checksums,
         )  # fmt: skip
         return cp
 
     @property
     def segments(self) -> Any:
         """The host-store segments this client has mapped (ckptctl.segments.SegmentCache)."""
-        if self._segments is None:
-            from ckptctl.segments import SegmentCache
+        with self._segments_lock:  # parts pushed from threads share one
+            if self._segments is None:
+                from ckptctl.segments import SegmentCache
 
-            self._segments = SegmentCache()
-        return self._segments
+                self._segments = SegmentCache()
+            return self._segments
 
     def pin_segments(self, node_id: str) -> int:
         """Maps and page-locks every host store the agent of node_id (this node) holds now,

@@ -93,8 +93,8 @@ def _targets(plan: cpb.PushPlan, flats: Sequence[Any], hosts: Sequence[Any]) -> 
 
 
 def _copy_cpu(jobs: list[tuple[int, Any, Any]], threads: int, sums: list[int] | None) -> None:
-    """Copies CPU sources (index, src, dst) in CHUNK pieces on a thread pool and, with sums,
-    puts each item's checksum (numpy releases the GIL) at its index."""
+    """Copies CPU (or other non-CUDA) sources (index, src, dst) in CHUNK pieces on a thread
+    pool and, with sums, puts each item's checksum (numpy releases the GIL) at its index."""
 
     if not jobs:
         return
@@ -104,7 +104,9 @@ def _copy_cpu(jobs: list[tuple[int, Any, Any]], threads: int, sums: list[int] | 
 
     def one_sum(job: tuple[int, Any, Any]) -> None:
         assert sums is not None
-        sums[job[0]] = checksum.of_numpy(job[1].numpy())
+        src = job[1]
+        cpu = src.device.type == "cpu"
+        sums[job[0]] = checksum.of_numpy(src.numpy()) if cpu else checksum.of_torch(src)
 
     chunks = [
         (src[o : o + CHUNK], dst[o : o + CHUNK])
@@ -144,7 +146,7 @@ def write_items(
     from ckptctl import d2h
 
     t0 = time.monotonic()
-    gpu = [i for i, f in enumerate(flats) if f.device.type != "cpu"]
+    gpu = [i for i, f in enumerate(flats) if f.device.type == "cuda"]
     pinned = cache.stats.pinned
     maps = cache.acquire([s.segment for s in plan.segments], pin=bool(gpu))
     t1 = time.monotonic()
@@ -156,7 +158,7 @@ def write_items(
         on_gpu = [jobs[i] for i in gpu]
         pending = d2h.start([(src, dst) for _, src, dst in on_gpu], streams)
         launched = _gpu_sums(on_gpu) if sums and on_gpu else []
-        _copy_cpu([j for j in jobs if j[1].device.type == "cpu"], threads, out)
+        _copy_cpu([j for j in jobs if j[1].device.type != "cuda"], threads, out)
         pending.wait()
         for idx, parts in launched:
             got = checksum.finish_many([flats[i].numel() for i in idx], parts)
