@@ -366,6 +366,7 @@ class Agent:
             log_level=self.cfg.log_level,
             p2p=self._p2p_enabled(),
             source_roots=self.cfg.source_roots,
+            stores=self.cfg.stores,
             loop=loop,
             devices=[d.index for d in self.devices],
             on_message=self._on_worker_message,

@@ -15,6 +15,30 @@ NODE_ID_ENV = "CKPT_NODE_ID"
 
 
 @dataclass(frozen=True, kw_only=True)
+class StoreOptions:
+    """A worker's host stores: how many dropped stores it keeps for the next versions
+    (spares), and whether it makes them at start."""
+
+    spares: int | None = None  # None: 1 on CUDA (kept pinned), 0 on CPU
+    # > 0: at start, each worker fills its spares with stores of this size (pinned on CUDA)
+    # so that the first pushes of a run reuse memory as later ones do
+    prealloc_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.spares is not None and self.spares < 0:
+            raise ValueError("spare stores must not be negative")
+        if self.prealloc_bytes < 0:
+            raise ValueError("the pre-allocated store size must not be negative")
+        if self.prealloc_bytes and self.spares == 0:
+            raise ValueError("pre-allocated stores are spares: --spare-stores must not be 0")
+
+    def spares_for(self, kind: str) -> int:
+        if self.spares is not None:
+            return self.spares
+        return 1 if kind == "cuda" else 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     daemon: str = "127.0.0.1:7601"
     node_id: str = socket.gethostname()
@@ -32,6 +56,7 @@ class AgentConfig:
     credentials: Credentials = field(default_factory=Credentials)  # to ckptd: token, TLS
     # push sources are read only under these (ckpt_common.sources); env CKPT_SOURCE_ROOTS
     source_roots: tuple[str, ...] = field(default_factory=roots_from_env)
+    stores: StoreOptions = field(default_factory=StoreOptions)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):

@@ -94,9 +94,13 @@ def _strided_range(it: Any, size: int) -> tuple[int, int, int, int]:
 
 class HostStore:
     """With spares > 0, a dropped store's segment is kept (still pinned, its pages in place)
-    for the next load of the same size: each version of one model is, so a trainer pushing
-    version after version skips allocating, faulting in and pinning fresh memory. `release`
-    is called with a store just before its memory really goes (CUDA: to unpin it)."""
+    for the next load that fits it: each version of one model is the same size, so a trainer
+    pushing version after version skips allocating, faulting in and pinning fresh memory
+    (and the trainer, which keeps the segments it mapped by inode, skips mapping and pinning
+    them again: the spare is renamed, not copied). A store engines serve is never a spare:
+    only a dropped version's store becomes one. `preallocate` makes spares at start.
+    `release` is called with a store just before its memory really goes (CUDA: to unpin
+    it)."""
 
     def __init__(
         self,
@@ -213,11 +217,37 @@ class HostStore:
         return [one(r) for r in ranges]
 
     def _take_spare(self, nbytes: int, name: str) -> Store | None:
-        for i, s in enumerate(self._spares):
-            if s.nbytes == nbytes:
-                del self._spares[i]
-                return s if self._rename(s, name) else None
-        return None
+        """The spare that fits best: the smallest holding nbytes, at most twice as large (a
+        dropped store of the model is exactly its size; a pre-allocated one a bit larger)."""
+        fits = [(s.mem.size, i) for i, s in enumerate(self._spares) if s.mem.size >= nbytes]
+        fits = [f for f in fits if f[0] <= 2 * nbytes]
+        if not fits:
+            return None
+        s = self._spares.pop(min(fits)[1])
+        return s if self._rename(s, name) else None
+
+    def preallocate(self, nbytes: int, pin: Callable[[Store], object] | None = None) -> int:
+        """Fills the spares (up to the number kept) with stores of nbytes, their pages
+        allocated and, with pin (CUDA), page-locked: the first loads of a run then cost what
+        a steady one does. Returns how many were made; stops at the first that fails."""
+        made = 0
+        while len(self._spares) < self._max_spares and nbytes >= SPARE_MIN:
+            self._nspare += 1
+            name = f"{self._prefix}s{self._nspare}"
+            mem = shm.create(name, nbytes)
+            s = Store("", 0, name, nbytes, mem)
+            try:
+                os.posix_fallocate(mem._fd, 0, nbytes)  # type: ignore[attr-defined]
+                if pin is not None:
+                    pin(s)
+            except OSError as e:
+                self._free(s)
+                raise StoreError(
+                    "RESOURCE_EXHAUSTED", f"pre-allocating a {nbytes}-byte store: {e.strerror}"
+                ) from None
+            self._spares.append(s)
+            made += 1
+        return made
 
     def _rename(self, s: Store, name: str) -> bool:
         """Renames a store's segment (memory, pins and pages stay); frees it on failure."""
@@ -246,7 +276,7 @@ class HostStore:
         s = self._stores.pop((checkpoint, version), None)
         if s is None:
             return False
-        if self._max_spares > 0 and s.nbytes >= SPARE_MIN:
+        if self._max_spares > 0 and s.mem.size >= SPARE_MIN:
             self._nspare += 1
             if not self._rename(s, f"{self._prefix}s{self._nspare}"):
                 return True

@@ -10,11 +10,19 @@ import signal
 import structlog
 
 from ckpt_agent.agent import Agent
-from ckpt_agent.config import NODE_ID_ENV, TRUSTED_FABRIC_ENV, AgentConfig, default_daemon
+from ckpt_agent.config import (
+    NODE_ID_ENV,
+    TRUSTED_FABRIC_ENV,
+    AgentConfig,
+    StoreOptions,
+    default_daemon,
+)
 from ckpt_common.credentials import Credentials
 from ckpt_common.logs import setup_logging
 from ckpt_common.rendezvous import RendezvousError
 from ckpt_common.sources import roots_from_env
+
+GIB = 1 << 30
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
@@ -54,6 +62,21 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         help="the network between nodes is trusted: allows P2P (Mooncake has no "
         "authentication and listens on every interface; env CKPT_TRUSTED_FABRIC=1)",
     )
+    p.add_argument(
+        "--spare-stores",
+        type=int,
+        default=None,
+        help="dropped host stores each worker keeps for the next versions (default: 1 on "
+        "cuda, pinned; 0 on cpu). A trainer pushing a version per step with Publisher(keep=K) "
+        "reuses memory from the start with K + 1",
+    )
+    p.add_argument(
+        "--prealloc-store-gib",
+        type=float,
+        default=0.0,
+        help="at start, fill each worker's spares with host stores of this size (pinned on "
+        "cuda): at least a version's bytes on that device, at most twice them",
+    )
     p.add_argument("--token-file", default="", help="bearer token (env CKPTD_TOKEN_FILE)")
     p.add_argument("--tls-ca", default="", help="CA that signed ckptd's certificate")
     p.add_argument("--tls-cert", default="", help="this agent's certificate (node id in SAN)")
@@ -73,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         p2p=a.p2p,
         source_roots=tuple(a.source_root) or roots_from_env(),
         trusted_fabric=a.trusted_fabric,
+        stores=StoreOptions(spares=a.spare_stores, prealloc_bytes=int(a.prealloc_store_gib * GIB)),
         credentials=Credentials(
             token_file=a.token_file,
             tls_ca=a.tls_ca,

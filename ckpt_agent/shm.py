@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Iterable
 from multiprocessing import resource_tracker, shared_memory
 
 from ckpt_common.rendezvous import stat_refusal, trusted_uids
 
 SHM_DIR = "/dev/shm"
+# Python < 3.13 registers every mapping with the resource tracker, by name; two threads
+# mapping one segment at once would register it twice and unregister it twice (a KeyError
+# the tracker prints). Each mapping is registered and unregistered under this lock.
+_TRACKED = threading.Lock()
 
 
 class UntrustedSegment(PermissionError):
@@ -31,16 +36,18 @@ def _untrack(shm: shared_memory.SharedMemory) -> None:
 
 def create(name: str, size: int) -> shared_memory.SharedMemory:
     unlink(name)
-    shm = shared_memory.SharedMemory(name=name, create=True, size=max(1, size))
-    _untrack(shm)
+    with _TRACKED:
+        shm = shared_memory.SharedMemory(name=name, create=True, size=max(1, size))
+        _untrack(shm)
     return shm
 
 
 def attach(name: str, trusted: Iterable[int] | None = None) -> shared_memory.SharedMemory:
     """Maps an existing segment; UntrustedSegment if it is not a regular file a trusted uid
     owns and nobody else can write (checked on the opened descriptor)."""
-    shm = shared_memory.SharedMemory(name=name, create=False)
-    _untrack(shm)
+    with _TRACKED:
+        shm = shared_memory.SharedMemory(name=name, create=False)
+        _untrack(shm)
     st = os.fstat(shm._fd)  # type: ignore[attr-defined]
     why = stat_refusal(st, trusted_uids() if trusted is None else trusted, f"segment {name}")
     if not why and not stat.S_ISREG(st.st_mode):

@@ -15,6 +15,7 @@ import structlog
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent import shm
+from ckpt_agent.config import StoreOptions
 from ckpt_agent.host_store import device_prefix
 from ckpt_agent.worker import READY_ID, worker_main
 
@@ -51,11 +52,13 @@ class Supervisor:
         log_level: str,
         p2p: bool,
         source_roots: tuple[str, ...],
+        stores: StoreOptions | None = None,
         loop: asyncio.AbstractEventLoop,
         on_message: Callable[[int, apb.AgentMessage], None],
         on_death: Callable[[int], None],
     ) -> None:
         self._args = (node_id, kind, ipc_dir, host, log_level, p2p, source_roots)
+        self._stores = stores or StoreOptions()
         self._loop = loop
         self._on_message = on_message
         self._on_death = on_death
@@ -73,6 +76,7 @@ class Supervisor:
             name=f"ckpt-worker-{device}",
             daemon=True,
             args=(child, node_id, device, kind, ipc_dir, host, log_level, p2p, roots),
+            kwargs={"stores": self._stores},
         )
         proc.start()
         child.close()

@@ -22,6 +22,7 @@ import structlog
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent.backend import RENDEZVOUS_S
+from ckpt_agent.config import StoreOptions
 from ckpt_agent.group_abort import Abort, PeerWatch
 from ckpt_agent.host_store import HostStore, StoreError, device_prefix
 from ckpt_agent.receiver_link import ReceiverLink
@@ -32,7 +33,6 @@ from ckpt_common.logs import setup_logging
 
 log = structlog.get_logger("ckpt_agent.worker")
 READY_ID = 0  # command_id of the result a worker sends once it is ready
-SPARE_STORES = 1  # CUDA: dropped stores kept pinned for reuse (host memory they hold)
 HEARTBEAT_S = 0.5  # a worker tells its agent it is alive this often (frozen: it stops)
 CONNECT_SLICE_S = 0.5  # one attempt to reach the group's store (then the abort is looked at)
 STORE_CONNECT_S = 6.0  # the group's store is up (PrepareGroup) before any rank connects
@@ -89,20 +89,22 @@ class Worker:
         host: str,
         p2p: bool = False,
         source_roots: tuple[str, ...] = (),
+        stores: StoreOptions | None = None,
     ) -> None:
         self._conn = conn
         self._send_lock = threading.Lock()
         self.node_id, self.device, self.host = node_id, device, host
-        self.stores = HostStore(node_id, device, roots=source_roots)
+        self.store_options = stores or StoreOptions()
+        spares = self.store_options.spares_for(kind)
         if kind == "cuda":
             from ckpt_agent.cuda_backend import CudaBackend
 
             self.backend: Any = CudaBackend(device, host=host)
-            # a dropped store stays pinned as a spare for the next version (same size)
+            # a dropped store stays pinned as a spare for the next version
             self.stores = HostStore(
                 node_id,
                 device,
-                spares=SPARE_STORES,
+                spares=spares,
                 release=self.backend.unpin_store,
                 roots=source_roots,
             )
@@ -110,6 +112,7 @@ class Worker:
             from ckpt_agent.backend import CpuBackend
 
             self.backend = CpuBackend(device_prefix(node_id, device), host)
+            self.stores = HostStore(node_id, device, spares=spares, roots=source_roots)
         self.link = ReceiverLink(worker_endpoint(node_id, device, ipc_dir))
         self._io = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._group_stores: dict[str, Any] = {}
@@ -155,6 +158,8 @@ class Worker:
 
         ready = apb.WorkerReady(ceilings=measure(self.backend))
         self.reply(READY_ID, ok=True, ready=ready)
+        if self.store_options.prealloc_bytes:  # loads queue behind it on the store thread
+            self._io.submit(self._preallocate)
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         while True:
             try:  # what waits in the pipe is read first: aborts act before stale commands
@@ -241,6 +246,16 @@ class Worker:
             p2p=ready.p2p.session,
         )
         self.reply(cmd.id, ok=True, store=ready)
+
+    def _preallocate(self) -> None:
+        nbytes = self.store_options.prealloc_bytes
+        t0 = time.monotonic()
+        try:
+            made = self.stores.preallocate(nbytes, getattr(self.backend, "pin_store", None))
+        except StoreError as e:
+            log.warning("stores_not_preallocated", bytes=nbytes, reason=e.message)
+            return
+        log.info("stores_preallocated", stores=made, bytes=nbytes, seconds=time.monotonic() - t0)
 
     def _seal(self, cmd: apb.Command) -> None:
         t0 = time.monotonic()
@@ -420,6 +435,8 @@ def worker_main(
     log_level: str,
     p2p: bool = False,
     source_roots: tuple[str, ...] = (),
+    *,
+    stores: StoreOptions | None = None,
 ) -> None:
     die_with_parent()
     # The agent stops its workers (pipe EOF) and cleans up after them: a signal sent to the
@@ -445,6 +462,7 @@ def worker_main(
         host=host,
         p2p=p2p,
         source_roots=source_roots,
+        stores=stores,
     )
     try:
         w.serve()

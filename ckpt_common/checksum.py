@@ -131,6 +131,26 @@ def of_torch(t: Any) -> int:
     return finish(t.numel(), [int(x) for x in parts_torch(t).tolist()])
 
 
+def launch_parts(ts: list[Any]) -> Any:
+    """The four sums of each 1-D uint8 tensor (all on one CUDA device) as an int64 [n, 4]
+    tensor there, queued on the current stream: one kernel launch for all where Triton runs,
+    no read-back (`finish_many` reads them)."""
+    import torch
+
+    if not ts:
+        return torch.zeros((0, 4), dtype=torch.int64)
+    ts = [_aligned(t) for t in ts]
+    gpu = _gpu_kernel()
+    if gpu is not None:
+        return gpu.batch_parts(ts, ROW, _weights(8 * ROW, ts[0].device))
+    return torch.stack([parts_torch(t) for t in ts])
+
+
+def finish_many(nbytes: list[int], parts: Any) -> list[int]:
+    """The checksums from launch_parts' sums (one read-back)."""
+    return [finish(n, p) for n, p in zip(nbytes, parts.tolist(), strict=True)]
+
+
 def mismatches(items: list[tuple[str, int, Any]]) -> list[str]:
     """Names whose bytes do not match: items are (name, expected checksum, 1-D uint8 torch
     tensor). On a GPU the sums are computed there and read back once for all items."""
@@ -139,13 +159,6 @@ def mismatches(items: list[tuple[str, int, Any]]) -> list[str]:
     if items[0][2].device.type == "cpu":
         got = [of_numpy(t.numpy()) for _, _, t in items]
     else:
-        import torch
-
-        ts = [_aligned(t) for _, _, t in items]
-        gpu = _gpu_kernel()
-        if gpu is not None:  # one launch per tensor, one reduction and read-back for all
-            sums = gpu.batch_parts(ts, ROW, _weights(8 * ROW, ts[0].device)).tolist()
-        else:
-            sums = torch.stack([parts_torch(t) for t in ts]).tolist()
-        got = [finish(t.numel(), s) for t, s in zip(ts, sums, strict=True)]
+        ts = [t for _, _, t in items]
+        got = finish_many([t.numel() for t in ts], launch_parts(ts))
     return [name for (name, want, _), g in zip(items, got, strict=True) if g != want]

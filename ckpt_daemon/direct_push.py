@@ -6,10 +6,13 @@ pushes one part per rank: each rank declares its node and the tensors or pieces 
 (ckpt_common.pieces) it holds (BeginPush with part/parts). Every declaration waits until all
 parts are in; then the version is checked (the pieces of every tensor tile it exactly, in one
 dtype and shape), placed (every part's bytes on its own node's ranks), admitted and allocated,
-and each part gets the targets of its own tensors. Each part writes and commits; once every
-part has committed, the owners checksum their stores (Seal) and the version is READY. Every
-waiting call then returns it. A part that never begins or never commits fails the whole push
-when its timeout passes; nothing of it is kept.
+and each part gets the targets of its own tensors. Each part writes and commits, with the
+checksums of its tensors as the trainer computed them where the bytes were (its GPU) or
+without them (an older client). Once every part has committed, an owner all of whose
+tensors came with checksums has them recorded as they are (no pass over its store); the
+others checksum their stores (Seal). The version is READY, and every waiting call returns
+it. A part that never begins or never commits fails the whole push when its timeout passes;
+nothing of it is kept.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ MAX_PARTS = 65536
 Meta = tuple[str, str, tuple[int, ...], int, Piece | None]
 # what a part gets back: the version, the shards it writes, per tensor (shard index, offset)
 Targets = tuple[CheckpointVersion, list[Shard], list[tuple[int, int]]]
+# the trainer's checksum of each entry (entry_key: name and piece) its part committed with
+Known = dict[tuple, int]
 
 
 def part_specs(node_id: str, metas: Sequence[Meta]) -> list[TensorSpec]:
@@ -102,6 +107,7 @@ class Gathering:
     probe: Probe | None
     declared: dict[int, tuple[str, list[TensorSpec]]] = field(default_factory=dict)
     committed: set[int] = field(default_factory=set)
+    sums: dict[int, list[int]] = field(default_factory=dict)  # part -> its trainer checksums
     placed: asyncio.Future[CheckpointVersion] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -220,7 +226,12 @@ class DirectPushes:
             [where[entry_key(s.name, s.piece)] for s in specs],
         )
 
-    async def commit(self, name: str, version: int, part: int = 0) -> CheckpointVersion:
+    async def commit(
+        self, name: str, version: int, part: int = 0, checksums: Sequence[int] = ()
+    ) -> CheckpointVersion:
+        """checksums: the trainer's, one per tensor of the part's BeginPush in its order, or
+        none (its owners then checksum their stores). A wrong count is INVALID_ARGUMENT and
+        changes nothing."""
         key = (name, version)
         g = self._open.get(key)
         if g is None:
@@ -231,23 +242,45 @@ class DirectPushes:
             raise FailedPrecondition(f"part {part} of {name}@{version} has not begun")
         if not g.placed.done():
             raise FailedPrecondition(f"not every part of {name}@{version} has begun")
+        if checksums:
+            want = len(g.declared[part][1])
+            if len(checksums) != want:
+                raise InvalidArgument(
+                    f"part {part} of {name}@{version} sent {len(checksums)} checksums for "
+                    f"{want} tensors"
+                )
+            if part not in g.committed:
+                g.sums[part] = [int(c) for c in checksums]
         g.committed.add(part)
         if len(g.committed) == g.parts and g.expiry is not None and not g.expiry.done():
             g.expiry.cancel()
             g.work = asyncio.create_task(self._seal(g))
         return await asyncio.shield(g.sealed)
 
+    @staticmethod
+    def _known(g: Gathering) -> Known:
+        """The trainer's checksum of every entry whose part committed with checksums."""
+        return {
+            entry_key(s.name, s.piece): c
+            for p, sums in g.sums.items()
+            for s, c in zip(g.declared[p][1], sums, strict=True)
+        }
+
     async def _seal(self, g: Gathering) -> None:
         cv = g.placed.result()
         try:
-            await self._store.seal(cv)
+            known = await asyncio.to_thread(self._known, g)
+            await self._store.seal(cv, known)
         except BaseException as e:
             self._close(g)
             g.fail(e)
             return
         self._close(g)
         g.sealed.set_result(cv)
-        log.info("push_ready", checkpoint=g.name, version=g.version, direct=True, parts=g.parts)
+        log.info(
+            "push_ready", checkpoint=g.name, version=g.version, direct=True, parts=g.parts,
+            trainer_checksums=len(known),
+        )  # fmt: skip
 
     async def _expire(self, g: Gathering, timeout: float) -> None:
         await asyncio.sleep(timeout)
@@ -280,5 +313,5 @@ class StoreOps:
     hold: Callable[[tuple[str, int]], None]
     release: Callable[[tuple[str, int]], None]
     create: Callable[..., Awaitable[CheckpointVersion]]  # (name, version, placement, probe)
-    seal: Callable[[CheckpointVersion], Awaitable[None]]
+    seal: Callable[[CheckpointVersion, Known], Awaitable[None]]  # Known: the trainer's sums
     forget: Callable[[CheckpointVersion], Awaitable[None]]

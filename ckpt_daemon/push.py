@@ -21,10 +21,11 @@ from ckpt_common.errors import (
     InvalidArgument,
     NotFound,
 )
+from ckpt_common.pieces import entry_key
 from ckpt_daemon import admission, probes
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
-from ckpt_daemon.direct_push import DirectPushes, StoreOps
+from ckpt_daemon.direct_push import DirectPushes, Known, StoreOps
 from ckpt_daemon.model import (
     CheckpointState,
     CheckpointVersion,
@@ -412,12 +413,19 @@ class Pusher:
             except Exception:
                 log.exception("push_hook_failed")
 
-    async def _seal_direct(self, cv: CheckpointVersion) -> None:
-        """READY once every owner has checksummed what the trainer wrote (Seal); a seal that
-        fails drops the version."""
+    async def _seal_direct(self, cv: CheckpointVersion, known: Known) -> None:
+        """READY once every owner's checksums are recorded: the trainer's (`known`, by entry)
+        where it sent one for every tensor of the owner (the owner is only asked whether it
+        holds the store: a Seal of no range), else what the owner computes from its store
+        (Seal). A seal that fails drops the version."""
+        owned: dict[RankRef, list[tuple]] = {r: [] for r in cv.shards}
+        for t in cv.tensors:
+            owned[t.owner].append(entry_key(t.name, t.piece))
+        full = [r for r, keys in owned.items() if all(k in known for k in keys)]
+        given = {r: [known[k] for k in owned[r]] for r in full}
         try:
             await self._hub.watched(
-                asyncio.gather(*(self._seal(cv, r) for r in cv.shards)),
+                asyncio.gather(*(self._seal(cv, r, given.get(r)) for r in cv.shards)),
                 {r.node_id for r in cv.shards},
                 f"the commit of {cv.name}@{cv.version}",
             )
@@ -427,19 +435,30 @@ class Pusher:
             raise
         for r in cv.shards:
             self._registry.set_shard(cv.name, cv.version, r, ShardState.READY)
+        log.info(
+            "push_sealed", checkpoint=cv.name, version=cv.version,
+            trainer_ranks=len(given), store_ranks=len(cv.shards) - len(given),
+        )  # fmt: skip
         self._done(cv, True)
 
-    async def _seal(self, cv: CheckpointVersion, r: RankRef) -> None:
-        items = [
-            apb.LoadItem(store_offset=t.store_offset, nbytes=t.nbytes)
-            for t in cv.tensors
-            if t.owner == r
-        ]
+    async def _seal(self, cv: CheckpointVersion, r: RankRef, sums: list[int] | None) -> None:
+        """Records r's checksums: `sums` (the trainer's) once r says it holds the store, or
+        (None) the ones r computes over its store."""
+        items = (
+            []
+            if sums is not None
+            else [
+                apb.LoadItem(store_offset=t.store_offset, nbytes=t.nbytes)
+                for t in cv.tensors
+                if t.owner == r
+            ]
+        )
         cmd = apb.Command(
             seal=apb.Seal(checkpoint=cv.name, version=cv.version, device=r.device, items=items)
         )
         res = await self._hub.command(r.node_id, cmd, self._config.load_timeout_s)
-        self._registry.set_checksums(cv.name, cv.version, r, list(res.store.checksums))
+        got = sums if sums is not None else list(res.store.checksums)
+        await asyncio.to_thread(self._registry.set_checksums, cv.name, cv.version, r, got)
 
     def _record_store(
         self, cv: CheckpointVersion, r: RankRef, state: ShardState, store: apb.StoreReady

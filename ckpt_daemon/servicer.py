@@ -137,7 +137,9 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
 
     @_unary
     async def CommitPush(self, request: cpb.CommitPushRequest, context) -> tpb.Checkpoint:
-        cv = await self._pusher.direct.commit(request.name, request.version, request.part)
+        cv = await self._pusher.direct.commit(
+            request.name, request.version, request.part, list(request.checksums)
+        )
         return convert.checkpoint_to_pb(cv, self._order())
 
     @_unary

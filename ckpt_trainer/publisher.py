@@ -39,7 +39,8 @@ class PublishResult:
     reason: str = ""
     job_id: str = ""
     push_s: float = 0.0
-    update_s: float = 0.0
+    update_s: float = 0.0  # the update job, until every instance serves the version
+    prune_s: float = 0.0  # deleting the versions beyond `keep` (their stores become spares)
     tensors: int = 0
     bytes: int = 0
     pruned: list[int] = field(default_factory=list)  # versions deleted by retention
@@ -207,10 +208,11 @@ class Publisher:
             tpb.JOB_SUCCEEDED: JobOutcome.SUCCEEDED,
             tpb.JOB_CANCELLED: JobOutcome.CANCELLED,
         }.get(job.state, JobOutcome.FAILED)
+        t2 = time.monotonic()
         pruned = self.prune() if outcome is JobOutcome.SUCCEEDED else []
         return PublishResult(
-            state=outcome, reason=job.reason, job_id=job.id,
-            update_s=time.monotonic() - t1, pruned=pruned, **base,
+            state=outcome, reason=job.reason, job_id=job.id, update_s=t2 - t1,
+            prune_s=time.monotonic() - t2, pruned=pruned, **base,
         )  # fmt: skip
 
     def prune(self) -> list[int]:

@@ -8,8 +8,10 @@ and pushed by path.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -22,6 +24,20 @@ from ckpt_common.errors import DeadlineExceeded, error_for
 
 DEFAULT_ADDR = os.environ.get("CKPTD_ADDR", "127.0.0.1:7601")
 TERMINAL = (tpb.JOB_SUCCEEDED, tpb.JOB_FAILED, tpb.JOB_CANCELLED)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PushTimes:
+    """The phases of this client's last direct push part (seconds)."""
+
+    begin_s: float  # BeginPush: placing, admitting, allocating (or reusing) the stores
+    write_s: float  # mapping the segments and copying (and checksumming) into them
+    commit_s: float  # CommitPush: every part in, checksums recorded, the version READY
+    map_s: float  # of write_s: mapping and page-locking segments (0 once the ring is warm)
+    copy_s: float  # of write_s: the copies and checksums
+    bytes: int
+    newly_pinned: int  # segments page-locked by this push
+    trainer_checksums: bool  # sent with the commit (else the agents checksummed their stores)
 
 
 class Client:
@@ -45,8 +61,15 @@ class Client:
         else:
             self._channel = grpc.insecure_channel(addr, options=channel_args())
         self._stub = ckptd_pb2_grpc.CkptStub(self._channel)
+        self._segments: Any = None  # ckptctl.segments.SegmentCache, on the first direct push
+        self._segments_lock = threading.Lock()
+        self.last_push: PushTimes | None = None
+        self.push_streams = 4  # CUDA streams per device a direct push copies GPU tensors on
 
     def close(self) -> None:
+        """Closes the channel and releases the segments direct pushes mapped."""
+        if self._segments is not None:
+            self._segments.close()
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -131,6 +154,7 @@ class Client:
         threads: int = 16,
         timeout_s: float = 600.0,
         probe: tpb.Probe | None = None,
+        checksums: bool = True,
     ) -> tpb.Checkpoint:
         """Pushes in-memory torch tensors straight into the host stores of the agents on this
         node (node_id): no file, one parallel copy. The trainer must run on that node as the
@@ -139,7 +163,7 @@ class Client:
 
         return self.push_part(
             name, version, whole(tensors), node_id=node_id, threads=threads,
-            timeout_s=timeout_s, probe=probe,
+            timeout_s=timeout_s, probe=probe, checksums=checksums,
         )  # fmt: skip
 
     def push_part(
@@ -152,23 +176,72 @@ class Client:
         part: int = 0,
         parts: int = 1,
         threads: int = 16,
+        streams: int | None = None,
         timeout_s: float = 600.0,
         probe: tpb.Probe | None = None,
+        checksums: bool = True,
     ) -> tpb.Checkpoint:
         """One part of a direct push (ckptctl.direct_push.Item: tensors or pieces of them),
         written into this node's host stores. With parts > 1 every part calls this; it
-        returns once all parts are committed and the version is READY."""
-        from ckptctl.direct_push import copy_into_segments, tensor_metas
+        returns once all parts are committed and the version is READY.
 
+        GPU tensors are copied over `streams` CUDA streams per device (default
+        `self.push_streams`, 4) into segments this client keeps mapped and page-locked for
+        the next push (`close` releases them); CPU tensors by `threads` threads. With
+        checksums (the default) each item's checksum is computed here, from the trainer's
+        own bytes, and sent with the commit: the agents do not read their stores again.
+        What the push took is in `last_push`."""
+        from ckptctl.direct_push import tensor_metas, write_items
+
+        t0 = time.monotonic()
         metas, flats = tensor_metas(items)
         req = cpb.BeginPushRequest(
             name=name, version=version, node_id=node_id, tensors=metas,
             timeout_s=timeout_s, probe=probe, part=part, parts=parts,
         )  # fmt: skip
         plan = self._call("BeginPush", req, timeout_s + 30)
-        copy_into_segments(plan, flats, threads=threads)
-        commit = cpb.CommitPushRequest(name=name, version=version, part=part)
-        return self._call("CommitPush", commit, timeout_s + 30)
+        t1 = time.monotonic()
+        sums, stats = write_items(
+            plan, flats, self.segments, threads=threads, sums=checksums,
+            streams=streams or self.push_streams,
+        )  # fmt: skip
+        t2 = time.monotonic()
+        commit = cpb.CommitPushRequest(name=name, version=version, part=part, checksums=sums)
+        cp = self._call("CommitPush", commit, timeout_s + 30)
+        self.last_push = PushTimes(
+            begin_s=t1 - t0, write_s=t2 - t1, commit_s=time.monotonic() - t2,
+            map_s=stats.map_s, copy_s=stats.copy_s, bytes=stats.bytes,
+            newly_pinned=stats.newly_pinned, trainer_checksums=checksums,
+        )  # fmt: skip
+        return cp
+
+    @property
+    def segments(self) -> Any:
+        """The host-store segments this client has mapped (ckptctl.segments.SegmentCache)."""
+        with self._segments_lock:  # parts pushed from threads share one
+            if self._segments is None:
+                from ckptctl.segments import SegmentCache
+
+                self._segments = SegmentCache()
+            return self._segments
+
+    def pin_segments(self, node_id: str) -> int:
+        """Maps and page-locks every host store the agent of node_id (this node) holds now,
+        its spare stores included, so that the first direct push of a run copies at the
+        steady rate (agents started with --prealloc-store-gib hold spares from the start);
+        on CUDA it also builds the GPU checksum kernel. Returns how many segments were newly
+        mapped."""
+        from ckpt_agent import shm
+        from ckpt_agent.host_store import segment_prefix
+        from ckptctl.direct_push import warm_gpu
+
+        warm_gpu()
+        prefix = segment_prefix(node_id)
+        try:
+            names = sorted(n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefix))
+        except FileNotFoundError:
+            return 0
+        return self.segments.pin_all(names)
 
     def get(self, name: str, version: int = 0, *, tensors: bool = False) -> tpb.Checkpoint:
         return self._call(

@@ -143,7 +143,7 @@ class Cluster:
         except subprocess.TimeoutExpired:
             pass
 
-    def start_agent(self, node_id: str, slots: int = 1) -> None:
+    def start_agent(self, node_id: str, slots: int = 1, *extra: str) -> None:
         self.nodes.add(node_id)
         self._spawn(
             f"agent-{node_id}",
@@ -158,6 +158,7 @@ class Cluster:
                 str(slots),
                 "--heartbeat-s",
                 "0.5",
+                *extra,
             ],
         )
 

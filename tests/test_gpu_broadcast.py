@@ -196,6 +196,45 @@ def test_direct_push_of_cuda_pieces_in_two_parts(tmp_path: Path) -> None:
         c.close()
 
 
+def test_direct_push_from_the_gpu_reuses_pinned_segments(tmp_path: Path) -> None:
+    """GPU tensors pushed version after version, the version before dropped once the engine
+    serves the new one: the checksums computed on the GPU are numpy's; from the third push
+    on, the version lands in a store (a renamed spare) the client pinned already; the engine
+    gets every byte."""
+    from ckpt_common import checksum
+
+    c = _cuda_cluster(tmp_path, 1)
+    try:
+        c.client.register_instance(
+            tpb.Instance(name="G", kind=tpb.INSTANCE_RECEIVER, tp_size=1,
+                         ranks=[tpb.InstanceRank(node_id="g", device=0)])
+        )  # fmt: skip
+        base = {
+            "w": torch.randn(8192, 4096, device="cuda").to(torch.bfloat16),  # 64 MiB
+            "b": torch.randn(4097, device="cuda"),
+            "odd": torch.randn(3, 5, 7, device="cuda").to(torch.float16),
+        }
+        for v in (1, 2, 3, 4):
+            t = {n: x + v for n, x in base.items()}
+            c.client.push_direct("gp", v, t, node_id="g")
+            lp = c.client.last_push
+            assert lp is not None and lp.trainer_checksums
+            assert lp.newly_pinned == (1 if v <= 2 else 0), (v, lp)
+            cpu = {n: x.cpu() for n, x in t.items()}
+            want = {n: checksum.of_numpy(x.reshape(-1).view(torch.uint8).numpy())
+                    for n, x in cpu.items()}  # fmt: skip
+            got = c.client.get("gp", v, tensors=True).tensors
+            assert {m.name: m.checksum for m in got} == want
+            job = c.client.wait(c.client.update("gp", v, instances=["G"]).id, 120)
+            assert job.state == tpb.JOB_SUCCEEDED, job.reason
+            wait_for(lambda cpu=cpu: read_report(c.reports[0]).get("tensors") == digests(cpu),
+                     30, "the bytes")  # fmt: skip
+            if v > 1:
+                c.client.delete("gp", v - 1)
+    finally:
+        c.close()
+
+
 def test_strided_h2d_is_one_exact_2d_copy() -> None:
     """A kept part of a row-parallel weight (one run per row) copied from pinned host memory
     by cudaMemcpy2DAsync on the copy stream, next to plain runs: byte-exact."""

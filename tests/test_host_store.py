@@ -100,3 +100,36 @@ def test_load_reads_only_the_scanned_file(tmp_path: Path) -> None:
             hs.get("c", 1)
     finally:
         hs.close()
+
+
+def test_preallocated_spares_serve_the_first_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spares made at start (pinned through `pin` on CUDA) are taken by loads they fit (a
+    store of at least half their size), renamed in place: same memory, same inode."""
+    monkeypatch.setattr(host_store, "SPARE_MIN", 1)
+    hs = HostStore(f"node-{os.getpid()}-p", 0, spares=2, roots=(str(tmp_path),))
+    pinned: list[host_store.Store] = []
+    try:
+        assert hs.preallocate(3 << 16, pin=pinned.append) == 2
+        assert hs.preallocate(3 << 16) == 0  # the spares are full
+        inodes = {os.stat(f"/dev/shm/{s.segment}").st_ino for s in pinned}
+        assert len(inodes) == 2
+
+        def load(version: int, nbytes: int) -> int:
+            src = tmp_path / f"v{version}.bin"
+            src.write_bytes(os.urandom(nbytes))
+            hs.load(_load_cmd(src, version, nbytes))
+            s = hs.get("t", version)
+            assert bytes(s.mem.buf[: nbytes // 2]) == src.read_bytes()[nbytes // 2 :]
+            return os.stat(f"/dev/shm/{s.segment}").st_ino
+
+        assert load(1, 1 << 16) not in inodes  # under half a spare: fresh memory
+        assert load(2, 2 << 16) in inodes
+        assert load(3, 3 << 16) in inodes
+        assert load(4, 2 << 16) not in inodes  # no spare left
+        hs.drop("t", 3)  # back as a spare, its full size kept: it fits a store as large again
+        assert load(5, 3 << 16) in inodes
+    finally:
+        hs.close()
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(hs._prefix)]
