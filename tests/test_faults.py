@@ -61,6 +61,9 @@ def cluster(tmp_path_factory):
     for r in c.reports:
         wait_for(r.exists, 60, "receivers to start")
     c.seq = 0
+    _next_update_succeeds(c, tmp_path_factory.mktemp("first"))  # what a job leaves for good
+    _clean(c, ports=False)
+    c.ports = _ports(c)
     yield c
     c.close()
 
@@ -198,8 +201,35 @@ def _shm_orphans(c: Cluster) -> list[str]:
     return out
 
 
-def _clean(c: Cluster) -> None:
-    """No version LOADING, no job running; after deleting every version, no orphans."""
+def _listening(pid: int) -> int:
+    """TCP sockets the process listens on (/proc: its socket inodes in LISTEN state)."""
+    mine = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                mine.add(link[8:-1])
+    except OSError:
+        return 0
+    n = 0
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in list(f)[1:]:
+                cols = line.split()
+                n += cols[3] == "0A" and cols[9] in mine
+    return n
+
+
+def _ports(c: Cluster) -> int:
+    """Listening sockets of node-a's agent and workers (node-a survives every case)."""
+    agent = c.procs["agent-node-a"].pid
+    return sum(_listening(p) for p in (agent, *_workers(c, "node-a")))
+
+
+def _clean(c: Cluster, ports: bool = True) -> None:
+    """No version LOADING, no job running; after deleting every version, no orphans, and
+    node-a listens on no more ports than before any case (a group store or gloo pair left
+    behind by an aborted job would)."""
     cps = c.client.checkpoints()
     assert not [x for x in cps if x.state == tpb.CHECKPOINT_LOADING], cps
     assert all(j.state in DONE for j in c.client.jobs(1000))
@@ -210,6 +240,8 @@ def _clean(c: Cluster) -> None:
         except CkptError:
             pass
     wait_for(lambda: not _shm_orphans(c), 15, "orphan segments to go")
+    if ports:
+        wait_for(lambda: _ports(c) <= c.ports, 15, f"node-a back to {c.ports} listening ports")
 
 
 # ----------------------------------------------------------------------------- moments
