@@ -7,13 +7,16 @@ All methods are synchronous and thread-safe; callers on the event loop hand the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
+from typing import Any
 
 from ckpt_common.pieces import Piece
 from ckpt_daemon.model import (
@@ -31,6 +34,7 @@ from ckpt_daemon.model import (
     with_checksum,
 )
 from ckpt_daemon.planner import MIRROR_PREFIX, rank_order
+from ckpt_daemon.registry_writer import DbWriter
 from ckpt_daemon.serialize import (
     instance_from_json,
     instance_to_json,
@@ -76,6 +80,28 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 
+def _commits(method: Any) -> Any:
+    """A registry call that writes: its statements (Registry._sql) are queued while the lock
+    is held (the database changes in the order memory did) and waited for once the lock is
+    let go; a call made inside another joins the outer call's transaction."""
+
+    @functools.wraps(method)
+    def call(self: Registry, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self._tl, "batch", None) is not None:
+            return method(self, *args, **kwargs)
+        self._tl.batch = []
+        try:
+            with self._lock:
+                result = method(self, *args, **kwargs)
+                done = self._writer.submit(self._tl.batch)
+        finally:
+            self._tl.batch = None
+        done.result()
+        return result
+
+    return call
+
+
 class Registry:
     def __init__(self, state_dir: str) -> None:
         os.makedirs(state_dir, exist_ok=True)
@@ -96,10 +122,19 @@ class Registry:
         self.instances: dict[str, Instance] = {}
         self.jobs: dict[str, Job] = {}
         self._layouts: dict[str, list[dict]] = {}
+        self._tl = threading.local()  # the statements of the call under way on this thread
+        self._writer = DbWriter(self._db)  # the only user of the connection after _load
         self._load()
+
+    def _sql(self, stmt: str, params: Sequence[Any] = ()) -> None:
+        self._tl.batch.append((False, stmt, params))
+
+    def _sql_many(self, stmt: str, rows: Sequence[Any]) -> None:
+        self._tl.batch.append((True, stmt, rows))
 
     # ------------------------------------------------------------------ loading
 
+    @_commits
     def _load(self) -> None:
         db = self._db
         tensors: dict[tuple[str, int], list[TensorInfo]] = {}
@@ -199,6 +234,7 @@ class Registry:
                 for d in a.devices
             )
 
+    @_commits
     def agent_attached(
         self, info: AgentInfo, held: dict[tuple[str, int, int], tuple[int, str, int]]
     ) -> None:
@@ -209,7 +245,7 @@ class Registry:
         """
         with self._lock:
             self.agents[info.node_id] = info
-            self._db.execute(
+            self._sql(
                 "INSERT OR REPLACE INTO agents VALUES (?,?,?,?,?,?,?)",
                 (
                     info.node_id,
@@ -303,6 +339,7 @@ class Registry:
 
     # ------------------------------------------------------------------ checkpoints
 
+    @_commits
     def add_checkpoint(self, cv: CheckpointVersion) -> None:
         rows = tensor_rows(cv)  # before the lock: it is held while the loop waits for it
         with self._lock:
@@ -310,28 +347,20 @@ class Registry:
             if key in self.checkpoints:
                 raise KeyError(key)
             self.checkpoints[key] = cv
-            db = self._db
-            db.execute("BEGIN")
-            try:
-                db.execute(
-                    "INSERT INTO checkpoints VALUES (?,?,?,?,?,?)",
-                    (cv.name, cv.version, int(cv.state), cv.created, cv.ready, cv.reason),
+            self._sql(
+                "INSERT INTO checkpoints VALUES (?,?,?,?,?,?)",
+                (cv.name, cv.version, int(cv.state), cv.created, cv.ready, cv.reason),
+            )
+            self._sql_many("INSERT INTO tensors VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            if cv.probe is not None:
+                self._sql(
+                    "INSERT INTO probes VALUES (?,?,?)",
+                    (cv.name, cv.version, json.dumps(asdict(cv.probe))),
                 )
-                db.executemany("INSERT INTO tensors VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-                if cv.probe is not None:
-                    db.execute(
-                        "INSERT INTO probes VALUES (?,?,?)",
-                        (cv.name, cv.version, json.dumps(asdict(cv.probe))),
-                    )
-                self._save_shards(cv)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                self.checkpoints.pop(key, None)
-                raise
+            self._save_shards(cv)
 
     def _save_shards(self, cv: CheckpointVersion) -> None:
-        self._db.executemany(
+        self._sql_many(
             "INSERT OR REPLACE INTO shards VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             [
                 (
@@ -367,11 +396,12 @@ class Registry:
             reasons = [s.reason for s in cv.shards.values() if s.reason]
             cv.reason = reasons[0] if reasons else cv.reason
         cv.state = new
-        self._db.execute(
+        self._sql(
             "UPDATE checkpoints SET state=?, ready=?, reason=? WHERE name=? AND version=?",
             (int(cv.state), cv.ready, cv.reason, cv.name, cv.version),
         )
 
+    @_commits
     def set_shard(
         self,
         name: str,
@@ -396,6 +426,7 @@ class Registry:
             self._refresh_state(cv)
             return cv
 
+    @_commits
     def set_checksums(self, name: str, version: int, r: RankRef, sums: list[int]) -> None:
         """Records the checksums an owner reported for its tensors, in the order they appear
         in the version's tensor list. A count that does not match records nothing."""
@@ -408,24 +439,19 @@ class Registry:
                 raise ValueError(f"{r} reported {len(sums)} checksums for {len(idx)} tensors")
             for i, c in zip(idx, sums, strict=True):
                 cv.tensors[i] = with_checksum(cv.tensors[i], int(c) & _U64)
-            self._db.execute("BEGIN")  # one transaction: not one commit per tensor
-            try:
-                self._db.executemany(
-                    "UPDATE tensors SET checksum=? WHERE name=? AND version=? AND idx=?",
-                    [(_signed(c), name, version, i) for i, c in zip(idx, sums, strict=True)],
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            self._sql_many(
+                "UPDATE tensors SET checksum=? WHERE name=? AND version=? AND idx=?",
+                [(_signed(c), name, version, i) for i, c in zip(idx, sums, strict=True)],
+            )
 
+    @_commits
     def fail_checkpoint(self, name: str, version: int, reason: str) -> None:
         with self._lock:
             cv = self.checkpoints.get((name, version))
             if not cv:
                 return
             cv.state, cv.reason = CheckpointState.FAILED, reason
-            self._db.execute(
+            self._sql(
                 "UPDATE checkpoints SET state=?, reason=? WHERE name=? AND version=?",
                 (int(cv.state), reason, name, version),
             )
@@ -461,14 +487,13 @@ class Registry:
                 key=lambda c: (c.name, c.version),
             )
 
+    @_commits
     def remove_checkpoint(self, name: str, version: int) -> CheckpointVersion | None:
         with self._lock:
             cv = self.checkpoints.pop((name, version), None)
             if cv:
                 for table in ("checkpoints", "tensors", "shards", "probes"):
-                    self._db.execute(
-                        f"DELETE FROM {table} WHERE name=? AND version=?", (name, version)
-                    )
+                    self._sql(f"DELETE FROM {table} WHERE name=? AND version=?", (name, version))
             return cv
 
     # ------------------------------------------------------------------ instances
@@ -481,21 +506,23 @@ class Registry:
             ready = sum(cv.state == CheckpointState.READY for cv in self.checkpoints.values())
             return attached, ready
 
+    @_commits
     def put_instance(self, inst: Instance) -> None:
         with self._lock:
             self.instances[inst.name] = inst
-            self._db.execute(
+            self._sql(
                 "INSERT OR REPLACE INTO instances VALUES (?,?)",
                 (inst.name, json.dumps(instance_to_json(inst))),
             )
 
+    @_commits
     def remove_agent(self, node_id: str) -> AgentInfo | None:
         """Forgets an agent; the shards it held are LOST."""
         with self._lock:
             a = self.agents.pop(node_id, None)
             if a is None:
                 return None
-            self._db.execute("DELETE FROM agents WHERE node_id=?", (node_id,))
+            self._sql("DELETE FROM agents WHERE node_id=?", (node_id,))
             for cv in self.checkpoints.values():
                 lost = [s for r, s in cv.shards.items() if r.node_id == node_id]
                 for sh in lost:
@@ -506,15 +533,17 @@ class Registry:
                     self._refresh_state(cv)
             return a
 
+    @_commits
     def remove_instance(self, name: str) -> Instance | None:
         with self._lock:
             inst = self.instances.pop(name, None)
             if inst:
-                self._db.execute("DELETE FROM instances WHERE name=?", (name,))
+                self._sql("DELETE FROM instances WHERE name=?", (name,))
             return inst
 
     # ------------------------------------------------------------------ layouts
 
+    @_commits
     def put_layout(self, maps: list[dict]) -> str:
         """Stores a sharding layout (each engine rank's map, vllm_ext.layout, in the
         instance's rank order) under its digest; instances of one layout share it."""
@@ -522,7 +551,7 @@ class Registry:
         lid = hashlib.sha256(body.encode()).hexdigest()[:24]
         with self._lock:
             if lid not in self._layouts:
-                self._db.execute("INSERT OR REPLACE INTO layouts VALUES (?,?)", (lid, body))
+                self._sql("INSERT OR REPLACE INTO layouts VALUES (?,?)", (lid, body))
                 self._layouts[lid] = json.loads(body)
         return lid
 
@@ -530,24 +559,26 @@ class Registry:
         with self._lock:
             got = self._layouts.get(lid)
             if got is None and lid:
-                row = self._db.execute("SELECT body FROM layouts WHERE id=?", (lid,)).fetchone()
+                row = self._writer.call(
+                    lambda db: db.execute("SELECT body FROM layouts WHERE id=?", (lid,)).fetchone()
+                )
                 if row:
                     got = self._layouts[lid] = json.loads(row[0])
             return got
 
     # ------------------------------------------------------------------ jobs
 
+    @_commits
     def put_job(self, job: Job) -> None:
         with self._lock:
             self.jobs[job.id] = job
             self._save_job(job)
 
     def _save_job(self, job: Job) -> None:
-        self._db.execute(
+        self._sql(
             "INSERT OR REPLACE INTO jobs VALUES (?,?,?)",
             (job.id, job.created, json.dumps(job_to_json(job))),
         )
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._writer.close()
