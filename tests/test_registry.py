@@ -209,3 +209,39 @@ def test_layouts_are_stored_by_digest_and_survive_a_restart(tmp_path) -> None:
     again = Registry(str(tmp_path))
     assert again.layout(lid) == maps and again.layout("nope") is None
     again.close()
+
+
+def test_readers_never_wait_for_the_disk_and_writes_land_in_order(tmp_path) -> None:
+    """The database is stalled (its writer thread held): a write changes memory at once and
+    its caller waits; readers, and writers on other threads, go on meanwhile. Released, the
+    writes land in the order memory changed: a restart finds the last one."""
+    import threading
+    import time
+
+    reg = Registry(str(tmp_path))
+    stall, held = threading.Event(), threading.Event()
+    threading.Thread(
+        target=reg._writer.call, args=(lambda db: (held.set(), stall.wait(30)),), daemon=True
+    ).start()
+    assert held.wait(10)
+
+    def inst(endpoint: str) -> Instance:
+        return Instance(name="i", kind=InstanceKind.VLLM, endpoint=endpoint, tp_size=1,
+                        ranks=[RankRef("a", 0)])  # fmt: skip
+
+    writers = [threading.Thread(target=reg.put_instance, args=(inst(f"http://x{k}"),))
+               for k in range(3)]  # fmt: skip
+    for w in writers:
+        w.start()
+        w.join(0.2)
+        assert w.is_alive()  # waits for its write
+    t0 = time.monotonic()
+    assert reg.instances["i"].endpoint == "http://x2"  # memory changed at once
+    assert reg.rank_order() == [] and reg.counts() == (0, 0)
+    assert time.monotonic() - t0 < 0.5
+    stall.set()
+    for w in writers:
+        w.join(10)
+        assert not w.is_alive()
+    reg.close()
+    assert Registry(str(tmp_path)).instances["i"].endpoint == "http://x2"
