@@ -1,0 +1,65 @@
+"""A direct push of many small tensors, timed on the control plane: BeginPush and CommitPush
+of N tensor declarations against real ckptd and agent processes on loopback, while another
+thread calls ListAgents every 20 ms (the worst answer is how long ckptd stalled).
+
+    python -m bench.push_scale --tensors 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from ckpt.v1 import ckptd_pb2 as cpb
+from ckpt.v1 import types_pb2 as tpb
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.push_scale")
+    ap.add_argument("--tensors", type=int, default=100_000)
+    args = ap.parse_args()
+    from tests.cluster import Cluster  # real processes, as the tests start them
+
+    c = Cluster(Path(tempfile.mkdtemp(prefix="push-scale-")))
+    try:
+        c.start_daemon()
+        c.start_agent("n1", 1)
+        c.wait_ranks(1)
+        metas = [
+            tpb.TensorMeta(name=f"model.layers.{i // 10}.w{i % 10}", dtype="F32", shape=[4],
+                           nbytes=16)
+            for i in range(args.tensors)
+        ]  # fmt: skip
+        stop, worst = threading.Event(), [0.0]
+
+        def ping() -> None:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                c.client.agents()
+                worst[0] = max(worst[0], time.monotonic() - t0)
+                time.sleep(0.02)
+
+        th = threading.Thread(target=ping, daemon=True)
+        th.start()
+        t0 = time.monotonic()
+        begin = cpb.BeginPushRequest(name="big", version=1, node_id="n1", tensors=metas,
+                                     timeout_s=120)  # fmt: skip
+        c.client._call("BeginPush", begin, 150)
+        t1 = time.monotonic()
+        cp = c.client._call("CommitPush", cpb.CommitPushRequest(name="big", version=1), 150)
+        t2 = time.monotonic()
+        stop.set()
+        th.join(10)
+        print(
+            f"tensors={args.tensors} begin_s={t1 - t0:.2f} commit_s={t2 - t1:.2f} "
+            f"worst_list_agents_s={worst[0]:.2f} state={tpb.CheckpointState.Name(cp.state)}"
+        )
+    finally:
+        c.close()
+
+
+if __name__ == "__main__":
+    main()
