@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.push_scale")
     ap.add_argument("--tensors", type=int, default=100_000)
     args = ap.parse_args()
-    from tests.cluster import Cluster  # real processes, as the tests start them
+    from tests.cluster import Cluster, Latency  # real processes, as the tests start them
 
     c = Cluster(Path(tempfile.mkdtemp(prefix="push-scale-")))
     try:
@@ -33,29 +32,17 @@ def main() -> None:
                            nbytes=16)
             for i in range(args.tensors)
         ]  # fmt: skip
-        stop, worst = threading.Event(), [0.0]
-
-        def ping() -> None:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                c.client.agents()
-                worst[0] = max(worst[0], time.monotonic() - t0)
-                time.sleep(0.02)
-
-        th = threading.Thread(target=ping, daemon=True)
-        th.start()
-        t0 = time.monotonic()
         begin = cpb.BeginPushRequest(name="big", version=1, node_id="n1", tensors=metas,
                                      timeout_s=120)  # fmt: skip
-        c.client._call("BeginPush", begin, 150)
-        t1 = time.monotonic()
-        cp = c.client._call("CommitPush", cpb.CommitPushRequest(name="big", version=1), 150)
-        t2 = time.monotonic()
-        stop.set()
-        th.join(10)
+        with Latency(c.client.agents) as lat:
+            t0 = time.monotonic()
+            c.client._call("BeginPush", begin, 150)
+            t1 = time.monotonic()
+            cp = c.client._call("CommitPush", cpb.CommitPushRequest(name="big", version=1), 150)
+            t2 = time.monotonic()
         print(
             f"tensors={args.tensors} begin_s={t1 - t0:.2f} commit_s={t2 - t1:.2f} "
-            f"worst_list_agents_s={worst[0]:.2f} state={tpb.CheckpointState.Name(cp.state)}"
+            f"worst_list_agents_s={lat.worst:.2f} state={tpb.CheckpointState.Name(cp.state)}"
         )
     finally:
         c.close()

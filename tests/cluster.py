@@ -33,6 +33,34 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+class Latency:
+    """Calls `call` every 20 ms on a thread while the block runs; `worst` is the slowest
+    answer in seconds (how long the server it asks stalled)."""
+
+    def __init__(self, call) -> None:
+        import threading
+
+        self.worst = 0.0
+        self._call = call
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            self._call()
+            self.worst = max(self.worst, time.monotonic() - t0)
+            time.sleep(0.02)
+
+    def __enter__(self) -> Latency:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 class Cluster:
     def __init__(self, root: Path) -> None:
         self.root = root
