@@ -13,7 +13,7 @@ from typing import Any
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent import shm
-from ckpt_common import checksum, sources
+from ckpt_common import checksum, progress, sources
 from ckpt_common.ipc import safe
 from ckpt_common.read_as import Reader
 
@@ -135,9 +135,11 @@ class HostStore:
             self.drop(cmd.checkpoint, cmd.version)
         t0 = time.monotonic()
         name = store_segment(self._prefix, cmd.checkpoint, cmd.version)
-        spare = self._take_spare(cmd.nbytes, name)
-        mem = spare.mem if spare is not None else shm.create(name, cmd.nbytes)
+        size = cmd.nbytes + progress.TRAILER  # the store, then its progress mark
+        spare = self._take_spare(size, name)
+        mem = spare.mem if spare is not None else shm.create(name, size)
         try:
+            progress.write(mem.buf, 0)  # a reused segment's mark is the last version's
             files: dict[str, int] = {}
             reader = Reader.of_uid(cmd.read_uid if cmd.HasField("read_uid") else None)
             try:
@@ -234,10 +236,11 @@ class HostStore:
         while len(self._spares) < self._max_spares and nbytes >= SPARE_MIN:
             self._nspare += 1
             name = f"{self._prefix}s{self._nspare}"
-            mem = shm.create(name, nbytes)
+            size = nbytes + progress.TRAILER  # a store of nbytes fits, with its mark
+            mem = shm.create(name, size)
             s = Store("", 0, name, nbytes, mem)
             try:
-                os.posix_fallocate(mem._fd, 0, nbytes)  # type: ignore[attr-defined]
+                os.posix_fallocate(mem._fd, 0, size)  # type: ignore[attr-defined]
                 if pin is not None:
                     pin(s)
             except OSError as e:

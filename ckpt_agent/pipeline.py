@@ -43,6 +43,7 @@ from ckpt_agent.group_abort import PEER_FAILED
 from ckpt_agent.host_store import HostStore, StoreError
 from ckpt_agent.receiver_link import LinkError, ReceiverLink
 from ckpt_agent.schedule import COPY, FORGET, LOAD, REAP, SEND, STAGE, Step, bucket_schedule
+from ckpt_common import progress
 from ckpt_common.layers import layer_key
 
 log = structlog.get_logger("ckpt_agent.pipeline")
@@ -54,6 +55,7 @@ STEP_TIMEOUT_ENV = "CKPT_STEP_TIMEOUT_S"  # base seconds of one step (engine or 
 STEP_S = 5.0
 STEP_RATE = 100e6  # bytes/s a step moves at the least (its deadline grows with its size)
 DONE_RATE = 1e9  # bytes/s of the engine's post-load processing at the least
+POLL_S = 0.0005  # how often a streamed update looks at the trainer's progress mark
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +150,41 @@ def coalesce(entries: Any) -> list[Copy]:
     return out
 
 
+def bucket_end(entries: Any) -> int:
+    """The store offset just past the last byte a bucket reads."""
+    end = 0
+    for e in entries:
+        rows = max(1, e.rows)
+        span = e.nbytes if rows == 1 else (rows - 1) * e.stride + e.nbytes // rows
+        end = max(end, e.store_offset + span)
+    return end
+
+
+def await_written(
+    mem: Any, need: int, abort: threading.Event, stall_s: float, job_end: float
+) -> str:
+    """Waits until the trainer's progress mark in a store's segment (ckpt_common.progress)
+    reaches `need` bytes: "" once it has, else why not (aborted, the mark stopped moving for
+    stall_s, or the job's end came)."""
+    last, moved = progress.read(mem.buf), time.monotonic()
+    while last < need:
+        if abort.is_set():
+            return abort_reason(abort)
+        now = time.monotonic()
+        if now - moved > stall_s:
+            return (
+                f"the push stopped writing: {last} of the {need} bytes this update needs "
+                f"had landed, none more for {stall_s:.1f}s"
+            )
+        if now > job_end:
+            return f"the push had written {last} of the {need} bytes by the job's deadline"
+        time.sleep(POLL_S)
+        mark = progress.read(mem.buf)
+        if mark != last:
+            last, moved = mark, time.monotonic()
+    return ""
+
+
 def _elapsed(pairs: list[tuple[Any, Any]]) -> float:
     total = 0.0
     for t0, t1 in pairs:
@@ -221,6 +258,7 @@ class UpdateRun:
         self.gpu_h2d: list[tuple[Any, Any]] = []
         self.gpu_bcast: list[tuple[Any, Any]] = []
         self.store_t: Any = None
+        self.store: Any = None  # this rank's store (streamed: its progress mark is watched)
         self.buf: Any = None
         self.staging: Any = None
         self.nslots = self.nstage = 0
@@ -269,7 +307,8 @@ class UpdateRun:
         cmd, backend = self.cmd, self.backend
         owns = bool(self.mine)
         if owns:
-            self.store_t = backend.store_tensor(self.stores.get(cmd.checkpoint, cmd.version))
+            self.store = self.stores.get(cmd.checkpoint, cmd.version)
+            self.store_t = backend.store_tensor(self.store)
         self.nslots, self.nstage = backend.plan_slots(max(1, cmd.nbuf), self.B, owns)
         self.buf_name, self.buf = backend.ipc_buffer(self.nslots * self.B, share=cmd.is_target)
         if self.nstage:
@@ -307,10 +346,10 @@ class UpdateRun:
         elif kind == REAP:
             self._reap(k)
         elif kind == STAGE:
-            if not self.local_fail:
+            if self._written(k):
                 self.staged[k] = self._h2d(k, self._stage_view(k), self._stage_after(k))
         elif kind == COPY:
-            if not self.local_fail:
+            if self._written(k):
                 prev = self.steps.get(k - self.nslots)
                 self.staged[k] = self._h2d(k, self._slot(k), prev.events if prev else [])
         elif kind == LOAD:
@@ -321,6 +360,23 @@ class UpdateRun:
                     self.fail(str(e))
         elif kind == FORGET:
             self.steps.pop(k, None)
+
+    def _written(self, k: int) -> bool:
+        """Whether bucket k can be copied: nothing failed here, and (streamed) the trainer's
+        bytes of it have landed in the store; a push that stops writing fails this rank."""
+        if self.local_fail:
+            return False
+        if self.cmd.streamed:
+            t = time.monotonic()
+            need = bucket_end(self.buckets[k].entries)
+            why = await_written(self.store.mem, need, self.abort, self.dl.base_s, self.dl.job_end)
+            self.timer.marks["stream_wait_s"] = (
+                self.timer.marks.get("stream_wait_s", 0.0) + time.monotonic() - t
+            )
+            if why:
+                self.fail(why)
+                return False
+        return True
 
     def _slot(self, k: int) -> Any:
         s0 = (k % self.nslots) * self.B

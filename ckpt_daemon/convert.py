@@ -126,6 +126,7 @@ def update_spec_from_pb(req: cpb.UpdateRequest) -> UpdateSpec:
         bucket_bytes=req.bucket_bytes,
         tensors=list(req.tensors),
         timeout_s=req.timeout_s,
+        stream=req.stream,
     )
 
 

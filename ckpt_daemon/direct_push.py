@@ -108,6 +108,7 @@ class Gathering:
     declared: dict[int, tuple[str, list[TensorSpec]]] = field(default_factory=dict)
     committed: set[int] = field(default_factory=set)
     sums: dict[int, list[int]] = field(default_factory=dict)  # part -> its trainer checksums
+    upfront: set[int] = field(default_factory=set)  # parts that declared them at BeginPush
     placed: asyncio.Future[CheckpointVersion] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -136,7 +137,10 @@ class DirectPushes:
     async def begin(
         self, name: str, version: int, node_id: str, metas: Sequence[Meta], *,
         timeout_s: float, probe: Probe | None = None, part: int = 0, parts: int = 1,
+        checksums: Sequence[int] = (),
     ) -> Targets:  # fmt: skip
+        """checksums: the trainer's, one per tensor in metas' order, declared up front (an
+        update can then stream from the push), or none."""
         admission.check_name("checkpoint name", name)
         admission.check_version(version)
         admission.check_timeout("timeout_s", timeout_s)
@@ -150,6 +154,10 @@ class DirectPushes:
             raise InvalidArgument("no tensors")
         if probe is not None:
             probes.validate(probe)
+        if checksums and len(checksums) != len(metas):
+            raise InvalidArgument(
+                f"{len(checksums)} of {len(metas)} tensors carry a checksum: all or none"
+            )
         specs = await asyncio.to_thread(part_specs, node_id, metas)  # 100k: off the loop
         if not any(r.node_id == node_id for r in self._store.ranks()):
             raise FailedPrecondition(f"no agent is attached on node {node_id!r}")
@@ -160,6 +168,9 @@ class DirectPushes:
             raise FailedPrecondition(f"{name}@{version} is no longer taking parts")
         g.probe = g.probe or probe
         g.declared[part] = (node_id, specs)
+        if checksums:
+            g.sums[part] = [int(c) for c in checksums]
+            g.upfront.add(part)
         if len(g.declared) == parts:
             g.work = asyncio.create_task(self._place(g))  # held: a task must be referenced
         cv = await asyncio.shield(g.placed)
@@ -195,6 +206,8 @@ class DirectPushes:
             except PlanError as e:
                 raise InvalidArgument(str(e)) from None
             cv = await self._store.create(g.name, g.version, placement, g.probe)
+            if len(g.upfront) == g.parts:  # an update may read it before the commit
+                await self._store.declare(cv, await asyncio.to_thread(self._known, g))
         except BaseException as e:
             self._close(g)
             g.fail(e)
@@ -242,7 +255,13 @@ class DirectPushes:
             raise FailedPrecondition(f"part {part} of {name}@{version} has not begun")
         if not g.placed.done():
             raise FailedPrecondition(f"not every part of {name}@{version} has begun")
-        if checksums:
+        if part in g.upfront:
+            if checksums and [int(c) for c in checksums] != g.sums[part]:
+                raise InvalidArgument(
+                    f"part {part} of {name}@{version} commits other checksums than it declared "
+                    "at BeginPush"
+                )
+        elif checksums:
             want = len(g.declared[part][1])
             if len(checksums) != want:
                 raise InvalidArgument(
@@ -256,6 +275,26 @@ class DirectPushes:
             g.expiry.cancel()
             g.work = asyncio.create_task(self._seal(g))
         return await asyncio.shield(g.sealed)
+
+    def streamable(self, name: str, version: int) -> bool:
+        """Whether an update may read the version while it is written: a one-part push,
+        placed, whose checksums were declared at BeginPush (the engines verify against
+        them) and that has not committed yet."""
+        g = self._open.get((name, version))
+        return (
+            g is not None
+            and g.parts == 1
+            and len(g.upfront) == 1
+            and g.placed.done()
+            and g.placed.exception() is None
+            and not g.sealed.done()
+        )
+
+    def committed(self, name: str, version: int) -> Awaitable[CheckpointVersion] | None:
+        """What to await for the push of a version still in flight to be READY (raises its
+        failure), or None when it is not in flight."""
+        g = self._open.get((name, version))
+        return None if g is None else asyncio.shield(g.sealed)
 
     @staticmethod
     def _known(g: Gathering) -> Known:
@@ -314,4 +353,5 @@ class StoreOps:
     release: Callable[[tuple[str, int]], None]
     create: Callable[..., Awaitable[CheckpointVersion]]  # (name, version, placement, probe)
     seal: Callable[[CheckpointVersion, Known], Awaitable[None]]  # Known: the trainer's sums
+    declare: Callable[[CheckpointVersion, Known], Awaitable[None]]  # sums given at BeginPush
     forget: Callable[[CheckpointVersion], Awaitable[None]]

@@ -173,6 +173,7 @@ class Executor:
                         group=plan.group,
                         kept=plan.kept,
                         want_layout=r in want_layout and plan.is_target(i),
+                        streamed=job.streamed,
                     )
                 ),
             )  # fmt: skip

@@ -22,6 +22,7 @@ from ckpt_common.errors import (
 from ckpt_daemon import admission, shard_jobs
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
+from ckpt_daemon.direct_push import DirectPushes
 from ckpt_daemon.engine_alive import check_engines
 from ckpt_daemon.execute import EngineTrigger, Executor, Group, no_trigger
 from ckpt_daemon.layouts import forget_layouts, layout_unknown, learn_layouts
@@ -52,6 +53,7 @@ from ckpt_daemon.registry import Registry
 from ckpt_daemon.restore import Restorer, settle, split_instance
 from ckpt_daemon.shard_plan import Keep, part_nbytes
 from ckpt_daemon.sources import p2p_sources
+from ckpt_daemon.streamed import NOT_STREAMED, await_commit, streamable
 
 log = structlog.get_logger("ckptd.jobs")
 
@@ -85,8 +87,12 @@ class JobRunner:
         trigger: EngineTrigger = no_trigger,
         on_finished: Callable[[Job], None] | None = None,
         alive: Callable[[Instance], Awaitable[bool]] | None = None,
+        pushes: DirectPushes | None = None,
     ) -> None:
+        """pushes: the direct pushes in flight, which a streamed update may read."""
         self._registry = registry
+        self._pushes = pushes
+        self._push_failed: dict[str, str] = {}  # streamed job -> why the push it read failed
         self._hub = hub
         self._config = config
         self._exec = Executor(registry, hub, config, trigger)
@@ -179,6 +185,10 @@ class JobRunner:
                 f"checkpoint {spec.checkpoint}@{spec.version or 'latest'} not found"
                 + ("" if spec.version else " (no READY version)")
             )
+        if streamable(self._pushes, spec, cv):
+            if spec.method in ("p2p", "sharded"):
+                raise FailedPrecondition(f"{cv.name}@{cv.version}: {NOT_STREAMED}")
+            return cv
         if cv.state != CheckpointState.READY and not (
             spec.method == "p2p"
             and cv.state == CheckpointState.LOST
@@ -209,7 +219,8 @@ class JobRunner:
         if clash:
             raise FailedPrecondition(f"an update to some of these ranks is running: job {clash[0]}")
         await check_engines(self._registry.instances.values(), targets, self._alive)
-        groups, method, why = await self._plan(spec, cv, tensors, targets)
+        streamed = cv.state != CheckpointState.READY and spec.stream
+        groups, method, why = await self._plan(spec, cv, tensors, targets, streamed)
         job = Job(
             id=uuid.uuid4().hex[:12],
             kind=kind,
@@ -224,6 +235,7 @@ class JobRunner:
             bucket_bytes=groups[0].plan.bucket_bytes,
             method=method,
             method_reason=why,
+            streamed=streamed,
         )
         for r in targets:
             self._busy_targets[r] = job.id
@@ -243,12 +255,15 @@ class JobRunner:
         cv: CheckpointVersion,
         tensors: list[TensorInfo],
         targets: list[RankRef],
+        streamed: bool = False,
     ) -> tuple[list[Group], str, str]:
         """The job's groups: shard-aware where it can be (method auto/sharded), a P2P join,
         or a broadcast; with the method chosen and why."""
         partial = len(tensors) != len(cv.tensors)
-        why = f"{spec.method}: requested"
-        if spec.method in ("auto", "sharded"):
+        why = f"{spec.method}: requested" + (", streamed from the push" if streamed else "")
+        if streamed and spec.method == "auto":
+            why = f"auto: streamed: {NOT_STREAMED}"
+        elif spec.method in ("auto", "sharded"):
             try:
                 maps = shard_jobs.keeps(tensors, shard_jobs.target_maps(self._registry, targets))
                 bucket_bytes, nbuf = self._buckets(spec, set(targets), maps_bytes(tensors, maps))
@@ -455,6 +470,10 @@ class JobRunner:
             self._registry.put_job(job)
             self._notify(job)
             await self._exec.run(job, groups, deadline, self._notify, layouts)
+            if job.streamed:
+                await await_commit(
+                    self._pushes, self._registry, job.spec.checkpoint, job.version, deadline
+                )
             learn_layouts(self._registry, layouts)
             job.state = JobState.SUCCEEDED
             log.info(
@@ -463,7 +482,9 @@ class JobRunner:
         except asyncio.CancelledError:
             why = "ckptd stopped while the job ran" if self._closing else "cancelled"
             job.state, job.reason = JobState.CANCELLED, why
-            self._exec.abort(job, participants, why)
+            if job.id in self._push_failed:
+                job.state, job.reason = JobState.FAILED, self._push_failed[job.id]
+            self._exec.abort(job, participants, job.reason)
         except CkptError as e:
             job.state, job.reason = JobState.FAILED, e.message
             log.warning("job_failed", reason=e.message)
@@ -487,7 +508,23 @@ class JobRunner:
                     log.exception("job_hook_failed")
             self._notify(job)
             self._tasks.pop(job.id, None)
+            self._push_failed.pop(job.id, None)
             bind.__exit__(None, None, None)
+
+    async def push_failed(self, name: str, version: int, why: str, wait_s: float = 10.0) -> None:
+        """A push that streamed jobs read has failed: they fail now (their engines are
+        restored), and are waited for (bounded) before its stores may go."""
+        ended = []
+        for job_id, task in list(self._tasks.items()):
+            job = self._registry.jobs.get(job_id)
+            if job is None or not job.streamed or job.state.done:
+                continue
+            if (job.spec.checkpoint, job.version) == (name, version):
+                self._push_failed[job_id] = f"the push of {name}@{version} failed: {why}"
+                task.cancel()
+                ended.append(task)
+        if ended:
+            await asyncio.wait(ended, timeout=wait_s)
 
     def _touched(self, job: Job) -> list[Instance]:
         tset = set(job.targets)

@@ -219,6 +219,7 @@ class UpdateSpec:
     tensors: list[str] = field(default_factory=list)
     timeout_s: float = 0.0
     rollback_of: str = ""  # this update restores engines after job `rollback_of` failed
+    stream: bool = False  # may read a direct push still being written (UpdateRequest.stream)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -242,3 +243,4 @@ class Job:
     results: list[RankResult] = field(default_factory=list)
     method: str = ""  # what it ran: broadcast | sharded | p2p ("" until planned)
     method_reason: str = ""  # why (auto's choice, or "<method>: requested")
+    streamed: bool = False  # read the version while its push was still writing it

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -88,6 +88,8 @@ class Pusher:
         self._tasks: set[asyncio.Task[None]] = set()
         # told of every push that ends: (version, ok); metrics
         self.on_done: Callable[[CheckpointVersion, bool], None] | None = None
+        # told before a version's stores go: streamed updates still reading them end first
+        self.before_forget: Callable[[str, int, str], Awaitable[None]] | None = None
 
     async def push(
         self,
@@ -380,6 +382,7 @@ class Pusher:
             release=self._inflight.discard,
             create=self._create_direct,
             seal=self._seal_direct,
+            declare=self._declare_direct,
             forget=self._forget,
         )
 
@@ -418,11 +421,7 @@ class Pusher:
         where it sent one for every tensor of the owner (the owner is only asked whether it
         holds the store: a Seal of no range), else what the owner computes from its store
         (Seal). A seal that fails drops the version."""
-        owned: dict[RankRef, list[tuple]] = {r: [] for r in cv.shards}
-        for t in cv.tensors:
-            owned[t.owner].append(entry_key(t.name, t.piece))
-        full = [r for r, keys in owned.items() if all(k in known for k in keys)]
-        given = {r: [known[k] for k in owned[r]] for r in full}
+        given = owner_sums(cv, known)
         try:
             await self._hub.watched(
                 asyncio.gather(*(self._seal(cv, r, given.get(r)) for r in cv.shards)),
@@ -440,6 +439,12 @@ class Pusher:
             trainer_ranks=len(given), store_ranks=len(cv.shards) - len(given),
         )  # fmt: skip
         self._done(cv, True)
+
+    async def _declare_direct(self, cv: CheckpointVersion, known: Known) -> None:
+        """Records the checksums a trainer declared at BeginPush, before any byte is
+        written: the tensors of a version still LOADING carry them, for a streamed update."""
+        for r, sums in owner_sums(cv, known).items():
+            await asyncio.to_thread(self._registry.set_checksums, cv.name, cv.version, r, sums)
 
     async def _seal(self, cv: CheckpointVersion, r: RankRef, sums: list[int] | None) -> None:
         """Records r's checksums: `sums` (the trainer's) once r says it holds the store, or
@@ -475,6 +480,8 @@ class Pusher:
 
     async def _forget(self, cv: CheckpointVersion) -> None:
         """Frees a version's host memory and removes it from the registry."""
+        if self.before_forget is not None:
+            await self.before_forget(cv.name, cv.version, "its stores are being freed")
         await self.drop(cv)
         await asyncio.to_thread(self._registry.remove_checkpoint, cv.name, cv.version)
 
@@ -585,3 +592,14 @@ class Pusher:
                 await self._forget(v)
             log.info("checkpoint_deleted", checkpoint=cv.name, version=cv.version)
         return targets
+
+
+def owner_sums(cv: CheckpointVersion, known: Known) -> dict[RankRef, list[int]]:
+    """The trainer's checksums of each owner all of whose tensors came with one, in the
+    order of the version's tensor list."""
+    owned: dict[RankRef, list[tuple]] = {r: [] for r in cv.shards}
+    for t in cv.tensors:
+        owned[t.owner].append(entry_key(t.name, t.piece))
+    return {
+        r: [known[k] for k in keys] for r, keys in owned.items() if all(k in known for k in keys)
+    }

@@ -109,8 +109,10 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
             tracer.job_finished(job)
 
     jobs = JobRunner(
-        registry, hub, config, trigger=trigger.trigger, on_finished=finished, alive=trigger.alive
-    )
+        registry, hub, config, trigger=trigger.trigger, on_finished=finished, alive=trigger.alive,
+        pushes=pusher.direct,
+    )  # fmt: skip
+    pusher.before_forget = jobs.push_failed
     opts = [
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.max_receive_message_length", MAX_MESSAGE),

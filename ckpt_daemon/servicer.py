@@ -109,6 +109,9 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
                 for t in request.tensors
             ]
         )
+        sums = await asyncio.to_thread(
+            lambda: [t.checksum for t in request.tensors if t.HasField("checksum")]
+        )
         cv, shards, where = await self._pusher.direct.begin(
             request.name,
             request.version,
@@ -118,6 +121,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
             probe=convert.probe_from_pb(request.probe),
             part=request.part,
             parts=request.parts,
+            checksums=sums,
         )
         return cpb.PushPlan(
             checkpoint=convert.checkpoint_to_pb(cv, self._order()),

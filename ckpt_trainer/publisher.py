@@ -39,7 +39,9 @@ class PublishResult:
     reason: str = ""
     job_id: str = ""
     push_s: float = 0.0
-    update_s: float = 0.0  # the update job, until every instance serves the version
+    update_s: float = 0.0  # the update job, until every instance serves the version (streamed:
+    # from the push's commit on; the rest of the update overlapped the push)
+    streamed: bool = False  # the update was submitted before the push wrote its bytes
     prune_s: float = 0.0  # deleting the versions beyond `keep` (their stores become spares)
     tensors: int = 0
     bytes: int = 0
@@ -123,6 +125,7 @@ class Publisher:
         group: Any = None,
         timeout_s: float = 600.0,
         client: Client | None = None,
+        stream: bool = True,
     ) -> None:
         """keep: versions to keep (>= 1; the ones instances serve are always kept);
         direct: copy straight into the agents' host stores on node_id (same node, same user)
@@ -130,7 +133,11 @@ class Publisher:
         (group: its process group, default the world) calls publish with its own shards
         (DTensor/FSDP2 local shards, ckpt_trainer.sharded) and writes them into its own
         node's host stores (node_id, default $CKPT_NODE_ID or the host name); one version,
-        committed once every rank is in; rank 0 updates the instances and prunes."""
+        committed once every rank is in; rank 0 updates the instances and prunes.
+        stream (direct, one part, with instances): the update starts before the bytes are
+        written and each bucket flows to the engines as soon as it has landed
+        (Client.push_streamed); engines still verify every tensor and resume only on the
+        whole version."""
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self.name = name
@@ -138,6 +145,7 @@ class Publisher:
         self.keep, self.dtype, self.rename = keep, dtype, rename
         self.node_id, self.direct, self.timeout_s = node_id, direct or sharded, timeout_s
         self.sharded, self.group = sharded, group
+        self.stream = stream and direct and not sharded
         if sharded and not node_id:
             self.node_id = os.environ.get(NODE_ID_ENV) or socket.gethostname()
         self.client = client or Client(addr, credentials=credentials)
@@ -148,6 +156,12 @@ class Publisher:
             return self._publish_sharded(step, weights, probe)
         tensors = prepare(weights, self.rename, self.dtype)
         t0 = time.monotonic()
+        if self.stream and self.instances:
+            cp, job = self.client.push_streamed(
+                self.name, step, tensors, node_id=self.node_id, instances=self.instances,
+                timeout_s=self.timeout_s, probe=probe,
+            )  # fmt: skip
+            return self._update(step, cp, time.monotonic() - t0, job)
         if self.direct:
             cp = self.client.push_direct(
                 self.name, step, tensors, node_id=self.node_id, timeout_s=self.timeout_s,
@@ -195,14 +209,19 @@ class Publisher:
         )  # fmt: skip
         return res
 
-    def _update(self, step: int, cp: tpb.Checkpoint, push_s: float) -> PublishResult:
-        """Updates the instances to the pushed version, prunes once they serve it."""
+    def _update(
+        self, step: int, cp: tpb.Checkpoint, push_s: float, job: tpb.Job | None = None
+    ) -> PublishResult:
+        """Updates the instances to the pushed version (or waits for the job streamed from
+        the push), prunes once they serve it."""
         base = {"checkpoint": self.name, "version": step, "push_s": push_s,
-                "tensors": cp.tensor_count, "bytes": cp.total_bytes}  # fmt: skip
+                "tensors": cp.tensor_count, "bytes": cp.total_bytes,
+                "streamed": job is not None}  # fmt: skip
         if not self.instances:
             return PublishResult(state=JobOutcome.NOT_RUN, pruned=self.prune(), **base)
         t1 = time.monotonic()
-        job = self.client.update(self.name, step, instances=self.instances)
+        if job is None:
+            job = self.client.update(self.name, step, instances=self.instances)
         job = self.client.wait(job.id, self.timeout_s)
         outcome = {
             tpb.JOB_SUCCEEDED: JobOutcome.SUCCEEDED,

@@ -20,7 +20,7 @@ from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import ckptd_pb2_grpc
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.credentials import Credentials, channel_args
-from ckpt_common.errors import DeadlineExceeded, error_for
+from ckpt_common.errors import CkptError, DeadlineExceeded, error_for
 
 DEFAULT_ADDR = os.environ.get("CKPTD_ADDR", "127.0.0.1:7601")
 TERMINAL = (tpb.JOB_SUCCEEDED, tpb.JOB_FAILED, tpb.JOB_CANCELLED)
@@ -38,6 +38,8 @@ class PushTimes:
     bytes: int
     newly_pinned: int  # segments page-locked by this push
     trainer_checksums: bool  # sent with the commit (else the agents checksummed their stores)
+    sum_s: float = 0.0  # a streamed push: the checksums, taken before BeginPush
+    streamed: bool = False  # the update was submitted before the bytes were written
 
 
 class Client:
@@ -215,6 +217,61 @@ class Client:
         )  # fmt: skip
         return cp
 
+    def push_streamed(
+        self,
+        name: str,
+        version: int,
+        tensors: Mapping[str, Any],
+        *,
+        node_id: str,
+        instances: list[str],
+        threads: int = 16,
+        streams: int | None = None,
+        timeout_s: float = 600.0,
+        probe: tpb.Probe | None = None,
+    ) -> tuple[tpb.Checkpoint, tpb.Job]:
+        """A direct push whose update starts before its bytes are written: the checksums are
+        taken first, where the bytes are (the GPU for GPU tensors), and declared at
+        BeginPush; the update of `instances` is submitted streamed (UpdateRequest.stream);
+        then the copies fill the stores in order, raising the progress marks the agents'
+        workers follow, so each bucket flows on as soon as it has landed. Engines verify every
+        tensor against the declared checksums and the job succeeds only once the push is
+        committed. Returns the READY version and the job (submitted: `wait` for it). An
+        update ckptd refuses is raised once the push is committed (the version stays)."""
+        from ckptctl.direct_push import item_checksums, tensor_metas, whole, write_items
+
+        t0 = time.monotonic()
+        metas, flats = tensor_metas(whole(tensors))
+        for m, c in zip(metas, item_checksums(flats, threads), strict=True):
+            m.checksum = c
+        ts = time.monotonic()
+        req = cpb.BeginPushRequest(
+            name=name, version=version, node_id=node_id, tensors=metas, timeout_s=timeout_s,
+            probe=probe,
+        )  # fmt: skip
+        plan = self._call("BeginPush", req, timeout_s + 30)
+        refused: CkptError | None = None
+        try:
+            job = self.update(name, version, instances=instances, stream=True)
+        except CkptError as e:
+            refused = e
+        t1 = time.monotonic()
+        _, stats = write_items(
+            plan, flats, self.segments, threads=threads, sums=False, marked=True,
+            streams=streams or self.push_streams,
+        )  # fmt: skip
+        t2 = time.monotonic()
+        cp = self._call("CommitPush", cpb.CommitPushRequest(name=name, version=version))
+        self.last_push = PushTimes(
+            begin_s=t1 - ts, write_s=t2 - t1, commit_s=time.monotonic() - t2,
+            map_s=stats.map_s, copy_s=stats.copy_s, bytes=stats.bytes,
+            newly_pinned=stats.newly_pinned, trainer_checksums=True, sum_s=ts - t0,
+            streamed=refused is None,
+        )  # fmt: skip
+        if refused is not None:
+            raise refused
+        return cp, job
+
     @property
     def segments(self) -> Any:
         """The host-store segments this client has mapped (ckptctl.segments.SegmentCache)."""
@@ -273,6 +330,7 @@ class Client:
         bucket_bytes: int = 0,
         timeout_s: float = 0.0,
         method: int = tpb.UPDATE_METHOD_UNSPECIFIED,
+        stream: bool = False,
     ) -> tpb.Job:
         return self._call(
             "Update",
@@ -285,6 +343,7 @@ class Client:
                 bucket_bytes=bucket_bytes,
                 timeout_s=timeout_s,
                 method=method,
+                stream=stream,
             ),
         )
 

@@ -283,7 +283,7 @@ class Bucket(_message.Message):
     def __init__(self, owner: _Optional[int] = ..., nbytes: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[BucketEntry, _Mapping]]] = ...) -> None: ...
 
 class RunUpdate(_message.Message):
-    __slots__ = ("job_id", "device", "group_rank", "world_size", "master_addr", "master_port", "is_target", "checkpoint", "version", "bucket_bytes", "nbuf", "tensors", "buckets", "timeout_s", "receiver_timeout_s", "partial", "p2p_sources", "group", "kept", "want_layout")
+    __slots__ = ("job_id", "device", "group_rank", "world_size", "master_addr", "master_port", "is_target", "checkpoint", "version", "bucket_bytes", "nbuf", "tensors", "buckets", "timeout_s", "receiver_timeout_s", "partial", "p2p_sources", "group", "kept", "want_layout", "streamed")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +304,7 @@ class RunUpdate(_message.Message):
     GROUP_FIELD_NUMBER: _ClassVar[int]
     KEPT_FIELD_NUMBER: _ClassVar[int]
     WANT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    STREAMED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     device: int
     group_rank: int
@@ -324,7 +325,8 @@ class RunUpdate(_message.Message):
     group: str
     kept: bool
     want_layout: bool
-    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., group_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., is_target: _Optional[bool] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., bucket_bytes: _Optional[int] = ..., nbuf: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., timeout_s: _Optional[float] = ..., receiver_timeout_s: _Optional[float] = ..., partial: _Optional[bool] = ..., p2p_sources: _Optional[_Iterable[_Union[P2PSource, _Mapping]]] = ..., group: _Optional[str] = ..., kept: _Optional[bool] = ..., want_layout: _Optional[bool] = ...) -> None: ...
+    streamed: bool
+    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., group_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., is_target: _Optional[bool] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., bucket_bytes: _Optional[int] = ..., nbuf: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., timeout_s: _Optional[float] = ..., receiver_timeout_s: _Optional[float] = ..., partial: _Optional[bool] = ..., p2p_sources: _Optional[_Iterable[_Union[P2PSource, _Mapping]]] = ..., group: _Optional[str] = ..., kept: _Optional[bool] = ..., want_layout: _Optional[bool] = ..., streamed: _Optional[bool] = ...) -> None: ...
 
 class Abort(_message.Message):
     __slots__ = ("job_id", "reason")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ckpt.v1 import types_pb2 as ckpt_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63kpt/v1/ckptd.proto\x12\x07\x63kpt.v1\x1a\x13\x63kpt/v1/types.proto\"\xb9\x01\n\x15PushCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12 \n\x07sources\x18\x03 \x03(\x0b\x32\x0f.ckpt.v1.Source\x12\r\n\x05ranks\x18\x04 \x03(\x05\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x0c\n\x04wait\x18\x06 \x01(\x08\x12\x10\n\x08replicas\x18\x07 \x01(\x05\x12\x1d\n\x05probe\x18\x08 \x01(\x0b\x32\x0e.ckpt.v1.Probe\"\xb7\x01\n\x10\x42\x65ginPushRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12$\n\x07tensors\x18\x04 \x03(\x0b\x32\x13.ckpt.v1.TensorMeta\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x1d\n\x05probe\x18\x06 \x01(\x0b\x32\x0e.ckpt.v1.Probe\x12\x0c\n\x04part\x18\x07 \x01(\x05\x12\r\n\x05parts\x18\x08 \x01(\x05\"O\n\x0bPushSegment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\x05\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"-\n\nPushTarget\x12\x0f\n\x07segment\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\x81\x01\n\x08PushPlan\x12\'\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x13.ckpt.v1.Checkpoint\x12&\n\x08segments\x18\x02 \x03(\x0b\x32\x14.ckpt.v1.PushSegment\x12$\n\x07targets\x18\x03 \x03(\x0b\x32\x13.ckpt.v1.PushTarget\"S\n\x11\x43ommitPushRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04part\x18\x03 \x01(\x05\x12\x11\n\tchecksums\x18\x04 \x03(\x06\"N\n\x14GetCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x17\n\x0finclude_tensors\x18\x03 \x01(\x08\"&\n\x16ListCheckpointsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x17ListCheckpointsResponse\x12(\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x13.ckpt.v1.Checkpoint\"8\n\x17\x44\x65leteCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"@\n\x18\x44\x65leteCheckpointResponse\x12$\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x13.ckpt.v1.Checkpoint\"\xb7\x01\n\rUpdateRequest\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05ranks\x18\x03 \x03(\x05\x12\x11\n\tinstances\x18\x04 \x03(\t\x12%\n\x06method\x18\x05 \x01(\x0e\x32\x15.ckpt.v1.UpdateMethod\x12\x14\n\x0c\x62ucket_bytes\x18\x06 \x01(\x03\x12\x0f\n\x07tensors\x18\x07 \x03(\t\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\".\n\x10ListJobsResponse\x12\x1a\n\x04jobs\x18\x01 \x03(\x0b\x32\x0c.ckpt.v1.Job\"\x13\n\x11ListAgentsRequest\"4\n\x12ListAgentsResponse\x12\x1e\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x0e.ckpt.v1.Agent\"r\n\x13JoinInstanceRequest\x12#\n\x08instance\x18\x01 \x01(\x0b\x32\x11.ckpt.v1.Instance\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\"\x16\n\x14ListInstancesRequest\"=\n\x15ListInstancesResponse\x12$\n\tinstances\x18\x01 \x03(\x0b\x32\x11.ckpt.v1.Instance\"%\n\x15RemoveInstanceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x16RemoveInstanceResponse\x12\"\n\x07removed\x18\x01 \x01(\x0b\x32\x11.ckpt.v1.Instance\"4\n\x12RemoveAgentRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"6\n\x13RemoveAgentResponse\x12\x1f\n\x07removed\x18\x01 \x01(\x0b\x32\x0e.ckpt.v1.Agent2\xed\x08\n\x04\x43kpt\x12\x45\n\x0ePushCheckpoint\x12\x1e.ckpt.v1.PushCheckpointRequest\x1a\x13.ckpt.v1.Checkpoint\x12\x43\n\rGetCheckpoint\x12\x1d.ckpt.v1.GetCheckpointRequest\x1a\x13.ckpt.v1.Checkpoint\x12T\n\x0fListCheckpoints\x12\x1f.ckpt.v1.ListCheckpointsRequest\x1a .ckpt.v1.ListCheckpointsResponse\x12W\n\x10\x44\x65leteCheckpoint\x12 .ckpt.v1.DeleteCheckpointRequest\x1a!.ckpt.v1.DeleteCheckpointResponse\x12\x39\n\tBeginPush\x12\x19.ckpt.v1.BeginPushRequest\x1a\x11.ckpt.v1.PushPlan\x12=\n\nCommitPush\x12\x1a.ckpt.v1.CommitPushRequest\x1a\x13.ckpt.v1.Checkpoint\x12.\n\x06Update\x12\x16.ckpt.v1.UpdateRequest\x1a\x0c.ckpt.v1.Job\x12.\n\x06GetJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job\x12?\n\x08ListJobs\x12\x18.ckpt.v1.ListJobsRequest\x1a\x19.ckpt.v1.ListJobsResponse\x12\x32\n\x08WatchJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job0\x01\x12\x31\n\tCancelJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job\x12\x45\n\nListAgents\x12\x1a.ckpt.v1.ListAgentsRequest\x1a\x1b.ckpt.v1.ListAgentsResponse\x12H\n\x0bRemoveAgent\x12\x1b.ckpt.v1.RemoveAgentRequest\x1a\x1c.ckpt.v1.RemoveAgentResponse\x12\x38\n\x10RegisterInstance\x12\x11.ckpt.v1.Instance\x1a\x11.ckpt.v1.Instance\x12:\n\x0cJoinInstance\x12\x1c.ckpt.v1.JoinInstanceRequest\x1a\x0c.ckpt.v1.Job\x12N\n\rListInstances\x12\x1d.ckpt.v1.ListInstancesRequest\x1a\x1e.ckpt.v1.ListInstancesResponse\x12Q\n\x0eRemoveInstance\x12\x1e.ckpt.v1.RemoveInstanceRequest\x1a\x1f.ckpt.v1.RemoveInstanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63kpt/v1/ckptd.proto\x12\x07\x63kpt.v1\x1a\x13\x63kpt/v1/types.proto\"\xb9\x01\n\x15PushCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12 \n\x07sources\x18\x03 \x03(\x0b\x32\x0f.ckpt.v1.Source\x12\r\n\x05ranks\x18\x04 \x03(\x05\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x0c\n\x04wait\x18\x06 \x01(\x08\x12\x10\n\x08replicas\x18\x07 \x01(\x05\x12\x1d\n\x05probe\x18\x08 \x01(\x0b\x32\x0e.ckpt.v1.Probe\"\xb7\x01\n\x10\x42\x65ginPushRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12$\n\x07tensors\x18\x04 \x03(\x0b\x32\x13.ckpt.v1.TensorMeta\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x1d\n\x05probe\x18\x06 \x01(\x0b\x32\x0e.ckpt.v1.Probe\x12\x0c\n\x04part\x18\x07 \x01(\x05\x12\r\n\x05parts\x18\x08 \x01(\x05\"O\n\x0bPushSegment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\x05\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"-\n\nPushTarget\x12\x0f\n\x07segment\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\x81\x01\n\x08PushPlan\x12\'\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x13.ckpt.v1.Checkpoint\x12&\n\x08segments\x18\x02 \x03(\x0b\x32\x14.ckpt.v1.PushSegment\x12$\n\x07targets\x18\x03 \x03(\x0b\x32\x13.ckpt.v1.PushTarget\"S\n\x11\x43ommitPushRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04part\x18\x03 \x01(\x05\x12\x11\n\tchecksums\x18\x04 \x03(\x06\"N\n\x14GetCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x17\n\x0finclude_tensors\x18\x03 \x01(\x08\"&\n\x16ListCheckpointsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x17ListCheckpointsResponse\x12(\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x13.ckpt.v1.Checkpoint\"8\n\x17\x44\x65leteCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"@\n\x18\x44\x65leteCheckpointResponse\x12$\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x13.ckpt.v1.Checkpoint\"\xc7\x01\n\rUpdateRequest\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05ranks\x18\x03 \x03(\x05\x12\x11\n\tinstances\x18\x04 \x03(\t\x12%\n\x06method\x18\x05 \x01(\x0e\x32\x15.ckpt.v1.UpdateMethod\x12\x14\n\x0c\x62ucket_bytes\x18\x06 \x01(\x03\x12\x0f\n\x07tensors\x18\x07 \x03(\t\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\x12\x0e\n\x06stream\x18\t \x01(\x08\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\".\n\x10ListJobsResponse\x12\x1a\n\x04jobs\x18\x01 \x03(\x0b\x32\x0c.ckpt.v1.Job\"\x13\n\x11ListAgentsRequest\"4\n\x12ListAgentsResponse\x12\x1e\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x0e.ckpt.v1.Agent\"r\n\x13JoinInstanceRequest\x12#\n\x08instance\x18\x01 \x01(\x0b\x32\x11.ckpt.v1.Instance\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\"\x16\n\x14ListInstancesRequest\"=\n\x15ListInstancesResponse\x12$\n\tinstances\x18\x01 \x03(\x0b\x32\x11.ckpt.v1.Instance\"%\n\x15RemoveInstanceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x16RemoveInstanceResponse\x12\"\n\x07removed\x18\x01 \x01(\x0b\x32\x11.ckpt.v1.Instance\"4\n\x12RemoveAgentRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"6\n\x13RemoveAgentResponse\x12\x1f\n\x07removed\x18\x01 \x01(\x0b\x32\x0e.ckpt.v1.Agent2\xed\x08\n\x04\x43kpt\x12\x45\n\x0ePushCheckpoint\x12\x1e.ckpt.v1.PushCheckpointRequest\x1a\x13.ckpt.v1.Checkpoint\x12\x43\n\rGetCheckpoint\x12\x1d.ckpt.v1.GetCheckpointRequest\x1a\x13.ckpt.v1.Checkpoint\x12T\n\x0fListCheckpoints\x12\x1f.ckpt.v1.ListCheckpointsRequest\x1a .ckpt.v1.ListCheckpointsResponse\x12W\n\x10\x44\x65leteCheckpoint\x12 .ckpt.v1.DeleteCheckpointRequest\x1a!.ckpt.v1.DeleteCheckpointResponse\x12\x39\n\tBeginPush\x12\x19.ckpt.v1.BeginPushRequest\x1a\x11.ckpt.v1.PushPlan\x12=\n\nCommitPush\x12\x1a.ckpt.v1.CommitPushRequest\x1a\x13.ckpt.v1.Checkpoint\x12.\n\x06Update\x12\x16.ckpt.v1.UpdateRequest\x1a\x0c.ckpt.v1.Job\x12.\n\x06GetJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job\x12?\n\x08ListJobs\x12\x18.ckpt.v1.ListJobsRequest\x1a\x19.ckpt.v1.ListJobsResponse\x12\x32\n\x08WatchJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job0\x01\x12\x31\n\tCancelJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job\x12\x45\n\nListAgents\x12\x1a.ckpt.v1.ListAgentsRequest\x1a\x1b.ckpt.v1.ListAgentsResponse\x12H\n\x0bRemoveAgent\x12\x1b.ckpt.v1.RemoveAgentRequest\x1a\x1c.ckpt.v1.RemoveAgentResponse\x12\x38\n\x10RegisterInstance\x12\x11.ckpt.v1.Instance\x1a\x11.ckpt.v1.Instance\x12:\n\x0cJoinInstance\x12\x1c.ckpt.v1.JoinInstanceRequest\x1a\x0c.ckpt.v1.Job\x12N\n\rListInstances\x12\x1d.ckpt.v1.ListInstancesRequest\x1a\x1e.ckpt.v1.ListInstancesResponse\x12Q\n\x0eRemoveInstance\x12\x1e.ckpt.v1.RemoveInstanceRequest\x1a\x1f.ckpt.v1.RemoveInstanceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,31 +55,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETECHECKPOINTRESPONSE']._serialized_start=1019
   _globals['_DELETECHECKPOINTRESPONSE']._serialized_end=1083
   _globals['_UPDATEREQUEST']._serialized_start=1086
-  _globals['_UPDATEREQUEST']._serialized_end=1269
-  _globals['_GETJOBREQUEST']._serialized_start=1271
-  _globals['_GETJOBREQUEST']._serialized_end=1298
-  _globals['_LISTJOBSREQUEST']._serialized_start=1300
-  _globals['_LISTJOBSREQUEST']._serialized_end=1332
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1334
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1380
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1382
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1401
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1403
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1455
-  _globals['_JOININSTANCEREQUEST']._serialized_start=1457
-  _globals['_JOININSTANCEREQUEST']._serialized_end=1571
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=1573
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=1595
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1597
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1658
-  _globals['_REMOVEINSTANCEREQUEST']._serialized_start=1660
-  _globals['_REMOVEINSTANCEREQUEST']._serialized_end=1697
-  _globals['_REMOVEINSTANCERESPONSE']._serialized_start=1699
-  _globals['_REMOVEINSTANCERESPONSE']._serialized_end=1759
-  _globals['_REMOVEAGENTREQUEST']._serialized_start=1761
-  _globals['_REMOVEAGENTREQUEST']._serialized_end=1813
-  _globals['_REMOVEAGENTRESPONSE']._serialized_start=1815
-  _globals['_REMOVEAGENTRESPONSE']._serialized_end=1869
-  _globals['_CKPT']._serialized_start=1872
-  _globals['_CKPT']._serialized_end=3005
+  _globals['_UPDATEREQUEST']._serialized_end=1285
+  _globals['_GETJOBREQUEST']._serialized_start=1287
+  _globals['_GETJOBREQUEST']._serialized_end=1314
+  _globals['_LISTJOBSREQUEST']._serialized_start=1316
+  _globals['_LISTJOBSREQUEST']._serialized_end=1348
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1350
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1396
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1398
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1417
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1419
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1471
+  _globals['_JOININSTANCEREQUEST']._serialized_start=1473
+  _globals['_JOININSTANCEREQUEST']._serialized_end=1587
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=1589
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=1611
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1613
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1674
+  _globals['_REMOVEINSTANCEREQUEST']._serialized_start=1676
+  _globals['_REMOVEINSTANCEREQUEST']._serialized_end=1713
+  _globals['_REMOVEINSTANCERESPONSE']._serialized_start=1715
+  _globals['_REMOVEINSTANCERESPONSE']._serialized_end=1775
+  _globals['_REMOVEAGENTREQUEST']._serialized_start=1777
+  _globals['_REMOVEAGENTREQUEST']._serialized_end=1829
+  _globals['_REMOVEAGENTRESPONSE']._serialized_start=1831
+  _globals['_REMOVEAGENTRESPONSE']._serialized_end=1885
+  _globals['_CKPT']._serialized_start=1888
+  _globals['_CKPT']._serialized_end=3021
 # @@protoc_insertion_point(module_scope)

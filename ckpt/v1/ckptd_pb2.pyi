@@ -126,7 +126,7 @@ class DeleteCheckpointResponse(_message.Message):
     def __init__(self, deleted: _Optional[_Iterable[_Union[_types_pb2.Checkpoint, _Mapping]]] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("checkpoint", "version", "ranks", "instances", "method", "bucket_bytes", "tensors", "timeout_s")
+    __slots__ = ("checkpoint", "version", "ranks", "instances", "method", "bucket_bytes", "tensors", "timeout_s", "stream")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class UpdateRequest(_message.Message):
     BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     version: int
     ranks: _containers.RepeatedScalarFieldContainer[int]
@@ -143,7 +144,8 @@ class UpdateRequest(_message.Message):
     bucket_bytes: int
     tensors: _containers.RepeatedScalarFieldContainer[str]
     timeout_s: float
-    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., instances: _Optional[_Iterable[str]] = ..., method: _Optional[_Union[_types_pb2.UpdateMethod, str]] = ..., bucket_bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[str]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    stream: bool
+    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., instances: _Optional[_Iterable[str]] = ..., method: _Optional[_Union[_types_pb2.UpdateMethod, str]] = ..., bucket_bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[str]] = ..., timeout_s: _Optional[float] = ..., stream: _Optional[bool] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
