@@ -2,7 +2,7 @@
 # On the GPU machine: the direct-push GPU tests, then bench.rl_step (a new version every
 # step from the trainer's GPU memory to the engine serving it; checkpoint-engine's step in
 # the same run when its wheel is carried).
-#   bench/gpu_rl_step.sh [size_gib] [steps]
+#   bench/gpu_rl_step.sh [size_gib] [steps] [bench.rl_step options, e.g. --serial]
 # TEST_S caps the tests, BUDGET_S the whole script (the benchmark gets what is left).
 set -u
 SIZE=${1:-16}; STEPS=${2:-10}
@@ -22,6 +22,6 @@ timeout "${TEST_S:-200}" python3 -m pytest -q -x -p no:cacheprovider tests/test_
   | tee "$OUT/gpu_tests.log" | tail -25
 for f in /tmp/gt/*/logs/agent-g.log /tmp/gt/*/*/logs/agent-g.log; do [ -f "$f" ] && tail -c 3000 "$f"; done > "$OUT/gpu_test_agent_tail.log" 2>/dev/null
 LEFT=$(( ${BUDGET_S:-575} - SECONDS )); echo "bench: ${LEFT}s left"
-timeout "$LEFT" python3 -m bench.rl_step --size-gib "$SIZE" --steps "$STEPS" --out "$OUT/rl_step.json" \
+timeout "$LEFT" python3 -m bench.rl_step --size-gib "$SIZE" --steps "$STEPS" "${@:3}" --out "$OUT/rl_step.json" \
   2>"$OUT/rl_step.err" | tee "$OUT/rl_step.txt"
 tail -40 "$OUT/rl_step.err"

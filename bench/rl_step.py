@@ -36,8 +36,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 GB = 1e9
 GIB = 1 << 30
-PHASES = ("step_s", "push_s", "begin_s", "write_s", "map_s", "copy_s", "commit_s", "update_s",
-          "prune_s")  # fmt: skip
+PHASES = ("step_s", "push_s", "sum_s", "begin_s", "write_s", "map_s", "copy_s", "commit_s",
+          "update_s", "prune_s")  # fmt: skip
 
 
 def log(*a: object) -> None:
@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="no spares made at start and no segments pinned before step 1 (the cold path)",
     )  # fmt: skip
     ap.add_argument("--skip-ce", action="store_true", help="no checkpoint-engine step")
+    ap.add_argument(
+        "--serial", action="store_true",
+        help="also run the steps unstreamed (the whole push, then the update) for comparison",
+    )  # fmt: skip
     ap.add_argument("--skip-ceilings", action="store_true")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run of this script")
     ap.add_argument("--out", default="rl_step.json")
@@ -143,7 +147,8 @@ def one_step(pub: Any, step: int, tensors: dict[str, Any]) -> dict[str, float]:
     return {
         "step_s": step_s, "push_s": res.push_s, "begin_s": lp.begin_s, "write_s": lp.write_s,
         "map_s": lp.map_s, "copy_s": lp.copy_s, "commit_s": lp.commit_s,
-        "update_s": res.update_s, "prune_s": res.prune_s,
+        "update_s": res.update_s, "prune_s": res.prune_s, "sum_s": lp.sum_s,
+        "streamed": res.streamed,
         "newly_pinned": lp.newly_pinned, "trainer_checksums": lp.trainer_checksums,
         "d2h_GBps": lp.bytes / lp.copy_s / GB if lp.copy_s else 0.0,
     }  # fmt: skip
@@ -158,7 +163,7 @@ def summarize(per_step: list[dict]) -> dict:
     return out
 
 
-def ckptd_steps(a: argparse.Namespace, root: Path) -> dict:
+def ckptd_steps(a: argparse.Namespace, root: Path, stream: bool = True) -> dict:
     from ckpt_trainer.publisher import Publisher
 
     sp = workload(a)
@@ -173,11 +178,13 @@ def ckptd_steps(a: argparse.Namespace, root: Path) -> dict:
         res["client_pin_s"] = time.perf_counter() - t0
         c.client.push_streams = a.streams
         pub = Publisher("rl", instances=["R"], keep=a.keep, direct=True, node_id="bench",
-                        client=c.client, timeout_s=900)  # fmt: skip
+                        client=c.client, timeout_s=900, stream=stream)  # fmt: skip
+        res["streamed"] = stream
         per_step = []
         for step in range(1, a.steps + 1):
             rec = one_step(pub, step, tensors)
-            log("ckptd step", step, json.dumps({k: round(v, 4) for k, v in rec.items()}))
+            shown = json.dumps({k: round(v, 4) for k, v in rec.items()})
+            log("ckptd step", "streamed" if stream else "serial", step, shown)
             per_step.append(rec)
         res.update(summarize(per_step))
         res["segments"] = vars(c.client.segments.stats)  # the trainer's mappings: hits, misses
@@ -228,9 +235,16 @@ def ce_steps(a: argparse.Namespace) -> dict:
 
 
 def print_report(out: dict) -> None:
-    k = out["ckptd"]
-    print(f"\n== RL step: {out['device']}, {k['bytes'] / GIB:.2f} GiB bf16, {k['tensors']} "
-          f"tensors, {len(k['steps'])} steps (keep {out['keep']})")  # fmt: skip
+    for key in ("ckptd_serial", "ckptd"):
+        if key in out:
+            print_ckptd(out, out[key])
+    print_ce(out)
+
+
+def print_ckptd(out: dict, k: dict) -> None:
+    mode = "streamed push -> update" if k.get("streamed") else "push, then update (serial)"
+    print(f"\n== RL step ({mode}): {out['device']}, {k['bytes'] / GIB:.2f} GiB bf16, "
+          f"{k['tensors']} tensors, {len(k['steps'])} steps (keep {out['keep']})")  # fmt: skip
     ce = out.get("ceilings", {})
     if ce:
         print(f"ceilings: H2D {ce['h2d_alone_GBps'][0]:.1f} GB/s, D2H 1 stream "
@@ -250,6 +264,9 @@ def print_report(out: dict) -> None:
             f"steady step / roofline {k['step_s']['median'] / out['roofline_s']:.2f}; "
             f"first step / steady {k['first']['step_s'] / k['step_s']['median']:.2f}"
         )
+
+
+def print_ce(out: dict) -> None:
     cej = out.get("checkpoint_engine", {})
     if "step_s" in cej:
         print(f"checkpoint-engine ({cej['mode']}): step median {cej['step_s']['median']:.3f} s "
@@ -279,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         out["ceilings"] = ceilings(tmp)
         log("ceilings", json.dumps(out["ceilings"]))
     out["ckptd"] = ckptd_steps(a, tmp / "ckptd")
+    if a.serial:
+        out["ckptd_serial"] = ckptd_steps(a, tmp / "ckptd-serial", stream=False)
     if gpu and not a.skip_ce:
         torch.cuda.empty_cache()
         out["checkpoint_engine"] = ce_steps(a)

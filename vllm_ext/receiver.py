@@ -49,6 +49,13 @@ def _fault(checkpoint: str, bucket: int) -> None:
             raise ReceiveError(f"injected failure at bucket {bucket}")
 
 
+def _warm_checksum(device: Any) -> None:
+    """Builds (or loads) the GPU checksum kernel now, not inside the first update."""
+    import torch
+
+    checksum.of_torch(torch.zeros(1 << 16, dtype=torch.uint8, device=device))
+
+
 class ReceiveError(Exception):
     pass
 
@@ -165,6 +172,8 @@ class Receiver:
         self._sock: zmq.Socket | None = None
         self._mon: zmq.Socket | None = None
         self.buffer = MappedBuffer()
+        if device is not None and getattr(device, "type", str(device)).startswith("cuda"):
+            _warm_checksum(device)
         self._job = ""  # the update under way: replies name it, other jobs' messages are skipped
         self._next: ipb.WorkerMessage | None = None  # a newer job's Begin that ended the last
 
