@@ -490,3 +490,26 @@ def test_tp2_engine_reports_its_sharding_map(fleet: Cluster) -> None:
         job = update(c, "llama", version, ["C"])
         assert job.state == tpb.JOB_SUCCEEDED, job.reason
         assert tokens(c, "C") == c.hf[key]
+
+
+def test_streamed_publish_serves_the_trainers_weights_token_for_token(fleet: Cluster) -> None:
+    """Publisher(direct=True) streams: the update of A (TP=1, the trainer's node) and C
+    (TP=2, another node) starts before the trainer's bytes are written and each bucket flows
+    on as it lands; both engines then answer exactly as transformers does on those weights."""
+    from ckpt_trainer.publisher import Publisher
+
+    c = fleet
+    pub = Publisher(
+        "llama-rl", instances=["A", "C"], node_id="n1", direct=True, keep=1, client=c.client
+    )
+    for step, key in ((1, "llama_1"), (2, "llama_0"), (3, "llama_1")):
+        sd = load_file(str(Path(c.models[key]) / "model.safetensors"))
+        res = pub.publish(step, sd)
+        assert res.state.value == "succeeded", res.reason
+        assert res.streamed
+        job = c.client.job(res.job_id)
+        assert "streamed" in job.method_reason, job.method_reason
+        assert tokens(c, "A") == c.hf[key]
+        assert tokens(c, "C") == c.hf[key]
+    insts = {i.name: i for i in c.client.instances()}
+    assert (insts["A"].checkpoint, insts["A"].version, insts["A"].ready) == ("llama-rl", 3, True)
