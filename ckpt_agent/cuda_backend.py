@@ -170,6 +170,8 @@ class NcclCollective:
         self.healthy = True
 
     def _allreduce_max(self, t: Any) -> None:
+        if self._pg is None:  # a group of one: its own flag is the agreement
+            return
         import torch.distributed as dist
 
         opts = dist.AllreduceOptions()
@@ -177,6 +179,8 @@ class NcclCollective:
         self._pg.allreduce([t], opts).wait()
 
     def _broadcast(self, t: Any, root: int) -> None:
+        if self._pg is None:  # a group of one: the root's tensor is already everyone's
+            return
         import torch.distributed as dist
 
         opts = dist.BroadcastOptions()
@@ -471,6 +475,8 @@ class CudaBackend:
         the update's TCPStore, so ranks never disagree)."""
         import torch.distributed as dist
 
+        if world == 1:  # no communicator to create (NCCL's set-up was most of a first update)
+            return NcclCollective(None, self.device, self._s, "", self._flags)
         store.set(f"member/{rank}", self.uuid)
         members = [store.get(f"member/{r}").decode() for r in range(world)]
         key = hashlib.sha1("|".join(members).encode()).hexdigest()
