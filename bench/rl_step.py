@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     ap.add_argument("--skip-ce", action="store_true", help="no checkpoint-engine step")
     ap.add_argument(
+        "--sharded", type=int, default=0, metavar="N",
+        help="also a sharded publisher: N torchrun ranks, each 1/N of every tensor (on one "
+        "GPU they share it)",
+    )  # fmt: skip
+    ap.add_argument(
         "--serial", action="store_true",
         help="also run the steps unstreamed (the whole push, then the update) for comparison",
     )  # fmt: skip
@@ -194,6 +199,46 @@ def ckptd_steps(a: argparse.Namespace, root: Path, stream: bool = True) -> dict:
     return res
 
 
+def sharded_steps(a: argparse.Namespace, root: Path, ranks: int) -> dict:
+    """bench/sharded_rl_step.py under torchrun against a fresh cluster: per step the slowest
+    rank's step (rank 0's includes the update), each phase's worst rank."""
+    sp = workload(a)
+    c = start_cluster(root, a, store_bytes(sp))
+    out_dir = root / "ranks"
+    out_dir.mkdir()
+    try:
+        env = {**c.env, "CKPTD_ADDR": c.addr, "CKPT_NODE_ID": "bench",
+               "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             f"--nproc-per-node={ranks}", str(REPO / "bench" / "sharded_rl_step.py"),
+             "--size-gib", str(a.size_gib), "--steps", str(a.steps), "--keep", str(a.keep),
+             "--out-dir", str(out_dir), *(["--cpu-smoke"] if a.cpu_smoke else [])],
+            env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        if r.returncode != 0:
+            log(r.stdout[-3000:], r.stderr[-6000:])
+            return {"error": f"rc={r.returncode}", "stderr_tail": r.stderr[-2000:]}
+    finally:
+        c.close()
+    per_rank = [
+        [json.loads(x) for x in (out_dir / f"rank{k}.jsonl").read_text().splitlines()]
+        for k in range(ranks)
+    ]
+    per_step = []
+    for recs in zip(*per_rank, strict=True):
+        row = {k: max(x[k] for x in recs) for k in ("step_s", "push_s", "write_s", "copy_s",
+                                                   "begin_s", "commit_s")}  # fmt: skip
+        row |= {"update_s": recs[0]["update_s"], "prune_s": recs[0]["prune_s"]}
+        per_step.append(row)
+    res: dict = {"ranks": ranks, "gpus": per_rank[0][0]["gpus"], "steps": per_step,
+                 "first": per_step[0]}  # fmt: skip
+    for k in per_step[0]:
+        xs = [s[k] for s in per_step[1:]]
+        res[k] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+    return res
+
+
 def d2h_ceiling(nbytes: int = 2 * GIB, reps: int = 5) -> dict:
     """Pinned device -> host GB/s on one stream and on four (cuda:0)."""
     import torch
@@ -238,6 +283,7 @@ def print_report(out: dict) -> None:
     for key in ("ckptd_serial", "ckptd"):
         if key in out:
             print_ckptd(out, out[key])
+    print_sharded(out)
     print_ce(out)
 
 
@@ -264,6 +310,21 @@ def print_ckptd(out: dict, k: dict) -> None:
             f"steady step / roofline {k['step_s']['median'] / out['roofline_s']:.2f}; "
             f"first step / steady {k['first']['step_s'] / k['step_s']['median']:.2f}"
         )
+
+
+def print_sharded(out: dict) -> None:
+    s = out.get("ckptd_sharded")
+    if not s:
+        return
+    if "error" in s:
+        print("\nsharded publisher failed:", s["error"])
+        return
+    print(f"\n== RL step, sharded publisher: {s['ranks']} ranks on {s['gpus']} GPU(s), each "
+          "1/N of every tensor (push of all parts, one commit, then the update)")  # fmt: skip
+    print(f"{'phase':<10}{'median':>10}{'min':>10}{'max':>10}{'first':>10}")
+    for p in ("step_s", "push_s", "begin_s", "write_s", "copy_s", "commit_s", "update_s"):
+        print(f"{p:<10}{s[p]['median']:>10.3f}{s[p]['min']:>10.3f}{s[p]['max']:>10.3f}"
+              f"{s['first'][p]:>10.3f}")  # fmt: skip
 
 
 def print_ce(out: dict) -> None:
@@ -298,6 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     out["ckptd"] = ckptd_steps(a, tmp / "ckptd")
     if a.serial:
         out["ckptd_serial"] = ckptd_steps(a, tmp / "ckptd-serial", stream=False)
+    if a.sharded:
+        if gpu:
+            torch.cuda.empty_cache()
+        out["ckptd_sharded"] = sharded_steps(a, tmp / "ckptd-sharded", a.sharded)
+        log("sharded", json.dumps(out["ckptd_sharded"])[:4000])
     if gpu and not a.skip_ce:
         torch.cuda.empty_cache()
         out["checkpoint_engine"] = ce_steps(a)
