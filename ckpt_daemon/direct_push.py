@@ -35,17 +35,21 @@ from ckpt_common.errors import (
 )
 from ckpt_common.pieces import Piece, check_piece, entry_key, tiling_problem
 from ckpt_daemon import admission, probes
-from ckpt_daemon.model import CheckpointVersion, Probe, RankRef, Shard, TensorSpec
+from ckpt_daemon.model import CheckpointVersion, Probe, RankRef, Shard, TensorInfo, TensorSpec
 from ckpt_daemon.planner import PlanError, place
+from ckpt_daemon.shard_plan import Keep
 
 log = structlog.get_logger("ckptd.push")
 MAX_PARTS = 65536
 # (name, dtype, whole shape, nbytes, piece or None) as a part declares it
 Meta = tuple[str, str, tuple[int, ...], int, Piece | None]
-# what a part gets back: the version, the shards it writes, per tensor (shard index, offset)
-Targets = tuple[CheckpointVersion, list[Shard], list[tuple[int, int]]]
+# what a part gets back: the version, the shards it writes, per tensor (shard index, offset),
+# and the parts of its tensors (index among them, keep) whose checksums ckptd asks for
+Targets = tuple[CheckpointVersion, list[Shard], list[tuple[int, int]], list[tuple[int, Keep]]]
 # the trainer's checksum of each entry (entry_key: name and piece) its part committed with
 Known = dict[tuple, int]
+# the parts (index among the given tensors, keep) the engines' layouts keep of them
+Wanted = Callable[[list[TensorInfo]], list[tuple[int, Keep]]]
 
 
 def part_specs(node_id: str, metas: Sequence[Meta]) -> list[TensorSpec]:
@@ -109,6 +113,8 @@ class Gathering:
     committed: set[int] = field(default_factory=set)
     sums: dict[int, list[int]] = field(default_factory=dict)  # part -> its trainer checksums
     upfront: set[int] = field(default_factory=set)  # parts that declared them at BeginPush
+    wanted: dict[int, list[tuple[int, Keep]]] = field(default_factory=dict)  # part -> asked
+    part_sums: dict[int, list[int]] = field(default_factory=dict)  # part -> their checksums
     placed: asyncio.Future[CheckpointVersion] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -174,7 +180,7 @@ class DirectPushes:
         if len(g.declared) == parts:
             g.work = asyncio.create_task(self._place(g))  # held: a task must be referenced
         cv = await asyncio.shield(g.placed)
-        return await asyncio.to_thread(self._targets, cv, g, part)
+        return await asyncio.to_thread(self._targets, cv, g, part, self._store.wanted)
 
     def _gathering(
         self, name: str, version: int, parts: int, probe: Probe | None, timeout_s: float
@@ -223,27 +229,29 @@ class DirectPushes:
         )  # fmt: skip
 
     @staticmethod
-    def _targets(cv: CheckpointVersion, g: Gathering, part: int) -> Targets:
-        """The shards this part writes (its node's) and where each of its tensors goes."""
+    def _targets(cv: CheckpointVersion, g: Gathering, part: int, wanted: Wanted) -> Targets:
+        """The shards this part writes (its node's), where each of its tensors goes, and the
+        parts of them the engines' known layouts keep (their checksums are asked for)."""
         node, specs = g.declared[part]
         mine = sorted(r for r in cv.shards if r.node_id == node)
         index = {r: i for i, r in enumerate(mine)}
-        where = {
-            entry_key(t.name, t.piece): (index[t.owner], t.store_offset)
-            for t in cv.tensors
-            if t.owner in index
-        }
+        stored = {entry_key(t.name, t.piece): t for t in cv.tensors if t.owner in index}
+        mine_t = [stored[entry_key(s.name, s.piece)] for s in specs]
+        g.wanted[part] = wanted(mine_t)
         return (
             cv,
             [cv.shards[r] for r in mine],
-            [where[entry_key(s.name, s.piece)] for s in specs],
+            [(index[t.owner], t.store_offset) for t in mine_t],
+            g.wanted[part],
         )
 
     async def commit(
-        self, name: str, version: int, part: int = 0, checksums: Sequence[int] = ()
-    ) -> CheckpointVersion:
+        self, name: str, version: int, part: int = 0, checksums: Sequence[int] = (),
+        part_checksums: Sequence[int] = (),
+    ) -> CheckpointVersion:  # fmt: skip
         """checksums: the trainer's, one per tensor of the part's BeginPush in its order, or
-        none (its owners then checksum their stores). A wrong count is INVALID_ARGUMENT and
+        none (its owners then checksum their stores); part_checksums: one per part its
+        BeginPush asked for (Targets), or none. A wrong count is INVALID_ARGUMENT and
         changes nothing."""
         key = (name, version)
         g = self._open.get(key)
@@ -270,6 +278,14 @@ class DirectPushes:
                 )
             if part not in g.committed:
                 g.sums[part] = [int(c) for c in checksums]
+        if part_checksums:
+            asked = len(g.wanted.get(part, ()))
+            if len(part_checksums) != asked:
+                raise InvalidArgument(
+                    f"part {part} of {name}@{version} sent {len(part_checksums)} part checksums "
+                    f"for the {asked} parts asked for"
+                )
+            g.part_sums.setdefault(part, [int(c) for c in part_checksums])
         g.committed.add(part)
         if len(g.committed) == g.parts and g.expiry is not None and not g.expiry.done():
             g.expiry.cancel()
@@ -297,6 +313,17 @@ class DirectPushes:
         return None if g is None else asyncio.shield(g.sealed)
 
     @staticmethod
+    def _parts(cv: CheckpointVersion, g: Gathering) -> list[tuple[TensorInfo, Keep, int]]:
+        """The trainer's part checksums: (stored tensor, keep, checksum)."""
+        stored = {entry_key(t.name, t.piece): t for t in cv.tensors}
+        out = []
+        for p, sums in g.part_sums.items():
+            specs = g.declared[p][1]
+            for (i, k), c in zip(g.wanted[p], sums, strict=True):
+                out.append((stored[entry_key(specs[i].name, specs[i].piece)], k, c))
+        return out
+
+    @staticmethod
     def _known(g: Gathering) -> Known:
         """The trainer's checksum of every entry whose part committed with checksums."""
         return {
@@ -314,6 +341,7 @@ class DirectPushes:
             self._close(g)
             g.fail(e)
             return
+        self._store.record_parts(cv, self._parts(cv, g))
         self._close(g)
         g.sealed.set_result(cv)
         log.info(
@@ -354,4 +382,6 @@ class StoreOps:
     create: Callable[..., Awaitable[CheckpointVersion]]  # (name, version, placement, probe)
     seal: Callable[[CheckpointVersion, Known], Awaitable[None]]  # Known: the trainer's sums
     declare: Callable[[CheckpointVersion, Known], Awaitable[None]]  # sums given at BeginPush
+    wanted: Wanted  # the parts the engines' known layouts keep of a part's tensors
+    record_parts: Callable[[CheckpointVersion, list[tuple[TensorInfo, Keep, int]]], None]
     forget: Callable[[CheckpointVersion], Awaitable[None]]

@@ -107,7 +107,7 @@ class JobRunner:
         self._draining = False
         self._alive = alive
         self.restorer = Restorer(self, registry, hub, config, alive)
-        self._sums = PartSums(hub, config.load_timeout_s)
+        self.part_sums = self._sums = PartSums(hub, config.load_timeout_s)
 
     # ---------------------------------------------------------------- queries
 

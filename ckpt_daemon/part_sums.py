@@ -2,18 +2,30 @@
 tensor; a part a class of ranks receives gets its own, computed by the part's owner from
 its host store (a Seal over strided ranges) the first time a version is planned for that
 part, and kept while the version exists. Every engine verifies its parts against them
-before loading, as it verifies whole tensors."""
+before loading, as it verifies whole tensors.
+
+A direct push learns at BeginPush which parts the registered engines' layouts will want
+(`wanted`) and its trainer sends their checksums with CommitPush, taken where the bytes
+are (its GPU); they are recorded here (`record`) and no owner reads its store for them."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
 
+import structlog
+
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_common.dtypes import DTYPE_SIZES
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.execute import Group
 from ckpt_daemon.model import CheckpointVersion, RankRef, TensorInfo
+from ckpt_daemon.planner import PlanError
+from ckpt_daemon.registry import Registry
+from ckpt_daemon.shard_plan import Keep, keeps_of, part_of
+
+log = structlog.get_logger("ckptd.part_sums")
+MAX_WANTED = 1 << 20  # parts a push is asked for at most (beyond: the owners take them)
 
 Key = tuple[str, int, RankRef, int, int, int, int]  # name, version, owner, src, bytes, rows, stride
 
@@ -34,6 +46,30 @@ def part_range(t: TensorInfo) -> tuple[int, int, int, int]:
         rows *= x
     src = t.store_offset + t.piece.offset[d] * inner
     return src, t.nbytes, rows, t.shape[d] * inner
+
+
+def wanted(registry: Registry, tensors: list[TensorInfo]) -> list[tuple[int, Keep]]:
+    """The distinct parts (index into tensors, keep) that the layouts of the registered
+    engines keep of these tensors: what a shard-aware update of them will send. Whole
+    tensors only (a push in pieces is never shard-aware); a layout that does not fit is
+    skipped (that update will be a broadcast)."""
+    if any(t.piece is not None for t in tensors):
+        return []
+    index = {t.name: i for i, t in enumerate(tensors)}
+    seen: dict[Keep, int] = {}
+    for inst in list(registry.instances.values()):
+        maps = registry.layout(inst.layout) if inst.layout else None
+        for m in maps or []:
+            try:
+                keeps = keeps_of(m, tensors)
+            except PlanError:
+                continue
+            for k in keeps:
+                if k.dim >= 0 and k not in seen:
+                    seen[k] = index[k.name]
+            if len(seen) > MAX_WANTED:
+                return []
+    return [(i, k) for k, i in seen.items()]
 
 
 class PartSums:
@@ -66,6 +102,15 @@ class PartSums:
         )
         res = await self._hub.command(r.node_id, cmd, self._timeout_s)
         self._sums.update(zip(keys, res.store.checksums, strict=True))
+        log.info(
+            "part_sums_from_store", checkpoint=cv.name, version=cv.version, owner=str(r),
+            parts=len(keys), seconds=round(res.store.seconds, 4),
+        )  # fmt: skip
+
+    def record(self, cv: CheckpointVersion, parts: list[tuple[TensorInfo, Keep, int]]) -> None:
+        """The trainer's checksums of parts of cv's tensors: (stored tensor, keep, checksum)."""
+        for t, k, c in parts:
+            self._sums[(cv.name, cv.version, t.owner, *part_range(part_of(t, k)))] = int(c)
 
     def forget(self, live: set[tuple[str, int]]) -> None:
         """Drops the sums of versions no longer held."""

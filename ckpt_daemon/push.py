@@ -22,7 +22,7 @@ from ckpt_common.errors import (
     NotFound,
 )
 from ckpt_common.pieces import entry_key
-from ckpt_daemon import admission, probes
+from ckpt_daemon import admission, part_sums, probes
 from ckpt_daemon.agents import AgentHub
 from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.direct_push import DirectPushes, Known, StoreOps
@@ -34,8 +34,10 @@ from ckpt_daemon.model import (
     Shard,
     ShardState,
     SourceFile,
+    TensorInfo,
     TensorSpec,
 )
+from ckpt_daemon.part_sums import PartSums
 from ckpt_daemon.planner import (
     Placement,
     PlanError,
@@ -45,6 +47,7 @@ from ckpt_daemon.planner import (
     place,
 )
 from ckpt_daemon.registry import Registry
+from ckpt_daemon.shard_plan import Keep
 
 log = structlog.get_logger("ckptd.push")
 # path -> (scanning node, size, dev, inode, ctime_ns)
@@ -88,6 +91,8 @@ class Pusher:
         self._tasks: set[asyncio.Task[None]] = set()
         # told of every push that ends: (version, ok); metrics
         self.on_done: Callable[[CheckpointVersion, bool], None] | None = None
+        # the part checksums shard-aware updates use (JobRunner's), given trainers' ones
+        self.part_sums: PartSums | None = None
         # told before a version's stores go: streamed updates still reading them end first
         self.before_forget: Callable[[str, int, str], Awaitable[None]] | None = None
 
@@ -383,6 +388,8 @@ class Pusher:
             create=self._create_direct,
             seal=self._seal_direct,
             declare=self._declare_direct,
+            wanted=lambda tensors: part_sums.wanted(self._registry, tensors),
+            record_parts=self._record_parts,
             forget=self._forget,
         )
 
@@ -439,6 +446,12 @@ class Pusher:
             trainer_ranks=len(given), store_ranks=len(cv.shards) - len(given),
         )  # fmt: skip
         self._done(cv, True)
+
+    def _record_parts(
+        self, cv: CheckpointVersion, parts: list[tuple[TensorInfo, Keep, int]]
+    ) -> None:
+        if self.part_sums is not None and parts:
+            self.part_sums.record(cv, parts)
 
     async def _declare_direct(self, cv: CheckpointVersion, known: Known) -> None:
         """Records the checksums a trainer declared at BeginPush, before any byte is

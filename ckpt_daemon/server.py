@@ -113,6 +113,7 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
         pushes=pusher.direct,
     )  # fmt: skip
     pusher.before_forget = jobs.push_failed
+    pusher.part_sums = jobs.part_sums
     opts = [
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.max_receive_message_length", MAX_MESSAGE),

@@ -112,7 +112,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         sums = await asyncio.to_thread(
             lambda: [t.checksum for t in request.tensors if t.HasField("checksum")]
         )
-        cv, shards, where = await self._pusher.direct.begin(
+        cv, shards, where, parts = await self._pusher.direct.begin(
             request.name,
             request.version,
             request.node_id,
@@ -137,13 +137,18 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
             targets=await asyncio.to_thread(
                 lambda: [cpb.PushTarget(segment=i, offset=o) for i, o in where]
             ),
+            parts=[
+                cpb.PartWanted(tensor=i, dim=k.dim, start=k.start, length=k.length)
+                for i, k in parts
+            ],
         )
 
     @_unary
     async def CommitPush(self, request: cpb.CommitPushRequest, context) -> tpb.Checkpoint:
         cv = await self._pusher.direct.commit(
-            request.name, request.version, request.part, list(request.checksums)
-        )
+            request.name, request.version, request.part, list(request.checksums),
+            list(request.part_checksums),
+        )  # fmt: skip
         return convert.checkpoint_to_pb(cv, self._order())
 
     @_unary

@@ -327,7 +327,8 @@ def part_nbytes(t: TensorInfo, k: Keep) -> int:
     return t.nbytes if k.dim < 0 else t.nbytes // t.shape[k.dim] * k.length
 
 
-def _part(t: TensorInfo, k: Keep) -> TensorInfo:
+def part_of(t: TensorInfo, k: Keep) -> TensorInfo:
+    """The stored tensor t narrowed to a keep: the entry a shard-aware plan reads."""
     if k.dim < 0:
         return t
     off = [0] * len(t.shape)
@@ -397,7 +398,7 @@ def group_plans(
         ]
         plan = Plan(
             participants=members, targets=members,
-            tensors=[_part(by_name[k.name], k) for k in cp.keeps], buckets=buckets,
+            tensors=[part_of(by_name[k.name], k) for k in cp.keeps], buckets=buckets,
             bucket_bytes=bucket_bytes, nbuf=nbuf, total_bytes=cp.nbytes, partial=partial,
             kept=True, group=f"c{c}",
         )  # fmt: skip

@@ -39,7 +39,14 @@ class PushTimes:
     newly_pinned: int  # segments page-locked by this push
     trainer_checksums: bool  # sent with the commit (else the agents checksummed their stores)
     sum_s: float = 0.0  # a streamed push: the checksums, taken before BeginPush
+    part_checksums: int = 0  # parts of tensors ckptd asked for (engines' layouts), summed here
     streamed: bool = False  # the update was submitted before the bytes were written
+
+
+def _whole_shapes(items: Sequence[Any]) -> list[tuple[int, ...]]:
+    """Each item's tensor shape where it is a whole tensor (ckptd asks for parts of those
+    only), else () (a piece)."""
+    return [tuple(it.shape) if it.piece is None else () for it in items]
 
 
 class Client:
@@ -205,15 +212,19 @@ class Client:
         t1 = time.monotonic()
         sums, stats = write_items(
             plan, flats, self.segments, threads=threads, sums=checksums,
-            streams=streams or self.push_streams,
+            streams=streams or self.push_streams, shapes=_whole_shapes(items),
         )  # fmt: skip
         t2 = time.monotonic()
-        commit = cpb.CommitPushRequest(name=name, version=version, part=part, checksums=sums)
+        commit = cpb.CommitPushRequest(
+            name=name, version=version, part=part, checksums=sums,
+            part_checksums=stats.part_sums,
+        )  # fmt: skip
         cp = self._call("CommitPush", commit, timeout_s + 30)
         self.last_push = PushTimes(
             begin_s=t1 - t0, write_s=t2 - t1, commit_s=time.monotonic() - t2,
             map_s=stats.map_s, copy_s=stats.copy_s, bytes=stats.bytes,
             newly_pinned=stats.newly_pinned, trainer_checksums=checksums,
+            part_checksums=len(stats.part_sums),
         )  # fmt: skip
         return cp
 
@@ -241,7 +252,8 @@ class Client:
         from ckptctl.direct_push import item_checksums, tensor_metas, whole, write_items
 
         t0 = time.monotonic()
-        metas, flats = tensor_metas(whole(tensors))
+        items = whole(tensors)
+        metas, flats = tensor_metas(items)
         for m, c in zip(metas, item_checksums(flats, threads), strict=True):
             m.checksum = c
         ts = time.monotonic()
@@ -258,15 +270,16 @@ class Client:
         t1 = time.monotonic()
         _, stats = write_items(
             plan, flats, self.segments, threads=threads, sums=False, marked=True,
-            streams=streams or self.push_streams,
+            streams=streams or self.push_streams, shapes=_whole_shapes(items),
         )  # fmt: skip
         t2 = time.monotonic()
-        cp = self._call("CommitPush", cpb.CommitPushRequest(name=name, version=version))
+        commit = cpb.CommitPushRequest(name=name, version=version, part_checksums=stats.part_sums)
+        cp = self._call("CommitPush", commit)
         self.last_push = PushTimes(
             begin_s=t1 - ts, write_s=t2 - t1, commit_s=time.monotonic() - t2,
             map_s=stats.map_s, copy_s=stats.copy_s, bytes=stats.bytes,
             newly_pinned=stats.newly_pinned, trainer_checksums=True, sum_s=ts - t0,
-            streamed=refused is None,
+            streamed=refused is None, part_checksums=len(stats.part_sums),
         )  # fmt: skip
         if refused is not None:
             raise refused

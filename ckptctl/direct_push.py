@@ -10,6 +10,7 @@ one launch while the copies run) and sent with CommitPush: no pass over the host
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +79,7 @@ class WriteStats:
     copy_s: float  # the copies and checksums, until all were done
     bytes: int
     newly_pinned: int  # segments page-locked by this write (0 once the ring is warm)
+    part_sums: tuple[int, ...] = ()  # the checksums of plan.parts, in order
 
 
 def _targets(plan: cpb.PushPlan, flats: Sequence[Any], hosts: Sequence[Any]) -> list[Any]:
@@ -169,9 +171,70 @@ def _finish_sums(
             out[i] = c
 
 
+PART_BATCH = 1 << 30  # bytes of contiguous part copies checksummed per GPU launch
+
+
+def _part_view(flat: Any, shape: Sequence[int], p: cpb.PartWanted) -> Any:
+    """The bytes of a part of a whole tensor (flat: its bytes, row-major), contiguous."""
+    if not shape or not 0 <= p.dim < len(shape) or p.start < 0 or p.length < 1:
+        raise ValueError(f"part {p} does not fit a tensor of shape {list(shape)}")
+    if p.start + p.length > shape[p.dim]:
+        raise ValueError(f"part {p} lies outside a tensor of shape {list(shape)}")
+    es = flat.numel() // max(1, math.prod(shape))
+    b = flat.view(*shape[:-1], shape[-1] * es)
+    last = p.dim == len(shape) - 1
+    part = b.narrow(p.dim, p.start * (es if last else 1), p.length * (es if last else 1))
+    return part.contiguous().reshape(-1)
+
+
+def launch_part_sums(
+    parts: Sequence[cpb.PartWanted], flats: Sequence[Any], shapes: Sequence[Sequence[int]]
+) -> Callable[[], list[int]]:
+    """Starts the checksums of the parts ckptd asked for (PushPlan.parts) where the bytes
+    are: GPU parts copied contiguous and summed in launches of up to PART_BATCH bytes, on the
+    current stream (after the D2H copies were queued, so they do not wait for this); CPU
+    parts at once. Returns what waits for them and gives them in order."""
+    out = [0] * len(parts)
+    launched: list[tuple[list[int], Any]] = []
+    batch: list[tuple[int, Any]] = []
+
+    def flush() -> None:
+        if batch:
+            launched.append(([i for i, _ in batch], checksum.launch_parts([v for _, v in batch])))
+            batch.clear()
+
+    for k, p in enumerate(parts):
+        if not 0 <= p.tensor < len(flats):
+            raise ValueError(f"part {k} names tensor {p.tensor} of {len(flats)}")
+        view = _part_view(flats[p.tensor], shapes[p.tensor], p)
+        if view.device.type != "cuda":
+            out[k] = checksum.of_numpy(view.numpy())
+            continue
+        if batch and (view.device != batch[0][1].device or sum(
+            v.numel() for _, v in batch) + view.numel() > PART_BATCH
+        ):  # fmt: skip
+            flush()
+        batch.append((k, view))
+    flush()
+
+    def finish() -> list[int]:
+        for idx, got in launched:
+            sums = checksum.finish_many([_part_len(parts[i], flats, shapes) for i in idx], got)
+            for i, c in zip(idx, sums, strict=True):
+                out[i] = c
+        return out
+
+    return finish
+
+
+def _part_len(p: cpb.PartWanted, flats: Sequence[Any], shapes: Sequence[Sequence[int]]) -> int:
+    shape = shapes[p.tensor]
+    return flats[p.tensor].numel() // shape[p.dim] * p.length
+
+
 def _marked_write(
     plan: cpb.PushPlan, flats: list[Any], dsts: list[Any], hosts: list[Any], threads: int,
-    streams: int,
+    streams: int, started: Callable[[], None],
 ) -> None:  # fmt: skip
     """Copies the items in store order and raises each segment's progress mark as its
     bytes land (ckpt_common.progress), then sets every mark to DONE: an update streaming
@@ -197,6 +260,7 @@ def _marked_write(
     )
     pending = d2h.start([(flats[i], dsts[i]) for i in gpu], streams, ordered=True)
     try:
+        started()
         _copy_cpu(
             [(i, flats[i], dsts[i]) for i in cpu], threads, None,
             lambda i, o: marks.complete(index[(i, o)]),
@@ -210,12 +274,15 @@ def _marked_write(
 def write_items(
     plan: cpb.PushPlan, flats: list[Any], cache: Any, *, threads: int = 16,
     streams: int = 4, sums: bool = True, marked: bool = False,
+    shapes: Sequence[Sequence[int]] = (),
 ) -> tuple[list[int], WriteStats]:  # fmt: skip
     """Copies each item's bytes (flats, in plan.targets' order) into its segment; returns
     their checksums (empty without sums) and what it took. cache: a ckptctl.segments
     SegmentCache (the segments stay mapped, and pinned, for the next push). marked: in
     store order, with progress marks, for an update streaming from the push (no sums: they
-    were declared at BeginPush)."""
+    were declared at BeginPush). shapes: each item's (whole) tensor shape, for the part
+    checksums ckptd asked for (plan.parts; WriteStats.part_sums), taken while the copies
+    run."""
     from ckptctl import d2h
 
     t0 = time.monotonic()
@@ -225,14 +292,21 @@ def write_items(
     t1 = time.monotonic()
     out: list[int] | None = [0] * len(flats) if sums and not marked else None
     pending = None
+    finish: list[Callable[[], list[int]]] = []
+
+    def parts() -> None:
+        if plan.parts:
+            finish.append(launch_part_sums(plan.parts, flats, shapes))
+
     try:
         dsts = _targets(plan, flats, [m.host for m in maps])
         if marked:
-            _marked_write(plan, flats, dsts, [m.host for m in maps], threads, streams)
+            _marked_write(plan, flats, dsts, [m.host for m in maps], threads, streams, parts)
         else:
             jobs = [(i, flats[i], dsts[i]) for i in range(len(flats))]
             on_gpu = [jobs[i] for i in gpu]
             pending = d2h.start([(src, dst) for _, src, dst in on_gpu], streams)
+            parts()
             launched = _gpu_sums(on_gpu) if sums and on_gpu else []
             _copy_cpu([j for j in jobs if j[1].device.type != "cuda"], threads, out)
             pending.wait()
@@ -243,8 +317,9 @@ def write_items(
             pending.wait()
         dsts = jobs = on_gpu = []  # no view of a segment outlives the hold
         cache.release(maps)
+    part_sums = tuple(finish[0]()) if finish else ()
     stats = WriteStats(
         map_s=t1 - t0, copy_s=time.monotonic() - t1, bytes=sum(f.numel() for f in flats),
-        newly_pinned=cache.stats.pinned - pinned,
+        newly_pinned=cache.stats.pinned - pinned, part_sums=part_sums,
     )  # fmt: skip
     return out or [], stats

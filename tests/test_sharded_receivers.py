@@ -13,8 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
-from ckpt_common.errors import FailedPrecondition
+from ckpt_common.errors import FailedPrecondition, InvalidArgument
+from ckptctl.direct_push import tensor_metas, whole, write_items
 from tests.cluster import Cluster, read_report, wait_for
 
 pytestmark = pytest.mark.slow
@@ -157,3 +159,46 @@ def test_each_part_is_verified_against_its_own_checksum(cluster: Cluster) -> Non
     assert "checksum mismatch" in job.reason and name in job.reason, job.reason
     wait_for(lambda: all(i.ready for i in c.client.instances()), 60, "the restore")
     assert {held(c, n, d)["version"] for n in INSTANCES.values() for d in (0, 1)} == {1}
+
+
+def test_a_trainers_part_checksums_spare_the_stores_and_are_verified(cluster: Cluster) -> None:
+    """The engines' layouts are known (the updates above): a direct push is asked for the
+    parts they keep, sends their checksums with its commit, and the shard-aware update of
+    the new version uses them (no owner reads its store for parts); a part checksum that
+    does not match what was pushed fails the rank that receives the part."""
+    c = cluster
+    layout = {("na", 0): 0, ("na", 1): 0, ("nb", 0): 0, ("nb", 1): 1}  # as the test above left
+    c.w[5] = weights(5)
+    cp = c.client.push_direct("m", 5, c.w[5], node_id="na")
+    assert cp.state == tpb.CHECKPOINT_READY
+    asked = c.client.last_push.part_checksums
+    assert asked > 0  # both halves of every split tensor, on dim 0 or 1
+    job = update(c, 5, tpb.UPDATE_SHARDED)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert_parts(c, 5, layout)
+    store_sums = [
+        ln for ln in c.log("ckptd").splitlines() if "part_sums_from_store" in ln and '"m"' in ln
+    ]
+    assert not [ln for ln in store_sums if '"version": 5' in ln], store_sums
+
+    c.w[6] = weights(6)
+    metas, flats = tensor_metas(whole(c.w[6]))
+    req = cpb.BeginPushRequest(name="m", version=6, node_id="na", tensors=metas)
+    plan = c.client._call("BeginPush", req)
+    assert len(plan.parts) == asked
+    shapes = [tuple(m.shape) for m in metas]
+    sums, stats = write_items(plan, flats, c.client.segments, threads=2, shapes=shapes)
+    lied = list(stats.part_sums)
+    victim = next(i for i, p in enumerate(plan.parts) if p.dim == 1)  # a strided part
+    lied[victim] ^= 1
+    with pytest.raises(InvalidArgument):  # a wrong count changes nothing
+        c.client._call("CommitPush", cpb.CommitPushRequest(
+            name="m", version=6, checksums=sums, part_checksums=lied[:-1]))  # fmt: skip
+    c.client._call("CommitPush", cpb.CommitPushRequest(
+        name="m", version=6, checksums=sums, part_checksums=lied))  # fmt: skip
+    job = update(c, 6, tpb.UPDATE_SHARDED)
+    assert job.state == tpb.JOB_FAILED and "checksum mismatch" in job.reason, job.reason
+    name = metas[plan.parts[victim].tensor].name
+    assert name in job.reason, job.reason
+    wait_for(lambda: all(i.ready for i in c.client.instances()), 60, "the restore")
+    assert {held(c, n, d)["version"] for n in INSTANCES.values() for d in (0, 1)} == {5}

@@ -67,27 +67,43 @@ class PushTarget(_message.Message):
     offset: int
     def __init__(self, segment: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
+class PartWanted(_message.Message):
+    __slots__ = ("tensor", "dim", "start", "length")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    tensor: int
+    dim: int
+    start: int
+    length: int
+    def __init__(self, tensor: _Optional[int] = ..., dim: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
 class PushPlan(_message.Message):
-    __slots__ = ("checkpoint", "segments", "targets")
+    __slots__ = ("checkpoint", "segments", "targets", "parts")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     checkpoint: _types_pb2.Checkpoint
     segments: _containers.RepeatedCompositeFieldContainer[PushSegment]
     targets: _containers.RepeatedCompositeFieldContainer[PushTarget]
-    def __init__(self, checkpoint: _Optional[_Union[_types_pb2.Checkpoint, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[PushSegment, _Mapping]]] = ..., targets: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[PartWanted]
+    def __init__(self, checkpoint: _Optional[_Union[_types_pb2.Checkpoint, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[PushSegment, _Mapping]]] = ..., targets: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ..., parts: _Optional[_Iterable[_Union[PartWanted, _Mapping]]] = ...) -> None: ...
 
 class CommitPushRequest(_message.Message):
-    __slots__ = ("name", "version", "part", "checksums")
+    __slots__ = ("name", "version", "part", "checksums", "part_checksums")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    PART_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     part: int
     checksums: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., part: _Optional[int] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+    part_checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., part: _Optional[int] = ..., checksums: _Optional[_Iterable[int]] = ..., part_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetCheckpointRequest(_message.Message):
     __slots__ = ("name", "version", "include_tensors")
