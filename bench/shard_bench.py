@@ -13,7 +13,9 @@ the whole checkpoint from the same node's stores (one instance at a time: ranks 
 cannot share an NCCL group); then the shard-aware update is timed. TP=1 is the broadcast
 baseline (one rank receives every byte). Last, a new version is pushed and its first update
 timed (the version before dropped first, as a trainer's loop does): for shard-aware layouts it
-includes the owners checksumming the parts.
+includes the owners checksumming the parts. Then a version pushed as a trainer pushes it
+(direct, from GPU tensors, part checksums taken on the GPU for the layouts ckptd knows): its
+first update, and a repeat of it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -32,6 +35,35 @@ sys.path.insert(0, str(REPO))
 from bench.llama import specs, total_bytes  # noqa: E402
 from bench.run import GB, log, make_tensors  # noqa: E402
 from ckpt.v1 import types_pb2 as tpb  # noqa: E402
+
+
+def trainer_version(c: Any, sp: list, names: list[str], method: int) -> dict:
+    """A new version pushed the way a trainer pushes it (direct, from GPU tensors, its part
+    checksums taken on its GPU for the layouts ckptd knows), then its first update timed,
+    then that update again (a repeat)."""
+    import torch
+
+    c.client.delete("bench", 2)
+    gpu = {k: t.cuda() for k, t in make_tensors(sp).items()}
+    torch.cuda.synchronize()
+    c.client.push_direct("bench", 3, gpu, node_id="bench", timeout_s=900)
+    asked = c.client.last_push.part_checksums
+    del gpu
+    torch.cuda.empty_cache()
+    walls = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        job = c.client.wait(c.client.update("bench", 3, instances=names, method=method).id, 900)
+        walls.append(time.perf_counter() - t0)
+        if job.state != tpb.JOB_SUCCEEDED:
+            raise RuntimeError(f"update to v3 failed: {job.reason}")
+    store_sums = any(
+        "part_sums_from_store" in ln and '"version": 3' in ln for ln in c.log("ckptd").splitlines()
+    )
+    rec = {"trainer_first_s": walls[0], "trainer_repeat_s": walls[1], "parts_asked": asked,
+           "owners_summed_parts": store_sums}  # fmt: skip
+    log("trainer version", json.dumps(rec))
+    return rec
 
 
 def run_tp(n: int, gpus: int, size_gib: float, iters: int, root: Path) -> dict:
@@ -101,9 +133,11 @@ def run_tp(n: int, gpus: int, size_gib: float, iters: int, root: Path) -> dict:
         if job.state != tpb.JOB_SUCCEEDED:
             raise RuntimeError(f"update to v2 failed: {job.reason}")
         log(f"tp={n} new version", json.dumps({"wall_s": new_version_s}))
+        trainer = trainer_version(c, sp, names, method)
         return {
             "tp": n,
             "new_version_wall_s": new_version_s,
+            **trainer,
             "ranks_per_gpu": -(-n // gpus),
             "bytes": S,
             "runs": runs,
@@ -141,7 +175,7 @@ def main() -> None:
             out["layouts"].append({"tp": n, "error": repr(e)})
         Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"{'TP':>3} {'ranks/GPU':>9} {'GB/rank':>8} {'share':>6} {'update s':>9} {'rank s':>7}"
-          f" {'new version s':>13}")  # fmt: skip
+          f" {'new version s':>13} {'trainer: first':>14} {'repeat':>7}")  # fmt: skip
     for r in out["layouts"]:
         if "error" in r:
             print(f"{r['tp']:>3} error: {r['error'][:100]}")
@@ -149,7 +183,8 @@ def main() -> None:
         b = r["max_bytes_per_rank"]
         print(f"{r['tp']:>3} {r['ranks_per_gpu']:>9} {b / GB:>8.2f} {b / r['bytes']:>6.3f} "
               f"{r['wall_s_median']:>9.3f} {r['rank_total_s_median']:>7.3f} "
-              f"{r['new_version_wall_s']:>13.3f}")  # fmt: skip
+              f"{r['new_version_wall_s']:>13.3f} {r['trainer_first_s']:>14.3f} "
+              f"{r['trainer_repeat_s']:>7.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":
