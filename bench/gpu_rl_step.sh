@@ -25,3 +25,11 @@ LEFT=$(( ${BUDGET_S:-575} - SECONDS )); echo "bench: ${LEFT}s left"
 timeout "$LEFT" python3 -m bench.rl_step --size-gib "$SIZE" --steps "$STEPS" "${@:3}" --out "$OUT/rl_step.json" \
   2>"$OUT/rl_step.err" | tee "$OUT/rl_step.txt"
 tail -40 "$OUT/rl_step.err"
+# SHARD_TP=2,8: then bench.shard_bench on those TP layouts (8 GiB), a trainer-pushed version's
+# first shard-aware update (part checksums taken by the trainer) against a repeat.
+if [ -n "${SHARD_TP:-}" ]; then
+  LEFT=$(( ${SHARD_BUDGET_S:-590} - SECONDS )); echo "shard_bench: ${LEFT}s left"
+  timeout "$LEFT" python3 -m bench.shard_bench --size-gib 8 --tp "$SHARD_TP" --iters 3 \
+    --out "$OUT/shard.json" 2>"$OUT/shard.err" | tee "$OUT/shard.txt"
+  grep -i "trainer version\|error" "$OUT/shard.err" | tail -10
+fi
