@@ -2,12 +2,16 @@
 of N tensor declarations against real ckptd and agent processes on loopback, while another
 thread calls ListAgents every 20 ms (the worst answer is how long ckptd stalled).
 
-    python -m bench.push_scale --tensors 100000
+    python -m bench.push_scale --tensors 100000 [--load 2]
+
+--load N runs N busy processes (pure Python loops) meanwhile: ckptd and its agent then share
+the CPUs with them, as on a loaded host.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +23,7 @@ from ckpt.v1 import types_pb2 as tpb
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.push_scale")
     ap.add_argument("--tensors", type=int, default=100_000)
+    ap.add_argument("--load", type=int, default=0, help="busy processes meanwhile")
     args = ap.parse_args()
     from tests.cluster import Cluster, Latency  # real processes, as the tests start them
 
@@ -34,18 +39,28 @@ def main() -> None:
         ]  # fmt: skip
         begin = cpb.BeginPushRequest(name="big", version=1, node_id="n1", tensors=metas,
                                      timeout_s=120)  # fmt: skip
+        hogs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.load)]
+        for h in hogs:
+            h.start()
         with Latency(c.client.agents) as lat:
             t0 = time.monotonic()
             c.client._call("BeginPush", begin, 150)
             t1 = time.monotonic()
             cp = c.client._call("CommitPush", cpb.CommitPushRequest(name="big", version=1), 150)
             t2 = time.monotonic()
+        for h in hogs:
+            h.kill()
         print(
-            f"tensors={args.tensors} begin_s={t1 - t0:.2f} commit_s={t2 - t1:.2f} "
+            f"tensors={args.tensors} load={args.load} begin_s={t1 - t0:.2f} commit_s={t2 - t1:.2f} "
             f"worst_list_agents_s={lat.worst:.2f} state={tpb.CheckpointState.Name(cp.state)}"
         )
     finally:
         c.close()
+
+
+def _spin() -> None:
+    while True:
+        pass
 
 
 if __name__ == "__main__":
