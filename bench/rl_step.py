@@ -243,7 +243,7 @@ def d2h_ceiling(nbytes: int = 2 * GIB, reps: int = 5) -> dict:
     """Pinned device -> host GB/s on one stream and on four (cuda:0)."""
     import torch
 
-    from ckptctl import d2h
+    from ckpt_client import d2h
 
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0").fill_(7)
     dst = torch.empty(nbytes, dtype=torch.uint8).pin_memory()

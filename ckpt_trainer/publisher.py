@@ -16,8 +16,8 @@ from typing import Any
 
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent.config import NODE_ID_ENV
+from ckpt_client.client import DEFAULT_ADDR, Client
 from ckpt_common.credentials import Credentials
-from ckptctl.client import DEFAULT_ADDR, Client
 
 # wrapper prefixes that training frameworks add to parameter names
 WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|module)\.")

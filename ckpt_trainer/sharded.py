@@ -13,9 +13,9 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ckpt_client.direct_push import Item
 from ckpt_common.pieces import Piece
 from ckpt_trainer.publisher import cast_to, renamed
-from ckptctl.direct_push import Item
 
 SHARE_BYTES = 8192  # what rank 0 tells the others of the outcome, as JSON
 

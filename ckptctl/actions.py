@@ -11,10 +11,10 @@ from typing import Any
 import click
 
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_client.client import TERMINAL, Client
+from ckpt_client.probes import load_probe
 from ckpt_common.ranks import format_ranks, parse_ranks
 from ckptctl.app import command, show, structured, with_client
-from ckptctl.client import TERMINAL, Client
-from ckptctl.probes import load_probe
 from ckptctl.progress import follow_job, follow_push
 from ckptctl.term import size
 from ckptctl.views import enum_name, job_line

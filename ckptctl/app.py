@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ckptctl.client import DEFAULT_ADDR, Client
+from ckpt_client.client import DEFAULT_ADDR, Client
 from ckptctl.output import render
 from ckptctl.term import table
 from ckptctl.views import rows

@@ -23,8 +23,8 @@ from rich.progress import (
 )
 
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_client.client import TERMINAL, Client
 from ckpt_common.errors import CkptError
-from ckptctl.client import TERMINAL, Client
 from ckptctl.term import console, markup
 from ckptctl.views import delivered, job_line, job_state
 

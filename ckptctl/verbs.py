@@ -9,6 +9,7 @@ from typing import Any
 import click
 from click.shell_completion import CompletionItem, get_completion_class
 
+from ckpt_client.client import Client
 from ckpt_common.errors import NotFound
 from ckptctl.actions import WAIT_MARGIN_S, split_ref, wait_and_report
 from ckptctl.app import (
@@ -21,7 +22,6 @@ from ckptctl.app import (
     structured,
     with_client,
 )
-from ckptctl.client import Client
 from ckptctl.watching import watch_list
 
 KINDS = {

@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_client.client import Client
+from ckpt_client.probes import greedy_probe
 from ckpt_common.credentials import Credentials
 from ckpt_common.errors import PermissionDenied
 from ckpt_daemon.certs import add_token, make_certs
 from ckpt_daemon.engine_keys import write_key
-from ckptctl.client import Client
-from ckptctl.probes import greedy_probe
 from demo.engines import complete, free_port, healthy, vllm_command, vllm_env
 from demo.models import PROMPTS, build_model, hf_greedy, save_model
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent.config import TRUSTED_FABRIC_ENV
+from ckpt_client.client import Client
 from ckpt_common.credentials import ADMIN_TOKEN_FILE, TOKEN_FILE_ENV, Credentials
 from ckpt_common.engine_auth import instance_key
 from ckpt_common.sources import SOURCE_ROOTS_ENV
-from ckptctl.client import Client
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parent.parent

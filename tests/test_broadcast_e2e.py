@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_client.probes import make_probe
 from ckpt_common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -24,7 +25,6 @@ from ckpt_common.errors import (
     NotFound,
     PermissionDenied,
 )
-from ckptctl.probes import make_probe
 from tests.cluster import Cluster, read_report, wait_for
 from tests.tensors import digests, mixed_tensors, write_sharded
 

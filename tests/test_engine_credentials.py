@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_client.client import Client
 from ckpt_common import engine_auth as ea
 from ckpt_common.credentials import Credentials
 from ckpt_common.errors import FailedPrecondition
 from ckpt_daemon.certs import add_token
-from ckptctl.client import Client
 from demo.engines import free_port
 from tests.cluster import Cluster
 from tests.tensors import mixed_tensors, write_sharded

@@ -157,8 +157,8 @@ def test_direct_push_of_cuda_pieces_in_two_parts(tmp_path: Path) -> None:
     engine gets the assembled tensors byte for byte."""
     import threading
 
+    from ckpt_client.direct_push import Item
     from ckpt_common.pieces import Piece
-    from ckptctl.direct_push import Item
 
     c = _cuda_cluster(tmp_path, 1)
     try:

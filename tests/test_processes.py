@@ -13,9 +13,10 @@ import pytest
 from tests.cluster import Cluster, wait_for
 
 
-def test_ckptd_and_ckptctl_import_no_torch() -> None:
+def test_ckptd_ckptctl_and_the_client_import_no_torch() -> None:
     code = (
-        "import sys, ckpt_daemon.main, ckpt_daemon.server, ckptctl.cli; "
+        "import sys, ckpt_daemon.main, ckpt_daemon.server, ckptctl.cli, ckpt_client.client, "
+        "ckpt_client.direct_push, ckpt_client.probes; "
         "print('torch' in sys.modules, 'vllm' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

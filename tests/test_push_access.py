@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ckpt_client.client import Client
 from ckpt_common import checksum
 from ckpt_common.credentials import Credentials
 from ckpt_common.errors import CkptError, InvalidArgument, PermissionDenied
 from ckpt_daemon.certs import add_token
-from ckptctl.client import Client
 from tests.cluster import Cluster
 
 pytestmark = pytest.mark.slow

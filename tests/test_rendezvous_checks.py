@@ -212,8 +212,8 @@ def test_push_tensors_stages_only_in_its_own_dir(tmp_path: Path) -> None:
     written into it; its own is made 0700 and the file is removed after the push."""
     import torch
 
+    from ckpt_client.client import Client
     from ckpt_common.errors import CkptError
-    from ckptctl.client import Client
 
     sticky = tmp_path / "shm"
     sticky.mkdir()

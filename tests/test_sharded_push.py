@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_client.direct_push import Item
 from ckpt_common.errors import AlreadyExists, DeadlineExceeded, InvalidArgument
 from ckpt_common.pieces import Piece
-from ckptctl.direct_push import Item
 from demo.models import save_model
 from tests.cluster import Cluster, read_report, wait_for
 from tests.sharded_job import run_fsdp2

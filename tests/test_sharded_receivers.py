@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_client.direct_push import tensor_metas, whole, write_items
 from ckpt_common.errors import FailedPrecondition, InvalidArgument
-from ckptctl.direct_push import tensor_metas, whole, write_items
 from tests.cluster import Cluster, read_report, wait_for
 
 pytestmark = pytest.mark.slow

@@ -22,11 +22,11 @@ from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent.pipeline import await_written, bucket_end
+from ckpt_client.d2h import in_order
+from ckpt_client.direct_push import item_checksums, tensor_metas, whole, write_items
 from ckpt_common import progress
 from ckpt_common.errors import FailedPrecondition, InvalidArgument
 from ckpt_trainer.publisher import Publisher
-from ckptctl.d2h import in_order
-from ckptctl.direct_push import item_checksums, tensor_metas, whole, write_items
 from tests.cluster import Cluster, read_report, wait_for
 from tests.tensors import digests, mixed_tensors
 

@@ -22,12 +22,12 @@ from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent import shm
 from ckpt_agent.host_store import device_prefix
+from ckpt_client.client import Client
+from ckpt_client.d2h import schedule
+from ckpt_client.direct_push import tensor_metas, whole, write_items
 from ckpt_common import checksum
 from ckpt_common.credentials import Credentials
 from ckpt_common.errors import InvalidArgument
-from ckptctl.client import Client
-from ckptctl.d2h import schedule
-from ckptctl.direct_push import tensor_metas, whole, write_items
 from tests.cluster import PY, REPO, Cluster, read_report, wait_for
 from tests.tensors import digests, mixed_tensors
 
@@ -227,8 +227,8 @@ def test_parts_in_one_process_map_a_segment_once(cluster: Cluster) -> None:
         import torch
         from ckpt_common.credentials import Credentials
         from ckpt_common.pieces import Piece
-        from ckptctl.client import Client
-        from ckptctl.direct_push import Item
+        from ckpt_client.client import Client
+        from ckpt_client.direct_push import Item
 
         c = Client({c.addr!r}, credentials=Credentials(token_file={str(c.token_file)!r}))
         w = torch.randn(64, 32)

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_client.probes import greedy_probe
 from ckpt_common.errors import FailedPrecondition, InvalidArgument
 from ckpt_daemon import convert, probes
 from ckpt_daemon.engine_http import http_json
 from ckpt_daemon.engine_proof import EngineSigner, EngineUnproven, prove
-from ckptctl.probes import greedy_probe
 from demo.engines import free_port
 from demo.models import PROMPTS, build_model, hf_greedy, save_model
 from tests.cluster import Cluster, wait_for
@@ -379,7 +379,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from vllm import LLM, SamplingParams
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import InvalidArgument
-from ckptctl.client import Client
+from ckpt_client.client import Client
 from vllm_ext.offline import update_llm
 addr, model, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 prompts = json.loads(sys.argv[4])

@@ -15,9 +15,9 @@ import json
 from typing import Any
 
 from ckpt.v1 import types_pb2 as tpb
+from ckpt_client.client import Client
 from ckpt_common.errors import Aborted, NotFound
 from ckpt_common.ipc import worker_endpoint
-from ckptctl.client import Client
 
 
 def instance_endpoints(client: Client, instance: str) -> list[str]:
