@@ -70,6 +70,15 @@ def begin(c: Cluster, name: str, version: int, t: dict, *, declare: bool = True,
     return c.client._call("BeginPush", req), flats, sums
 
 
+def serve_base(c: Cluster, name: str, seed: int) -> dict[str, torch.Tensor]:
+    """Version 1 of name pushed (unstreamed) and served by every instance: its tensors."""
+    base = mixed_tensors(seed, layers=3)
+    c.client.push_direct(name, 1, base, node_id="node-t")
+    job = c.client.wait(c.client.update(name, 1, instances=INSTANCES).id, 60)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    return base
+
+
 def streamed_update(c: Cluster, name: str, version: int) -> tpb.Job:
     return c.client.update(name, version, instances=INSTANCES, stream=True, bucket_bytes=1 << 13)
 
@@ -179,11 +188,7 @@ def test_a_push_that_stops_writing_fails_the_job_and_engines_keep_their_version(
     cluster: Cluster,
 ) -> None:
     c = cluster
-    base = mixed_tensors(11, layers=3)
-    c.client.push_direct("stop", 1, base, node_id="node-t")
-    assert c.client.wait(c.client.update("stop", 1, instances=INSTANCES).id, 60).state == (
-        tpb.JOB_SUCCEEDED
-    )
+    base = serve_base(c, "stop", 11)
     t = mixed_tensors(12, layers=3)
     _plan, _flats, _ = begin(c, "stop", 2, t, timeout_s=60)  # the trainer dies here
     t0 = time.monotonic()
@@ -210,11 +215,7 @@ def test_bytes_unlike_the_declared_checksums_fail_before_any_engine_resumes(
     cluster: Cluster,
 ) -> None:
     c = cluster
-    base = mixed_tensors(21, layers=3)
-    c.client.push_direct("lie", 1, base, node_id="node-t")
-    assert c.client.wait(c.client.update("lie", 1, instances=INSTANCES).id, 60).state == (
-        tpb.JOB_SUCCEEDED
-    )
+    base = serve_base(c, "lie", 21)
     t = mixed_tensors(22, layers=3)
     plan, flats, _ = begin(c, "lie", 2, t)
     job = streamed_update(c, "lie", 2)
