@@ -1,4 +1,4 @@
-"""How long shard-aware planning takes at scale (ckpt_daemon.shard_plan): 256 TP=8 replicas
+"""How long shard-aware planning takes at scale (ckpt_daemon.plan.shard_plan): 256 TP=8 replicas
 (2048 ranks, 8 classes), each rank keeping a slice of each of 131072 tensors (dimension 0
 or 1 in turn): 1,048,576 kept parts. Pure CPU; run anywhere:
 
@@ -11,7 +11,7 @@ import argparse
 import time
 
 from ckpt_daemon.model import RankRef, TensorInfo
-from ckpt_daemon.shard_plan import Keep, plan_classes
+from ckpt_daemon.plan.shard_plan import Keep, plan_classes
 
 N, TP, RANKS = 131072, 8, 2048
 

@@ -5,7 +5,7 @@
   default state dir, readable only by ckptd's user.
 - TLS (grpc's own credentials): `--tls-ca` verifies ckptd's certificate; `--tls-cert` and
   `--tls-key` present a client certificate (agents: SAN URI spiffe://ckpt/agent/<node id>;
-  clients: spiffe://ckpt/client/<name>, see ckpt_daemon.certs).
+  clients: spiffe://ckpt/client/<name>, see ckpt_daemon.security.certs).
 
 A token never travels in clear text beyond loopback: a channel to another host needs TLS.
 """

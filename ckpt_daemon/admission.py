@@ -12,7 +12,7 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 
 from ckpt_common.errors import InvalidArgument, ResourceExhausted
-from ckpt_daemon import engine_http
+from ckpt_daemon.engines import http as engine_http
 
 MAX_NAME = 200
 MAX_TEXT = 4096  # paths, endpoints, tensor names

@@ -24,11 +24,13 @@ class DaemonConfig:
     nbuf: int = 2
     port_file: str = ""  # write the bound port here once serving
     metrics_listen: str = ""  # host:port for Prometheus /metrics; "": off
-    otel_endpoint: str = ""  # OTLP/HTTP traces URL (ckpt_daemon.tracing); "": off
+    otel_endpoint: str = ""  # OTLP/HTTP traces URL (ckpt_daemon.observe.tracing); "": off
     tls_cert: str = ""  # ckptd's certificate chain (PEM); with tls_key: TLS on the gRPC port
     tls_key: str = ""
     tls_ca: str = ""  # verifies client certificates (agents, clients) when they send one
-    auth_file: str = ""  # tokens and client roles (ckpt_daemon.auth); "": a local admin token
+    auth_file: str = (
+        ""  # tokens and client roles (ckpt_daemon.security.auth); "": a local admin token
+    )
     insecure: bool = False  # no authentication at all, and plaintext beyond loopback
     engine_token_file: str = ""  # sent to vLLM engines (vllm_ext.guard); "": none
     drain_s: float = 20.0  # on SIGTERM: running jobs get this long to end before cancelled

@@ -12,8 +12,8 @@ import structlog
 
 from ckpt_common.envflags import apply_env_defaults
 from ckpt_common.logs import setup_logging
+from ckpt_daemon.api.server import start_daemon
 from ckpt_daemon.config import LISTEN_ENV, STATE_DIR_ENV, DaemonConfig
-from ckpt_daemon.server import start_daemon
 
 # ckptd's own TLS files: CKPTD_TLS_* name what clients and agents show ckptd
 SERVER_ENV_NAMES = {
@@ -99,8 +99,8 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--auth-file",
         default="",
-        help="tokens and client-certificate roles (JSON, see ckpt_daemon/auth.py); default: a "
-        "local admin token in the state dir",
+        help="tokens and client-certificate roles (JSON, see ckpt_daemon/security/auth.py); "
+        "default: a local admin token in the state dir",
     )
     p.add_argument(
         "--insecure",
@@ -138,12 +138,12 @@ async def _run(cfg: DaemonConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] in (["certs"], ["token"]):
-        from ckpt_daemon.certs import main as certs_main
+        from ckpt_daemon.security.certs import main as certs_main
 
         certs_main(args)
         return
     if args[:1] == ["engine-key"]:
-        from ckpt_daemon.engine_keys import main as engine_key_main
+        from ckpt_daemon.engines.keys import main as engine_key_main
 
         engine_key_main(args[1:])
         return

@@ -117,8 +117,9 @@ class Shard:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Probe:
-    """The trainer's proof of a version (ckpt_daemon.probes): prompt token ids and the greedy
-    continuation, or each continuation token's log-prob (teacher-forced) within tolerance."""
+    """The trainer's proof of a version (ckpt_daemon.engines.probes): prompt token ids and the
+    greedy continuation, or each continuation token's log-prob (teacher-forced) within
+    tolerance."""
 
     prompt: tuple[int, ...]
     expected: tuple[int, ...]

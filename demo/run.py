@@ -25,14 +25,14 @@ from ckpt_client.client import Client
 from ckpt_client.probes import greedy_probe
 from ckpt_common.credentials import Credentials
 from ckpt_common.errors import PermissionDenied
-from ckpt_daemon.certs import add_token, make_certs
-from ckpt_daemon.engine_keys import write_key
+from ckpt_daemon.engines.keys import write_key
+from ckpt_daemon.security.certs import add_token, make_certs
 from demo.engines import complete, free_port, healthy, vllm_command, vllm_env
 from demo.models import PROMPTS, build_model, hf_greedy, save_model
 
 ROOT = Path(os.environ.get("CKPT_DEMO_DIR", ".demo")).resolve()
 N = 8
-ROLES = {  # token name -> roles (ckpt_daemon.auth)
+ROLES = {  # token name -> roles (ckpt_daemon.security.auth)
     "trainer": "trainer,reader",
     "operator": "operator,reader",
     "autoscaler": "autoscaler,reader",

@@ -19,8 +19,8 @@ from ckpt_daemon.model import (
     ShardState,
     TensorInfo,
 )
-from ckpt_daemon.planner import select_tensors
-from ckpt_daemon.registry import Registry
+from ckpt_daemon.plan.planner import select_tensors
+from ckpt_daemon.registry.store import Registry
 from tests.test_registry import make_cv
 
 GiB = 1 << 30

@@ -16,9 +16,9 @@ from ckpt.v1 import agent_pb2, ckptd_pb2
 from ckpt_client.client import Client
 from ckpt_common.credentials import Credentials
 from ckpt_common.errors import PermissionDenied, Unauthenticated
-from ckpt_daemon import auth
-from ckpt_daemon.auth import AccessPolicy, Principal, Role, authorize
-from ckpt_daemon.certs import add_token, make_certs
+from ckpt_daemon.security import auth
+from ckpt_daemon.security.auth import AccessPolicy, Principal, Role, authorize
+from ckpt_daemon.security.certs import add_token, make_certs
 from tests.cluster import PY, REPO, Cluster, wait_for
 from tests.tensors import mixed_tensors, write_sharded
 from tests.test_deploy import probe_command

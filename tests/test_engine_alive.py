@@ -13,10 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from ckpt_common.errors import Unavailable
-from ckpt_daemon.engine_alive import check_engines
-from ckpt_daemon.engines import EngineTrigger
+from ckpt_daemon.engines.alive import check_engines
+from ckpt_daemon.engines.trigger import EngineTrigger
 from ckpt_daemon.model import Instance, InstanceKind, RankRef
-from ckpt_daemon.registry import Registry
+from ckpt_daemon.registry.store import Registry
 
 
 class _Health(BaseHTTPRequestHandler):

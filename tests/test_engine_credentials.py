@@ -23,7 +23,7 @@ from ckpt_client.client import Client
 from ckpt_common import engine_auth as ea
 from ckpt_common.credentials import Credentials
 from ckpt_common.errors import FailedPrecondition
-from ckpt_daemon.certs import add_token
+from ckpt_daemon.security.certs import add_token
 from demo.engines import free_port
 from tests.cluster import Cluster
 from tests.tensors import mixed_tensors, write_sharded
@@ -243,9 +243,9 @@ def test_metrics_over_tls_with_a_reader_token(tmp_path: Path) -> None:
 
     from prometheus_client import CollectorRegistry, Counter
 
-    from ckpt_daemon import metrics_http
-    from ckpt_daemon.auth import AccessPolicy, Principal, Role, token_digest
-    from ckpt_daemon.certs import make_certs
+    from ckpt_daemon.observe import metrics_http
+    from ckpt_daemon.security.auth import AccessPolicy, Principal, Role, token_digest
+    from ckpt_daemon.security.certs import make_certs
 
     make_certs(tmp_path, [], [], [])
     prom = CollectorRegistry()
@@ -280,8 +280,8 @@ def test_metrics_over_tls_with_a_reader_token(tmp_path: Path) -> None:
 
 
 def test_metrics_refuse_plaintext_beyond_loopback() -> None:
-    from ckpt_daemon import metrics_http
-    from ckpt_daemon.auth import AccessPolicy
+    from ckpt_daemon.observe import metrics_http
+    from ckpt_daemon.security.auth import AccessPolicy
 
     with pytest.raises(ValueError, match="beyond loopback"):
         metrics_http.serve("0.0.0.0:0", None, AccessPolicy(tokens={}))  # type: ignore[arg-type]

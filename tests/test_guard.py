@@ -12,7 +12,7 @@ import pytest
 
 from ckpt_common import engine_auth as ea
 from ckpt_common.ipc import endpoint_refusal, worker_endpoint
-from ckpt_daemon.endpoints import endpoint_refusal as engine_refusal
+from ckpt_daemon.engines.endpoints import endpoint_refusal as engine_refusal
 from vllm_ext import guard
 from vllm_ext.guard_auth import Verifier
 

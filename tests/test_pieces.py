@@ -9,7 +9,7 @@ import torch
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import InvalidArgument
 from ckpt_common.pieces import Piece, check_tiling, region
-from ckpt_daemon.direct_push import check_whole, part_specs
+from ckpt_daemon.push.direct import check_whole, part_specs
 from vllm_ext.receiver import Assembly, pieces_problem
 
 

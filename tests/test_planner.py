@@ -8,7 +8,7 @@ import pytest
 
 from ckpt_common.layers import layer_key
 from ckpt_daemon.model import RankRef, TensorInfo, TensorSpec
-from ckpt_daemon.planner import (
+from ckpt_daemon.plan.planner import (
     ALIGN,
     PlanError,
     align_up,
@@ -200,7 +200,7 @@ def test_plan_100k_tensors_1024_ranks_is_fast() -> None:
 
 
 def test_small_updates_get_small_buffers_and_gpus_triple_buffer() -> None:
-    from ckpt_daemon.planner import choose_nbuf
+    from ckpt_daemon.plan.planner import choose_nbuf
 
     big = 80 << 30
 

@@ -10,9 +10,10 @@ import pytest
 
 from ckpt_client.probes import load_probe, make_probe
 from ckpt_common.errors import InvalidArgument
-from ckpt_daemon import convert, probes
+from ckpt_daemon.api import convert
+from ckpt_daemon.engines import probes
 from ckpt_daemon.model import Probe
-from ckpt_daemon.registry import Registry
+from ckpt_daemon.registry.store import Registry
 from tests.test_registry import make_cv
 
 GREEDY = Probe(prompt=(1, 5, 6), expected=(7, 8, 9))

@@ -15,7 +15,7 @@ from tests.cluster import Cluster, wait_for
 
 def test_ckptd_ckptctl_and_the_client_import_no_torch() -> None:
     code = (
-        "import sys, ckpt_daemon.main, ckpt_daemon.server, ckptctl.cli, ckpt_client.client, "
+        "import sys, ckpt_daemon.main, ckpt_daemon.api.server, ckptctl.cli, ckpt_client.client, "
         "ckpt_client.direct_push, ckpt_client.probes; "
         "print('torch' in sys.modules, 'vllm' in sys.modules)"
     )

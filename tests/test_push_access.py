@@ -21,7 +21,7 @@ from ckpt_client.client import Client
 from ckpt_common import checksum
 from ckpt_common.credentials import Credentials
 from ckpt_common.errors import CkptError, InvalidArgument, PermissionDenied
-from ckpt_daemon.certs import add_token
+from ckpt_daemon.security.certs import add_token
 from tests.cluster import Cluster
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import InvalidArgument
-from ckpt_daemon import convert
+from ckpt_daemon.api import convert
 from ckpt_daemon.model import (
     AgentInfo,
     CheckpointState,
@@ -26,7 +26,7 @@ from ckpt_daemon.model import (
     TensorInfo,
     UpdateSpec,
 )
-from ckpt_daemon.registry import Registry
+from ckpt_daemon.registry.store import Registry
 
 
 def make_cv() -> CheckpointVersion:

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from ckpt_daemon.jobs.restore import (
+    FIRST_BACKOFF_S,
+    MAX_BACKOFF_S,
+    due_restores,
+    next_backoff,
+    restore_steps,
+    settle,
+    split_instance,
+)
 from ckpt_daemon.model import (
     Instance,
     InstanceKind,
@@ -12,16 +21,7 @@ from ckpt_daemon.model import (
     RankResult,
     UpdateSpec,
 )
-from ckpt_daemon.restore import (
-    FIRST_BACKOFF_S,
-    MAX_BACKOFF_S,
-    due_restores,
-    next_backoff,
-    restore_steps,
-    settle,
-    split_instance,
-)
-from ckpt_daemon.serving import serving, serving_after
+from ckpt_daemon.registry.serving import serving, serving_after
 
 A0, A1, B0 = RankRef("a", 0), RankRef("a", 1), RankRef("b", 0)
 

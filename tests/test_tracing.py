@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ckpt_daemon.main import parse_args
-from ckpt_daemon.tracing import check_endpoint
+from ckpt_daemon.observe.tracing import check_endpoint
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_client.probes import greedy_probe
 from ckpt_common.errors import FailedPrecondition, InvalidArgument
-from ckpt_daemon import convert, probes
-from ckpt_daemon.engine_http import http_json
-from ckpt_daemon.engine_proof import EngineSigner, EngineUnproven, prove
+from ckpt_daemon.api import convert
+from ckpt_daemon.engines import probes
+from ckpt_daemon.engines.http import http_json
+from ckpt_daemon.engines.proof import EngineSigner, EngineUnproven, prove
 from demo.engines import free_port
 from demo.models import PROMPTS, build_model, hf_greedy, save_model
 from tests.cluster import Cluster, wait_for

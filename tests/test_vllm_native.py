@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_client.probes import greedy_probe
-from ckpt_daemon.engine_http import http_json
+from ckpt_daemon.engines.http import http_json
 from demo.engines import healthy
 from demo.models import PROMPTS, build_model, hf_greedy, save_model
 from tests.cluster import Cluster, wait_for

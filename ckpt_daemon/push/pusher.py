@@ -22,10 +22,10 @@ from ckpt_common.errors import (
     NotFound,
 )
 from ckpt_common.pieces import entry_key
-from ckpt_daemon import admission, part_sums, probes
-from ckpt_daemon.agents import AgentHub
+from ckpt_daemon import admission
+from ckpt_daemon.agents.hub import AgentHub
 from ckpt_daemon.config import DaemonConfig
-from ckpt_daemon.direct_push import DirectPushes, Known, StoreOps
+from ckpt_daemon.engines import probes
 from ckpt_daemon.model import (
     CheckpointState,
     CheckpointVersion,
@@ -37,8 +37,7 @@ from ckpt_daemon.model import (
     TensorInfo,
     TensorSpec,
 )
-from ckpt_daemon.part_sums import PartSums
-from ckpt_daemon.planner import (
+from ckpt_daemon.plan.planner import (
     Placement,
     PlanError,
     mirror_map,
@@ -46,8 +45,11 @@ from ckpt_daemon.planner import (
     mirrored,
     place,
 )
-from ckpt_daemon.registry import Registry
-from ckpt_daemon.shard_plan import Keep
+from ckpt_daemon.plan.shard_plan import Keep
+from ckpt_daemon.push import part_sums
+from ckpt_daemon.push.direct import DirectPushes, Known, StoreOps
+from ckpt_daemon.push.part_sums import PartSums
+from ckpt_daemon.registry.store import Registry
 
 log = structlog.get_logger("ckptd.push")
 # path -> (scanning node, size, dev, inode, ctime_ns)

@@ -5,9 +5,9 @@ server (VLLM_SERVER_DEV_MODE=1, --worker-extension-cls vllm_ext.WorkerExtension,
 --scheduler-cls vllm_ext.ProbeScheduler) is called over HTTP: pause new work
 (`/pause?mode=keep`: queued and running requests are kept and go on after `/resume`),
 `/collective_rpc` of `ckpt_update` on every worker, check every worker's result, run the
-version's probe while still paused (ckpt_daemon.probes), record the version
+version's probe while still paused (ckpt_daemon.engines.probes), record the version
 (`/update_weight_version`), resume. An engine whose update failed after it started loading
-stays paused: it may hold a mix, and serves again only once a restore (ckpt_daemon.restore)
+stays paused: it may hold a mix, and serves again only once a restore (ckpt_daemon.jobs.restore)
 brought it back to one version.
 """
 
@@ -27,13 +27,13 @@ import structlog
 
 from ckpt_common.errors import Aborted, DeadlineExceeded, FailedPrecondition, Unavailable
 from ckpt_common.ipc import worker_endpoint
-from ckpt_daemon import probes
-from ckpt_daemon.engine_http import Signer, bounded, http_json
-from ckpt_daemon.engine_keys import EngineKeys
-from ckpt_daemon.engine_proof import EngineUnproven, prove
+from ckpt_daemon.engines import probes
+from ckpt_daemon.engines.http import Signer, bounded, http_json
+from ckpt_daemon.engines.keys import EngineKeys
+from ckpt_daemon.engines.proof import EngineUnproven, prove
 from ckpt_daemon.model import Instance, InstanceKind, Job, Probe
-from ckpt_daemon.registry import Registry
-from ckpt_daemon.serving import serving_after
+from ckpt_daemon.registry.serving import serving_after
+from ckpt_daemon.registry.store import Registry
 
 log = structlog.get_logger("ckptd.engines")
 UPDATE_METHOD = "ckpt_update"  # vllm_ext.WorkerExtension.ckpt_update

@@ -32,9 +32,9 @@ from ckpt_common.errors import (
     error_for,
 )
 from ckpt_daemon.admission import check_device, check_name, check_text
-from ckpt_daemon.auth import PRINCIPAL
 from ckpt_daemon.model import AgentInfo, DeviceInfo
-from ckpt_daemon.registry import Registry
+from ckpt_daemon.registry.store import Registry
+from ckpt_daemon.security.auth import PRINCIPAL
 
 log = structlog.get_logger("ckptd.agents")
 

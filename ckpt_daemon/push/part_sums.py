@@ -17,12 +17,11 @@ import structlog
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_common.dtypes import DTYPE_SIZES
-from ckpt_daemon.agents import AgentHub
-from ckpt_daemon.execute import Group
+from ckpt_daemon.agents.hub import AgentHub
 from ckpt_daemon.model import CheckpointVersion, RankRef, TensorInfo
-from ckpt_daemon.planner import PlanError
-from ckpt_daemon.registry import Registry
-from ckpt_daemon.shard_plan import Keep, keeps_of, part_of
+from ckpt_daemon.plan.planner import Plan, PlanError
+from ckpt_daemon.plan.shard_plan import Keep, keeps_of, part_of
+from ckpt_daemon.registry.store import Registry
 
 log = structlog.get_logger("ckptd.part_sums")
 MAX_WANTED = 1 << 20  # parts a push is asked for at most (beyond: the owners take them)
@@ -78,15 +77,13 @@ class PartSums:
         self._timeout_s = timeout_s
         self._sums: dict[Key, int] = {}
 
-    async def fill(self, cv: CheckpointVersion, groups: list[Group]) -> None:
-        """Sets the checksum of every part of the groups' plans (computing what is new)."""
+    async def fill(self, cv: CheckpointVersion, plans: list[Plan]) -> None:
+        """Sets the checksum of every part of the plans (computing what is new)."""
         where: list[tuple[list[TensorInfo], int, Key]] = []
-        for g in groups:
-            for i, t in enumerate(g.plan.tensors):
+        for plan in plans:
+            for i, t in enumerate(plan.tensors):
                 if t.piece is not None and t.checksum is None:
-                    where.append(
-                        (g.plan.tensors, i, (cv.name, cv.version, t.owner, *part_range(t)))
-                    )
+                    where.append((plan.tensors, i, (cv.name, cv.version, t.owner, *part_range(t))))
         need: dict[RankRef, list[Key]] = {}
         for _, _, k in where:
             if k not in self._sums and k not in need.get(k[2], ()):

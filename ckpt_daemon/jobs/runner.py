@@ -19,13 +19,15 @@ from ckpt_common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from ckpt_daemon import admission, shard_jobs
-from ckpt_daemon.agents import AgentHub
+from ckpt_daemon import admission
+from ckpt_daemon.agents.hub import AgentHub
 from ckpt_daemon.config import DaemonConfig
-from ckpt_daemon.direct_push import DirectPushes
-from ckpt_daemon.engine_alive import check_engines
-from ckpt_daemon.execute import EngineTrigger, Executor, Group, no_trigger
-from ckpt_daemon.layouts import forget_layouts, layout_unknown, learn_layouts
+from ckpt_daemon.engines.alive import check_engines
+from ckpt_daemon.jobs import shard_jobs
+from ckpt_daemon.jobs.execute import EngineTrigger, Executor, Group, no_trigger
+from ckpt_daemon.jobs.restore import Restorer, settle, split_instance
+from ckpt_daemon.jobs.sources import p2p_sources
+from ckpt_daemon.jobs.streamed import NOT_STREAMED, await_commit, streamable
 from ckpt_daemon.model import (
     CheckpointState,
     CheckpointVersion,
@@ -38,8 +40,7 @@ from ckpt_daemon.model import (
     TensorInfo,
     UpdateSpec,
 )
-from ckpt_daemon.part_sums import PartSums
-from ckpt_daemon.planner import (
+from ckpt_daemon.plan.planner import (
     PlanError,
     align_up,
     choose_bucket_bytes,
@@ -49,11 +50,11 @@ from ckpt_daemon.planner import (
     readers_near,
     select_tensors,
 )
-from ckpt_daemon.registry import Registry
-from ckpt_daemon.restore import Restorer, settle, split_instance
-from ckpt_daemon.shard_plan import Keep, part_nbytes
-from ckpt_daemon.sources import p2p_sources
-from ckpt_daemon.streamed import NOT_STREAMED, await_commit, streamable
+from ckpt_daemon.plan.shard_plan import Keep, part_nbytes
+from ckpt_daemon.push.direct import DirectPushes
+from ckpt_daemon.push.part_sums import PartSums
+from ckpt_daemon.registry.layouts import forget_layouts, layout_unknown, learn_layouts
+from ckpt_daemon.registry.store import Registry
 
 log = structlog.get_logger("ckptd.jobs")
 
@@ -282,7 +283,7 @@ class JobRunner:
                     groups.append(Group(plan=gp.plan, sources=sources))
                 self._sums.forget(set(self._registry.checkpoints))
                 try:
-                    await self._sums.fill(cv, groups)
+                    await self._sums.fill(cv, [g.plan for g in groups])
                 except CkptError as e:
                     raise shard_jobs.NotSharded(f"checksums of the parts: {e.message}") from None
                 return groups, "sharded", f"{spec.method}: every target engine's layout is known"

@@ -17,14 +17,16 @@ from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import CkptError, FailedPrecondition, InvalidArgument, NotFound
 from ckpt_common.pieces import piece_of
-from ckpt_daemon import admission, auth, convert
-from ckpt_daemon.agents import AgentHub
-from ckpt_daemon.endpoints import endpoint_refusal, origin
-from ckpt_daemon.jobs import JobRunner
+from ckpt_daemon import admission
+from ckpt_daemon.agents.hub import AgentHub
+from ckpt_daemon.api import convert
+from ckpt_daemon.engines.endpoints import endpoint_refusal, origin
+from ckpt_daemon.jobs.runner import JobRunner
 from ckpt_daemon.model import Instance, InstanceKind
-from ckpt_daemon.planner import mirror_name
-from ckpt_daemon.push import Pusher
-from ckpt_daemon.registry import Registry
+from ckpt_daemon.plan.planner import mirror_name
+from ckpt_daemon.push.pusher import Pusher
+from ckpt_daemon.registry.store import Registry
+from ckpt_daemon.security import auth
 
 log = structlog.get_logger("ckptd.servicer")
 
@@ -68,7 +70,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         verify: Callable[[Instance], Awaitable[None]] | None = None,
     ) -> None:
         """verify(instance): the engine behind its endpoint proves it is the instance's
-        (ckpt_daemon.engines.EngineTrigger.verify); raises a CkptError otherwise."""
+        (ckpt_daemon.engines.trigger.EngineTrigger.verify); raises a CkptError otherwise."""
         self._registry = registry
         self._hub = hub
         self._pusher = pusher

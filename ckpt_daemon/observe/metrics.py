@@ -19,10 +19,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ckpt_daemon import metrics_http
-from ckpt_daemon.auth import AccessPolicy
 from ckpt_daemon.model import CheckpointVersion, Job, RankResult, ShardState
-from ckpt_daemon.registry import Registry
+from ckpt_daemon.observe import metrics_http
+from ckpt_daemon.registry.store import Registry
+from ckpt_daemon.security.auth import AccessPolicy
 
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 300)
 _RATES = tuple(g * 1e9 for g in (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 50, 100, 200, 500))
@@ -177,6 +177,6 @@ class Metrics:
             self.push_bytes.inc(sum(t.nbytes for t in cv.tensors))
 
     def serve(self, listen: str, policy: AccessPolicy, tls: tuple[str, str] | None = None) -> int:
-        """Serves /metrics (ckpt_daemon.metrics_http: a reader's token, ckptd's TLS)."""
+        """Serves /metrics (ckpt_daemon.observe.metrics_http: a reader's token, ckptd's TLS)."""
         server = metrics_http.serve(listen, self.prom, policy, tls=tls)
         return server.server_port

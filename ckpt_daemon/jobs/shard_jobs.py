@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ckpt_daemon.model import RankRef, TensorInfo
-from ckpt_daemon.planner import PlanError
-from ckpt_daemon.registry import Registry
-from ckpt_daemon.shard_plan import GroupPlan, Keep, group_plans, keeps_of
+from ckpt_daemon.plan.planner import PlanError
+from ckpt_daemon.plan.shard_plan import GroupPlan, Keep, group_plans, keeps_of
+from ckpt_daemon.registry.store import Registry
 
 
 class NotSharded(Exception):

@@ -16,7 +16,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ckpt_common.credentials import split_addr
-from ckpt_daemon.auth import AccessPolicy, Role, listen_refusal
+from ckpt_daemon.security.auth import AccessPolicy, Role, listen_refusal
 
 log = structlog.get_logger("ckptd.metrics")
 CONN_TIMEOUT_S = 10.0

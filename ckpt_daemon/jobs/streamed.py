@@ -12,9 +12,9 @@ import asyncio
 import time
 
 from ckpt_common.errors import CkptError, DeadlineExceeded, FailedPrecondition
-from ckpt_daemon.direct_push import DirectPushes
 from ckpt_daemon.model import CheckpointState, CheckpointVersion, UpdateSpec
-from ckpt_daemon.registry import Registry
+from ckpt_daemon.push.direct import DirectPushes
+from ckpt_daemon.registry.store import Registry
 
 NOT_STREAMED = "the bytes are still being written: only a broadcast streams from a push"
 

@@ -15,12 +15,12 @@ import structlog
 from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import Aborted, CkptError
-from ckpt_daemon.agents import AgentHub
+from ckpt_daemon.agents.hub import AgentHub
+from ckpt_daemon.agents.wire import tensor_meta
 from ckpt_daemon.config import DaemonConfig
-from ckpt_daemon.convert import tensor_meta
 from ckpt_daemon.model import Instance, InstanceKind, Job, PhaseTimes, RankRef, RankResult
-from ckpt_daemon.planner import Plan
-from ckpt_daemon.registry import Registry
+from ckpt_daemon.plan.planner import Plan
+from ckpt_daemon.registry.store import Registry
 
 log = structlog.get_logger("ckptd.execute")
 PEER_FAILED = "another rank failed"  # how a worker says the failure was not its own

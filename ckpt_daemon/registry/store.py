@@ -33,9 +33,8 @@ from ckpt_daemon.model import (
     TensorInfo,
     with_checksum,
 )
-from ckpt_daemon.planner import MIRROR_PREFIX, rank_order
-from ckpt_daemon.registry_writer import DbWriter
-from ckpt_daemon.serialize import (
+from ckpt_daemon.plan.planner import MIRROR_PREFIX, rank_order
+from ckpt_daemon.registry.serialize import (
     instance_from_json,
     instance_to_json,
     job_from_json,
@@ -43,7 +42,8 @@ from ckpt_daemon.serialize import (
     probe_from_json,
     tensor_rows,
 )
-from ckpt_daemon.serialize import signed as _signed
+from ckpt_daemon.registry.serialize import signed as _signed
+from ckpt_daemon.registry.writer import DbWriter
 
 DB_FILE = "registry.sqlite3"
 _U64 = (1 << 64) - 1

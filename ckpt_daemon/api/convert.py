@@ -7,6 +7,7 @@ from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import InvalidArgument
 from ckpt_daemon import admission
+from ckpt_daemon.agents.wire import tensor_meta
 from ckpt_daemon.model import (
     AgentInfo,
     CheckpointVersion,
@@ -16,10 +17,9 @@ from ckpt_daemon.model import (
     Probe,
     RankRef,
     SourceFile,
-    TensorInfo,
     UpdateSpec,
 )
-from ckpt_daemon.serving import serving
+from ckpt_daemon.registry.serving import serving
 
 _METHODS = {
     tpb.UPDATE_METHOD_UNSPECIFIED: "auto",
@@ -92,16 +92,6 @@ def probe_to_pb(p: Probe) -> tpb.Probe:
         expected_logprobs=list(p.logprobs),
         logprob_tolerance=p.tolerance,
     )
-
-
-def tensor_meta(t: TensorInfo) -> tpb.TensorMeta:
-    m = tpb.TensorMeta(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes)
-    if t.checksum is not None:
-        m.checksum = t.checksum
-    if t.piece is not None:
-        m.piece_offset.extend(t.piece.offset)
-        m.piece_shape.extend(t.piece.shape)
-    return m
 
 
 def update_spec_from_pb(req: cpb.UpdateRequest) -> UpdateSpec:

@@ -7,7 +7,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-# (method, url, body) -> headers that sign the request (ckpt_daemon.engine_proof)
+# (method, url, body) -> headers that sign the request (ckpt_daemon.engines.proof)
 Signer = Callable[[str, str, bytes], dict[str, str]]
 MAX_ANSWER = 16 << 20  # an engine's JSON answer; more is refused, never echoed
 

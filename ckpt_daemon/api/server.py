@@ -12,24 +12,24 @@ from grpc_reflection.v1alpha import reflection
 
 from ckpt.v1 import ckptd_pb2, ckptd_pb2_grpc
 from ckpt_daemon import __version__
-from ckpt_daemon.agents import AgentHub
-from ckpt_daemon.auth import (
+from ckpt_daemon.agents.hub import AgentHub
+from ckpt_daemon.api.servicer import AgentLinkServicer, CkptServicer, add_agent_link
+from ckpt_daemon.config import DaemonConfig
+from ckpt_daemon.engines.keys import load_keys
+from ckpt_daemon.engines.trigger import EngineTrigger
+from ckpt_daemon.jobs.runner import JobRunner
+from ckpt_daemon.model import Job
+from ckpt_daemon.observe.metrics import Metrics
+from ckpt_daemon.observe.tracing import JobTracer
+from ckpt_daemon.push.pusher import Pusher
+from ckpt_daemon.registry.store import Registry
+from ckpt_daemon.security.auth import (
     AccessPolicy,
     AuthInterceptor,
     listen_refusal,
     load_policy,
     local_admin_policy,
 )
-from ckpt_daemon.config import DaemonConfig
-from ckpt_daemon.engine_keys import load_keys
-from ckpt_daemon.engines import EngineTrigger
-from ckpt_daemon.jobs import JobRunner
-from ckpt_daemon.metrics import Metrics
-from ckpt_daemon.model import Job
-from ckpt_daemon.push import Pusher
-from ckpt_daemon.registry import Registry
-from ckpt_daemon.servicer import AgentLinkServicer, CkptServicer, add_agent_link
-from ckpt_daemon.tracing import JobTracer
 
 log = structlog.get_logger("ckptd")
 SERVICE_NAME = ckptd_pb2.DESCRIPTOR.services_by_name["Ckpt"].full_name

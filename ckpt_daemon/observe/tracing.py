@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 import structlog
 
 from ckpt_common.credentials import is_loopback_host
-from ckpt_daemon.metrics import PHASES
 from ckpt_daemon.model import Job, JobState, RankResult
+from ckpt_daemon.observe.metrics import PHASES
 
 log = structlog.get_logger("ckptd")
 EXPORT_TIMEOUT_S = 5.0

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import structlog
 
 from ckpt_daemon.model import CheckpointVersion, RankRef, ShardState
-from ckpt_daemon.planner import mirror_name
-from ckpt_daemon.registry import Registry
+from ckpt_daemon.plan.planner import mirror_name
+from ckpt_daemon.registry.store import Registry
 
 log = structlog.get_logger("ckptd.sources")
 

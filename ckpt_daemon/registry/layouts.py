@@ -8,7 +8,7 @@ import json
 import structlog
 
 from ckpt_daemon.model import RankRef
-from ckpt_daemon.registry import Registry
+from ckpt_daemon.registry.store import Registry
 
 log = structlog.get_logger("ckptd.jobs")
 

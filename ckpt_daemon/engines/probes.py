@@ -17,7 +17,7 @@ import urllib.error
 from typing import Any
 
 from ckpt_common.errors import InvalidArgument
-from ckpt_daemon.engine_http import Signer, http_json
+from ckpt_daemon.engines.http import Signer, http_json
 from ckpt_daemon.model import Probe
 
 MAX_PROMPT = 4096

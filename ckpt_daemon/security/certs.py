@@ -21,7 +21,7 @@ import secrets
 from pathlib import Path
 
 from ckpt_common.credentials import AGENT_URI, CLIENT_URI
-from ckpt_daemon.auth import Role, token_digest
+from ckpt_daemon.security.auth import Role, token_digest
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
@@ -115,7 +115,7 @@ def make_certs(out: Path, nodes: list[str], clients: list[str], hosts: list[str]
 def add_token(
     auth_file: Path, name: str, roles: list[str], node: str, out: Path, *, uid: int | None = None
 ) -> None:
-    """A new token in an auth file (ckpt_daemon.auth); uid: the local user it acts as."""
+    """A new token in an auth file (ckpt_daemon.security.auth); uid: the local user it acts as."""
     for r in roles:
         Role(r)  # ValueError on an unknown role
     token = secrets.token_hex(32)

@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ckpt_common.errors import CkptError
-from ckpt_daemon.agents import AgentHub
+from ckpt_daemon.agents.hub import AgentHub
 from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.model import Instance, Job, JobState, RankRef, UpdateSpec
-from ckpt_daemon.registry import Registry
-from ckpt_daemon.serving import overlay_of, serving
+from ckpt_daemon.registry.serving import overlay_of, serving
+from ckpt_daemon.registry.store import Registry
 
 if TYPE_CHECKING:
-    from ckpt_daemon.jobs import JobRunner
+    from ckpt_daemon.jobs.runner import JobRunner
 
 log = structlog.get_logger("ckptd.restore")
 

@@ -1,0 +1,1 @@
+"""The agents' attach streams: the hub that tracks them and sends their commands."""

@@ -1,0 +1,2 @@
+"""What ckptd knows and keeps across restarts: the store (memory + SQLite), its writer thread,
+serialization, and derived names (what an instance serves, layouts)."""
