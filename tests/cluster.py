@@ -276,3 +276,23 @@ class Cluster:
 
 def read_report(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def reports_hold(reports: list[Path], digests: dict[str, str], wait_s: float = 10.0) -> bool:
+    """Whether every reference receiver's report shows these tensor digests (waiting up to
+    wait_s: a receiver writes its report just after it tells its worker it is done, so a job
+    can succeed a moment before)."""
+
+    def now() -> bool:
+        for rep in reports:
+            got = read_report(rep).get("tensors", {})
+            if {n: got.get(n) for n in digests} != digests:
+                return False
+        return True
+
+    deadline = time.monotonic() + wait_s
+    while not now():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -78,9 +78,7 @@ def test_protobuf_stays_at_the_edges() -> None:
     found = set()
     for p in ROOT.rglob("*.py"):
         rel = str(p.relative_to(ROOT))
-        if room_of(p) in ("api", "agents") or not any(
-            m.startswith("ckpt.v1") for m in imports(p)
-        ):
+        if room_of(p) in ("api", "agents") or not any(m.startswith("ckpt.v1") for m in imports(p)):
             continue
         found.add(rel)
     assert found <= PB_DEBT, f"protobuf in the core: {sorted(found - PB_DEBT)}"

@@ -27,7 +27,7 @@ from ckpt_client.direct_push import item_checksums, tensor_metas, whole, write_i
 from ckpt_common import progress
 from ckpt_common.errors import FailedPrecondition, InvalidArgument
 from ckpt_trainer.publisher import Publisher
-from tests.cluster import Cluster, read_report, wait_for
+from tests.cluster import Cluster, reports_hold, wait_for
 from tests.tensors import digests, mixed_tensors
 
 INSTANCES = ["R", "S"]
@@ -45,12 +45,7 @@ def cluster(tmp_path_factory):
 
 
 def holds(c: Cluster, t: dict[str, torch.Tensor]) -> bool:
-    want = digests(t)
-    for rep in c.reports:
-        got = read_report(rep).get("tensors", {})
-        if {n: got.get(n) for n in t} != want:
-            return False
-    return True
+    return reports_hold(c.reports, digests(t))
 
 
 def serving(c: Cluster) -> set[tuple[str, int, bool]]:

@@ -28,7 +28,7 @@ from ckpt_client.direct_push import tensor_metas, whole, write_items
 from ckpt_common import checksum
 from ckpt_common.credentials import Credentials
 from ckpt_common.errors import InvalidArgument
-from tests.cluster import PY, REPO, Cluster, read_report, wait_for
+from tests.cluster import PY, REPO, Cluster, reports_hold, wait_for
 from tests.tensors import digests, mixed_tensors
 
 PREALLOC_GIB = 0.07  # two spares of ~75 MB on node-r: a 66 MiB version fits them
@@ -70,8 +70,7 @@ def serving(c: Cluster) -> tuple[bool, str, int]:
 
 
 def holds(c: Cluster, t: dict[str, torch.Tensor]) -> bool:
-    got = read_report(c.reports[0]).get("tensors", {})
-    return {n: got.get(n) for n in t} == digests(t)
+    return reports_hold(c.reports[:1], digests(t))
 
 
 def begin_and_write(c: Cluster, name: str, version: int, t: dict[str, torch.Tensor]) -> list[int]:
