@@ -90,3 +90,8 @@ class PeerWatch:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(STOP_S)
+
+
+def abort_reason(abort: threading.Event) -> str:
+    """Why an update's abort event was set (ckptd's reason, a peer's), or a plain default."""
+    return getattr(abort, "reason", "") or "aborted by ckptd"

@@ -39,11 +39,11 @@ from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent.backend import Backend, Collective, Copy, InFlight
 from ckpt_agent.begin_barrier import all_begun
 from ckpt_agent.engine_session import EngineSession
-from ckpt_agent.group_abort import PEER_FAILED
+from ckpt_agent.group_abort import PEER_FAILED, abort_reason
 from ckpt_agent.host_store import HostStore, StoreError
 from ckpt_agent.receiver_link import LinkError, ReceiverLink
 from ckpt_agent.schedule import COPY, FORGET, LOAD, REAP, SEND, STAGE, Step, bucket_schedule
-from ckpt_common import progress
+from ckpt_agent.stream_wait import await_written, bucket_end
 from ckpt_common.layers import layer_key
 
 log = structlog.get_logger("ckpt_agent.pipeline")
@@ -55,7 +55,6 @@ STEP_TIMEOUT_ENV = "CKPT_STEP_TIMEOUT_S"  # base seconds of one step (engine or 
 STEP_S = 5.0
 STEP_RATE = 100e6  # bytes/s a step moves at the least (its deadline grows with its size)
 DONE_RATE = 1e9  # bytes/s of the engine's post-load processing at the least
-POLL_S = 0.0005  # how often a streamed update looks at the trainer's progress mark
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,41 +149,6 @@ def coalesce(entries: Any) -> list[Copy]:
     return out
 
 
-def bucket_end(entries: Any) -> int:
-    """The store offset just past the last byte a bucket reads."""
-    end = 0
-    for e in entries:
-        rows = max(1, e.rows)
-        span = e.nbytes if rows == 1 else (rows - 1) * e.stride + e.nbytes // rows
-        end = max(end, e.store_offset + span)
-    return end
-
-
-def await_written(
-    mem: Any, need: int, abort: threading.Event, stall_s: float, job_end: float
-) -> str:
-    """Waits until the trainer's progress mark in a store's segment (ckpt_common.progress)
-    reaches `need` bytes: "" once it has, else why not (aborted, the mark stopped moving for
-    stall_s, or the job's end came)."""
-    last, moved = progress.read(mem.buf), time.monotonic()
-    while last < need:
-        if abort.is_set():
-            return abort_reason(abort)
-        now = time.monotonic()
-        if now - moved > stall_s:
-            return (
-                f"the push stopped writing: {last} of the {need} bytes this update needs "
-                f"had landed, none more for {stall_s:.1f}s"
-            )
-        if now > job_end:
-            return f"the push had written {last} of the {need} bytes by the job's deadline"
-        time.sleep(POLL_S)
-        mark = progress.read(mem.buf)
-        if mark != last:
-            last, moved = mark, time.monotonic()
-    return ""
-
-
 def _elapsed(pairs: list[tuple[Any, Any]]) -> float:
     total = 0.0
     for t0, t1 in pairs:
@@ -202,10 +166,6 @@ def _bind(coll: Any, abort: threading.Event, op_s: float) -> None:
     bind = getattr(coll, "bind", None)
     if bind is not None:
         bind(abort, op_s)
-
-
-def abort_reason(abort: threading.Event) -> str:
-    return getattr(abort, "reason", "") or "aborted by ckptd"
 
 
 def run_update(

@@ -21,7 +21,7 @@ import torch
 from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
-from ckpt_agent.pipeline import await_written, bucket_end
+from ckpt_agent.stream_wait import await_written, bucket_end
 from ckpt_client.d2h import in_order
 from ckpt_client.direct_push import item_checksums, tensor_metas, whole, write_items
 from ckpt_common import progress
