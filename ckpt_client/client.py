@@ -201,31 +201,9 @@ class Client:
         checksums (the default) each item's checksum is computed here, from the trainer's
         own bytes, and sent with the commit: the agents do not read their stores again.
         What the push took is in `last_push`."""
-        from ckpt_client.direct_push import tensor_metas, write_items
-
-        t0 = time.monotonic()
-        metas, flats = tensor_metas(items)
-        req = cpb.BeginPushRequest(
-            name=name, version=version, node_id=node_id, tensors=metas,
-            timeout_s=timeout_s, probe=probe, part=part, parts=parts,
-        )  # fmt: skip
-        plan = self._call("BeginPush", req, timeout_s + 30)
-        t1 = time.monotonic()
-        sums, stats = write_items(
-            plan, flats, self.segments, threads=threads, sums=checksums,
-            streams=streams or self.push_streams, shapes=_whole_shapes(items),
-        )  # fmt: skip
-        t2 = time.monotonic()
-        commit = cpb.CommitPushRequest(
-            name=name, version=version, part=part, checksums=sums,
-            part_checksums=stats.part_sums,
-        )  # fmt: skip
-        cp = self._call("CommitPush", commit, timeout_s + 30)
-        self.last_push = PushTimes(
-            begin_s=t1 - t0, write_s=t2 - t1, commit_s=time.monotonic() - t2,
-            map_s=stats.map_s, copy_s=stats.copy_s, bytes=stats.bytes,
-            newly_pinned=stats.newly_pinned, trainer_checksums=checksums,
-            part_checksums=len(stats.part_sums),
+        cp, _ = self._push(
+            name, version, items, node_id=node_id, part=part, parts=parts, threads=threads,
+            streams=streams, timeout_s=timeout_s, probe=probe, checksums=checksums,
         )  # fmt: skip
         return cp
 
@@ -250,37 +228,60 @@ class Client:
         tensor against the declared checksums and the job succeeds only once the push is
         committed. Returns the READY version and the job (submitted: `wait` for it). An
         update ckptd refuses is raised once the push is committed (the version stays)."""
-        from ckpt_client.direct_push import item_checksums, tensor_metas, whole, write_items
+        from ckpt_client.direct_push import whole
+
+        cp, job = self._push(
+            name, version, whole(tensors), node_id=node_id, threads=threads, streams=streams,
+            timeout_s=timeout_s, probe=probe, checksums=True, stream_to=instances,
+        )  # fmt: skip
+        assert job is not None
+        return cp, job
+
+    def _push(
+        self, name: str, version: int, items: Sequence[Any], *, node_id: str, part: int = 0,
+        parts: int = 1, threads: int, streams: int | None, timeout_s: float,
+        probe: tpb.Probe | None, checksums: bool, stream_to: list[str] | None = None,
+    ) -> tuple[tpb.Checkpoint, tpb.Job | None]:  # fmt: skip
+        """One part written and committed; stream_to: declare the checksums at BeginPush,
+        submit the streamed update of those instances, then write in store order."""
+        from ckpt_client.direct_push import item_checksums, tensor_metas, write_items
 
         t0 = time.monotonic()
-        items = whole(tensors)
         metas, flats = tensor_metas(items)
-        for m, c in zip(metas, item_checksums(flats, threads), strict=True):
-            m.checksum = c
-        ts = time.monotonic()
+        ts = t0  # a streamed push: after its checksums (sum_s)
+        if stream_to is not None:
+            for m, c in zip(metas, item_checksums(flats, threads), strict=True):
+                m.checksum = c
+            ts = time.monotonic()
         req = cpb.BeginPushRequest(
-            name=name, version=version, node_id=node_id, tensors=metas, timeout_s=timeout_s,
-            probe=probe,
+            name=name, version=version, node_id=node_id, tensors=metas,
+            timeout_s=timeout_s, probe=probe, part=part, parts=parts,
         )  # fmt: skip
         plan = self._call("BeginPush", req, timeout_s + 30)
-        refused: CkptError | None = None
-        try:
-            job = self.update(name, version, instances=instances, stream=True)
-        except CkptError as e:
-            refused = e
+        job, refused = None, None
+        if stream_to is not None:
+            try:
+                job = self.update(name, version, instances=stream_to, stream=True)
+            except CkptError as e:
+                refused = e
         t1 = time.monotonic()
-        _, stats = write_items(
-            plan, flats, self.segments, threads=threads, sums=False, marked=True,
+        sums, stats = write_items(
+            plan, flats, self.segments, threads=threads, sums=checksums and stream_to is None,
             streams=streams or self.push_streams, shapes=_whole_shapes(items),
+            marked=stream_to is not None,
         )  # fmt: skip
         t2 = time.monotonic()
-        commit = cpb.CommitPushRequest(name=name, version=version, part_checksums=stats.part_sums)
-        cp = self._call("CommitPush", commit)
+        commit = cpb.CommitPushRequest(
+            name=name, version=version, part=part, checksums=sums,
+            part_checksums=stats.part_sums,
+        )  # fmt: skip
+        cp = self._call("CommitPush", commit, timeout_s + 30)
         self.last_push = PushTimes(
             begin_s=t1 - ts, write_s=t2 - t1, commit_s=time.monotonic() - t2,
             map_s=stats.map_s, copy_s=stats.copy_s, bytes=stats.bytes,
-            newly_pinned=stats.newly_pinned, trainer_checksums=True, sum_s=ts - t0,
-            streamed=refused is None, part_checksums=len(stats.part_sums),
+            newly_pinned=stats.newly_pinned, trainer_checksums=checksums,
+            part_checksums=len(stats.part_sums), sum_s=ts - t0,
+            streamed=job is not None,
         )  # fmt: skip
         if refused is not None:
             raise refused
