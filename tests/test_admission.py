@@ -94,12 +94,14 @@ def test_an_agent_back_with_its_shards_makes_them_ready_again(tmp_path) -> None:
         )
 
     attach({})  # e.g. an impostor that holds nothing
-    assert reg.checkpoints["m", 3].shards[RankRef("a", 0)].state == ShardState.LOST
-    assert reg.checkpoints["m", 3].state == CheckpointState.LOST
+    assert reg.checkpoint("m", 3).shards[RankRef("a", 0)].state == ShardState.LOST
+    assert reg.checkpoint("m", 3).state == CheckpointState.LOST
     attach({("m", 3, 0): (256, "h:1", 4096)})  # the node's agent, still holding it
-    assert reg.checkpoints["m", 3].shards[RankRef("a", 0)].state == ShardState.READY
-    assert reg.checkpoints["m", 3].state == CheckpointState.READY
-    assert Registry(str(tmp_path)).checkpoints["m", 3].state == CheckpointState.READY
+    assert reg.checkpoint("m", 3).shards[RankRef("a", 0)].state == ShardState.READY
+    assert reg.checkpoint("m", 3).state == CheckpointState.READY
+    reg.flush()
+    assert Registry(str(tmp_path)).checkpoint("m", 3).state == CheckpointState.READY
     assert reg.remove_agent("a") is not None
-    assert reg.checkpoints["m", 3].state == CheckpointState.LOST
-    assert "a" not in Registry(str(tmp_path)).agents
+    assert reg.checkpoint("m", 3).state == CheckpointState.LOST
+    reg.flush()
+    assert Registry(str(tmp_path)).agent("a") is None

@@ -114,10 +114,10 @@ def test_round_trip_through_restart(tmp_path) -> None:
     assert [t.name for t in cv2.tensors] == ["w0", "w1"]
     assert cv2.tensors[0].shape == (2, 3) and cv2.tensors[0].file_offset == 100
     assert cv2.shards[RankRef("b", 1)].segment == "seg-1"
-    assert reg2.agents["a"].attached is False  # until it re-attaches
-    assert reg2.instances["i"].ranks == [RankRef("a", 0)] and reg2.instances["i"].ready
-    assert reg2.jobs["j1"].results[0].times.total_s == 1.5
-    assert reg2.jobs["j2"].state == JobState.FAILED and "restarted" in reg2.jobs["j2"].reason
+    assert reg2.agent("a").attached is False  # until it re-attaches
+    assert reg2.instance("i").ranks == [RankRef("a", 0)] and reg2.instance("i").ready
+    assert reg2.job("j1").results[0].times.total_s == 1.5
+    assert reg2.job("j2").state == JobState.FAILED and "restarted" in reg2.job("j2").reason
     # An agent that comes back without the bytes: its shard is lost, the checkpoint too.
     reg2.agent_attached(
         AgentInfo(node_id="b", host="h", devices=[], attached=True, last_seen=3.0), {}
@@ -211,37 +211,53 @@ def test_layouts_are_stored_by_digest_and_survive_a_restart(tmp_path) -> None:
     again.close()
 
 
-def test_readers_never_wait_for_the_disk_and_writes_land_in_order(tmp_path) -> None:
-    """The database is stalled (its writer thread held): a write changes memory at once and
-    its caller waits; readers, and writers on other threads, go on meanwhile. Released, the
-    writes land in the order memory changed: a restart finds the last one."""
+def test_writes_never_wait_for_the_disk_and_land_in_order(tmp_path) -> None:
+    """The database is stalled (its writer thread held): a write on the registry's loop
+    changes memory and returns at once; synced() waits until the disk has it; a write from
+    any other thread is refused; threads read the published view. Released, the writes land
+    in the order memory changed: a restart finds the last one."""
+    import asyncio
     import threading
     import time
-
-    reg = Registry(str(tmp_path))
-    stall, held = threading.Event(), threading.Event()
-    threading.Thread(
-        target=reg._writer.call, args=(lambda db: (held.set(), stall.wait(30)),), daemon=True
-    ).start()
-    assert held.wait(10)
 
     def inst(endpoint: str) -> Instance:
         return Instance(name="i", kind=InstanceKind.VLLM, endpoint=endpoint, tp_size=1,
                         ranks=[RankRef("a", 0)])  # fmt: skip
 
-    writers = [threading.Thread(target=reg.put_instance, args=(inst(f"http://x{k}"),))
-               for k in range(3)]  # fmt: skip
-    for w in writers:
-        w.start()
-        w.join(0.2)
-        assert w.is_alive()  # waits for its write
-    t0 = time.monotonic()
-    assert reg.instances["i"].endpoint == "http://x2"  # memory changed at once
-    assert reg.rank_order() == [] and reg.counts() == (0, 0)
-    assert time.monotonic() - t0 < 0.5
-    stall.set()
-    for w in writers:
-        w.join(10)
-        assert not w.is_alive()
-    reg.close()
-    assert Registry(str(tmp_path)).instances["i"].endpoint == "http://x2"
+    async def case() -> None:
+        reg = Registry(str(tmp_path))
+        stall, held = threading.Event(), threading.Event()
+        threading.Thread(
+            target=reg._writer.call, args=(lambda db: (held.set(), stall.wait(30)),), daemon=True
+        ).start()
+        assert held.wait(10)
+        t0 = time.monotonic()
+        for k in range(3):
+            reg.put_instance(inst(f"http://x{k}"))
+        assert reg.instance("i").endpoint == "http://x2"  # memory changed at once
+        assert reg.rank_order() == [] and reg.counts() == (0, 0)
+        assert time.monotonic() - t0 < 0.5
+        seen: list[object] = []
+        other = threading.Thread(
+            target=lambda: seen.extend([reg.view.instances_not_ready, _raises(reg.put_instance)])
+        )
+        other.start()
+        other.join(10)
+        assert seen == [1, RuntimeError]  # the view was published; the write was refused
+        waiting = asyncio.ensure_future(reg.synced())
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # the disk is stalled
+        stall.set()
+        await asyncio.wait_for(waiting, 10)
+        reg.close()
+
+    asyncio.run(case())
+    assert Registry(str(tmp_path)).instance("i").endpoint == "http://x2"
+
+
+def _raises(fn) -> type[BaseException] | None:
+    try:
+        fn(Instance(name="j", kind=InstanceKind.VLLM, endpoint="http://y", tp_size=1, ranks=[]))
+    except BaseException as e:  # noqa: BLE001 - the test wants the type
+        return type(e)
+    return None

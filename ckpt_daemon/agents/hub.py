@@ -164,7 +164,7 @@ class AgentHub:
             (s.checkpoint, s.version, s.device): (s.nbytes, s.p2p.session, s.p2p.addr)
             for s in hello.stores
         }
-        await asyncio.to_thread(self._registry.agent_attached, info, held)
+        self._registry.agent_attached(info, held)
         self.held[hello.node_id] = {(s.checkpoint, s.version, s.device): s for s in hello.stores}
         log.info("agent_attached", node=hello.node_id, devices=len(hello.devices), host=hello.host)
         self._drop_unknown(session, hello.stores)

@@ -46,7 +46,9 @@ def _unary(fn: Callable[..., Any]) -> Callable[..., Any]:
                 await asyncio.to_thread(admission.check_message, request)
             else:
                 admission.check_message(request)
-            return await fn(self, request, context)
+            reply = await fn(self, request, context)
+            await self._registry.synced()  # what the reply reports is on disk
+            return reply
         except CkptError as e:
             await context.abort(_status(e), admission.bounded(e.message))
         except asyncio.CancelledError:
@@ -81,7 +83,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         return {r: i for i, r in enumerate(self._registry.rank_order())}
 
     def _cp(self, cv, *, include_tensors: bool = False) -> tpb.Checkpoint:
-        mirror = self._registry.checkpoints.get((mirror_name(cv.name), cv.version))
+        mirror = self._registry.checkpoint(mirror_name(cv.name), cv.version)
         return convert.checkpoint_to_pb(
             cv, self._order(), include_tensors=include_tensors, mirror=mirror
         )
@@ -191,7 +193,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
 
     @_unary
     async def ListJobs(self, request: cpb.ListJobsRequest, context) -> cpb.ListJobsResponse:
-        jobs = sorted(self._registry.jobs.values(), key=lambda j: j.created, reverse=True)
+        jobs = sorted(self._registry.jobs(), key=lambda j: j.created, reverse=True)
         return cpb.ListJobsResponse(
             jobs=[convert.job_to_pb(j) for j in jobs[: request.limit or 50]]
         )
@@ -210,14 +212,14 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         return cpb.ListAgentsResponse(
             agents=[
                 convert.agent_to_pb(a, order)
-                for a in sorted(self._registry.agents.values(), key=lambda a: a.node_id)
+                for a in sorted(self._registry.agents(), key=lambda a: a.node_id)
             ]
         )
 
     @_unary
     async def RemoveAgent(self, request: cpb.RemoveAgentRequest, context):
         admission.check_name("node_id", request.node_id)
-        if request.node_id not in self._registry.agents:
+        if self._registry.agent(request.node_id) is None:
             raise NotFound(f"agent {admission.shown(request.node_id)} not found")
         # refused before anything changes: a forced removal never cuts a running job short
         if request.node_id in self._jobs.running_nodes():
@@ -230,7 +232,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
                     f"agent {request.node_id} is attached: stop it first, or force"
                 )
             self._hub.detach(request.node_id, "removed by an operator")
-        a = await asyncio.to_thread(self._registry.remove_agent, request.node_id)
+        a = self._registry.remove_agent(request.node_id)
         if a is None:
             raise NotFound(f"agent {admission.shown(request.node_id)} not found")
         a.attached = False
@@ -239,7 +241,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
     async def _check_endpoint(self, inst: Instance) -> None:
         if inst.kind != InstanceKind.VLLM:
             return
-        hosts = [a.host for r in inst.ranks if (a := self._registry.agents.get(r.node_id))]
+        hosts = [a.host for r in inst.ranks if (a := self._registry.agent(r.node_id))]
         why = endpoint_refusal(inst.endpoint, hosts)
         if why:
             raise InvalidArgument(f"instance {inst.name!r}: {why}")
@@ -251,7 +253,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
     async def RegisterInstance(self, request: tpb.Instance, context) -> tpb.Instance:
         inst = convert.instance_from_pb(request)
         await self._check_endpoint(inst)
-        old = self._registry.instances.get(inst.name)
+        old = self._registry.instance(inst.name)
         if old:
             inst.checkpoint, inst.version, inst.ready = old.checkpoint, old.version, old.ready
         self._jobs.check_instance_devices(inst)
@@ -275,7 +277,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         return cpb.ListInstancesResponse(
             instances=[
                 convert.instance_to_pb(i, order)
-                for i in sorted(self._registry.instances.values(), key=lambda i: i.name)
+                for i in sorted(self._registry.instances(), key=lambda i: i.name)
             ]
         )
 

@@ -61,7 +61,7 @@ class EngineTrigger:
     def endpoints(self, instance: Instance) -> list[str]:
         out = []
         for r in instance.ranks:
-            agent = self._registry.agents.get(r.node_id)
+            agent = self._registry.agent(r.node_id)
             out.append(worker_endpoint(r.node_id, r.device, agent.ipc_dir if agent else None))
         return out
 
@@ -228,7 +228,7 @@ class EngineTrigger:
         """The probe an update must pass: its version's, when it loads the whole version."""
         if job.spec.tensors:  # a partial update: the engine serves a mix the probe is not for
             return None
-        cv = self._registry.checkpoints.get((job.spec.checkpoint, job.version))
+        cv = self._registry.checkpoint(job.spec.checkpoint, job.version)
         return cv.probe if cv is not None else None
 
     async def _probe(

@@ -215,7 +215,7 @@ class Executor:
 
         instances = [
             inst
-            for inst in self._registry.instances.values()
+            for inst in self._registry.instances()
             if inst.kind == InstanceKind.VLLM and set(inst.ranks) & targets
         ]
         rank_tasks = [asyncio.ensure_future(run_rank(r, c)) for r, c in cmds]
@@ -261,7 +261,7 @@ class Executor:
             return set()
         return {
             r.node_id
-            for cv in self._registry.checkpoints.values()
+            for cv in self._registry.checkpoints()
             for r, sh in cv.shards.items()
             if sh.p2p_session in sessions
         }

@@ -157,7 +157,7 @@ class Restorer:
         if job.spec.rollback_of:
             return  # a failed restore is retried by the reconciler
         notes = [await self.restore(i) for i in touched if i.pending == job.id]
-        covered = {r for i in self._registry.instances.values() for r in i.ranks}
+        covered = {r for i in self._registry.instances() for r in i.ranks}
         loose = [job.target_ranks[k] for k, r in enumerate(job.targets) if r not in covered]
         if loose:
             notes.append(f"ranks {loose} are no instance's: their engines may hold a mix")
@@ -211,14 +211,14 @@ class Restorer:
         """Restores pending instances whose turn has come (an agent attached but silent,
         frozen, counts as gone: an attempt would only fail)."""
         due, _ = due_restores(
-            list(self._registry.instances.values()),
+            self._registry.instances(),
             busy=self._jobs.busy_targets(),
             attached={n for n in self._hub.attached_nodes() if self._hub.live(n)},
             now=time.monotonic(),
             not_before={k: v[0] for k, v in self._backoff.items()},
         )
         for d in due:
-            inst = self._registry.instances.get(d.instance)
+            inst = self._registry.instance(d.instance)
             if inst is not None and inst.pending and inst.name not in self._busy:
                 log.info("instance_reconciled", instance=d.instance, note=await self.restore(inst))
 

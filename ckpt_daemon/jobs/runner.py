@@ -117,12 +117,10 @@ class JobRunner:
         return {r.node_id for r in (*self._busy_targets, *self._busy_participants)}
 
     def busy_checkpoints(self) -> set[tuple[str, int]]:
-        return {
-            (j.spec.checkpoint, j.version) for j in self._registry.jobs.values() if not j.state.done
-        }
+        return {(j.spec.checkpoint, j.version) for j in self._registry.jobs() if not j.state.done}
 
     def get(self, job_id: str) -> Job:
-        job = self._registry.jobs.get(job_id)
+        job = self._registry.job(job_id)
         if not job:
             raise NotFound(f"job {job_id} not found")
         return job
@@ -157,7 +155,7 @@ class JobRunner:
                 )
             targets.update(order[r] for r in spec.ranks)
         for name in spec.instances:
-            inst = self._registry.instances.get(name)
+            inst = self._registry.instance(name)
             if not inst:
                 raise NotFound(f"instance {name!r} not found")
             missing = [str(r) for r in inst.ranks if r not in index]
@@ -168,7 +166,7 @@ class JobRunner:
             targets.update(inst.ranks)
         if not targets:
             raise InvalidArgument("no target: give ranks or instances")
-        split = split_instance(self._registry.instances.values(), targets)
+        split = split_instance(self._registry.instances(), targets)
         if split:
             raise InvalidArgument(
                 f"the update covers only some ranks of instance {split!r}: its engine would "
@@ -219,7 +217,7 @@ class JobRunner:
         clash = sorted({self._busy_targets[r] for r in targets if r in self._busy_targets})
         if clash:
             raise FailedPrecondition(f"an update to some of these ranks is running: job {clash[0]}")
-        await check_engines(self._registry.instances.values(), targets, self._alive)
+        await check_engines(self._registry.instances(), targets, self._alive)
         streamed = cv.state != CheckpointState.READY and spec.stream
         groups, method, why = await self._plan(spec, cv, tensors, targets, streamed)
         job = Job(
@@ -281,7 +279,7 @@ class JobRunner:
                             "their parts, and cannot be read by P2P"
                         )
                     groups.append(Group(plan=gp.plan, sources=sources))
-                self._sums.forget(set(self._registry.checkpoints))
+                self._sums.forget(self._registry.checkpoint_keys())
                 try:
                     await self._sums.fill(cv, [g.plan for g in groups])
                 except CkptError as e:
@@ -340,7 +338,7 @@ class JobRunner:
         self, spec: UpdateSpec, participants: set[RankRef], largest_stream: int
     ) -> tuple[int, int]:
         """(bucket bytes, buffers per participant) for these participants' free memory."""
-        kinds = {self._device_kind(r) for r in participants}
+        kinds = {self._registry.device_kind(r) for r in participants}
         cap = (
             self._config.max_bucket_bytes_cuda
             if "cuda" in kinds
@@ -364,7 +362,7 @@ class JobRunner:
     def fleet_version(self) -> tuple[str, int]:
         """What most ready instances serve."""
         counts: dict[tuple[str, int], int] = {}
-        for inst in self._registry.instances.values():
+        for inst in self._registry.instances():
             if inst.ready and inst.checkpoint:
                 key = (inst.checkpoint, inst.version)
                 counts[key] = counts.get(key, 0) + 1
@@ -392,7 +390,7 @@ class JobRunner:
         if missing:
             raise FailedPrecondition(f"devices {missing} have no attached agent")
         self.check_instance_devices(inst)
-        old = self._registry.instances.get(inst.name)
+        old = self._registry.instance(inst.name)
         inst.ready, inst.reason = False, "joining"
         self._registry.put_instance(inst)
         try:
@@ -405,7 +403,7 @@ class JobRunner:
             raise
 
     def check_instance_devices(self, inst: Instance) -> None:
-        for other in self._registry.instances.values():
+        for other in self._registry.instances():
             shared = set(other.ranks) & set(inst.ranks)
             if other.name != inst.name and shared:
                 raise FailedPrecondition(
@@ -419,14 +417,6 @@ class JobRunner:
             raise FailedPrecondition(f"job {job_id} is {job.state.name}")
         task.cancel()
         return job
-
-    def _device_kind(self, r: RankRef) -> str:
-        a = self._registry.agents.get(r.node_id)
-        if a:
-            for d in a.devices:
-                if d.index == r.device:
-                    return d.kind
-        return "cpu"
 
     # ---------------------------------------------------------------- run
 
@@ -463,12 +453,11 @@ class JobRunner:
         # a full update's engines describe every tensor: only those teach ckptd a layout
         learn = not job.spec.tensors
         layouts = dict.fromkeys(layout_unknown(self._registry, job.targets) if learn else [], "")
+        end, why = JobState.FAILED, "internal error: the job ended without a verdict"
         try:
             await self._acquire_participants(job, participants, deadline)
             self._mark_pending(job)
-            job.state = JobState.RUNNING
-            job.started = time.time()
-            self._registry.put_job(job)
+            self._registry.move_job(job, JobState.RUNNING)
             self._notify(job)
             await self._exec.run(job, groups, deadline, self._notify, layouts)
             if job.streamed:
@@ -476,24 +465,26 @@ class JobRunner:
                     self._pushes, self._registry, job.spec.checkpoint, job.version, deadline
                 )
             learn_layouts(self._registry, layouts)
-            job.state = JobState.SUCCEEDED
+            end, why = JobState.SUCCEEDED, ""
             log.info(
                 "job_succeeded", seconds=round(time.time() - job.started, 4), bytes=job.bytes_total
             )
         except asyncio.CancelledError:
-            why = "ckptd stopped while the job ran" if self._closing else "cancelled"
-            job.state, job.reason = JobState.CANCELLED, why
+            end, why = (
+                JobState.CANCELLED,
+                ("ckptd stopped while the job ran" if self._closing else "cancelled"),
+            )
             if job.id in self._push_failed:
-                job.state, job.reason = JobState.FAILED, self._push_failed[job.id]
-            self._exec.abort(job, participants, job.reason)
+                end, why = JobState.FAILED, self._push_failed[job.id]
+            self._exec.abort(job, participants, why)
         except CkptError as e:
-            job.state, job.reason = JobState.FAILED, e.message
+            end, why = JobState.FAILED, e.message
             log.warning("job_failed", reason=e.message)
         except Exception as e:  # a bug: still a failed job with a reason, never a hang
-            job.state, job.reason = JobState.FAILED, f"internal error: {e!r}"
+            end, why = JobState.FAILED, f"internal error: {e!r}"
             log.exception("job_crashed")
         finally:
-            job.finished = time.time()
+            self._registry.move_job(job, end, why or None)
             self._hub.on_progress(job.id, None)
             self._release(job, participants)
             self._settle_instances(job)
@@ -517,7 +508,7 @@ class JobRunner:
         restored), and are waited for (bounded) before its stores may go."""
         ended = []
         for job_id, task in list(self._tasks.items()):
-            job = self._registry.jobs.get(job_id)
+            job = self._registry.job(job_id)
             if job is None or not job.streamed or job.state.done:
                 continue
             if (job.spec.checkpoint, job.version) == (name, version):
@@ -529,7 +520,7 @@ class JobRunner:
 
     def _touched(self, job: Job) -> list[Instance]:
         tset = set(job.targets)
-        return [i for i in self._registry.instances.values() if set(i.ranks) & tset]
+        return [i for i in self._registry.instances() if set(i.ranks) & tset]
 
     def _mark_pending(self, job: Job) -> None:
         """From here on the job may change what these instances hold."""

@@ -32,7 +32,7 @@ def target_maps(registry: Registry, targets: Sequence[RankRef]) -> dict[RankRef,
     """Each target rank's sharding map, from its instance's stored layout."""
     tset = set(targets)
     out: dict[RankRef, dict] = {}
-    for inst in registry.instances.values():
+    for inst in registry.instances():
         mine = [r for r in inst.ranks if r in tset]
         if not mine:
             continue

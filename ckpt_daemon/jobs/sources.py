@@ -19,7 +19,7 @@ def p2p_sources(
     """For each shard owner of cv, where its store can be read now: (session, address)
     of the owner's store while it is READY and its agent attached, else of its mirror
     store (replicas=2) if that is. None when some shard can be read from nowhere."""
-    mirror = registry.checkpoints.get((mirror_name(cv.name), cv.version))
+    mirror = registry.checkpoint(mirror_name(cv.name), cv.version)
     to_mirror = (
         {p.owner: q.owner for p, q in zip(cv.tensors, mirror.tensors, strict=True)}
         if mirror is not None

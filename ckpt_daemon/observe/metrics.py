@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ckpt_daemon.model import CheckpointVersion, Job, RankResult, ShardState
+from ckpt_daemon.model import CheckpointVersion, Job, RankResult
 from ckpt_daemon.observe import metrics_http
 from ckpt_daemon.registry.store import Registry
 from ckpt_daemon.security.auth import AccessPolicy
@@ -43,46 +43,38 @@ class _State(Collector):
         self._r = registry
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        r, now = self._r, time.time()
+        v, now = self._r.view, time.time()  # the thread's frozen picture (registry/view.py)
         attached = GaugeMetricFamily("ckptd_agents_attached", "Agents attached now")
-        attached.add_metric([], sum(a.attached for a in list(r.agents.values())))
+        attached.add_metric([], v.attached)
         age = GaugeMetricFamily(
             "ckptd_agent_heartbeat_age_seconds", "Since an agent was last heard", labels=["node"]
         )
-        for a in list(r.agents.values()):
+        for a in v.agents:
             if a.attached:
                 age.add_metric([a.node_id], max(0.0, now - a.last_seen))
         store = GaugeMetricFamily(
             "ckptd_host_store_bytes", "Checkpoint bytes held in host stores", labels=["node"]
         )
-        per_node: dict[str, int] = {}
-        states: dict[str, int] = {}
-        for cv in list(r.checkpoints.values()):
-            states[cv.state.name.lower()] = states.get(cv.state.name.lower(), 0) + 1
-            for rank, sh in cv.shards.items():
-                if sh.state != ShardState.LOST:
-                    per_node[rank.node_id] = per_node.get(rank.node_id, 0) + sh.nbytes
-        for node, n in sorted(per_node.items()):
+        for node, n in v.store_bytes:
             store.add_metric([node], n)
         versions = GaugeMetricFamily(
             "ckptd_checkpoint_versions", "Checkpoint versions by state", labels=["state"]
         )
-        for state, n in sorted(states.items()):
+        for state, n in v.versions:
             versions.add_metric([state], n)
         ceiling = GaugeMetricFamily(
             "ckptd_device_ceiling_bytes_per_second",
             "What a device's worker measured at start, per update phase",
             labels=["node", "device", "phase"],
         )
-        for a in list(r.agents.values()):
-            for d in a.devices:
-                for phase, rate in sorted(d.ceilings.items()):
-                    ceiling.add_metric([a.node_id, str(d.index), phase], rate)
+        for a in v.agents:
+            for index, rates in a.ceilings:
+                for phase, rate in rates:
+                    ceiling.add_metric([a.node_id, str(index), phase], rate)
         yield ceiling
         ready = GaugeMetricFamily("ckptd_instances", "Registered instances", labels=["ready"])
-        insts = list(r.instances.values())
-        ready.add_metric(["true"], sum(i.ready for i in insts))
-        ready.add_metric(["false"], sum(not i.ready for i in insts))
+        ready.add_metric(["true"], v.instances_ready)
+        ready.add_metric(["false"], v.instances_not_ready)
         yield from (attached, age, store, versions, ready)
 
 

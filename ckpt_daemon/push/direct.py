@@ -181,7 +181,7 @@ class DirectPushes:
         if len(g.declared) == parts:
             g.work = asyncio.create_task(self._place(g))  # held: a task must be referenced
         cv = await asyncio.shield(g.placed)
-        return await asyncio.to_thread(self._targets, cv, g, part, self._store.wanted)
+        return await asyncio.to_thread(self._targets, cv, g, part, self._store.wanted())
 
     def _gathering(
         self, name: str, version: int, parts: int, probe: Probe | None, timeout_s: float
@@ -383,6 +383,7 @@ class StoreOps:
     create: Callable[..., Awaitable[CheckpointVersion]]  # (name, version, placement, probe)
     seal: Callable[[CheckpointVersion, Known], Awaitable[None]]  # Known: the trainer's sums
     declare: Callable[[CheckpointVersion, Known], Awaitable[None]]  # sums given at BeginPush
-    wanted: Wanted  # the parts the engines' known layouts keep of a part's tensors
+    # on the loop: what the engines' known layouts keep of a part's tensors (run in a thread)
+    wanted: Callable[[], Wanted]
     record_parts: Callable[[CheckpointVersion, list[tuple[TensorInfo, Keep, int]]], None]
     forget: Callable[[CheckpointVersion], Awaitable[None]]

@@ -11,6 +11,7 @@ are (its GPU); they are recorded here (`record`) and no owner reads its store fo
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import replace
 
 import structlog
@@ -21,7 +22,6 @@ from ckpt_daemon.agents.hub import AgentHub
 from ckpt_daemon.model import CheckpointVersion, RankRef, TensorInfo
 from ckpt_daemon.plan.planner import Plan, PlanError
 from ckpt_daemon.plan.shard_plan import Keep, keeps_of, part_of
-from ckpt_daemon.registry.store import Registry
 
 log = structlog.get_logger("ckptd.part_sums")
 MAX_WANTED = 1 << 20  # parts a push is asked for at most (beyond: the owners take them)
@@ -47,18 +47,18 @@ def part_range(t: TensorInfo) -> tuple[int, int, int, int]:
     return src, t.nbytes, rows, t.shape[d] * inner
 
 
-def wanted(registry: Registry, tensors: list[TensorInfo]) -> list[tuple[int, Keep]]:
-    """The distinct parts (index into tensors, keep) that the layouts of the registered
-    engines keep of these tensors: what a shard-aware update of them will send. Whole
+def wanted(layouts: Sequence[Sequence[dict]], tensors: list[TensorInfo]) -> list[tuple[int, Keep]]:
+    """The distinct parts (index into tensors, keep) that these layouts (the registered
+    engines', Registry.engine_layouts) keep of these tensors: what a shard-aware update of
+    them will send. Pure (a thread's). Whole
     tensors only (a push in pieces is never shard-aware); a layout that does not fit is
     skipped (that update will be a broadcast)."""
     if any(t.piece is not None for t in tensors):
         return []
     index = {t.name: i for i, t in enumerate(tensors)}
     seen: dict[Keep, int] = {}
-    for inst in list(registry.instances.values()):
-        maps = registry.layout(inst.layout) if inst.layout else None
-        for m in maps or []:
+    for maps in layouts:
+        for m in maps:
             try:
                 keeps = keeps_of(m, tensors)
             except PlanError:

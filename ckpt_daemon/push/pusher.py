@@ -8,6 +8,7 @@ holding when they re-attach, or dropped and removed (`recover`)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -49,7 +50,8 @@ from ckpt_daemon.plan.shard_plan import Keep
 from ckpt_daemon.push import part_sums
 from ckpt_daemon.push.direct import DirectPushes, Known, StoreOps
 from ckpt_daemon.push.part_sums import PartSums
-from ckpt_daemon.registry.store import Registry
+from ckpt_daemon.registry.serialize import tensor_rows
+from ckpt_daemon.registry.store import Registry, checksummed
 
 log = structlog.get_logger("ckptd.push")
 # path -> (scanning node, size, dev, inode, ctime_ns)
@@ -130,7 +132,7 @@ class Pusher:
         if replicas == 2 and any(s.node_id for s in sources):
             raise InvalidArgument("replicas=2 needs sources every node can read (no node pin)")
         key = (name, version)
-        if key in self._registry.checkpoints or key in self._inflight:
+        if self._registry.has_checkpoint(*key) or key in self._inflight:
             raise AlreadyExists(f"checkpoint {name}@{version} already exists")
         order = self._registry.rank_order()
         if not order:
@@ -171,9 +173,9 @@ class Pusher:
                     created=cv.created,
                 )
             self._admit([cv] if mirror is None else [cv, mirror])
-            await asyncio.to_thread(self._registry.add_checkpoint, cv)
+            await self._add(cv)
             if mirror is not None:
-                await asyncio.to_thread(self._registry.add_checkpoint, mirror)
+                await self._add(mirror)
         except BaseException:
             self._inflight.discard(key)
             raise
@@ -222,7 +224,7 @@ class Pusher:
         if errors:
             if remove_on_failure:  # all or nothing: a half-mirrored push is no push
                 for v in versions:
-                    if (v.name, v.version) in self._registry.checkpoints:
+                    if self._registry.has_checkpoint(v.name, v.version):
                         await self._forget(v)
             raise errors[0]
 
@@ -247,12 +249,12 @@ class Pusher:
             for r, sh in v.shards.items():
                 need[r.node_id] = need.get(r.node_id, 0) + sh.nbytes
         free: dict[str, int] = {}
-        for node, a in self._registry.agents.items():
+        for a in self._registry.agents():
             cpu = sum(d.free_bytes for d in a.devices if d.kind == "cpu")
             if a.host_free_bytes or cpu:
-                free[node] = a.host_free_bytes or cpu
+                free[a.node_id] = a.host_free_bytes or cpu
         reserved: dict[str, int] = {}
-        for cv in self._registry.checkpoints.values():
+        for cv in self._registry.checkpoints():
             if cv.state == CheckpointState.LOADING:
                 for r, sh in cv.shards.items():
                     reserved[r.node_id] = reserved.get(r.node_id, 0) + sh.nbytes
@@ -349,7 +351,7 @@ class Pusher:
                     cv.name, cv.version, r, ShardState.FAILED, reason=f"{r}: {e.message}"
                 )
                 raise
-            self._registry.set_checksums(cv.name, cv.version, r, list(res.store.checksums))
+            await self._set_sums(cv, r, list(res.store.checksums))
             self._record_store(cv, r, ShardState.READY, res.store)
 
         try:
@@ -380,7 +382,7 @@ class Pusher:
 
     def _direct_ops(self) -> StoreOps:
         def taken(key: tuple[str, int]) -> bool:
-            return key in self._registry.checkpoints or key in self._inflight
+            return self._registry.has_checkpoint(*key) or key in self._inflight
 
         return StoreOps(
             ranks=self._registry.rank_order,
@@ -390,7 +392,7 @@ class Pusher:
             create=self._create_direct,
             seal=self._seal_direct,
             declare=self._declare_direct,
-            wanted=lambda tensors: part_sums.wanted(self._registry, tensors),
+            wanted=lambda: functools.partial(part_sums.wanted, self._registry.engine_layouts()),
             record_parts=self._record_parts,
             forget=self._forget,
         )
@@ -401,7 +403,7 @@ class Pusher:
         """A LOADING version of a direct push, admitted, recorded, its stores allocated."""
         cv = new_version(name, version, placement, probe)
         self._admit([cv])
-        await asyncio.to_thread(self._registry.add_checkpoint, cv)
+        await self._add(cv)
         try:
             await asyncio.gather(*(self._allocate(cv, r) for r in cv.shards))
         except BaseException:
@@ -459,7 +461,7 @@ class Pusher:
         """Records the checksums a trainer declared at BeginPush, before any byte is
         written: the tensors of a version still LOADING carry them, for a streamed update."""
         for r, sums in owner_sums(cv, known).items():
-            await asyncio.to_thread(self._registry.set_checksums, cv.name, cv.version, r, sums)
+            await self._set_sums(cv, r, sums)
 
     async def _seal(self, cv: CheckpointVersion, r: RankRef, sums: list[int] | None) -> None:
         """Records r's checksums: `sums` (the trainer's) once r says it holds the store, or
@@ -478,7 +480,15 @@ class Pusher:
         )
         res = await self._hub.command(r.node_id, cmd, self._config.load_timeout_s)
         got = sums if sums is not None else list(res.store.checksums)
-        await asyncio.to_thread(self._registry.set_checksums, cv.name, cv.version, r, got)
+        await self._set_sums(cv, r, got)
+
+    async def _add(self, cv: CheckpointVersion) -> None:
+        """Records a new version; its rows are made off the loop (100k tensors)."""
+        self._registry.add_checkpoint(cv, await asyncio.to_thread(tensor_rows, cv))
+
+    async def _set_sums(self, cv: CheckpointVersion, r: RankRef, sums: list[int]) -> None:
+        """Records r's checksums of cv's tensors (matched to them off the loop)."""
+        self._registry.put_checksums(cv, await asyncio.to_thread(checksummed, cv.tensors, r, sums))
 
     def _record_store(
         self, cv: CheckpointVersion, r: RankRef, state: ShardState, store: apb.StoreReady
@@ -498,7 +508,7 @@ class Pusher:
         if self.before_forget is not None:
             await self.before_forget(cv.name, cv.version, "its stores are being freed")
         await self.drop(cv)
-        await asyncio.to_thread(self._registry.remove_checkpoint, cv.name, cv.version)
+        self._registry.remove_checkpoint(cv.name, cv.version)
 
     async def drop(self, cv: CheckpointVersion) -> None:
         """Frees the host memory of every shard whose agent is attached (best effort)."""
@@ -536,9 +546,7 @@ class Pusher:
         """Versions LOADING when ckptd started: a restart interrupted their push. Once their
         agents re-attached (or wait_s passed), each is completed from the stores the agents
         report holding, or its stores are dropped and it is removed."""
-        stale = [
-            cv for cv in self._registry.checkpoints.values() if cv.state == CheckpointState.LOADING
-        ]
+        stale = [cv for cv in self._registry.checkpoints() if cv.state == CheckpointState.LOADING]
         if not stale:
             return
         keys = [(cv.name, cv.version) for cv in stale]
@@ -589,9 +597,7 @@ class Pusher:
         self, name: str, version: int, busy: set[tuple[str, int]]
     ) -> list[CheckpointVersion]:
         targets = (
-            [self._registry.checkpoints.get((name, version))]
-            if version
-            else self._registry.versions(name)
+            [self._registry.checkpoint(name, version)] if version else self._registry.versions(name)
         )
         targets = [cv for cv in targets if cv]
         if not targets:
@@ -602,7 +608,7 @@ class Pusher:
                     f"checkpoint {cv.name}@{cv.version} is in use by a running push or update"
                 )
         for cv in targets:
-            mirror = self._registry.checkpoints.get((mirror_name(cv.name), cv.version))
+            mirror = self._registry.checkpoint(mirror_name(cv.name), cv.version)
             for v in [cv] if mirror is None else [cv, mirror]:
                 await self._forget(v)
             log.info("checkpoint_deleted", checkpoint=cv.name, version=cv.version)

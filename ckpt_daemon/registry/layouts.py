@@ -18,7 +18,7 @@ def layout_unknown(registry: Registry, targets: list[RankRef]) -> list[RankRef]:
     tset = set(targets)
     return [
         r
-        for inst in registry.instances.values()
+        for inst in registry.instances()
         if not inst.layout and set(inst.ranks) & tset
         for r in inst.ranks
     ]
@@ -26,7 +26,7 @@ def layout_unknown(registry: Registry, targets: list[RankRef]) -> list[RankRef]:
 
 def learn_layouts(registry: Registry, answers: dict[RankRef, str]) -> None:
     """Stores the layout of each instance whose every rank's engine reported its map."""
-    for inst in list(registry.instances.values()):
+    for inst in registry.instances():
         if inst.layout or not inst.ranks or not all(answers.get(r) for r in inst.ranks):
             continue
         try:
@@ -45,7 +45,7 @@ def forget_layouts(registry: Registry, targets: list[RankRef]) -> None:
     """After a failed shard-aware update: the layouts are learned again (an engine that
     changed its sharding refuses parts planned for the old one)."""
     tset = set(targets)
-    for inst in registry.instances.values():
+    for inst in registry.instances():
         if inst.layout and set(inst.ranks) & tset:
             inst.layout = ""
             registry.put_instance(inst)

@@ -99,3 +99,23 @@ def tensor_rows(cv: CheckpointVersion) -> list[tuple]:
         )
         for i, t in enumerate(cv.tensors)
     ]
+
+
+def shard_rows(cv: CheckpointVersion) -> list[tuple]:
+    """The rows of a version's shards (the registry's shards table)."""
+    return [
+        (
+            cv.name,
+            cv.version,
+            s.owner.node_id,
+            s.owner.device,
+            s.nbytes,
+            s.tensor_count,
+            int(s.state),
+            s.segment,
+            s.reason,
+            s.p2p_session,
+            s.p2p_addr,
+        )
+        for s in cv.shards.values()
+    ]
