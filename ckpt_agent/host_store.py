@@ -42,7 +42,7 @@ def _read(
     mem: shared_memory.SharedMemory, path: str, fd: int, at: int, file_offset: int, n: int
 ) -> None:
     """Reads n bytes of a file into the store at `at`."""
-    with mem.buf[at : at + n] as view:
+    with shm.buffer(mem)[at : at + n] as view:
         got = 0
         while got < n:
             k = os.preadv(fd, [view[got:]], file_offset + got)
@@ -198,7 +198,7 @@ class HostStore:
         import numpy as np
 
         s = self.get(checkpoint, version)
-        whole = np.frombuffer(s.mem.buf, dtype=np.uint8)
+        whole = np.frombuffer(shm.buffer(s.mem), dtype=np.uint8)
         ranges = [_strided_range(it, s.nbytes) for it in items]
 
         def one(r: tuple[int, int, int, int]) -> int:

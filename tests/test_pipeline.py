@@ -28,7 +28,7 @@ def test_coalesce_keeps_far_apart_entries_separate() -> None:
 def test_strided_reads_stay_whole_and_copy_exact_rows() -> None:
     import torch
 
-    from ckpt_agent.backend import copy_into
+    from ckpt_agent.backends.base import copy_into
 
     es = [
         E(bucket_offset=0, store_offset=0, nbytes=8, rows=1),
