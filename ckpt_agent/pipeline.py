@@ -25,29 +25,27 @@ every other rank's waits end at once, collectives included.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import types_pb2 as tpb
-from ckpt_agent.backends.base import Backend, Collective, Copy, InFlight
+from ckpt_agent.backends.base import Backend, Collective, InFlight
 from ckpt_agent.begin_barrier import all_begun
+from ckpt_agent.bucket_copies import coalesce, copy_flags
 from ckpt_agent.engine_session import EngineSession
 from ckpt_agent.group_abort import PEER_FAILED, Abort, abort_reason
 from ckpt_agent.host_store import HostStore, Store, StoreError
+from ckpt_agent.phase_times import Timer, elapsed
 from ckpt_agent.receiver_link import LinkError, ReceiverLink
 from ckpt_agent.schedule import COPY, FORGET, LOAD, REAP, SEND, STAGE, Step, bucket_schedule
+from ckpt_agent.step_deadlines import StepDeadlines
 from ckpt_agent.stream_wait import await_written, bucket_end
-from ckpt_common.layers import layer_key
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     import torch
     import torch.distributed as dist
 
@@ -56,115 +54,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ckpt_agent.pipeline")
 
 OK, FAILED = 0, 1
-MERGE_GAP = 4096  # entries this close, laid out alike, are copied as one range
 DRAIN_S = 30.0
-STEP_TIMEOUT_ENV = "CKPT_STEP_TIMEOUT_S"  # base seconds of one step (engine or collective)
-STEP_S = 5.0
-STEP_RATE = 100e6  # bytes/s a step moves at the least (its deadline grows with its size)
-DONE_RATE = 1e9  # bytes/s of the engine's post-load processing at the least
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepDeadlines:
-    """Seconds each step of one update may take: a frozen or dead peer (engine, rank) is
-    noticed after one step's deadline, never the whole job's. Capped by the job's end."""
-
-    base_s: float
-    job_end: float  # time.monotonic() at which the whole job must be over
-    first_s: float  # the first agreement also waits for every engine to connect
-
-    def __post_init__(self) -> None:
-        if self.base_s <= 0:
-            raise ValueError("a step's base deadline must be positive")
-
-    @staticmethod
-    def for_update(cmd: apb.RunUpdate, t0: float) -> StepDeadlines:
-        base = float(os.environ.get(STEP_TIMEOUT_ENV, "") or STEP_S)
-        return StepDeadlines(
-            base_s=base, job_end=t0 + cmd.timeout_s, first_s=cmd.receiver_timeout_s + 2 * base
-        )
-
-    def _cap(self, s: float) -> float:
-        return max(0.1, min(s, self.job_end - time.monotonic()))
-
-    def engine(self, nbytes: int) -> float:
-        """The engine loading one bucket."""
-        return self._cap(self.base_s + nbytes / STEP_RATE)
-
-    def engine_done(self, nbytes: int) -> float:
-        """The engine's post-load processing (after the last bucket)."""
-        return self._cap(self.base_s + nbytes / DONE_RATE)
-
-    def collective(self, nbytes: int) -> float:
-        """One agreement + broadcast: a peer may first wait for its own engine's step."""
-        return self._cap(2 * self.base_s + 2 * nbytes / STEP_RATE)
 
 
 class UpdateFailed(Exception):
     pass
-
-
-@dataclass
-class Timer:
-    copy_s: float = 0.0
-    broadcast_s: float = 0.0
-    reload_s: float = 0.0
-    setup_s: float = 0.0
-    marks: dict[str, float] = field(default_factory=dict)
-
-    def pb(self, total: float) -> tpb.PhaseTimes:
-        return tpb.PhaseTimes(
-            copy_s=self.copy_s,
-            broadcast_s=self.broadcast_s,
-            reload_s=self.reload_s,
-            setup_s=self.setup_s,
-            total_s=total,
-        )
-
-
-def copy_flags(cmd: apb.RunUpdate) -> list[list[bool]]:
-    """Per bucket entry: does the tensor's layer continue in a later bucket?"""
-    last: dict[str, int] = {}
-    for k, b in enumerate(cmd.buckets):
-        for e in b.entries:
-            last[layer_key(cmd.tensors[e.tensor].name)] = k
-    return [
-        [last[layer_key(cmd.tensors[e.tensor].name)] > k for e in b.entries]
-        for k, b in enumerate(cmd.buckets)
-    ]
-
-
-def coalesce(entries: Iterable[apb.BucketEntry]) -> list[Copy]:
-    """The bucket's copies: consecutive entries laid out the same way in the store and the
-    bucket become one copy (the padding between them rides along); strided reads (kept
-    parts, rows > 1) stay as they are."""
-    out: list[Copy] = []
-    for e in sorted(entries, key=lambda e: e.bucket_offset):
-        if e.nbytes == 0:
-            continue
-        rows = max(1, e.rows)
-        if rows > 1:
-            out.append(Copy(e.bucket_offset, e.store_offset, e.nbytes // rows, rows, e.stride))
-            continue
-        if out and out[-1].rows == 1:
-            d, o, n = out[-1][:3]
-            gap = e.bucket_offset - (d + n)
-            if 0 <= gap < MERGE_GAP and e.store_offset - o == e.bucket_offset - d:
-                out[-1] = Copy(d, o, e.bucket_offset + e.nbytes - d)
-                continue
-        out.append(Copy(e.bucket_offset, e.store_offset, e.nbytes))
-    return out
-
-
-def _elapsed(pairs: list[tuple[torch.cuda.Event | None, torch.cuda.Event | None]]) -> float:
-    total = 0.0
-    for t0, t1 in pairs:
-        if t0 is not None and t1 is not None:
-            try:
-                total += t0.elapsed_time(t1) / 1000.0
-            except RuntimeError:
-                pass
-    return total
 
 
 def run_update(
@@ -417,8 +311,8 @@ class UpdateRun:
         self.check(problem)
         self.steps.clear()
         if self.gpu_h2d or self.gpu_bcast:  # device time of the stages (they overlap)
-            self.timer.copy_s = _elapsed(self.gpu_h2d) or self.timer.copy_s
-            self.timer.broadcast_s = _elapsed(self.gpu_bcast) or self.timer.broadcast_s
+            self.timer.copy_s = elapsed(self.gpu_h2d) or self.timer.copy_s
+            self.timer.broadcast_s = elapsed(self.gpu_bcast) or self.timer.broadcast_s
         total_s = time.monotonic() - self.t0
         log.info(
             "update_done", job=self.cmd.job_id, rank=self.me, buckets=len(self.buckets),

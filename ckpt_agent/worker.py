@@ -9,13 +9,11 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -26,9 +24,9 @@ from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent import shm
 from ckpt_agent.backends import Backend, make_backend
-from ckpt_agent.backends.base import RENDEZVOUS_S
 from ckpt_agent.config import WorkerSpec
 from ckpt_agent.group_abort import Abort, PeerWatch
+from ckpt_agent.group_store import finished, group_key, serve_store, store_client
 from ckpt_agent.host_store import HostStore, StoreError
 from ckpt_agent.receiver_link import ReceiverLink
 from ckpt_agent.siblings import SiblingStores
@@ -44,8 +42,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ckpt_agent.worker")
 READY_ID = 0  # command_id of the result a worker sends once it is ready
 HEARTBEAT_S = 0.5  # a worker tells its agent it is alive this often (frozen: it stops)
-CONNECT_SLICE_S = 0.5  # one attempt to reach the group's store (then the abort is looked at)
-STORE_CONNECT_S = 6.0  # the group's store is up (PrepareGroup) before any rank connects
 
 
 def buffer_address(mem: shared_memory.SharedMemory) -> int:
@@ -62,29 +58,6 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-
-
-DONE_KEY = "finished"  # ranks that ended the update (the store's host waits for them)
-LINGER_S = 3.0
-
-
-def finished(store: dist.Store, world: int, wait: bool) -> None:
-    """Counts this rank out of the group; the rank serving the store keeps it up until every
-    rank is out (at most LINGER_S, and only after an update that succeeded here): a peer
-    still finishing must not see the store vanish and take it for a failure."""
-    try:
-        n = int(store.add(DONE_KEY, 1))
-        deadline = time.monotonic() + LINGER_S
-        while wait and n < world and time.monotonic() < deadline:
-            time.sleep(0.01)
-            n = int(store.add(DONE_KEY, 0))
-    except Exception as e:  # the store is gone: nothing to keep up
-        log.info("group_store_gone", error=repr(e))
-
-
-def group_key(m: apb.PrepareGroup | apb.RunUpdate) -> str:
-    """A job's group (a job runs one per class of a shard-aware update)."""
-    return f"{m.job_id}/{m.group}" if m.group else m.job_id
 
 
 class Worker:
@@ -271,28 +244,8 @@ class Worker:
         self.reply(cmd.id, ok=True)
 
     def _prepare(self, cmd: apb.Command) -> None:
-        import torch.distributed as dist
-
         p = cmd.prepare_group
-        # the store listens on the agent's --host only: a socket bound there, handed over
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.bind((self.host, 0))
-            sock.listen(128)
-            port = sock.getsockname()[1]
-        except OSError:
-            sock.close()
-            raise
-        store = dist.TCPStore(
-            self.host,
-            port,
-            p.world_size,
-            is_master=True,
-            timeout=timedelta(seconds=RENDEZVOUS_S),
-            wait_for_workers=False,
-            master_listen_fd=sock.detach(),  # the store owns (and closes) it
-        )
+        store = serve_store(self.host, p.world_size)
         self._group_stores = {group_key(p): store}  # one group at a time per device
         self.reply(cmd.id, ok=True, group=apb.GroupReady(addr=self.host, port=store.port))
 
@@ -303,36 +256,8 @@ class Worker:
 
         store = self._group_stores.pop(group_key(u), None)
         if store is None:
-            store = self._store_client(u, abort)
+            store = store_client(u, abort)
         return dist.PrefixStore(f"job/{group_key(u)}", store)
-
-    @staticmethod
-    def _store_client(u: apb.RunUpdate, abort: Abort | None = None) -> dist.TCPStore:
-        """A client of the group's store: connects within STORE_CONNECT_S, in short attempts
-        so an abort ends the wait (a store whose host is gone refuses connections)."""
-        import torch.distributed as dist
-
-        deadline = time.monotonic() + STORE_CONNECT_S
-        while True:
-            try:
-                st = dist.TCPStore(
-                    u.master_addr,
-                    u.master_port,
-                    u.world_size,
-                    is_master=False,
-                    timeout=timedelta(seconds=CONNECT_SLICE_S),
-                )
-                st.set_timeout(timedelta(seconds=RENDEZVOUS_S))
-                return st
-            except (RuntimeError, OSError) as e:  # DistStoreError is a RuntimeError
-                if abort is not None and abort.is_set():
-                    raise StoreError("ABORTED", abort.reason) from None
-                if time.monotonic() > deadline:
-                    raise StoreError(
-                        "UNAVAILABLE",
-                        f"the group's store {u.master_addr}:{u.master_port} did not answer "
-                        f"within {STORE_CONNECT_S:g}s: {e}",
-                    ) from None
 
     def _lock_update(self, abort: Abort, u: apb.RunUpdate) -> None:
         """One update at a time; a job aborted (or out of time) while it waits gives up."""
@@ -361,7 +286,7 @@ class Worker:
                 import torch.distributed as dist
 
                 store = self._group_store(u, abort)
-                scoped = lambda: dist.PrefixStore(f"job/{group_key(u)}", self._store_client(u))  # noqa: E731
+                scoped = lambda: dist.PrefixStore(f"job/{group_key(u)}", store_client(u))  # noqa: E731
                 watch = PeerWatch(scoped, store, abort).start()
                 where = f"rank {u.group_rank} ({self.node_id}/{self.device})"
                 result = run_update(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace as E
 
-from ckpt_agent.pipeline import coalesce
+from ckpt_agent.bucket_copies import coalesce
 
 
 def test_coalesce_merges_ranges_laid_out_alike() -> None:
