@@ -23,6 +23,7 @@ proto-check: venv
 lint: venv
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 .venv/bin/pyright --pythonpath $(PY)
 
 test: venv proto-check lint
 	$(PY) -m pytest -q --durations=25 tests

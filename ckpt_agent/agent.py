@@ -19,7 +19,7 @@ from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import agent_pb2_grpc
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent import __version__, shm
-from ckpt_agent.backend import free_host_bytes
+from ckpt_agent.backends.cpu import free_host_bytes
 from ckpt_agent.config import AgentConfig
 from ckpt_agent.host_store import StoreError, segment_prefix
 from ckpt_agent.scan import scan_paths
@@ -63,7 +63,7 @@ class Agent:
 
     def _devices(self) -> list[tpb.Device]:
         if self.cfg.device == "cuda":
-            from ckpt_agent.cuda_backend import list_devices
+            from ckpt_agent.backends.cuda_devices import list_devices
 
             devs = list_devices()
             if devs and self.cfg.slots > len(devs):  # ranks share GPUs (emulating more ranks)
@@ -99,7 +99,7 @@ class Agent:
             for d in self.devices:
                 d.free_bytes = free
         else:
-            from ckpt_agent.cuda_backend import free_bytes
+            from ckpt_agent.backends.cuda_devices import free_bytes
 
             for d in self.devices:
                 d.free_bytes = free_bytes(d.index)

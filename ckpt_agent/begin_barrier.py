@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ckpt_agent.group_abort import PEER_FAILED
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 BEGUN_KEY = "begun"
 POLL_S = 0.1  # the longest pause between two looks (the first ones are shorter)
 
 
-def all_begun(store: Any, world: int, abort: threading.Event, timeout_s: float) -> str:
+def all_begun(store: dist.Store, world: int, abort: threading.Event, timeout_s: float) -> str:
     """Counts this rank in and waits for the others: "" once all are in; else why not
     (the abort's reason, or the deadline's)."""
     deadline = time.monotonic() + timeout_s

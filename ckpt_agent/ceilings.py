@@ -7,9 +7,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import structlog
+
+if TYPE_CHECKING:
+    import torch
 
 log = structlog.get_logger("ckpt_agent")
 CUDA_BYTES = 256 << 20
@@ -17,7 +21,7 @@ CPU_BYTES = 16 << 20  # CPU hosts touch new memory slowly: small, still past the
 TRIES = 3
 
 
-def _best(copy: Any, nbytes: int) -> float:
+def _best(copy: Callable[[], object], nbytes: int) -> float:
     best = 0.0
     for _ in range(TRIES):
         t = time.perf_counter()
@@ -34,22 +38,25 @@ def _cpu(nbytes: int) -> float:
     return _best(lambda: dst.copy_(src), nbytes)
 
 
-def _cuda(device: Any, nbytes: int) -> float:
+def _cuda(device: torch.device, nbytes: int) -> float:
     import torch
 
+    from ckpt_agent.backends.cuda import cudart as runtime
+
     host = torch.ones(nbytes, dtype=torch.uint8)
-    cudart = torch.cuda.cudart()
+    cudart = runtime()
     err = cudart.cudaHostRegister(host.data_ptr(), nbytes, 0)
     if int(err) != 0:
         raise RuntimeError(f"cudaHostRegister: {err}")
-    dst = None
+    dst: torch.Tensor | None = None
     try:
         dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
         stream = torch.cuda.Stream(device)
 
         def copy() -> None:
             with torch.cuda.stream(stream):
-                dst.copy_(host, non_blocking=True)
+                if dst is not None:  # the closure reads the variable `finally` clears
+                    dst.copy_(host, non_blocking=True)
             stream.synchronize()
 
         copy()  # warm-up: the first copy maps the pages
@@ -60,12 +67,11 @@ def _cuda(device: Any, nbytes: int) -> float:
         torch.cuda.empty_cache()  # the device buffer goes back, not to torch's cache
 
 
-def measure(backend: Any) -> dict[str, float]:
-    """Bytes/s per phase of a worker's backend (CUDA: its torch device); empty when the
+def measure(kind: str, device: torch.device) -> dict[str, float]:
+    """Bytes/s per phase of a worker's backend (its kind and torch device); empty when the
     measurement failed (the worker serves anyway)."""
-    kind = backend.kind
     try:
-        rate = _cuda(backend.device, CUDA_BYTES) if kind == "cuda" else _cpu(CPU_BYTES)
+        rate = _cuda(device, CUDA_BYTES) if kind == "cuda" else _cpu(CPU_BYTES)
     except Exception as e:
         log.warning("ceiling_not_measured", kind=kind, error=str(e))
         return {}

@@ -39,6 +39,35 @@ class StoreOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WorkerSpec:
+    """What a worker process is started with (the spawn argument of ckpt_agent.worker)."""
+
+    node_id: str
+    device: int  # the device's index on this node (CPU: a slot)
+    kind: str  # a backend kind (ckpt_agent.backends.BACKENDS)
+    ipc_dir: str  # where the engine hand-off socket lives
+    host: str  # the agent's --host: group stores, gloo, NCCL, P2P listen there
+    log_level: str
+    p2p: bool = False  # register host stores with the transfer engine (Mooncake)
+    source_roots: tuple[str, ...] = ()  # push sources are read only under these
+    stores: StoreOptions = field(default_factory=StoreOptions)
+
+    def __post_init__(self) -> None:
+        from ckpt_agent.backends.registry import BACKENDS
+
+        if not self.node_id or "/" in self.node_id:
+            raise ValueError("node id must be non-empty and without '/'")
+        if self.device < 0:
+            raise ValueError(f"device index must not be negative, not {self.device}")
+        if self.kind not in BACKENDS:
+            raise ValueError(f"no backend of kind {self.kind!r}")
+        if not self.ipc_dir:
+            raise ValueError("a worker needs an IPC directory")
+        if not all(os.path.isabs(r) for r in self.source_roots):
+            raise ValueError("source roots must be absolute directories")
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     daemon: str = "127.0.0.1:7601"
     node_id: str = socket.gethostname()

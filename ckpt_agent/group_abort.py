@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 log = structlog.get_logger("ckpt_agent.group_abort")
 
@@ -42,7 +45,9 @@ class PeerWatch:
     it is called on the watcher thread, so a store that cannot be reached blocks nobody.
     """
 
-    def __init__(self, connect: Callable[[], Any], publish_store: Any, abort: Abort) -> None:
+    def __init__(
+        self, connect: Callable[[], dist.Store], publish_store: dist.Store, abort: Abort
+    ) -> None:
         self._connect = connect
         self._publish_store = publish_store
         self._abort = abort

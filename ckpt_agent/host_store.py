@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import shared_memory
-from typing import Any
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent import shm
@@ -42,7 +41,7 @@ def _read(
     mem: shared_memory.SharedMemory, path: str, fd: int, at: int, file_offset: int, n: int
 ) -> None:
     """Reads n bytes of a file into the store at `at`."""
-    with mem.buf[at : at + n] as view:
+    with shm.buffer(mem)[at : at + n] as view:
         got = 0
         while got < n:
             k = os.preadv(fd, [view[got:]], file_offset + got)
@@ -79,10 +78,10 @@ def store_segment(prefix: str, checkpoint: str, version: int) -> str:
     return f"{prefix}v{digest}_{safe(checkpoint)[:40]}_{version}"
 
 
-def _strided_range(it: Any, size: int) -> tuple[int, int, int, int]:
+def _strided_range(it: apb.LoadItem, size: int) -> tuple[int, int, int, int]:
     """(offset, bytes, rows, stride) of a checksum item, checked to lie inside the store."""
     off, n = int(it.store_offset), int(it.nbytes)
-    rows, stride = max(1, int(getattr(it, "rows", 0))), int(getattr(it, "stride", 0))
+    rows, stride = max(1, int(it.rows)), int(it.stride)
     run = n // rows
     bad = off < 0 or n < 0 or run * rows != n
     if rows > 1:
@@ -192,13 +191,13 @@ class HostStore:
             raise
         return fd
 
-    def checksums(self, checkpoint: str, version: int, items: Any) -> list[int]:
+    def checksums(self, checkpoint: str, version: int, items: Iterable[apb.LoadItem]) -> list[int]:
         """ckpt_common.checksum of each item's range (store_offset, nbytes) of a store, in
         parallel (numpy releases the GIL)."""
         import numpy as np
 
         s = self.get(checkpoint, version)
-        whole = np.frombuffer(s.mem.buf, dtype=np.uint8)
+        whole = np.frombuffer(shm.buffer(s.mem), dtype=np.uint8)
         ranges = [_strided_range(it, s.nbytes) for it in items]
 
         def one(r: tuple[int, int, int, int]) -> int:

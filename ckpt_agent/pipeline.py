@@ -25,161 +25,55 @@ every other rank's waits end at once, collectives included.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import types_pb2 as tpb
-from ckpt_agent.backend import Backend, Collective, Copy, InFlight
+from ckpt_agent.backends.base import Backend, Collective, InFlight
 from ckpt_agent.begin_barrier import all_begun
+from ckpt_agent.bucket_copies import coalesce, copy_flags
 from ckpt_agent.engine_session import EngineSession
-from ckpt_agent.group_abort import PEER_FAILED, abort_reason
-from ckpt_agent.host_store import HostStore, StoreError
+from ckpt_agent.group_abort import PEER_FAILED, Abort, abort_reason
+from ckpt_agent.host_store import HostStore, Store, StoreError
+from ckpt_agent.phase_times import Timer, elapsed
 from ckpt_agent.receiver_link import LinkError, ReceiverLink
 from ckpt_agent.schedule import COPY, FORGET, LOAD, REAP, SEND, STAGE, Step, bucket_schedule
+from ckpt_agent.step_deadlines import StepDeadlines
 from ckpt_agent.stream_wait import await_written, bucket_end
-from ckpt_common.layers import layer_key
+
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
+
+    Event = torch.cuda.Event
 
 log = structlog.get_logger("ckpt_agent.pipeline")
 
 OK, FAILED = 0, 1
-MERGE_GAP = 4096  # entries this close, laid out alike, are copied as one range
 DRAIN_S = 30.0
-STEP_TIMEOUT_ENV = "CKPT_STEP_TIMEOUT_S"  # base seconds of one step (engine or collective)
-STEP_S = 5.0
-STEP_RATE = 100e6  # bytes/s a step moves at the least (its deadline grows with its size)
-DONE_RATE = 1e9  # bytes/s of the engine's post-load processing at the least
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepDeadlines:
-    """Seconds each step of one update may take: a frozen or dead peer (engine, rank) is
-    noticed after one step's deadline, never the whole job's. Capped by the job's end."""
-
-    base_s: float
-    job_end: float  # time.monotonic() at which the whole job must be over
-    first_s: float  # the first agreement also waits for every engine to connect
-
-    def __post_init__(self) -> None:
-        if self.base_s <= 0:
-            raise ValueError("a step's base deadline must be positive")
-
-    @staticmethod
-    def for_update(cmd: apb.RunUpdate, t0: float) -> StepDeadlines:
-        base = float(os.environ.get(STEP_TIMEOUT_ENV, "") or STEP_S)
-        return StepDeadlines(
-            base_s=base, job_end=t0 + cmd.timeout_s, first_s=cmd.receiver_timeout_s + 2 * base
-        )
-
-    def _cap(self, s: float) -> float:
-        return max(0.1, min(s, self.job_end - time.monotonic()))
-
-    def engine(self, nbytes: int) -> float:
-        """The engine loading one bucket."""
-        return self._cap(self.base_s + nbytes / STEP_RATE)
-
-    def engine_done(self, nbytes: int) -> float:
-        """The engine's post-load processing (after the last bucket)."""
-        return self._cap(self.base_s + nbytes / DONE_RATE)
-
-    def collective(self, nbytes: int) -> float:
-        """One agreement + broadcast: a peer may first wait for its own engine's step."""
-        return self._cap(2 * self.base_s + 2 * nbytes / STEP_RATE)
 
 
 class UpdateFailed(Exception):
     pass
 
 
-@dataclass
-class Timer:
-    copy_s: float = 0.0
-    broadcast_s: float = 0.0
-    reload_s: float = 0.0
-    setup_s: float = 0.0
-    marks: dict[str, float] = field(default_factory=dict)
-
-    def pb(self, total: float) -> tpb.PhaseTimes:
-        return tpb.PhaseTimes(
-            copy_s=self.copy_s,
-            broadcast_s=self.broadcast_s,
-            reload_s=self.reload_s,
-            setup_s=self.setup_s,
-            total_s=total,
-        )
-
-
-def copy_flags(cmd: apb.RunUpdate) -> list[list[bool]]:
-    """Per bucket entry: does the tensor's layer continue in a later bucket?"""
-    last: dict[str, int] = {}
-    for k, b in enumerate(cmd.buckets):
-        for e in b.entries:
-            last[layer_key(cmd.tensors[e.tensor].name)] = k
-    return [
-        [last[layer_key(cmd.tensors[e.tensor].name)] > k for e in b.entries]
-        for k, b in enumerate(cmd.buckets)
-    ]
-
-
-def coalesce(entries: Any) -> list[Copy]:
-    """The bucket's copies: consecutive entries laid out the same way in the store and the
-    bucket become one copy (the padding between them rides along); strided reads (kept
-    parts, rows > 1) stay as they are."""
-    out: list[Copy] = []
-    for e in sorted(entries, key=lambda e: e.bucket_offset):
-        if e.nbytes == 0:
-            continue
-        rows = max(1, e.rows)
-        if rows > 1:
-            out.append(Copy(e.bucket_offset, e.store_offset, e.nbytes // rows, rows, e.stride))
-            continue
-        if out and out[-1].rows == 1:
-            d, o, n = out[-1][:3]
-            gap = e.bucket_offset - (d + n)
-            if 0 <= gap < MERGE_GAP and e.store_offset - o == e.bucket_offset - d:
-                out[-1] = Copy(d, o, e.bucket_offset + e.nbytes - d)
-                continue
-        out.append(Copy(e.bucket_offset, e.store_offset, e.nbytes))
-    return out
-
-
-def _elapsed(pairs: list[tuple[Any, Any]]) -> float:
-    total = 0.0
-    for t0, t1 in pairs:
-        if t0 is not None and t1 is not None:
-            try:
-                total += t0.elapsed_time(t1) / 1000.0
-            except RuntimeError:
-                pass
-    return total
-
-
-def _bind(coll: Any, abort: threading.Event, op_s: float) -> None:
-    """Gives a collective its abort and the deadline of its next operations (where it
-    takes them: gloo; NCCL steps are bounded by the waits on their events)."""
-    bind = getattr(coll, "bind", None)
-    if bind is not None:
-        bind(abort, op_s)
-
-
 def run_update(
     cmd: apb.RunUpdate,
     *,
     backend: Backend,
-    stores: HostStore,
+    stores: HostStore | None,
     link: ReceiverLink,
-    group_store: Any,
-    abort: threading.Event,
+    group_store: dist.Store,
+    abort: Abort,
     progress: Callable[[int, int], None],
     publish: Callable[[str], None] | None = None,
 ) -> tpb.RankResult:
-    """publish(reason): tells the other ranks that this one failed (they stop at once)."""
+    """publish(reason): tells the other ranks that this one failed (they stop at once).
+    stores None: the backend reads its own sources (P2P), this rank's stores are not read."""
     return UpdateRun(cmd, backend, stores, link, group_store, abort, progress, publish).run()
 
 
@@ -191,10 +85,10 @@ class UpdateRun:
         self,
         cmd: apb.RunUpdate,
         backend: Backend,
-        stores: HostStore,
+        stores: HostStore | None,
         link: ReceiverLink,
-        group_store: Any,
-        abort: threading.Event,
+        group_store: dist.Store,
+        abort: Abort,
         progress: Callable[[int, int], None],
         publish: Callable[[str], None] | None,
     ) -> None:
@@ -214,13 +108,14 @@ class UpdateRun:
         self.sent_bytes = 0
         self.copied_bytes = 0
         self.steps: dict[int, InFlight] = {}
-        self.staged: dict[int, Any] = {}  # bucket -> its H2D's done event
-        self.gpu_h2d: list[tuple[Any, Any]] = []
-        self.gpu_bcast: list[tuple[Any, Any]] = []
-        self.store_t: Any = None
-        self.store: Any = None  # this rank's store (streamed: its progress mark is watched)
-        self.buf: Any = None
-        self.staging: Any = None
+        self.staged: dict[int, Event | None] = {}  # bucket -> its H2D's done event
+        self.gpu_h2d: list[tuple[Event | None, Event | None]] = []
+        self.gpu_bcast: list[tuple[Event | None, Event | None]] = []
+        self.store_t: torch.Tensor | None = None
+        self.store: Store | None = None  # this rank's (streamed: its progress mark is watched)
+        self.buf_name = ""
+        self.buf: torch.Tensor | None = None
+        self.staging: torch.Tensor | None = None
         self.nslots = self.nstage = 0
         self.flags: list[list[bool]] = []
         self.mine = [k for k, b in enumerate(cmd.buckets) if b.owner == self.me]
@@ -248,8 +143,8 @@ class UpdateRun:
             reason = self.settle(getattr(e, "message", None) or str(e))
         except Exception as e:  # gloo/NCCL errors (a peer died, timeouts) land here
             reason = self.settle(f"{type(e).__name__}: {e}")
-            if self.coll is not None and hasattr(self.coll, "healthy"):
-                self.coll.healthy = False  # type: ignore[attr-defined]
+            if self.coll is not None:
+                self.coll.mark_failed()
         finally:
             self._release()
         if cmd.is_target:
@@ -266,7 +161,7 @@ class UpdateRun:
     def _setup(self) -> None:
         cmd, backend = self.cmd, self.backend
         owns = bool(self.mine)
-        if owns:
+        if owns and self.stores is not None:
             self.store = self.stores.get(cmd.checkpoint, cmd.version)
             self.store_t = backend.store_tensor(self.store)
         self.nslots, self.nstage = backend.plan_slots(max(1, cmd.nbuf), self.B, owns)
@@ -290,7 +185,7 @@ class UpdateRun:
             self.coll = self.backend.new_group(
                 self.group_store, self.me, cmd.world_size, cmd.timeout_s, cmd.job_id
             )
-            _bind(self.coll, self.abort, self.dl.collective(self.B))
+            self.coll.bind(self.abort, self.dl.collective(self.B))
             self.check(problem)
         except UpdateFailed as e:
             if self.cmd.is_target:
@@ -326,7 +221,7 @@ class UpdateRun:
         bytes of it have landed in the store; a push that stops writing fails this rank."""
         if self.local_fail:
             return False
-        if self.cmd.streamed:
+        if self.cmd.streamed and self.store is not None:
             t = time.monotonic()
             need = bucket_end(self.buckets[k].entries)
             why = await_written(self.store.mem, need, self.abort, self.dl.base_s, self.dl.job_end)
@@ -338,22 +233,23 @@ class UpdateRun:
                 return False
         return True
 
-    def _slot(self, k: int) -> Any:
+    def _slot(self, k: int) -> torch.Tensor:
+        assert self.buf is not None  # from _setup until _release
         s0 = (k % self.nslots) * self.B
         return self.buf[s0 : s0 + self.buckets[k].nbytes]
 
-    def _stage_view(self, k: int) -> Any:
+    def _stage_view(self, k: int) -> torch.Tensor:
+        assert self.staging is not None  # staged only when nstage > 0
         s0 = (self.pos[k] % self.nstage) * self.B
         return self.staging[s0 : s0 + self.buckets[k].nbytes]
 
-    def _stage_after(self, k: int) -> list[Any]:
+    def _stage_after(self, k: int) -> list[Event]:
         """The send that last used k's staging slot (my bucket nstage before k)."""
         m = self.pos[k]
         prev = self.steps.get(self.mine[m - self.nstage]) if m >= self.nstage else None
         return prev.events if prev else []
 
-    def _h2d(self, k: int, dst: Any, after: list[Any]) -> Any:
-        assert self.store_t is not None
+    def _h2d(self, k: int, dst: torch.Tensor, after: list[Event]) -> Event | None:
         t = time.monotonic()
         done, start = self.backend.h2d(dst, self.store_t, coalesce(self.buckets[k].entries), after)
         self.timer.copy_s += time.monotonic() - t
@@ -383,7 +279,7 @@ class UpdateRun:
         t = time.monotonic()
         worst = st.wait(time.monotonic() + self.dl.collective(self.buckets[j].nbytes), self.abort)
         self.timer.broadcast_s += time.monotonic() - t
-        self.gpu_bcast.append((getattr(st, "t_start", None), getattr(st, "t_end", None)))
+        self.gpu_bcast.append((st.t_start, st.t_end))
         if worst != OK:
             raise UpdateFailed(self.local_fail or PEER_FAILED)
         self.sent_bytes += self.buckets[j].nbytes
@@ -415,8 +311,8 @@ class UpdateRun:
         self.check(problem)
         self.steps.clear()
         if self.gpu_h2d or self.gpu_bcast:  # device time of the stages (they overlap)
-            self.timer.copy_s = _elapsed(self.gpu_h2d) or self.timer.copy_s
-            self.timer.broadcast_s = _elapsed(self.gpu_bcast) or self.timer.broadcast_s
+            self.timer.copy_s = elapsed(self.gpu_h2d) or self.timer.copy_s
+            self.timer.broadcast_s = elapsed(self.gpu_bcast) or self.timer.broadcast_s
         total_s = time.monotonic() - self.t0
         log.info(
             "update_done", job=self.cmd.job_id, rank=self.me, buckets=len(self.buckets),
@@ -491,6 +387,5 @@ def _drain(steps: dict[int, InFlight], coll: Collective) -> None:
         try:
             st.wait(deadline)
         except Exception:
-            if hasattr(coll, "healthy"):
-                coll.healthy = False  # type: ignore[attr-defined]
+            coll.mark_failed()
             return

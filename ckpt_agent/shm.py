@@ -34,6 +34,14 @@ def _untrack(shm: shared_memory.SharedMemory) -> None:
         pass
 
 
+def buffer(mem: shared_memory.SharedMemory) -> memoryview:
+    """The mapping's bytes (a closed mapping has none)."""
+    buf = mem.buf
+    if buf is None:
+        raise ValueError(f"shared memory {mem.name} is closed")
+    return buf
+
+
 def create(name: str, size: int) -> shared_memory.SharedMemory:
     unlink(name)
     with _TRACKED:

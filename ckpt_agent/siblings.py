@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from ckpt_agent import shm
-from ckpt_agent.host_store import Store, segment_prefix
+from ckpt_agent.host_store import HostStore, Store, segment_prefix
+
+if TYPE_CHECKING:
+    import torch
+
+    from ckpt_agent.backends.base import Backend
 
 log = structlog.get_logger("ckpt_agent.siblings")
 
@@ -23,16 +28,17 @@ class SiblingError(Exception):
 
 
 class SiblingStores:
-    def __init__(self, node_id: str, backend: Any, own: Any = None) -> None:
+    def __init__(self, node_id: str, backend: Backend, own: HostStore | None = None) -> None:
         """own: this worker's HostStore; a segment it holds is read in place (already
         mapped, and pinned on CUDA), not mapped again."""
         self._prefix = segment_prefix(node_id)
         self._backend = backend
         self._own = own
         self._lock = threading.Lock()
-        self._maps: dict[tuple[int, int], tuple[Store, Any]] = {}  # (dev, inode) -> mapping
+        # (dev, inode) -> the mapping and its tensor
+        self._maps: dict[tuple[int, int], tuple[Store, torch.Tensor]] = {}
 
-    def get(self, name: str) -> Any:
+    def get(self, name: str) -> torch.Tensor:
         """The store segment `name` of this node as a 1-D uint8 tensor."""
         if not name.startswith(self._prefix) or "/" in name or name in (".", ".."):
             raise SiblingError(f"{name!r} is not a store of this node")
@@ -78,9 +84,7 @@ class SiblingStores:
             self._maps.clear()
 
     def _drop(self, store: Store) -> None:
-        unpin = getattr(self._backend, "unpin_store", None)
-        if unpin is not None:
-            unpin(store)
+        self._backend.unpin_store(store)
         try:
             store.mem.close()
         except BufferError:  # a view is alive somewhere: the mapping goes with it

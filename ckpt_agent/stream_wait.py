@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from collections.abc import Iterable
+from multiprocessing import shared_memory
 
+from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent.group_abort import abort_reason
 from ckpt_common import progress
 
 POLL_S = 0.0005  # how often a streamed update looks at the trainer's progress mark
 
 
-def bucket_end(entries: Any) -> int:
+def bucket_end(entries: Iterable[apb.BucketEntry]) -> int:
     """The store offset just past the last byte a bucket reads."""
     end = 0
     for e in entries:
@@ -25,7 +27,11 @@ def bucket_end(entries: Any) -> int:
 
 
 def await_written(
-    mem: Any, need: int, abort: threading.Event, stall_s: float, job_end: float
+    mem: shared_memory.SharedMemory,
+    need: int,
+    abort: threading.Event,
+    stall_s: float,
+    job_end: float,
 ) -> str:
     """Waits until the trainer's progress mark in a store's segment (ckpt_common.progress)
     reaches `need` bytes: "" once it has, else why not (aborted, the mark stopped moving for

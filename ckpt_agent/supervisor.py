@@ -10,12 +10,13 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent import shm
-from ckpt_agent.config import StoreOptions
+from ckpt_agent.config import StoreOptions, WorkerSpec
 from ckpt_agent.host_store import device_prefix
 from ckpt_agent.worker import READY_ID, worker_main
 
@@ -23,7 +24,7 @@ log = structlog.get_logger("ckpt_agent.supervisor")
 
 
 class WorkerHandle:
-    def __init__(self, device: int, proc: mp.process.BaseProcess, conn: Connection) -> None:
+    def __init__(self, device: int, proc: BaseProcess, conn: Connection) -> None:
         self.device = device
         self.proc = proc
         self.conn = conn
@@ -57,8 +58,20 @@ class Supervisor:
         on_message: Callable[[int, apb.AgentMessage], None],
         on_death: Callable[[int], None],
     ) -> None:
-        self._args = (node_id, kind, ipc_dir, host, log_level, p2p, source_roots)
-        self._stores = stores or StoreOptions()
+        self._specs = {
+            d: WorkerSpec(
+                node_id=node_id,
+                device=d,
+                kind=kind,
+                ipc_dir=ipc_dir,
+                host=host,
+                log_level=log_level,
+                p2p=p2p,
+                source_roots=source_roots,
+                stores=stores or StoreOptions(),
+            )
+            for d in devices
+        }
         self._loop = loop
         self._on_message = on_message
         self._on_death = on_death
@@ -69,14 +82,12 @@ class Supervisor:
             self._start(d)
 
     def _start(self, device: int) -> None:
-        node_id, kind, ipc_dir, host, log_level, p2p, roots = self._args
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=worker_main,
             name=f"ckpt-worker-{device}",
             daemon=True,
-            args=(child, node_id, device, kind, ipc_dir, host, log_level, p2p, roots),
-            kwargs={"stores": self._stores},
+            args=(child, self._specs[device]),
         )
         proc.start()
         child.close()
@@ -113,7 +124,7 @@ class Supervisor:
         if old.proc.is_alive():  # its pipe broke, yet it runs: it must not touch the segments
             old.proc.kill()
             old.proc.join(5)
-        removed = shm.remove_prefix(device_prefix(self._args[0], device))
+        removed = shm.remove_prefix(device_prefix(self._specs[device].node_id, device))
         log.warning("worker_restarting", device=device, segments_removed=removed)
         self._on_death(device)
         self._start(device)

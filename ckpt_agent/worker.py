@@ -9,38 +9,44 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt_agent.backend import RENDEZVOUS_S
-from ckpt_agent.config import StoreOptions
+from ckpt.v1 import types_pb2 as tpb
+from ckpt_agent import shm
+from ckpt_agent.backends import Backend, make_backend
+from ckpt_agent.config import WorkerSpec
 from ckpt_agent.group_abort import Abort, PeerWatch
-from ckpt_agent.host_store import HostStore, StoreError, device_prefix
+from ckpt_agent.group_store import finished, group_key, serve_store, store_client
+from ckpt_agent.host_store import HostStore, StoreError
 from ckpt_agent.receiver_link import ReceiverLink
 from ckpt_agent.siblings import SiblingStores
 from ckpt_agent.stale import EndedJobs, read_batch
 from ckpt_common.ipc import worker_endpoint
 from ckpt_common.logs import setup_logging
 
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+    from ckpt_agent.p2p import P2PEngine
+
 log = structlog.get_logger("ckpt_agent.worker")
 READY_ID = 0  # command_id of the result a worker sends once it is ready
 HEARTBEAT_S = 0.5  # a worker tells its agent it is alive this often (frozen: it stops)
-CONNECT_SLICE_S = 0.5  # one attempt to reach the group's store (then the abort is looked at)
-STORE_CONNECT_S = 6.0  # the group's store is up (PrepareGroup) before any rank connects
 
 
-def buffer_address(mem: Any) -> int:
+def buffer_address(mem: shared_memory.SharedMemory) -> int:
     """The address of a shared-memory mapping's first byte."""
-    c = ctypes.c_char.from_buffer(mem.buf)
+    c = ctypes.c_char.from_buffer(shm.buffer(mem))
     addr = ctypes.addressof(c)
     del c
     return addr
@@ -54,76 +60,36 @@ def die_with_parent() -> None:
         pass
 
 
-DONE_KEY = "finished"  # ranks that ended the update (the store's host waits for them)
-LINGER_S = 3.0
-
-
-def finished(store: Any, world: int, wait: bool) -> None:
-    """Counts this rank out of the group; the rank serving the store keeps it up until every
-    rank is out (at most LINGER_S, and only after an update that succeeded here): a peer
-    still finishing must not see the store vanish and take it for a failure."""
-    try:
-        n = int(store.add(DONE_KEY, 1))
-        deadline = time.monotonic() + LINGER_S
-        while wait and n < world and time.monotonic() < deadline:
-            time.sleep(0.01)
-            n = int(store.add(DONE_KEY, 0))
-    except Exception as e:  # the store is gone: nothing to keep up
-        log.info("group_store_gone", error=repr(e))
-
-
-def group_key(m: apb.PrepareGroup | apb.RunUpdate) -> str:
-    """A job's group (a job runs one per class of a shard-aware update)."""
-    return f"{m.job_id}/{m.group}" if m.group else m.job_id
-
-
 class Worker:
-    def __init__(
-        self,
-        conn: Connection,
-        *,
-        node_id: str,
-        device: int,
-        kind: str,
-        ipc_dir: str,
-        host: str,
-        p2p: bool = False,
-        source_roots: tuple[str, ...] = (),
-        stores: StoreOptions | None = None,
-    ) -> None:
+    def __init__(self, conn: Connection, spec: WorkerSpec) -> None:
         self._conn = conn
         self._send_lock = threading.Lock()
-        self.node_id, self.device, self.host = node_id, device, host
-        self.store_options = stores or StoreOptions()
-        spares = self.store_options.spares_for(kind)
-        if kind == "cuda":
-            from ckpt_agent.cuda_backend import CudaBackend
-
-            self.backend: Any = CudaBackend(device, host=host)
-            # a dropped store stays pinned as a spare for the next version
-            self.stores = HostStore(
-                node_id,
-                device,
-                spares=spares,
-                release=self.backend.unpin_store,
-                roots=source_roots,
-            )
-        else:
-            from ckpt_agent.backend import CpuBackend
-
-            self.backend = CpuBackend(device_prefix(node_id, device), host)
-            self.stores = HostStore(node_id, device, spares=spares, roots=source_roots)
-        self.link = ReceiverLink(worker_endpoint(node_id, device, ipc_dir))
+        node_id, device = spec.node_id, spec.device
+        self.node_id, self.device, self.host = node_id, device, spec.host
+        self.store_options = spec.stores
+        self.backend: Backend = make_backend(
+            spec.kind, node_id=node_id, device=device, host=spec.host
+        )
+        # CUDA: a dropped store stays pinned as a spare for the next version; unpinned when
+        # its memory goes (the CPU backend pins nothing)
+        self.stores = HostStore(
+            node_id,
+            device,
+            spares=self.store_options.spares_for(spec.kind),
+            release=self.backend.unpin_store if self.backend.pins_stores else None,
+            roots=spec.source_roots,
+        )
+        self.link = ReceiverLink(worker_endpoint(node_id, device, spec.ipc_dir))
         self._io = ThreadPoolExecutor(1, thread_name_prefix="store")
-        self._group_stores: dict[str, Any] = {}
+        self._group_stores: dict[str, dist.Store] = {}
         self._aborts: dict[str, Abort] = {}
         self.ended = EndedJobs()  # jobs ckptd aborted: their late commands are dropped
         self._update_lock = threading.Lock()
-        self._p2p_enabled = p2p
-        self._p2p_engine: Any = None
+        self._p2p_enabled = spec.p2p
+        self._p2p_engine: P2PEngine | None = None
         self.siblings = SiblingStores(node_id, self.backend, self.stores)
 
-    def p2p(self) -> Any:
+    def p2p(self) -> P2PEngine:
         """The transfer engine, started on first use."""
         if self._p2p_engine is None:
             from ckpt_agent.p2p import P2PEngine
@@ -156,7 +122,7 @@ class Worker:
             self.p2p()  # start the transfer engine now, not inside the first load or join
         from ckpt_agent.ceilings import measure
 
-        ready = apb.WorkerReady(ceilings=measure(self.backend))
+        ready = apb.WorkerReady(ceilings=measure(self.backend.kind, self.backend.torch_device()))
         self.reply(READY_ID, ok=True, ready=ready)
         if self.store_options.prealloc_bytes:  # loads queue behind it on the store thread
             self._io.submit(self._preallocate)
@@ -211,7 +177,7 @@ class Worker:
         for key in [k for k in self._group_stores if k.split("/", 1)[0] == a.job_id]:
             self._group_stores.pop(key, None)  # its listening socket closes with it
 
-    def _guard(self, cid: int, fn: Any, cmd: apb.Command) -> None:
+    def _guard(self, cid: int, fn: Callable[[apb.Command], None], cmd: apb.Command) -> None:
         try:
             fn(cmd)
         except StoreError as e:
@@ -227,9 +193,8 @@ class Worker:
             ready.checksums.extend(
                 self.stores.checksums(cmd.load.checkpoint, cmd.load.version, cmd.load.items)
             )
-        pin = getattr(self.backend, "pin_store", None)
-        if pin is not None:  # CUDA: pin now, so the first update runs at DMA speed
-            pin(self.stores.get(cmd.load.checkpoint, cmd.load.version))
+        if self.backend.pins_stores:  # CUDA: pin now, so the first update runs at DMA speed
+            self.backend.pin_store(self.stores.get(cmd.load.checkpoint, cmd.load.version))
             ready.seconds = time.monotonic() - t_load
         if self._p2p_enabled:
             store = self.stores.get(cmd.load.checkpoint, cmd.load.version)
@@ -251,7 +216,8 @@ class Worker:
         nbytes = self.store_options.prealloc_bytes
         t0 = time.monotonic()
         try:
-            made = self.stores.preallocate(nbytes, getattr(self.backend, "pin_store", None))
+            pin = self.backend.pin_store if self.backend.pins_stores else None
+            made = self.stores.preallocate(nbytes, pin)
         except StoreError as e:
             log.warning("stores_not_preallocated", bytes=nbytes, reason=e.message)
             return
@@ -278,68 +244,20 @@ class Worker:
         self.reply(cmd.id, ok=True)
 
     def _prepare(self, cmd: apb.Command) -> None:
-        import torch.distributed as dist
-
         p = cmd.prepare_group
-        # the store listens on the agent's --host only: a socket bound there, handed over
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.bind((self.host, 0))
-            sock.listen(128)
-            port = sock.getsockname()[1]
-        except OSError:
-            sock.close()
-            raise
-        store = dist.TCPStore(
-            self.host,
-            port,
-            p.world_size,
-            is_master=True,
-            timeout=timedelta(seconds=RENDEZVOUS_S),
-            wait_for_workers=False,
-            master_listen_fd=sock.detach(),  # the store owns (and closes) it
-        )
+        store = serve_store(self.host, p.world_size)
         self._group_stores = {group_key(p): store}  # one group at a time per device
         self.reply(cmd.id, ok=True, group=apb.GroupReady(addr=self.host, port=store.port))
 
-    def _group_store(self, u: apb.RunUpdate, abort: Abort) -> Any:
+    def _group_store(self, u: apb.RunUpdate, abort: Abort) -> dist.Store:
         """The job's store (rank 0 holds the server since PrepareGroup), scoped to the job
         so a reused store never mixes two groups."""
         import torch.distributed as dist
 
         store = self._group_stores.pop(group_key(u), None)
         if store is None:
-            store = self._store_client(u, abort)
+            store = store_client(u, abort)
         return dist.PrefixStore(f"job/{group_key(u)}", store)
-
-    @staticmethod
-    def _store_client(u: apb.RunUpdate, abort: Abort | None = None) -> Any:
-        """A client of the group's store: connects within STORE_CONNECT_S, in short attempts
-        so an abort ends the wait (a store whose host is gone refuses connections)."""
-        import torch.distributed as dist
-
-        deadline = time.monotonic() + STORE_CONNECT_S
-        while True:
-            try:
-                st = dist.TCPStore(
-                    u.master_addr,
-                    u.master_port,
-                    u.world_size,
-                    is_master=False,
-                    timeout=timedelta(seconds=CONNECT_SLICE_S),
-                )
-                st.set_timeout(timedelta(seconds=RENDEZVOUS_S))
-                return st
-            except (RuntimeError, OSError) as e:  # DistStoreError is a RuntimeError
-                if abort is not None and abort.is_set():
-                    raise StoreError("ABORTED", abort.reason) from None
-                if time.monotonic() > deadline:
-                    raise StoreError(
-                        "UNAVAILABLE",
-                        f"the group's store {u.master_addr}:{u.master_port} did not answer "
-                        f"within {STORE_CONNECT_S:g}s: {e}",
-                    ) from None
 
     def _lock_update(self, abort: Abort, u: apb.RunUpdate) -> None:
         """One update at a time; a job aborted (or out of time) while it waits gives up."""
@@ -359,16 +277,16 @@ class Worker:
         if ended is not None:
             abort.trip(ended)
         watch: PeerWatch | None = None
-        store: Any = None
+        store: dist.Store | None = None
         hosting = group_key(u) in self._group_stores  # this rank serves the group's store
-        result: Any = None
+        result: tpb.RankResult | None = None
         try:
             self._lock_update(abort, u)
             try:
                 import torch.distributed as dist
 
                 store = self._group_store(u, abort)
-                scoped = lambda: dist.PrefixStore(f"job/{group_key(u)}", self._store_client(u))  # noqa: E731
+                scoped = lambda: dist.PrefixStore(f"job/{group_key(u)}", store_client(u))  # noqa: E731
                 watch = PeerWatch(scoped, store, abort).start()
                 where = f"rank {u.group_rank} ({self.node_id}/{self.device})"
                 result = run_update(
@@ -389,6 +307,7 @@ class Worker:
             self._aborts.pop(u.job_id, None)
             if store is not None:
                 finished(store, u.world_size, hosting and result is not None and result.ok)
+        assert result is not None  # run_update returned (it raises otherwise)
         result.node_id, result.device = self.node_id, self.device
         self.reply(cmd.id, ok=True, update=result)
 
@@ -401,22 +320,19 @@ class Worker:
             )
         )
 
-    def _update_backend(self, u: apb.RunUpdate) -> Any:
+    def _update_backend(self, u: apb.RunUpdate) -> Backend:
         if not u.p2p_sources:
             return self.backend
-        from ckpt_agent.p2p_backend import P2PReadBackend
+        from ckpt_agent.backends.p2p import P2PReadBackend
 
         remote = any(not s.local_segment for s in u.p2p_sources)
         engine = self.p2p() if remote else None  # same-node sources need no transfer engine
         self.siblings.prune()
         return P2PReadBackend(self.backend, engine, list(u.p2p_sources), self.siblings)
 
-    def _update_stores(self, u: apb.RunUpdate) -> Any:
-        if not u.p2p_sources:
-            return self.stores
-        from ckpt_agent.p2p_backend import RemoteStores
-
-        return RemoteStores()
+    def _update_stores(self, u: apb.RunUpdate) -> HostStore | None:
+        """This rank's stores; none for P2P reads (their sources are other ranks' stores)."""
+        return None if u.p2p_sources else self.stores
 
     def close(self) -> None:
         self.siblings.close()
@@ -425,19 +341,8 @@ class Worker:
         self.link.close()
 
 
-def worker_main(
-    conn: Connection,
-    node_id: str,
-    device: int,
-    kind: str,
-    ipc_dir: str,
-    host: str,
-    log_level: str,
-    p2p: bool = False,
-    source_roots: tuple[str, ...] = (),
-    *,
-    stores: StoreOptions | None = None,
-) -> None:
+def worker_main(conn: Connection, spec: WorkerSpec) -> None:
+    """A worker process's entry point (spawned by the supervisor)."""
     die_with_parent()
     # The agent stops its workers (pipe EOF) and cleans up after them: a signal sent to the
     # whole process group must not kill a worker before its segments are unlinked.
@@ -445,25 +350,15 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(
         json=True,
-        level=log_level,
+        level=spec.log_level,
         service="ckpt-agent",
-        node=node_id,
-        device=device,
+        node=spec.node_id,
+        device=spec.device,
         pid=os.getpid(),
     )
     import torch  # noqa: F401  (import once, before the first update, not during it)
 
-    w = Worker(
-        conn,
-        node_id=node_id,
-        device=device,
-        kind=kind,
-        ipc_dir=ipc_dir,
-        host=host,
-        p2p=p2p,
-        source_roots=source_roots,
-        stores=stores,
-    )
+    w = Worker(conn, spec)
     try:
         w.serve()
     finally:

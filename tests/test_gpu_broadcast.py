@@ -27,7 +27,7 @@ MEM_SLACK = 64 << 20  # bytes a GPU's free memory may drift between updates
 
 
 def test_ipc_handle_maps_by_uuid_in_another_process() -> None:
-    from ckpt_agent import cuda_ipc
+    from ckpt_agent.backends import cuda_ipc
 
     dev = NGPU - 1  # the last GPU: in the child it is index 0
     src = torch.randint(0, 255, (3 << 20,), dtype=torch.uint8, device=f"cuda:{dev}")
@@ -36,7 +36,7 @@ def test_ipc_handle_maps_by_uuid_in_another_process() -> None:
     child = textwrap.dedent(
         f"""
         import torch
-        from ckpt_agent.cuda_ipc import open_handle
+        from ckpt_agent.backends.cuda_ipc import open_handle
         t, h = open_handle({name!r})
         assert t.device.index == 0, t.device
         print(int(t.to(torch.int64).sum()))
@@ -57,7 +57,7 @@ def test_ipc_handle_maps_by_uuid_in_another_process() -> None:
 
 
 def _gpu_free() -> list[int]:
-    from ckpt_agent.cuda_backend import list_devices
+    from ckpt_agent.backends.cuda_devices import list_devices
 
     return [d.free_bytes for d in list_devices()]
 
@@ -238,11 +238,11 @@ def test_direct_push_from_the_gpu_reuses_pinned_segments(tmp_path: Path) -> None
 def test_strided_h2d_is_one_exact_2d_copy() -> None:
     """A kept part of a row-parallel weight (one run per row) copied from pinned host memory
     by cudaMemcpy2DAsync on the copy stream, next to plain runs: byte-exact."""
-    from ckpt_agent.backend import Copy
-    from ckpt_agent.cuda_backend import CudaBackend
-    from ckpt_agent.cuda_memcpy import _cudart
+    from ckpt_agent.backends.base import Copy
+    from ckpt_agent.backends.cuda import CudaBackend
+    from ckpt_agent.backends.cuda_memcpy import _cudart
 
-    be = CudaBackend(0)
+    be = CudaBackend.open(0)
     assert _cudart() is not None, "the CUDA runtime torch loaded was not found"
     src = torch.randint(0, 255, (1 << 20,), dtype=torch.uint8).pin_memory()
     dst = torch.zeros(1 << 19, dtype=torch.uint8, device=be.device)

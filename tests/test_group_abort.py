@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from ckpt_agent.backend import CollectiveAborted, GlooCollective
+from ckpt_agent.backends.gloo import CollectiveAborted, GlooCollective
 from ckpt_agent.group_abort import PEER_FAILED, Abort, PeerWatch
 
 

@@ -95,7 +95,7 @@ def test_sibling_stores_map_this_nodes_stores_once_and_refuse_others(tmp_path) -
     import pytest
 
     from ckpt_agent import shm
-    from ckpt_agent.backend import CpuBackend
+    from ckpt_agent.backends.cpu import CpuBackend
     from ckpt_agent.host_store import segment_prefix
     from ckpt_agent.siblings import SiblingError, SiblingStores
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace as E
 
-from ckpt_agent.pipeline import coalesce
+from ckpt_agent.bucket_copies import coalesce
 
 
 def test_coalesce_merges_ranges_laid_out_alike() -> None:
@@ -28,7 +28,7 @@ def test_coalesce_keeps_far_apart_entries_separate() -> None:
 def test_strided_reads_stay_whole_and_copy_exact_rows() -> None:
     import torch
 
-    from ckpt_agent.backend import copy_into
+    from ckpt_agent.backends.base import copy_into
 
     es = [
         E(bucket_offset=0, store_offset=0, nbytes=8, rows=1),

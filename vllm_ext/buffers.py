@@ -27,7 +27,7 @@ class MappedBuffer:
             self._handle = mem
             self.tensor = torch.frombuffer(mem.buf, dtype=torch.uint8)
         elif name.startswith("cuda:"):
-            from ckpt_agent.cuda_ipc import open_handle
+            from ckpt_agent.backends.cuda_ipc import open_handle
 
             self.tensor, self._handle = open_handle(name[5:], device)
         else:

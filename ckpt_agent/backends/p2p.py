@@ -3,7 +3,7 @@
 receiving group, its "store" another rank's. A source on the reader's own node is read from
 its shared segment directly; any other through the transfer engine (Mooncake).
 
-Reads a bucket needs are queued by `copy` and issued in one batch right before the bucket's
+Reads a bucket needs are queued by `h2d` and issued in one batch right before the bucket's
 broadcast; then every rank agrees whether all reads succeeded, so no rank ever broadcasts
 (or hands its engine) bytes that did not arrive.
 """
@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt_agent.backend import Backend, Collective, Copy, Done, InFlight
+from ckpt_agent.backends.base import Backend, Collective, Copy, Done, InFlight
+from ckpt_agent.host_store import Store
 from ckpt_agent.p2p import P2PEngine, P2PError
 from ckpt_agent.pipeline import UpdateFailed
 from ckpt_agent.siblings import SiblingError, SiblingStores
 from ckpt_common.p2p import decode
+
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
+
+    from ckpt_agent.group_abort import Abort
 
 # Fault injection for tests: "p2p_delay:<seconds>" slows every bucket's reads, so a test
 # can kill or freeze an owner while a join is surely under way.
@@ -27,18 +34,7 @@ _FAULT = os.environ.get("CKPT_FAULT", "")
 _DELAY_S = float(_FAULT.split(":", 1)[1]) if _FAULT.startswith("p2p_delay:") else 0.0
 
 
-class _Sources:
-    """What a reader "owns": its copies' sources are other ranks' stores (P2PSource)."""
-
-
-class RemoteStores:
-    """Stands in for the host store: a P2P update's sources are other ranks' stores."""
-
-    def get(self, checkpoint: str, version: int) -> Any:
-        return _Sources()
-
-
-class _AgreeingCollective:
+class _AgreeingCollective(Collective):
     """Before each bucket's agreement the reader issues the bucket's queued reads; a failed
     read is this rank's failure flag, so no rank broadcasts (or hands its engine) bytes that
     did not arrive. Host-synchronous: every step is done when it returns."""
@@ -47,7 +43,7 @@ class _AgreeingCollective:
         self._inner = inner
         self._backend = backend
 
-    def broadcast(self, tensor: Any, root: int) -> None:
+    def broadcast(self, tensor: torch.Tensor, root: int) -> None:
         self._inner.broadcast(tensor, root)
 
     def agree(self, flag: int) -> int:
@@ -56,11 +52,11 @@ class _AgreeingCollective:
     def step(
         self,
         flag: int,
-        tensor: Any,
+        tensor: torch.Tensor,
         root: int,
         *,
-        after: Any = None,
-        side_copy: tuple[Any, Any] | None = None,
+        after: torch.cuda.Event | None = None,
+        side_copy: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> InFlight:
         problem = self._backend.flush()
         worst = self._inner.agree(1 if (flag or problem) else 0)
@@ -72,19 +68,22 @@ class _AgreeingCollective:
         self._backend.sync()
         return Done(0)
 
-    def bind(self, abort: Any, op_s: float) -> None:
-        bind = getattr(self._inner, "bind", None)
-        if bind is not None:
-            bind(abort, op_s)
+    def bind(self, abort: Abort, op_s: float) -> None:
+        self._inner.bind(abort, op_s)
+
+    # mark_failed stays the default no-op: the pipeline never marked the wrapped group
+    # (before the typed interface it probed this wrapper for `healthy`, which it lacks)
 
     def close(self) -> None:
         self._inner.close()
 
 
-class P2PReadBackend:
+class P2PReadBackend(Backend):
     """The staged backend interface over reads of other ranks' stores: a reader's "H2D" of
     a bucket copies from same-node sources at once and queues the remote reads (one per
-    run), issued in one batch right before the bucket's agreement; there is no staging."""
+    run), issued in one batch right before the bucket's agreement; there is no staging.
+    Its copies name their sources (ckpt_common.p2p.encode), not this rank's store: the
+    pipeline hands it no store (`h2d`'s src is None)."""
 
     def __init__(
         self,
@@ -99,25 +98,31 @@ class P2PReadBackend:
         self._engine = engine
         self._sources = list(sources)
         self._siblings = siblings
-        self._local: dict[int, Any] = {}  # source -> its store (1-D uint8)
+        self._local: dict[int, torch.Tensor] = {}  # source -> its store (1-D uint8)
         self._queue: dict[int, tuple[list[int], list[int], list[int]]] = {}
 
-    def store_tensor(self, store: Any) -> Any:
-        return store
+    def store_tensor(self, store: Store) -> torch.Tensor:
+        raise NotImplementedError("P2P reads copy from other ranks' stores, never this one's")
 
     def plan_slots(self, nbuf: int, bucket_bytes: int, owns: bool) -> tuple[int, int]:
         return nbuf, 0
 
-    def ipc_buffer(self, nbytes: int, share: bool = True) -> tuple[str, Any]:
+    def ipc_buffer(self, nbytes: int, share: bool = True) -> tuple[str, torch.Tensor]:
         name, buf = self._inner.ipc_buffer(nbytes)
         if self._engine is not None:
             self._engine.register(buf.data_ptr(), buf.numel() * buf.element_size())
         return name, buf
 
-    def device_buffer(self, nbytes: int) -> Any:
+    def device_buffer(self, nbytes: int) -> torch.Tensor:
         raise NotImplementedError("P2P reads need no staging")
 
-    def h2d(self, dst: Any, src: Any, copies: list[Copy], after: list[Any]) -> Any:
+    def h2d(
+        self,
+        dst: torch.Tensor,
+        src: torch.Tensor | None,
+        copies: list[Copy],
+        after: list[torch.cuda.Event],
+    ) -> tuple[None, None]:
         local = []
         for c in copies:
             source, offset = decode(c.src)
@@ -134,7 +139,7 @@ class P2PReadBackend:
                 done.synchronize()
         return None, None
 
-    def _mapped(self, source: int) -> Any:
+    def _mapped(self, source: int) -> torch.Tensor:
         """A same-node source's store (only this node's store segments can be named)."""
         got = self._local.get(source)
         if got is None:
@@ -149,7 +154,7 @@ class P2PReadBackend:
             self._local[source] = got
         return got
 
-    def _queue_reads(self, dst: Any, source: int, c: Copy) -> None:
+    def _queue_reads(self, dst: torch.Tensor, source: int, c: Copy) -> None:
         if self._engine is None:
             raise P2PError(f"source {source} is on another node and P2P is off here")
         loc, rem, lens = self._queue.setdefault(source, ([], [], []))
@@ -175,12 +180,10 @@ class P2PReadBackend:
     def end_update(self, shared_never_opened: bool = False) -> None:
         self._queue.clear()
         self._local.clear()
-        fn = getattr(self._inner, "end_update", None)
-        if fn is not None:
-            fn(shared_never_opened)
+        self._inner.end_update(shared_never_opened)
 
     def new_group(
-        self, store: Any, rank: int, world: int, timeout_s: float, job_id: str = ""
+        self, store: dist.Store, rank: int, world: int, timeout_s: float, job_id: str = ""
     ) -> Collective:
         return _AgreeingCollective(self._inner.new_group(store, rank, world, timeout_s), self)
 

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import structlog
 
-from ckpt_agent.backend import Copy, strided
+from ckpt_agent.backends.base import Copy, strided
+
+if TYPE_CHECKING:
+    import torch
 
 log = structlog.get_logger("ckpt_agent.cuda_memcpy")
 MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
 
 
 @functools.cache
-def _cudart() -> Any:
+def _cudart() -> Callable[..., int] | None:
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "libcudart.so" in line}
@@ -38,7 +42,7 @@ def _cudart() -> Any:
     return None
 
 
-def memcpy_2d(dst: Any, src: Any, c: Copy, stream: Any) -> None:
+def memcpy_2d(dst: torch.Tensor, src: torch.Tensor, c: Copy, stream: torch.cuda.Stream) -> None:
     """dst[c.dst : c.dst + c.nbytes] (device) = c's rows of src (pinned host), on stream."""
     view = strided(src, c)  # checks the copy stays inside src
     fn = _cudart()
@@ -52,7 +56,7 @@ def memcpy_2d(dst: Any, src: Any, c: Copy, stream: Any) -> None:
         raise RuntimeError(f"cudaMemcpy2DAsync failed with error {err}")
 
 
-def stream_of(stream: Any) -> Any:
+def stream_of(stream: torch.cuda.Stream) -> torch.cuda.StreamContext:
     import torch
 
     return torch.cuda.stream(stream)

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 VERSION = 1
 
@@ -38,7 +41,7 @@ def _b(x: bytes) -> str:
     return base64.b64encode(x).decode()
 
 
-def encode(tensor: Any) -> str:
+def encode(tensor: torch.Tensor) -> str:
     """The IPC handle of the storage under a contiguous uint8 CUDA tensor."""
     if not tensor.is_cuda or tensor.storage_offset() != 0:
         raise ValueError("only a whole CUDA storage can be shared")
@@ -59,7 +62,7 @@ def encode(tensor: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode()
 
 
-def decode(encoded: str) -> dict:
+def decode(encoded: str) -> dict[str, Any]:
     doc = json.loads(base64.urlsafe_b64decode(encoded.encode()))
     if not isinstance(doc, dict) or doc.get("v") != VERSION:
         raise ValueError("not a ckptd CUDA IPC handle of a known version")
@@ -69,7 +72,7 @@ def decode(encoded: str) -> dict:
 class Mapping:
     """Holds the imported storage; close() drops it (torch unmaps once nothing refers to it)."""
 
-    def __init__(self, storage: Any, device: Any) -> None:
+    def __init__(self, storage: torch.UntypedStorage | None, device: int) -> None:
         self.storage = storage
         self.device = device
 
@@ -84,7 +87,9 @@ class Mapping:
             torch.cuda.ipc_collect()
 
 
-def open_handle(encoded: str, device: Any = None) -> tuple[Any, Mapping]:
+def open_handle(
+    encoded: str, device: torch.device | str | int | None = None
+) -> tuple[torch.Tensor, Mapping]:
     """Maps the buffer. `device` is ignored except as a check: the UUID decides."""
     import torch
 
