@@ -71,6 +71,11 @@ class _AgreeingCollective(Collective):
     def bind(self, abort: Abort, op_s: float) -> None:
         self._inner.bind(abort, op_s)
 
+    def mark_failed(self) -> None:
+        """A failed P2P update's group is not reused either (a cached NCCL communicator
+        that may hold a half-done collective is evicted)."""
+        self._inner.mark_failed()
+
     # mark_failed stays the default no-op: the pipeline never marked the wrapped group
     # (before the typed interface it probed this wrapper for `healthy`, which it lacks)
 

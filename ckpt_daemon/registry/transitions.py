@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 from ckpt_daemon.model import CheckpointState, Instance, JobState, ShardState
+
+
+S = TypeVar("S", bound=enum.Enum)
 
 
 class IllegalTransition(RuntimeError):
@@ -57,7 +61,7 @@ def instance_state(inst: Instance) -> InstanceState:
     return InstanceState.SERVING if inst.ready else InstanceState.NOT_SERVING
 
 
-def check(table: Mapping[enum.Enum, frozenset], what: str, old: enum.Enum, new: enum.Enum) -> None:
+def check(table: Mapping[S, frozenset[S]], what: str, old: S, new: S) -> None:
     """Raises IllegalTransition unless new may follow old (staying put is always allowed)."""
     if old != new and new not in table[old]:
         raise IllegalTransition(f"{what}: {old.name} -> {new.name} is not a legal transition")
