@@ -91,7 +91,7 @@ def store_bytes(sp: list[tuple[str, tuple[int, ...]]]) -> int:
     """The host store of one device holding every tensor (each 256-byte aligned)."""
     import math
 
-    from ckpt_daemon.plan.planner import align_up
+    from ckpt_daemon.plan.placement import align_up
 
     return sum(align_up(math.prod(s) * 2) for _, s in sp)
 

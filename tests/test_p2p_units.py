@@ -7,7 +7,8 @@ import pytest
 from ckpt_agent.nic import nics_for_device, parse_explicit, parse_nccl_hca
 from ckpt_common.p2p import decode, encode
 from ckpt_daemon.model import RankRef, TensorSpec
-from ckpt_daemon.plan.planner import place, plan_p2p
+from ckpt_daemon.plan.placement import place
+from ckpt_daemon.plan.planner import plan_p2p
 
 HCAS = ["mlx5_0", "mlx5_1", "mlx5_2", "mlx5_3", "mlx5_bond_0"]
 
@@ -77,7 +78,7 @@ def test_plan_p2p_only_targets_take_part_and_reads_are_spread() -> None:
 
 
 def test_mirror_map_puts_mirrors_on_other_nodes() -> None:
-    from ckpt_daemon.plan.planner import PlanError, mirror_map
+    from ckpt_daemon.plan.placement import PlanError, mirror_map
 
     rs = [RankRef("a", 0), RankRef("a", 1), RankRef("b", 0), RankRef("b", 1)]
     m = mirror_map(rs)

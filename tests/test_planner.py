@@ -8,16 +8,8 @@ import pytest
 
 from ckpt_common.layers import layer_key
 from ckpt_daemon.model import RankRef, TensorInfo, TensorSpec
-from ckpt_daemon.plan.planner import (
-    ALIGN,
-    PlanError,
-    align_up,
-    choose_bucket_bytes,
-    place,
-    plan_update,
-    rank_order,
-    select_tensors,
-)
+from ckpt_daemon.plan.placement import ALIGN, PlanError, align_up, place, rank_order
+from ckpt_daemon.plan.planner import choose_bucket_bytes, plan_update, select_tensors
 
 MIB = 1 << 20
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ckpt_daemon.model import RankRef, TensorSpec
-from ckpt_daemon.plan.planner import PlanError, place
+from ckpt_daemon.plan.placement import PlanError, place
 from ckpt_daemon.plan.shard_plan import Keep, plan_class, plan_classes
 
 OWNERS = [RankRef("n1", 0), RankRef("n1", 1), RankRef("n2", 0)]

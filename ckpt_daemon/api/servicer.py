@@ -23,7 +23,7 @@ from ckpt_daemon.api import convert
 from ckpt_daemon.engines.endpoints import endpoint_refusal, origin
 from ckpt_daemon.jobs.runner import JobRunner
 from ckpt_daemon.model import Instance, InstanceKind
-from ckpt_daemon.plan.planner import mirror_name
+from ckpt_daemon.plan.placement import mirror_name
 from ckpt_daemon.push.pusher import Pusher
 from ckpt_daemon.registry.store import Registry
 from ckpt_daemon.security import auth

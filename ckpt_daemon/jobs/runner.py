@@ -40,9 +40,8 @@ from ckpt_daemon.model import (
     TensorInfo,
     UpdateSpec,
 )
+from ckpt_daemon.plan.placement import PlanError, align_up
 from ckpt_daemon.plan.planner import (
-    PlanError,
-    align_up,
     choose_bucket_bytes,
     choose_nbuf,
     plan_p2p,

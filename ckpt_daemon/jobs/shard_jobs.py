@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ckpt_daemon.model import RankRef, TensorInfo
-from ckpt_daemon.plan.planner import PlanError
+from ckpt_daemon.plan.placement import PlanError
 from ckpt_daemon.plan.shard_plan import GroupPlan, Keep, group_plans, keeps_of
 from ckpt_daemon.registry.store import Registry
 

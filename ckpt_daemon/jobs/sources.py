@@ -7,7 +7,7 @@ from collections.abc import Callable
 import structlog
 
 from ckpt_daemon.model import CheckpointVersion, RankRef, ShardState
-from ckpt_daemon.plan.planner import mirror_name
+from ckpt_daemon.plan.placement import mirror_name
 from ckpt_daemon.registry.store import Registry
 
 log = structlog.get_logger("ckptd.sources")

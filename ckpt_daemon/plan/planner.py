@@ -1,9 +1,6 @@
-"""Pure planning: where pushed tensors live, and how an update moves them.
+"""Pure planning of an update: how it moves a version's bytes (where they live:
+placement.py). Nothing here does I/O or reads the clock.
 
-Nothing here does I/O or reads the clock. Two decisions:
-
-- ``place``: at push time, spread a checkpoint's tensors over the holding ranks by bytes,
-  keeping each decoder layer's tensors on one rank so update buckets can respect layers.
 - ``plan_update``: at update time, order the participants (targets first, in global rank
   order, then owners that are not targets), and cut each owner's bytes into buckets that
   never split a layer unless the layer alone exceeds a bucket (then tensors, and a tensor
@@ -13,159 +10,18 @@ Nothing here does I/O or reads the clock. Two decisions:
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from ckpt_common.layers import layer_key
 from ckpt_common.p2p import decode as p2p_decode
 from ckpt_common.p2p import encode as p2p_encode
-from ckpt_common.pieces import entry_key
-from ckpt_daemon.model import RankRef, TensorInfo, TensorSpec
+from ckpt_daemon.model import RankRef, TensorInfo
+from ckpt_daemon.plan.placement import ALIGN, PlanError, align_up, rank_order
 
-ALIGN = 256  # bytes; keeps every tensor view aligned for any dtype and for CUDA copies
 MIB = 1 << 20
 MIN_REQUESTED_BUCKET = 4096
-
-
-class PlanError(ValueError):
-    """The request cannot be planned; the message says why."""
-
-
-def align_up(n: int, align: int = ALIGN) -> int:
-    return (n + align - 1) // align * align
-
-
-def rank_order(devices: Iterable[RankRef]) -> list[RankRef]:
-    """Global rank order: agents by node id, then device index."""
-    return sorted(set(devices))
-
-
-# --------------------------------------------------------------------------- placement
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Placement:
-    tensors: list[TensorInfo]  # every tensor, with its owner and offset in the owner's store
-    store_bytes: dict[RankRef, int]
-
-
-def _groups(specs: Sequence[TensorSpec], layers: Sequence[str]) -> list[list[int]]:
-    by_key: dict[tuple[str, str], list[int]] = {}
-    for i, s in enumerate(specs):
-        by_key.setdefault((s.node_id, layers[i]), []).append(i)
-    return list(by_key.values())
-
-
-def _check_unique(specs: Sequence[TensorSpec]) -> None:
-    seen: set[tuple[str, tuple[int, ...] | None]] = set()
-    for s in specs:
-        k = entry_key(s.name, s.piece)
-        if k in seen:
-            what = "tensor" if s.piece is None else f"piece {list(s.piece.offset)} of"
-            raise PlanError(f"{what} {s.name!r} appears more than once")
-        seen.add(k)
-
-
-def place(specs: Sequence[TensorSpec], ranks: Sequence[RankRef]) -> Placement:
-    """Largest group first onto the least-loaded eligible rank (a node-pinned source only
-    onto that node's ranks). A group larger than a fair share is placed tensor by tensor.
-    A tensor's pieces (ckpt_common.pieces) are placed like tensors, each on its own node."""
-    if not ranks:
-        raise PlanError("no ranks to hold the checkpoint")
-    _check_unique(specs)
-    ranks = rank_order(ranks)
-    sizes = [s.nbytes for s in specs]
-    layers = [layer_key(s.name) for s in specs]
-    fair = max(1, sum(sizes) // len(ranks))
-    units: list[tuple[int, list[int]]] = []  # (bytes, tensor indexes)
-    for g in _groups(specs, layers):
-        n = sum(sizes[i] for i in g)
-        if n > fair and len(g) > 1:
-            units.extend((sizes[i], [i]) for i in g)
-        else:
-            units.append((n, g))
-    units.sort(key=lambda u: (-u[0], specs[u[1][0]].name, u[1][0]))
-
-    heaps: dict[str, list[tuple[int, int, RankRef]]] = {}
-    nodes = {r.node_id for r in ranks}
-
-    def heap_for(node: str) -> list[tuple[int, int, RankRef]]:
-        if node not in heaps:
-            members = [r for r in ranks if not node or r.node_id == node]
-            if not members:
-                raise PlanError(f"source pinned to node {node!r}, which has no attached ranks")
-            heaps[node] = [(0, i, r) for i, r in enumerate(members)]
-        return heaps[node]
-
-    for node in {s.node_id for s in specs}:
-        if node and node not in nodes:
-            raise PlanError(f"source pinned to node {node!r}, which has no attached ranks")
-
-    owner_of: list[RankRef | None] = [None] * len(specs)
-    # Loads are tracked per heap; a shared rank in two heaps is rare (mixed pinned and
-    # unpinned sources) and only makes the spread less even, never wrong.
-    for n, unit in units:
-        heap = heap_for(specs[unit[0]].node_id)
-        load, k, r = heapq.heappop(heap)
-        for i in unit:
-            owner_of[i] = r
-        heapq.heappush(heap, (load + n, k, r))
-
-    # Offsets: per owner, in source order (layers stay contiguous).
-    cursor: dict[RankRef, int] = {r: 0 for r in ranks}
-    out: list[TensorInfo] = []
-    for i in sorted(range(len(specs)), key=lambda i: (layers[i], specs[i].name, i)):
-        s, r = specs[i], owner_of[i]
-        assert r is not None
-        off = cursor[r]
-        cursor[r] = align_up(off + s.nbytes)
-        out.append(
-            TensorInfo(
-                name=s.name,
-                dtype=s.dtype,
-                shape=s.shape,
-                nbytes=s.nbytes,
-                owner=r,
-                store_offset=off,
-                path=s.path,
-                file_offset=s.file_offset,
-                piece=s.piece,
-            )
-        )
-    return Placement(tensors=out, store_bytes={r: n for r, n in cursor.items() if n})
-
-
-MIRROR_PREFIX = "~mirror/"  # user names cannot contain "/": no clash
-
-
-def mirror_name(name: str) -> str:
-    """The hidden checkpoint that holds the mirror shards of `name` (replicas=2)."""
-    return MIRROR_PREFIX + name
-
-
-def mirror_map(holders: Sequence[RankRef]) -> dict[RankRef, RankRef]:
-    """Each holder's mirror: a rotation of the rank order by the smallest shift that puts
-    every mirror on another node (else by one rank). A rotation is a bijection, so every
-    rank mirrors exactly one shard and a mirror store has its primary's layout."""
-    ranks = rank_order(holders)
-    n = len(ranks)
-    if n < 2:
-        raise PlanError("a mirrored checkpoint needs at least 2 ranks")
-    shift = next(
-        (
-            k
-            for k in range(1, n)
-            if all(ranks[i].node_id != ranks[(i + k) % n].node_id for i in range(n))
-        ),
-        1,
-    )
-    return {ranks[i]: ranks[(i + shift) % n] for i in range(n)}
-
-
-def mirrored(tensors: Sequence[TensorInfo], mapping: dict[RankRef, RankRef]) -> list[TensorInfo]:
-    return [replace(t, owner=mapping[t.owner]) for t in tensors]
 
 
 # --------------------------------------------------------------------------- update plan

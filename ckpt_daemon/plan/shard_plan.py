@@ -28,7 +28,8 @@ from ckpt_common.dtypes import DTYPE_SIZES
 from ckpt_common.p2p import encode as p2p_encode
 from ckpt_common.pieces import Piece
 from ckpt_daemon.model import RankRef, TensorInfo
-from ckpt_daemon.plan.planner import ALIGN, BucketPlan, Entry, Plan, PlanError, readers_near
+from ckpt_daemon.plan.placement import ALIGN, PlanError
+from ckpt_daemon.plan.planner import BucketPlan, Entry, Plan, readers_near
 
 MAX_DIMS = 8
 

@@ -38,7 +38,7 @@ from ckpt_daemon.model import (
     TensorInfo,
     TensorSpec,
 )
-from ckpt_daemon.plan.planner import (
+from ckpt_daemon.plan.placement import (
     Placement,
     PlanError,
     mirror_map,

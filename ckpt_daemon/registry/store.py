@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, replace
 
 from ckpt_daemon.model import AgentInfo, Instance, Job, JobState, RankRef
-from ckpt_daemon.plan.planner import rank_order
+from ckpt_daemon.plan.placement import rank_order
 from ckpt_daemon.registry import schema, transitions
 from ckpt_daemon.registry.owner import writes
 from ckpt_daemon.registry.serialize import instance_to_json, job_to_json

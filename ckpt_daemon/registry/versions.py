@@ -16,7 +16,7 @@ from ckpt_daemon.model import (
     TensorInfo,
     with_checksum,
 )
-from ckpt_daemon.plan.planner import MIRROR_PREFIX
+from ckpt_daemon.plan.placement import MIRROR_PREFIX
 from ckpt_daemon.registry import schema
 from ckpt_daemon.registry.owner import Owned, writes
 from ckpt_daemon.registry.serialize import shard_rows, signed, tensor_rows
