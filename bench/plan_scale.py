@@ -11,7 +11,8 @@ import argparse
 import time
 
 from ckpt_daemon.model import RankRef, TensorInfo
-from ckpt_daemon.plan.shard_plan import Keep, plan_classes
+from ckpt_daemon.plan.keeps import Keep
+from ckpt_daemon.plan.shard_plan import plan_classes
 
 N, TP, RANKS = 131072, 8, 2048
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from ckpt_daemon.model import RankRef, TensorSpec
+from ckpt_daemon.plan.keeps import Keep
 from ckpt_daemon.plan.placement import PlanError, place
-from ckpt_daemon.plan.shard_plan import Keep, plan_class, plan_classes
+from ckpt_daemon.plan.shard_plan import plan_class, plan_classes
 
 OWNERS = [RankRef("n1", 0), RankRef("n1", 1), RankRef("n2", 0)]
 ITEM = {"F32": 4, "BF16": 2, "I8": 1}
@@ -134,7 +135,8 @@ def test_group_plans_give_every_rank_its_parts_read_near_their_owners() -> None:
     member on its owner's node, every entry's bytes (decoded source, strided runs) landing
     as the exact part; whole keeps carry their checksum, parts none."""
     from ckpt_common.p2p import decode
-    from ckpt_daemon.plan.shard_plan import group_plans, keeps_of
+    from ckpt_daemon.plan.keeps import keeps_of
+    from ckpt_daemon.plan.shard_plan import group_plans
 
     tensors, stores = checkpoint(11, 30)
     tensors = [t if i % 4 else replace(t, checksum=1234 + i) for i, t in enumerate(tensors)]
@@ -189,7 +191,7 @@ def test_a_tensor_an_engine_never_saw_makes_it_a_broadcast() -> None:
     (a name the model may not have) must reach the engine whole, for it to judge; "none"
     (taken by the loader, kept elsewhere) is simply not sent."""
     from ckpt_daemon.jobs.shard_jobs import NotSharded, keeps
-    from ckpt_daemon.plan.shard_plan import keeps_of
+    from ckpt_daemon.plan.keeps import keeps_of
 
     tensors, _ = checkpoint(5, 6)
     r0, r1 = RankRef("n1", 0), RankRef("n1", 1)

@@ -40,6 +40,7 @@ from ckpt_daemon.model import (
     TensorInfo,
     UpdateSpec,
 )
+from ckpt_daemon.plan.keeps import Keep, part_nbytes
 from ckpt_daemon.plan.placement import PlanError, align_up
 from ckpt_daemon.plan.planner import (
     choose_bucket_bytes,
@@ -49,7 +50,6 @@ from ckpt_daemon.plan.planner import (
     readers_near,
     select_tensors,
 )
-from ckpt_daemon.plan.shard_plan import Keep, part_nbytes
 from ckpt_daemon.push.direct import DirectPushes
 from ckpt_daemon.push.part_sums import PartSums
 from ckpt_daemon.registry.layouts import forget_layouts, layout_unknown, learn_layouts

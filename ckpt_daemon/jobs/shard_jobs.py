@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ckpt_daemon.model import RankRef, TensorInfo
+from ckpt_daemon.plan.keeps import Keep, keeps_of
 from ckpt_daemon.plan.placement import PlanError
-from ckpt_daemon.plan.shard_plan import GroupPlan, Keep, group_plans, keeps_of
+from ckpt_daemon.plan.shard_plan import GroupPlan, group_plans
 from ckpt_daemon.registry.store import Registry
 
 

@@ -19,26 +19,18 @@ row at an element). Vectorised with numpy: a million kept parts plan in well und
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from dataclasses import dataclass
 
 import numpy as np
 
 from ckpt_common.dtypes import DTYPE_SIZES
 from ckpt_common.p2p import encode as p2p_encode
-from ckpt_common.pieces import Piece
 from ckpt_daemon.model import RankRef, TensorInfo
+from ckpt_daemon.plan.keeps import Keep, part_of
 from ckpt_daemon.plan.placement import ALIGN, PlanError
 from ckpt_daemon.plan.planner import BucketPlan, Entry, Plan, readers_near
 
 MAX_DIMS = 8
-
-
-class Keep(NamedTuple):
-    name: str
-    dim: int = -1  # -1: the whole tensor
-    start: int = 0
-    length: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -276,42 +268,6 @@ def _split_part(
 # --------------------------------------------------------------------------- from maps to groups
 
 
-def keeps_of(layout: Mapping[str, Any], tensors: Sequence[TensorInfo]) -> list[Keep]:
-    """A rank's keeps among the tensors of an update, from its sharding map (vllm_ext.layout:
-    {name: "whole" | [offset, shape]}), in the tensors' order. A box narrowed on one
-    dimension is a part; narrowed on none, or on several, the tensor is kept whole (the
-    engine's loader narrows it). "none" (or a name the map lacks): not kept. A malformed map:
-    PlanError."""
-    out: list[Keep] = []
-    for t in tensors:
-        box = layout.get(t.name)
-        if box is None or box == "none":
-            continue
-        if box == "whole":
-            out.append(Keep(t.name))
-            continue
-        try:
-            off, shape = ([int(x) for x in v] for v in box)
-        except (TypeError, ValueError):
-            raise PlanError(f"the sharding map of {t.name!r} is malformed: {box!r:.80}") from None
-        n = len(t.shape)
-        if (
-            len(off) != n
-            or len(shape) != n
-            or any(
-                o < 0 or s <= 0 or o + s > f for o, s, f in zip(off, shape, t.shape, strict=True)
-            )
-        ):
-            raise PlanError(f"the sharding map of {t.name!r} lies outside its shape {t.shape}")
-        narrowed = [d for d in range(n) if off[d] != 0 or shape[d] != t.shape[d]]
-        if len(narrowed) == 1:
-            d = narrowed[0]
-            out.append(Keep(t.name, d, off[d], shape[d]))
-        else:
-            out.append(Keep(t.name))
-    return out
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GroupPlan:
     """One class's group: its members read the class's buckets from the owners' stores
@@ -322,22 +278,6 @@ class GroupPlan:
     plan: Plan
     sources: list[RankRef]
     local: list[bool]
-
-
-def part_nbytes(t: TensorInfo, k: Keep) -> int:
-    return t.nbytes if k.dim < 0 else t.nbytes // t.shape[k.dim] * k.length
-
-
-def part_of(t: TensorInfo, k: Keep) -> TensorInfo:
-    """The stored tensor t narrowed to a keep: the entry a shard-aware plan reads."""
-    if k.dim < 0:
-        return t
-    off = [0] * len(t.shape)
-    shape = list(t.shape)
-    off[k.dim], shape[k.dim] = k.start, k.length
-    return replace(
-        t, nbytes=part_nbytes(t, k), checksum=None, piece=Piece(tuple(off), tuple(shape))
-    )
 
 
 def _readers(cp: ClassPlan, members: list[RankRef]) -> list[int]:

@@ -37,8 +37,8 @@ from ckpt_common.pieces import Piece, check_piece, entry_key, tiling_problem
 from ckpt_daemon import admission
 from ckpt_daemon.engines import probes
 from ckpt_daemon.model import CheckpointVersion, Probe, RankRef, Shard, TensorInfo, TensorSpec
+from ckpt_daemon.plan.keeps import Keep
 from ckpt_daemon.plan.placement import PlanError, place
-from ckpt_daemon.plan.shard_plan import Keep
 
 log = structlog.get_logger("ckptd.push")
 MAX_PARTS = 65536

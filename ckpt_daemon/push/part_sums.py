@@ -20,9 +20,9 @@ from ckpt.v1 import agent_pb2 as apb
 from ckpt_common.dtypes import DTYPE_SIZES
 from ckpt_daemon.agents.hub import AgentHub
 from ckpt_daemon.model import CheckpointVersion, RankRef, TensorInfo
+from ckpt_daemon.plan.keeps import Keep, keeps_of, part_of
 from ckpt_daemon.plan.placement import PlanError
 from ckpt_daemon.plan.planner import Plan
-from ckpt_daemon.plan.shard_plan import Keep, keeps_of, part_of
 
 log = structlog.get_logger("ckptd.part_sums")
 MAX_WANTED = 1 << 20  # parts a push is asked for at most (beyond: the owners take them)

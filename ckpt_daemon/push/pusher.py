@@ -38,6 +38,7 @@ from ckpt_daemon.model import (
     TensorInfo,
     TensorSpec,
 )
+from ckpt_daemon.plan.keeps import Keep
 from ckpt_daemon.plan.placement import (
     Placement,
     PlanError,
@@ -46,7 +47,6 @@ from ckpt_daemon.plan.placement import (
     mirrored,
     place,
 )
-from ckpt_daemon.plan.shard_plan import Keep
 from ckpt_daemon.push import part_sums
 from ckpt_daemon.push.direct import DirectPushes, Known, StoreOps
 from ckpt_daemon.push.part_sums import PartSums
