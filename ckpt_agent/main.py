@@ -26,6 +26,11 @@ GIB = 1 << 30
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
+    """The agent's tunables, read once: flags, else their variables, else defaults."""
+    return _config(_parser().parse_args(argv))
+
+
+def _parser() -> argparse.ArgumentParser:
     d = AgentConfig()
     p = argparse.ArgumentParser(prog="ckpt-agent", description="ckptd node agent")
     p.add_argument("--daemon", default=default_daemon(), help="ckptd host:port")
@@ -62,6 +67,16 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         help="the network between nodes is trusted: allows P2P (Mooncake has no "
         "authentication and listens on every interface; env CKPT_TRUSTED_FABRIC=1)",
     )
+    _store_args(p)
+    p.add_argument("--token-file", default="", help="bearer token (env CKPTD_TOKEN_FILE)")
+    p.add_argument("--tls-ca", default="", help="CA that signed ckptd's certificate")
+    p.add_argument("--tls-cert", default="", help="this agent's certificate (node id in SAN)")
+    p.add_argument("--tls-key", default="", help="its private key")
+    p.add_argument("--insecure", action="store_true", help="plaintext beyond loopback")
+    return p
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--spare-stores",
         type=int,
@@ -77,12 +92,9 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         help="at start, fill each worker's spares with host stores of this size (pinned on "
         "cuda): at least a version's bytes on that device, at most twice them",
     )
-    p.add_argument("--token-file", default="", help="bearer token (env CKPTD_TOKEN_FILE)")
-    p.add_argument("--tls-ca", default="", help="CA that signed ckptd's certificate")
-    p.add_argument("--tls-cert", default="", help="this agent's certificate (node id in SAN)")
-    p.add_argument("--tls-key", default="", help="its private key")
-    p.add_argument("--insecure", action="store_true", help="plaintext beyond loopback")
-    a = p.parse_args(argv)
+
+
+def _config(a: argparse.Namespace) -> AgentConfig:
     slots = a.slots if a.slots is not None else (1 if a.device == "cpu" else 0)
     return AgentConfig(
         daemon=a.daemon,

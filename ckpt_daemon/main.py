@@ -24,6 +24,11 @@ SERVER_ENV_NAMES = {
 
 
 def parse_args(argv: list[str] | None = None) -> DaemonConfig:
+    """ckptd's tunables, read once: flags, else their CKPTD_* variables, else defaults."""
+    return _config(_parser().parse_args(argv))
+
+
+def _parser() -> argparse.ArgumentParser:
     d = DaemonConfig()
     p = argparse.ArgumentParser(prog="ckptd", description="ckptd: live weight-update coordinator")
     p.add_argument(
@@ -62,14 +67,17 @@ def parse_args(argv: list[str] | None = None) -> DaemonConfig:
     )
     add_security_args(p)
     apply_env_defaults(p, "CKPTD_", SERVER_ENV_NAMES)
-    a = p.parse_args(argv)
+    return p
+
+
+def _config(a: argparse.Namespace) -> DaemonConfig:
     extra = {}
     if a.max_bucket_mib:
         extra = {
             "max_bucket_bytes_cpu": a.max_bucket_mib << 20,
             "max_bucket_bytes_cuda": a.max_bucket_mib << 20,
         }
-    cfg = DaemonConfig(
+    return DaemonConfig(
         listen=a.listen,
         state_dir=a.state_dir,
         heartbeat_s=a.heartbeat_s,
@@ -87,7 +95,6 @@ def parse_args(argv: list[str] | None = None) -> DaemonConfig:
         engine_token_file=a.engine_token_file,
         **extra,
     )
-    return cfg
 
 
 def add_security_args(p: argparse.ArgumentParser) -> None:

@@ -129,7 +129,7 @@ def write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckpt-receiver", description=__doc__)
     p.add_argument("--node-id", required=True)
     p.add_argument("--device", type=int, default=0)
@@ -159,20 +159,29 @@ def main(argv: list[str] | None = None) -> None:
         default=STEP_TIMEOUT_S,
         help="give an update up when its worker sends nothing for this long (it died)",
     )
-    a = p.parse_args(argv)
+    return p
+
+
+def _device(a: argparse.Namespace):  # -> torch.device | None
+    """The GPU this receiver keeps tensors on (set as current), or None (CPU). Imports torch
+    either way: before announcing readiness, not during the first update."""
+    import torch
+
+    if not a.cuda:
+        return None
+    idx = a.cuda_index
+    if idx < 0:
+        idx = a.device if a.device < torch.cuda.device_count() else 0
+    device = torch.device("cuda", idx)
+    torch.cuda.set_device(device)
+    return device
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = _parser().parse_args(argv)
     setup_logging(json=True, service="ckpt-receiver", node=a.node_id, device=a.device)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    device = None
-    if a.cuda:
-        import torch
-
-        idx = a.cuda_index
-        if idx < 0:
-            idx = a.device if a.device < torch.cuda.device_count() else 0
-        device = torch.device("cuda", idx)
-        torch.cuda.set_device(device)
-    import torch  # noqa: F401  (before announcing readiness, not during the first update)
-
+    device = _device(a)
     engine = ReferenceEngine(device=device, prealloc=a.prealloc)
     if a.tp:
         size, _, rank = a.tp.partition("/")
@@ -207,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
             seconds=round(time.monotonic() - t0, 4),
         )
         if device is not None:  # copies made while loading go back to the driver
+            import torch
+
             torch.cuda.empty_cache()
         if done.ok and a.report:
             write_json(a.report, engine.report())

@@ -88,6 +88,41 @@ def server_credentials(config: DaemonConfig) -> grpc.ServerCredentials:
     )
 
 
+async def _serve(
+    config: DaemonConfig,
+    policy: AccessPolicy,
+    servicer: CkptServicer,
+    link: AgentLinkServicer,
+) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server on config.listen (TLS when configured), health and reflection
+    included, started and SERVING; its port."""
+    opts = [
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+    server = grpc.aio.server(options=opts, interceptors=[AuthInterceptor(policy)])
+    ckptd_pb2_grpc.add_CkptServicer_to_server(servicer, server)
+    add_agent_link(link, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, "ckpt.v1.AgentLink", reflection.SERVICE_NAME, health.SERVICE_NAME), server
+    )
+    if config.tls_cert:
+        port = server.add_secure_port(config.listen, server_credentials(config))
+    else:
+        port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    await server.start()
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, port
+
+
 async def start_daemon(config: DaemonConfig) -> Daemon:
     why = listen_refusal(config.listen, tls=bool(config.tls_cert), insecure=config.insecure)
     if why:
@@ -114,32 +149,8 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
     )  # fmt: skip
     pusher.before_forget = jobs.push_failed
     pusher.part_sums = jobs.part_sums
-    opts = [
-        ("grpc.max_send_message_length", MAX_MESSAGE),
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ]
-    server = grpc.aio.server(options=opts, interceptors=[AuthInterceptor(policy)])
-    ckptd_pb2_grpc.add_CkptServicer_to_server(
-        CkptServicer(registry, hub, pusher, jobs, trigger.verify), server
-    )
-    add_agent_link(AgentLinkServicer(hub), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, "ckpt.v1.AgentLink", reflection.SERVICE_NAME, health.SERVICE_NAME), server
-    )
-    if config.tls_cert:
-        port = server.add_secure_port(config.listen, server_credentials(config))
-    else:
-        port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
-    await server.start()
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    servicer = CkptServicer(registry, hub, pusher, jobs, trigger.verify)
+    server, port = await _serve(config, policy, servicer, AgentLinkServicer(hub))
     daemon = Daemon(config, registry, hub, jobs, server, port, tracer=tracer)
     if config.metrics_listen:
         tls = (config.tls_cert, config.tls_key) if config.tls_cert else None
