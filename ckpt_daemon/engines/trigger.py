@@ -109,30 +109,7 @@ class EngineTrigger:
             except urllib.error.HTTPError as e:
                 if e.code != 404:  # servers without /pause: collective_rpc runs between steps
                     raise
-            spec = {
-                "job_id": job.id,
-                "endpoints": self.endpoints(instance),
-                "timeout_s": timeout,
-                "checkpoint": job.spec.checkpoint,
-                "version": job.version,
-            }
-            version = serving_after(instance, job)  # what it serves once committed
-            if instance.weight_transfer == NATIVE:
-                await self._load_native(instance, base, spec, (timeout, ctl), state, sign)
-                try:
-                    await self._probe(instance, job, min(ctl, PROBE_TIMEOUT_S), sign)
-                except BaseException:  # close vLLM's update session; the version stays old
-                    with contextlib.suppress(Exception):
-                        await self._post(f"{base}/finish_weight_update", {}, ctl, sign)
-                    raise
-                finish = {"weight_version": version}
-                await self._post(f"{base}/finish_weight_update", finish, ctl, sign)
-            else:
-                await self._load_extension(instance, base, spec, timeout, state, sign)
-                await self._probe(instance, job, min(ctl, PROBE_TIMEOUT_S), sign)
-                await self._post_optional(
-                    f"{base}/update_weight_version", {"new_version": version}, ctl, sign
-                )
+            await self._load_and_prove(instance, job, (timeout, ctl), state, sign)
             state["committed"] = True
         except EngineUnproven as e:  # nothing signed was sent to it
             raise Aborted(
@@ -156,6 +133,43 @@ class EngineTrigger:
                     self._on_pause(instance.name, paused_s)
             elif paused:  # it may hold a mix: it serves again only once restored
                 log.warning("engine_kept_paused", **bind)
+
+    async def _load_and_prove(
+        self,
+        instance: Instance,
+        job: Job,
+        timeouts: tuple[float, float],
+        state: dict[str, bool],
+        sign: Signer | None,
+    ) -> None:
+        """Has the paused engine load the job's bytes (vLLM's native weight-transfer API or
+        the extension), proves the version with its probe, and names what it now serves."""
+        timeout, ctl = timeouts
+        base = instance.endpoint.rstrip("/")
+        spec = {
+            "job_id": job.id,
+            "endpoints": self.endpoints(instance),
+            "timeout_s": timeout,
+            "checkpoint": job.spec.checkpoint,
+            "version": job.version,
+        }
+        version = serving_after(instance, job)  # what it serves once committed
+        if instance.weight_transfer == NATIVE:
+            await self._load_native(instance, base, spec, (timeout, ctl), state, sign)
+            try:
+                await self._probe(instance, job, min(ctl, PROBE_TIMEOUT_S), sign)
+            except BaseException:  # close vLLM's update session; the version stays old
+                with contextlib.suppress(Exception):
+                    await self._post(f"{base}/finish_weight_update", {}, ctl, sign)
+                raise
+            finish = {"weight_version": version}
+            await self._post(f"{base}/finish_weight_update", finish, ctl, sign)
+        else:
+            await self._load_extension(instance, base, spec, timeout, state, sign)
+            await self._probe(instance, job, min(ctl, PROBE_TIMEOUT_S), sign)
+            await self._post_optional(
+                f"{base}/update_weight_version", {"new_version": version}, ctl, sign
+            )
 
     async def _post_optional(
         self, url: str, body: dict, timeout: float, sign: Signer | None
