@@ -20,7 +20,10 @@ nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv | tee "$
 timeout "${TEST_S:-200}" python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_broadcast.py \
   tests/test_integrity.py -k "direct_push or checksum" --basetemp=/tmp/gt 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -25
+TESTS_RC=${PIPESTATUS[0]}
 for f in /tmp/gt/*/logs/agent-g.log /tmp/gt/*/*/logs/agent-g.log; do [ -f "$f" ] && tail -c 3000 "$f"; done > "$OUT/gpu_test_agent_tail.log" 2>/dev/null
+# STOP_ON_FAIL=1: no benchmark on a build whose GPU tests failed
+if [ "$TESTS_RC" != 0 ] && [ -n "${STOP_ON_FAIL:-}" ]; then echo "GPU tests failed (rc $TESTS_RC)"; exit 1; fi
 LEFT=$(( ${BUDGET_S:-575} - SECONDS )); echo "bench: ${LEFT}s left"
 timeout "$LEFT" python3 -m bench.rl_step --size-gib "$SIZE" --steps "$STEPS" "${@:3}" --out "$OUT/rl_step.json" \
   2>"$OUT/rl_step.err" | tee "$OUT/rl_step.txt"
