@@ -10,7 +10,6 @@ from typing import TypeVar
 
 from ckpt_daemon.model import CheckpointState, Instance, JobState, ShardState
 
-
 S = TypeVar("S", bound=enum.Enum)
 
 
