@@ -34,13 +34,14 @@ def coalesce(entries: Iterable[apb.BucketEntry]) -> list[Copy]:
             continue
         rows = max(1, e.rows)
         if rows > 1:
-            out.append(Copy(e.bucket_offset, e.store_offset, e.nbytes // rows, rows, e.stride))
+            run = e.nbytes // rows
+            out.append(Copy(e.bucket_offset, e.store_offset, run, rows, e.stride, e.source))
             continue
-        if out and out[-1].rows == 1:
+        if out and out[-1].rows == 1 and out[-1].source == e.source:
             d, o, n = out[-1][:3]
             gap = e.bucket_offset - (d + n)
             if 0 <= gap < MERGE_GAP and e.store_offset - o == e.bucket_offset - d:
-                out[-1] = Copy(d, o, e.bucket_offset + e.nbytes - d)
+                out[-1] = Copy(d, o, e.bucket_offset + e.nbytes - d, source=e.source)
                 continue
-        out.append(Copy(e.bucket_offset, e.store_offset, e.nbytes))
+        out.append(Copy(e.bucket_offset, e.store_offset, e.nbytes, source=e.source))
     return out

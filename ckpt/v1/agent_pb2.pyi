@@ -255,7 +255,7 @@ class PrepareGroup(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., world_size: _Optional[int] = ..., group: _Optional[str] = ...) -> None: ...
 
 class BucketEntry(_message.Message):
-    __slots__ = ("tensor", "bucket_offset", "store_offset", "nbytes", "chunk_offset", "rows", "stride")
+    __slots__ = ("tensor", "bucket_offset", "store_offset", "nbytes", "chunk_offset", "rows", "stride", "source")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     BUCKET_OFFSET_FIELD_NUMBER: _ClassVar[int]
     STORE_OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +263,7 @@ class BucketEntry(_message.Message):
     CHUNK_OFFSET_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     tensor: int
     bucket_offset: int
     store_offset: int
@@ -270,7 +271,8 @@ class BucketEntry(_message.Message):
     chunk_offset: int
     rows: int
     stride: int
-    def __init__(self, tensor: _Optional[int] = ..., bucket_offset: _Optional[int] = ..., store_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., chunk_offset: _Optional[int] = ..., rows: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
+    source: int
+    def __init__(self, tensor: _Optional[int] = ..., bucket_offset: _Optional[int] = ..., store_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., chunk_offset: _Optional[int] = ..., rows: _Optional[int] = ..., stride: _Optional[int] = ..., source: _Optional[int] = ...) -> None: ...
 
 class Bucket(_message.Message):
     __slots__ = ("owner", "nbytes", "entries")

@@ -36,6 +36,7 @@ class Copy(NamedTuple):
     run: int
     rows: int = 1
     stride: int = 0
+    source: int = 0  # reading backends (P2P): which source's store `src` is in
 
     @property
     def nbytes(self) -> int:
