@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from ckpt.v1 import agent_pb2 as apb
 from ckpt_common.errors import (
     CkptError,
     FailedPrecondition,
@@ -20,6 +19,7 @@ from ckpt_common.errors import (
     Unavailable,
 )
 from ckpt_daemon import admission
+from ckpt_daemon.agents.commands import P2PSource
 from ckpt_daemon.agents.hub import AgentHub
 from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.engines.alive import check_engines
@@ -316,7 +316,7 @@ class JobRunner:
 
     def read_sources(
         self, cv: CheckpointVersion, owners: list[RankRef], near: list[bool]
-    ) -> tuple[list[apb.P2PSource], list[str]]:
+    ) -> tuple[list[P2PSource], list[str]]:
         """Where readers read each owner's store (near: all its readers are on its node):
         its shared segment where it is READY and its agent attached, else by P2P from the
         owner (or its mirror, replicas=2). Returns the sources and the owners read from
@@ -327,9 +327,9 @@ class JobRunner:
             sh = cv.shards.get(o)
             here = sh is not None and sh.state == ShardState.READY and sh.segment
             if n and here and self._hub.attached(o.node_id):
-                out.append(apb.P2PSource(local_segment=sh.segment))
+                out.append(P2PSource(local_segment=sh.segment))
             elif live.get(o, ("", 0))[0]:
-                out.append(apb.P2PSource(session=live[o][0], addr=live[o][1]))
+                out.append(P2PSource(session=live[o][0], addr=live[o][1]))
             else:
                 missing.append(str(o))
         return out, missing
