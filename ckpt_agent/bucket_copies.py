@@ -12,15 +12,15 @@ from ckpt_common.layers import layer_key
 MERGE_GAP = 4096  # entries this close, laid out alike, are copied as one range
 
 
-def copy_flags(cmd: apb.RunUpdate) -> list[list[bool]]:
+def copy_flags(plan: apb.UpdatePlan) -> list[list[bool]]:
     """Per bucket entry: does the tensor's layer continue in a later bucket?"""
     last: dict[str, int] = {}
-    for k, b in enumerate(cmd.buckets):
+    for k, b in enumerate(plan.buckets):
         for e in b.entries:
-            last[layer_key(cmd.tensors[e.tensor].name)] = k
+            last[layer_key(plan.tensors[e.tensor].name)] = k
     return [
-        [last[layer_key(cmd.tensors[e.tensor].name)] > k for e in b.entries]
-        for k, b in enumerate(cmd.buckets)
+        [last[layer_key(plan.tensors[e.tensor].name)] > k for e in b.entries]
+        for k, b in enumerate(plan.buckets)
     ]
 
 

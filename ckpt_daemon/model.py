@@ -45,6 +45,15 @@ class InstanceKind(enum.IntEnum):
     RECEIVER = 2
 
 
+class FailureOrigin(enum.IntEnum):
+    """Where a rank's failure began (ckpt.v1.FailureOrigin)."""
+
+    UNSPECIFIED = 0  # no failure, or not said: taken as the rank's own
+    SELF = 1
+    PEER = 2  # another rank of its group failed
+    DAEMON = 3  # ckptd aborted the job
+
+
 @dataclass(frozen=True, order=True, slots=True)
 class RankRef:
     """A device of an agent. Global rank order is (node_id, device)."""
@@ -207,6 +216,12 @@ class RankResult:
     bytes: int = 0  # through its group's collective
     engine_untouched: bool = False  # its engine was never told to load (False: unknown)
     copy_bytes: int = 0  # staged from host stores (its own buckets), in copy_s
+    origin: FailureOrigin = FailureOrigin.UNSPECIFIED  # where its failure began (not ok)
+
+    @property
+    def own_failure(self) -> bool:
+        """Failed by itself, not stopped by another rank or by ckptd."""
+        return not self.ok and self.origin not in (FailureOrigin.PEER, FailureOrigin.DAEMON)
 
 
 @dataclass(kw_only=True, slots=True)

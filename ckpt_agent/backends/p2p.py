@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent.backends.base import Backend, Collective, Copy, Done, InFlight
+from ckpt_agent.group_abort import UpdateFailed
 from ckpt_agent.host_store import Store
 from ckpt_agent.p2p import P2PEngine, P2PError
-from ckpt_agent.pipeline import UpdateFailed
 from ckpt_agent.siblings import SiblingError, SiblingStores
 
 if TYPE_CHECKING:

@@ -137,36 +137,39 @@ def run_updates(u: UpdateRun, want_layout: Sequence[bool]) -> list[Command]:
     """One RunUpdate per participant of u.plan, in group-rank order; want_layout[i]: ask
     participant i's engine for its sharding map (targets only)."""
     plan = u.plan
-    tensors = [tensor_meta(t) for t in plan.tensors]
-    buckets = _buckets(plan)
-    sources = [
-        apb.P2PSource(session=s.session, addr=s.addr, local_segment=s.local_segment)
-        for s in u.sources
-    ]
+    what = apb.UpdatePlan(
+        tensors=[tensor_meta(t) for t in plan.tensors],
+        buckets=_buckets(plan),
+        bucket_bytes=plan.bucket_bytes,
+        nbuf=plan.nbuf,
+        sources=[
+            apb.P2PSource(session=s.session, addr=s.addr, local_segment=s.local_segment)
+            for s in u.sources
+        ],
+        partial=plan.partial,
+        kept=plan.kept,
+        streamed=u.streamed,
+    )
+    deadlines = apb.Deadlines(timeout_s=u.timeout_s, receiver_timeout_s=u.receiver_timeout_s)
+    world = len(plan.participants)
     return [
         apb.Command(
             run_update=apb.RunUpdate(
                 job_id=u.job_id,
                 device=r.device,
-                group_rank=i,
-                world_size=len(plan.participants),
-                master_addr=u.master[0],
-                master_port=u.master[1],
-                is_target=plan.is_target(i),
                 checkpoint=u.checkpoint,
                 version=u.version,
-                bucket_bytes=plan.bucket_bytes,
-                nbuf=plan.nbuf,
-                tensors=tensors,
-                buckets=buckets,
-                timeout_s=u.timeout_s,
-                receiver_timeout_s=u.receiver_timeout_s,
-                partial=plan.partial,
-                p2p_sources=sources,
-                group=plan.group,
-                kept=plan.kept,
+                is_target=plan.is_target(i),
                 want_layout=want_layout[i] and plan.is_target(i),
-                streamed=u.streamed,
+                rendezvous=apb.Rendezvous(
+                    group=plan.group,
+                    group_rank=i,
+                    world_size=world,
+                    master_addr=u.master[0],
+                    master_port=u.master[1],
+                ),
+                plan=what,
+                deadlines=deadlines,
             )
         )
         for i, r in enumerate(plan.participants)

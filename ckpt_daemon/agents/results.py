@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt_daemon.model import PhaseTimes, RankRef, RankResult
+from ckpt_daemon.model import FailureOrigin, PhaseTimes, RankRef, RankResult
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -88,8 +88,15 @@ def progress(p: apb.Progress) -> BucketProgress:
     return BucketProgress(job_id=p.job_id, device=p.device, bucket=p.bucket, bytes=p.bytes)
 
 
+def _origin(value: int) -> FailureOrigin:
+    try:
+        return FailureOrigin(value)
+    except ValueError:  # a newer agent's: the rank's own, as an unsaid one
+        return FailureOrigin.UNSPECIFIED
+
+
 def rank_result(rank: int, owner: RankRef, res: apb.CommandResult) -> RankResult:
-    u = res.update
+    u = res.update.result
     return RankResult(
         rank=rank,
         owner=owner,
@@ -105,9 +112,10 @@ def rank_result(rank: int, owner: RankRef, res: apb.CommandResult) -> RankResult
             setup_s=u.times.setup_s,
             total_s=u.times.total_s,
         ),
+        origin=_origin(res.update.origin) if not u.ok else FailureOrigin.UNSPECIFIED,
     )
 
 
 def layout(res: apb.CommandResult) -> str | None:
     """The engine's sharding map the update asked for (None: it did not tell)."""
-    return res.update.layout or None
+    return res.update.result.layout or None

@@ -23,8 +23,6 @@ from ckpt_daemon.plan.planner import Plan
 from ckpt_daemon.registry.store import Registry
 
 log = structlog.get_logger("ckptd.execute")
-PEER_FAILED = "another rank failed"  # how a worker says the failure was not its own
-NOT_OWN = (PEER_FAILED, "aborted by ckptd")  # reasons of ranks that were told to stop
 REPORT_GRACE_S = 3.0  # after the first failure, how long the others get to report theirs
 
 EngineTrigger = Callable[[Instance, Job, float], Awaitable[None]]
@@ -168,7 +166,7 @@ class Executor:
             job.results = [done[r] for r in participants if r in done]
         bad = sorted(
             (r for r in job.results if not r.ok),
-            key=lambda r: (r.reason.startswith(NOT_OWN), r.rank),
+            key=lambda r: (not r.own_failure, r.rank),  # a rank's own failure first
         )
         if bad:
             raise Aborted(f"rank {bad[0].rank} ({bad[0].owner}): {bad[0].reason}")
