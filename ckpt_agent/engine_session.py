@@ -40,7 +40,7 @@ class EngineSession:
         self.loaded = -1  # highest bucket the engine has loaded
         self.told = False  # the engine already knows this update will not happen
         self.proceeded = False  # the engine was told to map the buffer
-        self.layout = ""  # the engine's sharding map (JSON), when the update asked for it
+        self.layout: ipb.EngineLayout | None = None  # the engine's map, when it was asked
         link.peer = None
 
     def begin(self, buffer: str, nslots: int) -> str:
@@ -78,7 +78,7 @@ class EngineSession:
             if self.abort.is_set():  # the wait ended from outside: that is the reason
                 return getattr(self.abort, "reason", "") or str(e)
             return str(e)
-        self.layout = v.layout
+        self.layout = v.layout if v.HasField("layout") else None
         return "" if v.ok else f"engine refused the update: {v.reason}"
 
     def refuse(self, reason: str) -> None:

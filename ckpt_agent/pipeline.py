@@ -327,9 +327,9 @@ class UpdateRun:
         )  # fmt: skip
         result = tpb.RankResult(
             ok=True, bytes=self.sent_bytes, copy_bytes=self.copied_bytes,
-            times=self.timer.pb(total_s), layout=self.engine.layout,
+            times=self.timer.pb(total_s),
         )  # fmt: skip
-        return apb.UpdateDone(result=result)
+        return apb.UpdateDone(result=result, layout=self.engine.layout)
 
     def _release(self) -> None:
         if self.coll is not None:

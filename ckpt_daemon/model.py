@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import operator
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from ckpt_common.pieces import Piece
 
@@ -43,6 +44,10 @@ class JobKind(enum.IntEnum):
 class InstanceKind(enum.IntEnum):
     VLLM = 1
     RECEIVER = 2
+
+
+# An engine rank's sharding map (vllm_ext.layout): {name: "whole" | [offset, shape] | "none"}
+LayoutMap = dict[str, Any]
 
 
 class FailureOrigin(enum.IntEnum):

@@ -64,3 +64,16 @@ def test_a_failed_rank_reads_its_origin() -> None:
     assert own.own_failure and unsaid.own_failure  # an unsaid origin is the rank's own
     ok = results.rank_result(0, me, done(True, apb.ORIGIN_UNSPECIFIED))
     assert ok.ok and not ok.own_failure
+
+
+def test_a_layout_travels_as_a_message_and_comes_back_a_map() -> None:
+    from ckpt_common.layout_wire import from_pb, to_pb
+
+    layout = {"a": "whole", "b": [[0, 64], [32, 64]], "c": "none", "s": [[], []]}
+    msg = to_pb(layout)
+    assert [t.name for t in msg.tensors] == ["a", "b", "c", "s"]
+    again = apb.UpdateDone.FromString(apb.UpdateDone(layout=msg).SerializeToString())
+    assert from_pb(again.layout) == layout
+    res = apb.CommandResult(ok=True, update=again)
+    assert results.layout(res) == layout
+    assert results.layout(apb.CommandResult(ok=True, update=apb.UpdateDone())) is None

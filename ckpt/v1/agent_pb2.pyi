@@ -1,3 +1,4 @@
+from ckpt.v1 import ipc_pb2 as _ipc_pb2
 from ckpt.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -148,12 +149,14 @@ class CommandResult(_message.Message):
     def __init__(self, command_id: _Optional[int] = ..., ok: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., scan: _Optional[_Union[ScanResult, _Mapping]] = ..., group: _Optional[_Union[GroupReady, _Mapping]] = ..., store: _Optional[_Union[StoreReady, _Mapping]] = ..., update: _Optional[_Union[UpdateDone, _Mapping]] = ..., ready: _Optional[_Union[WorkerReady, _Mapping]] = ...) -> None: ...
 
 class UpdateDone(_message.Message):
-    __slots__ = ("result", "origin")
+    __slots__ = ("result", "origin", "layout")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     result: _types_pb2.RankResult
     origin: FailureOrigin
-    def __init__(self, result: _Optional[_Union[_types_pb2.RankResult, _Mapping]] = ..., origin: _Optional[_Union[FailureOrigin, str]] = ...) -> None: ...
+    layout: _ipc_pb2.EngineLayout
+    def __init__(self, result: _Optional[_Union[_types_pb2.RankResult, _Mapping]] = ..., origin: _Optional[_Union[FailureOrigin, str]] = ..., layout: _Optional[_Union[_ipc_pb2.EngineLayout, _Mapping]] = ...) -> None: ...
 
 class WorkerReady(_message.Message):
     __slots__ = ("ceilings",)

@@ -4,9 +4,15 @@ message) into plain values, so the core never looks inside a wire message."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import structlog
 
 from ckpt.v1 import agent_pb2 as apb
+from ckpt_common.layout_wire import from_pb
 from ckpt_daemon.model import FailureOrigin, PhaseTimes, RankRef, RankResult
+
+log = structlog.get_logger("ckptd.agents")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -116,6 +122,13 @@ def rank_result(rank: int, owner: RankRef, res: apb.CommandResult) -> RankResult
     )
 
 
-def layout(res: apb.CommandResult) -> str | None:
-    """The engine's sharding map the update asked for (None: it did not tell)."""
-    return res.update.result.layout or None
+def layout(res: apb.CommandResult) -> dict[str, Any] | None:
+    """The engine's sharding map the update asked for, {name: "whole" | [offset, shape] |
+    "none"} (vllm_ext.layout); None: it did not tell, or told what cannot be read."""
+    if not res.update.HasField("layout"):
+        return None
+    try:
+        return from_pb(res.update.layout)
+    except ValueError as e:
+        log.warning("layout_unreadable", error=str(e))
+        return None

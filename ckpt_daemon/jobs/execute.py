@@ -18,7 +18,7 @@ from ckpt_daemon.agents.commands import Command, P2PSource
 from ckpt_daemon.agents.hub import AgentHub
 from ckpt_daemon.agents.results import BucketProgress
 from ckpt_daemon.config import DaemonConfig
-from ckpt_daemon.model import Instance, InstanceKind, Job, RankRef, RankResult
+from ckpt_daemon.model import Instance, InstanceKind, Job, LayoutMap, RankRef, RankResult
 from ckpt_daemon.plan.planner import Plan
 from ckpt_daemon.registry.store import Registry
 
@@ -120,7 +120,7 @@ class Executor:
         groups: list[Group],
         deadline: float,
         notify: Callable[[Job], None],
-        layouts: dict[RankRef, str] | None = None,
+        layouts: dict[RankRef, LayoutMap | None] | None = None,
     ) -> None:
         """Runs a planned job on the agents (and triggers the engines); raises on failure.
         `layouts`: the ranks whose engines are asked for their sharding map, filled with

@@ -35,6 +35,7 @@ from ckpt_daemon.model import (
     Job,
     JobKind,
     JobState,
+    LayoutMap,
     RankRef,
     ShardState,
     TensorInfo,
@@ -452,7 +453,8 @@ class JobRunner:
         participants = [r for g in groups for r in g.plan.participants]
         # a full update's engines describe every tensor: only those teach ckptd a layout
         learn = not job.spec.tensors
-        layouts = dict.fromkeys(layout_unknown(self._registry, job.targets) if learn else [], "")
+        asked = layout_unknown(self._registry, job.targets) if learn else []
+        layouts: dict[RankRef, LayoutMap | None] = dict.fromkeys(asked)
         end, why = JobState.FAILED, "internal error: the job ended without a verdict"
         try:
             await self._acquire_participants(job, participants, deadline)
