@@ -322,23 +322,7 @@ class Pusher:
         files: FileIds | None = None,
         uid: int | None = None,
     ) -> None:
-        by_owner: dict[RankRef, list[Span]] = {}
-        for t in cv.tensors:
-            scanner, size, dev, ino, ctime = (files or {}).get(t.path, ("", 0, 0, 0, 0))
-            if scanner != t.owner.node_id:  # inodes mean something on the scanning node only
-                dev, ino, ctime = 0, 0, 0
-            by_owner.setdefault(t.owner, []).append(
-                Span(
-                    store_offset=t.store_offset,
-                    nbytes=t.nbytes,
-                    path=t.path,
-                    file_offset=t.file_offset,
-                    file_size=size,
-                    file_dev=dev,
-                    file_ino=ino,
-                    file_ctime_ns=ctime,
-                )  # fmt: skip
-            )
+        by_owner = _spans(cv, files or {})
 
         async def load_one(r: RankRef) -> None:
             nbytes = cv.shards[r].nbytes
@@ -615,3 +599,25 @@ def owner_sums(cv: CheckpointVersion, known: Known) -> dict[RankRef, list[int]]:
     return {
         r: [known[k] for k in keys] for r, keys in owned.items() if all(k in known for k in keys)
     }
+
+
+def _spans(cv: CheckpointVersion, files: FileIds) -> dict[RankRef, list[Span]]:
+    """Each owner's ranges to load: its tensors' bytes in their files, as scanned."""
+    by_owner: dict[RankRef, list[Span]] = {}
+    for t in cv.tensors:
+        scanner, size, dev, ino, ctime = files.get(t.path, ("", 0, 0, 0, 0))
+        if scanner != t.owner.node_id:  # inodes mean something on the scanning node only
+            dev, ino, ctime = 0, 0, 0
+        by_owner.setdefault(t.owner, []).append(
+            Span(
+                store_offset=t.store_offset,
+                nbytes=t.nbytes,
+                path=t.path,
+                file_offset=t.file_offset,
+                file_size=size,
+                file_dev=dev,
+                file_ino=ino,
+                file_ctime_ns=ctime,
+            )
+        )
+    return by_owner
