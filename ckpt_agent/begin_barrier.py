@@ -9,7 +9,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ckpt_agent.group_abort import PEER_FAILED
+from ckpt.v1 import agent_pb2 as apb
+from ckpt_agent.group_abort import PEER_FAILED, abort_origin, abort_reason
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -18,9 +19,12 @@ BEGUN_KEY = "begun"
 POLL_S = 0.1  # the longest pause between two looks (the first ones are shorter)
 
 
-def all_begun(store: dist.Store, world: int, abort: threading.Event, timeout_s: float) -> str:
-    """Counts this rank in and waits for the others: "" once all are in; else why not
-    (the abort's reason, or the deadline's)."""
+def all_begun(
+    store: dist.Store, world: int, abort: threading.Event, timeout_s: float
+) -> tuple[str, apb.FailureOrigin]:
+    """Counts this rank in and waits for the others: ("", ORIGIN_UNSPECIFIED) once all are
+    in; else why not and where that began (apb.FailureOrigin: the abort's, the deadline's
+    here, a gone store's with its host rank)."""
     deadline = time.monotonic() + timeout_s
     pause, n = 0.005, 0
     try:
@@ -29,13 +33,15 @@ def all_begun(store: dist.Store, world: int, abort: threading.Event, timeout_s: 
             if abort.is_set():
                 break
             if time.monotonic() > deadline:
-                return f"{world - n} of {world} ranks did not begin within {timeout_s:.0f}s"
+                why = f"{world - n} of {world} ranks did not begin within {timeout_s:.0f}s"
+                return why, apb.ORIGIN_SELF
             time.sleep(pause)
             pause = min(POLL_S, pause * 1.5)
             n = int(store.add(BEGUN_KEY, 0))
     except Exception as e:  # the store's host rank ended: it failed (and says why itself)
         if not abort.is_set():
-            return f"{PEER_FAILED}: the group's store is gone (its host rank ended): {e}"
+            why = f"{PEER_FAILED}: the group's store is gone (its host rank ended): {e}"
+            return why, apb.ORIGIN_PEER
     if abort.is_set():
-        return getattr(abort, "reason", "") or "aborted by ckptd"
-    return ""
+        return abort_reason(abort), abort_origin(abort)
+    return "", apb.ORIGIN_UNSPECIFIED

@@ -12,15 +12,15 @@ from ckpt_common.layers import layer_key
 MERGE_GAP = 4096  # entries this close, laid out alike, are copied as one range
 
 
-def copy_flags(cmd: apb.RunUpdate) -> list[list[bool]]:
+def copy_flags(plan: apb.UpdatePlan) -> list[list[bool]]:
     """Per bucket entry: does the tensor's layer continue in a later bucket?"""
     last: dict[str, int] = {}
-    for k, b in enumerate(cmd.buckets):
+    for k, b in enumerate(plan.buckets):
         for e in b.entries:
-            last[layer_key(cmd.tensors[e.tensor].name)] = k
+            last[layer_key(plan.tensors[e.tensor].name)] = k
     return [
-        [last[layer_key(cmd.tensors[e.tensor].name)] > k for e in b.entries]
-        for k, b in enumerate(cmd.buckets)
+        [last[layer_key(plan.tensors[e.tensor].name)] > k for e in b.entries]
+        for k, b in enumerate(plan.buckets)
     ]
 
 
@@ -34,13 +34,14 @@ def coalesce(entries: Iterable[apb.BucketEntry]) -> list[Copy]:
             continue
         rows = max(1, e.rows)
         if rows > 1:
-            out.append(Copy(e.bucket_offset, e.store_offset, e.nbytes // rows, rows, e.stride))
+            run = e.nbytes // rows
+            out.append(Copy(e.bucket_offset, e.store_offset, run, rows, e.stride, e.source))
             continue
-        if out and out[-1].rows == 1:
+        if out and out[-1].rows == 1 and out[-1].source == e.source:
             d, o, n = out[-1][:3]
             gap = e.bucket_offset - (d + n)
             if 0 <= gap < MERGE_GAP and e.store_offset - o == e.bucket_offset - d:
-                out[-1] = Copy(d, o, e.bucket_offset + e.nbytes - d)
+                out[-1] = Copy(d, o, e.bucket_offset + e.nbytes - d, source=e.source)
                 continue
-        out.append(Copy(e.bucket_offset, e.store_offset, e.nbytes))
+        out.append(Copy(e.bucket_offset, e.store_offset, e.nbytes, source=e.source))
     return out

@@ -40,7 +40,7 @@ class EngineSession:
         self.loaded = -1  # highest bucket the engine has loaded
         self.told = False  # the engine already knows this update will not happen
         self.proceeded = False  # the engine was told to map the buffer
-        self.layout = ""  # the engine's sharding map (JSON), when the update asked for it
+        self.layout: ipb.EngineLayout | None = None  # the engine's map, when it was asked
         link.peer = None
 
     def begin(self, buffer: str, nslots: int) -> str:
@@ -52,18 +52,18 @@ class EngineSession:
                 checkpoint=cmd.checkpoint,
                 version=cmd.version,
                 buffer=buffer,
-                slot_bytes=cmd.bucket_bytes,
+                slot_bytes=cmd.plan.bucket_bytes,
                 nbuf=nslots,
-                bucket_count=len(cmd.buckets),
-                tensors=cmd.tensors,
-                partial=cmd.partial,
+                bucket_count=len(cmd.plan.buckets),
+                tensors=cmd.plan.tensors,
+                partial=cmd.plan.partial,
                 device=cmd.device,
-                kept=cmd.kept,
+                kept=cmd.plan.kept,
                 want_layout=cmd.want_layout,
             )
         )
         try:
-            deadline = time.monotonic() + cmd.receiver_timeout_s
+            deadline = time.monotonic() + cmd.deadlines.receiver_timeout_s
             while True:  # a hello from an engine that has since gone is skipped
                 self.link.wait_hello(cmd.job_id, max(0.0, deadline - time.monotonic()), self.abort)
                 try:
@@ -71,12 +71,14 @@ class EngineSession:
                     break
                 except LinkError:
                     continue
-            v = self.link.expect("validated", cmd.receiver_timeout_s, self.abort).validated
+            v = self.link.expect(
+                "validated", cmd.deadlines.receiver_timeout_s, self.abort
+            ).validated
         except LinkError as e:
             if self.abort.is_set():  # the wait ended from outside: that is the reason
                 return getattr(self.abort, "reason", "") or str(e)
             return str(e)
-        self.layout = v.layout
+        self.layout = v.layout if v.HasField("layout") else None
         return "" if v.ok else f"engine refused the update: {v.reason}"
 
     def refuse(self, reason: str) -> None:
@@ -114,7 +116,7 @@ class EngineSession:
         )
 
     def wait_loaded(self, k: int, progress: Callable[[int, int], None]) -> None:
-        buckets = self.cmd.buckets
+        buckets = self.cmd.plan.buckets
         while self.loaded < k:
             msg = self.link.expect(
                 "loaded", self._engine_s(buckets[self.loaded + 1].nbytes), self.abort

@@ -12,29 +12,33 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from ckpt.v1 import agent_pb2 as apb
+
 if TYPE_CHECKING:
     import torch.distributed as dist
 
 log = structlog.get_logger("ckpt_agent.group_abort")
 
-PEER_FAILED = "another rank failed"  # how a rank says the failure was not its own
+PEER_FAILED = "another rank failed"  # the words of a failure of origin ORIGIN_PEER
 FAILED_KEY = "failed"
 POLL_S = 0.2  # how often the key is looked at
 STOP_S = 2.0  # how long stop() waits for the watcher thread
 
 
 class Abort(threading.Event):
-    """An Event with the reason it was set for; the first reason wins."""
+    """An Event with the reason it was set for and where that failure began
+    (apb.FailureOrigin); the first reason wins."""
 
     def __init__(self) -> None:
         super().__init__()
         self.reason = ""
+        self.origin: apb.FailureOrigin = apb.ORIGIN_UNSPECIFIED
         self._lock = threading.Lock()
 
-    def trip(self, reason: str) -> None:
+    def trip(self, reason: str, origin: apb.FailureOrigin = apb.ORIGIN_SELF) -> None:
         with self._lock:
             if not self.is_set():
-                self.reason = reason
+                self.reason, self.origin = reason, origin
                 self.set()
 
 
@@ -89,7 +93,7 @@ class PeerWatch:
                     self._abort.trip(f"lost the group's store (its rank 0 is gone?): {e}")
                 return
             if not self._stop.is_set() and reason != self._mine:
-                self._abort.trip(f"{PEER_FAILED}: {reason}")
+                self._abort.trip(f"{PEER_FAILED}: {reason}", apb.ORIGIN_PEER)
             return
 
     def stop(self) -> None:
@@ -100,3 +104,27 @@ class PeerWatch:
 def abort_reason(abort: threading.Event) -> str:
     """Why an update's abort event was set (ckptd's reason, a peer's), or a plain default."""
     return getattr(abort, "reason", "") or "aborted by ckptd"
+
+
+def abort_origin(abort: threading.Event) -> apb.FailureOrigin:
+    """Where the failure that set an update's abort began (apb.FailureOrigin): ckptd's
+    abort where the event says nothing else."""
+    if not getattr(abort, "reason", ""):
+        return apb.ORIGIN_DAEMON
+    return getattr(abort, "origin", apb.ORIGIN_UNSPECIFIED) or apb.ORIGIN_DAEMON
+
+
+def origin_of(abort: threading.Event, why: str) -> apb.FailureOrigin:
+    """Where the reason a wait returned began: the abort's where the abort ended the wait,
+    else this rank's own."""
+    if abort.is_set() and why == abort_reason(abort):
+        return abort_origin(abort)
+    return apb.ORIGIN_SELF
+
+
+class UpdateFailed(Exception):
+    """An update cannot go on here; `origin` (apb.FailureOrigin): where its failure began."""
+
+    def __init__(self, reason: str, origin: apb.FailureOrigin = apb.ORIGIN_SELF) -> None:
+        super().__init__(reason)
+        self.origin = origin

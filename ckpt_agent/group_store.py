@@ -42,7 +42,8 @@ def finished(store: dist.Store, world: int, wait: bool) -> None:
 
 def group_key(m: apb.PrepareGroup | apb.RunUpdate) -> str:
     """A job's group (a job runs one per class of a shard-aware update)."""
-    return f"{m.job_id}/{m.group}" if m.group else m.job_id
+    group = m.group if isinstance(m, apb.PrepareGroup) else m.rendezvous.group
+    return f"{m.job_id}/{group}" if group else m.job_id
 
 
 def serve_store(host: str, world_size: int) -> dist.TCPStore:
@@ -70,7 +71,7 @@ def serve_store(host: str, world_size: int) -> dist.TCPStore:
     )
 
 
-def store_client(u: apb.RunUpdate, abort: Abort | None = None) -> dist.TCPStore:
+def store_client(u: apb.Rendezvous, abort: Abort | None = None) -> dist.TCPStore:
     """A client of the group's store: connects within STORE_CONNECT_S, in short attempts
     so an abort ends the wait (a store whose host is gone refuses connections)."""
     import torch.distributed as dist

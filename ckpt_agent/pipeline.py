@@ -33,11 +33,12 @@ import structlog
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt.v1 import types_pb2 as tpb
-from ckpt_agent.backends.base import Backend, Collective, InFlight
+from ckpt_agent import group_abort as ga
+from ckpt_agent.backends.base import Backend, Collective, InFlight, drain
 from ckpt_agent.begin_barrier import all_begun
 from ckpt_agent.bucket_copies import coalesce, copy_flags
 from ckpt_agent.engine_session import EngineSession
-from ckpt_agent.group_abort import PEER_FAILED, Abort, abort_reason
+from ckpt_agent.group_abort import Abort, UpdateFailed, abort_origin, abort_reason
 from ckpt_agent.host_store import HostStore, Store, StoreError
 from ckpt_agent.phase_times import Timer, elapsed
 from ckpt_agent.receiver_link import LinkError, ReceiverLink
@@ -57,10 +58,6 @@ OK, FAILED = 0, 1
 DRAIN_S = 30.0
 
 
-class UpdateFailed(Exception):
-    pass
-
-
 def run_update(
     cmd: apb.RunUpdate,
     *,
@@ -71,7 +68,7 @@ def run_update(
     abort: Abort,
     progress: Callable[[int, int], None],
     publish: Callable[[str], None] | None = None,
-) -> tpb.RankResult:
+) -> apb.UpdateDone:
     """publish(reason): tells the other ranks that this one failed (they stop at once).
     stores None: the backend reads its own sources (P2P), this rank's stores are not read."""
     return UpdateRun(cmd, backend, stores, link, group_store, abort, progress, publish).run()
@@ -99,11 +96,12 @@ class UpdateRun:
         self.dl = StepDeadlines.for_update(cmd, self.t0)
         self.engine = EngineSession(link, cmd, abort, self.dl.engine)
         self.timer = Timer()
-        self.me = cmd.group_rank
-        self.B = cmd.bucket_bytes
-        self.buckets = cmd.buckets
+        self.me = cmd.rendezvous.group_rank
+        self.B = cmd.plan.bucket_bytes
+        self.buckets = cmd.plan.buckets
         self.coll: Collective | None = None
         self.local_fail = ""
+        self.local_origin: apb.FailureOrigin = apb.ORIGIN_UNSPECIFIED  # where local_fail began
         self.told_peers = False  # this rank published its failure to the group
         self.sent_bytes = 0
         self.copied_bytes = 0
@@ -118,19 +116,19 @@ class UpdateRun:
         self.staging: torch.Tensor | None = None
         self.nslots = self.nstage = 0
         self.flags: list[list[bool]] = []
-        self.mine = [k for k, b in enumerate(cmd.buckets) if b.owner == self.me]
+        self.mine = [k for k, b in enumerate(self.buckets) if b.owner == self.me]
         self.pos = {k: m for m, k in enumerate(self.mine)}  # bucket -> index among mine
 
     # ------------------------------------------------------------------ the update
 
-    def run(self) -> tpb.RankResult:
+    def run(self) -> apb.UpdateDone:
         cmd = self.cmd
         try:
             self._setup()
             self._start()
             self.timer.setup_s = time.monotonic() - self.t0
-            self.flags = copy_flags(cmd) if cmd.is_target else []
-            lag = 0 if self.backend.kind == "cpu" else max(1, cmd.nbuf) - 1
+            self.flags = copy_flags(cmd.plan) if cmd.is_target else []
+            lag = 0 if self.backend.kind == "cpu" else max(1, cmd.plan.nbuf) - 1
             owners = [b.owner for b in self.buckets]
             plan = bucket_schedule(
                 owners, self.me, nslots=self.nslots, nstage=self.nstage, lag=lag,
@@ -140,9 +138,10 @@ class UpdateRun:
                 self._do(step)
             return self._finish()
         except (UpdateFailed, StoreError, LinkError) as e:
-            reason = self.settle(getattr(e, "message", None) or str(e))
+            why = getattr(e, "message", None) or str(e)
+            reason, origin = self.settle(why, getattr(e, "origin", apb.ORIGIN_SELF))
         except Exception as e:  # gloo/NCCL errors (a peer died, timeouts) land here
-            reason = self.settle(f"{type(e).__name__}: {e}")
+            reason, origin = self.settle(f"{type(e).__name__}: {e}", apb.ORIGIN_SELF)
             if self.coll is not None:
                 self.coll.mark_failed()
         finally:
@@ -150,13 +149,14 @@ class UpdateRun:
         if cmd.is_target:
             self.engine.end_failed(reason)
         log.warning("update_failed", job=cmd.job_id, rank=self.me, reason=reason)
-        return tpb.RankResult(
+        result = tpb.RankResult(
             ok=False,
             reason=reason,
             bytes=self.sent_bytes,
             times=self.timer.pb(time.monotonic() - self.t0),
             engine_untouched=cmd.is_target and not self.engine.proceeded,
         )
+        return apb.UpdateDone(result=result, origin=origin)
 
     def _setup(self) -> None:
         cmd, backend = self.cmd, self.backend
@@ -164,7 +164,7 @@ class UpdateRun:
         if owns and self.stores is not None:
             self.store = self.stores.get(cmd.checkpoint, cmd.version)
             self.store_t = backend.store_tensor(self.store)
-        self.nslots, self.nstage = backend.plan_slots(max(1, cmd.nbuf), self.B, owns)
+        self.nslots, self.nstage = backend.plan_slots(max(1, cmd.plan.nbuf), self.B, owns)
         self.buf_name, self.buf = backend.ipc_buffer(self.nslots * self.B, share=cmd.is_target)
         if self.nstage:
             self.staging = backend.device_buffer(self.nstage * self.B)
@@ -176,14 +176,20 @@ class UpdateRun:
         problem = self.engine.begin(self.buf_name, self.nslots) if self.cmd.is_target else ""
         try:
             if not problem:  # no rank enters a collective before all have begun
-                n, first_s = self.cmd.world_size, self.dl.first_s
-                problem = all_begun(self.group_store, n, self.abort, first_s)
+                n, first_s = self.cmd.rendezvous.world_size, self.dl.first_s
+                problem, origin = all_begun(self.group_store, n, self.abort, first_s)
+            else:
+                origin = ga.origin_of(self.abort, problem)
             if problem:
-                self.fail(problem)
-                raise UpdateFailed(problem)
+                self.fail(problem, origin)
+                raise UpdateFailed(problem, origin)
             cmd = self.cmd
             self.coll = self.backend.new_group(
-                self.group_store, self.me, cmd.world_size, cmd.timeout_s, cmd.job_id
+                self.group_store,
+                self.me,
+                cmd.rendezvous.world_size,
+                cmd.deadlines.timeout_s,
+                cmd.job_id,
             )
             self.coll.bind(self.abort, self.dl.collective(self.B))
             self.check(problem)
@@ -221,7 +227,7 @@ class UpdateRun:
         bytes of it have landed in the store; a push that stops writing fails this rank."""
         if self.local_fail:
             return False
-        if self.cmd.streamed and self.store is not None:
+        if self.cmd.plan.streamed and self.store is not None:
             t = time.monotonic()
             need = bucket_end(self.buckets[k].entries)
             why = await_written(self.store.mem, need, self.abort, self.dl.base_s, self.dl.job_end)
@@ -229,7 +235,7 @@ class UpdateRun:
                 self.timer.marks.get("stream_wait_s", 0.0) + time.monotonic() - t
             )
             if why:
-                self.fail(why)
+                self.fail(why, ga.origin_of(self.abort, why))
                 return False
         return True
 
@@ -260,7 +266,7 @@ class UpdateRun:
     def _send(self, k: int) -> None:
         assert self.coll is not None
         if self.abort.is_set() and not self.local_fail:
-            self.fail(abort_reason(self.abort))
+            self.fail(abort_reason(self.abort), abort_origin(self.abort))
         b = self.buckets[k]
         view = self._slot(k)
         src, after, side = view, None, None
@@ -281,7 +287,7 @@ class UpdateRun:
         self.timer.broadcast_s += time.monotonic() - t
         self.gpu_bcast.append((st.t_start, st.t_end))
         if worst != OK:
-            raise UpdateFailed(self.local_fail or PEER_FAILED)
+            raise self._failed()
         self.sent_bytes += self.buckets[j].nbytes
         if not self.cmd.is_target:
             return
@@ -297,7 +303,7 @@ class UpdateRun:
         finally:
             self.timer.reload_s += time.monotonic() - t
 
-    def _finish(self) -> tpb.RankResult:
+    def _finish(self) -> apb.UpdateDone:
         problem, version_seen = "", 0
         if self.cmd.is_target:
             try:
@@ -319,14 +325,15 @@ class UpdateRun:
             bytes=self.sent_bytes, seconds=round(total_s, 4), slots=self.nslots,
             staging=self.nstage, engine_version=version_seen,
         )  # fmt: skip
-        return tpb.RankResult(
+        result = tpb.RankResult(
             ok=True, bytes=self.sent_bytes, copy_bytes=self.copied_bytes,
-            times=self.timer.pb(total_s), layout=self.engine.layout,
+            times=self.timer.pb(total_s),
         )  # fmt: skip
+        return apb.UpdateDone(result=result, layout=self.engine.layout)
 
     def _release(self) -> None:
         if self.coll is not None:
-            _drain(self.steps, self.coll)
+            drain(self.steps.values(), self.coll, time.monotonic() + DRAIN_S)
             self.coll.close()
         self.steps.clear()
         self.staged.clear()
@@ -340,52 +347,47 @@ class UpdateRun:
 
     # ------------------------------------------------------------------ failures
 
-    def fail(self, problem: str) -> None:
+    def fail(self, problem: str, origin: apb.FailureOrigin = apb.ORIGIN_SELF) -> None:
         """This rank cannot go on: remember why, and tell the group (unless ckptd aborted)."""
         if not self.local_fail:
-            self.local_fail = problem
+            self.local_fail, self.local_origin = problem, origin
             if not self.abort.is_set():
                 self.tell_peers(problem)
+
+    def _failed(self) -> UpdateFailed:
+        """What ends this rank once the group agreed that someone failed."""
+        if self.local_fail:
+            return UpdateFailed(self.local_fail, self.local_origin)
+        return UpdateFailed(ga.PEER_FAILED, apb.ORIGIN_PEER)
 
     def check(self, flag_reason: str) -> None:
         """Everyone agrees now (host-synchronous); raises if anyone failed."""
         assert self.coll is not None
+        origin = apb.ORIGIN_SELF
         if self.abort.is_set() and not flag_reason:
-            flag_reason = abort_reason(self.abort)
+            flag_reason, origin = abort_reason(self.abort), abort_origin(self.abort)
         if flag_reason:
-            self.fail(flag_reason)
+            self.fail(flag_reason, origin)
         if self.local_fail and not self.abort.is_set():
             self.tell_peers(self.local_fail)  # a failure noted while the group was not told
         if self.coll.agree(FAILED if self.local_fail else OK) != OK:
-            raise UpdateFailed(self.local_fail or PEER_FAILED)
+            raise self._failed()
 
     def tell_peers(self, why: str) -> None:
         if self.publish is not None and not self.told_peers:
             self.told_peers = True
             self.publish(why)
 
-    def settle(self, why: str) -> str:
-        """The reason this rank reports: its own failure (its engine's, even when ckptd's
-        abort came first: the engine's reason is the one the job needs), or what ended the
-        update from outside (ckptd, a peer) rather than how a wait ended."""
+    def settle(self, why: str, origin: apb.FailureOrigin) -> tuple[str, apb.FailureOrigin]:
+        """The reason this rank reports and where it began: its own failure (its engine's,
+        even when ckptd's abort came first: the engine's reason is the one the job needs),
+        or what ended the update from outside (ckptd, a peer) rather than how a wait ended."""
         if self.local_fail:
-            return self.local_fail
+            return self.local_fail, self.local_origin
         if self.told_peers:
-            return why
+            return why, origin
         if self.abort.is_set():
-            return abort_reason(self.abort)
-        if not why.startswith(PEER_FAILED):
+            return abort_reason(self.abort), abort_origin(self.abort)
+        if origin != apb.ORIGIN_PEER:
             self.tell_peers(why)
-        return why
-
-
-def _drain(steps: dict[int, InFlight], coll: Collective) -> None:
-    """Lets collectives already issued finish before their buffers go; a group whose
-    collectives never finish (a peer died) is marked unhealthy and dropped."""
-    deadline = time.monotonic() + DRAIN_S
-    for st in steps.values():
-        try:
-            st.wait(deadline)
-        except Exception:
-            coll.mark_failed()
-            return
+        return why, origin

@@ -32,7 +32,9 @@ class StepDeadlines:
     def for_update(cmd: apb.RunUpdate, t0: float) -> StepDeadlines:
         base = float(os.environ.get(STEP_TIMEOUT_ENV, "") or STEP_S)
         return StepDeadlines(
-            base_s=base, job_end=t0 + cmd.timeout_s, first_s=cmd.receiver_timeout_s + 2 * base
+            base_s=base,
+            job_end=t0 + cmd.deadlines.timeout_s,
+            first_s=cmd.deadlines.receiver_timeout_s + 2 * base,
         )
 
     def _cap(self, s: float) -> float:

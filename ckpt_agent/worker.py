@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent import shm
 from ckpt_agent.backends import Backend, make_backend
 from ckpt_agent.config import WorkerSpec
@@ -173,7 +172,7 @@ class Worker:
         self.ended.end(a.job_id, why)
         ev = self._aborts.get(a.job_id)
         if ev:
-            ev.trip(why)
+            ev.trip(why, apb.ORIGIN_DAEMON)
         for key in [k for k in self._group_stores if k.split("/", 1)[0] == a.job_id]:
             self._group_stores.pop(key, None)  # its listening socket closes with it
 
@@ -256,12 +255,12 @@ class Worker:
 
         store = self._group_stores.pop(group_key(u), None)
         if store is None:
-            store = store_client(u, abort)
+            store = store_client(u.rendezvous, abort)
         return dist.PrefixStore(f"job/{group_key(u)}", store)
 
     def _lock_update(self, abort: Abort, u: apb.RunUpdate) -> None:
         """One update at a time; a job aborted (or out of time) while it waits gives up."""
-        deadline = time.monotonic() + max(1.0, u.timeout_s)
+        deadline = time.monotonic() + max(1.0, u.deadlines.timeout_s)
         if abort.is_set():  # the job ended before its turn came
             raise StoreError("ABORTED", abort.reason)
         while not self._update_lock.acquire(timeout=0.2):
@@ -275,20 +274,22 @@ class Worker:
         abort = self._aborts.setdefault(u.job_id, Abort())
         ended = self.ended.why(u.job_id)  # an Abort handled before the line above
         if ended is not None:
-            abort.trip(ended)
+            abort.trip(ended, apb.ORIGIN_DAEMON)  # ended: only ckptd's Abort ends a job
         watch: PeerWatch | None = None
         store: dist.Store | None = None
         hosting = group_key(u) in self._group_stores  # this rank serves the group's store
-        result: tpb.RankResult | None = None
+        result: apb.UpdateDone | None = None
         try:
             self._lock_update(abort, u)
             try:
                 import torch.distributed as dist
 
                 store = self._group_store(u, abort)
-                scoped = lambda: dist.PrefixStore(f"job/{group_key(u)}", store_client(u))  # noqa: E731
+                scoped = lambda: dist.PrefixStore(  # noqa: E731
+                    f"job/{group_key(u)}", store_client(u.rendezvous)
+                )
                 watch = PeerWatch(scoped, store, abort).start()
-                where = f"rank {u.group_rank} ({self.node_id}/{self.device})"
+                where = f"rank {u.rendezvous.group_rank} ({self.node_id}/{self.device})"
                 result = run_update(
                     u,
                     backend=self._update_backend(u),
@@ -306,9 +307,10 @@ class Worker:
                 watch.stop()
             self._aborts.pop(u.job_id, None)
             if store is not None:
-                finished(store, u.world_size, hosting and result is not None and result.ok)
+                ok = hosting and result is not None and result.result.ok
+                finished(store, u.rendezvous.world_size, ok)
         assert result is not None  # run_update returned (it raises otherwise)
-        result.node_id, result.device = self.node_id, self.device
+        result.result.node_id, result.result.device = self.node_id, self.device
         self.reply(cmd.id, ok=True, update=result)
 
     def _progress(self, u: apb.RunUpdate, bucket: int, nbytes: int) -> None:
@@ -321,18 +323,18 @@ class Worker:
         )
 
     def _update_backend(self, u: apb.RunUpdate) -> Backend:
-        if not u.p2p_sources:
+        if not u.plan.sources:
             return self.backend
         from ckpt_agent.backends.p2p import P2PReadBackend
 
-        remote = any(not s.local_segment for s in u.p2p_sources)
+        remote = any(not s.local_segment for s in u.plan.sources)
         engine = self.p2p() if remote else None  # same-node sources need no transfer engine
         self.siblings.prune()
-        return P2PReadBackend(self.backend, engine, list(u.p2p_sources), self.siblings)
+        return P2PReadBackend(self.backend, engine, list(u.plan.sources), self.siblings)
 
     def _update_stores(self, u: apb.RunUpdate) -> HostStore | None:
         """This rank's stores; none for P2P reads (their sources are other ranks' stores)."""
-        return None if u.p2p_sources else self.stores
+        return None if u.plan.sources else self.stores
 
     def close(self) -> None:
         self.siblings.close()

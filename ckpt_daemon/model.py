@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import operator
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from ckpt_common.pieces import Piece
 
@@ -43,6 +44,19 @@ class JobKind(enum.IntEnum):
 class InstanceKind(enum.IntEnum):
     VLLM = 1
     RECEIVER = 2
+
+
+# An engine rank's sharding map (vllm_ext.layout): {name: "whole" | [offset, shape] | "none"}
+LayoutMap = dict[str, Any]
+
+
+class FailureOrigin(enum.IntEnum):
+    """Where a rank's failure began (ckpt.v1.FailureOrigin)."""
+
+    UNSPECIFIED = 0  # no failure, or not said: taken as the rank's own
+    SELF = 1
+    PEER = 2  # another rank of its group failed
+    DAEMON = 3  # ckptd aborted the job
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -207,6 +221,12 @@ class RankResult:
     bytes: int = 0  # through its group's collective
     engine_untouched: bool = False  # its engine was never told to load (False: unknown)
     copy_bytes: int = 0  # staged from host stores (its own buckets), in copy_s
+    origin: FailureOrigin = FailureOrigin.UNSPECIFIED  # where its failure began (not ok)
+
+    @property
+    def own_failure(self) -> bool:
+        """Failed by itself, not stopped by another rank or by ckptd."""
+        return not self.ok and self.origin not in (FailureOrigin.PEER, FailureOrigin.DAEMON)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
+from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent.backends.gloo import CollectiveAborted, GlooCollective
 from ckpt_agent.group_abort import PEER_FAILED, Abort, PeerWatch
 
@@ -75,6 +76,7 @@ def test_published_failure_trips_the_peers_abort() -> None:
         w0.publish("rank 0 (n/0): engine sent no loaded within 5s")
         assert theirs.wait(3)
         assert theirs.reason == f"{PEER_FAILED}: rank 0 (n/0): engine sent no loaded within 5s"
+        assert theirs.origin == apb.ORIGIN_PEER  # not its own: ckptd reports the publisher
         time.sleep(0.5)
         assert not mine.is_set()  # its own failure is not a peer's
     finally:

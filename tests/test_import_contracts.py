@@ -1,6 +1,6 @@
 """ckpt_daemon's rooms and the contracts between them (issue 22), read from the source:
 the rooms import one another without a cycle, planning is pure, protobuf stays at the edges
-(allowed where a room still builds wire messages: listed, to shrink), and the client and the
+(`api/` and `agents/`: no other room builds or reads a wire message), and the client and the
 daemon start without torch."""
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "ckpt_daemon"
-# modules that still handle protobuf outside api/ and agents/ (each a debt: build the wire
-# message in agents/ or api/ instead)
-PB_DEBT = {"jobs/execute.py", "jobs/runner.py", "push/pusher.py", "push/part_sums.py"}
+PB_ROOMS = ("api", "agents")  # the edges: the only rooms that may import ckpt.v1
 IO_MODULES = {"grpc", "sqlite3", "socket", "subprocess", "asyncio", "urllib", "http", "zmq"}
 
 
@@ -75,11 +73,19 @@ def test_planning_is_pure() -> None:
 
 
 def test_protobuf_stays_at_the_edges() -> None:
-    found = set()
-    for p in ROOT.rglob("*.py"):
-        rel = str(p.relative_to(ROOT))
-        if room_of(p) in ("api", "agents") or not any(m.startswith("ckpt.v1") for m in imports(p)):
-            continue
-        found.add(rel)
-    assert found <= PB_DEBT, f"protobuf in the core: {sorted(found - PB_DEBT)}"
-    assert found == PB_DEBT, f"no longer protobuf (drop from PB_DEBT): {sorted(PB_DEBT - found)}"
+    found = sorted(
+        str(p.relative_to(ROOT))
+        for p in ROOT.rglob("*.py")
+        if room_of(p) not in PB_ROOMS and any(m.startswith("ckpt.v1") for m in imports(p))
+    )
+    assert not found, f"protobuf in the core (build or read it in agents/ or api/): {found}"
+
+
+def test_agent_commands_are_built_in_agents_only() -> None:
+    """agents/commands.py is the only builder of agent commands (`Command(` of agent_pb2)."""
+    builders = sorted(
+        str(p.relative_to(ROOT))
+        for p in ROOT.rglob("*.py")
+        if "apb.Command(" in p.read_text() and p.relative_to(ROOT) != Path("agents/commands.py")
+    )
+    assert not builders, f"agent commands built outside agents/commands.py: {builders}"

@@ -1,11 +1,10 @@
-"""Pure parts of P2P: NIC choice per device, the P2P plan, offset encoding."""
+"""Pure parts of P2P: NIC choice per device, the P2P plan, copies naming their sources."""
 
 from __future__ import annotations
 
 import pytest
 
 from ckpt_agent.nic import nics_for_device, parse_explicit, parse_nccl_hca
-from ckpt_common.p2p import decode, encode
 from ckpt_daemon.model import RankRef, TensorSpec
 from ckpt_daemon.plan.placement import place
 from ckpt_daemon.plan.planner import plan_p2p
@@ -41,10 +40,18 @@ def test_nccl_ib_hca_semantics() -> None:
     assert nics_for_device(0, {}, []) == []  # no NIC: Mooncake falls back to TCP
 
 
-def test_encode_decode() -> None:
-    assert decode(encode(3, 12345)) == (3, 12345)
-    with pytest.raises(ValueError):
-        encode(0, 1 << 41)
+def test_copies_keep_their_source() -> None:
+    """Entries of different sources are never merged into one copy, however they lie."""
+    from ckpt.v1 import agent_pb2 as apb
+    from ckpt_agent.bucket_copies import coalesce
+
+    E = apb.BucketEntry
+    got = coalesce([
+        E(bucket_offset=0, store_offset=1 << 41, nbytes=100, source=3),
+        E(bucket_offset=100, store_offset=(1 << 41) + 100, nbytes=100, source=3),
+        E(bucket_offset=200, store_offset=(1 << 41) + 200, nbytes=100, source=4),
+    ])  # fmt: skip
+    assert [(c.src, c.run, c.source) for c in got] == [(1 << 41, 200, 3), ((1 << 41) + 200, 100, 4)]
 
 
 def test_plan_p2p_only_targets_take_part_and_reads_are_spread() -> None:
@@ -70,7 +77,7 @@ def test_plan_p2p_only_targets_take_part_and_reads_are_spread() -> None:
     seen = set()
     for b in plan.buckets:
         for e in b.entries:
-            src, off = decode(e.store_offset)
+            src, off = e.source, e.store_offset
             t = plan.tensors[e.tensor]
             assert sources[src] == t.owner and off == t.store_offset + e.chunk_offset
             seen.add(src)

@@ -134,7 +134,6 @@ def test_group_plans_give_every_rank_its_parts_read_near_their_owners() -> None:
     """Two TP=2 instances on two nodes: two groups (one per TP rank), each bucket read by a
     member on its owner's node, every entry's bytes (decoded source, strided runs) landing
     as the exact part; whole keeps carry their checksum, parts none."""
-    from ckpt_common.p2p import decode
     from ckpt_daemon.plan.keeps import keeps_of
     from ckpt_daemon.plan.shard_plan import group_plans
 
@@ -166,7 +165,7 @@ def test_group_plans_give_every_rank_its_parts_read_near_their_owners() -> None:
             reader = p.participants[b.owner]
             bucket = bytearray(b.nbytes)
             for e in b.entries:
-                src, off = decode(e.store_offset)
+                src, off = e.source, e.store_offset
                 owner = g.sources[src]
                 assert owner.node_id == reader.node_id
                 run = e.nbytes // e.rows

@@ -125,22 +125,26 @@ def test_begin_barrier_ends_on_abort_or_a_lost_store() -> None:
 
     import torch.distributed as dist
 
+    from ckpt.v1 import agent_pb2 as apb
     from ckpt_agent.begin_barrier import all_begun
     from ckpt_agent.group_abort import PEER_FAILED, Abort
 
     server = dist.TCPStore("127.0.0.1", 0, 2, True, timedelta(seconds=5), wait_for_workers=False)
     abort = Abort()
-    threading.Timer(0.3, abort.trip, args=("aborted by ckptd: x",)).start()
+    threading.Timer(0.3, abort.trip, args=("aborted by ckptd: x", apb.ORIGIN_DAEMON)).start()
     t0 = time.monotonic()
-    assert all_begun(dist.PrefixStore("a", server), 2, abort, 30) == "aborted by ckptd: x"
+    got = all_begun(dist.PrefixStore("a", server), 2, abort, 30)
+    assert got == ("aborted by ckptd: x", apb.ORIGIN_DAEMON)
     assert time.monotonic() - t0 < 2
-    assert all_begun(dist.PrefixStore("b", server), 1, Abort(), 30) == ""  # alone: at once
+    alone = all_begun(dist.PrefixStore("b", server), 1, Abort(), 30)  # alone: at once
+    assert alone == ("", apb.ORIGIN_UNSPECIFIED)
 
     class Gone:
         def add(self, key: str, n: int) -> int:
             raise RuntimeError("Connection was likely closed")
 
-    assert all_begun(Gone(), 2, Abort(), 30).startswith(PEER_FAILED)
+    why, origin = all_begun(Gone(), 2, Abort(), 30)
+    assert why.startswith(PEER_FAILED) and origin == apb.ORIGIN_PEER
 
 
 def _begin(job: str, seg: str, data) -> ipb.WorkerMessage:

@@ -11,7 +11,6 @@ continues in a later bucket) and tensors cut into chunks, which are handed over 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from ckpt.v1 import types_pb2 as tpb
 from ckpt_common import checksum
 from ckpt_common.dtypes import torch_dtype
 from ckpt_common.ipc import keepalive, socket_dir_refusal
+from ckpt_common.layout_wire import to_pb as layout_pb
 from ckpt_common.pieces import piece_of, region, tiling_problem
 from ckpt_common.rendezvous import peer_refusal, trusted_uids
 from vllm_ext.buffers import MappedBuffer
@@ -317,18 +317,18 @@ class Receiver:
     def _validate(
         info: UpdateInfo, want_layout: bool, validate: Validate | None, layout: Layout | None
     ) -> tuple[str | None, str]:
-        """(why the update cannot be taken or None, this rank's layout as JSON if asked)."""
-        mine = ""
+        """(why the update cannot be taken or None, this rank's layout if asked)."""
+        mine: ipb.EngineLayout | None = None
         try:
             if info.kept:
                 if layout is None:
-                    return "this engine cannot take kept parts (it reports no layout)", ""
+                    return "this engine cannot take kept parts (it reports no layout)", None
                 problem = kept_problem(info.tensors, layout(info), info.partial)
             else:
                 problem = pieces_problem(info.tensors)
             problem = problem or (validate(info) if validate else None)
             if want_layout and layout is not None and not problem:
-                mine = json.dumps(layout(info), separators=(",", ":"))
+                mine = layout_pb(layout(info))
         except Exception as e:
             problem = f"validation crashed: {e!r}"
         return problem, mine

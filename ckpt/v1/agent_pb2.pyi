@@ -1,11 +1,24 @@
+from ckpt.v1 import ipc_pb2 as _ipc_pb2
 from ckpt.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class FailureOrigin(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ORIGIN_UNSPECIFIED: _ClassVar[FailureOrigin]
+    ORIGIN_SELF: _ClassVar[FailureOrigin]
+    ORIGIN_PEER: _ClassVar[FailureOrigin]
+    ORIGIN_DAEMON: _ClassVar[FailureOrigin]
+ORIGIN_UNSPECIFIED: FailureOrigin
+ORIGIN_SELF: FailureOrigin
+ORIGIN_PEER: FailureOrigin
+ORIGIN_DAEMON: FailureOrigin
 
 class HeldStore(_message.Message):
     __slots__ = ("checkpoint", "version", "device", "segment", "nbytes", "p2p")
@@ -131,9 +144,19 @@ class CommandResult(_message.Message):
     scan: ScanResult
     group: GroupReady
     store: StoreReady
-    update: _types_pb2.RankResult
+    update: UpdateDone
     ready: WorkerReady
-    def __init__(self, command_id: _Optional[int] = ..., ok: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., scan: _Optional[_Union[ScanResult, _Mapping]] = ..., group: _Optional[_Union[GroupReady, _Mapping]] = ..., store: _Optional[_Union[StoreReady, _Mapping]] = ..., update: _Optional[_Union[_types_pb2.RankResult, _Mapping]] = ..., ready: _Optional[_Union[WorkerReady, _Mapping]] = ...) -> None: ...
+    def __init__(self, command_id: _Optional[int] = ..., ok: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., scan: _Optional[_Union[ScanResult, _Mapping]] = ..., group: _Optional[_Union[GroupReady, _Mapping]] = ..., store: _Optional[_Union[StoreReady, _Mapping]] = ..., update: _Optional[_Union[UpdateDone, _Mapping]] = ..., ready: _Optional[_Union[WorkerReady, _Mapping]] = ...) -> None: ...
+
+class UpdateDone(_message.Message):
+    __slots__ = ("result", "origin", "layout")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    result: _types_pb2.RankResult
+    origin: FailureOrigin
+    layout: _ipc_pb2.EngineLayout
+    def __init__(self, result: _Optional[_Union[_types_pb2.RankResult, _Mapping]] = ..., origin: _Optional[_Union[FailureOrigin, str]] = ..., layout: _Optional[_Union[_ipc_pb2.EngineLayout, _Mapping]] = ...) -> None: ...
 
 class WorkerReady(_message.Message):
     __slots__ = ("ceilings",)
@@ -255,7 +278,7 @@ class PrepareGroup(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., world_size: _Optional[int] = ..., group: _Optional[str] = ...) -> None: ...
 
 class BucketEntry(_message.Message):
-    __slots__ = ("tensor", "bucket_offset", "store_offset", "nbytes", "chunk_offset", "rows", "stride")
+    __slots__ = ("tensor", "bucket_offset", "store_offset", "nbytes", "chunk_offset", "rows", "stride", "source")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     BUCKET_OFFSET_FIELD_NUMBER: _ClassVar[int]
     STORE_OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +286,7 @@ class BucketEntry(_message.Message):
     CHUNK_OFFSET_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     tensor: int
     bucket_offset: int
     store_offset: int
@@ -270,7 +294,8 @@ class BucketEntry(_message.Message):
     chunk_offset: int
     rows: int
     stride: int
-    def __init__(self, tensor: _Optional[int] = ..., bucket_offset: _Optional[int] = ..., store_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., chunk_offset: _Optional[int] = ..., rows: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
+    source: int
+    def __init__(self, tensor: _Optional[int] = ..., bucket_offset: _Optional[int] = ..., store_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., chunk_offset: _Optional[int] = ..., rows: _Optional[int] = ..., stride: _Optional[int] = ..., source: _Optional[int] = ...) -> None: ...
 
 class Bucket(_message.Message):
     __slots__ = ("owner", "nbytes", "entries")
@@ -282,51 +307,69 @@ class Bucket(_message.Message):
     entries: _containers.RepeatedCompositeFieldContainer[BucketEntry]
     def __init__(self, owner: _Optional[int] = ..., nbytes: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[BucketEntry, _Mapping]]] = ...) -> None: ...
 
-class RunUpdate(_message.Message):
-    __slots__ = ("job_id", "device", "group_rank", "world_size", "master_addr", "master_port", "is_target", "checkpoint", "version", "bucket_bytes", "nbuf", "tensors", "buckets", "timeout_s", "receiver_timeout_s", "partial", "p2p_sources", "group", "kept", "want_layout", "streamed")
-    JOB_ID_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_FIELD_NUMBER: _ClassVar[int]
+class Rendezvous(_message.Message):
+    __slots__ = ("group", "group_rank", "world_size", "master_addr", "master_port")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     MASTER_ADDR_FIELD_NUMBER: _ClassVar[int]
     MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
-    IS_TARGET_FIELD_NUMBER: _ClassVar[int]
-    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
-    VERSION_FIELD_NUMBER: _ClassVar[int]
-    BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
-    NBUF_FIELD_NUMBER: _ClassVar[int]
-    TENSORS_FIELD_NUMBER: _ClassVar[int]
-    BUCKETS_FIELD_NUMBER: _ClassVar[int]
-    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
-    RECEIVER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
-    PARTIAL_FIELD_NUMBER: _ClassVar[int]
-    P2P_SOURCES_FIELD_NUMBER: _ClassVar[int]
-    GROUP_FIELD_NUMBER: _ClassVar[int]
-    KEPT_FIELD_NUMBER: _ClassVar[int]
-    WANT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
-    STREAMED_FIELD_NUMBER: _ClassVar[int]
-    job_id: str
-    device: int
+    group: str
     group_rank: int
     world_size: int
     master_addr: str
     master_port: int
-    is_target: bool
-    checkpoint: str
-    version: int
-    bucket_bytes: int
-    nbuf: int
+    def __init__(self, group: _Optional[str] = ..., group_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ...) -> None: ...
+
+class UpdatePlan(_message.Message):
+    __slots__ = ("tensors", "buckets", "bucket_bytes", "nbuf", "sources", "partial", "kept", "streamed")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NBUF_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    STREAMED_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[_types_pb2.TensorMeta]
     buckets: _containers.RepeatedCompositeFieldContainer[Bucket]
+    bucket_bytes: int
+    nbuf: int
+    sources: _containers.RepeatedCompositeFieldContainer[P2PSource]
+    partial: bool
+    kept: bool
+    streamed: bool
+    def __init__(self, tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., bucket_bytes: _Optional[int] = ..., nbuf: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[P2PSource, _Mapping]]] = ..., partial: _Optional[bool] = ..., kept: _Optional[bool] = ..., streamed: _Optional[bool] = ...) -> None: ...
+
+class Deadlines(_message.Message):
+    __slots__ = ("timeout_s", "receiver_timeout_s")
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     timeout_s: float
     receiver_timeout_s: float
-    partial: bool
-    p2p_sources: _containers.RepeatedCompositeFieldContainer[P2PSource]
-    group: str
-    kept: bool
+    def __init__(self, timeout_s: _Optional[float] = ..., receiver_timeout_s: _Optional[float] = ...) -> None: ...
+
+class RunUpdate(_message.Message):
+    __slots__ = ("job_id", "device", "checkpoint", "version", "is_target", "want_layout", "rendezvous", "plan", "deadlines")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IS_TARGET_FIELD_NUMBER: _ClassVar[int]
+    WANT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    DEADLINES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    device: int
+    checkpoint: str
+    version: int
+    is_target: bool
     want_layout: bool
-    streamed: bool
-    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., group_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., is_target: _Optional[bool] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., bucket_bytes: _Optional[int] = ..., nbuf: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., timeout_s: _Optional[float] = ..., receiver_timeout_s: _Optional[float] = ..., partial: _Optional[bool] = ..., p2p_sources: _Optional[_Iterable[_Union[P2PSource, _Mapping]]] = ..., group: _Optional[str] = ..., kept: _Optional[bool] = ..., want_layout: _Optional[bool] = ..., streamed: _Optional[bool] = ...) -> None: ...
+    rendezvous: Rendezvous
+    plan: UpdatePlan
+    deadlines: Deadlines
+    def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., is_target: _Optional[bool] = ..., want_layout: _Optional[bool] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ..., plan: _Optional[_Union[UpdatePlan, _Mapping]] = ..., deadlines: _Optional[_Union[Deadlines, _Mapping]] = ...) -> None: ...
 
 class Abort(_message.Message):
     __slots__ = ("job_id", "reason")

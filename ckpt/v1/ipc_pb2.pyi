@@ -1,5 +1,6 @@
 from ckpt.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -37,6 +38,34 @@ class ReceiverDone(_message.Message):
     touched: bool
     def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., touched: _Optional[bool] = ...) -> None: ...
 
+class KeptTensor(_message.Message):
+    __slots__ = ("name", "kind", "offset", "shape")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KEPT_UNSPECIFIED: _ClassVar[KeptTensor.Kind]
+        KEPT_WHOLE: _ClassVar[KeptTensor.Kind]
+        KEPT_BOX: _ClassVar[KeptTensor.Kind]
+        KEPT_NONE: _ClassVar[KeptTensor.Kind]
+    KEPT_UNSPECIFIED: KeptTensor.Kind
+    KEPT_WHOLE: KeptTensor.Kind
+    KEPT_BOX: KeptTensor.Kind
+    KEPT_NONE: KeptTensor.Kind
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: KeptTensor.Kind
+    offset: _containers.RepeatedScalarFieldContainer[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[KeptTensor.Kind, str]] = ..., offset: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EngineLayout(_message.Message):
+    __slots__ = ("tensors",)
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[KeptTensor]
+    def __init__(self, tensors: _Optional[_Iterable[_Union[KeptTensor, _Mapping]]] = ...) -> None: ...
+
 class Validated(_message.Message):
     __slots__ = ("ok", "reason", "layout")
     OK_FIELD_NUMBER: _ClassVar[int]
@@ -44,8 +73,8 @@ class Validated(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     reason: str
-    layout: str
-    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., layout: _Optional[str] = ...) -> None: ...
+    layout: EngineLayout
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., layout: _Optional[_Union[EngineLayout, _Mapping]] = ...) -> None: ...
 
 class ReceiverMessage(_message.Message):
     __slots__ = ("hello", "loaded", "done", "validated", "job_id")

@@ -9,6 +9,7 @@ Imports no torch at run time: tensors and events are named for the type checker 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -36,6 +37,7 @@ class Copy(NamedTuple):
     run: int
     rows: int = 1
     stride: int = 0
+    source: int = 0  # reading backends (P2P): which source's store `src` is in
 
     @property
     def nbytes(self) -> int:
@@ -186,3 +188,14 @@ def need_src(src: Tensor | None) -> Tensor:
     if src is None:
         raise ValueError("this backend copies from a host store and was given none")
     return src
+
+
+def drain(steps: Iterable[InFlight], coll: Collective, deadline: float) -> None:
+    """Lets collectives already issued finish (by `deadline`, monotonic) before their
+    buffers go; a group whose collectives never finish (a peer died) is marked failed."""
+    for st in steps:
+        try:
+            st.wait(deadline)
+        except Exception:
+            coll.mark_failed()
+            return

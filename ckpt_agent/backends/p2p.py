@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent.backends.base import Backend, Collective, Copy, Done, InFlight
+from ckpt_agent.group_abort import UpdateFailed
 from ckpt_agent.host_store import Store
 from ckpt_agent.p2p import P2PEngine, P2PError
-from ckpt_agent.pipeline import UpdateFailed
 from ckpt_agent.siblings import SiblingError, SiblingStores
-from ckpt_common.p2p import decode
 
 if TYPE_CHECKING:
     import torch
@@ -87,7 +86,7 @@ class P2PReadBackend(Backend):
     """The staged backend interface over reads of other ranks' stores: a reader's "H2D" of
     a bucket copies from same-node sources at once and queues the remote reads (one per
     run), issued in one batch right before the bucket's agreement; there is no staging.
-    Its copies name their sources (ckpt_common.p2p.encode), not this rank's store: the
+    Its copies name their sources (Copy.source), not this rank's store: the
     pipeline hands it no store (`h2d`'s src is None)."""
 
     def __init__(
@@ -130,10 +129,9 @@ class P2PReadBackend(Backend):
     ) -> tuple[None, None]:
         local = []
         for c in copies:
-            source, offset = decode(c.src)
-            if source >= len(self._sources):
+            source = c.source
+            if not 0 <= source < len(self._sources):
                 raise P2PError(f"no P2P source {source}")
-            c = c._replace(src=offset)
             if self._sources[source].local_segment:
                 local.append((source, c))
             else:

@@ -32,13 +32,15 @@ from ckpt_common.errors import (
     error_for,
 )
 from ckpt_daemon.admission import check_device, check_name, check_text
+from ckpt_daemon.agents import commands
+from ckpt_daemon.agents.results import BucketProgress, progress
 from ckpt_daemon.model import AgentInfo, DeviceInfo
 from ckpt_daemon.registry.store import Registry
 from ckpt_daemon.security.auth import PRINCIPAL
 
 log = structlog.get_logger("ckptd.agents")
 
-ProgressFn = Callable[[str, apb.Progress], None]
+ProgressFn = Callable[[str, BucketProgress], None]
 T = TypeVar("T")
 HEARTBEAT_GRACE_S = 30.0
 JOB_SILENCE_BEATS = 4  # a job fails on an agent silent for this many heartbeats
@@ -205,8 +207,8 @@ class AgentHub:
                 version=s.version,
                 device=s.device,
             )
-            drop = apb.Drop(checkpoint=s.checkpoint, version=s.version, device=s.device)
-            cmd = apb.Command(id=next(self._ids), drop=drop)
+            cmd = commands.drop(s.checkpoint, s.version, s.device)
+            cmd.id = next(self._ids)
             session.outbox.put_nowait(apb.DaemonMessage(command=cmd))
 
     def _heartbeat(self, node_id: str, hb: apb.Heartbeat) -> None:
@@ -235,7 +237,7 @@ class AgentHub:
                 elif kind == "progress":
                     fn = self._progress.get(msg.progress.job_id)
                     if fn:
-                        fn(session.node_id, msg.progress)
+                        fn(session.node_id, progress(msg.progress))
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except CkptError as e:  # the agent sent what is not a message: its stream ends so

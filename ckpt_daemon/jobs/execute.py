@@ -12,19 +12,17 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from ckpt.v1 import agent_pb2 as apb
-from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import Aborted, CkptError
+from ckpt_daemon.agents import commands, results
+from ckpt_daemon.agents.commands import Command, P2PSource
 from ckpt_daemon.agents.hub import AgentHub
-from ckpt_daemon.agents.wire import tensor_meta
+from ckpt_daemon.agents.results import BucketProgress
 from ckpt_daemon.config import DaemonConfig
-from ckpt_daemon.model import Instance, InstanceKind, Job, PhaseTimes, RankRef, RankResult
+from ckpt_daemon.model import Instance, InstanceKind, Job, LayoutMap, RankRef, RankResult
 from ckpt_daemon.plan.planner import Plan
 from ckpt_daemon.registry.store import Registry
 
 log = structlog.get_logger("ckptd.execute")
-PEER_FAILED = "another rank failed"  # how a worker says the failure was not its own
-NOT_OWN = (PEER_FAILED, "aborted by ckptd")  # reasons of ranks that were told to stop
 REPORT_GRACE_S = 3.0  # after the first failure, how long the others get to report theirs
 
 EngineTrigger = Callable[[Instance, Job, float], Awaitable[None]]
@@ -40,38 +38,7 @@ class Group:
     read from (P2P and shard-aware plans; empty: owners take part and send)."""
 
     plan: Plan
-    sources: list[apb.P2PSource] = field(default_factory=list)
-
-
-def _buckets(plan: Plan) -> list[apb.Bucket]:
-    """The plan's buckets on the wire (planner.Entry's fields are BucketEntry's)."""
-    return [
-        apb.Bucket(
-            owner=b.owner,
-            nbytes=b.nbytes,
-            entries=[apb.BucketEntry(**e._asdict()) for e in b.entries],
-        )
-        for b in plan.buckets
-    ]
-
-
-def _rank_result(rank: int, r: RankRef, u: tpb.RankResult) -> RankResult:
-    return RankResult(
-        rank=rank,
-        owner=r,
-        ok=u.ok,
-        reason=u.reason,
-        bytes=u.bytes,
-        copy_bytes=u.copy_bytes,
-        engine_untouched=u.engine_untouched,
-        times=PhaseTimes(
-            copy_s=u.times.copy_s,
-            broadcast_s=u.times.broadcast_s,
-            reload_s=u.times.reload_s,
-            setup_s=u.times.setup_s,
-            total_s=u.times.total_s,
-        ),
-    )
+    sources: list[P2PSource] = field(default_factory=list)
 
 
 def _raised(t: asyncio.Future) -> BaseException | None:
@@ -96,7 +63,7 @@ class _Progress:
         self.done: dict[RankRef, int] = dict.fromkeys(self.group_of, 0)
         self.ngroups = len(groups)
 
-    def __call__(self, node_id: str, p: apb.Progress) -> None:
+    def __call__(self, node_id: str, p: BucketProgress) -> None:
         r = RankRef(node_id, p.device)
         if r not in self.done:
             return
@@ -122,63 +89,30 @@ class Executor:
 
     def abort(self, job: Job, participants: list[RankRef], reason: str) -> None:
         for node in sorted({r.node_id for r in participants}):
-            self._hub.send(node, apb.Command(abort=apb.Abort(job_id=job.id, reason=reason)))
+            self._hub.send(node, commands.abort(job.id, reason))
 
     async def _prepare(self, job: Job, plan: Plan, left: Callable[[], float]) -> tuple[str, int]:
         master = plan.participants[0]
+        cmd = commands.prepare_group(job.id, master.device, len(plan.participants), plan.group)
         res = await self._hub.command(
-            master.node_id,
-            apb.Command(
-                prepare_group=apb.PrepareGroup(
-                    job_id=job.id,
-                    device=master.device,
-                    world_size=len(plan.participants),
-                    group=plan.group,
-                )  # fmt: skip
-            ),
-            min(self._config.command_timeout_s, left()),
+            master.node_id, cmd, min(self._config.command_timeout_s, left())
         )
-        return res.group.addr, res.group.port
+        return results.group_ready(res)
 
     async def _commands(
         self, job: Job, g: Group, left: Callable[[], float], want_layout: set[RankRef]
-    ) -> list[tuple[RankRef, apb.Command]]:
+    ) -> list[tuple[RankRef, Command]]:
         """One RunUpdate per participant of the group (its rendezvous prepared first)."""
         plan = g.plan
-        addr, port = await self._prepare(job, plan, left)
-        tensors = [tensor_meta(t) for t in plan.tensors]
-        buckets = _buckets(plan)
-        return [
-            (
-                r,
-                apb.Command(
-                    run_update=apb.RunUpdate(
-                        job_id=job.id,
-                        device=r.device,
-                        group_rank=i,
-                        world_size=len(plan.participants),
-                        master_addr=addr,
-                        master_port=port,
-                        is_target=plan.is_target(i),
-                        checkpoint=job.spec.checkpoint,
-                        version=job.version,
-                        bucket_bytes=plan.bucket_bytes,
-                        nbuf=plan.nbuf,
-                        tensors=tensors,
-                        buckets=buckets,
-                        timeout_s=left(),
-                        receiver_timeout_s=min(self._config.receiver_timeout_s, left()),
-                        partial=plan.partial,
-                        p2p_sources=g.sources,
-                        group=plan.group,
-                        kept=plan.kept,
-                        want_layout=r in want_layout and plan.is_target(i),
-                        streamed=job.streamed,
-                    )
-                ),
-            )  # fmt: skip
-            for i, r in enumerate(plan.participants)
-        ]
+        master = await self._prepare(job, plan, left)
+        run = commands.UpdateRun(
+            job_id=job.id, checkpoint=job.spec.checkpoint, version=job.version, plan=plan,
+            master=master, sources=g.sources, timeout_s=left(),
+            receiver_timeout_s=min(self._config.receiver_timeout_s, left()),
+            streamed=job.streamed,
+        )  # fmt: skip
+        cmds = commands.run_updates(run, [r in want_layout for r in plan.participants])
+        return list(zip(plan.participants, cmds, strict=True))
 
     async def run(
         self,
@@ -186,7 +120,7 @@ class Executor:
         groups: list[Group],
         deadline: float,
         notify: Callable[[Job], None],
-        layouts: dict[RankRef, str] | None = None,
+        layouts: dict[RankRef, LayoutMap | None] | None = None,
     ) -> None:
         """Runs a planned job on the agents (and triggers the engines); raises on failure.
         `layouts`: the ranks whose engines are asked for their sharding map, filled with
@@ -199,16 +133,16 @@ class Executor:
         self._hub.on_progress(job.id, _Progress(job, groups, notify))
         order = {r: i for i, r in enumerate(self._registry.rank_order())}
 
-        results: dict[RankRef, RankResult] = {}
+        done: dict[RankRef, RankResult] = {}
 
-        async def run_rank(r: RankRef, cmd: apb.Command) -> RankResult:
+        async def run_rank(r: RankRef, cmd: Command) -> RankResult:
             try:
                 res = await self._hub.command(r.node_id, cmd, left() + 5.0)
             except CkptError as e:
                 raise type(e)(f"rank {order.get(r, -1)} ({r}): {e.message}") from None
-            if layouts is not None and r in asked and res.update.layout:
-                layouts[r] = res.update.layout
-            got = results[r] = _rank_result(order.get(r, -1), r, res.update)
+            if layouts is not None and r in asked and (mine := results.layout(res)) is not None:
+                layouts[r] = mine
+            got = done[r] = results.rank_result(order.get(r, -1), r, res)
             if not got.ok:  # a reported failure aborts the peers at once, as a raised one
                 raise RankFailed(got)
             return got
@@ -229,10 +163,10 @@ class Executor:
             if raised:  # (its worker died, its agent left) first: peers saw only its absence
                 raise raised[0] from None
         finally:
-            job.results = [results[r] for r in participants if r in results]
+            job.results = [done[r] for r in participants if r in done]
         bad = sorted(
             (r for r in job.results if not r.ok),
-            key=lambda r: (r.reason.startswith(NOT_OWN), r.rank),
+            key=lambda r: (not r.own_failure, r.rank),  # a rank's own failure first
         )
         if bad:
             raise Aborted(f"rank {bad[0].rank} ({bad[0].owner}): {bad[0].reason}")

@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from ckpt.v1 import agent_pb2 as apb
 from ckpt_common.errors import (
     CkptError,
     FailedPrecondition,
@@ -20,6 +19,7 @@ from ckpt_common.errors import (
     Unavailable,
 )
 from ckpt_daemon import admission
+from ckpt_daemon.agents.commands import P2PSource
 from ckpt_daemon.agents.hub import AgentHub
 from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.engines.alive import check_engines
@@ -35,6 +35,7 @@ from ckpt_daemon.model import (
     Job,
     JobKind,
     JobState,
+    LayoutMap,
     RankRef,
     ShardState,
     TensorInfo,
@@ -315,7 +316,7 @@ class JobRunner:
 
     def read_sources(
         self, cv: CheckpointVersion, owners: list[RankRef], near: list[bool]
-    ) -> tuple[list[apb.P2PSource], list[str]]:
+    ) -> tuple[list[P2PSource], list[str]]:
         """Where readers read each owner's store (near: all its readers are on its node):
         its shared segment where it is READY and its agent attached, else by P2P from the
         owner (or its mirror, replicas=2). Returns the sources and the owners read from
@@ -326,9 +327,9 @@ class JobRunner:
             sh = cv.shards.get(o)
             here = sh is not None and sh.state == ShardState.READY and sh.segment
             if n and here and self._hub.attached(o.node_id):
-                out.append(apb.P2PSource(local_segment=sh.segment))
+                out.append(P2PSource(local_segment=sh.segment))
             elif live.get(o, ("", 0))[0]:
-                out.append(apb.P2PSource(session=live[o][0], addr=live[o][1]))
+                out.append(P2PSource(session=live[o][0], addr=live[o][1]))
             else:
                 missing.append(str(o))
         return out, missing
@@ -451,7 +452,8 @@ class JobRunner:
         participants = [r for g in groups for r in g.plan.participants]
         # a full update's engines describe every tensor: only those teach ckptd a layout
         learn = not job.spec.tensors
-        layouts = dict.fromkeys(layout_unknown(self._registry, job.targets) if learn else [], "")
+        asked = layout_unknown(self._registry, job.targets) if learn else []
+        layouts: dict[RankRef, LayoutMap | None] = dict.fromkeys(asked)
         end, why = JobState.FAILED, "internal error: the job ended without a verdict"
         try:
             await self._acquire_participants(job, participants, deadline)

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ckpt_common.layers import layer_key
-from ckpt_common.p2p import decode as p2p_decode
-from ckpt_common.p2p import encode as p2p_encode
 from ckpt_daemon.model import RankRef, TensorInfo
 from ckpt_daemon.plan.placement import ALIGN, PlanError, align_up, rank_order
 
@@ -37,6 +35,7 @@ class Entry(NamedTuple):
     chunk_offset: int
     rows: int = 1  # a strided read (shard_plan): rows runs of nbytes // rows bytes,
     stride: int = 0  # stride bytes apart in the store, packed in the bucket
+    source: int = 0  # reading plans (P2P, shard-aware): the index of the store read from
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -234,7 +233,7 @@ def plan_p2p(
     """A P2P plan: only the targets take part. Each bucket is read from its owner's host
     memory by one target (a target on the owner's node where there is one, in turn; else
     every target in turn), then broadcast inside the targets. Returns the plan and the
-    sources (owners) whose index is encoded in each entry's store_offset (ckpt_common.p2p)."""
+    sources (owners) each entry's `source` indexes."""
     base = plan_update(tensors, targets, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial)
     tlist = base.targets
     sources = rank_order({t.owner for t in tensors})
@@ -247,7 +246,7 @@ def plan_p2p(
     for k, b in enumerate(base.buckets):
         owner = base.participants[b.owner]
         src = src_index[owner]
-        entries = tuple(e._replace(store_offset=p2p_encode(src, e.store_offset)) for e in b.entries)
+        entries = tuple(e._replace(source=src) for e in b.entries)
         pool = near.get(owner.node_id)
         if pool:
             i = turn[owner.node_id] = turn.get(owner.node_id, -1) + 1
@@ -275,6 +274,6 @@ def readers_near(plan: Plan, nsources: int, owners: Sequence[RankRef]) -> list[b
     for b in plan.buckets:
         node = plan.participants[b.owner].node_id
         for e in b.entries[:1]:
-            src = p2p_decode(e.store_offset)[0]
+            src = e.source
             near[src] = near[src] and node == owners[src].node_id
     return near

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ckpt_common.dtypes import DTYPE_SIZES
-from ckpt_common.p2p import encode as p2p_encode
 from ckpt_daemon.model import RankRef, TensorInfo
 from ckpt_daemon.plan.keeps import Keep, part_of
 from ckpt_daemon.plan.placement import ALIGN, PlanError
@@ -170,7 +169,7 @@ def _plan(ts: _Tensors, owners: list[RankRef], keeps: list[Keep], bucket_bytes: 
     total = outer * run
     # the stream of each owner: parts in store order, each aligned
     owner = ts.owner[t]
-    order = np.argsort((owner << 40) | src)  # unique keys (a store is under 1 TiB)
+    order = np.lexsort((src, owner))  # by owner, then store order
     size = (total[order] + ALIGN - 1) // ALIGN * ALIGN
     first = np.ones(n, dtype=bool)
     first[1:] = owner[order][1:] != owner[order][:-1]
@@ -329,9 +328,8 @@ def group_plans(
             b = int(r.bucket[i])
             rows, run = int(r.rows[i]), int(r.run[i])
             entries[new[b]].append(
-                Entry(int(r.keep[i]), int(r.offset[i]),
-                      p2p_encode(src[cp.buckets[b].owner], int(r.src[i])),
-                      rows * run, int(r.dst[i]), rows, int(r.stride[i]))
+                Entry(int(r.keep[i]), int(r.offset[i]), int(r.src[i]), rows * run,
+                      int(r.dst[i]), rows, int(r.stride[i]), src[cp.buckets[b].owner])
             )  # fmt: skip
         buckets = [
             BucketPlan(owner=readers[old], nbytes=cp.buckets[old].nbytes, entries=tuple(e))

@@ -16,9 +16,11 @@ from dataclasses import replace
 
 import structlog
 
-from ckpt.v1 import agent_pb2 as apb
 from ckpt_common.dtypes import DTYPE_SIZES
+from ckpt_daemon.agents import commands
+from ckpt_daemon.agents.commands import Span
 from ckpt_daemon.agents.hub import AgentHub
+from ckpt_daemon.agents.results import store_ready
 from ckpt_daemon.model import CheckpointVersion, RankRef, TensorInfo
 from ckpt_daemon.plan.keeps import Keep, keeps_of, part_of
 from ckpt_daemon.plan.placement import PlanError
@@ -94,15 +96,13 @@ class PartSums:
             tensors[i] = replace(tensors[i], checksum=self._sums[k])
 
     async def _compute(self, cv: CheckpointVersion, r: RankRef, keys: list[Key]) -> None:
-        items = [apb.LoadItem(store_offset=k[3], nbytes=k[4], rows=k[5], stride=k[6]) for k in keys]
-        cmd = apb.Command(
-            seal=apb.Seal(checkpoint=cv.name, version=cv.version, device=r.device, items=items)
-        )
-        res = await self._hub.command(r.node_id, cmd, self._timeout_s)
-        self._sums.update(zip(keys, res.store.checksums, strict=True))
+        spans = [Span(store_offset=k[3], nbytes=k[4], rows=k[5], stride=k[6]) for k in keys]
+        cmd = commands.seal(cv.name, cv.version, r.device, spans)
+        res = store_ready(await self._hub.command(r.node_id, cmd, self._timeout_s))
+        self._sums.update(zip(keys, res.checksums, strict=True))
         log.info(
             "part_sums_from_store", checkpoint=cv.name, version=cv.version, owner=str(r),
-            parts=len(keys), seconds=round(res.store.seconds, 4),
+            parts=len(keys), seconds=round(res.seconds, 4),
         )  # fmt: skip
 
     def record(self, cv: CheckpointVersion, parts: list[tuple[TensorInfo, Keep, int]]) -> None:

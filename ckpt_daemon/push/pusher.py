@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from ckpt.v1 import agent_pb2 as apb
 from ckpt_common.errors import (
     AlreadyExists,
     CkptError,
@@ -24,7 +23,10 @@ from ckpt_common.errors import (
 )
 from ckpt_common.pieces import entry_key
 from ckpt_daemon import admission
+from ckpt_daemon.agents import commands
+from ckpt_daemon.agents.commands import Span
 from ckpt_daemon.agents.hub import AgentHub
+from ckpt_daemon.agents.results import StoreReady, scanned, store_ready
 from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.engines import probes
 from ckpt_daemon.model import (
@@ -281,9 +283,7 @@ class Pusher:
             asyncio.gather(
                 *(
                     self._hub.command(
-                        node,
-                        apb.Command(scan=apb.Scan(paths=paths, read_uid=uid)),
-                        self._config.command_timeout_s,
+                        node, commands.scan(paths, uid), self._config.command_timeout_s
                     )
                     for node, paths in by_node.items()
                 )
@@ -294,16 +294,16 @@ class Pusher:
         specs: list[TensorSpec] = []
         files: FileIds = {}
         for res, (scanner, paths) in zip(results, by_node.items(), strict=True):
-            for f in res.scan.files:
+            for f in scanned(res):
                 files[f.path] = (scanner, f.size, f.dev, f.ino, f.ctime_ns)
                 node = next((pinned[p] for p in paths if f.path.startswith(p)), "")
                 for t in f.tensors:
                     specs.append(
                         TensorSpec(
-                            name=t.meta.name,
-                            dtype=t.meta.dtype,
-                            shape=tuple(t.meta.shape),
-                            nbytes=t.meta.nbytes,
+                            name=t.name,
+                            dtype=t.dtype,
+                            shape=t.shape,
+                            nbytes=t.nbytes,
                             path=f.path,
                             file_offset=t.data_offset,
                             node_id=node,
@@ -322,37 +322,20 @@ class Pusher:
         files: FileIds | None = None,
         uid: int | None = None,
     ) -> None:
-        by_owner: dict[RankRef, list[apb.LoadItem]] = {}
-        for t in cv.tensors:
-            item = apb.LoadItem(
-                path=t.path, file_offset=t.file_offset, nbytes=t.nbytes, store_offset=t.store_offset
-            )
-            scanner, size, dev, ino, ctime = (files or {}).get(t.path, ("", 0, 0, 0, 0))
-            item.file_size = size
-            if scanner == t.owner.node_id:  # inodes mean something on the scanning node only
-                item.file_dev, item.file_ino, item.file_ctime_ns = dev, ino, ctime
-            by_owner.setdefault(t.owner, []).append(item)
+        by_owner = _spans(cv, files or {})
 
         async def load_one(r: RankRef) -> None:
-            cmd = apb.Command(
-                load=apb.Load(
-                    checkpoint=cv.name,
-                    version=cv.version,
-                    device=r.device,
-                    nbytes=cv.shards[r].nbytes,
-                    items=by_owner[r],
-                    read_uid=uid,
-                )
-            )
+            nbytes = cv.shards[r].nbytes
+            cmd = commands.load(cv.name, cv.version, r.device, nbytes, by_owner[r], uid)
             try:
-                res = await self._hub.command(r.node_id, cmd, timeout)
+                res = store_ready(await self._hub.command(r.node_id, cmd, timeout))
             except CkptError as e:
                 self._registry.set_shard(
                     cv.name, cv.version, r, ShardState.FAILED, reason=f"{r}: {e.message}"
                 )
                 raise
-            await self._set_sums(cv, r, list(res.store.checksums))
-            self._record_store(cv, r, ShardState.READY, res.store)
+            await self._set_sums(cv, r, list(res.checksums))
+            self._record_store(cv, r, ShardState.READY, res)
 
         try:
             results = await self._hub.watched(
@@ -412,13 +395,9 @@ class Pusher:
         return cv
 
     async def _allocate(self, cv: CheckpointVersion, r: RankRef) -> None:
-        cmd = apb.Command(
-            load=apb.Load(
-                checkpoint=cv.name, version=cv.version, device=r.device, nbytes=cv.shards[r].nbytes
-            )
-        )
+        cmd = commands.load(cv.name, cv.version, r.device, cv.shards[r].nbytes)
         res = await self._hub.command(r.node_id, cmd, self._config.load_timeout_s)
-        self._record_store(cv, r, ShardState.LOADING, res.store)
+        self._record_store(cv, r, ShardState.LOADING, store_ready(res))
 
     def _done(self, cv: CheckpointVersion, ok: bool) -> None:
         if self.on_done is not None:
@@ -470,16 +449,14 @@ class Pusher:
             []
             if sums is not None
             else [
-                apb.LoadItem(store_offset=t.store_offset, nbytes=t.nbytes)
+                Span(store_offset=t.store_offset, nbytes=t.nbytes)
                 for t in cv.tensors
                 if t.owner == r
             ]
         )
-        cmd = apb.Command(
-            seal=apb.Seal(checkpoint=cv.name, version=cv.version, device=r.device, items=items)
-        )
-        res = await self._hub.command(r.node_id, cmd, self._config.load_timeout_s)
-        got = sums if sums is not None else list(res.store.checksums)
+        cmd = commands.seal(cv.name, cv.version, r.device, items)
+        res = store_ready(await self._hub.command(r.node_id, cmd, self._config.load_timeout_s))
+        got = sums if sums is not None else list(res.checksums)
         await self._set_sums(cv, r, got)
 
     async def _add(self, cv: CheckpointVersion) -> None:
@@ -491,7 +468,7 @@ class Pusher:
         self._registry.put_checksums(cv, await asyncio.to_thread(checksummed, cv.tensors, r, sums))
 
     def _record_store(
-        self, cv: CheckpointVersion, r: RankRef, state: ShardState, store: apb.StoreReady
+        self, cv: CheckpointVersion, r: RankRef, state: ShardState, store: StoreReady
     ) -> None:
         """A shard's store as its agent reported it: segment and P2P address."""
         self._registry.set_shard(
@@ -500,7 +477,7 @@ class Pusher:
             r,
             state,
             segment=store.segment,
-            p2p=(store.p2p.session, store.p2p.addr),
+            p2p=store.p2p,
         )
 
     async def _forget(self, cv: CheckpointVersion) -> None:
@@ -516,9 +493,7 @@ class Pusher:
         async def drop_one(r: RankRef) -> None:
             if not self._hub.attached(r.node_id):
                 return
-            cmd = apb.Command(
-                drop=apb.Drop(checkpoint=cv.name, version=cv.version, device=r.device)
-            )
+            cmd = commands.drop(cv.name, cv.version, r.device)
             if self._hub.silence(r.node_id) > self._hub.silence_limit:
                 self._hub.send(r.node_id, cmd)  # frozen: it drops the store when it wakes up
                 return
@@ -624,3 +599,25 @@ def owner_sums(cv: CheckpointVersion, known: Known) -> dict[RankRef, list[int]]:
     return {
         r: [known[k] for k in keys] for r, keys in owned.items() if all(k in known for k in keys)
     }
+
+
+def _spans(cv: CheckpointVersion, files: FileIds) -> dict[RankRef, list[Span]]:
+    """Each owner's ranges to load: its tensors' bytes in their files, as scanned."""
+    by_owner: dict[RankRef, list[Span]] = {}
+    for t in cv.tensors:
+        scanner, size, dev, ino, ctime = files.get(t.path, ("", 0, 0, 0, 0))
+        if scanner != t.owner.node_id:  # inodes mean something on the scanning node only
+            dev, ino, ctime = 0, 0, 0
+        by_owner.setdefault(t.owner, []).append(
+            Span(
+                store_offset=t.store_offset,
+                nbytes=t.nbytes,
+                path=t.path,
+                file_offset=t.file_offset,
+                file_size=size,
+                file_dev=dev,
+                file_ino=ino,
+                file_ctime_ns=ctime,
+            )
+        )
+    return by_owner

@@ -3,11 +3,9 @@ forgotten after a failed shard-aware one."""
 
 from __future__ import annotations
 
-import json
-
 import structlog
 
-from ckpt_daemon.model import RankRef
+from ckpt_daemon.model import LayoutMap, RankRef
 from ckpt_daemon.registry.store import Registry
 
 log = structlog.get_logger("ckptd.jobs")
@@ -24,17 +22,11 @@ def layout_unknown(registry: Registry, targets: list[RankRef]) -> list[RankRef]:
     ]
 
 
-def learn_layouts(registry: Registry, answers: dict[RankRef, str]) -> None:
+def learn_layouts(registry: Registry, answers: dict[RankRef, LayoutMap | None]) -> None:
     """Stores the layout of each instance whose every rank's engine reported its map."""
     for inst in registry.instances():
-        if inst.layout or not inst.ranks or not all(answers.get(r) for r in inst.ranks):
-            continue
-        try:
-            maps = [json.loads(answers[r]) for r in inst.ranks]
-        except ValueError:
-            log.warning("layout_unreadable", instance=inst.name)
-            continue
-        if not all(isinstance(m, dict) for m in maps):
+        maps = [m for r in inst.ranks if (m := answers.get(r)) is not None]
+        if inst.layout or not maps or len(maps) < len(inst.ranks):
             continue
         inst.layout = registry.put_layout(maps)
         registry.put_instance(inst)

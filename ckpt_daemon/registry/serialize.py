@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 from ckpt_daemon.model import (
     CheckpointVersion,
+    FailureOrigin,
     Instance,
     InstanceKind,
     Job,
@@ -55,6 +56,7 @@ def job_from_json(d: dict) -> Job:
                 **r,
                 "owner": RankRef(*r["owner"]),
                 "times": PhaseTimes(**r["times"]),
+                "origin": FailureOrigin(r.get("origin", 0)),
             }
         )
         for r in d["results"]
