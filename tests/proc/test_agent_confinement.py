@@ -16,6 +16,7 @@ import torch
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.credentials import is_loopback_host
 from tests.support.cluster import Cluster
+from tests.support.spec import ClusterSpec, Node
 from tests.support.tensors import write_sharded
 
 pytestmark = pytest.mark.slow
@@ -44,16 +45,16 @@ def listening(pids: set[int]) -> set[str]:
     return found
 
 
+SPEC = ClusterSpec(
+    receiver_timeout_s=3,
+    nodes=(Node(id="n1"), Node(id="n2")),
+    env=(("CKPT_TRUSTED_FABRIC", "0"),),  # no Mooncake: everything else must stay on --host
+)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("confine"))
-    c.env["CKPT_TRUSTED_FABRIC"] = "0"  # no Mooncake: everything else must stay on --host
-    c.start_daemon("--receiver-timeout-s", "3")
-    for node in ("n1", "n2"):
-        c.start_agent(node, 1)
-    c.wait_ranks(2)
-    yield c
-    c.close()
+def cluster(module_cluster) -> Cluster:
+    return module_cluster(SPEC, "confine")
 
 
 def test_agents_listen_on_their_host_only(cluster: Cluster, tmp_path: Path) -> None:

@@ -5,6 +5,8 @@ serves a normal push and update afterwards."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -15,6 +17,7 @@ from ckpt.v1 import agent_pb2_grpc, ckptd_pb2_grpc
 from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
 from tests.support.cluster import Cluster, Latency, read_report, wait_for
+from tests.support.spec import ClusterSpec, Node, Receivers
 from tests.support.tensors import digests, mixed_tensors, write_sharded
 
 pytestmark = pytest.mark.slow
@@ -27,25 +30,36 @@ BIG = 2**63
 MAX_U64 = 2**64 - 1
 
 
+SPEC = ClusterSpec(receiver_timeout_s=4, nodes=(Node(id="n1"),), receivers=(Receivers(node="n1"),))
+
+
+@dataclass(frozen=True)
+class Raw:
+    """ckptd's API without the client: its own channel, a stub, the admin's metadata."""
+
+    channel: grpc.Channel
+    stub: ckptd_pb2_grpc.CkptStub
+    md: tuple[tuple[str, str], ...]
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad")
-    c = Cluster(root)
-    c.start_daemon("--receiver-timeout-s", "4")
-    c.start_agent("n1", 1)
-    c.reports = [c.start_receiver("n1", 0)]
-    c.wait_ranks(1)
-    c.good = write_sharded(mixed_tensors(1, layers=1), root / "good")
-    c.client.push("good", 1, [str(c.good)])
+def cluster(module_cluster) -> Cluster:
+    """Version 1 of "good" pushed; instance r0 (no device named) registered on n1."""
+    c = module_cluster(SPEC, "bad")
+    good = write_sharded(mixed_tensors(1, layers=1), c.root / "good")
+    c.client.push("good", 1, [str(good)])
     c.client.register_instance(
         tpb.Instance(name="r0", kind=tpb.INSTANCE_RECEIVER, ranks=[tpb.InstanceRank(node_id="n1")])
     )
-    c.channel = grpc.insecure_channel(c.addr)
-    c.stub = ckptd_pb2_grpc.CkptStub(c.channel)
-    c.md = (("authorization", f"Bearer {c.token_file.read_text().strip()}"),)
-    yield c
-    c.channel.close()
-    c.close()
+    return c
+
+
+@pytest.fixture(scope="module")
+def api(cluster: Cluster) -> Iterator[Raw]:
+    channel = grpc.insecure_channel(cluster.addr)
+    md = (("authorization", f"Bearer {cluster.token_file.read_text().strip()}"),)
+    yield Raw(channel, ckptd_pb2_grpc.CkptStub(channel), md)
+    channel.close()
 
 
 def meta(name="w", dtype="F32", shape=(4,), nbytes=16, **piece) -> tpb.TensorMeta:
@@ -215,13 +229,13 @@ def state(c: Cluster) -> tuple:
 @pytest.mark.parametrize(
     "method, request_, code", CASES, ids=[f"{i}-{m}" for i, (m, _, _) in enumerate(CASES)]
 )
-def test_bad_request(cluster: Cluster, method: str, request_, code) -> None:
+def test_bad_request(cluster: Cluster, api: Raw, method: str, request_, code) -> None:
     c = cluster
     before = state(c)
     t0 = time.monotonic()
-    call = getattr(c.stub, method)
+    call = getattr(api.stub, method)
     with pytest.raises(grpc.RpcError) as e:
-        out = call(request_, metadata=c.md, timeout=20)
+        out = call(request_, metadata=api.md, timeout=20)
         if method == "WatchJob":
             list(out)
     took = time.monotonic() - t0
@@ -232,11 +246,10 @@ def test_bad_request(cluster: Cluster, method: str, request_, code) -> None:
     assert state(c) == before
 
 
-def test_watch_job_bad_ids(cluster: Cluster) -> None:
-    c = cluster
+def test_watch_job_bad_ids(cluster: Cluster, api: Raw) -> None:
     for job_id, code in (("nope", NF), ("a\nb", IA)):
         with pytest.raises(grpc.RpcError) as e:
-            list(c.stub.WatchJob(cpb.GetJobRequest(id=job_id), metadata=c.md, timeout=10))
+            list(api.stub.WatchJob(cpb.GetJobRequest(id=job_id), metadata=api.md, timeout=10))
         assert e.value.code() == code
 
 
@@ -268,12 +281,12 @@ ATTACH = [
 
 
 @pytest.mark.parametrize("first, code", ATTACH, ids=[str(i) for i in range(len(ATTACH))])
-def test_bad_attach(cluster: Cluster, first: apb.AgentMessage, code) -> None:
+def test_bad_attach(cluster: Cluster, api: Raw, first: apb.AgentMessage, code) -> None:
     c = cluster
     before = state(c)
-    stub = agent_pb2_grpc.AgentLinkStub(c.channel)
+    stub = agent_pb2_grpc.AgentLinkStub(api.channel)
     with pytest.raises(grpc.RpcError) as e:
-        for _ in stub.Attach(iter([first]), metadata=c.md, timeout=10):
+        for _ in stub.Attach(iter([first]), metadata=api.md, timeout=10):
             pass
     assert e.value.code() == code, (e.value.code(), e.value.details())
     assert state(c) == before
@@ -290,12 +303,12 @@ def test_still_healthy_after_all_that(cluster: Cluster, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("after_hello", [False, True])
-def test_garbage_on_attach(cluster: Cluster, after_hello: bool) -> None:
+def test_garbage_on_attach(cluster: Cluster, api: Raw, after_hello: bool) -> None:
     """Bytes that are no AgentMessage, first or after a valid Hello: INVALID_ARGUMENT,
     nothing changes, no agent stays listed."""
     c = cluster
     before = state(c)
-    attach = c.channel.stream_stream(
+    attach = api.channel.stream_stream(
         "/ckpt.v1.AgentLink/Attach",
         request_serializer=lambda b: b,
         response_deserializer=apb.DaemonMessage.FromString,
@@ -308,7 +321,7 @@ def test_garbage_on_attach(cluster: Cluster, after_hello: bool) -> None:
         time.sleep(5)  # the stream stays open: the status is ckptd's verdict, not EOF
 
     with pytest.raises(grpc.RpcError) as e:
-        for _ in attach(requests(), metadata=c.md, timeout=10):
+        for _ in attach(requests(), metadata=api.md, timeout=10):
             pass
     assert e.value.code() == IA, (e.value.code(), e.value.details())
     if not after_hello:
@@ -316,14 +329,16 @@ def test_garbage_on_attach(cluster: Cluster, after_hello: bool) -> None:
     assert [a.node_id for a in c.client.agents() if a.state == tpb.AGENT_ATTACHED] == ["n1"]
 
 
-def test_silent_agent_is_detached_and_spares_other_pushes(cluster: Cluster, tmp_path: Path) -> None:
+def test_silent_agent_is_detached_and_spares_other_pushes(
+    cluster: Cluster, api: Raw, tmp_path: Path
+) -> None:
     """A principal that attaches a node and then says nothing: detached after 3 missed
     heartbeats (not the 30 s grace of an agent that has spoken), and a push to every
     attached rank succeeds afterwards without it."""
     import threading
 
     c = cluster
-    stub = agent_pb2_grpc.AgentLinkStub(c.channel)
+    stub = agent_pb2_grpc.AgentLinkStub(api.channel)
     quiet = threading.Event()
 
     def requests():
@@ -332,7 +347,7 @@ def test_silent_agent_is_detached_and_spares_other_pushes(cluster: Cluster, tmp_
 
     def attach() -> None:
         try:
-            for _ in stub.Attach(requests(), metadata=c.md, timeout=30):
+            for _ in stub.Attach(requests(), metadata=api.md, timeout=30):
                 pass
         except grpc.RpcError:
             pass
@@ -358,14 +373,14 @@ def attached(c: Cluster) -> list[str]:
 
 
 @pytest.mark.parametrize("mb", [60, 200, 600])
-def test_a_huge_hello_neither_stalls_nor_attaches(cluster: Cluster, mb: int) -> None:
+def test_a_huge_hello_neither_stalls_nor_attaches(cluster: Cluster, api: Raw, mb: int) -> None:
     """A hello of 60 MB (parsed on a thread, refused for its content), 200 MB (over the
     hello's cap: refused unread) or 600 MB (over any message's: gRPC refuses it,
     RESOURCE_EXHAUSTED): refused within seconds, and every other call is answered meanwhile
     in well under a second."""
     c = cluster
     raw = hello(node_id="huge", version="v" * (mb << 20)).SerializeToString()
-    attach = c.channel.stream_stream(
+    attach = api.channel.stream_stream(
         "/ckpt.v1.AgentLink/Attach",
         request_serializer=lambda b: b,
         response_deserializer=apb.DaemonMessage.FromString,
@@ -373,7 +388,7 @@ def test_a_huge_hello_neither_stalls_nor_attaches(cluster: Cluster, mb: int) -> 
     with Latency(c.client.agents) as lat:
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as e:
-            for _ in attach(iter([raw]), metadata=c.md, timeout=30):
+            for _ in attach(iter([raw]), metadata=api.md, timeout=30):
                 pass
         took = time.monotonic() - t0
     want = IA if mb < 512 else grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -26,25 +26,23 @@ from ckpt_common.errors import (
     PermissionDenied,
 )
 from tests.support.cluster import Cluster, read_report, wait_for
+from tests.support.spec import ClusterSpec, Node, Receivers
 from tests.support.tensors import digests, mixed_tensors, write_sharded
 
 pytestmark = pytest.mark.slow
 RANKS = [0, 1, 2, 3]
 
 
+SPEC = ClusterSpec(  # four unregistered receivers: ranks 0-3
+    receiver_timeout_s=4,
+    nodes=(Node(id="node-a", devices=2), Node(id="node-b", devices=2)),
+    receivers=(Receivers(node="node-a", devices=(0, 1)), Receivers(node="node-b", devices=(0, 1))),
+)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    c = Cluster(root)
-    c.start_daemon("--receiver-timeout-s", "4")
-    c.start_agent("node-a", 2)
-    c.start_agent("node-b", 2)
-    c.reports = [c.start_receiver(n, d) for n in ("node-a", "node-b") for d in (0, 1)]
-    c.wait_ranks(4)
-    for r in c.reports:
-        wait_for(r.exists, 60, "receivers to start")
-    yield c
-    c.close()
+def cluster(module_cluster) -> Cluster:
+    return module_cluster(SPEC, "e2e")
 
 
 def versions(c: Cluster) -> list[int]:

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent.host_store import segment_prefix
 from ckpt_common.errors import CkptError, FailedPrecondition, Unavailable
 from tests.support.cluster import Cluster, read_report, wait_for
+from tests.support.spec import ClusterSpec, Node, Receivers
 from tests.support.tensors import digests, write_sharded
 
 RANKS = [0, 1, 2, 3]
@@ -50,22 +52,33 @@ REASONS = {
 }
 
 
+SPEC = ClusterSpec(  # four unregistered receivers: ranks 0-3, rank 3 on node-b's device 1
+    receiver_timeout_s=4,
+    nodes=tuple(Node(id=n, devices=2) for n in NODES),
+    receivers=tuple(Receivers(node=n, devices=(0, 1)) for n in NODES),
+)
+
+
+@dataclass
+class Run:
+    """What the module's cluster has been through: pushes so far (each push's name and
+    seed), node-a's listening sockets after a first job (what every case must leave)."""
+
+    seq: int = 0
+    ports: int = 0
+
+
+RUN = Run()
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("faults"))
-    c.start_daemon("--receiver-timeout-s", "4")
-    for n in NODES:
-        c.start_agent(n, 2)
-    c.reports = [c.start_receiver(n, d) for n in NODES for d in (0, 1)]
-    c.wait_ranks(4)
-    for r in c.reports:
-        wait_for(r.exists, 60, "receivers to start")
-    c.seq = 0
+def cluster(module_cluster, tmp_path_factory) -> Cluster:
+    c = module_cluster(SPEC, "faults")
+    RUN.seq = 0
     _next_update_succeeds(c, tmp_path_factory.mktemp("first"))  # what a job leaves for good
     _clean(c, ports=False)
-    c.ports = _ports(c)
-    yield c
-    c.close()
+    RUN.ports = _ports(c)
+    return c
 
 
 # ----------------------------------------------------------------------------- processes
@@ -121,7 +134,7 @@ def _bring_back(c: Cluster, target: str, sig: int, pids: list[int]) -> None:
         c.reports[3] = c.start_receiver("node-b", 1)
     elif target == "ckptd":
         c.procs.pop("ckptd").wait(10)
-        c.start_daemon("--receiver-timeout-s", "4")
+        c.start_daemon(*c.spec.daemon_flags())
     c.wait_ranks(4)
     wait_for(lambda: len(_workers(c, "node-b")) == 2, 60, "node-b's workers")
 
@@ -136,8 +149,8 @@ def _tensors(seed: int, nbytes: int) -> dict[str, torch.Tensor]:
 
 
 def _push(c: Cluster, tmp: Path, tensors: dict, **kw) -> str:
-    c.seq += 1
-    name = f"f{c.seq}"
+    RUN.seq += 1
+    name = f"f{RUN.seq}"
     src = str(write_sharded(tensors, tmp / name))
     deadline = time.monotonic() + 10
     while True:  # an agent whose worker was restarted re-attaches: a moment without it
@@ -163,7 +176,7 @@ def _wait_job(c: Cluster, job_id: str, timeout: float) -> tpb.Job:
 
 def _next_update_succeeds(c: Cluster, tmp: Path) -> float:
     """A fresh push and an update of all ranks; every receiver holds exactly its bytes."""
-    t = _tensors(1000 + c.seq, 64 << 10)
+    t = _tensors(1000 + RUN.seq, 64 << 10)
     name = _push(c, tmp, t)
     t0 = time.monotonic()
     while True:
@@ -241,7 +254,7 @@ def _clean(c: Cluster, ports: bool = True) -> None:
             pass
     wait_for(lambda: not _shm_orphans(c), 15, "orphan segments to go")
     if ports:
-        wait_for(lambda: _ports(c) <= c.ports, 15, f"node-a back to {c.ports} listening ports")
+        wait_for(lambda: _ports(c) <= RUN.ports, 15, f"node-a back to {RUN.ports} listening ports")
 
 
 # ----------------------------------------------------------------------------- moments
@@ -249,7 +262,7 @@ def _clean(c: Cluster, ports: bool = True) -> None:
 
 def _fault_idle(c: Cluster, tmp: Path, target: str, sig: int) -> str:
     """The fault first, then an update: refused at once, or failed within BOUND_S."""
-    name = _push(c, tmp, _tensors(c.seq, 64 << 10))
+    name = _push(c, tmp, _tensors(RUN.seq, 64 << 10))
     pids = _pids(c, target)
     _signal(pids, sig)
     t0 = time.monotonic()
@@ -268,7 +281,7 @@ def _fault_idle(c: Cluster, tmp: Path, target: str, sig: int) -> str:
 
 def _fault_update(c: Cluster, tmp: Path, target: str, sig: int) -> str:
     """The fault while buckets flow; the job ends within BOUND_S of it."""
-    name = _push(c, tmp, _tensors(c.seq, 8 << 20))
+    name = _push(c, tmp, _tensors(RUN.seq, 8 << 20))
     job = c.client.update(name, ranks=RANKS, bucket_bytes=BUCKET)
     flowing = wait_for(lambda: _flowing(c, job.id), 30, "buckets to flow", 0.02)
     assert flowing.state == tpb.JOB_RUNNING, flowing.reason
@@ -301,10 +314,10 @@ def _flowing(c: Cluster, job_id: str) -> tpb.Job | None:
 def _fault_push(c: Cluster, tmp: Path, target: str, sig: int) -> str:
     """SIGSTOP before the push (its commands reach a frozen process); SIGKILL right after
     the push was recorded. The push ends (READY, or failed and removed) within BOUND_S."""
-    t = _tensors(c.seq, 8 << 20)
+    t = _tensors(RUN.seq, 8 << 20)
     pids = _pids(c, target)
-    c.seq += 1
-    name = f"f{c.seq}"
+    RUN.seq += 1
+    name = f"f{RUN.seq}"
     src = str(write_sharded(t, tmp / name))
     outcome = ""
     if sig == STOP and target != "ckptd":
@@ -481,7 +494,7 @@ def test_thawed_worker_drops_commands_of_ended_jobs(cluster: Cluster, tmp_path: 
     aborts) queued when it thaws: it drops them instead of connecting to groups long gone
     (RENDEZVOUS_S each, deaf to aborts), so an update right after the thaw runs at once."""
     c = cluster
-    t = _tensors(2000 + c.seq, 64 << 10)
+    t = _tensors(2000 + RUN.seq, 64 << 10)
     name = _push(c, tmp_path, t)
     pids = _pids(c, "worker")
     _signal(pids, STOP)
@@ -508,7 +521,7 @@ def test_forced_removal_during_an_update_is_refused_before_it_changes_anything(
     """RemoveAgent --force while a job sends bytes to the node: FAILED_PRECONDITION, the
     agent stays attached and the job succeeds."""
     c = cluster
-    t = _tensors(3000 + c.seq, 8 << 20)
+    t = _tensors(3000 + RUN.seq, 8 << 20)
     name = _push(c, tmp_path, t)
     job = c.client.update(name, ranks=RANKS, bucket_bytes=BUCKET)
     flowing = wait_for(lambda: _flowing(c, job.id), 30, "buckets to flow", 0.02)

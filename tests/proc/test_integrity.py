@@ -20,6 +20,7 @@ from ckpt_agent.host_store import device_prefix, segment_prefix, store_segment
 from ckpt_common import checksum
 from ckpt_common.ipc import worker_endpoint
 from tests.support.cluster import Cluster, read_report
+from tests.support.spec import ClusterSpec, Node, Receivers
 from tests.support.tensors import digests, mixed_tensors, write_sharded
 from vllm_ext.receiver import Receiver
 
@@ -125,16 +126,16 @@ def test_failure_message_is_not_an_end(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ real processes
 
 
+SPEC = ClusterSpec(
+    receiver_timeout_s=4,
+    nodes=(Node(id="node-i", devices=2),),
+    receivers=(Receivers(node="node-i", devices=(0, 1), instance="R"),),
+)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("integrity")
-    c = Cluster(root)
-    c.start_daemon("--receiver-timeout-s", "4")
-    c.start_agent("node-i", 2)
-    c.wait_ranks(2)
-    c.reports = c.receiver_instance("R", "node-i", [0, 1])
-    yield c
-    c.close()
+def cluster(module_cluster) -> Cluster:
+    return module_cluster(SPEC, "integrity")
 
 
 def _hashes(c: Cluster) -> list[dict]:

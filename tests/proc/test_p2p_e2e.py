@@ -15,29 +15,28 @@ from safetensors.torch import save_file
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import CkptError, FailedPrecondition, InvalidArgument
 from tests.support.cluster import Cluster, read_report, wait_for
+from tests.support.spec import ClusterSpec, Node, Receivers
 from tests.support.tensors import digests, mixed_tensors, write_sharded
 
 pytestmark = pytest.mark.slow
 OWNER, NEW = "a-own", "b-new"  # ranks 0-1 hold the bytes, ranks 2-3 join
 
 
+SPEC = ClusterSpec(  # NEW's receivers unregistered: each test joins them as instance B
+    receiver_timeout_s=10,
+    env=(("MC_LOG_LEVEL", "ERROR"),),
+    nodes=(
+        Node(id=OWNER, devices=2),
+        # readers: every bucket takes >= 0.6 s
+        Node(id=NEW, devices=2, env=(("CKPT_FAULT", "p2p_delay:0.6"),)),
+    ),
+    receivers=(Receivers(node=NEW, devices=(0, 1)),),
+)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("p2p")
-    c = Cluster(root)
-    c.env["MC_LOG_LEVEL"] = "ERROR"
-    c.start_daemon("--receiver-timeout-s", "10")
-    c.start_agent(OWNER, 2)
-    saved = dict(c.env)
-    c.env["CKPT_FAULT"] = "p2p_delay:0.6"  # readers: every bucket takes >= 0.6 s
-    c.start_agent(NEW, 2)
-    c.env = saved
-    c.reports = [c.start_receiver(NEW, d) for d in (0, 1)]
-    c.wait_ranks(4)
-    for r in c.reports:
-        wait_for(r.exists, 60, "receivers")
-    yield c
-    c.close()
+def cluster(module_cluster) -> Cluster:
+    return module_cluster(SPEC, "p2p")
 
 
 def instance_b() -> tpb.Instance:

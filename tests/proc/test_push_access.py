@@ -19,10 +19,9 @@ import pytest
 
 from ckpt_client.client import Client
 from ckpt_common import checksum
-from ckpt_common.credentials import Credentials
 from ckpt_common.errors import CkptError, InvalidArgument, PermissionDenied
-from ckpt_daemon.security.certs import add_token
 from tests.support.cluster import Cluster
+from tests.support.spec import Auth, ClusterSpec, Node, Token
 
 pytestmark = pytest.mark.slow
 NOBODY = 65534
@@ -46,33 +45,25 @@ def put(path: Path, data: bytes, mode: int, uid: int = 0) -> Path:
     return path
 
 
+TRAINER = ("trainer", "reader")
+SPEC = ClusterSpec(  # trainer tokens acting as nobody, as root, as no uid; c.client is root's
+    nodes=(Node(id="n1"),),
+    auth=Auth(
+        tokens=(
+            Token(name="nobody", roles=TRAINER, uid=NOBODY),
+            Token(name="root", roles=TRAINER, uid=0),
+            Token(name="anon", roles=TRAINER),
+            Token(name="agent-n1", roles=("agent",), node="n1"),
+        ),
+        agent="agent-n1",
+        client="root",
+    ),
+)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    root = tmp_path_factory.mktemp("access")
-    f = root / "auth.json"
-    for name, roles, node, uid in (
-        ("nobody", "trainer,reader", "", NOBODY),
-        ("root", "trainer,reader", "", 0),
-        ("anon", "trainer,reader", "", None),
-        ("agent-n1", "agent", "n1", None),
-    ):
-        add_token(f, name, roles.split(","), node, root / f"{name}.token", uid=uid)
-    c = Cluster(root)
-    c.env["CKPTD_TOKEN_FILE"] = str(root / "agent-n1.token")
-    c.start_daemon("--auth-file", str(f))
-    c.client.close()
-    c.tokens = {  # type: ignore[attr-defined]
-        n: Client(c.addr, credentials=Credentials(token_file=str(root / f"{n}.token")))
-        for n in ("nobody", "root", "anon")
-    }
-    c.client = c.tokens["root"]  # type: ignore[attr-defined]
-    c.start_agent("n1", 1)
-    c.wait_ranks(1)
-    yield c
-    for cl in c.tokens.values():  # type: ignore[attr-defined]
-        cl.close()
-    c.client = None
-    c.close()
+def cluster(module_cluster) -> Cluster:
+    return module_cluster(SPEC, "access")
 
 
 @pytest.fixture
@@ -96,7 +87,7 @@ def refused(client: Client, name: str, path: Path, kind: type[CkptError]) -> str
 
 
 def test_nobody_may_not_push_what_it_cannot_read(cluster: Cluster, world: Path) -> None:
-    c, nobody = cluster, cluster.tokens["nobody"]  # type: ignore[attr-defined]
+    c, nobody = cluster, cluster.client_as("nobody")
     good = st_bytes({"w": b"secret tensor bytes!"})
     private = world / "private"
     private.mkdir(mode=0o700)
@@ -113,7 +104,7 @@ def test_nobody_may_not_push_what_it_cannot_read(cluster: Cluster, world: Path) 
     try:
         refused(nobody, "staged", staged, PermissionDenied)
         nothing_stored(c, "staged")
-        refused(c.tokens["anon"], "staged", staged, PermissionDenied)  # type: ignore[attr-defined]
+        refused(c.client_as("anon"), "staged", staged, PermissionDenied)
     finally:
         staged.unlink()
     # a directory source nobody may not list
@@ -126,7 +117,7 @@ def test_nobody_may_not_push_what_it_cannot_read(cluster: Cluster, world: Path) 
 
 
 def test_hard_links_reach_nothing_hidden(cluster: Cluster, world: Path) -> None:
-    c, nobody = cluster, cluster.tokens["nobody"]  # type: ignore[attr-defined]
+    c, nobody = cluster, cluster.client_as("nobody")
     hidden = world / "hidden"
     hidden.mkdir(mode=0o700)
     good = st_bytes({"w": b"hidden tensor bytes!"})
@@ -141,7 +132,7 @@ def test_hard_links_reach_nothing_hidden(cluster: Cluster, world: Path) -> None:
 
 
 def test_what_nobody_may_read_is_pushed_byte_exact(cluster: Cluster, world: Path) -> None:
-    nobody = cluster.tokens["nobody"]  # type: ignore[attr-defined]
+    nobody = cluster.client_as("nobody")
     data = {"a": os.urandom(4096), "b": os.urandom(1000)}
     for i, (mode, uid) in enumerate(((0o644, 0), (0o600, NOBODY))):  # everyone's, its own
         f = put(world / f"ok{i}.safetensors", st_bytes(data), mode, uid)
@@ -152,7 +143,7 @@ def test_what_nobody_may_read_is_pushed_byte_exact(cluster: Cluster, world: Path
 
 
 def test_no_uid_pushes_only_what_everyone_may_read(cluster: Cluster, world: Path) -> None:
-    anon = cluster.tokens["anon"]  # type: ignore[attr-defined]
+    anon = cluster.client_as("anon")
     good = st_bytes({"w": b"x" * 64})
     assert anon.push("anon", 1, [str(put(world / "pub.safetensors", good, 0o644))]).version == 1
     mine = put(world / "mine.safetensors", good, 0o640)
@@ -161,7 +152,7 @@ def test_no_uid_pushes_only_what_everyone_may_read(cluster: Cluster, world: Path
 
 
 def test_errors_carry_no_file_bytes(cluster: Cluster, world: Path) -> None:
-    c, nobody = cluster, cluster.tokens["nobody"]  # type: ignore[attr-defined]
+    c, nobody = cluster, cluster.client_as("nobody")
     head = b"SECRETPW"  # read as a header length: 0x5750...
     blob = head + b"-more-secret-bytes-" * 8
     f = put(world / "shadow", blob, 0o600)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import Unavailable
 from tests.support.cluster import Cluster, read_report, wait_for
+from tests.support.spec import ClusterSpec, Node, Receivers
 from tests.support.tensors import digests
 
 pytestmark = pytest.mark.slow
@@ -28,17 +29,18 @@ def tensors(seed: int) -> dict[str, torch.Tensor]:
     return {f"model.layers.{i}.w": torch.randn(96, 96, generator=g) for i in range(16)}
 
 
+SPEC = ClusterSpec(
+    receiver_timeout_s=10,
+    env=(("MC_LOG_LEVEL", "ERROR"),),
+    nodes=(Node(id=A, devices=2), Node(id=B, devices=2)),
+    receivers=(Receivers(node=A, devices=(0, 1), instance="R"),),
+)
+
+
 @pytest.fixture
-def cluster(tmp_path: Path):
-    c = Cluster(tmp_path)
-    c.env["MC_LOG_LEVEL"] = "ERROR"
-    c.start_daemon("--receiver-timeout-s", "10")
-    c.start_agent(A, 2)
-    c.start_agent(B, 2)
-    c.wait_ranks(4)
-    c.reports = c.receiver_instance("R", A, [0, 1])
-    yield c
-    c.close()
+def cluster(make_cluster) -> Cluster:
+    """A fresh cluster per test: each kills or restarts part of it."""
+    return make_cluster(SPEC)
 
 
 def holds(c: Cluster, t: dict) -> bool:

@@ -19,23 +19,28 @@ from ckpt_common.pieces import Piece
 from demo.models import save_model
 from tests.support.cluster import Cluster, read_report, wait_for
 from tests.support.sharded_job import run_fsdp2
+from tests.support.spec import ClusterSpec, Node, Receivers
 from tests.support.tensors import digests
 
 pytestmark = pytest.mark.slow
 
 
+SPEC = ClusterSpec(
+    receiver_timeout_s=10,
+    nodes=(Node(id="n1"), Node(id="n2")),
+    receivers=(Receivers(node="n1", instance="R"),),
+)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharded")
-    c = Cluster(root)
-    c.start_daemon("--receiver-timeout-s", "10")
-    c.start_agent("n1", 1)
-    c.start_agent("n2", 1)
-    c.wait_ranks(2)
-    c.reports = c.receiver_instance("R", "n1", [0])
-    c.model = save_model("llama", 3, root / "llama")
-    yield c
-    c.close()
+def cluster(module_cluster) -> Cluster:
+    return module_cluster(SPEC, "sharded")
+
+
+@pytest.fixture(scope="module")
+def model(cluster: Cluster) -> Path:
+    """A tiny llama's checkpoint directory (the FSDP2 job's --model)."""
+    return save_model("llama", 3, cluster.root / "llama")
 
 
 def segments(node: str) -> list[str]:
@@ -45,12 +50,12 @@ def segments(node: str) -> list[str]:
     return [n for n in Path(shm.SHM_DIR).iterdir() if n.name.startswith(segment_prefix(node))]
 
 
-def test_fsdp2_ranks_on_two_nodes_push_one_version(cluster: Cluster) -> None:
+def test_fsdp2_ranks_on_two_nodes_push_one_version(cluster: Cluster, model: Path) -> None:
     c = cluster
-    res = run_fsdp2(c, ["n1", "n2"], "--model", str(c.model), "--name", "fsdp", "--version",
+    res = run_fsdp2(c, ["n1", "n2"], "--model", str(model), "--name", "fsdp", "--version",
                     "1", "--instances", "R")  # fmt: skip
     assert [r["state"] for r in res] == ["succeeded", "succeeded"], res
-    want = load_file(str(Path(c.model) / "model.safetensors"))
+    want = load_file(str(Path(model) / "model.safetensors"))
     cp = c.client.get("fsdp", 1, tensors=True)
     assert cp.state == tpb.CHECKPOINT_READY
     assert sorted(s.node_id for s in cp.shards) == ["n1", "n2"]  # each rank's bytes at home
@@ -58,13 +63,13 @@ def test_fsdp2_ranks_on_two_nodes_push_one_version(cluster: Cluster) -> None:
     assert cp.total_bytes == sum(t.numel() * t.element_size() for t in want.values())
     assert any(len(t.piece_shape) for t in cp.tensors)
     wait_for(lambda: read_report(c.reports[0]).get("tensors") == digests(want), 30, "the bytes")
-    res = run_fsdp2(c, ["n2", "n1"], "--model", str(c.model), "--name", "fsdp", "--version",
+    res = run_fsdp2(c, ["n2", "n1"], "--model", str(model), "--name", "fsdp", "--version",
                     "2", "--dtype", "bf16", "--instances", "R")  # fmt: skip
     assert res[1]["state"] == "succeeded", res
     half = {k: v.to(torch.bfloat16) for k, v in want.items()}
     wait_for(lambda: read_report(c.reports[0]).get("tensors") == digests(half), 30, "bf16 bytes")
     # the same job written for vLLM's trainer-side API, switched to ckptd by its init info
-    res = run_fsdp2(c, ["n1", "n2"], "--model", str(c.model), "--name", "fsdp", "--version",
+    res = run_fsdp2(c, ["n1", "n2"], "--model", str(model), "--name", "fsdp", "--version",
                     "3", "--instances", "R", "--vllm-api")  # fmt: skip
     assert [r["state"] for r in res] == ["succeeded", "succeeded"], res
     assert sorted(s.node_id for s in c.client.get("fsdp", 3).shards) == ["n1", "n2"]

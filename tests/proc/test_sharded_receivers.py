@@ -7,7 +7,6 @@ loading anything, and the next update learns the new layout."""
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from ckpt.v1 import types_pb2 as tpb
 from ckpt_client.direct_push import tensor_metas, whole, write_items
 from ckpt_common.errors import FailedPrecondition, InvalidArgument
 from tests.support.cluster import Cluster, read_report, wait_for
+from tests.support.spec import ClusterSpec, Node, Receivers
 
 pytestmark = pytest.mark.slow
 INSTANCES = {"T1": "na", "T2": "nb"}
@@ -51,36 +51,28 @@ def sha(t: torch.Tensor) -> str:
     return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
 
 
+SPEC = ClusterSpec(  # each instance TP=2 on one node, device d keeping TP rank d's parts
+    receiver_timeout_s=10,
+    nodes=(Node(id="na", devices=2), Node(id="nb", devices=2)),
+    receivers=tuple(
+        Receivers(node=node, devices=(0, 1), instance=name, args=("--tp", "2/{device}"))
+        for name, node in INSTANCES.items()
+    ),
+)
+W: dict[int, dict[str, torch.Tensor]] = {}  # the tensors of each version of "m" pushed
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharded-recv")
-    c = Cluster(root)
-    c.start_daemon("--receiver-timeout-s", "10")
-    c.start_agent("na", 2)
-    c.start_agent("nb", 2)
-    c.wait_ranks(4)
-    c.reports = {}
-    for name, node in INSTANCES.items():
-        for d in (0, 1):
-            c.reports[node, d] = c.start_receiver(node, d, "--tp", f"2/{d}")
-        for d in (0, 1):
-            wait_for(c.reports[node, d].exists, 60, "receivers to start")
-        c.client.register_instance(
-            tpb.Instance(
-                name=name,
-                kind=tpb.INSTANCE_RECEIVER,
-                tp_size=2,
-                ranks=[tpb.InstanceRank(node_id=node, device=d) for d in (0, 1)],
-            )
-        )
-    c.w = {}
+def cluster(module_cluster) -> Cluster:
+    """Versions 1 and 2 of "m" pushed."""
+    c = module_cluster(SPEC, "sharded-recv")
+    W.clear()
     for v in (1, 2):
-        c.w[v] = weights(v)
-        path = root / f"w{v}.safetensors"
-        save_file(c.w[v], str(path))
+        W[v] = weights(v)
+        path = c.root / f"w{v}.safetensors"
+        save_file(W[v], str(path))
         c.client.push("m", v, [str(path)])
-    yield c
-    c.close()
+    return c
 
 
 def update(c: Cluster, version: int, method: int) -> tpb.Job:
@@ -89,14 +81,14 @@ def update(c: Cluster, version: int, method: int) -> tpb.Job:
 
 
 def held(c: Cluster, node: str, d: int) -> dict:
-    return read_report(c.reports[node, d])
+    return read_report(c.report(node, d))
 
 
 def assert_parts(c: Cluster, version: int, layout: dict[tuple[str, int], int]) -> None:
     for (node, d), rank in layout.items():
         rep = held(c, node, d)
         assert rep["version"] == version
-        want = {n: sha(part(n, t, rank)) for n, t in c.w[version].items()}
+        want = {n: sha(part(n, t, rank)) for n, t in W[version].items()}
         assert rep["tensors"] == want, f"{node}/{d} (TP rank {rank}) after v{version}"
 
 
@@ -121,9 +113,9 @@ def test_each_rank_receives_exactly_its_parts(cluster: Cluster) -> None:
 def test_a_changed_layout_is_refused_untouched_then_learned(cluster: Cluster) -> None:
     c = cluster
     c.stop("recv-na-1")
-    Path(c.reports["na", 1]).unlink()
-    c.reports["na", 1] = c.start_receiver("na", 1, "--tp", "2/0")  # now keeps rank 0's parts
-    wait_for(c.reports["na", 1].exists, 60, "the receiver to restart")
+    c.report("na", 1).unlink()
+    c.start_receiver("na", 1, "--tp", "2/0")  # now keeps rank 0's parts
+    wait_for(c.report("na", 1).exists, 60, "the receiver to restart")
     job = update(c, 2, tpb.UPDATE_SHARDED)
     assert job.state == tpb.JOB_FAILED
     assert "this rank keeps" in job.reason, job.reason
@@ -152,7 +144,7 @@ def test_each_part_is_verified_against_its_own_checksum(cluster: Cluster) -> Non
     changed in a store afterwards fails the rank whose part holds it, before it loads."""
     c = cluster
     name = "model.layers.1.self_attn.o_proj.weight"  # split on dim 1: strided parts
-    t = c.w[2][name]
+    t = W[2][name]
     c.corrupt_store("m", 2, t.contiguous().view(torch.uint8).numpy().tobytes())
     job = update(c, 2, tpb.UPDATE_SHARDED)
     assert job.state == tpb.JOB_FAILED
@@ -168,8 +160,8 @@ def test_a_trainers_part_checksums_spare_the_stores_and_are_verified(cluster: Cl
     does not match what was pushed fails the rank that receives the part."""
     c = cluster
     layout = {("na", 0): 0, ("na", 1): 0, ("nb", 0): 0, ("nb", 1): 1}  # as the test above left
-    c.w[5] = weights(5)
-    cp = c.client.push_direct("m", 5, c.w[5], node_id="na")
+    W[5] = weights(5)
+    cp = c.client.push_direct("m", 5, W[5], node_id="na")
     assert cp.state == tpb.CHECKPOINT_READY
     asked = c.client.last_push.part_checksums
     assert asked > 0  # both halves of every split tensor, on dim 0 or 1
@@ -181,8 +173,8 @@ def test_a_trainers_part_checksums_spare_the_stores_and_are_verified(cluster: Cl
     ]
     assert not [ln for ln in store_sums if '"version": 5' in ln], store_sums
 
-    c.w[6] = weights(6)
-    metas, flats = tensor_metas(whole(c.w[6]))
+    W[6] = weights(6)
+    metas, flats = tensor_metas(whole(W[6]))
     req = cpb.BeginPushRequest(name="m", version=6, node_id="na", tensors=metas)
     plan = c.client._call("BeginPush", req)
     assert len(plan.parts) == asked

@@ -28,20 +28,25 @@ from ckpt_common import progress
 from ckpt_common.errors import FailedPrecondition, InvalidArgument
 from ckpt_trainer.publisher import Publisher
 from tests.support.cluster import Cluster, reports_hold, wait_for
+from tests.support.spec import ClusterSpec, Node, Receivers
 from tests.support.tensors import digests, mixed_tensors
 
 INSTANCES = ["R", "S"]
 
 
+SPEC = ClusterSpec(
+    receiver_timeout_s=6,
+    nodes=(Node(id="node-t", devices=2, args=("--spare-stores", "2")),),
+    receivers=(
+        Receivers(node="node-t", devices=(0,), instance="R"),
+        Receivers(node="node-t", devices=(1,), instance="S"),
+    ),
+)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("streamed"))
-    c.start_daemon("--receiver-timeout-s", "6")
-    c.start_agent("node-t", 2, "--spare-stores", "2")
-    c.wait_ranks(2)
-    c.reports = c.receiver_instance("R", "node-t", [0]) + c.receiver_instance("S", "node-t", [1])
-    yield c
-    c.close()
+def cluster(module_cluster) -> Cluster:
+    return module_cluster(SPEC, "streamed")
 
 
 def holds(c: Cluster, t: dict[str, torch.Tensor]) -> bool:

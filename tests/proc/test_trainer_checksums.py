@@ -29,22 +29,25 @@ from ckpt_common import checksum
 from ckpt_common.credentials import Credentials
 from ckpt_common.errors import InvalidArgument
 from tests.support.cluster import PY, REPO, Cluster, reports_hold, wait_for
+from tests.support.spec import ClusterSpec, Node, Receivers
 from tests.support.tensors import digests, mixed_tensors
 
 PREALLOC_GIB = 0.07  # two spares of ~75 MB on node-r: a 66 MiB version fits them
 
 
+SPEC = ClusterSpec(
+    receiver_timeout_s=6,
+    nodes=(
+        Node(id="node-t"),
+        Node(id="node-r", args=("--spare-stores", "2", "--prealloc-store-gib", str(PREALLOC_GIB))),
+    ),
+    receivers=(Receivers(node="node-t", instance="R"),),
+)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainer_sums")
-    c = Cluster(root)
-    c.start_daemon("--receiver-timeout-s", "6")
-    c.start_agent("node-t", 1)
-    c.start_agent("node-r", 1, "--spare-stores", "2", "--prealloc-store-gib", str(PREALLOC_GIB))
-    c.wait_ranks(2)
-    c.reports = c.receiver_instance("R", "node-t", [0])
-    yield c
-    c.close()
+def cluster(module_cluster) -> Cluster:
+    return module_cluster(SPEC, "trainer_sums")
 
 
 def sums_of(t: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -12,6 +12,7 @@ from ckpt.v1 import types_pb2 as tpb
 from ckpt_trainer import AsyncPublisher, JobOutcome, Publisher
 from ckpt_trainer.publisher import prepare, strip_wrappers
 from tests.support.cluster import Cluster, read_report, wait_for
+from tests.support.spec import ClusterSpec, Node, Receivers
 from tests.support.tensors import digests
 
 
@@ -48,15 +49,16 @@ def test_prepare_renames_drops_casts_and_gathers() -> None:
         prepare([1, 2])
 
 
+SPEC = ClusterSpec(
+    receiver_timeout_s=4,
+    nodes=(Node(id="node-t"),),
+    receivers=(Receivers(node="node-t", instance="T"),),
+)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("sdk"))
-    c.start_daemon("--receiver-timeout-s", "4")
-    c.start_agent("node-t", 1)
-    c.wait_ranks(1)
-    c.reports = c.receiver_instance("T", "node-t", [0])
-    yield c
-    c.close()
+def cluster(module_cluster) -> Cluster:
+    return module_cluster(SPEC, "sdk")
 
 
 def model(seed: int) -> torch.nn.Module:

@@ -18,6 +18,7 @@ from ckpt_client.client import Client
 from ckpt_common.credentials import ADMIN_TOKEN_FILE, TOKEN_FILE_ENV, Credentials
 from ckpt_common.engine_auth import instance_key
 from ckpt_common.sources import SOURCE_ROOTS_ENV
+from tests.support.spec import ClusterSpec
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[2]
@@ -62,8 +63,14 @@ class Latency:
 
 
 class Cluster:
-    def __init__(self, root: Path) -> None:
+    """Processes of one test cluster under `root` (logs, state, reports). `start(spec, root)`
+    makes one from a ClusterSpec; a test may start, stop and restart its processes."""
+
+    def __init__(self, root: Path, spec: ClusterSpec | None = None) -> None:
         self.root = root
+        self.spec = spec or ClusterSpec()
+        self.reports: list[Path] = []  # the spec's receivers' report files, in its order
+        self._clients: dict[str, Client] = {}
         self.state_dir = root / "state"
         self.token_file = self.state_dir / ADMIN_TOKEN_FILE
         self.engine_token_file = root / "engine.token"
@@ -106,13 +113,24 @@ class Cluster:
     def addr(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def token_file_of(self, name: str) -> Path:
+        """The file of the spec's auth token `name`."""
+        return self.root / f"{name}.token"
+
+    def client_as(self, name: str) -> Client:
+        """A client presenting the spec's auth token `name` (closed with the cluster)."""
+        if name not in self._clients:
+            creds = Credentials(token_file=str(self.token_file_of(name)))
+            self._clients[name] = Client(self.addr, credentials=creds)
+        return self._clients[name]
+
+    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps it)
         p = subprocess.Popen(
             [PY, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             cwd=REPO,
             start_new_session=True,
         )
@@ -144,7 +162,10 @@ class Cluster:
         )
         wait_for(port_file.exists, 30, "ckptd to listen")
         self.port = int(port_file.read_text())
-        if self.client:
+        if self.spec.auth:  # its clients outlive a restart: ckptd comes back on the same port
+            self.client = self.client_as(self.spec.auth.client)
+            return
+        if self.client and self.client not in self._clients.values():
             self.client.close()
         token = str(self.token_file) if self.token_file.exists() else ""  # no: an --auth-file
         self.client = Client(self.addr, credentials=Credentials(token_file=token))
@@ -171,7 +192,9 @@ class Cluster:
         except subprocess.TimeoutExpired:
             pass
 
-    def start_agent(self, node_id: str, slots: int = 1, *extra: str) -> None:
+    def start_agent(
+        self, node_id: str, slots: int = 1, *extra: str, env: dict | None = None
+    ) -> None:
         self.nodes.add(node_id)
         self._spawn(
             f"agent-{node_id}",
@@ -188,10 +211,17 @@ class Cluster:
                 "0.5",
                 *extra,
             ],
+            env,
         )
 
-    def start_receiver(self, node_id: str, device: int, *extra: str) -> Path:
-        report = self.root / f"report-{node_id}-{device}.json"
+    def report(self, node_id: str, device: int) -> Path:
+        """The report file of the reference receiver on node_id's device."""
+        return self.root / f"report-{node_id}-{device}.json"
+
+    def start_receiver(
+        self, node_id: str, device: int, *extra: str, env: dict | None = None
+    ) -> Path:
+        report = self.report(node_id, device)
         self._spawn(
             f"recv-{node_id}-{device}",
             [
@@ -205,6 +235,7 @@ class Cluster:
                 str(report),
                 *extra,
             ],
+            env,
         )
         return report
 
@@ -214,6 +245,11 @@ class Cluster:
         reports = [self.start_receiver(node_id, d) for d in devices]
         for r in reports:
             wait_for(r.exists, 60, "receivers to start")
+        self.register_receivers(name, node_id, devices)
+        return reports
+
+    def register_receivers(self, name: str, node_id: str, devices: list[int] | tuple) -> None:
+        """Registers reference receivers on devices of node_id as one instance."""
         assert self.client
         self.client.register_instance(
             tpb.Instance(
@@ -223,7 +259,6 @@ class Cluster:
                 ranks=[tpb.InstanceRank(node_id=node_id, device=d) for d in devices],
             )
         )
-        return reports
 
     def corrupt_store(self, name: str, version: int, data: bytes) -> None:
         """Flips a byte in the middle of `data` where an owner's host store of name@version
@@ -266,12 +301,51 @@ class Cluster:
 
         for node in self.nodes:
             shm.remove_prefix(segment_prefix(node))
-        if self.client:
+        if self.client and self.client not in self._clients.values():
             self.client.close()
+        for c in self._clients.values():
+            c.close()
+        self._clients.clear()
 
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def start(spec: ClusterSpec, root: Path) -> Cluster:
+    """A cluster as `spec` says, ready: ckptd listening, every node's devices attached, every
+    receiver listening and registered in its instance. Closed again if any of it fails."""
+    c = Cluster(root, spec)
+    try:
+        c.env.update(spec.env)
+        if spec.auth:
+            from ckpt_daemon.security.certs import add_token
+
+            auth_file = root / "auth.json"
+            for t in spec.auth.tokens:
+                add_token(
+                    auth_file, t.name, list(t.roles), t.node, c.token_file_of(t.name), uid=t.uid
+                )
+            c.env[TOKEN_FILE_ENV] = str(c.token_file_of(spec.auth.agent))
+            c.start_daemon("--auth-file", str(auth_file), *spec.daemon_flags())
+        else:
+            c.start_daemon(*spec.daemon_flags())
+        for n in spec.nodes:
+            c.start_agent(n.id, n.devices, *n.args, env=dict(n.env))
+        for r in spec.receivers:
+            for d in r.devices:
+                c.reports.append(c.start_receiver(r.node, d, *r.args_for(d), env=r.env_for(d)))
+        if spec.nodes:
+            c.wait_ranks(spec.ranks, spec.start_timeout_s)
+        for rep in c.reports:
+            wait_for(rep.exists, spec.start_timeout_s, "receivers to start")
+        for r in spec.receivers:
+            if r.instance:
+                c.register_receivers(r.instance, r.node, r.devices)
+    except BaseException:
+        c.close()
+        raise
+    return c
 
 
 def read_report(path: Path) -> dict:
