@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from ckpt.v1 import types_pb2 as tpb
-from tests.support.cluster import PY, REPO, Cluster, read_report, wait_for
+from tests.support.cluster import REPO, Cluster, read_report, start, wait_for
+from tests.support.spec import ClusterSpec, Node, Receivers
 from tests.support.tensors import digests, mixed_tensors, write_sharded
 
 pytestmark = [
@@ -63,45 +64,22 @@ def _gpu_free() -> list[int]:
 
 
 def _cuda_cluster(root: Path, ngpu: int) -> Cluster:
-    c = Cluster(root)
-    c.start_daemon("--receiver-timeout-s", "20")
-    c._spawn(
-        "agent-g",
-        [
-            "-m",
-            "ckpt_agent.main",
-            "--daemon",
-            c.addr,
-            "--node-id",
-            "g",
-            "--device",
-            "cuda",
-            "--slots",
-            str(ngpu),
-            "--heartbeat-s",
-            "0.5",
-        ],
+    """ckptd, one agent on node g serving ngpu CUDA devices, a reference receiver on each
+    (seeing only its GPU: index 0 locally, mapped by UUID), preallocated; the caller closes."""
+    spec = ClusterSpec(
+        receiver_timeout_s=20,
+        nodes=(Node(id="g", devices=ngpu, args=("--device", "cuda")),),
+        receivers=(
+            Receivers(
+                node="g",
+                devices=tuple(range(ngpu)),
+                args=("--cuda", "--prealloc"),
+                env=(("CUDA_VISIBLE_DEVICES", "{device}"),),
+            ),
+        ),
+        start_timeout_s=120,
     )
-    c.reports = []
-    for d in range(ngpu):
-        report = root / f"report-g-{d}.json"
-        log = open(c.logs / f"recv-{d}.log", "ab")  # noqa: SIM115 (the child keeps it)
-        # each receiver sees only its GPU: index 0 locally, mapped by UUID
-        env = {**c.env, "CUDA_VISIBLE_DEVICES": str(d)}
-        c.procs[f"recv-{d}"] = subprocess.Popen(
-            [PY, "-m", "vllm_ext.reference", "--node-id", "g", "--device", str(d)]
-            + ["--cuda", "--prealloc", "--report", str(report)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            start_new_session=True,
-        )
-        c.reports.append(report)
-    c.wait_ranks(ngpu, 120)
-    for r in c.reports:
-        wait_for(r.exists, 120, "receivers to start")
-    return c
+    return start(spec, root)
 
 
 @pytest.mark.parametrize("ngpu", [n for n in (1, 2, 4) if n <= NGPU] or [1])

@@ -22,6 +22,7 @@ from ckpt.v1 import types_pb2 as tpb
 from demo.models import MATRIX, PROMPTS, hf_greedy, save_model
 from tests.support.cluster import Cluster
 from tests.support.engines import complete, start_vllm, wait_healthy
+from tests.support.spec import ClusterSpec, Node
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 N = 6
@@ -29,14 +30,15 @@ ARCHS = [a for a in MATRIX if a != "llama"]
 LAYER = r"\.(?:layers|h)\.{}\."
 
 
+SPEC = ClusterSpec(
+    receiver_timeout_s=20,
+    nodes=(Node(id="n1", devices=2),),  # engines alternate between its devices
+)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("archs"))
-    c.start_daemon("--receiver-timeout-s", "20")
-    c.start_agent("n1", 2)  # engines alternate between its devices
-    c.wait_ranks(2)
-    yield c
-    c.close()
+def cluster(module_cluster) -> Cluster:
+    return module_cluster(SPEC, "archs")
 
 
 class Engines:

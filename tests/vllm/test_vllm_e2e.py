@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -26,35 +27,53 @@ from demo.engines import free_port
 from demo.models import PROMPTS, build_model, hf_greedy, save_model
 from tests.support.cluster import Cluster, wait_for
 from tests.support.engines import complete, start_vllm, wait_healthy
+from tests.support.spec import ClusterSpec, Node
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 N = 6
 
 
+@dataclass
+class Fleet:
+    """What the fleet fixture made beside its cluster: the models' directories and HF's
+    greedy tokens ("llama_0" ...), the engines' URLs by instance (tests add engines), the
+    probe pushed with each version, ckptd's metrics port."""
+
+    models: dict[str, str] = field(default_factory=dict)
+    hf: dict[str, list[list[int]]] = field(default_factory=dict)
+    urls: dict[str, str] = field(default_factory=dict)
+    probes: dict[str, tpb.Probe] = field(default_factory=dict)
+    metrics_port: int = 0
+
+
+FLEET = Fleet()
+
+
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
+def fleet(module_cluster, tmp_path_factory) -> Cluster:
     root = tmp_path_factory.mktemp("vllm")
     models = {
         f"{a}_{s}": str(save_model(a, s, root / f"{a}_{s}"))
         for a in ("llama", "qwen2")
         for s in (0, 1)
     }
-    c = Cluster(root)
-    c.models = models
-    c.hf = {k: hf_greedy(d, PROMPTS, N) for k, d in models.items()}
-    c.metrics_port = free_port()
-    c.start_daemon("--receiver-timeout-s", "20", "--metrics-listen", f"127.0.0.1:{c.metrics_port}")
-    c.start_agent("n1", 2)
-    c.start_agent("n2", 2)
-    c.urls = {
+    FLEET.models = models
+    FLEET.hf = {k: hf_greedy(d, PROMPTS, N) for k, d in models.items()}
+    FLEET.metrics_port = free_port()
+    spec = ClusterSpec(
+        receiver_timeout_s=20,
+        daemon_args=("--metrics-listen", f"127.0.0.1:{FLEET.metrics_port}"),
+        nodes=(Node(id="n1", devices=2), Node(id="n2", devices=2)),
+    )
+    c = module_cluster(spec, "vllm-fleet")
+    FLEET.urls = {
         "A": start_vllm(c, "vllm-A", models["llama_0"], bind="nobind"),
         "B": start_vllm(
             c, "vllm-B", models["qwen2_0"], bind="nobind", extra_env={"CKPT_FAULT": "exit:crash:1"}
         ),
         "C": start_vllm(c, "vllm-C", models["llama_0"], tp=2, bind="nobind"),
     }
-    c.wait_ranks(4)
-    for name, url in c.urls.items():
+    for name, url in FLEET.urls.items():
         wait_healthy(c, f"vllm-{name}", url)
     devices = {"A": [("n1", 0)], "B": [("n1", 1)], "C": [("n2", 0), ("n2", 1)]}
     for name, devs in devices.items():
@@ -62,25 +81,25 @@ def fleet(tmp_path_factory):
             tpb.Instance(
                 name=name,
                 kind=tpb.INSTANCE_VLLM,
-                endpoint=c.urls[name],
+                endpoint=FLEET.urls[name],
                 tp_size=len(devs),
                 ranks=[tpb.InstanceRank(node_id=n, device=d) for n, d in devs],
             )
         )
-    c.probes = {}  # llama: greedy tokens; qwen2: teacher-forced log-probs within 1e-3
+    FLEET.probes = {}  # llama: greedy tokens; qwen2: teacher-forced log-probs within 1e-3
     for arch, tol in (("llama", None), ("qwen2", 1e-3)):
         for s in (0, 1):
-            c.probes[f"{arch}_{s}"] = greedy_probe(
+            FLEET.probes[f"{arch}_{s}"] = greedy_probe(
                 build_model(arch, s), PROMPTS[1], N, tolerance=tol
             )
-            cp = c.client.push(arch, s + 1, [models[f"{arch}_{s}"]], probe=c.probes[f"{arch}_{s}"])
-            assert cp.probe == c.probes[f"{arch}_{s}"]
-    yield c
-    c.close()
+            probe = FLEET.probes[f"{arch}_{s}"]
+            cp = c.client.push(arch, s + 1, [models[f"{arch}_{s}"]], probe=probe)
+            assert cp.probe == probe
+    return c
 
 
 def tokens(c: Cluster, inst: str) -> list[list[int]]:
-    return [complete(c.urls[inst], p, N) for p in PROMPTS]
+    return [complete(FLEET.urls[inst], p, N) for p in PROMPTS]
 
 
 def update(c: Cluster, name: str, version: int, instances: list[str], **kw) -> tpb.Job:
@@ -89,9 +108,9 @@ def update(c: Cluster, name: str, version: int, instances: list[str], **kw) -> t
 
 
 def test_engines_start_on_version_1(fleet: Cluster) -> None:
-    assert tokens(fleet, "A") == fleet.hf["llama_0"]
-    assert tokens(fleet, "B") == fleet.hf["qwen2_0"]
-    assert tokens(fleet, "C") == fleet.hf["llama_0"]
+    assert tokens(fleet, "A") == FLEET.hf["llama_0"]
+    assert tokens(fleet, "B") == FLEET.hf["qwen2_0"]
+    assert tokens(fleet, "C") == FLEET.hf["llama_0"]
 
 
 def test_one_job_updates_two_instances_while_serving(fleet: Cluster) -> None:
@@ -103,7 +122,7 @@ def test_one_job_updates_two_instances_while_serving(fleet: Cluster) -> None:
         while not stop.is_set():
             t0 = time.monotonic()
             try:
-                complete(c.urls["A"], PROMPTS[0], 4)
+                complete(FLEET.urls["A"], PROMPTS[0], 4)
                 results.append((time.monotonic() - t0, True, ""))
             except Exception as e:
                 results.append((time.monotonic() - t0, False, repr(e)))
@@ -129,14 +148,14 @@ def test_one_job_updates_two_instances_while_serving(fleet: Cluster) -> None:
         f"slowest {max(r[0] for r in results):.3f}s, median "
         f"{sorted(r[0] for r in results)[len(results) // 2]:.3f}s"
     )
-    assert tokens(c, "A") == c.hf["llama_1"]
-    assert tokens(c, "C") == c.hf["llama_1"]
+    assert tokens(c, "A") == FLEET.hf["llama_1"]
+    assert tokens(c, "C") == FLEET.hf["llama_1"]
     insts = {i.name: i for i in c.client.instances()}
     assert insts["A"].version == 2 and insts["C"].version == 2 and insts["A"].ready
     # what the engines' users saw: each paused once, for how long, by instance
     scrape = urllib.request.urlopen(
         urllib.request.Request(
-            f"http://127.0.0.1:{c.metrics_port}/metrics",
+            f"http://127.0.0.1:{FLEET.metrics_port}/metrics",
             headers={"Authorization": f"Bearer {c.token_file.read_text().strip()}"},
         ),
         timeout=5,
@@ -151,14 +170,14 @@ def test_qwen_tied_embeddings_v1_v2_v1(fleet: Cluster) -> None:
     for version, key in ((2, "qwen2_1"), (1, "qwen2_0"), (2, "qwen2_1")):
         job = update(c, "qwen2", version, ["B"])
         assert job.state == tpb.JOB_SUCCEEDED, job.reason
-        assert tokens(c, "B") == c.hf[key], f"after qwen2@{version}"
+        assert tokens(c, "B") == FLEET.hf[key], f"after qwen2@{version}"
 
 
 def test_probe_runs_alone_while_the_engine_is_paused(fleet: Cluster) -> None:
     """Paused (keep), vllm_ext.ProbeScheduler answers ckptd's probe and holds every other
     request until /resume; a probe of other weights misses."""
     c = fleet
-    url = c.urls["A"]
+    url = FLEET.urls["A"]
     sign = prove(url, c.engine_key("A"), 10)
     assert update(c, "llama", 2, ["A"]).state == tpb.JOB_SUCCEEDED
     http_json(f"{url}/pause?mode=keep", None, 30, "POST", None, sign)
@@ -167,16 +186,16 @@ def test_probe_runs_alone_while_the_engine_is_paused(fleet: Cluster) -> None:
     try:
         th.start()
         time.sleep(1.0)
-        good = convert.probe_from_pb(c.probes["llama_1"])
+        good = convert.probe_from_pb(FLEET.probes["llama_1"])
         assert asyncio.run(probes.run(url, good, 30, sign)) == ""
-        bad = convert.probe_from_pb(c.probes["llama_0"])
+        bad = convert.probe_from_pb(FLEET.probes["llama_0"])
         miss = asyncio.run(probes.run(url, bad, 30, sign))
         assert miss.startswith("probe: token"), miss
         assert not held  # nothing but the probes ran while paused
     finally:
         http_json(f"{url}/resume", None, 30, "POST", None, sign)
         th.join(60)
-    assert held == [c.hf["llama_1"][0][:4]]
+    assert held == [FLEET.hf["llama_1"][0][:4]]
 
 
 def test_engine_hook_is_guarded(fleet: Cluster) -> None:
@@ -184,7 +203,7 @@ def test_engine_hook_is_guarded(fleet: Cluster) -> None:
     /collective_rpc runs only our methods, the extension connects only to agent sockets,
     and registration pins endpoints to the engine's node."""
     c = fleet
-    url = c.urls["A"]
+    url = FLEET.urls["A"]
     sign = prove(url, c.engine_key("A"), 10)
 
     def status(path: str, body: dict | None, signer=None) -> int:
@@ -241,7 +260,7 @@ def test_probe_miss_fails_the_update_and_restores_the_engine(fleet: Cluster) -> 
     probe before serving anything, the job fails and names it, and ckptd restores llama@1."""
     c = fleet
     assert update(c, "llama", 1, ["A"]).state == tpb.JOB_SUCCEEDED
-    c.client.push("llama", 7, [c.models["llama_1"]], probe=c.probes["llama_0"])
+    c.client.push("llama", 7, [FLEET.models["llama_1"]], probe=FLEET.probes["llama_0"])
     job = update(c, "llama", 7, ["A"])
     assert job.state == tpb.JOB_FAILED
     assert "instance A: probe: token" in job.reason, job.reason
@@ -251,25 +270,25 @@ def test_probe_miss_fails_the_update_and_restores_the_engine(fleet: Cluster) -> 
         return a.ready and a.version == 1
 
     wait_for(restored, 60, "A to be restored to llama@1")
-    assert tokens(c, "A") == c.hf["llama_0"]
+    assert tokens(c, "A") == FLEET.hf["llama_0"]
 
 
 def test_partial_update_changes_only_its_tensors(fleet: Cluster, tmp_path: Path) -> None:
     c = fleet
     job = update(c, "llama", 1, ["A"])
     assert job.state == tpb.JOB_SUCCEEDED, job.reason
-    assert tokens(c, "A") == c.hf["llama_0"]
+    assert tokens(c, "A") == FLEET.hf["llama_0"]
     job = update(c, "llama", 2, ["A"], tensors=["model.layers.1."])
     assert job.state == tpb.JOB_SUCCEEDED, job.reason
     # the expected model: version 1 with layer 1 of version 2
-    v1 = load_file(str(Path(c.models["llama_0"]) / "model.safetensors"))
-    v2 = load_file(str(Path(c.models["llama_1"]) / "model.safetensors"))
+    v1 = load_file(str(Path(FLEET.models["llama_0"]) / "model.safetensors"))
+    v2 = load_file(str(Path(FLEET.models["llama_1"]) / "model.safetensors"))
     mixed = {k: (v2[k] if k.startswith("model.layers.1.") else v1[k]) for k in v1}
     d = tmp_path / "mixed"
     save_model("llama", 0, d)
     save_file(mixed, str(d / "model.safetensors"), metadata={"format": "pt"})
     want = hf_greedy(d, PROMPTS, N)
-    assert want != c.hf["llama_0"] and want != c.hf["llama_1"]
+    assert want != FLEET.hf["llama_0"] and want != FLEET.hf["llama_1"]
     assert tokens(c, "A") == want
     # named as what it is everywhere: llama@1 with an overlay of llama@2's layer 1
     a = {i.name: i for i in c.client.instances()}["A"]
@@ -278,7 +297,9 @@ def test_partial_update_changes_only_its_tensors(fleet: Cluster, tmp_path: Path)
         ("llama", 2, ["model.layers.1."])
     ]
     assert a.serving.startswith("llama@1+llama@2[partial:"), a.serving
-    assert http_json(f"{c.urls['A']}/weight_info", None, 10, "GET")["weight_version"] == a.serving
+    assert (
+        http_json(f"{FLEET.urls['A']}/weight_info", None, 10, "GET")["weight_version"] == a.serving
+    )
     # the job says which method it ran and why
     assert job.method in (tpb.UPDATE_BROADCAST, tpb.UPDATE_SHARDED), job
     assert job.requested_method == tpb.UPDATE_METHOD_UNSPECIFIED and job.method_reason, job
@@ -286,7 +307,9 @@ def test_partial_update_changes_only_its_tensors(fleet: Cluster, tmp_path: Path)
     assert update(c, "llama", 1, ["A"]).state == tpb.JOB_SUCCEEDED
     a = {i.name: i for i in c.client.instances()}["A"]
     assert (a.serving, list(a.overlays)) == ("llama@1", [])
-    assert http_json(f"{c.urls['A']}/weight_info", None, 10, "GET")["weight_version"] == "llama@1"
+    assert (
+        http_json(f"{FLEET.urls['A']}/weight_info", None, 10, "GET")["weight_version"] == "llama@1"
+    )
 
 
 def test_mismatched_checkpoint_is_refused_before_touching_weights(
@@ -294,7 +317,7 @@ def test_mismatched_checkpoint_is_refused_before_touching_weights(
 ) -> None:
     c = fleet
     before = tokens(c, "C")
-    sd = load_file(str(Path(c.models["llama_1"]) / "model.safetensors"))
+    sd = load_file(str(Path(FLEET.models["llama_1"]) / "model.safetensors"))
     bad_shape = dict(sd)
     bad_shape["model.layers.0.mlp.up_proj.weight"] = torch.zeros(7, 64)
     save_file(bad_shape, str(tmp_path / "shape.safetensors"))
@@ -322,28 +345,28 @@ def test_join_dummy_instances_by_p2p_while_a_serves(fleet: Cluster) -> None:
     """A serves llama@3 and B qwen2@3 (pushed, broadcast as usual); D and E start with dummy
     weights on a new node and join by P2P reads from the owners' host memory."""
     c = fleet
-    c.client.push("llama", 3, [c.models["llama_1"]])
-    c.client.push("qwen2", 3, [c.models["qwen2_1"]])
+    c.client.push("llama", 3, [FLEET.models["llama_1"]])
+    c.client.push("qwen2", 3, [FLEET.models["qwen2_1"]])
     assert update(c, "llama", 3, ["A"]).state == tpb.JOB_SUCCEEDED
     assert update(c, "qwen2", 3, ["B"]).state == tpb.JOB_SUCCEEDED
     c.start_agent("n3", 2)
-    c.urls["D"] = start_vllm(
-        c, "vllm-D", c.models["llama_0"], bind="nobind", extra_args=["--load-format", "dummy"]
+    FLEET.urls["D"] = start_vllm(
+        c, "vllm-D", FLEET.models["llama_0"], bind="nobind", extra_args=["--load-format", "dummy"]
     )
-    c.urls["E"] = start_vllm(
-        c, "vllm-E", c.models["qwen2_0"], bind="nobind", extra_args=["--load-format", "dummy"]
+    FLEET.urls["E"] = start_vllm(
+        c, "vllm-E", FLEET.models["qwen2_0"], bind="nobind", extra_args=["--load-format", "dummy"]
     )
     c.wait_ranks(6)
     for name in ("D", "E"):
-        wait_healthy(c, f"vllm-{name}", c.urls[name])
-    assert tokens(c, "D") != c.hf["llama_1"]  # dummy weights
+        wait_healthy(c, f"vllm-{name}", FLEET.urls[name])
+    assert tokens(c, "D") != FLEET.hf["llama_1"]  # dummy weights
     results: list[bool] = []
     stop = threading.Event()
 
     def client() -> None:
         while not stop.is_set():
             try:
-                complete(c.urls["A"], PROMPTS[1], 4)
+                complete(FLEET.urls["A"], PROMPTS[1], 4)
                 results.append(True)
             except Exception:
                 results.append(False)
@@ -357,7 +380,7 @@ def test_join_dummy_instances_by_p2p_while_a_serves(fleet: Cluster) -> None:
             inst = tpb.Instance(
                 name=name,
                 kind=tpb.INSTANCE_VLLM,
-                endpoint=c.urls[name],
+                endpoint=FLEET.urls[name],
                 ranks=[tpb.InstanceRank(node_id="n3", device=dev)],
             )
             jobs[name] = c.client.wait(c.client.join(inst, arch, 3).id, 180)
@@ -368,8 +391,8 @@ def test_join_dummy_instances_by_p2p_while_a_serves(fleet: Cluster) -> None:
         assert job.state == tpb.JOB_SUCCEEDED, f"{name}: {job.reason}"
         assert job.kind == tpb.JOB_JOIN and job.method == tpb.UPDATE_P2P
     assert results and all(results), f"{results.count(False)} of {len(results)} failed"
-    assert tokens(c, "D") == tokens(c, "A") == c.hf["llama_1"]
-    assert tokens(c, "E") == tokens(c, "B") == c.hf["qwen2_1"]
+    assert tokens(c, "D") == tokens(c, "A") == FLEET.hf["llama_1"]
+    assert tokens(c, "E") == tokens(c, "B") == FLEET.hf["qwen2_1"]
     insts = {i.name: i for i in c.client.instances()}
     assert insts["D"].ready and insts["D"].version == 3
 
@@ -410,7 +433,15 @@ def test_offline_llm_helper(fleet: Cluster) -> None:
     c.wait_ranks(7)
     env = {**c.env, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     r = subprocess.run(
-        [sys.executable, "-c", OFFLINE, c.addr, c.models["llama_0"], str(N), json.dumps(PROMPTS)],
+        [
+            sys.executable,
+            "-c",
+            OFFLINE,
+            c.addr,
+            FLEET.models["llama_0"],
+            str(N),
+            json.dumps(PROMPTS),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -419,14 +450,14 @@ def test_offline_llm_helper(fleet: Cluster) -> None:
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     assert line, r.stderr[-3000:]
     out = json.loads(line[0][7:])
-    assert out["before"] == c.hf["llama_0"]
-    assert out["after"] == c.hf["llama_1"]
+    assert out["before"] == FLEET.hf["llama_0"]
+    assert out["after"] == FLEET.hf["llama_1"]
     assert out["state"] == tpb.JOB_SUCCEEDED
 
 
 def test_engine_dying_mid_update_fails_the_job_in_bounded_time(fleet: Cluster) -> None:
     c = fleet
-    sd_dir = Path(c.models["qwen2_1"])
+    sd_dir = Path(FLEET.models["qwen2_1"])
     c.client.push("crash", 1, [str(sd_dir)])
     t0 = time.monotonic()
     job = c.client.update("crash", 1, instances=["B"], bucket_bytes=64 * 1024)
@@ -453,9 +484,9 @@ def test_tp2_engine_reports_its_sharding_map(fleet: Cluster) -> None:
     from ckpt_common.pieces import Piece, check_tiling
 
     c = fleet
-    url = c.urls["C"]
+    url = FLEET.urls["C"]
     sign = prove(url, c.engine_key("C"), 10)
-    path = Path(c.models["llama_0"]) / "model.safetensors"
+    path = Path(FLEET.models["llama_0"]) / "model.safetensors"
     with safe_open(str(path), "pt") as f:
         shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     arg = json.dumps([[n, "F32", s] for n, s in sorted(shapes.items())])
@@ -490,7 +521,7 @@ def test_tp2_engine_reports_its_sharding_map(fleet: Cluster) -> None:
     for version, key in ((1, "llama_0"), (2, "llama_1")):
         job = update(c, "llama", version, ["C"])
         assert job.state == tpb.JOB_SUCCEEDED, job.reason
-        assert tokens(c, "C") == c.hf[key]
+        assert tokens(c, "C") == FLEET.hf[key]
 
 
 def test_streamed_publish_serves_the_trainers_weights_token_for_token(fleet: Cluster) -> None:
@@ -504,13 +535,13 @@ def test_streamed_publish_serves_the_trainers_weights_token_for_token(fleet: Clu
         "llama-rl", instances=["A", "C"], node_id="n1", direct=True, keep=1, client=c.client
     )
     for step, key in ((1, "llama_1"), (2, "llama_0"), (3, "llama_1")):
-        sd = load_file(str(Path(c.models[key]) / "model.safetensors"))
+        sd = load_file(str(Path(FLEET.models[key]) / "model.safetensors"))
         res = pub.publish(step, sd)
         assert res.state.value == "succeeded", res.reason
         assert res.streamed
         job = c.client.job(res.job_id)
         assert "streamed" in job.method_reason, job.method_reason
-        assert tokens(c, "A") == c.hf[key]
-        assert tokens(c, "C") == c.hf[key]
+        assert tokens(c, "A") == FLEET.hf[key]
+        assert tokens(c, "C") == FLEET.hf[key]
     insts = {i.name: i for i in c.client.instances()}
     assert (insts["A"].checkpoint, insts["A"].version, insts["A"].ready) == ("llama-rl", 3, True)

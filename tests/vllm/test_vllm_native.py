@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -23,32 +24,49 @@ from demo.models import PROMPTS, build_model, hf_greedy, save_model
 from tests.support.cluster import Cluster, wait_for
 from tests.support.engines import complete, start_vllm, wait_healthy
 from tests.support.sharded_job import run_fsdp2
+from tests.support.spec import ClusterSpec, Node
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 N = 6
 NATIVE_ARGS = ["--weight-transfer-config", json.dumps({"backend": "ckptd"})]
 
 
+SPEC = ClusterSpec(
+    receiver_timeout_s=20,
+    # a second node: trainer ranks there push pieces of versions
+    nodes=(Node(id="n1"), Node(id="n2")),
+)
+
+
+@dataclass
+class Native:
+    """What the native fixture made beside its cluster: the models' directories and HF's
+    greedy tokens by seed, the engine's URL."""
+
+    models: dict[int, str] = field(default_factory=dict)
+    hf: dict[int, list[list[int]]] = field(default_factory=dict)
+    url: str = ""
+
+
+NATIVE = Native()
+
+
 @pytest.fixture(scope="module")
-def native(tmp_path_factory):
+def native(module_cluster, tmp_path_factory) -> Cluster:
     root = tmp_path_factory.mktemp("native")
     models = {s: str(save_model("llama", s, root / f"llama_{s}")) for s in (0, 1)}
-    c = Cluster(root)
-    c.models = models
-    c.hf = {s: hf_greedy(d, PROMPTS, N) for s, d in models.items()}
-    c.start_daemon("--receiver-timeout-s", "20")
-    c.start_agent("n1", 1)
-    c.start_agent("n2", 1)  # a second node: trainer ranks there push pieces of versions
-    c.url = start_vllm(
+    NATIVE.models = models
+    NATIVE.hf = {s: hf_greedy(d, PROMPTS, N) for s, d in models.items()}
+    c = module_cluster(SPEC, "native")
+    NATIVE.url = start_vllm(
         c, "vllm-N", models[0], bind="nobind", extension=False, extra_args=NATIVE_ARGS
     )
-    c.wait_ranks(2)
-    wait_healthy(c, "vllm-N", c.url)
+    wait_healthy(c, "vllm-N", NATIVE.url)
     c.client.register_instance(
         tpb.Instance(
             name="N",
             kind=tpb.INSTANCE_VLLM,
-            endpoint=c.url,
+            endpoint=NATIVE.url,
             ranks=[tpb.InstanceRank(node_id="n1", device=0)],
             weight_transfer="ckptd",
         )
@@ -56,28 +74,27 @@ def native(tmp_path_factory):
     for s in (0, 1):
         probe = greedy_probe(build_model("llama", s), PROMPTS[1], N)
         c.client.push("llama", s + 1, [models[s]], probe=probe)
-    yield c
-    c.close()
+    return c
 
 
 def tokens(c: Cluster) -> list[list[int]]:
-    return [complete(c.url, p, N) for p in PROMPTS]
+    return [complete(NATIVE.url, p, N) for p in PROMPTS]
 
 
 def weight_version(c: Cluster) -> str:
-    return http_json(f"{c.url}/weight_info", None, 10, "GET")["weight_version"]
+    return http_json(f"{NATIVE.url}/weight_info", None, 10, "GET")["weight_version"]
 
 
 def test_native_updates_are_hf_exact_and_versioned(native: Cluster) -> None:
     c = native
-    assert tokens(c) == c.hf[0]
+    assert tokens(c) == NATIVE.hf[0]
     done: list[tuple[float, float]] = []  # (start, end) of each completion during the updates
     stop = threading.Event()
 
     def client() -> None:
         while not stop.is_set():
             t0 = time.monotonic()
-            complete(c.url, PROMPTS[0], 4)
+            complete(NATIVE.url, PROMPTS[0], 4)
             done.append((t0, time.monotonic()))
 
     th = threading.Thread(target=client)
@@ -86,7 +103,7 @@ def test_native_updates_are_hf_exact_and_versioned(native: Cluster) -> None:
         for version, key in ((2, 1), (1, 0), (2, 1)):
             job = c.client.wait(c.client.update("llama", version, instances=["N"]).id, 180)
             assert job.state == tpb.JOB_SUCCEEDED, job.reason
-            assert tokens(c) == c.hf[key], f"after llama@{version}"
+            assert tokens(c) == NATIVE.hf[key], f"after llama@{version}"
             assert weight_version(c) == f"llama@{version}"
     finally:
         stop.set()
@@ -99,7 +116,7 @@ def test_native_updates_are_hf_exact_and_versioned(native: Cluster) -> None:
 def test_native_refusal_leaves_the_engine_serving(native: Cluster, tmp_path: Path) -> None:
     c = native
     before = tokens(c)
-    sd = load_file(str(Path(c.models[1]) / "model.safetensors"))
+    sd = load_file(str(Path(NATIVE.models[1]) / "model.safetensors"))
     sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(7, 64)
     save_file(sd, str(tmp_path / "bad.safetensors"))
     c.client.push("llama-bad", 1, [str(tmp_path / "bad.safetensors")])
@@ -116,12 +133,12 @@ def test_fsdp2_job_updates_the_native_engine(native: Cluster) -> None:
     nodes (each node's agent holds part of the version), then both on one node."""
     c = native
     for version, nodes, key in ((10, ["n1", "n2"], 1), (11, ["n1", "n1"], 0)):
-        res = run_fsdp2(c, nodes, "--model", c.models[key], "--name", "llama", "--version",
+        res = run_fsdp2(c, nodes, "--model", NATIVE.models[key], "--name", "llama", "--version",
                         str(version), "--instances", "N")  # fmt: skip
         assert [r["state"] for r in res] == ["succeeded"] * 2, res
         cp = c.client.get("llama", version)
         assert {s.node_id for s in cp.shards} == set(nodes)
-        assert tokens(c) == c.hf[key], f"after the FSDP2 job's llama@{version}"
+        assert tokens(c) == NATIVE.hf[key], f"after the FSDP2 job's llama@{version}"
         assert weight_version(c) == f"llama@{version}"
 
 
@@ -130,11 +147,11 @@ def test_native_update_of_corrupt_bytes_is_rolled_back(native: Cluster) -> None:
     mismatch during /update_weights, the job fails, and the engine is restored to the
     version it served, HF-exact, serving again."""
     c = native
-    c.client.push("llama", 19, [c.models[0]])
+    c.client.push("llama", 19, [NATIVE.models[0]])
     job = c.client.wait(c.client.update("llama", 19, instances=["N"]).id, 180)
     assert job.state == tpb.JOB_SUCCEEDED, job.reason
-    sd = load_file(str(Path(c.models[1]) / "model.safetensors"))
-    c.client.push("llama", 20, [c.models[1]])
+    sd = load_file(str(Path(NATIVE.models[1]) / "model.safetensors"))
+    c.client.push("llama", 20, [NATIVE.models[1]])
     c.corrupt_store("llama", 20, sd["model.layers.1.mlp.down_proj.weight"].numpy().tobytes())
     job = c.client.wait(c.client.update("llama", 20, instances=["N"]).id, 180)
     assert job.state == tpb.JOB_FAILED and "checksum" in (
@@ -143,7 +160,7 @@ def test_native_update_of_corrupt_bytes_is_rolled_back(native: Cluster) -> None:
     wait_for(lambda: {i.name: i for i in c.client.instances()}["N"].ready, 120, "restore")
     n = {i.name: i for i in c.client.instances()}["N"]
     assert (n.checkpoint, n.version) == ("llama", 19)
-    assert tokens(c) == c.hf[0] and weight_version(c) == "llama@19"
+    assert tokens(c) == NATIVE.hf[0] and weight_version(c) == "llama@19"
 
 
 def test_native_engine_dying_mid_update_fails_the_job_in_bounded_time(native: Cluster) -> None:
@@ -152,7 +169,7 @@ def test_native_engine_dying_mid_update_fails_the_job_in_bounded_time(native: Cl
     engine keeps serving."""
     c = native
     url = start_vllm(
-        c, "vllm-X", c.models[0], bind="nobind", extension=False, extra_args=NATIVE_ARGS,
+        c, "vllm-X", NATIVE.models[0], bind="nobind", extension=False, extra_args=NATIVE_ARGS,
         extra_env={"CKPT_FAULT": "exit:crash:1"},
     )  # fmt: skip
     wait_healthy(c, "vllm-X", url)
@@ -161,7 +178,7 @@ def test_native_engine_dying_mid_update_fails_the_job_in_bounded_time(native: Cl
                      ranks=[tpb.InstanceRank(node_id="n2", device=0)])
     )  # fmt: skip
     try:
-        c.client.push("crash", 1, [c.models[1]])
+        c.client.push("crash", 1, [NATIVE.models[1]])
         t0 = time.monotonic()
         job = c.client.update("crash", 1, instances=["X"], bucket_bytes=64 * 1024)
         done = c.client.wait(job.id, 120)

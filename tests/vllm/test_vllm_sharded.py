@@ -14,21 +14,21 @@ from ckpt_common.errors import FailedPrecondition
 from demo.models import PROMPTS, hf_greedy, save_model
 from tests.support.cluster import Cluster
 from tests.support.engines import complete, start_vllm, wait_healthy
+from tests.support.spec import ClusterSpec, Node
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 N = 6
 INSTANCES = {"D1": "n1", "D2": "n2"}  # one TP=2 engine per node, both ranks on it
 
 
+SPEC = ClusterSpec(
+    receiver_timeout_s=30, nodes=(Node(id="n1", devices=2), Node(id="n2", devices=2))
+)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("sharded"))
-    c.start_daemon("--receiver-timeout-s", "30")
-    c.start_agent("n1", 2)
-    c.start_agent("n2", 2)
-    c.wait_ranks(4)
-    yield c
-    c.close()
+def cluster(module_cluster) -> Cluster:
+    return module_cluster(SPEC, "sharded")
 
 
 def tokens(url: str) -> list[list[int]]:
