@@ -31,7 +31,7 @@ test: venv proto-check lint
 	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: venv
-	$(PY) -m pytest -q tests -m "not vllm and not slow"
+	$(PY) -m pytest -q tests/unit tests/proc -m "not vllm"
 
 demo: venv
 	$(PY) -m demo.run

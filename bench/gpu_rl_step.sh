@@ -17,8 +17,8 @@ else
   export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv | tee "$OUT/gpus.csv"
-timeout "${TEST_S:-200}" python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_broadcast.py \
-  tests/test_integrity.py -k "direct_push or checksum" --basetemp=/tmp/gt 2>&1 \
+timeout "${TEST_S:-200}" python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_gpu_broadcast.py \
+  tests/proc/test_integrity.py -k "direct_push or checksum" --basetemp=/tmp/gt 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -25
 TESTS_RC=${PIPESTATUS[0]}
 for f in /tmp/gt/*/logs/agent-g.log /tmp/gt/*/*/logs/agent-g.log; do [ -f "$f" ] && tail -c 3000 "$f"; done > "$OUT/gpu_test_agent_tail.log" 2>/dev/null

@@ -12,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=index,name,uuid,memory.total,memory.free --format=csv | tee "$OUT/gpus.csv"
 python3 -c "import torch,grpc,google.protobuf as p,zmq,structlog;print(torch.__version__,grpc.__version__,p.__version__)"
-timeout "${TEST_S:-240}" python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_broadcast.py tests/test_pipeline.py \
+timeout "${TEST_S:-240}" python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_gpu_broadcast.py tests/unit/test_pipeline.py \
   ${K:+-k "$K"} --basetemp=/tmp/gt 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 for f in /tmp/gt/*/logs/agent-g.log /tmp/gt/*/*/logs/agent-g.log; do [ -f "$f" ] && tail -c 3000 "$f"; done > "$OUT/gpu_test_agent_tail.log" 2>/dev/null
 LEFT=$(( ${BUDGET_S:-575} - SECONDS )); echo "bench: ${LEFT}s left"

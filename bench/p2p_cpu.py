@@ -74,7 +74,7 @@ def join_rate(size: int, runs: int, root: Path) -> tuple[list[float], list[float
     from safetensors.torch import save_file
 
     from ckpt.v1 import types_pb2 as tpb
-    from tests.cluster import Cluster, wait_for
+    from tests.support.cluster import Cluster, wait_for
 
     c = Cluster(root)
     c.env["MC_LOG_LEVEL"] = "ERROR"

@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--tensors", type=int, default=100_000)
     ap.add_argument("--load", type=int, default=0, help="busy processes meanwhile")
     args = ap.parse_args()
-    from tests.cluster import Cluster, Latency  # real processes, as the tests start them
+    from tests.support.cluster import Cluster, Latency  # real processes, as the tests start them
 
     c = Cluster(Path(tempfile.mkdtemp(prefix="push-scale-")))
     try:

@@ -110,7 +110,7 @@ def make_tensors(sp: list[tuple[str, tuple[int, ...]]], device: str) -> dict[str
 def start_cluster(root: Path, a: argparse.Namespace, nbytes: int) -> Any:
     """ckptd, the agent (spares pre-allocated unless --no-prealloc) and receiver R."""
     from ckpt.v1 import types_pb2 as tpb
-    from tests.cluster import Cluster, wait_for
+    from tests.support.cluster import Cluster, wait_for
 
     c = Cluster(root)
     c.start_daemon("--receiver-timeout-s", "120")

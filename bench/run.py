@@ -57,7 +57,7 @@ def make_tensors(sp: list) -> dict:
 def ckptd_bench(n: int, size_gib: float, iters: int, root: Path, bucket_mib: int) -> dict:
     from safetensors.torch import save_file
 
-    from tests.cluster import Cluster, wait_for
+    from tests.support.cluster import Cluster, wait_for
 
     c = Cluster(root)
     res: dict = {}

@@ -69,7 +69,7 @@ def trainer_version(c: Any, sp: list, names: list[str], method: int) -> dict:
 def run_tp(n: int, gpus: int, size_gib: float, iters: int, root: Path) -> dict:
     from safetensors.torch import save_file
 
-    from tests.cluster import Cluster, wait_for
+    from tests.support.cluster import Cluster, wait_for
 
     c = Cluster(root)
     path = f"/dev/shm/ckpt-shard-bench-{n}.safetensors"
