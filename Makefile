@@ -20,7 +20,7 @@ proto-check: venv
 		--grpc_python_out=.proto-check $(PROTOS)
 	diff -r -x __init__.py -x __pycache__ .proto-check/ckpt ckpt
 	rm -rf .proto-check
-	$(PY) -m pytest -q tests/test_proto_compat.py  # no breaking change to the public protos
+	$(PY) -m pytest -q tests/unit/test_proto_compat.py  # no breaking change to the public protos
 
 lint: venv
 	.venv/bin/ruff check .

@@ -1,6 +1,6 @@
 """Writes (or prints) the public protos' shape: every message's fields as name ->
 [number, type, label], every enum's values, every service's methods. Committed as
-proto/ckpt/v1/released.json at a release; tests/test_proto_compat.py compares the current
+proto/ckpt/v1/released.json at a release; tests/unit/test_proto_compat.py compares the current
 descriptors against it and fails on what would break a client of that release.
 
 Only the public API is snapshot: ckptd.proto (the Ckpt service and its messages) and
