@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -62,7 +62,7 @@ def check_timeout(field: str, seconds: float) -> None:
         raise InvalidArgument(f"{field} must be 0-{MAX_TIMEOUT_S:g} seconds, not {seconds}")
 
 
-def check_list(field: str, items: list, limit: int = MAX_LIST) -> None:
+def check_list(field: str, items: Sized, limit: int = MAX_LIST) -> None:
     if len(items) > limit:
         raise InvalidArgument(f"{field}: at most {limit} entries, not {len(items)}")
 

@@ -21,6 +21,7 @@ from ckpt_daemon import admission
 from ckpt_daemon.agents.hub import AgentHub
 from ckpt_daemon.api import convert
 from ckpt_daemon.engines.endpoints import endpoint_refusal, origin
+from ckpt_daemon.jobs import resolve
 from ckpt_daemon.jobs.runner import JobRunner
 from ckpt_daemon.model import Instance, InstanceKind
 from ckpt_daemon.plan.placement import mirror_name
@@ -256,7 +257,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
         old = self._registry.instance(inst.name)
         if old:
             inst.checkpoint, inst.version, inst.ready = old.checkpoint, old.version, old.ready
-        self._jobs.check_instance_devices(inst)
+        resolve.check_instance_devices(self._registry, inst)
         self._registry.put_instance(inst)
         return convert.instance_to_pb(inst, self._order())
 

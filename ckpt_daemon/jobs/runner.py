@@ -15,40 +15,29 @@ from ckpt_common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     Unavailable,
 )
 from ckpt_daemon import admission
-from ckpt_daemon.agents.commands import P2PSource
 from ckpt_daemon.agents.hub import AgentHub
 from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.engines.alive import check_engines
-from ckpt_daemon.jobs import shard_jobs
+from ckpt_daemon.jobs import resolve
+from ckpt_daemon.jobs.choose import PlanChooser
 from ckpt_daemon.jobs.execute import EngineTrigger, Executor, Group, no_trigger
-from ckpt_daemon.jobs.restore import Restorer, settle, split_instance
-from ckpt_daemon.jobs.sources import p2p_sources
-from ckpt_daemon.jobs.streamed import NOT_STREAMED, await_commit, streamable
+from ckpt_daemon.jobs.restore import Restorer, settle
+from ckpt_daemon.jobs.streamed import await_commit
 from ckpt_daemon.model import (
     CheckpointState,
-    CheckpointVersion,
     Instance,
     Job,
     JobKind,
     JobState,
     LayoutMap,
     RankRef,
-    ShardState,
-    TensorInfo,
     UpdateSpec,
 )
-from ckpt_daemon.plan.keeps import Keep, part_nbytes
-from ckpt_daemon.plan.placement import PlanError, align_up
+from ckpt_daemon.plan.placement import PlanError
 from ckpt_daemon.plan.planner import (
-    choose_bucket_bytes,
-    choose_nbuf,
-    plan_p2p,
-    plan_update,
-    readers_near,
     select_tensors,
 )
 from ckpt_daemon.push.direct import DirectPushes
@@ -60,23 +49,6 @@ log = structlog.get_logger("ckptd.jobs")
 
 
 METHODS = ("auto", "broadcast", "sharded", "p2p", "")
-
-
-def owner_bytes(tensors: list[TensorInfo]) -> int:
-    """The most bytes one owner sends (aligned)."""
-    per: dict[RankRef, int] = {}
-    for t in tensors:
-        per[t.owner] = per.get(t.owner, 0) + align_up(t.nbytes)
-    return max(per.values(), default=0)
-
-
-def maps_bytes(tensors: list[TensorInfo], maps: dict[RankRef, list[Keep]]) -> int:
-    """The most bytes one rank keeps (a bound on one class's stream from one owner)."""
-    by = {t.name: t for t in tensors}
-    return max(
-        (sum(align_up(part_nbytes(by[k.name], k)) for k in ks) for ks in maps.values()),
-        default=0,
-    )
 
 
 class JobRunner:
@@ -108,7 +80,8 @@ class JobRunner:
         self._draining = False
         self._alive = alive
         self.restorer = Restorer(self, registry, hub, config, alive)
-        self.part_sums = self._sums = PartSums(hub, config.load_timeout_s)
+        self.part_sums = PartSums(hub, config.load_timeout_s)
+        self._chooser = PlanChooser(registry, hub, config, self.part_sums)
 
     # ---------------------------------------------------------------- queries
 
@@ -142,69 +115,12 @@ class JobRunner:
 
     # ---------------------------------------------------------------- submit
 
-    def resolve_targets(self, spec: UpdateSpec) -> tuple[list[RankRef], list[int]]:
-        order = self._registry.rank_order()
-        index = {r: i for i, r in enumerate(order)}
-        targets: set[RankRef] = set()
-        if spec.ranks:
-            bad = [r for r in spec.ranks if r < 0 or r >= len(order)]
-            if bad:
-                raise InvalidArgument(
-                    f"ranks {bad} out of range: {len(order)} ranks attached"
-                    + (f" (0-{len(order) - 1})" if order else "")
-                )
-            targets.update(order[r] for r in spec.ranks)
-        for name in spec.instances:
-            inst = self._registry.instance(name)
-            if not inst:
-                raise NotFound(f"instance {name!r} not found")
-            missing = [str(r) for r in inst.ranks if r not in index]
-            if missing:
-                raise FailedPrecondition(
-                    f"instance {name!r} sits on devices whose agent is not attached: {missing}"
-                )
-            targets.update(inst.ranks)
-        if not targets:
-            raise InvalidArgument("no target: give ranks or instances")
-        split = split_instance(self._registry.instances(), targets)
-        if split:
-            raise InvalidArgument(
-                f"the update covers only some ranks of instance {split!r}: its engine would "
-                "serve a mix of versions; give all of its ranks (or the instance)"
-            )
-        tl = sorted(targets)
-        return tl, [index[r] for r in tl]
-
-    def resolve_checkpoint(self, spec: UpdateSpec) -> CheckpointVersion:
-        cv = self._registry.get_checkpoint(spec.checkpoint, spec.version)
-        if cv is None:
-            if not self._registry.versions(spec.checkpoint):
-                raise NotFound(f"checkpoint {spec.checkpoint!r} not found")
-            raise NotFound(
-                f"checkpoint {spec.checkpoint}@{spec.version or 'latest'} not found"
-                + ("" if spec.version else " (no READY version)")
-            )
-        if streamable(self._pushes, spec, cv):
-            if spec.method in ("p2p", "sharded"):
-                raise FailedPrecondition(f"{cv.name}@{cv.version}: {NOT_STREAMED}")
-            return cv
-        if cv.state != CheckpointState.READY and not (
-            spec.method == "p2p"
-            and cv.state == CheckpointState.LOST
-            and self._p2p_sources(cv) is not None
-        ):
-            raise FailedPrecondition(
-                f"checkpoint {cv.name}@{cv.version} is {cv.state.name}"
-                + (f": {cv.reason}" if cv.reason else "")
-            )
-        return cv
-
     async def submit_update(self, spec: UpdateSpec, kind: JobKind = JobKind.UPDATE) -> Job:
         if self._draining:
             raise Unavailable("ckptd is shutting down: it takes no new job")
         if spec.method not in METHODS:
             raise InvalidArgument(f"unknown update method {spec.method!r}")
-        cv = self.resolve_checkpoint(spec)
+        cv = resolve.version(self._registry, self._pushes, self._hub.live, spec)
         try:  # off the event loop: thousands of patterns over a million tensors take a while
             tensors = (
                 await asyncio.to_thread(select_tensors, cv.tensors, spec.tensors)
@@ -213,13 +129,13 @@ class JobRunner:
             )
         except PlanError as e:
             raise InvalidArgument(admission.bounded(str(e))) from None
-        targets, target_ranks = self.resolve_targets(spec)
+        targets, target_ranks = resolve.targets(self._registry, spec)
         clash = sorted({self._busy_targets[r] for r in targets if r in self._busy_targets})
         if clash:
             raise FailedPrecondition(f"an update to some of these ranks is running: job {clash[0]}")
         await check_engines(self._registry.instances(), targets, self._alive)
         streamed = cv.state != CheckpointState.READY and spec.stream
-        groups, method, why = await self._plan(spec, cv, tensors, targets, streamed)
+        groups, method, why = await self._chooser.choose(spec, cv, tensors, targets, streamed)
         job = Job(
             id=uuid.uuid4().hex[:12],
             kind=kind,
@@ -248,135 +164,13 @@ class JobRunner:
         )  # fmt: skip
         return job
 
-    async def _plan(
-        self,
-        spec: UpdateSpec,
-        cv: CheckpointVersion,
-        tensors: list[TensorInfo],
-        targets: list[RankRef],
-        streamed: bool = False,
-    ) -> tuple[list[Group], str, str]:
-        """The job's groups: shard-aware where it can be (method auto/sharded), a P2P join,
-        or a broadcast; with the method chosen and why."""
-        partial = len(tensors) != len(cv.tensors)
-        why = f"{spec.method}: requested" + (", streamed from the push" if streamed else "")
-        if streamed and spec.method == "auto":
-            why = f"auto: streamed: {NOT_STREAMED}"
-        elif spec.method in ("auto", "sharded"):
-            try:
-                maps = shard_jobs.keeps(tensors, shard_jobs.target_maps(self._registry, targets))
-                bucket_bytes, nbuf = self._buckets(spec, set(targets), maps_bytes(tensors, maps))
-                plans = await asyncio.to_thread(
-                    shard_jobs.plan, tensors, maps, bucket_bytes=bucket_bytes, nbuf=nbuf,
-                    partial=partial,
-                )  # fmt: skip
-                groups = []
-                for gp in plans:
-                    sources, missing = self.read_sources(cv, gp.sources, gp.local)
-                    if missing:
-                        raise shard_jobs.NotSharded(
-                            f"the stores of {missing} are on no node of the ranks that keep "
-                            "their parts, and cannot be read by P2P"
-                        )
-                    groups.append(Group(plan=gp.plan, sources=sources))
-                self._sums.forget(self._registry.checkpoint_keys())
-                try:
-                    await self._sums.fill(cv, [g.plan for g in groups])
-                except CkptError as e:
-                    raise shard_jobs.NotSharded(f"checksums of the parts: {e.message}") from None
-                return groups, "sharded", f"{spec.method}: every target engine's layout is known"
-            except shard_jobs.NotSharded as e:
-                if spec.method == "sharded":
-                    raise FailedPrecondition(f"no shard-aware plan: {e}") from None
-                log.info("broadcast_not_sharded", why=str(e))
-                why = f"auto: not shard-aware: {e}"
-                if e.relearn and not partial:  # this broadcast learns the layouts again
-                    forget_layouts(self._registry, targets)
-        owners = {t.owner for t in tensors}
-        if spec.method == "p2p":
-            bucket_bytes, nbuf = self._buckets(spec, set(targets), owner_bytes(tensors))
-            plan, order = await asyncio.to_thread(
-                plan_p2p, tensors, targets, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial
-            )
-            sources, missing = self.read_sources(cv, order, readers_near(plan, len(order), order))
-            if missing:
-                raise FailedPrecondition(
-                    f"shards of {missing} can be read from nowhere: their agents are gone (and "
-                    "no mirror holds them) or are not registered for P2P (no Mooncake, --p2p off)"
-                )
-            return [Group(plan=plan, sources=sources)], "p2p", why
-        gone = sorted(str(o) for o in owners if not self._hub.live(o.node_id))
-        if gone:
-            raise Unavailable(f"agents holding checkpoint bytes are detached or silent: {gone}")
-        bucket_bytes, nbuf = self._buckets(spec, set(targets) | owners, owner_bytes(tensors))
-        plan = await asyncio.to_thread(
-            plan_update, tensors, targets, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial
-        )
-        return [Group(plan=plan)], "broadcast", why
-
-    def read_sources(
-        self, cv: CheckpointVersion, owners: list[RankRef], near: list[bool]
-    ) -> tuple[list[P2PSource], list[str]]:
-        """Where readers read each owner's store (near: all its readers are on its node):
-        its shared segment where it is READY and its agent attached, else by P2P from the
-        owner (or its mirror, replicas=2). Returns the sources and the owners read from
-        nowhere."""
-        live = self._p2p_sources(cv) or {}
-        out, missing = [], []
-        for o, n in zip(owners, near, strict=True):
-            sh = cv.shards.get(o)
-            here = sh is not None and sh.state == ShardState.READY and sh.segment
-            if n and here and self._hub.attached(o.node_id):
-                out.append(P2PSource(local_segment=sh.segment))
-            elif live.get(o, ("", 0))[0]:
-                out.append(P2PSource(session=live[o][0], addr=live[o][1]))
-            else:
-                missing.append(str(o))
-        return out, missing
-
-    def _buckets(
-        self, spec: UpdateSpec, participants: set[RankRef], largest_stream: int
-    ) -> tuple[int, int]:
-        """(bucket bytes, buffers per participant) for these participants' free memory."""
-        kinds = {self._registry.device_kind(r) for r in participants}
-        cap = (
-            self._config.max_bucket_bytes_cuda
-            if "cuda" in kinds
-            else self._config.max_bucket_bytes_cpu
-        )
-        free = [self._registry.free_bytes(r) for r in participants]
-        nbuf = choose_nbuf(kinds, free, self._config.nbuf)
-        try:
-            size = choose_bucket_bytes(
-                free, nbuf=nbuf, cap=cap, requested=spec.bucket_bytes,
-                largest_owner_bytes=largest_stream,
-            )  # fmt: skip
-        except PlanError as e:
-            cls = InvalidArgument if spec.bucket_bytes else ResourceExhausted
-            raise cls(str(e)) from None
-        return size, nbuf
-
-    def _p2p_sources(self, cv: CheckpointVersion) -> dict[RankRef, tuple[str, int]] | None:
-        return p2p_sources(self._registry, self._hub.live, cv)
-
-    def fleet_version(self) -> tuple[str, int]:
-        """What most ready instances serve."""
-        counts: dict[tuple[str, int], int] = {}
-        for inst in self._registry.instances():
-            if inst.ready and inst.checkpoint:
-                key = (inst.checkpoint, inst.version)
-                counts[key] = counts.get(key, 0) + 1
-        if not counts:
-            raise FailedPrecondition("no instance serves a checkpoint yet: name one to join at")
-        return max(counts, key=lambda k: (counts[k], k[1]))
-
     async def submit_join(
         self, inst: Instance, checkpoint: str, version: int, timeout_s: float
     ) -> Job:
         """Registers inst (not ready) and brings it to a version by P2P reads from the
         owners' host memory; the instances already serving are not touched."""
         if not checkpoint:
-            checkpoint, version = self.fleet_version()
+            checkpoint, version = resolve.fleet_version(self._registry)
         spec = UpdateSpec(
             checkpoint=checkpoint,
             version=version,
@@ -384,12 +178,12 @@ class JobRunner:
             method="p2p",
             timeout_s=timeout_s,
         )
-        self.resolve_checkpoint(spec)
+        resolve.version(self._registry, self._pushes, self._hub.live, spec)
         order = set(self._registry.rank_order())
         missing = [str(r) for r in inst.ranks if r not in order]
         if missing:
             raise FailedPrecondition(f"devices {missing} have no attached agent")
-        self.check_instance_devices(inst)
+        resolve.check_instance_devices(self._registry, inst)
         old = self._registry.instance(inst.name)
         inst.ready, inst.reason = False, "joining"
         self._registry.put_instance(inst)
@@ -401,14 +195,6 @@ class JobRunner:
             else:
                 self._registry.remove_instance(inst.name)
             raise
-
-    def check_instance_devices(self, inst: Instance) -> None:
-        for other in self._registry.instances():
-            shared = set(other.ranks) & set(inst.ranks)
-            if other.name != inst.name and shared:
-                raise FailedPrecondition(
-                    f"instance {other.name!r} already uses devices {sorted(map(str, shared))}"
-                )
 
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)

@@ -75,7 +75,7 @@ def plan(
     partial: bool,
 ) -> list[GroupPlan]:
     """The update's groups (shard_plan.group_plans); where their readers read is ckptd's
-    decision (JobRunner.read_sources), as for a P2P join."""
+    decision (PlanChooser.read_sources), as for a P2P join."""
     try:
         return group_plans(tensors, maps, bucket_bytes=bucket_bytes, nbuf=nbuf, partial=partial)
     except PlanError as e:
