@@ -31,22 +31,6 @@ from ckpt_common.rendezvous import peer_refusal, trusted_uids
 from vllm_ext.buffers import MappedBuffer
 
 HELLO_EVERY_S = 2.0
-# Fault injection for tests: "exit:<checkpoint>:<bucket>" ends this process when that
-# bucket of that checkpoint arrives (an engine dying mid-update).
-FAULT_ENV = "CKPT_FAULT"
-
-
-def _fault(checkpoint: str, bucket: int) -> None:
-    """ "exit:<checkpoint>:<k>": die at bucket k; "fail:<checkpoint>:<k>": the engine fails
-    to load bucket k (after loading the ones before: a half-updated engine)."""
-    spec = os.environ.get(FAULT_ENV, "")
-    kind, _, rest = spec.partition(":")
-    if kind in ("exit", "fail"):
-        name, _, k = rest.partition(":")
-        if name == checkpoint and bucket >= int(k):
-            if kind == "exit":
-                os._exit(17)
-            raise ReceiveError(f"injected failure at bucket {bucket}")
 
 
 def _warm_checksum(device: Any) -> None:
@@ -354,7 +338,6 @@ class Receiver:
                     raise ReceiveError(f"the update ended with {n} tensors incomplete")
                 return
             bk = msg.bucket
-            _fault(info.checkpoint, bk.bucket)
             ready = self._bucket_tensors(info, bk, buf, bk.slot * slot_bytes, partial)
             bad = checksum.mismatches(
                 [(m.name, m.checksum, raw) for m, raw, _ in ready if m.HasField("checksum")]

@@ -10,8 +10,6 @@ broadcast; then every rank agrees whether all reads succeeded, so no rank ever b
 
 from __future__ import annotations
 
-import os
-import time
 from typing import TYPE_CHECKING
 
 from ckpt.v1 import agent_pb2 as apb
@@ -26,11 +24,6 @@ if TYPE_CHECKING:
     import torch.distributed as dist
 
     from ckpt_agent.group_abort import Abort
-
-# Fault injection for tests: "p2p_delay:<seconds>" slows every bucket's reads, so a test
-# can kill or freeze an owner while a join is surely under way.
-_FAULT = os.environ.get("CKPT_FAULT", "")
-_DELAY_S = float(_FAULT.split(":", 1)[1]) if _FAULT.startswith("p2p_delay:") else 0.0
 
 
 class _AgreeingCollective(Collective):
@@ -170,8 +163,6 @@ class P2PReadBackend(Backend):
     def flush(self) -> str:
         """Issues the queued reads; returns why they failed, or ""."""
         queue, self._queue = self._queue, {}
-        if queue and _DELAY_S:
-            time.sleep(_DELAY_S)
         try:
             for idx, (loc, rem, lens) in queue.items():
                 assert self._engine is not None

@@ -22,6 +22,7 @@ from tests.support.spec import ClusterSpec
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[2]
+FAULTS_DIR = Path(__file__).resolve().parent / "faults"  # its sitecustomize: CKPT_FAULT
 
 
 def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
@@ -95,6 +96,10 @@ class Cluster:
             TRUSTED_FABRIC_ENV: "1",
             # agents read push sources only under these (pytest's tmp dirs, push staging)
             SOURCE_ROOTS_ENV: f"{tempfile.gettempdir()}:/dev/shm",
+            # fault injection (CKPT_FAULT) lives in tests: faults/sitecustomize.py
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(FAULTS_DIR), os.environ.get("PYTHONPATH", "")) if p
+            ),
         }
 
     def engine_key(self, instance: str) -> bytes:
