@@ -17,7 +17,6 @@ from ckpt_common.errors import (
     NotFound,
     Unavailable,
 )
-from ckpt_daemon import admission
 from ckpt_daemon.agents.hub import AgentHub
 from ckpt_daemon.config import DaemonConfig
 from ckpt_daemon.engines.alive import check_engines
@@ -128,7 +127,7 @@ class JobRunner:
                 else list(cv.tensors)
             )
         except PlanError as e:
-            raise InvalidArgument(admission.bounded(str(e))) from None
+            raise InvalidArgument(str(e)) from None  # bounded at the API edge
         targets, target_ranks = resolve.targets(self._registry, spec)
         clash = sorted({self._busy_targets[r] for r in targets if r in self._busy_targets})
         if clash:

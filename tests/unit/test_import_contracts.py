@@ -89,3 +89,13 @@ def test_agent_commands_are_built_in_agents_only() -> None:
         if "apb.Command(" in p.read_text() and p.relative_to(ROOT) != Path("agents/commands.py")
     )
     assert not builders, f"agent commands built outside agents/commands.py: {builders}"
+
+
+PLAIN = {"model", "config", "__init__"}  # plain data and settings every room may read
+
+
+def test_a_job_reaches_at_most_five_other_rooms() -> None:
+    """jobs/ drives a job through the registry, the planner, the agents, the engines and the
+    pushes it may stream from: nothing else (it once imported 12 of 28 modules)."""
+    reached = room_graph()["jobs"] - PLAIN
+    assert reached <= {"registry", "plan", "agents", "engines", "push"}, sorted(reached)
