@@ -367,6 +367,7 @@ class Agent:
             p2p=self._p2p_enabled(),
             source_roots=self.cfg.source_roots,
             stores=self.cfg.stores,
+            tunables=self.cfg.tunables,
             loop=loop,
             devices=[d.index for d in self.devices],
             on_message=self._on_worker_message,

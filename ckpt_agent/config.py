@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from ckpt_agent.tunables import Tunables
 from ckpt_common.credentials import Credentials
 from ckpt_common.sources import roots_from_env
 
@@ -51,6 +52,7 @@ class WorkerSpec:
     p2p: bool = False  # register host stores with the transfer engine (Mooncake)
     source_roots: tuple[str, ...] = ()  # push sources are read only under these
     stores: StoreOptions = field(default_factory=StoreOptions)
+    tunables: Tunables = field(default_factory=Tunables)
 
     def __post_init__(self) -> None:
         from ckpt_agent.backends.registry import BACKENDS
@@ -86,6 +88,8 @@ class AgentConfig:
     # push sources are read only under these (ckpt_common.sources); env CKPT_SOURCE_ROOTS
     source_roots: tuple[str, ...] = field(default_factory=roots_from_env)
     stores: StoreOptions = field(default_factory=StoreOptions)
+    # CKPT_STEP_TIMEOUT_S, CKPT_LOAD_THREADS, CKPT_P2P_TIMEOUT_S: read once, here
+    tunables: Tunables = field(default_factory=Tunables.from_env)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt_agent import shm
+from ckpt_agent import shm, tunables
 from ckpt_common import checksum, progress, sources
 from ckpt_common.ipc import safe
 from ckpt_common.read_as import Reader
 
-LOAD_THREADS_ENV = "CKPT_LOAD_THREADS"
 CHUNK = 64 << 20  # bytes one read covers
 PARALLEL_MIN = 128 << 20  # bytes per extra reading thread
 SPARE_MIN = 64 << 20  # smaller stores are not kept as spares
@@ -31,10 +30,7 @@ class StoreError(Exception):
 
 def load_threads() -> int:
     """Threads one store load reads with (CKPT_LOAD_THREADS; default up to 8)."""
-    v = os.environ.get(LOAD_THREADS_ENV, "")
-    if v.strip():
-        return max(1, int(v))
-    return max(1, min(8, os.cpu_count() or 1))
+    return tunables.current().threads()
 
 
 def _read(

@@ -128,7 +128,10 @@ async def _run(cfg: AgentConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
+    try:
+        cfg = parse_args(argv)
+    except ValueError as e:  # a flag or tunable out of range: stop here, saying which
+        raise SystemExit(f"ckpt-agent: {e}") from None
     setup_logging(json=True, level=cfg.log_level, service="ckpt-agent", node=cfg.node_id)
     try:
         asyncio.run(_run(cfg))

@@ -17,12 +17,11 @@ import threading
 
 import structlog
 
+from ckpt_agent import tunables
 from ckpt_agent.nic import available_hcas, nics_for_device
 
 log = structlog.get_logger("ckpt_agent.p2p")
 
-TIMEOUT_ENV = "CKPT_P2P_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 10
 _DEFAULTS = {
     "MC_LOG_LEVEL": "ERROR",
     "MC_TCP_PROGRESS_TIMEOUT_SEC": "3",
@@ -46,7 +45,7 @@ class P2PEngine:
     def __init__(self, host: str, device: int) -> None:
         for k, v in _DEFAULTS.items():
             os.environ.setdefault(k, v)
-        timeout = int(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        timeout = tunables.current().p2p_timeout_s
         os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(max(5, timeout)))
         from mooncake.engine import TransferEngine
 

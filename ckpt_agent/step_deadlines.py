@@ -3,14 +3,12 @@ step moves, capped by the job's end, so a frozen or dead peer is noticed in seco
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
 from ckpt.v1 import agent_pb2 as apb
+from ckpt_agent import tunables
 
-STEP_TIMEOUT_ENV = "CKPT_STEP_TIMEOUT_S"  # base seconds of one step (engine or collective)
-STEP_S = 5.0
 STEP_RATE = 100e6  # bytes/s a step moves at the least (its deadline grows with its size)
 DONE_RATE = 1e9  # bytes/s of the engine's post-load processing at the least
 
@@ -30,7 +28,7 @@ class StepDeadlines:
 
     @staticmethod
     def for_update(cmd: apb.RunUpdate, t0: float) -> StepDeadlines:
-        base = float(os.environ.get(STEP_TIMEOUT_ENV, "") or STEP_S)
+        base = tunables.current().step_timeout_s
         return StepDeadlines(
             base_s=base,
             job_end=t0 + cmd.deadlines.timeout_s,

@@ -18,6 +18,7 @@ from ckpt.v1 import agent_pb2 as apb
 from ckpt_agent import shm
 from ckpt_agent.config import StoreOptions, WorkerSpec
 from ckpt_agent.host_store import device_prefix
+from ckpt_agent.tunables import Tunables
 from ckpt_agent.worker import READY_ID, worker_main
 
 log = structlog.get_logger("ckpt_agent.supervisor")
@@ -54,6 +55,7 @@ class Supervisor:
         p2p: bool,
         source_roots: tuple[str, ...],
         stores: StoreOptions | None = None,
+        tunables: Tunables | None = None,
         loop: asyncio.AbstractEventLoop,
         on_message: Callable[[int, apb.AgentMessage], None],
         on_death: Callable[[int], None],
@@ -69,6 +71,7 @@ class Supervisor:
                 p2p=p2p,
                 source_roots=source_roots,
                 stores=stores or StoreOptions(),
+                tunables=tunables or Tunables(),
             )
             for d in devices
         }

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt_agent import shm
+from ckpt_agent import shm, tunables
 from ckpt_agent.backends import Backend, make_backend
 from ckpt_agent.config import WorkerSpec
 from ckpt_agent.group_abort import Abort, PeerWatch
@@ -360,6 +360,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     )
     import torch  # noqa: F401  (import once, before the first update, not during it)
 
+    tunables.install(spec.tunables)
     w = Worker(conn, spec)
     try:
         w.serve()
