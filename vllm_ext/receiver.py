@@ -233,21 +233,7 @@ class Receiver:
         step_timeout_s: float = 300.0,
     ) -> ipb.ReceiverDone:
         """Takes one update. Raises TimeoutError if none starts within wait_s."""
-        hello = ipb.ReceiverMessage(
-            hello=ipb.ReceiverHello(engine=self.engine, pid=os.getpid(), job_id=job_id)
-        )
-        self._socket()
-        self._worker_lost()  # a disconnect between updates is no news
-        deadline = time.monotonic() + wait_s
-        msg, self._next, self._job = self._next, None, ""
-        while msg is None and time.monotonic() < deadline:
-            # Said again now and then: a worker that restarted never saw the first one.
-            self._send(hello)
-            msg = self._recv(min(HELLO_EVERY_S, max(0.0, deadline - time.monotonic())), ("begin",))
-        if msg is None:
-            self.reset()
-            raise TimeoutError(f"no update started on {self.endpoint} within {wait_s:.0f}s")
-        b = msg.begin
+        b = self._await_begin(job_id, wait_s)
         self._job = b.job_id
         info = UpdateInfo(
             job_id=b.job_id,
@@ -296,6 +282,24 @@ class Receiver:
             self.buffer.close()
         self._send(ipb.ReceiverMessage(done=done))
         return done
+
+    def _await_begin(self, job_id: str, wait_s: float) -> ipb.Begin:
+        """The worker's Begin of the next update (Hello said again now and then: a worker
+        that restarted never saw the first one). TimeoutError after wait_s."""
+        hello = ipb.ReceiverMessage(
+            hello=ipb.ReceiverHello(engine=self.engine, pid=os.getpid(), job_id=job_id)
+        )
+        self._socket()
+        self._worker_lost()  # a disconnect between updates is no news
+        deadline = time.monotonic() + wait_s
+        msg, self._next, self._job = self._next, None, ""
+        while msg is None and time.monotonic() < deadline:
+            self._send(hello)
+            msg = self._recv(min(HELLO_EVERY_S, max(0.0, deadline - time.monotonic())), ("begin",))
+        if msg is None:
+            self.reset()
+            raise TimeoutError(f"no update started on {self.endpoint} within {wait_s:.0f}s")
+        return msg.begin
 
     @staticmethod
     def _validate(

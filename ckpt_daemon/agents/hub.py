@@ -36,7 +36,7 @@ from ckpt_daemon.agents import commands
 from ckpt_daemon.agents.results import BucketProgress, progress
 from ckpt_daemon.model import AgentInfo, DeviceInfo
 from ckpt_daemon.registry.store import Registry
-from ckpt_daemon.security.auth import PRINCIPAL
+from ckpt_daemon.security.auth import PRINCIPAL, Principal
 
 log = structlog.get_logger("ckptd.agents")
 
@@ -130,6 +130,33 @@ class AgentHub:
         who = PRINCIPAL.get()
         if who is not None and who.node and who.node != hello.node_id:
             raise PermissionDenied(f"{who.name} may attach as node {who.node!r} only")
+        session = self._attach(hello, who)
+        reader = asyncio.create_task(self._read(session, incoming))
+        try:
+            yield apb.DaemonMessage(
+                welcome=apb.Welcome(
+                    daemon_version=self._daemon_version, heartbeat_s=self._heartbeat_s
+                )
+            )
+            while True:
+                msg = await session.outbox.get()
+                if msg is None:
+                    break
+                yield msg
+            if session.error is not None:
+                raise session.error
+        finally:
+            reader.cancel()
+            session.close("detached")
+            if self._sessions.get(hello.node_id) is session:
+                del self._sessions[hello.node_id]
+                self._registry.agent_detached(hello.node_id)
+                log.warning("agent_detached", node=hello.node_id)
+
+    def _attach(self, hello: apb.Hello, who: Principal | None) -> _Session:
+        """The agent's new session: it replaces a stream of the same node only when the
+        caller's identity is bound to that node, or the old stream went silent; the registry
+        records the agent and reconciles the stores it says it holds."""
         old = self._sessions.get(hello.node_id)
         if old and not old.closed:
             # An agent whose identity is bound to this node (its certificate or token) is
@@ -173,27 +200,7 @@ class AgentHub:
         for w in self._attach_waiters:
             if not w.done():
                 w.set_result(None)
-        reader = asyncio.create_task(self._read(session, incoming))
-        try:
-            yield apb.DaemonMessage(
-                welcome=apb.Welcome(
-                    daemon_version=self._daemon_version, heartbeat_s=self._heartbeat_s
-                )
-            )
-            while True:
-                msg = await session.outbox.get()
-                if msg is None:
-                    break
-                yield msg
-            if session.error is not None:
-                raise session.error
-        finally:
-            reader.cancel()
-            session.close("detached")
-            if self._sessions.get(hello.node_id) is session:
-                del self._sessions[hello.node_id]
-                self._registry.agent_detached(hello.node_id)
-                log.warning("agent_detached", node=hello.node_id)
+        return session
 
     def _drop_unknown(self, session: _Session, stores: Iterable[apb.HeldStore]) -> None:
         known = self._registry.shard_keys(session.node_id)
