@@ -21,6 +21,7 @@ from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent import __version__, shm
 from ckpt_agent.backends.cpu import free_host_bytes
 from ckpt_agent.config import AgentConfig
+from ckpt_agent.devices import node_devices, refreshed
 from ckpt_agent.host_store import StoreError, segment_prefix
 from ckpt_agent.scan import scan_paths
 from ckpt_agent.stale import JOB_COMMANDS
@@ -44,7 +45,7 @@ class Agent:
         self.ipc_dir = ensure_private_dir(
             ipc_dir(cfg.ipc_dir or None), 0o711 if others_allowed() else 0o700
         )  # this user's alone (RendezvousError otherwise); 0711: others' engines are checked
-        self.devices = self._devices()
+        self.devices = node_devices(self.cfg)
         for d in self.devices:
             why = path_length_problem(worker_endpoint(cfg.node_id, d.index, self.ipc_dir))
             if why:
@@ -61,49 +62,11 @@ class Agent:
         self.supervisor: Supervisor | None = None
         self.attached = asyncio.Event()
 
-    def _devices(self) -> list[tpb.Device]:
-        if self.cfg.device == "cuda":
-            from ckpt_agent.backends.cuda_devices import list_devices
-
-            devs = list_devices()
-            if devs and self.cfg.slots > len(devs):  # ranks share GPUs (emulating more ranks)
-                return [
-                    tpb.Device(index=i, kind="cuda", uuid=devs[i % len(devs)].uuid,
-                               total_bytes=devs[i % len(devs)].total_bytes,
-                               free_bytes=devs[i % len(devs)].free_bytes)
-                    for i in range(self.cfg.slots)
-                ]  # fmt: skip
-            return devs[: self.cfg.slots] if self.cfg.slots else devs
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return [
-            tpb.Device(
-                index=i,
-                kind="cpu",
-                uuid=f"{self.cfg.node_id}/{i}",
-                total_bytes=total // self.cfg.slots,
-                free_bytes=free_host_bytes() // self.cfg.slots,
-            )
-            for i in range(self.cfg.slots)
-        ]
-
     def _free(self) -> list[tpb.Device]:
         """The devices as reported: free memory now, the ceilings their workers measured."""
         workers = self.supervisor.workers if self.supervisor is not None else {}
-        for d in self.devices:
-            h = workers.get(d.index)
-            if h is not None and h.ceilings:
-                d.ceilings.clear()
-                d.ceilings.update(h.ceilings)
-        if self.cfg.device == "cpu":
-            free = free_host_bytes() // self.cfg.slots
-            for d in self.devices:
-                d.free_bytes = free
-        else:
-            from ckpt_agent.backends.cuda_devices import free_bytes
-
-            for d in self.devices:
-                d.free_bytes = free_bytes(d.index)
-        return list(self.devices)
+        ceilings = {d: h.ceilings for d, h in workers.items() if h.ceilings}
+        return refreshed(self.devices, self.cfg, ceilings)
 
     # ---------------------------------------------------------------- workers
 

@@ -1,5 +1,5 @@
 """Pieces of tensors (ckpt_common.pieces): tiling checks, the daemon's whole-version check,
-and the engine-side assembly (vllm_ext.receiver.Assembly)."""
+and the engine-side assembly (vllm_ext.assembly.Assembly)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import InvalidArgument
 from ckpt_common.pieces import Piece, check_tiling, region
 from ckpt_daemon.push.direct import check_whole, part_specs
-from vllm_ext.receiver import Assembly, pieces_problem
+from vllm_ext.assembly import Assembly, pieces_problem
 
 
 def rows(n: int, k: int, cols: int = 4) -> list[Piece]:
