@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import inspect
 import os
 import sys
 import time
@@ -28,16 +29,19 @@ SPEC = os.environ.get("CKPT_FAULT", "")
 def _receiver(module: ModuleType) -> None:
     kind, _, rest = SPEC.partition(":")
     name, _, k = rest.partition(":")
-    original = module.Receiver._bucket_tensors
+    raw = inspect.getattr_static(module.Receiver, "_bucket_tensors")
+    static = isinstance(raw, staticmethod)
+    original = raw.__func__ if static else raw
 
-    def bucket_tensors(self: Any, info: Any, bk: Any, *args: Any, **kwargs: Any) -> Any:
+    def bucket_tensors(*args: Any, **kwargs: Any) -> Any:
+        info, bk = args[0 if static else 1 : 2 if static else 3]
         if info.checkpoint == name and bk.bucket >= int(k):
             if kind == "exit":
                 os._exit(17)
             raise module.ReceiveError(f"injected failure at bucket {bk.bucket}")
-        return original(self, info, bk, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    module.Receiver._bucket_tensors = bucket_tensors
+    module.Receiver._bucket_tensors = staticmethod(bucket_tensors) if static else bucket_tensors
 
 
 def _p2p(module: ModuleType) -> None:
