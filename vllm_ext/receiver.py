@@ -60,6 +60,17 @@ Load = Callable[[UpdateInfo, Iterator[tuple[str, Any]]], None]
 Layout = Callable[[UpdateInfo], dict[str, Any]]  # the engine's sharding map (vllm_ext.layout)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UpdateOutcome:
+    """How one update ended on this engine rank (what it also told its worker)."""
+
+    ok: bool
+    reason: str = ""
+    checkpoint: str = ""
+    version: int = 0
+    touched: bool = False  # the loader was handed tensors: the engine may hold a mix
+
+
 class Receiver:
     def __init__(
         self, endpoint: str, *, engine: str = "reference", device: Any = None, parts: bool = False
@@ -150,7 +161,7 @@ class Receiver:
         job_id: str = "",
         wait_s: float = 60.0,
         step_timeout_s: float = 300.0,
-    ) -> ipb.ReceiverDone:
+    ) -> UpdateOutcome:
         """Takes one update. Raises TimeoutError if none starts within wait_s."""
         b = self._await_begin(job_id, wait_s)
         self._job = b.job_id
@@ -172,11 +183,11 @@ class Receiver:
         try:
             go = self._recv(step_timeout_s, ("proceed",))
         except ReceiveError as e:
-            return ipb.ReceiverDone(ok=False, reason=str(e))
+            return UpdateOutcome(ok=False, reason=str(e))
         if go is None:
-            return ipb.ReceiverDone(ok=False, reason="worker sent no go-ahead")
+            return UpdateOutcome(ok=False, reason="worker sent no go-ahead")
         if not go.proceed.ok:
-            return ipb.ReceiverDone(ok=False, reason=problem or go.proceed.reason)
+            return UpdateOutcome(ok=False, reason=problem or go.proceed.reason)
         touched = [False]
         try:
             buf = self.buffer.map(b.buffer, self.device)
@@ -200,7 +211,13 @@ class Receiver:
             # worker can give its memory back.
             self.buffer.close()
         self._send(ipb.ReceiverMessage(done=done))
-        return done
+        return UpdateOutcome(
+            ok=done.ok,
+            reason=done.reason,
+            checkpoint=done.checkpoint,
+            version=done.version,
+            touched=done.touched,
+        )
 
     def _await_begin(self, job_id: str, wait_s: float) -> ipb.Begin:
         """The worker's Begin of the next update (Hello said again now and then: a worker
