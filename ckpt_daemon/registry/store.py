@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, replace
 
-from ckpt_daemon.model import AgentInfo, Instance, Job, JobState, RankRef
+from ckpt_daemon.model import AgentInfo, DeviceInfo, Instance, Job, JobState, RankRef
 from ckpt_daemon.plan.placement import rank_order
 from ckpt_daemon.registry import schema, transitions
 from ckpt_daemon.registry.owner import writes
@@ -64,13 +64,9 @@ class Registry(Versions):
             if inst.pending and inst.ready:
                 inst.ready = False
                 inst.reason = f"ckptd restarted during job {inst.pending}: restoring"
-        now = time.time()
         for job in self._jobs.values():
             if not job.state.done:
-                check(JOB, f"job {job.id}", job.state, JobState.FAILED)
-                job.state, job.reason = JobState.FAILED, "ckptd restarted while the job ran"
-                job.finished = now
-                self._save_job(job)
+                self.move_job(job, JobState.FAILED, "ckptd restarted while the job ran")
 
     # ------------------------------------------------------------------ agents
 
@@ -139,20 +135,21 @@ class Registry(Versions):
             if ceilings and d.index in ceilings:
                 d.ceilings = ceilings[d.index]
 
+    def _device(self, r: RankRef) -> DeviceInfo | None:
+        a = self._agents.get(r.node_id)
+        return next((d for d in a.devices if d.index == r.device), None) if a else None
+
     def ceiling(self, r: RankRef, phase: str) -> float:
         """What r's device measured for phase (bytes/s); 0 when unknown."""
-        a = self._agents.get(r.node_id)
-        d = next((d for d in a.devices if d.index == r.device), None) if a else None
+        d = self._device(r)
         return d.ceilings.get(phase, 0.0) if d else 0.0
 
     def free_bytes(self, r: RankRef) -> int:
-        a = self._agents.get(r.node_id)
-        d = next((d for d in a.devices if d.index == r.device), None) if a else None
+        d = self._device(r)
         return d.free_bytes if d else 0
 
     def device_kind(self, r: RankRef) -> str:
-        a = self._agents.get(r.node_id)
-        d = next((d for d in a.devices if d.index == r.device), None) if a else None
+        d = self._device(r)
         return d.kind if d else "cpu"
 
     @writes

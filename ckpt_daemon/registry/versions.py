@@ -154,13 +154,6 @@ class Versions(Owned):
         self._refresh_state(cv)
         return cv
 
-    def set_checksums(self, name: str, version: int, r: RankRef, sums: list[int]) -> None:
-        """Records the checksums an owner reported for its tensors, in the order they appear
-        in the version's tensor list. ValueError (nothing recorded): a count unlike r's."""
-        cv = self._checkpoints.get((name, version))
-        if cv is not None:
-            self.put_checksums(cv, checksummed(cv.tensors, r, sums))
-
     @writes
     def put_checksums(self, cv: CheckpointVersion, got: list[tuple[int, TensorInfo]]) -> None:
         """Records checksummed(...) made for cv (off the loop for a big version); nothing
