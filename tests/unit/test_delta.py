@@ -107,9 +107,12 @@ def test_malformed_payloads_are_refused_untouched() -> None:
         delta.apply(
             base, Encoding.BITMAP, 3, torch.cat([bits[:8], torch.zeros(6, dtype=torch.uint8)]), 2
         )
-    bits[7] = 1  # a bit beyond the 64 elements
+    short = torch.zeros(60, dtype=torch.int16).view(torch.uint8)
+    bits[7] = 0x80  # element 63 of a tensor of 60
+    bits[0] = 0b1
     with pytest.raises(DeltaError, match="beyond"):
-        delta.apply(base, Encoding.BITMAP, 2, bits[:12], 2)
+        delta.apply(short, Encoding.BITMAP, 2, bits[:12], 2)
+    assert not short.any()
     assert not base.any()
 
 
