@@ -28,6 +28,7 @@ from ckpt_agent.stale import JOB_COMMANDS
 from ckpt_agent.supervisor import Supervisor
 from ckpt_agent.worker import READY_ID
 from ckpt_common.credentials import channel_args
+from ckpt_common.delta import store_name as delta_store
 from ckpt_common.ipc import ipc_dir, path_length_problem, worker_endpoint
 from ckpt_common.rendezvous import RendezvousError, ensure_private_dir, others_allowed
 
@@ -83,6 +84,14 @@ class Agent:
                     key = (cmd.load.checkpoint, cmd.load.version, cmd.load.device)
                     st = msg.result.store
                     self.held[key] = (st.nbytes, st.segment, st.p2p)
+                elif kind == "diff":  # a delta store: held (and dropped) like any other
+                    d = cmd.diff
+                    key = (delta_store(d.checkpoint, d.base), d.version, d.device)
+                    self.held[key] = (
+                        msg.result.diff.nbytes,
+                        msg.result.diff.segment,
+                        apb.P2PSource(),
+                    )
                 elif kind == "drop":
                     self.held.pop((cmd.drop.checkpoint, cmd.drop.version, cmd.drop.device), None)
         if self._outbox is not None:

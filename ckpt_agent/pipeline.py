@@ -45,6 +45,7 @@ from ckpt_agent.receiver_link import LinkError, ReceiverLink
 from ckpt_agent.schedule import COPY, FORGET, LOAD, REAP, SEND, STAGE, Step, bucket_schedule
 from ckpt_agent.step_deadlines import StepDeadlines
 from ckpt_agent.stream_wait import await_written, bucket_end
+from ckpt_common import delta
 
 if TYPE_CHECKING:
     import torch
@@ -162,7 +163,9 @@ class UpdateRun:
         cmd, backend = self.cmd, self.backend
         owns = bool(self.mine)
         if owns and self.stores is not None:
-            self.store = self.stores.get(cmd.checkpoint, cmd.version)
+            base = cmd.plan.delta_base  # a delta update reads the delta store (ckpt_agent.diff)
+            name = delta.store_name(cmd.checkpoint, base) if base else cmd.checkpoint
+            self.store = self.stores.get(name, cmd.version)
             self.store_t = backend.store_tensor(self.store)
         self.nslots, self.nstage = backend.plan_slots(max(1, cmd.plan.nbuf), self.B, owns)
         self.buf_name, self.buf = backend.ipc_buffer(self.nslots * self.B, share=cmd.is_target)

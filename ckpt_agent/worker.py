@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt_agent import shm, tunables
+from ckpt_agent import diff, shm, tunables
 from ckpt_agent.backends import Backend, make_backend
 from ckpt_agent.config import WorkerSpec
 from ckpt_agent.group_abort import Abort, PeerWatch
@@ -151,6 +151,8 @@ class Worker:
             self._io.submit(self._guard, cmd.id, self._seal, cmd)
         elif kind == "drop":
             self._io.submit(self._guard, cmd.id, self._drop, cmd)
+        elif kind == "diff":
+            self._io.submit(self._guard, cmd.id, self._diff, cmd)
         elif kind == "prepare_group":
             self._prepare(cmd)
         elif kind == "run_update":
@@ -231,6 +233,15 @@ class Worker:
             ok=True,
             store=apb.StoreReady(checksums=sums, seconds=time.monotonic() - t0),
         )
+
+    def _diff(self, cmd: apb.Command) -> None:
+        pin = self.backend.pin_store if self.backend.pins_stores else None
+        done = diff.make(self.stores, cmd.diff, pin)
+        log.info(
+            "delta_made", checkpoint=cmd.diff.checkpoint, version=cmd.diff.version,
+            base=cmd.diff.base, bytes=done.nbytes, seconds=round(done.seconds, 4),
+        )  # fmt: skip
+        self.reply(cmd.id, ok=True, diff=done)
 
     def _drop(self, cmd: apb.Command) -> None:
         if self._p2p_engine is not None:

@@ -122,7 +122,7 @@ def encode(base: Any, target: Any, itemsize: int) -> Encoded:
     count, n = int(changed.sum()), t.numel()
     enc = choose(count, n, itemsize)
     if enc == Encoding.DENSE:
-        return Encoded(Encoding.DENSE, n, target.clone())
+        return Encoded(Encoding.DENSE, n, target)  # the caller copies it
     values = t[changed].view(torch.uint8)
     if enc == Encoding.SPARSE:
         idx = changed.nonzero().view(-1).to(torch.int32 if index_width(n) == 4 else torch.int64)
@@ -186,3 +186,9 @@ def apply(base: Any, encoding: int, count: int, payload: Any, itemsize: int) -> 
     except RuntimeError:
         raise DeltaError(f"the tensor is not aligned for {itemsize}-byte elements") from None
     into[where] = values
+
+
+def store_name(checkpoint: str, base: int) -> str:
+    """The host-store key of the deltas of `checkpoint`'s versions from version `base` (user
+    names cannot hold '/': no clash with a checkpoint)."""
+    return f"~delta/{base}/{checkpoint}"

@@ -90,6 +90,19 @@ class TensorSpec:
     piece: Piece | None = None  # a box of the tensor (shape): nbytes are the box's
 
 
+@dataclass(frozen=True, slots=True)
+class DeltaRef:
+    """How a delta store holds one tensor of a version (ckpt_common.delta): the payload's
+    encoding (DENSE: the tensor's bytes) and the checksums that prove base + delta = target."""
+
+    base_version: int
+    encoding: int
+    count: int
+    base_checksum: int | None  # None: no base (a dense payload)
+    target_checksum: int
+    target_nbytes: int
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TensorInfo:
     """A tensor of a pushed checkpoint and where its bytes live."""
@@ -106,6 +119,9 @@ class TensorInfo:
     # a box of the tensor (ckpt_common.pieces; shape stays the whole tensor's, nbytes and
     # checksum are the box's); None: the whole tensor
     piece: Piece | None = None
+    # a delta store's payload of the tensor (nbytes and checksum are the payload's); None:
+    # the tensor's own bytes
+    delta: DeltaRef | None = None
 
 
 _KEPT = tuple(f.name for f in fields(TensorInfo) if f.name != "checksum")

@@ -26,6 +26,7 @@ METHODS = {
     "broadcast": tpb.UPDATE_BROADCAST,
     "sharded": tpb.UPDATE_SHARDED,
     "p2p": tpb.UPDATE_P2P,
+    "delta": tpb.UPDATE_DELTA,
 }
 
 
@@ -132,9 +133,10 @@ def push(c: Client, name: str, version: int, paths: tuple[str, ...], node: str, 
 @click.option("--instances", default="", help="comma-separated instance names")
 @click.option("--tensors", default="", help="partial update: comma-separated names or prefixes")
 @click.option("--method", type=click.Choice(list(METHODS)), default="auto", show_default=True,
-              help="auto: each rank receives only what it keeps once its engine reported its "
-                   "sharding, else everything; sharded: that or fail; broadcast: everything; "
-                   "p2p: read the owners' host stores")  # fmt: skip
+              help="auto: only what changed where every target serves an older version "
+                   "ckptd has a delta from, else each rank receives only what it keeps once "
+                   "its engine reported its sharding, else everything; delta / sharded: that "
+                   "or fail; broadcast: everything; p2p: read the owners' host stores")  # fmt: skip
 @click.option("--bucket-mib", type=click.IntRange(min=0), default=0,
               help="bucket size in MiB (0: ckptd chooses)")  # fmt: skip
 @job_options

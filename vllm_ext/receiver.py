@@ -29,6 +29,7 @@ from ckpt_common.layout_wire import to_pb as layout_pb
 from ckpt_common.rendezvous import peer_refusal, trusted_uids
 from vllm_ext.assembly import Assembly, kept_problem, pieces_problem
 from vllm_ext.buffers import MappedBuffer
+from vllm_ext.delta_apply import Base, applied
 
 HELLO_EVERY_S = 2.0
 
@@ -90,6 +91,7 @@ class Receiver:
             _warm_checksum(device)
         self._job = ""  # the update under way: replies name it, other jobs' messages are skipped
         self._next: ipb.WorkerMessage | None = None  # a newer job's Begin that ended the last
+        self._base: Base | None = None  # the update's base tensors (delta updates)
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
@@ -158,11 +160,15 @@ class Receiver:
         load: Load,
         validate: Validate | None = None,
         layout: Layout | None = None,
+        base: Base | None = None,
         job_id: str = "",
         wait_s: float = 60.0,
         step_timeout_s: float = 300.0,
     ) -> UpdateOutcome:
-        """Takes one update. Raises TimeoutError if none starts within wait_s."""
+        """Takes one update. Raises TimeoutError if none starts within wait_s. base: the
+        engine's current tensor of a name (checkpoint format), for delta updates
+        (vllm_ext.delta_apply); None: this engine takes none."""
+        self._base = base
         b = self._await_begin(job_id, wait_s)
         self._job = b.job_id
         info = UpdateInfo(
@@ -175,6 +181,8 @@ class Receiver:
             kept=b.kept,
         )
         problem, mine = self._validate(info, b.want_layout, validate, layout)
+        if not problem and base is None and any(m.HasField("delta") for m in info.tensors):
+            problem = "this engine takes no delta updates"
         self._send(
             ipb.ReceiverMessage(
                 validated=ipb.Validated(ok=not problem, reason=problem or "", layout=mine)
@@ -286,6 +294,10 @@ class Receiver:
                 raise ReceiveError(
                     f"checksum mismatch in bucket {bk.bucket}: {len(bad)} tensors, e.g. {bad[0]!r}"
                 )
+            ready = [
+                (m, applied(m, raw, self._base), False) if m.HasField("delta") else (m, raw, c)
+                for m, raw, c in ready
+            ]
             ready = [w for r in ready for w in pieces.add(*r)]
             touched[0] = touched[0] or bool(ready)
             for meta, raw, copy in ready:

@@ -112,6 +112,10 @@ class ReferenceEngine:
         self.checkpoint, self.version, self.job_id = info.checkpoint, info.version, info.job_id
         self.updates += 1
 
+    def base(self, name: str) -> Any:
+        """What this engine holds of a tensor (a delta update's base), or None."""
+        return self.tensors.get(name)
+
     def report(self) -> dict:
         return {
             "checkpoint": self.checkpoint,
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                 load=engine.load,
                 validate=engine.validate,
                 layout=engine.layout if engine.tp else None,
+                base=None if engine.tp else engine.base,
                 wait_s=3600.0,
                 step_timeout_s=a.step_timeout_s,
             )

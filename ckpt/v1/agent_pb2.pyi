@@ -127,7 +127,7 @@ class StoreReady(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., seconds: _Optional[float] = ..., p2p: _Optional[_Union[P2PSource, _Mapping]] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommandResult(_message.Message):
-    __slots__ = ("command_id", "ok", "code", "message", "scan", "group", "store", "update", "ready")
+    __slots__ = ("command_id", "ok", "code", "message", "scan", "group", "store", "update", "ready", "diff")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,7 @@ class CommandResult(_message.Message):
     STORE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    DIFF_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     ok: bool
     code: str
@@ -146,7 +147,8 @@ class CommandResult(_message.Message):
     store: StoreReady
     update: UpdateDone
     ready: WorkerReady
-    def __init__(self, command_id: _Optional[int] = ..., ok: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., scan: _Optional[_Union[ScanResult, _Mapping]] = ..., group: _Optional[_Union[GroupReady, _Mapping]] = ..., store: _Optional[_Union[StoreReady, _Mapping]] = ..., update: _Optional[_Union[UpdateDone, _Mapping]] = ..., ready: _Optional[_Union[WorkerReady, _Mapping]] = ...) -> None: ...
+    diff: DiffDone
+    def __init__(self, command_id: _Optional[int] = ..., ok: _Optional[bool] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., scan: _Optional[_Union[ScanResult, _Mapping]] = ..., group: _Optional[_Union[GroupReady, _Mapping]] = ..., store: _Optional[_Union[StoreReady, _Mapping]] = ..., update: _Optional[_Union[UpdateDone, _Mapping]] = ..., ready: _Optional[_Union[WorkerReady, _Mapping]] = ..., diff: _Optional[_Union[DiffDone, _Mapping]] = ...) -> None: ...
 
 class UpdateDone(_message.Message):
     __slots__ = ("result", "origin", "layout")
@@ -322,7 +324,7 @@ class Rendezvous(_message.Message):
     def __init__(self, group: _Optional[str] = ..., group_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ...) -> None: ...
 
 class UpdatePlan(_message.Message):
-    __slots__ = ("tensors", "buckets", "bucket_bytes", "nbuf", "sources", "partial", "kept", "streamed")
+    __slots__ = ("tensors", "buckets", "bucket_bytes", "nbuf", "sources", "partial", "kept", "streamed", "delta_base")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
     BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +333,7 @@ class UpdatePlan(_message.Message):
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     KEPT_FIELD_NUMBER: _ClassVar[int]
     STREAMED_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[_types_pb2.TensorMeta]
     buckets: _containers.RepeatedCompositeFieldContainer[Bucket]
     bucket_bytes: int
@@ -339,7 +342,8 @@ class UpdatePlan(_message.Message):
     partial: bool
     kept: bool
     streamed: bool
-    def __init__(self, tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., bucket_bytes: _Optional[int] = ..., nbuf: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[P2PSource, _Mapping]]] = ..., partial: _Optional[bool] = ..., kept: _Optional[bool] = ..., streamed: _Optional[bool] = ...) -> None: ...
+    delta_base: int
+    def __init__(self, tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., bucket_bytes: _Optional[int] = ..., nbuf: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[P2PSource, _Mapping]]] = ..., partial: _Optional[bool] = ..., kept: _Optional[bool] = ..., streamed: _Optional[bool] = ..., delta_base: _Optional[int] = ...) -> None: ...
 
 class Deadlines(_message.Message):
     __slots__ = ("timeout_s", "receiver_timeout_s")
@@ -371,6 +375,58 @@ class RunUpdate(_message.Message):
     deadlines: Deadlines
     def __init__(self, job_id: _Optional[str] = ..., device: _Optional[int] = ..., checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., is_target: _Optional[bool] = ..., want_layout: _Optional[bool] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ..., plan: _Optional[_Union[UpdatePlan, _Mapping]] = ..., deadlines: _Optional[_Union[Deadlines, _Mapping]] = ...) -> None: ...
 
+class DiffItem(_message.Message):
+    __slots__ = ("base_offset", "target_offset", "nbytes", "itemsize")
+    BASE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    ITEMSIZE_FIELD_NUMBER: _ClassVar[int]
+    base_offset: int
+    target_offset: int
+    nbytes: int
+    itemsize: int
+    def __init__(self, base_offset: _Optional[int] = ..., target_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., itemsize: _Optional[int] = ...) -> None: ...
+
+class Diff(_message.Message):
+    __slots__ = ("checkpoint", "version", "base", "device", "items")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    version: int
+    base: int
+    device: int
+    items: _containers.RepeatedCompositeFieldContainer[DiffItem]
+    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., base: _Optional[int] = ..., device: _Optional[int] = ..., items: _Optional[_Iterable[_Union[DiffItem, _Mapping]]] = ...) -> None: ...
+
+class DiffEntry(_message.Message):
+    __slots__ = ("encoding", "count", "offset", "nbytes", "checksum")
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    encoding: int
+    count: int
+    offset: int
+    nbytes: int
+    checksum: int
+    def __init__(self, encoding: _Optional[int] = ..., count: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+
+class DiffDone(_message.Message):
+    __slots__ = ("segment", "nbytes", "entries", "seconds")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    nbytes: int
+    entries: _containers.RepeatedCompositeFieldContainer[DiffEntry]
+    seconds: float
+    def __init__(self, segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[DiffEntry, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class Abort(_message.Message):
     __slots__ = ("job_id", "reason")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -380,7 +436,7 @@ class Abort(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("id", "scan", "load", "drop", "prepare_group", "run_update", "abort", "seal")
+    __slots__ = ("id", "scan", "load", "drop", "prepare_group", "run_update", "abort", "seal", "diff")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCAN_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
@@ -389,6 +445,7 @@ class Command(_message.Message):
     RUN_UPDATE_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
     SEAL_FIELD_NUMBER: _ClassVar[int]
+    DIFF_FIELD_NUMBER: _ClassVar[int]
     id: int
     scan: Scan
     load: Load
@@ -397,7 +454,8 @@ class Command(_message.Message):
     run_update: RunUpdate
     abort: Abort
     seal: Seal
-    def __init__(self, id: _Optional[int] = ..., scan: _Optional[_Union[Scan, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., drop: _Optional[_Union[Drop, _Mapping]] = ..., prepare_group: _Optional[_Union[PrepareGroup, _Mapping]] = ..., run_update: _Optional[_Union[RunUpdate, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., seal: _Optional[_Union[Seal, _Mapping]] = ...) -> None: ...
+    diff: Diff
+    def __init__(self, id: _Optional[int] = ..., scan: _Optional[_Union[Scan, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., drop: _Optional[_Union[Drop, _Mapping]] = ..., prepare_group: _Optional[_Union[PrepareGroup, _Mapping]] = ..., run_update: _Optional[_Union[RunUpdate, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., seal: _Optional[_Union[Seal, _Mapping]] = ..., diff: _Optional[_Union[Diff, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("daemon_version", "heartbeat_s")

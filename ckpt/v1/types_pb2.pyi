@@ -56,6 +56,7 @@ class UpdateMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPDATE_BROADCAST: _ClassVar[UpdateMethod]
     UPDATE_P2P: _ClassVar[UpdateMethod]
     UPDATE_SHARDED: _ClassVar[UpdateMethod]
+    UPDATE_DELTA: _ClassVar[UpdateMethod]
 CHECKPOINT_STATE_UNSPECIFIED: CheckpointState
 CHECKPOINT_LOADING: CheckpointState
 CHECKPOINT_READY: CheckpointState
@@ -85,9 +86,10 @@ UPDATE_METHOD_UNSPECIFIED: UpdateMethod
 UPDATE_BROADCAST: UpdateMethod
 UPDATE_P2P: UpdateMethod
 UPDATE_SHARDED: UpdateMethod
+UPDATE_DELTA: UpdateMethod
 
 class TensorMeta(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "nbytes", "checksum", "piece_offset", "piece_shape")
+    __slots__ = ("name", "dtype", "shape", "nbytes", "checksum", "piece_offset", "piece_shape", "delta")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +97,7 @@ class TensorMeta(_message.Message):
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     PIECE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     PIECE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -102,7 +105,24 @@ class TensorMeta(_message.Message):
     checksum: int
     piece_offset: _containers.RepeatedScalarFieldContainer[int]
     piece_shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ..., piece_offset: _Optional[_Iterable[int]] = ..., piece_shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    delta: DeltaMeta
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ..., piece_offset: _Optional[_Iterable[int]] = ..., piece_shape: _Optional[_Iterable[int]] = ..., delta: _Optional[_Union[DeltaMeta, _Mapping]] = ...) -> None: ...
+
+class DeltaMeta(_message.Message):
+    __slots__ = ("base_version", "encoding", "count", "base_checksum", "target_checksum", "target_nbytes")
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    BASE_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    TARGET_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    base_version: int
+    encoding: int
+    count: int
+    base_checksum: int
+    target_checksum: int
+    target_nbytes: int
+    def __init__(self, base_version: _Optional[int] = ..., encoding: _Optional[int] = ..., count: _Optional[int] = ..., base_checksum: _Optional[int] = ..., target_checksum: _Optional[int] = ..., target_nbytes: _Optional[int] = ...) -> None: ...
 
 class Source(_message.Message):
     __slots__ = ("path", "node_id")

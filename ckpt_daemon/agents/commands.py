@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_daemon.agents.wire import tensor_meta
+from ckpt_daemon.plan.deltas import DiffTask
 from ckpt_daemon.plan.planner import Plan
 
 Command = apb.Command  # opaque outside agents/
@@ -109,6 +110,25 @@ def drop(checkpoint: str, version: int, device: int) -> Command:
     return apb.Command(drop=apb.Drop(checkpoint=checkpoint, version=version, device=device))
 
 
+def diff(
+    checkpoint: str, version: int, base: int, device: int, tasks: Sequence[DiffTask]
+) -> Command:
+    """Makes the device's delta store of version from base: one payload per task, in order."""
+    return apb.Command(
+        diff=apb.Diff(
+            checkpoint=checkpoint, version=version, base=base, device=device,
+            items=[
+                apb.DiffItem(
+                    base_offset=t.base.store_offset if t.base is not None else -1,
+                    target_offset=t.target.store_offset, nbytes=t.target.nbytes,
+                    itemsize=t.itemsize,
+                )
+                for t in tasks
+            ],
+        )
+    )  # fmt: skip
+
+
 def abort(job_id: str, reason: str) -> Command:
     return apb.Command(abort=apb.Abort(job_id=job_id, reason=reason))
 
@@ -149,6 +169,7 @@ def run_updates(u: UpdateRun, want_layout: Sequence[bool]) -> list[Command]:
         partial=plan.partial,
         kept=plan.kept,
         streamed=u.streamed,
+        delta_base=plan.delta_base,
     )
     deadlines = apb.Deadlines(timeout_s=u.timeout_s, receiver_timeout_s=u.receiver_timeout_s)
     world = len(plan.participants)

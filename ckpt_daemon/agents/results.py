@@ -11,6 +11,7 @@ import structlog
 from ckpt.v1 import agent_pb2 as apb
 from ckpt_common.layout_wire import from_pb
 from ckpt_daemon.model import FailureOrigin, PhaseTimes, RankRef, RankResult
+from ckpt_daemon.plan.deltas import Payload
 
 log = structlog.get_logger("ckptd.agents")
 
@@ -83,6 +84,13 @@ def store_ready(res: apb.CommandResult) -> StoreReady:
         p2p=(s.p2p.session, s.p2p.addr),
         checksums=tuple(s.checksums),
     )
+
+
+def diff_done(res: apb.CommandResult) -> tuple[str, int, list[Payload], float]:
+    """A Diff's answer: (segment, bytes, the payloads in its items' order, seconds)."""
+    d = res.diff
+    made = [Payload(e.encoding, e.count, e.offset, e.nbytes, e.checksum) for e in d.entries]
+    return d.segment, d.nbytes, made, d.seconds
 
 
 def group_ready(res: apb.CommandResult) -> tuple[str, int]:

@@ -13,4 +13,13 @@ def tensor_meta(t: TensorInfo) -> tpb.TensorMeta:
     if t.piece is not None:
         m.piece_offset.extend(t.piece.offset)
         m.piece_shape.extend(t.piece.shape)
+    if t.delta is not None:
+        d = t.delta
+        m.delta.CopyFrom(
+            tpb.DeltaMeta(
+                base_version=d.base_version, encoding=d.encoding, count=d.count,
+                base_checksum=d.base_checksum or 0, target_checksum=d.target_checksum,
+                target_nbytes=d.target_nbytes,
+            )
+        )  # fmt: skip
     return m

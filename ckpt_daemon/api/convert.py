@@ -26,6 +26,7 @@ _METHODS = {
     tpb.UPDATE_BROADCAST: "broadcast",
     tpb.UPDATE_P2P: "p2p",
     tpb.UPDATE_SHARDED: "sharded",
+    tpb.UPDATE_DELTA: "delta",
 }
 _METHOD_PB = {v: k for k, v in _METHODS.items()}
 

@@ -145,7 +145,7 @@ async def start_daemon(config: DaemonConfig) -> Daemon:
 
     jobs = JobRunner(
         registry, hub, config, trigger=trigger.trigger, on_finished=finished, alive=trigger.alive,
-        pushes=pusher.direct,
+        pushes=pusher.direct, deltas=pusher.deltas,
     )  # fmt: skip
     pusher.before_forget = jobs.push_failed
     pusher.part_sums = jobs.part_sums

@@ -5,6 +5,7 @@ with where each owner's store is read from, the method and why."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import structlog
 
@@ -22,7 +23,16 @@ from ckpt_daemon.jobs import shard_jobs
 from ckpt_daemon.jobs.execute import Group
 from ckpt_daemon.jobs.sources import p2p_sources
 from ckpt_daemon.jobs.streamed import NOT_STREAMED
-from ckpt_daemon.model import CheckpointVersion, RankRef, ShardState, TensorInfo, UpdateSpec
+from ckpt_daemon.model import (
+    CheckpointVersion,
+    Instance,
+    InstanceKind,
+    RankRef,
+    ShardState,
+    TensorInfo,
+    UpdateSpec,
+)
+from ckpt_daemon.plan import deltas
 from ckpt_daemon.plan.keeps import Keep, part_nbytes
 from ckpt_daemon.plan.placement import PlanError, align_up
 from ckpt_daemon.plan.planner import (
@@ -32,6 +42,7 @@ from ckpt_daemon.plan.planner import (
     plan_update,
     readers_near,
 )
+from ckpt_daemon.push.deltas import DeltaMaker
 from ckpt_daemon.push.part_sums import PartSums
 from ckpt_daemon.registry.layouts import forget_layouts
 from ckpt_daemon.registry.store import Registry
@@ -58,14 +69,24 @@ def maps_bytes(tensors: list[TensorInfo], maps: dict[RankRef, list[Keep]]) -> in
     )
 
 
+class NotDelta(Exception):
+    pass
+
+
 class PlanChooser:
     def __init__(
-        self, registry: Registry, hub: AgentHub, config: DaemonConfig, sums: PartSums
+        self,
+        registry: Registry,
+        hub: AgentHub,
+        config: DaemonConfig,
+        sums: PartSums,
+        deltas: DeltaMaker | None = None,
     ) -> None:
         self._registry = registry
         self._hub = hub
         self._config = config
         self._sums = sums
+        self._deltas = deltas
 
     async def choose(
         self,
@@ -79,6 +100,14 @@ class PlanChooser:
         or a broadcast; with the method chosen and why."""
         partial = len(tensors) != len(cv.tensors)
         why = f"{spec.method}: requested" + (", streamed from the push" if streamed else "")
+        not_delta = ""
+        if spec.method in ("auto", "delta"):
+            try:
+                return await self._delta(spec, cv, targets, partial or streamed)
+            except NotDelta as e:
+                if spec.method == "delta":
+                    raise FailedPrecondition(f"no delta update: {e}") from None
+                not_delta = f" (not a delta: {e})"
         if streamed and spec.method == "auto":
             why = f"auto: streamed: {NOT_STREAMED}"
         elif spec.method in ("auto", "sharded"):
@@ -93,7 +122,47 @@ class PlanChooser:
                     forget_layouts(self._registry, targets)
         if spec.method == "p2p":
             return await self._p2p(spec, cv, tensors, targets, partial, why)
-        return await self._broadcast(spec, tensors, targets, partial, why)
+        return await self._broadcast(spec, tensors, targets, partial, why + not_delta)
+
+    def _whole_instances(self, targets: list[RankRef]) -> list[Instance]:
+        mine = set(targets)
+        insts = [i for i in self._registry.instances() if mine & set(i.ranks)]
+        if {r for i in insts for r in i.ranks} != mine:
+            raise NotDelta("the targets are not whole instances")
+        return insts
+
+    async def _delta(
+        self, spec: UpdateSpec, cv: CheckpointVersion, targets: list[RankRef], partial: bool
+    ) -> Chosen:
+        """Only what changed since the version every target serves, read from the delta
+        store ckptd made for it (push/deltas.py); NotDelta says why not."""
+        if self._deltas is None or partial:
+            raise NotDelta("a partial or streamed update" if partial else "deltas are off")
+        insts = self._whole_instances(targets)
+        base, why = deltas.common_base(cv.name, insts)
+        if not base:
+            raise NotDelta(why)
+        if base >= cv.version:
+            raise NotDelta(f"the instances serve {cv.name}@{base}, not an older version")
+        if any(i.kind != InstanceKind.RECEIVER for i in insts):
+            raise NotDelta("vLLM engines take no deltas yet")
+        dv = await self._deltas.made(cv.name, cv.version, base, self._config.command_timeout_s)
+        if dv is None:
+            raise NotDelta(f"no delta store of {cv.name}@{cv.version} from version {base}")
+        tp = max(i.tp_size for i in insts)
+        if not deltas.pays(dv.total_bytes, cv.total_bytes // max(1, tp)):
+            raise NotDelta(f"the delta ({dv.total_bytes} bytes) would not pay")
+        try:
+            (groups, _, _) = await self._broadcast(spec, dv.tensors, targets, False, "")
+        except Unavailable as e:
+            raise NotDelta(e.message) from None
+        plan = dataclasses.replace(groups[0].plan, delta_base=base)
+        share = 100.0 * dv.total_bytes / max(1, cv.total_bytes)
+        why = (
+            f"{spec.method}: {dv.total_bytes} bytes ({share:.2f} % of the version) changed "
+            f"since version {base}, which every target serves"
+        )
+        return [dataclasses.replace(groups[0], plan=plan)], "delta", why
 
     async def _sharded(
         self,

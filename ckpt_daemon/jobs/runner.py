@@ -39,6 +39,7 @@ from ckpt_daemon.plan.placement import PlanError
 from ckpt_daemon.plan.planner import (
     select_tensors,
 )
+from ckpt_daemon.push.deltas import DeltaMaker
 from ckpt_daemon.push.direct import DirectPushes
 from ckpt_daemon.push.part_sums import PartSums
 from ckpt_daemon.registry.layouts import forget_layouts, layout_unknown, learn_layouts
@@ -47,7 +48,7 @@ from ckpt_daemon.registry.store import Registry
 log = structlog.get_logger("ckptd.jobs")
 
 
-METHODS = ("auto", "broadcast", "sharded", "p2p", "")
+METHODS = ("auto", "broadcast", "sharded", "p2p", "delta", "")
 
 
 class JobRunner:
@@ -60,6 +61,7 @@ class JobRunner:
         on_finished: Callable[[Job], None] | None = None,
         alive: Callable[[Instance], Awaitable[bool]] | None = None,
         pushes: DirectPushes | None = None,
+        deltas: DeltaMaker | None = None,
     ) -> None:
         """pushes: the direct pushes in flight, which a streamed update may read."""
         self._registry = registry
@@ -80,7 +82,7 @@ class JobRunner:
         self._alive = alive
         self.restorer = Restorer(self, registry, hub, config, alive)
         self.part_sums = PartSums(hub, config.load_timeout_s)
-        self._chooser = PlanChooser(registry, hub, config, self.part_sums)
+        self._chooser = PlanChooser(registry, hub, config, self.part_sums, deltas)
 
     # ---------------------------------------------------------------- queries
 

@@ -139,6 +139,7 @@ def _offsets(
     return Placement(tensors=out, store_bytes={r: n for r, n in cursor.items() if n})
 
 
+HIDDEN_PREFIX = "~"  # ckptd's own versions (mirrors, delta stores) start so
 MIRROR_PREFIX = "~mirror/"  # user names cannot contain "/": no clash
 
 

@@ -57,6 +57,7 @@ class Plan:
     partial: bool
     kept: bool = False  # tensors are the parts the targets keep (shard_plan), not whole
     group: str = ""  # one of several groups of a job (shard-aware: one per class)
+    delta_base: int = 0  # tensors are a delta store's payloads, from this version
 
     def is_target(self, group_rank: int) -> bool:
         return group_rank < len(self.targets)

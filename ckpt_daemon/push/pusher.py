@@ -36,6 +36,7 @@ from ckpt_daemon.plan.placement import (
     mirror_name,
     place,
 )
+from ckpt_daemon.push.deltas import DeltaMaker
 from ckpt_daemon.push.direct import DirectPushes
 from ckpt_daemon.push.direct_store import DirectStore
 from ckpt_daemon.push.part_sums import PartSums
@@ -62,6 +63,7 @@ class Pusher:
         self.config = config
         self.inflight: set[tuple[str, int]] = set()
         self.direct = DirectPushes(DirectStore(self).ops(), config.load_timeout_s)
+        self.deltas = DeltaMaker(self)
         self._tasks: set[asyncio.Task[None]] = set()
         # told of every push that ends: (version, ok); metrics
         self.on_done: Callable[[CheckpointVersion, bool], None] | None = None
@@ -280,6 +282,8 @@ class Pusher:
         raise first
 
     def done(self, cv: CheckpointVersion, ok: bool) -> None:
+        if ok:
+            self.deltas.start(cv)
         if self.on_done is not None:
             try:
                 self.on_done(cv, ok)
@@ -361,5 +365,6 @@ class Pusher:
             mirror = self.registry.checkpoint(mirror_name(cv.name), cv.version)
             for v in [cv] if mirror is None else [cv, mirror]:
                 await self.forget(v)
+            await self.deltas.forget(cv.name, cv.version)
             log.info("checkpoint_deleted", checkpoint=cv.name, version=cv.version)
         return targets

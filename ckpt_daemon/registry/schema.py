@@ -12,6 +12,7 @@ from ckpt_daemon.model import (
     AgentInfo,
     CheckpointState,
     CheckpointVersion,
+    DeltaRef,
     DeviceInfo,
     Instance,
     Job,
@@ -34,7 +35,7 @@ CREATE TABLE IF NOT EXISTS tensors (
   name TEXT NOT NULL, version INTEGER NOT NULL, idx INTEGER NOT NULL, tensor TEXT NOT NULL,
   dtype TEXT NOT NULL, shape TEXT NOT NULL, nbytes INTEGER NOT NULL, node TEXT NOT NULL,
   device INTEGER NOT NULL, store_offset INTEGER NOT NULL, path TEXT NOT NULL,
-  file_offset INTEGER NOT NULL, checksum INTEGER, piece TEXT,
+  file_offset INTEGER NOT NULL, checksum INTEGER, piece TEXT, delta TEXT,
   PRIMARY KEY (name, version, idx));
 CREATE TABLE IF NOT EXISTS shards (
   name TEXT NOT NULL, version INTEGER NOT NULL, node TEXT NOT NULL, device INTEGER NOT NULL,
@@ -67,6 +68,8 @@ def open_db(path: str) -> sqlite3.Connection:
         db.execute("ALTER TABLE tensors ADD COLUMN checksum INTEGER")
     if "piece" not in cols:  # a registry written before pieces existed
         db.execute("ALTER TABLE tensors ADD COLUMN piece TEXT")
+    if "delta" not in cols:  # a registry written before delta stores existed
+        db.execute("ALTER TABLE tensors ADD COLUMN delta TEXT")
     return db
 
 
@@ -130,7 +133,7 @@ def _tensors(db: sqlite3.Connection) -> dict[tuple[str, int], list[TensorInfo]]:
     tensors: dict[tuple[str, int], list[TensorInfo]] = {}
     for row in db.execute(
         "SELECT name, version, tensor, dtype, shape, nbytes, node, device, store_offset, "
-        "path, file_offset, checksum, piece FROM tensors ORDER BY name, version, idx"
+        "path, file_offset, checksum, piece, delta FROM tensors ORDER BY name, version, idx"
     ):
         name, version, tname, dtype, shape, nbytes, node, device, off, path, foff, csum = row[:12]
         box = json.loads(row[12]) if row[12] else None
@@ -146,6 +149,7 @@ def _tensors(db: sqlite3.Connection) -> dict[tuple[str, int], list[TensorInfo]]:
                 file_offset=foff,
                 checksum=None if csum is None else csum & U64,
                 piece=None if box is None else Piece(tuple(box[0]), tuple(box[1])),
+                delta=DeltaRef(*json.loads(row[13])) if row[13] else None,
             )
         )
     return tensors

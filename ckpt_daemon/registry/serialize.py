@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, astuple
 
 from ckpt_daemon.model import (
     CheckpointVersion,
@@ -98,6 +98,7 @@ def tensor_rows(cv: CheckpointVersion) -> list[tuple]:
             t.file_offset,
             signed(t.checksum),
             None if t.piece is None else json.dumps([list(t.piece.offset), list(t.piece.shape)]),
+            None if t.delta is None else json.dumps(list(astuple(t.delta))),
         )
         for i, t in enumerate(cv.tensors)
     ]

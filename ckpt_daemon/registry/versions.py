@@ -16,7 +16,7 @@ from ckpt_daemon.model import (
     TensorInfo,
     with_checksum,
 )
-from ckpt_daemon.plan.placement import MIRROR_PREFIX
+from ckpt_daemon.plan.placement import HIDDEN_PREFIX
 from ckpt_daemon.registry import schema
 from ckpt_daemon.registry.owner import Owned, writes
 from ckpt_daemon.registry.serialize import shard_rows, signed, tensor_rows
@@ -70,12 +70,13 @@ class Versions(Owned):
         )
 
     def list_checkpoints(self, name: str = "") -> list[CheckpointVersion]:
-        """Every version of `name` (all names when empty; mirrors only when asked by name)."""
+        """Every version of `name` (all names when empty; hidden ones, mirrors and delta
+        stores, only when asked by name)."""
         return sorted(
             (
                 cv
                 for (n, _), cv in self._checkpoints.items()
-                if (n == name if name else not n.startswith(MIRROR_PREFIX))
+                if (n == name if name else not n.startswith(HIDDEN_PREFIX))
             ),
             key=lambda c: (c.name, c.version),
         )
@@ -98,7 +99,7 @@ class Versions(Owned):
             (cv.name, cv.version, int(cv.state), cv.created, cv.ready, cv.reason),
         )
         self._sql_many(
-            "INSERT INTO tensors VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO tensors VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             tensor_rows(cv) if rows is None else rows,
         )
         if cv.probe is not None:
