@@ -143,7 +143,7 @@ def _changed_indices(encoding: Encoding, count: int, head: Any, n: int) -> Any:
     if encoding == Encoding.SPARSE:
         width = index_width(n)
         idx = _typed(head[: count * width], torch.int32 if width == 4 else torch.int64).long()
-        if count and (int(idx[0]) < 0 or int(idx[-1]) >= n):
+        if count and (int(idx.min()) < 0 or int(idx.max()) >= n):
             raise DeltaError(f"a delta index lies outside the tensor's {n} elements")
         if count > 1 and not bool((idx[1:] > idx[:-1]).all()):
             raise DeltaError("delta indices are not strictly ascending (repeated or unordered)")
