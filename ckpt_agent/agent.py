@@ -80,8 +80,9 @@ class Agent:
                 cmd = None
             if cmd is not None and msg.result.ok:
                 kind = cmd.WhichOneof("body")
-                if kind == "load":
-                    key = (cmd.load.checkpoint, cmd.load.version, cmd.load.device)
+                if kind in ("load", "patch"):
+                    made = getattr(cmd, kind)
+                    key = (made.checkpoint, made.version, made.device)
                     st = msg.result.store
                     self.held[key] = (st.nbytes, st.segment, st.p2p)
                 elif kind == "diff":  # a delta store: held (and dropped) like any other

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from ckpt.v1 import agent_pb2 as apb
-from ckpt_agent import diff, shm, tunables
+from ckpt_agent import delta_stores, shm, tunables
 from ckpt_agent.backends import Backend, make_backend
 from ckpt_agent.config import WorkerSpec
 from ckpt_agent.group_abort import Abort, PeerWatch
@@ -153,6 +153,8 @@ class Worker:
             self._io.submit(self._guard, cmd.id, self._drop, cmd)
         elif kind == "diff":
             self._io.submit(self._guard, cmd.id, self._diff, cmd)
+        elif kind == "patch":
+            self._io.submit(self._guard, cmd.id, self._patch, cmd)
         elif kind == "prepare_group":
             self._prepare(cmd)
         elif kind == "run_update":
@@ -194,24 +196,32 @@ class Worker:
             ready.checksums.extend(
                 self.stores.checksums(cmd.load.checkpoint, cmd.load.version, cmd.load.items)
             )
-        if self.backend.pins_stores:  # CUDA: pin now, so the first update runs at DMA speed
-            self.backend.pin_store(self.stores.get(cmd.load.checkpoint, cmd.load.version))
-            ready.seconds = time.monotonic() - t_load
+        self._made(cmd.id, cmd.load.checkpoint, cmd.load.version, ready, t_load)
+
+    def _patch(self, cmd: apb.Command) -> None:
+        t0 = time.monotonic()
+        ready = delta_stores.patch(self.stores, cmd.patch)
+        self._made(cmd.id, cmd.patch.checkpoint, cmd.patch.version, ready, t0)
+
+    def _made(
+        self, cid: int, checkpoint: str, version: int, ready: apb.StoreReady, t0: float
+    ) -> None:
+        """A new store is in: pinned (CUDA: the first update runs at DMA speed) and
+        registered for P2P reads, then reported."""
+        if self.backend.pins_stores:
+            self.backend.pin_store(self.stores.get(checkpoint, version))
+            ready.seconds = time.monotonic() - t0
         if self._p2p_enabled:
-            store = self.stores.get(cmd.load.checkpoint, cmd.load.version)
+            store = self.stores.get(checkpoint, version)
             addr = buffer_address(store.mem)
             engine = self.p2p()
             engine.register(addr, store.nbytes)
             ready.p2p.session, ready.p2p.addr = engine.session, addr
         log.info(
-            "store_loaded",
-            checkpoint=cmd.load.checkpoint,
-            version=cmd.load.version,
-            bytes=ready.nbytes,
-            seconds=round(ready.seconds, 4),
-            p2p=ready.p2p.session,
-        )
-        self.reply(cmd.id, ok=True, store=ready)
+            "store_loaded", checkpoint=checkpoint, version=version, bytes=ready.nbytes,
+            seconds=round(ready.seconds, 4), p2p=ready.p2p.session,
+        )  # fmt: skip
+        self.reply(cid, ok=True, store=ready)
 
     def _preallocate(self) -> None:
         nbytes = self.store_options.prealloc_bytes
@@ -236,7 +246,7 @@ class Worker:
 
     def _diff(self, cmd: apb.Command) -> None:
         pin = self.backend.pin_store if self.backend.pins_stores else None
-        done = diff.make(self.stores, cmd.diff, pin)
+        done = delta_stores.make(self.stores, cmd.diff, pin)
         log.info(
             "delta_made", checkpoint=cmd.diff.checkpoint, version=cmd.diff.version,
             base=cmd.diff.base, bytes=done.nbytes, seconds=round(done.seconds, 4),

@@ -186,6 +186,48 @@ class DirectPushMethods:
             raise refused
         return cp, job
 
+    def push_delta(
+        self,
+        name: str,
+        version: int,
+        base: int,
+        deltas: Sequence[Any],
+        *,
+        node_id: str,
+        threads: int = 16,
+        streams: int | None = None,
+        timeout_s: float = 600.0,
+        probe: tpb.Probe | None = None,
+    ) -> tpb.Checkpoint:
+        """Pushes version as a delta from `base` (ckpt_trainer.deltas.DeltaItem, one per
+        tensor of the base, computed where the trainer's tensors are): only the payloads are
+        copied into this node's host stores; ckptd makes the full version from the base's
+        and checks every tensor against its declared target checksum. Returns the READY
+        version; an update of engines serving `base` then moves only the payloads."""
+        from ckpt_client.direct_push import write_items
+
+        t0 = time.monotonic()
+        metas = [d.meta(base) for d in deltas]
+        req = cpb.BeginPushRequest(
+            name=name, version=version, node_id=node_id, tensors=metas, timeout_s=timeout_s,
+            probe=probe, delta_base=base,
+        )  # fmt: skip
+        plan = self._call("BeginPush", req, timeout_s + 30)
+        t1 = time.monotonic()
+        sums, stats = write_items(
+            plan, [d.payload for d in deltas], self.segments, threads=threads,
+            streams=streams or self.push_streams,
+        )  # fmt: skip
+        t2 = time.monotonic()
+        commit = cpb.CommitPushRequest(name=name, version=version, checksums=sums)
+        cp = self._call("CommitPush", commit, timeout_s + 30)
+        self.last_push = PushTimes(
+            begin_s=t1 - t0, write_s=t2 - t1, commit_s=time.monotonic() - t2,
+            map_s=stats.map_s, copy_s=stats.copy_s, bytes=stats.bytes,
+            newly_pinned=stats.newly_pinned, trainer_checksums=True,
+        )  # fmt: skip
+        return cp
+
     @property
     def segments(self) -> Any:
         """The host-store segments this client has mapped (ckpt_client.segments.SegmentCache)."""

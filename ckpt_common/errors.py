@@ -60,6 +60,12 @@ class PermissionDenied(CkptError):
     code = "PERMISSION_DENIED"
 
 
+class DataLoss(CkptError):
+    """Bytes are not what they must be (a short read, a delta that does not apply)."""
+
+    code = "DATA_LOSS"
+
+
 BY_CODE: dict[str, type[CkptError]] = {
     cls.code: cls
     for cls in (
@@ -75,6 +81,7 @@ BY_CODE: dict[str, type[CkptError]] = {
         Internal,
         Unauthenticated,
         PermissionDenied,
+        DataLoss,
     )
 }
 

@@ -18,6 +18,8 @@ from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent.config import NODE_ID_ENV
 from ckpt_client.client import DEFAULT_ADDR, Client
 from ckpt_common.credentials import Credentials
+from ckpt_common.errors import CkptError
+from ckpt_trainer.deltas import DeltaTracker
 
 # wrapper prefixes that training frameworks add to parameter names
 WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|module)\.")
@@ -126,6 +128,7 @@ class Publisher:
         timeout_s: float = 600.0,
         client: Client | None = None,
         stream: bool = True,
+        delta: bool = False,
     ) -> None:
         """keep: versions to keep (>= 1; the ones instances serve are always kept);
         direct: copy straight into the agents' host stores on node_id (same node, same user)
@@ -137,7 +140,12 @@ class Publisher:
         stream (direct, one part, with instances): the update starts before the bytes are
         written and each bucket flows to the engines as soon as it has landed
         (Client.push_streamed); engines still verify every tensor and resume only on the
-        whole version."""
+        whole version.
+        delta (direct, one part): from the second version on, push only what changed since
+        the last version published, computed where the tensors are (ckpt_trainer.deltas;
+        it keeps a copy of the last version there); ckptd makes the full version in the host
+        stores and updates engines serving the last version with the delta alone. A base
+        ckptd no longer holds means a full push."""
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self.name = name
@@ -145,7 +153,8 @@ class Publisher:
         self.keep, self.dtype, self.rename = keep, dtype, rename
         self.node_id, self.direct, self.timeout_s = node_id, direct or sharded, timeout_s
         self.sharded, self.group = sharded, group
-        self.stream = stream and direct and not sharded
+        self.stream = stream and direct and not sharded and not delta
+        self.deltas = DeltaTracker() if delta and direct and not sharded else None
         if sharded and not node_id:
             self.node_id = os.environ.get(NODE_ID_ENV) or socket.gethostname()
         self.client = client or Client(addr, credentials=credentials)
@@ -156,6 +165,9 @@ class Publisher:
             return self._publish_sharded(step, weights, probe)
         tensors = prepare(weights, self.rename, self.dtype)
         t0 = time.monotonic()
+        if self.deltas is not None:
+            cp = self._push_delta(step, tensors, probe)
+            return self._update(step, cp, time.monotonic() - t0)
         if self.stream and self.instances:
             cp, job = self.client.push_streamed(
                 self.name, step, tensors, node_id=self.node_id, instances=self.instances,
@@ -173,6 +185,29 @@ class Publisher:
                 probe=probe,
             )  # fmt: skip
         return self._update(step, cp, time.monotonic() - t0)
+
+    def _push_delta(self, step: int, tensors: dict[str, Any], probe: tpb.Probe | None) -> Any:
+        """A delta push from the last version published, or a full one where there is none
+        (or ckptd no longer holds it); either way remembered as the next one's base."""
+        assert self.deltas is not None
+        items = self.deltas.deltas(tensors)
+        cp = None
+        if items is not None:
+            try:
+                cp = self.client.push_delta(
+                    self.name, step, self.deltas.version, items, node_id=self.node_id,
+                    timeout_s=self.timeout_s, probe=probe,
+                )  # fmt: skip
+            except CkptError as e:
+                if e.code not in ("NOT_FOUND", "FAILED_PRECONDITION"):
+                    raise
+        if cp is None:
+            cp = self.client.push_direct(
+                self.name, step, tensors, node_id=self.node_id, timeout_s=self.timeout_s,
+                probe=probe,
+            )  # fmt: skip
+        self.deltas.remember(step, tensors)
+        return cp
 
     def _publish_sharded(self, step: int, weights: Any, probe: tpb.Probe | None) -> PublishResult:
         import torch.distributed as dist

@@ -427,6 +427,40 @@ class DiffDone(_message.Message):
     seconds: float
     def __init__(self, segment: _Optional[str] = ..., nbytes: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[DiffEntry, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
 
+class PatchItem(_message.Message):
+    __slots__ = ("offset", "nbytes", "itemsize", "encoding", "count", "delta_offset", "delta_nbytes", "target_checksum")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    ITEMSIZE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DELTA_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DELTA_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    nbytes: int
+    itemsize: int
+    encoding: int
+    count: int
+    delta_offset: int
+    delta_nbytes: int
+    target_checksum: int
+    def __init__(self, offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., itemsize: _Optional[int] = ..., encoding: _Optional[int] = ..., count: _Optional[int] = ..., delta_offset: _Optional[int] = ..., delta_nbytes: _Optional[int] = ..., target_checksum: _Optional[int] = ...) -> None: ...
+
+class Patch(_message.Message):
+    __slots__ = ("checkpoint", "version", "base", "device", "items")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    version: int
+    base: int
+    device: int
+    items: _containers.RepeatedCompositeFieldContainer[PatchItem]
+    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., base: _Optional[int] = ..., device: _Optional[int] = ..., items: _Optional[_Iterable[_Union[PatchItem, _Mapping]]] = ...) -> None: ...
+
 class Abort(_message.Message):
     __slots__ = ("job_id", "reason")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -436,7 +470,7 @@ class Abort(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("id", "scan", "load", "drop", "prepare_group", "run_update", "abort", "seal", "diff")
+    __slots__ = ("id", "scan", "load", "drop", "prepare_group", "run_update", "abort", "seal", "diff", "patch")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCAN_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
@@ -446,6 +480,7 @@ class Command(_message.Message):
     ABORT_FIELD_NUMBER: _ClassVar[int]
     SEAL_FIELD_NUMBER: _ClassVar[int]
     DIFF_FIELD_NUMBER: _ClassVar[int]
+    PATCH_FIELD_NUMBER: _ClassVar[int]
     id: int
     scan: Scan
     load: Load
@@ -455,7 +490,8 @@ class Command(_message.Message):
     abort: Abort
     seal: Seal
     diff: Diff
-    def __init__(self, id: _Optional[int] = ..., scan: _Optional[_Union[Scan, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., drop: _Optional[_Union[Drop, _Mapping]] = ..., prepare_group: _Optional[_Union[PrepareGroup, _Mapping]] = ..., run_update: _Optional[_Union[RunUpdate, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., seal: _Optional[_Union[Seal, _Mapping]] = ..., diff: _Optional[_Union[Diff, _Mapping]] = ...) -> None: ...
+    patch: Patch
+    def __init__(self, id: _Optional[int] = ..., scan: _Optional[_Union[Scan, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., drop: _Optional[_Union[Drop, _Mapping]] = ..., prepare_group: _Optional[_Union[PrepareGroup, _Mapping]] = ..., run_update: _Optional[_Union[RunUpdate, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., seal: _Optional[_Union[Seal, _Mapping]] = ..., diff: _Optional[_Union[Diff, _Mapping]] = ..., patch: _Optional[_Union[Patch, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("daemon_version", "heartbeat_s")

@@ -28,7 +28,7 @@ class PushCheckpointRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[_types_pb2.Source, _Mapping]]] = ..., ranks: _Optional[_Iterable[int]] = ..., timeout_s: _Optional[float] = ..., wait: _Optional[bool] = ..., replicas: _Optional[int] = ..., probe: _Optional[_Union[_types_pb2.Probe, _Mapping]] = ...) -> None: ...
 
 class BeginPushRequest(_message.Message):
-    __slots__ = ("name", "version", "node_id", "tensors", "timeout_s", "probe", "part", "parts")
+    __slots__ = ("name", "version", "node_id", "tensors", "timeout_s", "probe", "part", "parts", "delta_base")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class BeginPushRequest(_message.Message):
     PROBE_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
     PARTS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     node_id: str
@@ -45,7 +46,8 @@ class BeginPushRequest(_message.Message):
     probe: _types_pb2.Probe
     part: int
     parts: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., node_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., timeout_s: _Optional[float] = ..., probe: _Optional[_Union[_types_pb2.Probe, _Mapping]] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ...) -> None: ...
+    delta_base: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., node_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_types_pb2.TensorMeta, _Mapping]]] = ..., timeout_s: _Optional[float] = ..., probe: _Optional[_Union[_types_pb2.Probe, _Mapping]] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ..., delta_base: _Optional[int] = ...) -> None: ...
 
 class PushSegment(_message.Message):
     __slots__ = ("node_id", "device", "segment", "nbytes")

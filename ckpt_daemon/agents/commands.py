@@ -129,6 +129,40 @@ def diff(
     )  # fmt: skip
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PatchSpan:
+    """One tensor a Patch makes: its bytes in the base's (and the new) store, its payload in
+    the delta store, and the checksum the result must have."""
+
+    offset: int
+    nbytes: int
+    itemsize: int
+    encoding: int
+    count: int
+    delta_offset: int
+    delta_nbytes: int
+    target_checksum: int
+
+
+def patch(
+    checkpoint: str, version: int, base: int, device: int, spans: Sequence[PatchSpan]
+) -> Command:
+    """Makes version from base's store and the delta store of version from base."""
+    return apb.Command(
+        patch=apb.Patch(
+            checkpoint=checkpoint, version=version, base=base, device=device,
+            items=[
+                apb.PatchItem(
+                    offset=s.offset, nbytes=s.nbytes, itemsize=s.itemsize, encoding=s.encoding,
+                    count=s.count, delta_offset=s.delta_offset, delta_nbytes=s.delta_nbytes,
+                    target_checksum=s.target_checksum,
+                )
+                for s in spans
+            ],
+        )
+    )  # fmt: skip
+
+
 def abort(job_id: str, reason: str) -> Command:
     return apb.Command(abort=apb.Abort(job_id=job_id, reason=reason))
 

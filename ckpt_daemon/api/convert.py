@@ -3,6 +3,8 @@ the public API."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ckpt.v1 import ckptd_pb2 as cpb
 from ckpt.v1 import types_pb2 as tpb
 from ckpt_common.errors import InvalidArgument
@@ -19,6 +21,7 @@ from ckpt_daemon.model import (
     SourceFile,
     UpdateSpec,
 )
+from ckpt_daemon.plan.deltas import DeltaDecl
 from ckpt_daemon.registry.serving import serving
 
 _METHODS = {
@@ -241,3 +244,20 @@ def instance_to_pb(i: Instance, order: dict[RankRef, int]) -> tpb.Instance:
         ],
         serving=serving(i),
     )
+
+
+def delta_decls(metas: Sequence[tpb.TensorMeta]) -> list[DeltaDecl]:
+    """A delta push's declarations: every tensor must carry TensorMeta.delta."""
+    out = []
+    for m in metas:
+        if not m.HasField("delta"):
+            raise InvalidArgument(f"tensor {m.name!r} of a delta push carries no TensorMeta.delta")
+        d = m.delta
+        out.append(
+            DeltaDecl(
+                name=m.name, dtype=m.dtype, shape=tuple(m.shape), nbytes=m.nbytes,
+                encoding=d.encoding, count=d.count, target_checksum=d.target_checksum,
+                target_nbytes=d.target_nbytes,
+            )
+        )  # fmt: skip
+    return out

@@ -23,7 +23,7 @@ from ckpt_daemon.api import convert
 from ckpt_daemon.engines.endpoints import endpoint_refusal, origin
 from ckpt_daemon.jobs import resolve
 from ckpt_daemon.jobs.runner import JobRunner
-from ckpt_daemon.model import Instance, InstanceKind
+from ckpt_daemon.model import CheckpointVersion, Instance, InstanceKind, Shard
 from ckpt_daemon.plan.placement import mirror_name
 from ckpt_daemon.push.pusher import Pusher
 from ckpt_daemon.registry.store import Registry
@@ -108,6 +108,8 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
     async def BeginPush(self, request: cpb.BeginPushRequest, context) -> cpb.PushPlan:
         if request.timeout_s < 0:
             raise InvalidArgument("timeout_s must not be negative")
+        if request.delta_base:
+            return await self._begin_delta(request)
         metas = await asyncio.to_thread(
             lambda: [
                 (t.name, t.dtype, tuple(t.shape), t.nbytes, piece_of(t.piece_offset, t.piece_shape))
@@ -128,6 +130,25 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
             parts=request.parts,
             checksums=sums,
         )
+        plan = await self._push_plan(cv, shards, where)
+        plan.parts.extend(
+            cpb.PartWanted(tensor=i, dim=k.dim, start=k.start, length=k.length) for i, k in parts
+        )
+        return plan
+
+    async def _begin_delta(self, request: cpb.BeginPushRequest) -> cpb.PushPlan:
+        if request.parts > 1:
+            raise InvalidArgument("a delta push is one part")
+        decls = await asyncio.to_thread(convert.delta_decls, request.tensors)
+        cv, shards, where = await self._pusher.delta_pushes.begin(
+            request.name, request.version, request.delta_base, request.node_id, decls,
+            timeout_s=request.timeout_s, probe=convert.probe_from_pb(request.probe),
+        )  # fmt: skip
+        return await self._push_plan(cv, shards, where)
+
+    async def _push_plan(
+        self, cv: CheckpointVersion, shards: list[Shard], where: list[tuple[int, int]]
+    ) -> cpb.PushPlan:
         return cpb.PushPlan(
             checkpoint=convert.checkpoint_to_pb(cv, self._order()),
             segments=[
@@ -142,14 +163,15 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
             targets=await asyncio.to_thread(
                 lambda: [cpb.PushTarget(segment=i, offset=o) for i, o in where]
             ),
-            parts=[
-                cpb.PartWanted(tensor=i, dim=k.dim, start=k.start, length=k.length)
-                for i, k in parts
-            ],
         )
 
     @_unary
     async def CommitPush(self, request: cpb.CommitPushRequest, context) -> tpb.Checkpoint:
+        if self._pusher.delta_pushes.is_open(request.name, request.version):
+            cv = await self._pusher.delta_pushes.commit(
+                request.name, request.version, list(request.checksums)
+            )
+            return convert.checkpoint_to_pb(cv, self._order())
         cv = await self._pusher.direct.commit(
             request.name, request.version, request.part, list(request.checksums),
             list(request.part_checksums),

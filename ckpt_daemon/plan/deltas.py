@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ckpt_common import delta
 from ckpt_common.dtypes import nbytes_of
 from ckpt_daemon.model import DeltaRef, Instance, RankRef, TensorInfo
 
@@ -105,3 +106,81 @@ def common_base(name: str, instances: Sequence[Instance]) -> tuple[int, str]:
 
 def pays(delta_bytes: int, dense_bytes: int) -> bool:
     return dense_bytes > 0 and delta_bytes < PAYS_BELOW * dense_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaDecl:
+    """One tensor of a delta push as the trainer declares it (BeginPush, delta_base)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int  # the payload's
+    encoding: int
+    count: int
+    target_checksum: int
+    target_nbytes: int
+
+
+def _decl_problem(d: DeltaDecl, b: TensorInfo | None) -> str:
+    if b is None:
+        return "the base has no such tensor"
+    if (d.dtype, tuple(d.shape)) != (b.dtype, tuple(b.shape)) or d.target_nbytes != b.nbytes:
+        return (
+            f"the base holds it as {b.dtype}{list(b.shape)}, "
+            f"the delta says {d.dtype}{list(d.shape)}"
+        )
+    size = nbytes_of(d.dtype, (1,))
+    n = b.nbytes // size if size else 0
+    try:
+        want = delta.payload_nbytes(delta.Encoding(d.encoding), d.count, n, size)
+    except (ValueError, delta.DeltaError):
+        return f"unknown delta encoding {d.encoding}"
+    if not 0 <= d.count <= n or (d.encoding == DENSE and d.count != n):
+        return f"{d.count} changed elements of {n}"
+    if d.nbytes != want:
+        return f"a payload of {d.nbytes} bytes, its encoding needs {want}"
+    if d.nbytes > b.nbytes:
+        return f"a delta of {d.nbytes} bytes is larger than the tensor ({b.nbytes})"
+    return ""
+
+
+def delta_placement(
+    base: Sequence[TensorInfo], decls: Sequence[DeltaDecl], base_version: int, align: int = 256
+) -> tuple[list[TensorInfo], dict[RankRef, int]]:
+    """Where a delta push's payloads go: each with its base tensor's owner, packed in the
+    declarations' order (every tensor of the base once, none other). ValueError says what
+    is wrong with a declaration."""
+    if any(b.piece is not None for b in base):
+        raise ValueError("the base was pushed in pieces: it takes no delta push")
+    by_name = {b.name: b for b in base}
+    seen: set[str] = set()
+    out: list[TensorInfo] = []
+    used: dict[RankRef, int] = {}
+    for d in decls:
+        if d.name in seen:
+            raise ValueError(f"tensor {d.name!r} is declared twice")
+        seen.add(d.name)
+        b = by_name.get(d.name)
+        why = _decl_problem(d, b)
+        if why or b is None:
+            raise ValueError(f"tensor {d.name!r}: {why}")
+        at = used.get(b.owner, 0)
+        used[b.owner] = at + -(-d.nbytes // align) * align
+        out.append(
+            TensorInfo(
+                name=d.name, dtype=d.dtype, shape=tuple(d.shape), nbytes=d.nbytes,
+                owner=b.owner, store_offset=at,
+                delta=None if d.encoding == DENSE else DeltaRef(
+                    base_version=base_version, encoding=d.encoding, count=d.count,
+                    base_checksum=b.checksum, target_checksum=d.target_checksum,
+                    target_nbytes=d.target_nbytes,
+                ),
+            )
+        )  # fmt: skip
+    missing = sorted(set(by_name) - seen)
+    if missing:
+        raise ValueError(
+            f"the delta leaves out {len(missing)} tensors of the base, e.g. {missing[0]!r}"
+        )
+    return out, {r: max(n, align) for r, n in used.items()}

@@ -36,6 +36,7 @@ from ckpt_daemon.plan.placement import (
     mirror_name,
     place,
 )
+from ckpt_daemon.push.delta_push import DeltaPushes
 from ckpt_daemon.push.deltas import DeltaMaker
 from ckpt_daemon.push.direct import DirectPushes
 from ckpt_daemon.push.direct_store import DirectStore
@@ -64,6 +65,7 @@ class Pusher:
         self.inflight: set[tuple[str, int]] = set()
         self.direct = DirectPushes(DirectStore(self).ops(), config.load_timeout_s)
         self.deltas = DeltaMaker(self)
+        self.delta_pushes = DeltaPushes(self)
         self._tasks: set[asyncio.Task[None]] = set()
         # told of every push that ends: (version, ok); metrics
         self.on_done: Callable[[CheckpointVersion, bool], None] | None = None

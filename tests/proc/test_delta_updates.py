@@ -161,3 +161,126 @@ def _made(c: Cluster, version: int, base: int) -> bool:
         '"delta_made"' in line and f'"version": {version},' in line and f'"base": {base},' in line
         for line in c.log("ckptd").splitlines()
     )
+
+
+def test_trainer_pushes_deltas_computed_where_its_tensors_are(cluster: Cluster) -> None:
+    """Publisher(delta=True): from the second version on only the payloads are written;
+    ckptd makes the full version in the host stores and the engines take the delta."""
+    from ckpt_trainer.publisher import JobOutcome, Publisher
+
+    c = cluster
+    t = mixed_tensors(71)
+    dense = sum(x.numel() * x.element_size() for x in t.values())
+    pub = Publisher("tr", instances=["R", "S"], keep=1, direct=True, delta=True,
+                    node_id="node-d", client=c.client, timeout_s=60)  # fmt: skip
+    for step in range(1, 7):
+        if step > 1:
+            t = stepped(t, 100 + step)
+        res = pub.publish(step, t)
+        assert res.state == JobOutcome.SUCCEEDED, res.reason
+        job = c.client.job(res.job_id)
+        if step == 1:
+            assert job.method == tpb.UPDATE_BROADCAST
+            continue
+        assert job.method == tpb.UPDATE_DELTA, job.method_reason
+        assert c.client.last_push.bytes < 0.35 * dense, (c.client.last_push.bytes, dense)
+        for path in c.reports:  # byte-exact on both engines
+            got = read_report(path)["tensors"]
+            assert {n: got.get(n) for n in t} == digests(t)
+        # the full version is in the host stores too (a join or a restore reads it)
+        cp = c.client.get("tr", step, tensors=True)
+        assert cp.state == tpb.CHECKPOINT_READY and len(cp.tensors) == len(t)
+        assert [v.version for v in c.client.checkpoints("tr")] == [step]  # keep=1 pruned
+    # a broadcast of the delta-made version is byte-exact too (its stores are whole)
+    job = _update_named(c, "tr", 6, tpb.UPDATE_BROADCAST)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+
+
+def _update_named(c: Cluster, name: str, version: int, method: int) -> tpb.Job:
+    job = c.client.update(name, version, instances=["R", "S"], method=method)
+    return c.client.wait(job.id, 60)
+
+
+def _raw_delta_push(c: Cluster, name: str, version: int, base: int, metas, payloads=None):
+    """BeginPush (delta) as a hostile or broken trainer would send it; with payloads, they
+    are written and committed with their own checksums."""
+    from ckpt.v1 import ckptd_pb2 as cpb
+    from ckpt_client.direct_push import write_items
+
+    req = cpb.BeginPushRequest(name=name, version=version, node_id="node-d", tensors=metas,
+                               timeout_s=30, delta_base=base)  # fmt: skip
+    plan = c.client._call("BeginPush", req)
+    if payloads is None:
+        return plan
+    sums, _ = write_items(plan, payloads, c.client.segments)
+    return c.client._call(
+        "CommitPush", cpb.CommitPushRequest(name=name, version=version, checksums=sums)
+    )
+
+
+def test_bad_delta_pushes_change_nothing(cluster: Cluster) -> None:
+    from ckpt_common import checksum, delta
+    from ckpt_common.errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
+    from ckpt_trainer.deltas import DeltaTracker
+
+    c = cluster
+    t1 = {"a": torch.arange(64, dtype=torch.int16), "b": torch.ones(3, 4)}
+    c.client.push_direct("bad", 1, t1, node_id="node-d")
+    tracker = DeltaTracker()
+    tracker.remember(1, t1)
+    t2 = {"a": t1["a"].clone(), "b": t1["b"].clone()}
+    t2["a"][5] = 99
+    items = tracker.deltas(t2)
+    assert items is not None
+    good = [d.meta(1) for d in items]
+
+    def metas(**change):
+        out = [m.__deepcopy__() for m in good]
+        for field, value in change.items():
+            target, _, attr = field.partition("__")
+            m = out[0]
+            setattr(m.delta if target == "delta" else m, attr or target, value)
+        return out
+
+    cases = [
+        (NotFound, 1, good, "does not exist"),  # a base that never existed (other name)
+        (InvalidArgument, 1, good[:1], "leaves out"),
+        (InvalidArgument, 1, good + good[:1], "declared twice"),
+        (InvalidArgument, 1, metas(name="zz"), "no such tensor"),
+        (InvalidArgument, 1, metas(dtype="F32"), "holds it as"),
+        (InvalidArgument, 1, metas(delta__encoding=9), "encoding"),
+        (InvalidArgument, 1, metas(delta__count=65), "changed elements"),
+        (InvalidArgument, 1, metas(nbytes=good[0].nbytes + 8), "needs"),
+        # a sparse delta of 40 of 64 elements: 40 * 6 bytes, larger than the tensor
+        (InvalidArgument, 1, metas(delta__count=40, nbytes=160 + 80), "larger than"),
+    ]
+    for k, (err, base, ms, why) in enumerate(cases):
+        with pytest.raises(err, match=why):
+            _raw_delta_push(c, "bad" if k else "never", 2, base, ms)
+    with pytest.raises(InvalidArgument, match="older"):
+        _raw_delta_push(c, "bad", 2, 3, good)
+    assert [v.version for v in c.client.checkpoints("bad")] == [1]
+    # well-formed sizes, hostile content: an index out of range is caught when the full
+    # version is made; nothing is kept and version 2 can be pushed again
+    bad = items[0].payload.clone()
+    bad[:4].view(torch.int32)[0] = 1000
+    with pytest.raises(DataLoss, match="outside"):
+        _raw_delta_push(c, "bad", 2, 1, good, [bad, items[1].payload])
+    # a target checksum that the result does not have (a wrong delta): refused the same way
+    lie = [m.__deepcopy__() for m in good]
+    lie[0].delta.target_checksum ^= 1
+    with pytest.raises(DataLoss, match="not the target"):
+        _raw_delta_push(c, "bad", 2, 1, lie, [d.payload for d in items])
+    assert [v.version for v in c.client.checkpoints("bad")] == [1]
+    assert not [k for k in os.listdir(shm.SHM_DIR) if "_delta_1_bad" in k]
+    cp = _raw_delta_push(c, "bad", 2, 1, good, [d.payload for d in items])
+    assert cp.state == tpb.CHECKPOINT_READY
+    got = c.client.get("bad", 2, tensors=True)
+    want = checksum.of_torch(t2["a"].view(torch.uint8))
+    assert {m.name: m.checksum for m in got.tensors}["a"] == want
+    with pytest.raises(AlreadyExists, match="already exists"):
+        _raw_delta_push(c, "bad", 2, 1, good)
+    c.client.delete("bad", 1)  # the base may go: version 2 is whole in the host stores
+    with pytest.raises(NotFound, match="does not exist"):
+        _raw_delta_push(c, "bad", 3, 1, good)
+    assert delta.Encoding(items[0].encoded.encoding) == delta.Encoding.SPARSE

@@ -1,8 +1,11 @@
-"""A device's delta store: the deltas (ckpt_common.delta) from one version it holds to
-another, computed in host memory, so a delta update moves only what changed.
+"""A device's delta stores (ckpt_common.delta): made from two versions it holds (`make`, the
+Diff command: ckptd diffs a pushed version against the one its engines serve), or written by
+a trainer that computed the delta on its GPU, and then applied to the base's store to make
+the full version (`patch`, the Patch command).
 
-An item with base_offset < 0 has no counterpart in the base (a new tensor, another owner):
-it goes in dense, so the delta store alone feeds an update of the whole version."""
+In a Diff, an item with base_offset < 0 has no counterpart in the base (a new tensor,
+another owner): it goes in dense, so the delta store alone feeds an update of the whole
+version."""
 
 from __future__ import annotations
 
@@ -77,3 +80,57 @@ def make(stores: HostStore, d: apb.Diff, pin: Any = None) -> apb.DiffDone:
         pin(stores.get(key, d.version))
     done.seconds = time.monotonic() - t0
     return done
+
+
+def _check_patch(it: apb.PatchItem, base: Store, deltas: Store) -> None:
+    n, dn = int(it.nbytes), int(it.delta_nbytes)
+    if it.itemsize not in (1, 2, 4, 8) or n < 0 or dn < 0 or n % it.itemsize:
+        raise StoreError("INVALID_ARGUMENT", f"a patch item of {n} bytes of {it.itemsize}")
+    if it.offset < 0 or it.offset + n > base.nbytes:
+        raise StoreError("INVALID_ARGUMENT", "a patch item lies beyond the base's store")
+    if it.delta_offset < 0 or it.delta_offset + dn > deltas.nbytes:
+        raise StoreError("INVALID_ARGUMENT", "a patch item's delta lies beyond its store")
+
+
+def _apply(tv: Any, dv: Any, it: apb.PatchItem) -> str:
+    """Applies one item in place; why it failed, or ""."""
+    out = tv[it.offset : it.offset + it.nbytes]
+    payload = dv[it.delta_offset : it.delta_offset + it.delta_nbytes]
+    try:
+        delta.apply(out, it.encoding, it.count, payload, it.itemsize)
+    except delta.DeltaError as e:
+        return str(e)
+    if checksum.of_numpy(out.numpy()) != it.target_checksum:
+        return "base + delta is not the target's bytes (its checksum differs)"
+    return ""
+
+
+def patch(stores: HostStore, p: apb.Patch) -> apb.StoreReady:
+    """Makes (checkpoint, version) as a copy of (checkpoint, base) with every item's delta
+    applied and checked; nothing is kept if any item fails."""
+    t0 = time.monotonic()
+    base = stores.get(p.checkpoint, p.base)
+    deltas = stores.get(delta.store_name(p.checkpoint, p.base), p.version)
+    for it in p.items:
+        _check_patch(it, base, deltas)
+    ready = stores.load(
+        apb.Load(checkpoint=p.checkpoint, version=p.version, device=p.device, nbytes=base.nbytes)
+    )
+    problems = _patch_into(
+        _view(stores.get(p.checkpoint, p.version)), _view(base), _view(deltas), list(p.items)
+    )
+    bad = [(i, why) for i, why in enumerate(problems) if why]
+    if bad:
+        stores.drop(p.checkpoint, p.version)
+        i, why = bad[0]
+        raise StoreError("DATA_LOSS", f"{len(bad)} deltas do not apply, e.g. item {i}: {why}")
+    ready.seconds = time.monotonic() - t0
+    return ready
+
+
+def _patch_into(tv: Any, bv: Any, dv: Any, items: list[apb.PatchItem]) -> list[str]:
+    chunk = 64 << 20
+    with ThreadPoolExecutor(load_threads(), thread_name_prefix="patch") as ex:
+        spans = [(o, min(o + chunk, bv.numel())) for o in range(0, bv.numel(), chunk)]
+        list(ex.map(lambda s: tv[s[0] : s[1]].copy_(bv[s[0] : s[1]]), spans))
+        return list(ex.map(lambda it: _apply(tv, dv, it), items))

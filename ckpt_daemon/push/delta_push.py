@@ -1,0 +1,248 @@
+"""A trainer's delta push: it computed, on its GPU, the delta from a version it published
+(the base) to the new one, and writes only the payloads (BeginPush with delta_base).
+
+BeginPush checks every declaration against the base (each of its tensors once, dtypes and
+shapes, payload sizes by encoding, none larger than its tensor), places each payload with
+its base tensor's owner, records the delta store (the hidden version
+`ckpt_common.delta.store_name(name, base)` @ version, push/deltas.py) and allocates it.
+CommitPush takes the payloads' checksums (required: the trainer's, from its own bytes), and
+has each owner make the full version from the base's store and the delta store (Patch),
+every tensor checked against the target checksum the trainer declared; the version is then
+READY, its delta store too, and an update of engines serving the base moves only the
+payloads. A push that is never committed, or whose Patch fails, leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+
+from ckpt_common.delta import store_name
+from ckpt_common.dtypes import nbytes_of
+from ckpt_common.errors import (
+    AlreadyExists,
+    CkptError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from ckpt_daemon import admission
+from ckpt_daemon.agents import commands
+from ckpt_daemon.agents.results import StoreReady, store_ready
+from ckpt_daemon.model import (
+    CheckpointState,
+    CheckpointVersion,
+    Probe,
+    RankRef,
+    Shard,
+    ShardState,
+    with_checksum,
+)
+from ckpt_daemon.plan.deltas import DENSE, DeltaDecl, delta_placement
+
+if TYPE_CHECKING:
+    from ckpt_daemon.push.pusher import Pusher
+
+log = structlog.get_logger("ckptd.push")
+# what BeginPush answers: the delta store, its shards on the trainer's node, and where each
+# payload goes (shard index, offset)
+Begun = tuple[CheckpointVersion, list[Shard], list[tuple[int, int]]]
+
+
+@dataclass
+class _Open:
+    name: str
+    version: int
+    base: int
+    hidden: CheckpointVersion
+    decls: list[DeltaDecl]
+    probe: Probe | None
+    keys: list[tuple[str, int]]
+    expiry: asyncio.Task[None] | None = None
+    finishing: asyncio.Task[CheckpointVersion] | None = None
+    closed: bool = field(default=False)
+
+
+class DeltaPushes:
+    def __init__(self, pusher: Pusher) -> None:
+        self._p = pusher
+        self._open: dict[tuple[str, int], _Open] = {}
+
+    def is_open(self, name: str, version: int) -> bool:
+        return (name, version) in self._open
+
+    def _base(self, name: str, version: int, base: int, node_id: str) -> CheckpointVersion:
+        if base >= version:
+            raise InvalidArgument(f"the base of a delta ({base}) must be older than {version}")
+        key = (name, version)
+        if self._p.registry.has_checkpoint(*key) or key in self._p.inflight:
+            raise AlreadyExists(f"checkpoint {name}@{version} already exists")
+        b = self._p.registry.checkpoint(name, base)
+        if b is None:
+            raise NotFound(f"the delta's base {name}@{base} does not exist")
+        if b.state != CheckpointState.READY or any(t.checksum is None for t in b.tensors):
+            raise FailedPrecondition(f"the delta's base {name}@{base} is not READY")
+        if (name, base) in self._p.inflight:
+            raise FailedPrecondition(f"the delta's base {name}@{base} is in use by a push")
+        away = sorted(str(r) for r in b.shards if r.node_id != node_id)
+        if away:
+            raise FailedPrecondition(
+                f"the base's stores on {away} are not on the trainer's node {node_id!r}"
+            )
+        return b
+
+    async def begin(
+        self, name: str, version: int, base: int, node_id: str, decls: Sequence[DeltaDecl],
+        *, timeout_s: float, probe: Probe | None = None,
+    ) -> Begun:  # fmt: skip
+        admission.check_name("checkpoint name", name)
+        admission.check_version(version)
+        admission.check_version(base)
+        admission.check_timeout("timeout_s", timeout_s)
+        admission.check_list("tensors", decls, admission.MAX_TENSORS)
+        b = self._base(name, version, base, node_id)
+        try:
+            tensors, sizes = await asyncio.to_thread(delta_placement, b.tensors, decls, base)
+        except ValueError as e:
+            raise InvalidArgument(f"delta push of {name}@{version}: {e}") from None
+        counts: dict[RankRef, int] = {}
+        for t in tensors:
+            counts[t.owner] = counts.get(t.owner, 0) + 1
+        hidden = CheckpointVersion(
+            name=store_name(name, base), version=version, state=CheckpointState.LOADING,
+            tensors=tensors, created=time.time(),
+            shards={r: Shard(owner=r, nbytes=n, tensor_count=counts[r])
+                    for r, n in sizes.items()},
+        )  # fmt: skip
+        o = _Open(name, version, base, hidden, list(decls), probe,
+                  [(name, version), (hidden.name, version), (name, base)])  # fmt: skip
+        self._p.admit([hidden])
+        self._open[(name, version)] = o
+        self._p.inflight.update(o.keys)
+        try:
+            await self._p.add(hidden)
+            await asyncio.gather(*(self._allocate(hidden, r) for r in hidden.shards))
+        except BaseException:
+            await self._close(o, forget=True)
+            raise
+        timeout = timeout_s or self._p.config.load_timeout_s
+        o.expiry = asyncio.create_task(self._expire(o, timeout))
+        mine = sorted(hidden.shards)
+        index = {r: i for i, r in enumerate(mine)}
+        return (
+            hidden,
+            [hidden.shards[r] for r in mine],
+            [(index[t.owner], t.store_offset) for t in tensors],
+        )
+
+    async def _allocate(self, cv: CheckpointVersion, r: RankRef) -> None:
+        cmd = commands.load(cv.name, cv.version, r.device, cv.shards[r].nbytes)
+        res = await self._p.hub.command(r.node_id, cmd, self._p.config.load_timeout_s)
+        self._p.record_store(cv, r, ShardState.LOADING, store_ready(res))
+
+    async def commit(self, name: str, version: int, checksums: Sequence[int]) -> CheckpointVersion:
+        o = self._open.get((name, version))
+        if o is None:
+            raise NotFound(f"no delta push of {name}@{version} awaits a commit")
+        if o.finishing is None:
+            sums = [int(c) for c in checksums]
+            if len(sums) != len(o.decls):
+                raise InvalidArgument(
+                    f"a delta push commits one checksum per payload: {len(sums)} for {len(o.decls)}"
+                )
+            for d, c in zip(o.decls, sums, strict=True):
+                if d.encoding == DENSE and c != d.target_checksum:
+                    raise InvalidArgument(
+                        f"tensor {d.name!r}: its dense payload is not the target's bytes"
+                    )
+            o.finishing = asyncio.create_task(self._finish(o, sums))
+        return await asyncio.shield(o.finishing)
+
+    async def _finish(self, o: _Open, sums: list[int]) -> CheckpointVersion:
+        try:
+            if o.expiry is not None:
+                o.expiry.cancel()
+            hidden = o.hidden
+            pairs = enumerate(zip(hidden.tensors, sums, strict=True))
+            self._p.registry.put_checksums(
+                hidden, [(i, with_checksum(t, c)) for i, (t, c) in pairs]
+            )
+            target = await self._patch_all(o)
+            for r in hidden.shards:
+                self._p.registry.set_shard(hidden.name, hidden.version, r, ShardState.READY)
+        except BaseException:
+            await self._close(o, forget=True)
+            raise
+        await self._close(o, forget=False)
+        log.info("delta_push_ready", checkpoint=o.name, version=o.version, base=o.base,
+                 bytes=hidden.total_bytes, dense=target.total_bytes)  # fmt: skip
+        self._p.done(target, True)
+        return target
+
+    async def _patch_all(self, o: _Open) -> CheckpointVersion:
+        """Each owner makes the full version from the base's store and the delta store."""
+        b = self._p.registry.checkpoint(o.name, o.base)
+        if b is None:
+            raise FailedPrecondition(f"the delta's base {o.name}@{o.base} is gone")
+        by_name = {t.name: t for t in b.tensors}
+        spans: dict[RankRef, list[commands.PatchSpan]] = {}
+        for t, d in zip(o.hidden.tensors, o.decls, strict=True):
+            bt = by_name[t.name]
+            spans.setdefault(t.owner, []).append(
+                commands.PatchSpan(
+                    offset=bt.store_offset, nbytes=bt.nbytes, itemsize=nbytes_of(t.dtype, (1,)),
+                    encoding=d.encoding, count=d.count, delta_offset=t.store_offset,
+                    delta_nbytes=t.nbytes, target_checksum=d.target_checksum,
+                )
+            )  # fmt: skip
+
+        async def one(r: RankRef) -> tuple[RankRef, StoreReady]:
+            cmd = commands.patch(o.name, o.version, o.base, r.device, spans[r])
+            return r, store_ready(
+                await self._p.hub.command(r.node_id, cmd, self._p.config.load_timeout_s)
+            )
+
+        got = await asyncio.gather(*(one(r) for r in spans), return_exceptions=True)
+        failed = [g for g in got if isinstance(g, BaseException)]
+        made = dict(g for g in got if not isinstance(g, BaseException))
+        sums = {d.name: d.target_checksum for d in o.decls}
+        target = CheckpointVersion(
+            name=o.name, version=o.version, state=CheckpointState.READY,
+            tensors=[with_checksum(t, sums[t.name]) for t in b.tensors],
+            shards={
+                r: Shard(owner=r, nbytes=b.shards[r].nbytes,
+                         tensor_count=b.shards[r].tensor_count,
+                         state=ShardState.READY, segment=made[r].segment,
+                         p2p_session=made[r].p2p[0], p2p_addr=made[r].p2p[1])
+                for r in made
+            },
+            created=time.time(), ready=time.time(), probe=o.probe,
+        )  # fmt: skip
+        if failed:
+            await self._p.drop(target)
+            raise failed[0]
+        await self._p.add(target)
+        return target
+
+    async def _expire(self, o: _Open, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+        why = f"the delta push of {o.name}@{o.version} was not committed within {timeout:.0f}s"
+        log.warning("delta_push_expired", checkpoint=o.name, version=o.version, reason=why)
+        await self._close(o, forget=True)
+
+    async def _close(self, o: _Open, *, forget: bool) -> None:
+        if o.closed:
+            return
+        o.closed = True
+        self._open.pop((o.name, o.version), None)
+        self._p.inflight.difference_update(o.keys)
+        if o.expiry is not None and o.expiry is not asyncio.current_task():
+            o.expiry.cancel()
+        if forget:
+            with contextlib.suppress(CkptError):
+                await self._p.forget(o.hidden)
