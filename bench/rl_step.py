@@ -68,6 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--serial", action="store_true",
         help="also run the steps unstreamed (the whole push, then the update) for comparison",
     )  # fmt: skip
+    ap.add_argument(
+        "--delta-frac", type=float, default=0.0, metavar="F",
+        help="also a delta publisher (Publisher(delta=True)): each step changes every F-th "
+        "share of each tensor's elements (0.025: the RL pattern of bench.delta_steps)",
+    )  # fmt: skip
     ap.add_argument("--skip-ceilings", action="store_true")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run of this script")
     ap.add_argument("--out", default="rl_step.json")
@@ -135,12 +140,15 @@ def start_cluster(root: Path, a: argparse.Namespace, nbytes: int) -> Any:
     return c
 
 
-def one_step(pub: Any, step: int, tensors: dict[str, Any]) -> dict[str, float]:
-    """A training step's new weights (on their device), then publish: push, update, prune."""
+def one_step(pub: Any, step: int, tensors: dict[str, Any], frac: float = 0.0) -> dict[str, float]:
+    """A training step's new weights (on their device), then publish: push, update, prune.
+    frac: change only that share of each tensor's elements (a strided set, new each step)."""
     import torch
 
+    every = max(1, round(1 / frac)) if frac else 1
     for t in tensors.values():
-        t.add_(1.0)
+        flat = t.view(-1)
+        flat[step % every :: every] += 1.0
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -156,6 +164,8 @@ def one_step(pub: Any, step: int, tensors: dict[str, Any]) -> dict[str, float]:
         "streamed": res.streamed,
         "newly_pinned": lp.newly_pinned, "trainer_checksums": lp.trainer_checksums,
         "d2h_GBps": lp.bytes / lp.copy_s / GB if lp.copy_s else 0.0,
+        "push_bytes": lp.bytes, "method": pub.client.job(res.job_id).method,
+        "delta_s": res.delta_s,
     }  # fmt: skip
 
 
@@ -168,7 +178,9 @@ def summarize(per_step: list[dict]) -> dict:
     return out
 
 
-def ckptd_steps(a: argparse.Namespace, root: Path, stream: bool = True) -> dict:
+def ckptd_steps(
+    a: argparse.Namespace, root: Path, stream: bool = True, delta: bool = False
+) -> dict:
     from ckpt_trainer.publisher import Publisher
 
     sp = workload(a)
@@ -183,11 +195,11 @@ def ckptd_steps(a: argparse.Namespace, root: Path, stream: bool = True) -> dict:
         res["client_pin_s"] = time.perf_counter() - t0
         c.client.push_streams = a.streams
         pub = Publisher("rl", instances=["R"], keep=a.keep, direct=True, node_id="bench",
-                        client=c.client, timeout_s=900, stream=stream)  # fmt: skip
-        res["streamed"] = stream
+                        client=c.client, timeout_s=900, stream=stream, delta=delta)  # fmt: skip
+        res["streamed"], res["delta_frac"] = stream and not delta, a.delta_frac if delta else 0.0
         per_step = []
         for step in range(1, a.steps + 1):
-            rec = one_step(pub, step, tensors)
+            rec = one_step(pub, step, tensors, a.delta_frac if delta else 0.0)
             shown = json.dumps({k: round(v, 4) for k, v in rec.items()})
             log("ckptd step", "streamed" if stream else "serial", step, shown)
             per_step.append(rec)
@@ -280,7 +292,7 @@ def ce_steps(a: argparse.Namespace) -> dict:
 
 
 def print_report(out: dict) -> None:
-    for key in ("ckptd_serial", "ckptd"):
+    for key in ("ckptd_serial", "ckptd", "ckptd_delta"):
         if key in out:
             print_ckptd(out, out[key])
     print_sharded(out)
@@ -289,6 +301,8 @@ def print_report(out: dict) -> None:
 
 def print_ckptd(out: dict, k: dict) -> None:
     mode = "streamed push -> update" if k.get("streamed") else "push, then update (serial)"
+    if k.get("delta_frac"):
+        mode = f"delta push -> delta update, {100 * k['delta_frac']:.1f} % of elements change"
     print(f"\n== RL step ({mode}): {out['device']}, {k['bytes'] / GIB:.2f} GiB bf16, "
           f"{k['tensors']} tensors, {len(k['steps'])} steps (keep {out['keep']})")  # fmt: skip
     ce = out.get("ceilings", {})
@@ -300,6 +314,10 @@ def print_ckptd(out: dict, k: dict) -> None:
           f"{k['client_pin_s']:.2f} s")  # fmt: skip
     print(f"trainer segments {k['segments']}; newly pinned per step "
           f"{[r['newly_pinned'] for r in k['steps']]}")  # fmt: skip
+    methods = [r["method"] for r in k["steps"]]  # ckpt.v1.UpdateMethod: 1 broadcast, 4 delta
+    print(f"pushed bytes per step {[r['push_bytes'] for r in k['steps']]}; update methods "
+          f"{methods} (1 broadcast, 3 sharded, 4 delta); the trainer's delta per step "
+          f"{[round(r['delta_s'], 4) for r in k['steps']]} s")  # fmt: skip
     print(f"{'phase':<10}{'median':>10}{'min':>10}{'max':>10}{'first':>10}")
     for p in PHASES:
         s = k[p]
@@ -359,6 +377,10 @@ def main(argv: list[str] | None = None) -> None:
     out["ckptd"] = ckptd_steps(a, tmp / "ckptd")
     if a.serial:
         out["ckptd_serial"] = ckptd_steps(a, tmp / "ckptd-serial", stream=False)
+    if a.delta_frac:
+        if gpu:
+            torch.cuda.empty_cache()
+        out["ckptd_delta"] = ckptd_steps(a, tmp / "ckptd-delta", delta=True)
     if a.sharded:
         if gpu:
             torch.cuda.empty_cache()

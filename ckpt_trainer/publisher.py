@@ -48,6 +48,7 @@ class PublishResult:
     tensors: int = 0
     bytes: int = 0
     pruned: list[int] = field(default_factory=list)  # versions deleted by retention
+    delta_s: float = 0.0  # of push_s: computing the delta from the last version (delta=True)
 
 
 def strip_wrappers(name: str) -> str:
@@ -166,8 +167,8 @@ class Publisher:
         tensors = prepare(weights, self.rename, self.dtype)
         t0 = time.monotonic()
         if self.deltas is not None:
-            cp = self._push_delta(step, tensors, probe)
-            return self._update(step, cp, time.monotonic() - t0)
+            cp, delta_s = self._push_delta(step, tensors, probe)
+            return self._update(step, cp, time.monotonic() - t0, delta_s=delta_s)
         if self.stream and self.instances:
             cp, job = self.client.push_streamed(
                 self.name, step, tensors, node_id=self.node_id, instances=self.instances,
@@ -186,11 +187,15 @@ class Publisher:
             )  # fmt: skip
         return self._update(step, cp, time.monotonic() - t0)
 
-    def _push_delta(self, step: int, tensors: dict[str, Any], probe: tpb.Probe | None) -> Any:
+    def _push_delta(
+        self, step: int, tensors: dict[str, Any], probe: tpb.Probe | None
+    ) -> tuple[Any, float]:
         """A delta push from the last version published, or a full one where there is none
         (or ckptd no longer holds it); either way remembered as the next one's base."""
         assert self.deltas is not None
+        t0 = time.monotonic()
         items = self.deltas.deltas(tensors)
+        delta_s = time.monotonic() - t0
         cp = None
         if items is not None:
             try:
@@ -207,7 +212,7 @@ class Publisher:
                 probe=probe,
             )  # fmt: skip
         self.deltas.remember(step, tensors)
-        return cp
+        return cp, delta_s
 
     def _publish_sharded(self, step: int, weights: Any, probe: tpb.Probe | None) -> PublishResult:
         import torch.distributed as dist
@@ -245,13 +250,18 @@ class Publisher:
         return res
 
     def _update(
-        self, step: int, cp: tpb.Checkpoint, push_s: float, job: tpb.Job | None = None
+        self,
+        step: int,
+        cp: tpb.Checkpoint,
+        push_s: float,
+        job: tpb.Job | None = None,
+        delta_s: float = 0.0,
     ) -> PublishResult:
         """Updates the instances to the pushed version (or waits for the job streamed from
         the push), prunes once they serve it."""
         base = {"checkpoint": self.name, "version": step, "push_s": push_s,
                 "tensors": cp.tensor_count, "bytes": cp.total_bytes,
-                "streamed": job is not None}  # fmt: skip
+                "streamed": job is not None, "delta_s": delta_s}  # fmt: skip
         if not self.instances:
             return PublishResult(state=JobOutcome.NOT_RUN, pruned=self.prune(), **base)
         t1 = time.monotonic()

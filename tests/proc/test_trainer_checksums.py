@@ -269,10 +269,14 @@ def test_rl_step_bench_runs_on_cpu(tmp_path) -> None:
 
     out = tmp_path / "rl.json"
     r = subprocess.run(
-        [PY, "-m", "bench.rl_step", "--cpu-smoke", "--steps", "3", "--out", str(out)],
+        [PY, "-m", "bench.rl_step", "--cpu-smoke", "--steps", "3", "--delta-frac", "0.025",
+         "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     k = json.loads(out.read_text())["ckptd"]
     assert len(k["steps"]) == 3 and all(s["trainer_checksums"] for s in k["steps"])
     assert k["segments"]["hits"] == 3 and k["segments"]["misses"] == 2, k["segments"]
+    d = json.loads(out.read_text())["ckptd_delta"]["steps"]
+    assert [s["method"] for s in d] == [1, 4, 4]  # a broadcast, then delta updates
+    assert all(s["push_bytes"] < 0.1 * d[0]["push_bytes"] for s in d[1:])

@@ -12,6 +12,7 @@ from ckpt_daemon.model import (
     AgentInfo,
     CheckpointState,
     CheckpointVersion,
+    DeltaRef,
     DeviceInfo,
     Instance,
     InstanceKind,
@@ -42,7 +43,15 @@ def make_cv() -> CheckpointVersion:
             path="/x",
             file_offset=100,
         ),
-        TensorInfo(name="w1", dtype="F8_E4M3", shape=(), nbytes=1, owner=r1, store_offset=0),
+        TensorInfo(
+            name="w1",
+            dtype="F8_E4M3",
+            shape=(),
+            nbytes=1,
+            owner=r1,
+            store_offset=0,
+            delta=DeltaRef(2, 1, 1, (1 << 64) - 1, 12345, 1),
+        ),  # fmt: skip
     ]
     return CheckpointVersion(
         name="m",
@@ -113,6 +122,8 @@ def test_round_trip_through_restart(tmp_path) -> None:
     assert cv2 is not None and cv2.state == CheckpointState.READY
     assert [t.name for t in cv2.tensors] == ["w0", "w1"]
     assert cv2.tensors[0].shape == (2, 3) and cv2.tensors[0].file_offset == 100
+    assert cv2.tensors[0].delta is None  # a delta store's payload keeps its proof
+    assert cv2.tensors[1].delta == DeltaRef(2, 1, 1, (1 << 64) - 1, 12345, 1)
     assert cv2.shards[RankRef("b", 1)].segment == "seg-1"
     assert reg2.agent("a").attached is False  # until it re-attaches
     assert reg2.instance("i").ranks == [RankRef("a", 0)] and reg2.instance("i").ready
