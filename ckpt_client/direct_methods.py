@@ -198,12 +198,14 @@ class DirectPushMethods:
         streams: int | None = None,
         timeout_s: float = 600.0,
         probe: tpb.Probe | None = None,
+        early: bool = False,
     ) -> tpb.Checkpoint:
         """Pushes version as a delta from `base` (ckpt_trainer.deltas.DeltaItem, one per
         tensor of the base, computed where the trainer's tensors are): only the payloads are
         copied into this node's host stores; ckptd makes the full version from the base's
         and checks every tensor against its declared target checksum. Returns the READY
-        version; an update of engines serving `base` then moves only the payloads."""
+        version (early: the LOADING one, made in the background, CommitPushRequest.early);
+        an update of engines serving `base` then moves only the payloads."""
         from ckpt_client.direct_push import write_items
 
         t0 = time.monotonic()
@@ -219,7 +221,7 @@ class DirectPushMethods:
             streams=streams or self.push_streams,
         )  # fmt: skip
         t2 = time.monotonic()
-        commit = cpb.CommitPushRequest(name=name, version=version, checksums=sums)
+        commit = cpb.CommitPushRequest(name=name, version=version, checksums=sums, early=early)
         cp = self._call("CommitPush", commit, timeout_s + 30)
         self.last_push = PushTimes(
             begin_s=t1 - t0, write_s=t2 - t1, commit_s=time.monotonic() - t2,

@@ -201,7 +201,7 @@ class Publisher:
             try:
                 cp = self.client.push_delta(
                     self.name, step, self.deltas.version, items, node_id=self.node_id,
-                    timeout_s=self.timeout_s, probe=probe,
+                    timeout_s=self.timeout_s, probe=probe, early=bool(self.instances),
                 )  # fmt: skip
             except CkptError as e:
                 if e.code not in ("NOT_FOUND", "FAILED_PRECONDITION"):
@@ -288,9 +288,16 @@ class Publisher:
             if cp.state == tpb.CHECKPOINT_READY
         )
         doomed = [v for v in ready[: max(0, len(ready) - self.keep)] if v not in served]
+        gone = []
         for v in doomed:
-            self.client.delete(self.name, v)
-        return doomed
+            try:
+                self.client.delete(self.name, v)
+            except CkptError as e:  # in use (a job reads it, a delta push's base): next time
+                if e.code != "FAILED_PRECONDITION":
+                    raise
+                continue
+            gone.append(v)
+        return gone
 
     def close(self) -> None:
         self.client.close()

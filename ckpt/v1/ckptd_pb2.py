@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ckpt.v1 import types_pb2 as ckpt_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63kpt/v1/ckptd.proto\x12\x07\x63kpt.v1\x1a\x13\x63kpt/v1/types.proto\"\xb9\x01\n\x15PushCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12 \n\x07sources\x18\x03 \x03(\x0b\x32\x0f.ckpt.v1.Source\x12\r\n\x05ranks\x18\x04 \x03(\x05\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x0c\n\x04wait\x18\x06 \x01(\x08\x12\x10\n\x08replicas\x18\x07 \x01(\x05\x12\x1d\n\x05probe\x18\x08 \x01(\x0b\x32\x0e.ckpt.v1.Probe\"\xcb\x01\n\x10\x42\x65ginPushRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12$\n\x07tensors\x18\x04 \x03(\x0b\x32\x13.ckpt.v1.TensorMeta\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x1d\n\x05probe\x18\x06 \x01(\x0b\x32\x0e.ckpt.v1.Probe\x12\x0c\n\x04part\x18\x07 \x01(\x05\x12\r\n\x05parts\x18\x08 \x01(\x05\x12\x12\n\ndelta_base\x18\t \x01(\x04\"O\n\x0bPushSegment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\x05\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"-\n\nPushTarget\x12\x0f\n\x07segment\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"H\n\nPartWanted\x12\x0e\n\x06tensor\x18\x01 \x01(\x05\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"\xa5\x01\n\x08PushPlan\x12\'\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x13.ckpt.v1.Checkpoint\x12&\n\x08segments\x18\x02 \x03(\x0b\x32\x14.ckpt.v1.PushSegment\x12$\n\x07targets\x18\x03 \x03(\x0b\x32\x13.ckpt.v1.PushTarget\x12\"\n\x05parts\x18\x04 \x03(\x0b\x32\x13.ckpt.v1.PartWanted\"k\n\x11\x43ommitPushRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04part\x18\x03 \x01(\x05\x12\x11\n\tchecksums\x18\x04 \x03(\x06\x12\x16\n\x0epart_checksums\x18\x05 \x03(\x06\"N\n\x14GetCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x17\n\x0finclude_tensors\x18\x03 \x01(\x08\"&\n\x16ListCheckpointsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x17ListCheckpointsResponse\x12(\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x13.ckpt.v1.Checkpoint\"8\n\x17\x44\x65leteCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"@\n\x18\x44\x65leteCheckpointResponse\x12$\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x13.ckpt.v1.Checkpoint\"\xc7\x01\n\rUpdateRequest\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05ranks\x18\x03 \x03(\x05\x12\x11\n\tinstances\x18\x04 \x03(\t\x12%\n\x06method\x18\x05 \x01(\x0e\x32\x15.ckpt.v1.UpdateMethod\x12\x14\n\x0c\x62ucket_bytes\x18\x06 \x01(\x03\x12\x0f\n\x07tensors\x18\x07 \x03(\t\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\x12\x0e\n\x06stream\x18\t \x01(\x08\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\".\n\x10ListJobsResponse\x12\x1a\n\x04jobs\x18\x01 \x03(\x0b\x32\x0c.ckpt.v1.Job\"\x13\n\x11ListAgentsRequest\"4\n\x12ListAgentsResponse\x12\x1e\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x0e.ckpt.v1.Agent\"r\n\x13JoinInstanceRequest\x12#\n\x08instance\x18\x01 \x01(\x0b\x32\x11.ckpt.v1.Instance\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\"\x16\n\x14ListInstancesRequest\"=\n\x15ListInstancesResponse\x12$\n\tinstances\x18\x01 \x03(\x0b\x32\x11.ckpt.v1.Instance\"%\n\x15RemoveInstanceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x16RemoveInstanceResponse\x12\"\n\x07removed\x18\x01 \x01(\x0b\x32\x11.ckpt.v1.Instance\"4\n\x12RemoveAgentRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"6\n\x13RemoveAgentResponse\x12\x1f\n\x07removed\x18\x01 \x01(\x0b\x32\x0e.ckpt.v1.Agent2\xed\x08\n\x04\x43kpt\x12\x45\n\x0ePushCheckpoint\x12\x1e.ckpt.v1.PushCheckpointRequest\x1a\x13.ckpt.v1.Checkpoint\x12\x43\n\rGetCheckpoint\x12\x1d.ckpt.v1.GetCheckpointRequest\x1a\x13.ckpt.v1.Checkpoint\x12T\n\x0fListCheckpoints\x12\x1f.ckpt.v1.ListCheckpointsRequest\x1a .ckpt.v1.ListCheckpointsResponse\x12W\n\x10\x44\x65leteCheckpoint\x12 .ckpt.v1.DeleteCheckpointRequest\x1a!.ckpt.v1.DeleteCheckpointResponse\x12\x39\n\tBeginPush\x12\x19.ckpt.v1.BeginPushRequest\x1a\x11.ckpt.v1.PushPlan\x12=\n\nCommitPush\x12\x1a.ckpt.v1.CommitPushRequest\x1a\x13.ckpt.v1.Checkpoint\x12.\n\x06Update\x12\x16.ckpt.v1.UpdateRequest\x1a\x0c.ckpt.v1.Job\x12.\n\x06GetJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job\x12?\n\x08ListJobs\x12\x18.ckpt.v1.ListJobsRequest\x1a\x19.ckpt.v1.ListJobsResponse\x12\x32\n\x08WatchJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job0\x01\x12\x31\n\tCancelJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job\x12\x45\n\nListAgents\x12\x1a.ckpt.v1.ListAgentsRequest\x1a\x1b.ckpt.v1.ListAgentsResponse\x12H\n\x0bRemoveAgent\x12\x1b.ckpt.v1.RemoveAgentRequest\x1a\x1c.ckpt.v1.RemoveAgentResponse\x12\x38\n\x10RegisterInstance\x12\x11.ckpt.v1.Instance\x1a\x11.ckpt.v1.Instance\x12:\n\x0cJoinInstance\x12\x1c.ckpt.v1.JoinInstanceRequest\x1a\x0c.ckpt.v1.Job\x12N\n\rListInstances\x12\x1d.ckpt.v1.ListInstancesRequest\x1a\x1e.ckpt.v1.ListInstancesResponse\x12Q\n\x0eRemoveInstance\x12\x1e.ckpt.v1.RemoveInstanceRequest\x1a\x1f.ckpt.v1.RemoveInstanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63kpt/v1/ckptd.proto\x12\x07\x63kpt.v1\x1a\x13\x63kpt/v1/types.proto\"\xb9\x01\n\x15PushCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12 \n\x07sources\x18\x03 \x03(\x0b\x32\x0f.ckpt.v1.Source\x12\r\n\x05ranks\x18\x04 \x03(\x05\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x0c\n\x04wait\x18\x06 \x01(\x08\x12\x10\n\x08replicas\x18\x07 \x01(\x05\x12\x1d\n\x05probe\x18\x08 \x01(\x0b\x32\x0e.ckpt.v1.Probe\"\xcb\x01\n\x10\x42\x65ginPushRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12$\n\x07tensors\x18\x04 \x03(\x0b\x32\x13.ckpt.v1.TensorMeta\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x1d\n\x05probe\x18\x06 \x01(\x0b\x32\x0e.ckpt.v1.Probe\x12\x0c\n\x04part\x18\x07 \x01(\x05\x12\r\n\x05parts\x18\x08 \x01(\x05\x12\x12\n\ndelta_base\x18\t \x01(\x04\"O\n\x0bPushSegment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\x05\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"-\n\nPushTarget\x12\x0f\n\x07segment\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"H\n\nPartWanted\x12\x0e\n\x06tensor\x18\x01 \x01(\x05\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"\xa5\x01\n\x08PushPlan\x12\'\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x13.ckpt.v1.Checkpoint\x12&\n\x08segments\x18\x02 \x03(\x0b\x32\x14.ckpt.v1.PushSegment\x12$\n\x07targets\x18\x03 \x03(\x0b\x32\x13.ckpt.v1.PushTarget\x12\"\n\x05parts\x18\x04 \x03(\x0b\x32\x13.ckpt.v1.PartWanted\"z\n\x11\x43ommitPushRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04part\x18\x03 \x01(\x05\x12\x11\n\tchecksums\x18\x04 \x03(\x06\x12\x16\n\x0epart_checksums\x18\x05 \x03(\x06\x12\r\n\x05\x65\x61rly\x18\x06 \x01(\x08\"N\n\x14GetCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x17\n\x0finclude_tensors\x18\x03 \x01(\x08\"&\n\x16ListCheckpointsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x17ListCheckpointsResponse\x12(\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x13.ckpt.v1.Checkpoint\"8\n\x17\x44\x65leteCheckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"@\n\x18\x44\x65leteCheckpointResponse\x12$\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x13.ckpt.v1.Checkpoint\"\xc7\x01\n\rUpdateRequest\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05ranks\x18\x03 \x03(\x05\x12\x11\n\tinstances\x18\x04 \x03(\t\x12%\n\x06method\x18\x05 \x01(\x0e\x32\x15.ckpt.v1.UpdateMethod\x12\x14\n\x0c\x62ucket_bytes\x18\x06 \x01(\x03\x12\x0f\n\x07tensors\x18\x07 \x03(\t\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\x12\x0e\n\x06stream\x18\t \x01(\x08\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\".\n\x10ListJobsResponse\x12\x1a\n\x04jobs\x18\x01 \x03(\x0b\x32\x0c.ckpt.v1.Job\"\x13\n\x11ListAgentsRequest\"4\n\x12ListAgentsResponse\x12\x1e\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x0e.ckpt.v1.Agent\"r\n\x13JoinInstanceRequest\x12#\n\x08instance\x18\x01 \x01(\x0b\x32\x11.ckpt.v1.Instance\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\"\x16\n\x14ListInstancesRequest\"=\n\x15ListInstancesResponse\x12$\n\tinstances\x18\x01 \x03(\x0b\x32\x11.ckpt.v1.Instance\"%\n\x15RemoveInstanceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x16RemoveInstanceResponse\x12\"\n\x07removed\x18\x01 \x01(\x0b\x32\x11.ckpt.v1.Instance\"4\n\x12RemoveAgentRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"6\n\x13RemoveAgentResponse\x12\x1f\n\x07removed\x18\x01 \x01(\x0b\x32\x0e.ckpt.v1.Agent2\xed\x08\n\x04\x43kpt\x12\x45\n\x0ePushCheckpoint\x12\x1e.ckpt.v1.PushCheckpointRequest\x1a\x13.ckpt.v1.Checkpoint\x12\x43\n\rGetCheckpoint\x12\x1d.ckpt.v1.GetCheckpointRequest\x1a\x13.ckpt.v1.Checkpoint\x12T\n\x0fListCheckpoints\x12\x1f.ckpt.v1.ListCheckpointsRequest\x1a .ckpt.v1.ListCheckpointsResponse\x12W\n\x10\x44\x65leteCheckpoint\x12 .ckpt.v1.DeleteCheckpointRequest\x1a!.ckpt.v1.DeleteCheckpointResponse\x12\x39\n\tBeginPush\x12\x19.ckpt.v1.BeginPushRequest\x1a\x11.ckpt.v1.PushPlan\x12=\n\nCommitPush\x12\x1a.ckpt.v1.CommitPushRequest\x1a\x13.ckpt.v1.Checkpoint\x12.\n\x06Update\x12\x16.ckpt.v1.UpdateRequest\x1a\x0c.ckpt.v1.Job\x12.\n\x06GetJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job\x12?\n\x08ListJobs\x12\x18.ckpt.v1.ListJobsRequest\x1a\x19.ckpt.v1.ListJobsResponse\x12\x32\n\x08WatchJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job0\x01\x12\x31\n\tCancelJob\x12\x16.ckpt.v1.GetJobRequest\x1a\x0c.ckpt.v1.Job\x12\x45\n\nListAgents\x12\x1a.ckpt.v1.ListAgentsRequest\x1a\x1b.ckpt.v1.ListAgentsResponse\x12H\n\x0bRemoveAgent\x12\x1b.ckpt.v1.RemoveAgentRequest\x1a\x1c.ckpt.v1.RemoveAgentResponse\x12\x38\n\x10RegisterInstance\x12\x11.ckpt.v1.Instance\x1a\x11.ckpt.v1.Instance\x12:\n\x0cJoinInstance\x12\x1c.ckpt.v1.JoinInstanceRequest\x1a\x0c.ckpt.v1.Job\x12N\n\rListInstances\x12\x1d.ckpt.v1.ListInstancesRequest\x1a\x1e.ckpt.v1.ListInstancesResponse\x12Q\n\x0eRemoveInstance\x12\x1e.ckpt.v1.RemoveInstanceRequest\x1a\x1f.ckpt.v1.RemoveInstanceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,43 +45,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHPLAN']._serialized_start=650
   _globals['_PUSHPLAN']._serialized_end=815
   _globals['_COMMITPUSHREQUEST']._serialized_start=817
-  _globals['_COMMITPUSHREQUEST']._serialized_end=924
-  _globals['_GETCHECKPOINTREQUEST']._serialized_start=926
-  _globals['_GETCHECKPOINTREQUEST']._serialized_end=1004
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1006
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1044
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1046
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1113
-  _globals['_DELETECHECKPOINTREQUEST']._serialized_start=1115
-  _globals['_DELETECHECKPOINTREQUEST']._serialized_end=1171
-  _globals['_DELETECHECKPOINTRESPONSE']._serialized_start=1173
-  _globals['_DELETECHECKPOINTRESPONSE']._serialized_end=1237
-  _globals['_UPDATEREQUEST']._serialized_start=1240
-  _globals['_UPDATEREQUEST']._serialized_end=1439
-  _globals['_GETJOBREQUEST']._serialized_start=1441
-  _globals['_GETJOBREQUEST']._serialized_end=1468
-  _globals['_LISTJOBSREQUEST']._serialized_start=1470
-  _globals['_LISTJOBSREQUEST']._serialized_end=1502
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1504
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1550
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1552
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1571
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1573
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1625
-  _globals['_JOININSTANCEREQUEST']._serialized_start=1627
-  _globals['_JOININSTANCEREQUEST']._serialized_end=1741
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=1743
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=1765
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1767
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1828
-  _globals['_REMOVEINSTANCEREQUEST']._serialized_start=1830
-  _globals['_REMOVEINSTANCEREQUEST']._serialized_end=1867
-  _globals['_REMOVEINSTANCERESPONSE']._serialized_start=1869
-  _globals['_REMOVEINSTANCERESPONSE']._serialized_end=1929
-  _globals['_REMOVEAGENTREQUEST']._serialized_start=1931
-  _globals['_REMOVEAGENTREQUEST']._serialized_end=1983
-  _globals['_REMOVEAGENTRESPONSE']._serialized_start=1985
-  _globals['_REMOVEAGENTRESPONSE']._serialized_end=2039
-  _globals['_CKPT']._serialized_start=2042
-  _globals['_CKPT']._serialized_end=3175
+  _globals['_COMMITPUSHREQUEST']._serialized_end=939
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=941
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=1019
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1021
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1059
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1061
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1128
+  _globals['_DELETECHECKPOINTREQUEST']._serialized_start=1130
+  _globals['_DELETECHECKPOINTREQUEST']._serialized_end=1186
+  _globals['_DELETECHECKPOINTRESPONSE']._serialized_start=1188
+  _globals['_DELETECHECKPOINTRESPONSE']._serialized_end=1252
+  _globals['_UPDATEREQUEST']._serialized_start=1255
+  _globals['_UPDATEREQUEST']._serialized_end=1454
+  _globals['_GETJOBREQUEST']._serialized_start=1456
+  _globals['_GETJOBREQUEST']._serialized_end=1483
+  _globals['_LISTJOBSREQUEST']._serialized_start=1485
+  _globals['_LISTJOBSREQUEST']._serialized_end=1517
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1519
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1565
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1567
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1586
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1588
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1640
+  _globals['_JOININSTANCEREQUEST']._serialized_start=1642
+  _globals['_JOININSTANCEREQUEST']._serialized_end=1756
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=1758
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=1780
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1782
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1843
+  _globals['_REMOVEINSTANCEREQUEST']._serialized_start=1845
+  _globals['_REMOVEINSTANCEREQUEST']._serialized_end=1882
+  _globals['_REMOVEINSTANCERESPONSE']._serialized_start=1884
+  _globals['_REMOVEINSTANCERESPONSE']._serialized_end=1944
+  _globals['_REMOVEAGENTREQUEST']._serialized_start=1946
+  _globals['_REMOVEAGENTREQUEST']._serialized_end=1998
+  _globals['_REMOVEAGENTRESPONSE']._serialized_start=2000
+  _globals['_REMOVEAGENTRESPONSE']._serialized_end=2054
+  _globals['_CKPT']._serialized_start=2057
+  _globals['_CKPT']._serialized_end=3190
 # @@protoc_insertion_point(module_scope)

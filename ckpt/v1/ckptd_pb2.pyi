@@ -94,18 +94,20 @@ class PushPlan(_message.Message):
     def __init__(self, checkpoint: _Optional[_Union[_types_pb2.Checkpoint, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[PushSegment, _Mapping]]] = ..., targets: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ..., parts: _Optional[_Iterable[_Union[PartWanted, _Mapping]]] = ...) -> None: ...
 
 class CommitPushRequest(_message.Message):
-    __slots__ = ("name", "version", "part", "checksums", "part_checksums")
+    __slots__ = ("name", "version", "part", "checksums", "part_checksums", "early")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     PART_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    EARLY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     part: int
     checksums: _containers.RepeatedScalarFieldContainer[int]
     part_checksums: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., part: _Optional[int] = ..., checksums: _Optional[_Iterable[int]] = ..., part_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+    early: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., part: _Optional[int] = ..., checksums: _Optional[_Iterable[int]] = ..., part_checksums: _Optional[_Iterable[int]] = ..., early: _Optional[bool] = ...) -> None: ...
 
 class GetCheckpointRequest(_message.Message):
     __slots__ = ("name", "version", "include_tensors")

@@ -169,7 +169,7 @@ class CkptServicer(ckptd_pb2_grpc.CkptServicer):
     async def CommitPush(self, request: cpb.CommitPushRequest, context) -> tpb.Checkpoint:
         if self._pusher.delta_pushes.is_open(request.name, request.version):
             cv = await self._pusher.delta_pushes.commit(
-                request.name, request.version, list(request.checksums)
+                request.name, request.version, list(request.checksums), request.early
             )
             return convert.checkpoint_to_pb(cv, self._order())
         cv = await self._pusher.direct.commit(

@@ -24,6 +24,7 @@ from ckpt_daemon.jobs.execute import Group
 from ckpt_daemon.jobs.sources import p2p_sources
 from ckpt_daemon.jobs.streamed import NOT_STREAMED
 from ckpt_daemon.model import (
+    CheckpointState,
     CheckpointVersion,
     Instance,
     InstanceKind,
@@ -108,6 +109,8 @@ class PlanChooser:
                 if spec.method == "delta":
                     raise FailedPrecondition(f"no delta update: {e}") from None
                 not_delta = f" (not a delta: {e})"
+        if cv.state == CheckpointState.LOADING and not streamed:
+            await self._await_made(cv)  # a delta push's version, still being made
         if streamed and spec.method == "auto":
             why = f"auto: streamed: {NOT_STREAMED}"
         elif spec.method in ("auto", "sharded"):
@@ -123,6 +126,17 @@ class PlanChooser:
         if spec.method == "p2p":
             return await self._p2p(spec, cv, tensors, targets, partial, why)
         return await self._broadcast(spec, tensors, targets, partial, why + not_delta)
+
+    async def _await_made(self, cv: CheckpointVersion) -> None:
+        """Waits (bounded) for a delta-pushed version to be made in the host stores."""
+        made = self._deltas.patching(cv.name, cv.version) if self._deltas else None
+        if made is not None:
+            try:
+                await asyncio.wait_for(made, self._config.load_timeout_s)
+            except (CkptError, TimeoutError):
+                pass
+        if cv.state != CheckpointState.READY:
+            raise FailedPrecondition(f"checkpoint {cv.name}@{cv.version} is {cv.state.name}")
 
     def _whole_instances(self, targets: list[RankRef]) -> list[Instance]:
         mine = set(targets)

@@ -52,8 +52,15 @@ def targets(registry: Registry, spec: UpdateSpec) -> tuple[list[RankRef], list[i
 
 
 def version(
-    registry: Registry, pushes: DirectPushes | None, live: Live, spec: UpdateSpec
+    registry: Registry,
+    pushes: DirectPushes | None,
+    live: Live,
+    spec: UpdateSpec,
+    patching: Callable[[str, int], object | None] | None = None,
 ) -> CheckpointVersion:
+    """patching: whether a version is being made from its delta (push/delta_push.py): an
+    update may take it (a delta update reads only the delta store; another waits for it,
+    jobs/choose.py)."""
     cv = registry.get_checkpoint(spec.checkpoint, spec.version)
     if cv is None:
         if not registry.versions(spec.checkpoint):
@@ -65,6 +72,13 @@ def version(
     if streamable(pushes, spec, cv):
         if spec.method in ("p2p", "sharded"):
             raise FailedPrecondition(f"{cv.name}@{cv.version}: {NOT_STREAMED}")
+        return cv
+    if cv.state == CheckpointState.LOADING and patching and patching(cv.name, cv.version):
+        if spec.method in ("p2p", "sharded", "broadcast"):
+            raise FailedPrecondition(
+                f"{cv.name}@{cv.version} is still being made from its delta: only a delta "
+                "update (auto or delta) takes it now"
+            )
         return cv
     if cv.state != CheckpointState.READY and not (
         spec.method == "p2p"

@@ -83,6 +83,7 @@ class JobRunner:
         self.restorer = Restorer(self, registry, hub, config, alive)
         self.part_sums = PartSums(hub, config.load_timeout_s)
         self._chooser = PlanChooser(registry, hub, config, self.part_sums, deltas)
+        self._patching = deltas.patching if deltas is not None else None
 
     # ---------------------------------------------------------------- queries
 
@@ -121,7 +122,7 @@ class JobRunner:
             raise Unavailable("ckptd is shutting down: it takes no new job")
         if spec.method not in METHODS:
             raise InvalidArgument(f"unknown update method {spec.method!r}")
-        cv = resolve.version(self._registry, self._pushes, self._hub.live, spec)
+        cv = resolve.version(self._registry, self._pushes, self._hub.live, spec, self._patching)
         try:  # off the event loop: thousands of patterns over a million tensors take a while
             tensors = (
                 await asyncio.to_thread(select_tensors, cv.tensors, spec.tensors)

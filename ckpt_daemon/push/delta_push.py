@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,7 +33,7 @@ from ckpt_common.errors import (
 )
 from ckpt_daemon import admission
 from ckpt_daemon.agents import commands
-from ckpt_daemon.agents.results import StoreReady, store_ready
+from ckpt_daemon.agents.results import store_ready
 from ckpt_daemon.model import (
     CheckpointState,
     CheckpointVersion,
@@ -72,8 +72,10 @@ class DeltaPushes:
     def __init__(self, pusher: Pusher) -> None:
         self._p = pusher
         self._open: dict[tuple[str, int], _Open] = {}
+        self._patching: dict[tuple[str, int], asyncio.Task[CheckpointVersion]] = {}
 
     def is_open(self, name: str, version: int) -> bool:
+        """A delta push of name@version awaits its commit (or is committing)."""
         return (name, version) in self._open
 
     def _base(self, name: str, version: int, base: int, node_id: str) -> CheckpointVersion:
@@ -105,6 +107,10 @@ class DeltaPushes:
         admission.check_version(base)
         admission.check_timeout("timeout_s", timeout_s)
         admission.check_list("tensors", decls, admission.MAX_TENSORS)
+        made = self.patching(name, base)  # the base is itself still being made: wait for it
+        if made is not None:
+            with contextlib.suppress(CkptError, TimeoutError):
+                await asyncio.wait_for(made, self._p.config.load_timeout_s)
         b = self._base(name, version, base, node_id)
         try:
             tensors, sizes = await asyncio.to_thread(delta_placement, b.tensors, decls, base)
@@ -145,7 +151,10 @@ class DeltaPushes:
         res = await self._p.hub.command(r.node_id, cmd, self._p.config.load_timeout_s)
         self._p.record_store(cv, r, ShardState.LOADING, store_ready(res))
 
-    async def commit(self, name: str, version: int, checksums: Sequence[int]) -> CheckpointVersion:
+    async def commit(
+        self, name: str, version: int, checksums: Sequence[int], early: bool = False
+    ) -> CheckpointVersion:
+        """early: return once the delta store is READY (the version is made meanwhile)."""
         o = self._open.get((name, version))
         if o is None:
             raise NotFound(f"no delta push of {name}@{version} awaits a commit")
@@ -161,9 +170,14 @@ class DeltaPushes:
                         f"tensor {d.name!r}: its dense payload is not the target's bytes"
                     )
             o.finishing = asyncio.create_task(self._finish(o, sums))
-        return await asyncio.shield(o.finishing)
+        target = await asyncio.shield(o.finishing)
+        made = None if early else self.patching(name, version)
+        return target if made is None else await made
 
     async def _finish(self, o: _Open, sums: list[int]) -> CheckpointVersion:
+        """The payloads' checksums recorded and the delta store READY; the version recorded
+        (LOADING) and made in the background (`patching`): an update of engines serving
+        the base reads only the delta store and need not wait for it."""
         try:
             if o.expiry is not None:
                 o.expiry.cancel()
@@ -172,24 +186,43 @@ class DeltaPushes:
             self._p.registry.put_checksums(
                 hidden, [(i, with_checksum(t, c)) for i, (t, c) in pairs]
             )
-            target = await self._patch_all(o)
             for r in hidden.shards:
                 self._p.registry.set_shard(hidden.name, hidden.version, r, ShardState.READY)
+            target = await self._record_target(o)
         except BaseException:
             await self._close(o, forget=True)
             raise
-        await self._close(o, forget=False)
-        log.info("delta_push_ready", checkpoint=o.name, version=o.version, base=o.base,
-                 bytes=hidden.total_bytes, dense=target.total_bytes)  # fmt: skip
-        self._p.done(target, True)
+        task = asyncio.create_task(self._patch_all(o, target))
+        self._patching[(o.name, o.version)] = task
+        task.add_done_callback(lambda _: self._patching.pop((o.name, o.version), None))
         return target
 
-    async def _patch_all(self, o: _Open) -> CheckpointVersion:
-        """Each owner makes the full version from the base's store and the delta store."""
+    def patching(self, name: str, version: int) -> Awaitable[CheckpointVersion] | None:
+        """What to await for a delta-pushed version still being made to be READY (raises
+        its failure), or None when none is being made."""
+        task = self._patching.get((name, version))
+        return None if task is None else asyncio.shield(task)
+
+    async def _record_target(self, o: _Open) -> CheckpointVersion:
+        """The new version, LOADING: the base's layout, the trainer's target checksums."""
         b = self._p.registry.checkpoint(o.name, o.base)
         if b is None:
             raise FailedPrecondition(f"the delta's base {o.name}@{o.base} is gone")
-        by_name = {t.name: t for t in b.tensors}
+        sums = {d.name: d.target_checksum for d in o.decls}
+        target = CheckpointVersion(
+            name=o.name, version=o.version, state=CheckpointState.LOADING,
+            tensors=[with_checksum(t, sums[t.name]) for t in b.tensors],
+            shards={r: Shard(owner=r, nbytes=sh.nbytes, tensor_count=sh.tensor_count)
+                    for r, sh in b.shards.items()},
+            created=time.time(), probe=o.probe,
+        )  # fmt: skip
+        await self._p.add(target)
+        return target
+
+    def _spans(
+        self, o: _Open, target: CheckpointVersion
+    ) -> dict[RankRef, list[commands.PatchSpan]]:
+        by_name = {t.name: t for t in target.tensors}
         spans: dict[RankRef, list[commands.PatchSpan]] = {}
         for t, d in zip(o.hidden.tensors, o.decls, strict=True):
             bt = by_name[t.name]
@@ -200,33 +233,41 @@ class DeltaPushes:
                     delta_nbytes=t.nbytes, target_checksum=d.target_checksum,
                 )
             )  # fmt: skip
+        return spans
 
-        async def one(r: RankRef) -> tuple[RankRef, StoreReady]:
+    async def _patch_all(self, o: _Open, target: CheckpointVersion) -> CheckpointVersion:
+        """Each owner makes the version from the base's store and the delta store; READY,
+        or FAILED with its stores (and the delta store) dropped."""
+        spans = self._spans(o, target)
+
+        async def one(r: RankRef) -> None:
             cmd = commands.patch(o.name, o.version, o.base, r.device, spans[r])
-            return r, store_ready(
+            res = store_ready(
                 await self._p.hub.command(r.node_id, cmd, self._p.config.load_timeout_s)
             )
+            self._p.record_store(target, r, ShardState.READY, res)
 
         got = await asyncio.gather(*(one(r) for r in spans), return_exceptions=True)
         failed = [g for g in got if isinstance(g, BaseException)]
-        made = dict(g for g in got if not isinstance(g, BaseException))
-        sums = {d.name: d.target_checksum for d in o.decls}
-        target = CheckpointVersion(
-            name=o.name, version=o.version, state=CheckpointState.READY,
-            tensors=[with_checksum(t, sums[t.name]) for t in b.tensors],
-            shards={
-                r: Shard(owner=r, nbytes=b.shards[r].nbytes,
-                         tensor_count=b.shards[r].tensor_count,
-                         state=ShardState.READY, segment=made[r].segment,
-                         p2p_session=made[r].p2p[0], p2p_addr=made[r].p2p[1])
-                for r in made
-            },
-            created=time.time(), ready=time.time(), probe=o.probe,
-        )  # fmt: skip
         if failed:
-            await self._p.drop(target)
+            why = failed[0].message if isinstance(failed[0], CkptError) else repr(failed[0])
+            log.warning("delta_push_failed", checkpoint=o.name, version=o.version, reason=why)
+            served = any(
+                (i.checkpoint, i.version) == (o.name, o.version)
+                for i in self._p.registry.instances()
+            )
+            if served:  # what engines serve stays on record (FAILED), its stores go
+                self._p.registry.fail_checkpoint(o.name, o.version, f"made from its delta: {why}")
+                await self._p.drop(target)
+            else:  # nothing of it is left
+                await self._p.forget(target)
+            await self._close(o, forget=True)
+            self._p.done(target, False)
             raise failed[0]
-        await self._p.add(target)
+        await self._close(o, forget=False)
+        log.info("delta_push_ready", checkpoint=o.name, version=o.version, base=o.base,
+                 bytes=o.hidden.total_bytes, dense=target.total_bytes)  # fmt: skip
+        self._p.done(target, True)
         return target
 
     async def _expire(self, o: _Open, timeout: float) -> None:

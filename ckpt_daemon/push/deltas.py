@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -65,6 +66,10 @@ class DeltaMaker:
         task = asyncio.create_task(self._make(cv.name, cv.version, base))
         self._making[key] = task
         task.add_done_callback(lambda _: self._making.pop(key, None))
+
+    def patching(self, name: str, version: int) -> Awaitable[CheckpointVersion] | None:
+        """A delta-pushed version still being made from its base (push/delta_push.py)."""
+        return self._p.delta_pushes.patching(name, version)
 
     async def made(
         self, name: str, version: int, base: int, wait_s: float
