@@ -18,7 +18,7 @@ from ckpt.v1 import types_pb2 as tpb
 from ckpt_agent import shm
 from ckpt_agent.host_store import device_prefix, store_segment
 from ckpt_common.delta import store_name
-from tests.support.cluster import Cluster, read_report, wait_for
+from tests.support.cluster import Cluster, reports_hold, wait_for
 from tests.support.spec import ClusterSpec, Node, Receivers
 from tests.support.tensors import digests, mixed_tensors, write_sharded
 
@@ -52,10 +52,9 @@ def stepped(t: dict[str, torch.Tensor], seed: int, frac: float = 0.02) -> dict[s
 
 
 def _holds(c: Cluster, instance: str, t: dict[str, torch.Tensor]) -> bool:
-    path = c.reports[0 if instance == "R" else 1]
-    got = read_report(path).get("tensors", {})
-    want = digests(t)
-    return {n: got.get(n) for n in want} == want
+    """The instance's engine holds exactly t (its report is written just after the update
+    ends: waited for a while)."""
+    return reports_hold([c.reports[0 if instance == "R" else 1]], digests(t))
 
 
 def _push(c: Cluster, tmp: Path, version: int, t: dict[str, torch.Tensor]) -> None:
@@ -184,9 +183,7 @@ def test_trainer_pushes_deltas_computed_where_its_tensors_are(cluster: Cluster) 
             continue
         assert job.method == tpb.UPDATE_DELTA, job.method_reason
         assert c.client.last_push.bytes < 0.35 * dense, (c.client.last_push.bytes, dense)
-        for path in c.reports:  # byte-exact on both engines
-            got = read_report(path)["tensors"]
-            assert {n: got.get(n) for n in t} == digests(t)
+        assert reports_hold(c.reports, digests(t))  # byte-exact on both engines
         # the full version is made in the host stores too, after the update (a join or a
         # restore reads it)
         wait_for(lambda s=step: c.client.get("tr", s).state == tpb.CHECKPOINT_READY, 30, "made")

@@ -63,7 +63,7 @@ def test_peer_credentials() -> None:
 
 
 def test_the_kernel_names_the_peer_on_both_ends(tmp_path: Path) -> None:
-    ctx = zmq.Context.instance()
+    ctx = zmq.Context()  # its own: nothing an earlier test left in the shared one can stall it
     router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
     try:
         router.bind(f"ipc://{tmp_path}/s.sock")
@@ -78,6 +78,7 @@ def test_the_kernel_names_the_peer_on_both_ends(tmp_path: Path) -> None:
     finally:
         router.close(0)
         dealer.close(0)
+        ctx.term()
 
 
 def test_directories(tmp_path: Path) -> None:

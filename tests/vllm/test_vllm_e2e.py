@@ -545,3 +545,43 @@ def test_streamed_publish_serves_the_trainers_weights_token_for_token(fleet: Clu
         assert tokens(c, "C") == FLEET.hf[key]
     insts = {i.name: i for i in c.client.instances()}
     assert (insts["A"].checkpoint, insts["A"].version, insts["A"].ready) == ("llama-rl", 3, True)
+
+
+def test_delta_publisher_versions_serve_token_for_token(fleet: Cluster, tmp_path: Path) -> None:
+    """Publisher(delta=True): from the second step on only what changed is pushed and ckptd
+    makes the full version in the host stores from the base; vLLM engines (A: TP=1, C: TP=2)
+    take that version whole and answer exactly as transformers does on the trainer's
+    weights: a small step (2 % of elements moved), a step to unrelated weights, and back."""
+    from ckpt_trainer.publisher import Publisher
+
+    c = fleet
+    v0 = load_file(str(Path(FLEET.models["llama_0"]) / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    nudged = {}
+    for n, t in v0.items():
+        t = t.clone()
+        flat = t.view(-1)
+        idx = torch.randperm(flat.numel(), generator=g)[: max(1, flat.numel() // 50)]
+        flat[idx] += 0.2 * torch.randn(idx.numel(), generator=g)
+        nudged[n] = t
+    d = tmp_path / "nudged"
+    save_model("llama", 0, d)
+    save_file(nudged, str(d / "model.safetensors"), metadata={"format": "pt"})
+    want = hf_greedy(d, PROMPTS, N)
+    assert want != FLEET.hf["llama_0"]
+    v1 = load_file(str(Path(FLEET.models["llama_1"]) / "model.safetensors"))
+    pub = Publisher("llama-delta", instances=["A", "C"], node_id="n1", direct=True, delta=True,
+                    keep=1, client=c.client)  # fmt: skip
+    dense = sum(t.numel() * t.element_size() for t in v0.values())
+    steps = [(v0, FLEET.hf["llama_0"]), (nudged, want), (v1, FLEET.hf["llama_1"]),
+             (v0, FLEET.hf["llama_0"])]  # fmt: skip
+    for step, (sd, expect) in enumerate(steps, 1):
+        res = pub.publish(step, sd)
+        assert res.state.value == "succeeded", res.reason
+        if step == 2:
+            assert c.client.last_push.bytes < 0.1 * dense, c.client.last_push.bytes
+        job = c.client.job(res.job_id)
+        if step > 1:
+            assert "vLLM engines take no deltas" in job.method_reason, job.method_reason
+        assert tokens(c, "A") == expect, f"step {step}"
+        assert tokens(c, "C") == expect, f"step {step}"
