@@ -115,7 +115,10 @@ class PlanChooser:
             why = f"auto: streamed: {NOT_STREAMED}"
         elif spec.method in ("auto", "sharded"):
             try:
-                return await self._sharded(spec, cv, tensors, targets, partial)
+                groups, method, why_sharded = await self._sharded(
+                    spec, cv, tensors, targets, partial
+                )
+                return groups, method, why_sharded + not_delta
             except shard_jobs.NotSharded as e:
                 if spec.method == "sharded":
                     raise FailedPrecondition(f"no shard-aware plan: {e}") from None
@@ -124,7 +127,7 @@ class PlanChooser:
                 if e.relearn and not partial:  # this broadcast learns the layouts again
                     forget_layouts(self._registry, targets)
         if spec.method == "p2p":
-            return await self._p2p(spec, cv, tensors, targets, partial, why)
+            return await self._p2p(spec, cv, tensors, targets, partial, why + not_delta)
         return await self._broadcast(spec, tensors, targets, partial, why + not_delta)
 
     async def _await_made(self, cv: CheckpointVersion) -> None:
