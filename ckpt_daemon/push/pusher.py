@@ -31,11 +31,7 @@ from ckpt_daemon.model import (
     SourceFile,
     TensorSpec,
 )
-from ckpt_daemon.plan.placement import (
-    PlanError,
-    mirror_name,
-    place,
-)
+from ckpt_daemon.plan.placement import HIDDEN_PREFIX, PlanError, mirror_name, place
 from ckpt_daemon.push.delta_push import DeltaPushes
 from ckpt_daemon.push.deltas import DeltaMaker
 from ckpt_daemon.push.direct import DirectPushes
@@ -319,6 +315,8 @@ class Pusher:
             await self.before_forget(cv.name, cv.version, "its stores are being freed")
         await self.drop(cv)
         self.registry.remove_checkpoint(cv.name, cv.version)
+        if not cv.name.startswith(HIDDEN_PREFIX):  # its delta stores go with it
+            await self.deltas.forget(cv.name, cv.version)
 
     async def drop(self, cv: CheckpointVersion) -> None:
         """Frees the host memory of every shard whose agent is attached (best effort)."""
@@ -367,6 +365,5 @@ class Pusher:
             mirror = self.registry.checkpoint(mirror_name(cv.name), cv.version)
             for v in [cv] if mirror is None else [cv, mirror]:
                 await self.forget(v)
-            await self.deltas.forget(cv.name, cv.version)
             log.info("checkpoint_deleted", checkpoint=cv.name, version=cv.version)
         return targets

@@ -290,3 +290,28 @@ def test_bad_delta_pushes_change_nothing(cluster: Cluster) -> None:
     with pytest.raises(NotFound, match="does not exist"):
         _raw_delta_push(c, "bad", 3, 1, good)
     assert delta.Encoding(items[0].encoded.encoding) == delta.Encoding.SPARSE
+
+
+def test_delta_stores_survive_a_ckptd_restart(cluster: Cluster, tmp_path: Path) -> None:
+    """Delta stores are versions of the registry: after ckptd restarts (the agents keep the
+    segments and re-attach), the next update still moves only the delta. Last in the
+    module: it restarts ckptd."""
+    c = cluster
+    t1 = mixed_tensors(81)
+    _push(c, tmp_path, 31, t1)
+    assert _update(c, 31, ("R", "S")).state == tpb.JOB_SUCCEEDED
+    t2 = stepped(t1, 9)
+    _push(c, tmp_path, 32, t2)
+    wait_for(lambda: _made(c, 32, 31), 30, "the delta to be made")
+    c.stop("ckptd")
+    c.start_daemon("--receiver-timeout-s", "4")
+    c.wait_ranks(2)
+    wait_for(lambda: all(i.ready for i in c.client.instances()), 30, "instances ready")
+    job = _update(c, 32, ("R", "S"))
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert job.method == tpb.UPDATE_DELTA, job.method_reason
+    assert _holds(c, "R", t2) and _holds(c, "S", t2)
+    # deleting the target deletes its delta store, segments included
+    assert _update(c, 31, ("R", "S")).state == tpb.JOB_SUCCEEDED
+    c.client.delete("dl", 32)
+    assert not [k for k in os.listdir(shm.SHM_DIR) if "_delta_31_dl_32" in k]
