@@ -134,14 +134,20 @@ def _corrupt_delta(c: Cluster, version: int, base: int) -> None:
         mem.close()
 
 
+def _served_then_pushed(c: Cluster, tmp: Path, seed: int, base: int, version: int) -> tuple:
+    """Both instances serve `base`; `version`, a step from it, is pushed and its delta made."""
+    t1 = mixed_tensors(seed)
+    _push(c, tmp, base, t1)
+    assert _update(c, base, ("R", "S")).state == tpb.JOB_SUCCEEDED
+    t2 = stepped(t1, seed)
+    _push(c, tmp, version, t2)
+    wait_for(lambda: _made(c, version, base), 30, "the delta to be made")
+    return t1, t2
+
+
 def test_a_corrupted_delta_fails_before_resume(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
-    t1 = mixed_tensors(61)
-    _push(c, tmp_path, 21, t1)
-    assert _update(c, 21, ("R", "S")).state == tpb.JOB_SUCCEEDED
-    t2 = stepped(t1, 5)
-    _push(c, tmp_path, 22, t2)
-    wait_for(lambda: _made(c, 22, 21), 30, "the delta to be made")
+    t1, t2 = _served_then_pushed(c, tmp_path, 61, 21, 22)
     _corrupt_delta(c, 22, 21)
     job = _update(c, 22, ("R", "S"))
     assert job.state == tpb.JOB_FAILED
@@ -297,12 +303,7 @@ def test_delta_stores_survive_a_ckptd_restart(cluster: Cluster, tmp_path: Path) 
     segments and re-attach), the next update still moves only the delta. Last in the
     module: it restarts ckptd."""
     c = cluster
-    t1 = mixed_tensors(81)
-    _push(c, tmp_path, 31, t1)
-    assert _update(c, 31, ("R", "S")).state == tpb.JOB_SUCCEEDED
-    t2 = stepped(t1, 9)
-    _push(c, tmp_path, 32, t2)
-    wait_for(lambda: _made(c, 32, 31), 30, "the delta to be made")
+    t1, t2 = _served_then_pushed(c, tmp_path, 81, 31, 32)
     c.stop("ckptd")
     c.start_daemon("--receiver-timeout-s", "4")
     c.wait_ranks(2)
