@@ -62,6 +62,8 @@ def make(stores: HostStore, d: apb.Diff, pin: Any = None) -> apb.DiffDone:
     for e in encoded:
         offsets.append(total)
         total += -(-e.payload.numel() // ALIGN) * ALIGN
+    if d.max_nbytes and total > d.max_nbytes:
+        raise StoreError("FAILED_PRECONDITION", f"a delta of {total} bytes would not pay")
     key = delta.store_name(d.checkpoint, d.base)
     ready = stores.load(apb.Load(checkpoint=key, version=d.version, device=d.device, nbytes=total))
     out = _view(stores.get(key, d.version))

@@ -34,6 +34,7 @@ class DaemonConfig:
     insecure: bool = False  # no authentication at all, and plaintext beyond loopback
     engine_token_file: str = ""  # sent to vLLM engines (vllm_ext.guard); "": none
     drain_s: float = 20.0  # on SIGTERM: running jobs get this long to end before cancelled
+    host_deltas: bool = True  # diff READY versions in the host stores (push/deltas.py)
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:

@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         help="OpenTelemetry spans per job and rank, OTLP/HTTP to this URL (e.g. "
         "http://127.0.0.1:4318/v1/traces; http only to loopback); off when empty",
     )
+    p.add_argument(
+        "--no-host-deltas",
+        action="store_true",
+        help="do not diff a pushed version in the host stores against the version its "
+        "instances serve (a CPU pass over both; trainers' delta pushes still work)",
+    )
     add_security_args(p)
     apply_env_defaults(p, "CKPTD_", SERVER_ENV_NAMES)
     return p
@@ -93,6 +99,7 @@ def _config(a: argparse.Namespace) -> DaemonConfig:
         auth_file=a.auth_file,
         insecure=a.insecure,
         engine_token_file=a.engine_token_file,
+        host_deltas=not a.no_host_deltas,
         **extra,
     )
 

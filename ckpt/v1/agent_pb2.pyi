@@ -388,18 +388,20 @@ class DiffItem(_message.Message):
     def __init__(self, base_offset: _Optional[int] = ..., target_offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., itemsize: _Optional[int] = ...) -> None: ...
 
 class Diff(_message.Message):
-    __slots__ = ("checkpoint", "version", "base", "device", "items")
+    __slots__ = ("checkpoint", "version", "base", "device", "items", "max_nbytes")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NBYTES_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     version: int
     base: int
     device: int
     items: _containers.RepeatedCompositeFieldContainer[DiffItem]
-    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., base: _Optional[int] = ..., device: _Optional[int] = ..., items: _Optional[_Iterable[_Union[DiffItem, _Mapping]]] = ...) -> None: ...
+    max_nbytes: int
+    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[int] = ..., base: _Optional[int] = ..., device: _Optional[int] = ..., items: _Optional[_Iterable[_Union[DiffItem, _Mapping]]] = ..., max_nbytes: _Optional[int] = ...) -> None: ...
 
 class DiffEntry(_message.Message):
     __slots__ = ("encoding", "count", "offset", "nbytes", "checksum")

@@ -111,12 +111,15 @@ def drop(checkpoint: str, version: int, device: int) -> Command:
 
 
 def diff(
-    checkpoint: str, version: int, base: int, device: int, tasks: Sequence[DiffTask]
-) -> Command:
-    """Makes the device's delta store of version from base: one payload per task, in order."""
+    checkpoint: str, version: int, base: int, device: int, tasks: Sequence[DiffTask],
+    max_nbytes: int = 0,
+) -> Command:  # fmt: skip
+    """Makes the device's delta store of version from base: one payload per task, in order
+    (only if they come to at most max_nbytes; 0: any size)."""
     return apb.Command(
         diff=apb.Diff(
             checkpoint=checkpoint, version=version, base=base, device=device,
+            max_nbytes=max_nbytes,
             items=[
                 apb.DiffItem(
                     base_offset=t.base.store_offset if t.base is not None else -1,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ckpt_common.delta import store_name
-from ckpt_common.errors import CkptError
+from ckpt_common.errors import CkptError, FailedPrecondition
 from ckpt_daemon.agents import commands
 from ckpt_daemon.agents.results import diff_done
 from ckpt_daemon.model import (
@@ -28,7 +28,14 @@ from ckpt_daemon.model import (
     ShardState,
     TensorInfo,
 )
-from ckpt_daemon.plan.deltas import DiffTask, common_base, diff_tasks, payload_tensors, pays
+from ckpt_daemon.plan.deltas import (
+    PAYS_BELOW,
+    DiffTask,
+    common_base,
+    diff_tasks,
+    payload_tensors,
+    pays,
+)
 
 if TYPE_CHECKING:
     from ckpt_daemon.push.pusher import Pusher
@@ -46,7 +53,7 @@ class DeltaMaker:
     def __init__(self, pusher: Pusher) -> None:
         self._p = pusher
         self._making: dict[tuple[str, int, int], asyncio.Task[CheckpointVersion | None]] = {}
-        self.enabled = True
+        self.enabled = pusher.config.host_deltas
 
     def start(self, cv: CheckpointVersion) -> None:
         """cv is READY: makes its deltas from the version its instances serve (in the
@@ -97,7 +104,8 @@ class DeltaMaker:
         try:
             return await self._diff_all(target, base, diff_tasks(b.tensors, target.tensors), t0)
         except Exception as e:  # a delta is an optimisation: the update goes dense
-            log.warning("delta_failed", checkpoint=name, version=version, base=base, error=str(e))
+            level = log.info if isinstance(e, FailedPrecondition) else log.warning
+            level("delta_not_made", checkpoint=name, version=version, base=base, why=str(e))
             return None
         finally:
             self._p.inflight.difference_update(busy)
@@ -110,7 +118,8 @@ class DeltaMaker:
         timeout = self._p.config.load_timeout_s
 
         async def one(r: RankRef) -> tuple[RankRef, str, int, list[TensorInfo]]:
-            cmd = commands.diff(name, version, base, r.device, tasks[r])
+            dense = sum(t.target.nbytes for t in tasks[r])
+            cmd = commands.diff(name, version, base, r.device, tasks[r], int(PAYS_BELOW * dense))
             segment, nbytes, made, _ = diff_done(await self._p.hub.command(r.node_id, cmd, timeout))
             return r, segment, nbytes, payload_tensors(tasks[r], made, base)
 

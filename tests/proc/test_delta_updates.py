@@ -79,7 +79,7 @@ def test_chained_deltas_then_rollback(cluster: Cluster, tmp_path: Path) -> None:
     assert job.state == tpb.JOB_SUCCEEDED, job.reason
     assert job.method == tpb.UPDATE_BROADCAST
     dense = sum(t.numel() * t.element_size() for t in versions[1].values())
-    for v in range(2, 7):
+    for v in range(2, 22):  # 20 chained: each a step from the version the engines serve
         versions[v] = stepped(versions[v - 1], v)
         _push(c, tmp_path, v, versions[v])
         job = _update(c, v, ("R", "S"))
@@ -97,7 +97,13 @@ def test_chained_deltas_then_rollback(cluster: Cluster, tmp_path: Path) -> None:
     assert job.method == tpb.UPDATE_BROADCAST, job.method_reason
     assert "not a delta" in job.method_reason
     assert _holds(c, "R", versions[1]) and _holds(c, "S", versions[1])
-    for v in range(2, 7):
+    # unrelated weights: the delta would not pay, none is made, the update is a broadcast
+    _push(c, tmp_path, 30, mixed_tensors(999))
+    wait_for(lambda: "delta_not_made" in c.log("ckptd"), 30, "the diff to be given up")
+    job = _update(c, 30, ("R", "S"))
+    assert job.method == tpb.UPDATE_BROADCAST and "no delta store" in job.method_reason
+    assert not [k for k in os.listdir(shm.SHM_DIR) if "_delta_1_dl_30" in k]
+    for v in (*range(2, 22), 30):
         c.client.delete("dl", v)
     assert not [k for k in os.listdir(shm.SHM_DIR) if "delta" in k]
 
