@@ -1,10 +1,12 @@
 """An engine's side of a delta update: base + delta = target, proven at both ends.
 
-The engine's current bytes of a tensor (what `base` returns) must carry the delta's base
-checksum: the engine provably serves the version the delta was taken from. The result must
-carry the target's checksum before the loader sees it. Either failing fails the update
-before this tensor reaches the engine's weights (ckptd then restores what the engine
-committed)."""
+For the delta tensors of a bucket, together (one checksum launch and read-back each way on
+a GPU): the engine's current bytes of each tensor (what `base` returns) must carry the
+delta's base checksum, or nothing is changed and the update fails (the engine does not
+serve the version the delta was taken from). Each delta is then applied in place, into the
+engine's own tensor (a scatter of the changed elements), and the results must carry the
+target checksums before the loader sees them; a mismatch fails the update with the engine
+on a mix, which ckptd restores to what it committed, as after any failed update."""
 
 from __future__ import annotations
 
@@ -23,32 +25,48 @@ class DeltaRefused(Exception):
     pass
 
 
-def applied(meta: tpb.TensorMeta, payload: Any, base: Base | None) -> Any:
-    """The target's bytes (a new 1-D uint8 tensor on the payload's device)."""
-    d = meta.delta
+def _flat(meta: tpb.TensorMeta, base: Base | None, device: Any) -> Any:
     cur = base(meta.name) if base is not None else None
     if cur is None:
         raise DeltaRefused(f"tensor {meta.name!r} came as a delta: this engine has no base")
-    flat = cur.detach().contiguous().reshape(-1).view(_uint8()).to(payload.device)
-    if flat.numel() != d.target_nbytes:
-        raise DeltaRefused(f"tensor {meta.name!r}: the engine holds {flat.numel()} bytes, "
-                           f"the delta is of {d.target_nbytes}")  # fmt: skip
-    if checksum.of_torch(flat) != d.base_checksum:
-        raise DeltaRefused(
-            f"tensor {meta.name!r}: the engine does not hold version {d.base_version} of it "
-            "(its checksum differs): a delta from it does not apply"
-        )
-    out = flat.clone()
-    try:
-        delta.apply(out, d.encoding, d.count, payload, nbytes_of(meta.dtype, (1,)))
-    except delta.DeltaError as e:
-        raise DeltaRefused(f"tensor {meta.name!r}: {e}") from None
-    if checksum.of_torch(out) != d.target_checksum:
-        raise DeltaRefused(f"tensor {meta.name!r}: base + delta is not the target's bytes")
-    return out
-
-
-def _uint8() -> Any:
     import torch
 
-    return torch.uint8
+    flat = cur.detach().reshape(-1).view(torch.uint8) if cur.is_contiguous() else None
+    if flat is None or flat.device != device:  # the loader copies the result in
+        flat = cur.detach().contiguous().reshape(-1).view(torch.uint8).to(device, copy=True)
+    if flat.numel() != meta.delta.target_nbytes:
+        raise DeltaRefused(f"tensor {meta.name!r}: the engine holds {flat.numel()} bytes, "
+                           f"the delta is of {meta.delta.target_nbytes}")  # fmt: skip
+    return flat
+
+
+def apply_all(items: list[tuple[tpb.TensorMeta, Any]], base: Base | None) -> list[Any]:
+    """items: (meta with TensorMeta.delta, payload) of one bucket. Returns each target's
+    bytes (1-D uint8; the engine's own tensor where it is contiguous on the payload's
+    device). Raises DeltaRefused."""
+    if not items:
+        return []
+    flats = [_flat(m, base, p.device) for m, p in items]
+    bad = checksum.mismatches(
+        [(m.name, m.delta.base_checksum, f) for (m, _), f in zip(items, flats, strict=True)]
+    )
+    if bad:
+        m = next(m for m, _ in items if m.name == bad[0])
+        raise DeltaRefused(
+            f"tensor {m.name!r}: the engine does not hold version {m.delta.base_version} of it "
+            f"(its checksum differs; {len(bad)} tensors): a delta from it does not apply"
+        )
+    for (m, payload), f in zip(items, flats, strict=True):
+        d = m.delta
+        try:
+            delta.apply(f, d.encoding, d.count, payload, nbytes_of(m.dtype, (1,)))
+        except delta.DeltaError as e:
+            raise DeltaRefused(f"tensor {m.name!r}: {e}") from None
+    bad = checksum.mismatches(
+        [(m.name, m.delta.target_checksum, f) for (m, _), f in zip(items, flats, strict=True)]
+    )
+    if bad:
+        raise DeltaRefused(
+            f"tensor {bad[0]!r}: base + delta is not the target's bytes ({len(bad)} tensors)"
+        )
+    return flats

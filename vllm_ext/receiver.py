@@ -29,7 +29,7 @@ from ckpt_common.layout_wire import to_pb as layout_pb
 from ckpt_common.rendezvous import peer_refusal, trusted_uids
 from vllm_ext.assembly import Assembly, kept_problem, pieces_problem
 from vllm_ext.buffers import MappedBuffer
-from vllm_ext.delta_apply import Base, applied
+from vllm_ext.delta_apply import Base, apply_all
 
 HELLO_EVERY_S = 2.0
 
@@ -294,10 +294,7 @@ class Receiver:
                 raise ReceiveError(
                     f"checksum mismatch in bucket {bk.bucket}: {len(bad)} tensors, e.g. {bad[0]!r}"
                 )
-            ready = [
-                (m, applied(m, raw, self._base), False) if m.HasField("delta") else (m, raw, c)
-                for m, raw, c in ready
-            ]
+            ready = self._deltas_applied(ready)
             ready = [w for r in ready for w in pieces.add(*r)]
             touched[0] = touched[0] or bool(ready)
             for meta, raw, copy in ready:
@@ -306,6 +303,18 @@ class Receiver:
             if buf.is_cuda:  # the loader's copies out of this slot must be done
                 torch.cuda.current_stream(buf.device).synchronize()
             self._send(ipb.ReceiverMessage(loaded=ipb.BucketLoaded(bucket=bk.bucket)))
+
+    def _deltas_applied(self, ready: list[tuple[Any, Any, bool]]) -> list[tuple[Any, Any, bool]]:
+        """The bucket's tensors with its deltas applied onto the engine's own (one check of
+        every base and one of every result: vllm_ext.delta_apply)."""
+        at = [i for i, (m, _, _) in enumerate(ready) if m.HasField("delta")]
+        if not at:
+            return ready
+        done = apply_all([(ready[i][0], ready[i][1]) for i in at], self._base)
+        out = list(ready)
+        for i, flat in zip(at, done, strict=True):
+            out[i] = (ready[i][0], flat, False)
+        return out
 
     @staticmethod
     def _bucket_tensors(

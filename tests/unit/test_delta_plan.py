@@ -13,7 +13,7 @@ from ckpt_common.pieces import Piece
 from ckpt_daemon.model import Instance, InstanceKind, RankRef, TensorInfo
 from ckpt_daemon.plan import deltas
 from ckpt_daemon.plan.deltas import Payload
-from vllm_ext.delta_apply import DeltaRefused, applied
+from vllm_ext.delta_apply import DeltaRefused, apply_all
 
 A, B = RankRef("a", 0), RankRef("b", 0)
 
@@ -103,20 +103,25 @@ def test_an_engine_applies_only_onto_its_base_and_only_into_the_target() -> None
     assert enc.encoding == delta.Encoding.SPARSE
     meta = _meta(base, target, enc)
     kept = base.clone()
-    out = applied(meta, enc.payload, {"w": base}.get)
-    assert torch.equal(out, target.reshape(-1).view(torch.uint8))
     with pytest.raises(DeltaRefused, match="no base"):
-        applied(meta, enc.payload, None)
+        apply_all([(meta, enc.payload)], None)
     other = base.clone()
-    other.view(-1)[5] += 1  # the engine holds another version
+    other.view(-1)[5] += 1  # the engine holds another version: nothing changes
+    before = other.clone()
     with pytest.raises(DeltaRefused, match="does not hold version 1"):
-        applied(meta, enc.payload, {"w": other}.get)
+        apply_all([(meta, enc.payload)], {"w": other}.get)
+    assert torch.equal(other, before)
+    broken = enc.payload.clone()
+    broken[:4].view(torch.int32)[0] = 1 << 20  # an index out of range: refused, unchanged
+    with pytest.raises(DeltaRefused, match="outside"):
+        apply_all([(meta, broken)], {"w": base}.get)
+    assert torch.equal(base, kept)
+    engine = {"w": base}
+    (out,) = apply_all([(meta, enc.payload)], engine.get)
+    assert torch.equal(out, target.reshape(-1).view(torch.uint8))
+    assert torch.equal(engine["w"], target)  # applied in place, into the engine's tensor
     bad = meta.__deepcopy__()
+    bad.delta.base_checksum = meta.delta.target_checksum
     bad.delta.target_checksum ^= 1  # a delta that is not the target's (a bug, a forgery)
     with pytest.raises(DeltaRefused, match="not the target"):
-        applied(bad, enc.payload, {"w": base}.get)
-    broken = enc.payload.clone()
-    broken[:4].view(torch.int32)[0] = 1 << 20  # an index out of range
-    with pytest.raises(DeltaRefused, match="outside"):
-        applied(meta, broken, {"w": base}.get)
-    assert torch.equal(base, kept)  # the engine's tensor itself never changes
+        apply_all([(bad, enc.payload)], engine.get)
