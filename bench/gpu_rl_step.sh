@@ -17,7 +17,7 @@ else
   export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv | tee "$OUT/gpus.csv"
-timeout "${TEST_S:-200}" python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_gpu_broadcast.py \
+timeout "${TEST_S:-200}" python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_gpu_broadcast.py tests/gpu/test_gpu_delta.py \
   tests/proc/test_integrity.py -k "direct_push or checksum" --basetemp=/tmp/gt 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -25
 TESTS_RC=${PIPESTATUS[0]}
