@@ -44,6 +44,7 @@ from ckpt_daemon.model import (
     with_checksum,
 )
 from ckpt_daemon.plan.deltas import DENSE, DeltaDecl, delta_placement
+from ckpt_daemon.push.deltas import delta_names
 
 if TYPE_CHECKING:
     from ckpt_daemon.push.pusher import Pusher
@@ -238,7 +239,11 @@ class DeltaPushes:
     async def _patch_all(self, o: _Open, target: CheckpointVersion) -> CheckpointVersion:
         """Each owner makes the version from the base's store and the delta store; READY,
         or FAILED with its stores (and the delta store) dropped."""
-        spans = self._spans(o, target)
+        spans = {  # an owner that made its part before a ckptd restart has it (resume)
+            r: sp
+            for r, sp in self._spans(o, target).items()
+            if target.shards[r].state != ShardState.READY
+        }
 
         async def one(r: RankRef) -> None:
             cmd = commands.patch(o.name, o.version, o.base, r.device, spans[r])
@@ -269,6 +274,48 @@ class DeltaPushes:
                  bytes=o.hidden.total_bytes, dense=target.total_bytes)  # fmt: skip
         self._p.done(target, True)
         return target
+
+    def resumable(self, cv: CheckpointVersion) -> CheckpointVersion | None:
+        """The READY delta store a LOADING version was being made from when ckptd stopped
+        (its base READY), or None."""
+        if cv.state != CheckpointState.LOADING or cv.name.startswith("~"):
+            return None
+        reg = self._p.registry
+        for n, v in sorted(delta_names(cv.name, reg.checkpoint_keys())):
+            hidden, base = reg.checkpoint(n, v), int(n.split("/", 2)[1])
+            b = reg.checkpoint(cv.name, base)
+            if v != cv.version or hidden is None or b is None:
+                continue
+            if hidden.state == CheckpointState.READY and b.state == CheckpointState.READY:
+                return hidden
+        return None
+
+    async def resume(self, target: CheckpointVersion, hidden: CheckpointVersion) -> None:
+        """Makes a delta push's version that a ckptd restart interrupted, again from its
+        base and its (READY) delta store; as at the push, it goes if that fails."""
+        base = int(hidden.name.split("/", 2)[1])
+        sums = {t.name: t.checksum for t in target.tensors}
+        decls = [
+            DeltaDecl(
+                name=t.name, dtype=t.dtype, shape=t.shape, nbytes=t.nbytes,
+                encoding=t.delta.encoding if t.delta else DENSE,
+                count=t.delta.count if t.delta else t.nbytes // nbytes_of(t.dtype, (1,)),
+                target_checksum=sums[t.name] or 0,
+                target_nbytes=t.delta.target_nbytes if t.delta else t.nbytes,
+            )
+            for t in hidden.tensors
+        ]  # fmt: skip
+        o = _Open(target.name, target.version, base, hidden, decls, target.probe,
+                  [(target.name, target.version), (hidden.name, hidden.version),
+                   (target.name, base)])  # fmt: skip
+        self._open[(o.name, o.version)] = o
+        self._p.inflight.update(o.keys)
+        task = asyncio.create_task(self._patch_all(o, target))
+        self._patching[(o.name, o.version)] = task
+        task.add_done_callback(lambda _: self._patching.pop((o.name, o.version), None))
+        log.info("delta_push_resumed", checkpoint=o.name, version=o.version, base=base)
+        with contextlib.suppress(CkptError):
+            await asyncio.shield(task)
 
     async def _expire(self, o: _Open, timeout: float) -> None:
         await asyncio.sleep(timeout)

@@ -1,6 +1,7 @@
 """After a ckptd restart: versions LOADING when it started (a push it interrupted) are
-completed from the stores their agents report holding once they re-attach, or their stores
-are dropped and they are removed."""
+completed from the stores their agents report holding once they re-attach, made again from
+their base and delta store (a delta push committed early), or their stores are dropped and
+they are removed."""
 
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ async def _recover_one(p: Pusher, cv: CheckpointVersion) -> None:
         if h is None or h.nbytes != cv.shards[r].nbytes or not p.hub.attached(r.node_id)
     )
     direct = any(not t.path for t in cv.tensors)
+    hidden = p.delta_pushes.resumable(cv) if direct else None
+    if hidden is not None:  # a delta push's version, being made from its base: again
+        await p.delta_pushes.resume(cv, hidden)
+        return
     if direct or missing:
         why = (
             "a direct push cannot be committed after a ckptd restart"

@@ -9,6 +9,7 @@ resumes and the previous version stays served."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -322,3 +323,36 @@ def test_delta_stores_survive_a_ckptd_restart(cluster: Cluster, tmp_path: Path) 
     assert _update(c, 31, ("R", "S")).state == tpb.JOB_SUCCEEDED
     c.client.delete("dl", 32)
     assert not [k for k in os.listdir(shm.SHM_DIR) if "_delta_31_dl_32" in k]
+
+
+RESUME = ClusterSpec(
+    receiver_timeout_s=4,
+    nodes=(Node(id="node-r", env=(("CKPT_FAULT", "patch_delay:4"),)),),
+    receivers=(Receivers(node="node-r", devices=(0,), instance="Q"),),
+)
+
+
+def test_a_ckptd_crash_while_a_version_is_made_from_its_delta(make_cluster) -> None:
+    """A delta push committed early; ckptd is killed while the owner makes the version
+    (slowed by the fault hook); the restarted ckptd makes it again from its base and delta
+    store, and the version serves exactly the trainer's bytes."""
+    from ckpt_trainer.deltas import DeltaTracker
+
+    c = make_cluster(RESUME, "resume")
+    t1 = mixed_tensors(91)
+    c.client.push_direct("rs", 1, t1, node_id="node-r")
+    tracker = DeltaTracker()
+    tracker.remember(1, t1)
+    t2 = stepped(t1, 3)
+    items = tracker.deltas(t2)
+    assert items is not None
+    cp = c.client.push_delta("rs", 2, 1, items, node_id="node-r", early=True)
+    assert cp.state == tpb.CHECKPOINT_LOADING
+    c.stop("ckptd", signal.SIGKILL)
+    c.start_daemon("--receiver-timeout-s", "4")
+    c.wait_ranks(1)
+    wait_for(lambda: c.client.get("rs", 2).state == tpb.CHECKPOINT_READY, 60, "made again")
+    assert "delta_push_resumed" in c.log("ckptd")
+    job = c.client.wait(c.client.update("rs", 2, instances=["Q"]).id, 60)
+    assert job.state == tpb.JOB_SUCCEEDED, job.reason
+    assert reports_hold(c.reports, digests(t2))

@@ -33,10 +33,18 @@ CALLS = {
         "except m.ReceiveError as e:\n print(e)",
         "injected failure at bucket 2",
     ),
+    "patch_delay:0.25": (
+        "import time, ckpt_agent.delta_stores as m\n"
+        "t = time.monotonic()\n"
+        "try:\n m.patch(None, None)\nexcept AttributeError:\n pass\n"
+        "print('waited', time.monotonic() - t >= 0.25)",
+        "waited True",
+    ),
 }
 NAMES = {
     "p2p_delay:0.25": "import ckpt_agent.backends.p2p as m; print(m.P2PReadBackend.flush)",
     "fail:m:2": "import vllm_ext.receiver as m; print(m.Receiver._bucket_tensors)",
+    "patch_delay:0.25": "import ckpt_agent.delta_stores as m; print(m.patch)",
 }
 
 

@@ -9,6 +9,8 @@ unset it does nothing. Set, it patches the named module once it is imported:
   before): a half-updated engine.
 - "p2p_delay:<seconds>": every P2P read of a bucket is slowed, so a test can kill or freeze
   an owner while a join is surely under way.
+- "patch_delay:<seconds>": an agent worker making a version from its delta (Patch) waits
+  first, so a test can restart ckptd while a delta push's version is surely being made.
 """
 
 from __future__ import annotations
@@ -56,6 +58,17 @@ def _p2p(module: ModuleType) -> None:
     module.P2PReadBackend.flush = flush
 
 
+def _patch_delay(module: ModuleType) -> None:
+    delay = float(SPEC.split(":", 1)[1])
+    original = module.patch
+
+    def patch(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(delay)
+        return original(*args, **kwargs)
+
+    module.patch = patch
+
+
 class _PatchOnImport(importlib.abc.MetaPathFinder):
     """Finds a module the usual way, then patches it right after it has run."""
 
@@ -84,7 +97,8 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 
 _KINDS = {"exit": ("vllm_ext.receiver", _receiver), "fail": ("vllm_ext.receiver", _receiver),
-          "p2p_delay": ("ckpt_agent.backends.p2p", _p2p)}  # fmt: skip
+          "p2p_delay": ("ckpt_agent.backends.p2p", _p2p),
+          "patch_delay": ("ckpt_agent.delta_stores", _patch_delay)}  # fmt: skip
 if SPEC.partition(":")[0] in _KINDS:
     _module, _patch = _KINDS[SPEC.partition(":")[0]]
     sys.meta_path.insert(0, _PatchOnImport({_module: _patch}))
