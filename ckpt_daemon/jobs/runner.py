@@ -148,7 +148,12 @@ class JobRunner:
             targets=targets,
             target_ranks=target_ranks,
             buckets_total=sum(len(g.plan.buckets) for g in groups),
-            bytes_total=sum(t.nbytes for t in tensors),
+            # a delta job moves its payloads, any other the version's tensors
+            bytes_total=(
+                sum(g.plan.total_bytes for g in groups)
+                if method == "delta"
+                else sum(t.nbytes for t in tensors)
+            ),
             bucket_bytes=groups[0].plan.bucket_bytes,
             method=method,
             method_reason=why,
