@@ -27,7 +27,6 @@ from ckpt_daemon.model import (
     CheckpointState,
     CheckpointVersion,
     Instance,
-    InstanceKind,
     RankRef,
     ShardState,
     TensorInfo,
@@ -161,8 +160,9 @@ class PlanChooser:
             raise NotDelta(why)
         if base >= cv.version:
             raise NotDelta(f"the instances serve {cv.name}@{base}, not an older version")
-        if any(i.kind != InstanceKind.RECEIVER for i in insts):
-            raise NotDelta("vLLM engines take no deltas yet")
+        why = deltas.no_delta_engines(insts)
+        if why:
+            raise NotDelta(why)
         dv = await self._deltas.made(cv.name, cv.version, base, self._config.command_timeout_s)
         if dv is None:
             raise NotDelta(f"no delta store of {cv.name}@{cv.version} from version {base}")

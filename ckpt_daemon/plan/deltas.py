@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ckpt_common import delta
 from ckpt_common.dtypes import nbytes_of
-from ckpt_daemon.model import DeltaRef, Instance, RankRef, TensorInfo
+from ckpt_daemon.model import DeltaRef, Instance, InstanceKind, RankRef, TensorInfo
 
 DENSE = 0  # ckpt_common.delta.Encoding.DENSE
 PAYS_BELOW = 0.5  # a delta update pays when it moves less than this share of the bytes
@@ -102,6 +102,13 @@ def common_base(name: str, instances: Sequence[Instance]) -> tuple[int, str]:
     if len(served) > 1:
         return 0, f"the instances serve different versions {sorted(served)}"
     return served.pop(), ""
+
+
+def no_delta_engines(instances: Sequence[Instance]) -> str:
+    """Why these instances' engines cannot take a delta, or "" (reference receivers and
+    other Receiver engines with a base can; vLLM engines do not yet)."""
+    vllm = sorted(i.name for i in instances if i.kind == InstanceKind.VLLM)
+    return f"vLLM engines take no deltas yet ({', '.join(vllm[:4])})" if vllm else ""
 
 
 def pays(delta_bytes: int, dense_bytes: int) -> bool:

@@ -33,6 +33,7 @@ from ckpt_daemon.plan.deltas import (
     DiffTask,
     common_base,
     diff_tasks,
+    no_delta_engines,
     payload_tensors,
     pays,
 )
@@ -60,9 +61,10 @@ class DeltaMaker:
         background; an update awaits one being made: `made`)."""
         if not self.enabled or cv.name.startswith("~"):
             return
-        base, _ = common_base(
-            cv.name, [i for i in self._p.registry.instances() if i.checkpoint == cv.name]
-        )
+        insts = [i for i in self._p.registry.instances() if i.checkpoint == cv.name]
+        if no_delta_engines(insts):
+            return  # nothing would take it
+        base, _ = common_base(cv.name, insts)
         if not base or base >= cv.version or not self._p.registry.has_checkpoint(cv.name, base):
             return
         key = (cv.name, cv.version, base)

@@ -77,6 +77,12 @@ def test_common_base() -> None:
         assert base == 0 and why in reason
 
 
+def test_which_engines_take_deltas() -> None:
+    assert deltas.no_delta_engines([_inst("r", 3)]) == ""
+    vllm = Instance(name="v", kind=InstanceKind.VLLM, endpoint="", tp_size=1, ranks=[A])
+    assert "vLLM" in deltas.no_delta_engines([_inst("r", 3), vllm])
+
+
 def test_pays() -> None:
     assert deltas.pays(10, 100)
     assert not deltas.pays(60, 100)
