@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckpt.v1 import types_pb2 as tpb
-from ckpt_common import checksum, delta
-from ckpt_common.dtypes import dtype_name
+from ckpt_common import delta
+from tests.support.tensors import delta_meta
 from vllm_ext.delta_apply import DeltaRefused, apply_all
 
 pytestmark = [
@@ -25,18 +24,6 @@ def _step(t: torch.Tensor, every: int) -> torch.Tensor:
     return out
 
 
-def _meta(name: str, base: torch.Tensor, target: torch.Tensor, enc: delta.Encoded):
-    m = tpb.TensorMeta(name=name, dtype=dtype_name(target.dtype), shape=list(target.shape))
-    m.nbytes = enc.payload.numel()
-    b8, t8 = (x.reshape(-1).view(torch.uint8) for x in (base, target))
-    m.delta.CopyFrom(
-        tpb.DeltaMeta(base_version=1, encoding=int(enc.encoding), count=enc.count,
-                      base_checksum=checksum.of_torch(b8), target_checksum=checksum.of_torch(t8),
-                      target_nbytes=t8.numel())
-    )  # fmt: skip
-    return m
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
 @pytest.mark.parametrize("every", [40, 4, 1])  # sparse, bitmap, dense
 def test_device_deltas_are_exact_and_in_place(dtype: torch.dtype, every: int) -> None:
@@ -46,7 +33,7 @@ def test_device_deltas_are_exact_and_in_place(dtype: torch.dtype, every: int) ->
     enc = delta.encode(base.view(-1).view(torch.uint8), target.view(-1).view(torch.uint8),
                        base.element_size())  # fmt: skip
     assert enc.payload.is_cuda
-    meta = _meta("w", base, target, enc)
+    meta = delta_meta("w", base, target, enc)
     engine = {"w": base.clone()}
     other = {"w": _step(base, 7)}
     before = other["w"].clone()

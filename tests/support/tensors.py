@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -58,3 +59,21 @@ def write_sharded(tensors: dict[str, torch.Tensor], directory: Path, shards: int
 
 def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     return {n: sha(t) for n, t in tensors.items()}
+
+
+def delta_meta(name: str, base: torch.Tensor, target: torch.Tensor, enc: Any) -> Any:
+    """The TensorMeta an engine receives for `enc` (a ckpt_common.delta.Encoded from base
+    to target, version 1 to the next), with both checksums."""
+    from ckpt.v1 import types_pb2 as tpb
+    from ckpt_common import checksum
+    from ckpt_common.dtypes import dtype_name
+
+    m = tpb.TensorMeta(name=name, dtype=dtype_name(target.dtype), shape=list(target.shape))
+    m.nbytes = enc.payload.numel()
+    b8, t8 = (x.reshape(-1).view(torch.uint8) for x in (base, target))
+    m.delta.CopyFrom(
+        tpb.DeltaMeta(base_version=1, encoding=int(enc.encoding), count=enc.count,
+                      base_checksum=checksum.of_torch(b8), target_checksum=checksum.of_torch(t8),
+                      target_nbytes=t8.numel())
+    )  # fmt: skip
+    return m

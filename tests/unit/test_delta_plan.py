@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckpt.v1 import types_pb2 as tpb
-from ckpt_common import checksum, delta
+from ckpt_common import delta
 from ckpt_common.pieces import Piece
 from ckpt_daemon.model import Instance, InstanceKind, RankRef, TensorInfo
 from ckpt_daemon.plan import deltas
 from ckpt_daemon.plan.deltas import Payload
+from tests.support.tensors import delta_meta
 from vllm_ext.delta_apply import DeltaRefused, apply_all
 
 A, B = RankRef("a", 0), RankRef("b", 0)
@@ -89,25 +89,13 @@ def test_pays() -> None:
     assert not deltas.pays(0, 0)
 
 
-def _meta(base: torch.Tensor, target: torch.Tensor, enc: delta.Encoded) -> tpb.TensorMeta:
-    m = tpb.TensorMeta(name="w", dtype="BF16", shape=list(target.shape))
-    m.nbytes = enc.payload.numel()
-    b8, t8 = (x.reshape(-1).view(torch.uint8) for x in (base, target))
-    m.delta.CopyFrom(
-        tpb.DeltaMeta(base_version=1, encoding=int(enc.encoding), count=enc.count,
-                      base_checksum=checksum.of_torch(b8), target_checksum=checksum.of_torch(t8),
-                      target_nbytes=t8.numel())
-    )  # fmt: skip
-    return m
-
-
 def test_an_engine_applies_only_onto_its_base_and_only_into_the_target() -> None:
     base = torch.randn(64, 64).to(torch.bfloat16)
     target = base.clone()
     target.view(-1)[::97] += 1
     enc = delta.encode(base.view(-1).view(torch.uint8), target.view(-1).view(torch.uint8), 2)
     assert enc.encoding == delta.Encoding.SPARSE
-    meta = _meta(base, target, enc)
+    meta = delta_meta("w", base, target, enc)
     kept = base.clone()
     with pytest.raises(DeltaRefused, match="no base"):
         apply_all([(meta, enc.payload)], None)
