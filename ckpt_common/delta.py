@@ -188,7 +188,18 @@ def apply(base: Any, encoding: int, count: int, payload: Any, itemsize: int) -> 
     into[where] = values
 
 
+STORE_PREFIX = "~delta/"
+
+
 def store_name(checkpoint: str, base: int) -> str:
     """The host-store key of the deltas of `checkpoint`'s versions from version `base` (user
     names cannot hold '/': no clash with a checkpoint)."""
-    return f"~delta/{base}/{checkpoint}"
+    return f"{STORE_PREFIX}{base}/{checkpoint}"
+
+
+def store_of(name: str) -> tuple[str, int] | None:
+    """(checkpoint, base) of a store_name, or None for any other name."""
+    if not name.startswith(STORE_PREFIX):
+        return None
+    base, _, checkpoint = name.removeprefix(STORE_PREFIX).partition("/")
+    return (checkpoint, int(base)) if base.isdigit() and checkpoint else None

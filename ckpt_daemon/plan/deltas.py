@@ -11,7 +11,7 @@ from ckpt_common import delta
 from ckpt_common.dtypes import nbytes_of
 from ckpt_daemon.model import DeltaRef, Instance, InstanceKind, RankRef, TensorInfo
 
-DENSE = 0  # ckpt_common.delta.Encoding.DENSE
+DENSE = int(delta.Encoding.DENSE)
 PAYS_BELOW = 0.5  # a delta update pays when it moves less than this share of the bytes
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from ckpt_common.delta import store_name
+from ckpt_common.delta import store_name, store_of
 from ckpt_common.dtypes import nbytes_of
 from ckpt_common.errors import (
     AlreadyExists,
@@ -44,6 +44,7 @@ from ckpt_daemon.model import (
     with_checksum,
 )
 from ckpt_daemon.plan.deltas import DENSE, DeltaDecl, delta_placement
+from ckpt_daemon.plan.placement import HIDDEN_PREFIX
 from ckpt_daemon.push.deltas import delta_names
 
 if TYPE_CHECKING:
@@ -278,12 +279,11 @@ class DeltaPushes:
     def resumable(self, cv: CheckpointVersion) -> CheckpointVersion | None:
         """The READY delta store a LOADING version was being made from when ckptd stopped
         (its base READY), or None."""
-        if cv.state != CheckpointState.LOADING or cv.name.startswith("~"):
+        if cv.state != CheckpointState.LOADING or cv.name.startswith(HIDDEN_PREFIX):
             return None
         reg = self._p.registry
-        for n, v in sorted(delta_names(cv.name, reg.checkpoint_keys())):
-            hidden, base = reg.checkpoint(n, v), int(n.split("/", 2)[1])
-            b = reg.checkpoint(cv.name, base)
+        for n, v, base in sorted(delta_names(cv.name, reg.checkpoint_keys())):
+            hidden, b = reg.checkpoint(n, v), reg.checkpoint(cv.name, base)
             if v != cv.version or hidden is None or b is None:
                 continue
             if hidden.state == CheckpointState.READY and b.state == CheckpointState.READY:
@@ -293,7 +293,9 @@ class DeltaPushes:
     async def resume(self, target: CheckpointVersion, hidden: CheckpointVersion) -> None:
         """Makes a delta push's version that a ckptd restart interrupted, again from its
         base and its (READY) delta store; as at the push, it goes if that fails."""
-        base = int(hidden.name.split("/", 2)[1])
+        of = store_of(hidden.name)
+        assert of is not None, hidden.name  # resumable() found it by that name
+        base = of[1]
         sums = {t.name: t.checksum for t in target.tensors}
         decls = [
             DeltaDecl(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from ckpt_common.delta import store_name
+from ckpt_common.delta import store_name, store_of
 from ckpt_common.errors import CkptError, FailedPrecondition
 from ckpt_daemon.agents import commands
 from ckpt_daemon.agents.results import diff_done
@@ -37,17 +37,18 @@ from ckpt_daemon.plan.deltas import (
     payload_tensors,
     pays,
 )
+from ckpt_daemon.plan.placement import HIDDEN_PREFIX
 
 if TYPE_CHECKING:
     from ckpt_daemon.push.pusher import Pusher
 
 log = structlog.get_logger("ckptd.push")
-DELTA_PREFIX = "~delta/"
 
 
-def delta_names(name: str, keys: set[tuple[str, int]]) -> list[tuple[str, int]]:
-    """The delta stores (hidden name, version) of checkpoint `name` among registry keys."""
-    return [(n, v) for n, v in keys if n.startswith(DELTA_PREFIX) and n.split("/", 2)[2] == name]
+def delta_names(name: str, keys: set[tuple[str, int]]) -> list[tuple[str, int, int]]:
+    """The delta stores (hidden name, version, base) of checkpoint `name` among registry
+    keys."""
+    return [(n, v, of[1]) for n, v in keys if (of := store_of(n)) is not None and of[0] == name]
 
 
 class DeltaMaker:
@@ -59,7 +60,7 @@ class DeltaMaker:
     def start(self, cv: CheckpointVersion) -> None:
         """cv is READY: makes its deltas from the version its instances serve (in the
         background; an update awaits one being made: `made`)."""
-        if not self.enabled or cv.name.startswith("~"):
+        if not self.enabled or cv.name.startswith(HIDDEN_PREFIX):
             return
         insts = [i for i in self._p.registry.instances() if i.checkpoint == cv.name]
         if no_delta_engines(insts):
@@ -157,8 +158,8 @@ class DeltaMaker:
 
     async def forget(self, name: str, version: int) -> None:
         """Drops the delta stores whose target is name@version (it is being deleted)."""
-        for key in delta_names(name, self._p.registry.checkpoint_keys()):
-            if key[1] == version:
-                dv = self._p.registry.checkpoint(*key)
+        for hidden, v, _ in delta_names(name, self._p.registry.checkpoint_keys()):
+            if v == version:
+                dv = self._p.registry.checkpoint(hidden, v)
                 if dv is not None:
                     await self._p.forget(dv)

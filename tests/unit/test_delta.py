@@ -122,3 +122,9 @@ def test_odd_sizes() -> None:
         delta.encode(base, base, 4)
     with pytest.raises(DeltaError, match="no delta"):
         delta.encode(base, base, 3)
+
+
+def test_store_names_round_trip() -> None:
+    assert delta.store_of(delta.store_name("run:a", 12)) == ("run:a", 12)
+    for other in ("run", "~mirror/run", "~delta/x/run", "~delta/3/", "~delta/"):
+        assert delta.store_of(other) is None
