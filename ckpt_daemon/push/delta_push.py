@@ -134,7 +134,7 @@ class DeltaPushes:
         self._p.inflight.update(o.keys)
         try:
             await self._p.add(hidden)
-            await asyncio.gather(*(self._allocate(hidden, r) for r in hidden.shards))
+            await asyncio.gather(*(self._p.allocate(hidden, r) for r in hidden.shards))
         except BaseException:
             await self._close(o, forget=True)
             raise
@@ -147,11 +147,6 @@ class DeltaPushes:
             [hidden.shards[r] for r in mine],
             [(index[t.owner], t.store_offset) for t in tensors],
         )
-
-    async def _allocate(self, cv: CheckpointVersion, r: RankRef) -> None:
-        cmd = commands.load(cv.name, cv.version, r.device, cv.shards[r].nbytes)
-        res = await self._p.hub.command(r.node_id, cmd, self._p.config.load_timeout_s)
-        self._p.record_store(cv, r, ShardState.LOADING, store_ready(res))
 
     async def commit(
         self, name: str, version: int, checksums: Sequence[int], early: bool = False

@@ -54,16 +54,11 @@ class DirectStore:
         self._p.admit([cv])
         await self._p.add(cv)
         try:
-            await asyncio.gather(*(self._allocate(cv, r) for r in cv.shards))
+            await asyncio.gather(*(self._p.allocate(cv, r) for r in cv.shards))
         except BaseException:
             await self._p.forget(cv)
             raise
         return cv
-
-    async def _allocate(self, cv: CheckpointVersion, r: RankRef) -> None:
-        cmd = commands.load(cv.name, cv.version, r.device, cv.shards[r].nbytes)
-        res = await self._p.hub.command(r.node_id, cmd, self._p.config.load_timeout_s)
-        self._p.record_store(cv, r, ShardState.LOADING, store_ready(res))
 
     async def _seal_direct(self, cv: CheckpointVersion, known: Known) -> None:
         """READY once every owner's checksums are recorded: the trainer's (`known`, by entry)

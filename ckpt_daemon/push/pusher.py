@@ -296,6 +296,12 @@ class Pusher:
         """Records r's checksums of cv's tensors (matched to them off the loop)."""
         self.registry.put_checksums(cv, await asyncio.to_thread(checksummed, cv.tensors, r, sums))
 
+    async def allocate(self, cv: CheckpointVersion, r: RankRef) -> None:
+        """An empty store for r's shard of cv (a direct or delta push writes it)."""
+        cmd = commands.load(cv.name, cv.version, r.device, cv.shards[r].nbytes)
+        res = await self.hub.command(r.node_id, cmd, self.config.load_timeout_s)
+        self.record_store(cv, r, ShardState.LOADING, store_ready(res))
+
     def record_store(
         self, cv: CheckpointVersion, r: RankRef, state: ShardState, store: StoreReady
     ) -> None:
