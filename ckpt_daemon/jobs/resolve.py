@@ -56,7 +56,7 @@ def version(
     pushes: DirectPushes | None,
     live: Live,
     spec: UpdateSpec,
-    patching: Callable[[str, int], object | None] | None = None,
+    patching: Callable[[str, int], bool] | None = None,
 ) -> CheckpointVersion:
     """patching: whether a version is being made from its delta (push/delta_push.py): an
     update may take it (a delta update reads only the delta store; another waits for it,

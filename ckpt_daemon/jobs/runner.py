@@ -83,7 +83,7 @@ class JobRunner:
         self.restorer = Restorer(self, registry, hub, config, alive)
         self.part_sums = PartSums(hub, config.load_timeout_s)
         self._chooser = PlanChooser(registry, hub, config, self.part_sums, deltas)
-        self._patching = deltas.patching if deltas is not None else None
+        self._patching = deltas.is_patching if deltas is not None else None
 
     # ---------------------------------------------------------------- queries
 

@@ -189,10 +189,26 @@ class DeltaPushes:
         except BaseException:
             await self._close(o, forget=True)
             raise
-        task = asyncio.create_task(self._patch_all(o, target))
-        self._patching[(o.name, o.version)] = task
-        task.add_done_callback(lambda _: self._patching.pop((o.name, o.version), None))
+        self._start_patch(o, target)
         return target
+
+    def _start_patch(self, o: _Open, target: CheckpointVersion) -> asyncio.Task[CheckpointVersion]:
+        """Makes target in the background (`patching` finds it meanwhile); a failure is
+        logged by _patch_all and retrieved here, whether or not anyone awaits it."""
+        key = (o.name, o.version)
+        task = asyncio.create_task(self._patch_all(o, target))
+        self._patching[key] = task
+
+        def ended(t: asyncio.Task[CheckpointVersion]) -> None:
+            self._patching.pop(key, None)
+            if not t.cancelled():
+                t.exception()
+
+        task.add_done_callback(ended)
+        return task
+
+    def is_patching(self, name: str, version: int) -> bool:
+        return (name, version) in self._patching
 
     def patching(self, name: str, version: int) -> Awaitable[CheckpointVersion] | None:
         """What to await for a delta-pushed version still being made to be READY (raises
@@ -307,9 +323,7 @@ class DeltaPushes:
                    (target.name, base)])  # fmt: skip
         self._open[(o.name, o.version)] = o
         self._p.inflight.update(o.keys)
-        task = asyncio.create_task(self._patch_all(o, target))
-        self._patching[(o.name, o.version)] = task
-        task.add_done_callback(lambda _: self._patching.pop((o.name, o.version), None))
+        task = self._start_patch(o, target)
         log.info("delta_push_resumed", checkpoint=o.name, version=o.version, base=base)
         with contextlib.suppress(CkptError):
             await asyncio.shield(task)

@@ -81,6 +81,9 @@ class DeltaMaker:
         """A delta-pushed version still being made from its base (push/delta_push.py)."""
         return self._p.delta_pushes.patching(name, version)
 
+    def is_patching(self, name: str, version: int) -> bool:
+        return self._p.delta_pushes.is_patching(name, version)
+
     async def made(
         self, name: str, version: int, base: int, wait_s: float
     ) -> CheckpointVersion | None:
