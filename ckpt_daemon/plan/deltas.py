@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ckpt_common import delta
 from ckpt_common.dtypes import nbytes_of
 from ckpt_daemon.model import DeltaRef, Instance, InstanceKind, RankRef, TensorInfo
+from ckpt_daemon.plan.placement import ALIGN, align_up
 
 DENSE = int(delta.Encoding.DENSE)
 PAYS_BELOW = 0.5  # a delta update pays when it moves less than this share of the bytes
@@ -153,7 +154,7 @@ def _decl_problem(d: DeltaDecl, b: TensorInfo | None) -> str:
 
 
 def delta_placement(
-    base: Sequence[TensorInfo], decls: Sequence[DeltaDecl], base_version: int, align: int = 256
+    base: Sequence[TensorInfo], decls: Sequence[DeltaDecl], base_version: int
 ) -> tuple[list[TensorInfo], dict[RankRef, int]]:
     """Where a delta push's payloads go: each with its base tensor's owner, packed in the
     declarations' order (every tensor of the base once, none other). ValueError says what
@@ -173,7 +174,7 @@ def delta_placement(
         if why or b is None:
             raise ValueError(f"tensor {d.name!r}: {why}")
         at = used.get(b.owner, 0)
-        used[b.owner] = at + -(-d.nbytes // align) * align
+        used[b.owner] = at + align_up(d.nbytes)
         out.append(
             TensorInfo(
                 name=d.name, dtype=d.dtype, shape=tuple(d.shape), nbytes=d.nbytes,
@@ -190,4 +191,4 @@ def delta_placement(
         raise ValueError(
             f"the delta leaves out {len(missing)} tensors of the base, e.g. {missing[0]!r}"
         )
-    return out, {r: max(n, align) for r, n in used.items()}
+    return out, {r: max(n, ALIGN) for r, n in used.items()}
